@@ -1,0 +1,3 @@
+from fusionprof.cli import main
+
+main()

@@ -1,0 +1,167 @@
+"""The command line: the only module that knows every part of fusionprof.
+
+Library code raises ``UserError`` for anything the user can fix; here it becomes one line on stderr and a
+non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from fusionprof import __version__
+from fusionprof.config import PRESETS, model_config, train_config
+from fusionprof.errors import UserError
+from fusionprof.models import fusion_names
+from fusionprof.runtime import PRECISIONS
+
+
+class Group(click.Group):
+    """A click group that turns UserError into click's one-line 'Error: ...' exit."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def positive(ctx, param, value):
+    if value is not None and value < 1:
+        raise click.BadParameter(f"must be at least 1, got {value}")
+    return value
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fusionprof")
+def cli():
+    """Train, export and profile image+text fusion models, and tell which one to ship."""
+
+
+@cli.group(cls=Group)
+def data():
+    """Datasets: write the embedded synthetic one."""
+
+
+@data.command("synth")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder [default: the cache folder the other commands read].")
+@click.option("--train", "n_train", type=int, default=None, callback=positive, help="Train images.")
+@click.option("--val", "n_val", type=int, default=None, callback=positive, help="Validation images.")
+@click.option("--test", "n_test", type=int, default=None, callback=positive, help="Test images.")
+@click.option("--size", type=int, default=None, callback=positive, help="Image side in pixels.")
+@click.option("--seed", type=int, default=None)
+def data_synth(out, n_train, n_val, n_test, size, seed):
+    """Write the embedded dataset (seeded shapes + captions) in the COCO captions layout."""
+    from fusionprof.data import DEFAULT_SYNTH, default_data_dir
+    from fusionprof.data.synth import write_synth
+
+    d = DEFAULT_SYNTH
+    counts = {"train": n_train or d["counts"]["train"], "val": n_val or d["counts"]["val"],
+              "test": n_test or d["counts"]["test"]}
+    size, seed = size or d["size"], d["seed"] if seed is None else seed
+    if out is None and (counts, size, seed) == (d["counts"], d["size"], d["seed"]):
+        path = default_data_dir()
+    elif out is None:
+        raise UserError("give --out DIR for a dataset other than the default one")
+    else:
+        path = write_synth(out, counts, size, seed)
+    click.echo(f"{path}: {counts['train']}/{counts['val']}/{counts['test']} images (train/val/test) at {size}px")
+
+
+@cli.command()
+@click.option("--fusion", type=click.Choice(fusion_names()), required=True, help="Fusion method.")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True)
+@click.option("--data", type=click.Path(path_type=str), default=None,
+              help="COCO folder or Karpathy dataset_coco.json [default: the embedded dataset].")
+@click.option("--epochs", type=int, default=None, callback=positive)
+@click.option("--batch-size", type=int, default=None, callback=positive)
+@click.option("--lr", type=float, default=None, help="Learning rate of the fusion head.")
+@click.option("--encoder-lr", type=float, default=None, help="Learning rate of the encoders.")
+@click.option("--grad-accum", type=int, default=None, callback=positive, help="Micro-batches per optimizer step.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--freeze-encoders", is_flag=True, help="Train the fusion head only.")
+@click.option("--text-pool", type=click.Choice(["mean", "cls", "attn"]), default=None)
+@click.option("--pretrained", type=click.Choice(["default", "none"]), default="default", show_default=True,
+              help="'none': random-init encoders instead of the preset's pretrained weights.")
+@click.option("--image-weights", type=click.Path(dir_okay=False), default=None,
+              help="A local torchvision state_dict for the image encoder.")
+@click.option("--text-model", default=None, help="Hugging Face name or local directory of the BERT.")
+@click.option("--image-cache/--no-image-cache", default=True, show_default=True,
+              help="Decode images once into a memory-mapped cache, or decode JPEGs every step.")
+@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--seed", type=int, default=None)
+@click.option("--run", default=None, help="Run name [default: <preset>-<fusion>].")
+@click.option("--resume", is_flag=True, help="Continue the run's checkpoint.")
+@click.option("--fresh", is_flag=True, help="Start over even if the run has a checkpoint.")
+@click.option("--limit-train", type=int, default=None, callback=positive, help="Use only N train images.")
+@click.option("--limit-eval", type=int, default=None, callback=positive, help="Use only N val/test images.")
+@click.option("--out", "models_dir", type=click.Path(file_okay=False), default="models", show_default=True,
+              help="Where checkpoints go (models/<run>/).")
+@click.option("--profiles", "profiles_dir", type=click.Path(file_okay=False), default="profiles",
+              show_default=True, help="Where metrics and TensorBoard logs go (profiles/<run>/).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(fusion, preset, text_pool, pretrained, image_weights, text_model, freeze_encoders, resume, fresh, quiet,
+          compile_, **options):
+    """Train one fusion method; writes models/<run>/checkpoint.pt and profiles/<run>/metrics.json."""
+    from fusionprof.train import train as run_training
+
+    mcfg = model_config(preset, fusion=fusion, text_pool=text_pool, image_weights=image_weights,
+                        text_model=text_model, freeze_encoders=freeze_encoders or None,
+                        pretrained=False if pretrained == "none" else None)
+    tcfg = train_config(preset, compile=compile_, **options)
+    metrics = run_training(tcfg, mcfg, resume=resume, fresh=fresh, progress=not quiet, log=click.echo)
+    skipped = metrics["skipped_total"]
+    click.echo(f"wrote {metrics['checkpoint']} and {Path(tcfg.profiles_dir) / metrics['run'] / 'metrics.json'}"
+               f"  ({metrics['train_seconds']:.0f} s training, {metrics['train_samples_per_s']:.0f} samples/s"
+               f"{f', {skipped} data entries skipped' if skipped else ''})")
+
+
+@cli.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--data", default=None, help="Dataset [default: the one the checkpoint was trained on].")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", type=int, default=None, callback=positive)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def evaluate(checkpoint, split, data, device, batch_size, as_json):
+    """ITM accuracy and ROC-AUC of a checkpoint on one split."""
+    from fusionprof.evaluate import evaluate as run_evaluation
+
+    result = run_evaluation(checkpoint, split, data, device, batch_size)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"{result['fusion']} on {result['split']} ({result['pairs']} pairs): "
+                   f"accuracy {result['accuracy']:.2%}  auc {result['auc']:.4f}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def env(as_json):
+    """The hardware / software fingerprint stored with every result."""
+    from fusionprof.env import fingerprint
+
+    fp = fingerprint()
+    if as_json:
+        click.echo(json.dumps(fp, indent=2))
+        return
+    for key, value in fp.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = "; ".join(", ".join(f"{k}={v}" for k, v in item.items()) for item in value) or "none"
+        click.echo(f"{key:>22}  {value}")
+
+
+def main() -> None:
+    cli(prog_name="fusionprof")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

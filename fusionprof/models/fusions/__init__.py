@@ -1,0 +1,1 @@
+"""One file per fusion method; each registers itself with ``@register_fusion``."""

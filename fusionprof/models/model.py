@@ -1,0 +1,123 @@
+"""The whole model: image encoder + text encoder + a fusion head, with profiler ranges per stage."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import record_function
+from torch.utils.flop_counter import FlopCounterMode
+
+from fusionprof.config import ModelConfig
+from fusionprof.models.encoders import ImageEncoder, TextEncoder
+from fusionprof.models.layers import masked_mean
+from fusionprof.models.registry import create_fusion
+
+
+class Alignment(nn.Module):
+    """Image–text contrastive loss on the unimodal features, beside the ITM loss ("align before fuse", ALBEF).
+
+    From random initialisation, ITM alone sits on a long plateau: the pooled features of different captions
+    start nearly identical and the match signal is second order. Contrasting every positive pair of the batch
+    against all the others gives the encoders a first-order signal; it is the same for every fusion method
+    and is not part of the exported model. ``TrainConfig.align_weight`` = 0 turns it off.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, dim: int):
+        super().__init__()
+        self.image_proj, self.text_proj = nn.Linear(image_dim, dim), nn.Linear(text_dim, dim)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, image_map: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+        positive = labels > 0.5
+        if int(positive.sum()) < 2:
+            return image_map.new_zeros(())
+        image = F.normalize(self.image_proj(image_map[positive].mean((2, 3)).float()), dim=-1)
+        words = F.normalize(self.text_proj(masked_mean(text[positive], text_mask[positive]).float()), dim=-1)
+        sim = self.log_scale.exp().clamp(max=100) * image @ words.T
+        target = torch.arange(len(sim), device=sim.device)
+        return (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
+
+
+class FusionModel(nn.Module):
+    """(images float [B,3,S,S], input_ids [B,L], attention_mask [B,L]) → ITM logits [B]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.image_encoder = ImageEncoder(cfg)
+        self.text_encoder = TextEncoder(cfg)
+        self.fusion = create_fusion(cfg, self.image_encoder.out_dim, self.text_encoder.out_dim)
+        self.align = Alignment(self.image_encoder.out_dim, self.text_encoder.out_dim, cfg.fusion_dim)
+        if cfg.freeze_encoders:
+            for encoder in self.encoders():
+                encoder.requires_grad_(False)
+
+    def encoders(self) -> tuple[nn.Module, nn.Module]:
+        return self.image_encoder, self.text_encoder
+
+    def train(self, mode: bool = True) -> FusionModel:
+        super().train(mode)
+        if self.cfg.freeze_encoders:  # frozen means frozen: BatchNorm statistics and dropout too
+            for encoder in self.encoders():
+                encoder.eval()
+        return self
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """ITM logits; given ``labels`` (training), also the alignment loss over the batch's positive pairs."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_encoders):
+            with record_function("image_encoder"):
+                image_map = self.image_encoder(images)
+            with record_function("text_encoder"):
+                text = self.text_encoder(input_ids, attention_mask)
+        with record_function("fusion"):
+            logits = self.fusion(image_map, text, attention_mask)
+        if labels is None:
+            return logits
+        with record_function("align"):
+            return logits, self.align(image_map, text, attention_mask, labels)
+
+
+def build_model(cfg: ModelConfig) -> FusionModel:
+    return FusionModel(cfg)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    def n(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    return {"total": n(model), "image_encoder": n(model.image_encoder), "text_encoder": n(model.text_encoder),
+            "fusion": n(model.fusion), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def example_inputs(cfg: ModelConfig, batch: int = 2, seq_len: int | None = None,
+                   device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random but valid inputs: what latency sweeps and FLOP counts feed the model."""
+    seq_len = seq_len or cfg.max_text_len
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g)
+    ids = torch.randint(5, max(cfg.vocab_size, 6), (batch, seq_len), generator=g)
+    mask = torch.ones(batch, seq_len, dtype=torch.int64)
+    return images.to(device), ids.to(device), mask.to(device)
+
+
+def forward_flops(model: FusionModel, seq_len: int | None = None) -> dict[str, float]:
+    """Forward FLOPs per sample (multiply-add = 2 FLOPs), counted by ``FlopCounterMode`` at batch 1.
+
+    Run with autograd on: the counter's module tracker fails on parameter views made under no_grad.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    images, ids, mask = example_inputs(model.cfg, batch=1, seq_len=seq_len, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(images, ids, mask)
+    model.train(was_training)
+    by_module = counter.get_flop_counts()
+    parts = {k: float(sum(by_module.get(f"FusionModel.{k}", {}).values()))
+             for k in ("image_encoder", "text_encoder", "fusion")}
+    return {"total": float(counter.get_total_flops()), **parts}

@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+import torch
+
+from fusionprof.config import model_config
+from fusionprof.data.synth import write_synth
+from fusionprof.data.text import build_tokenizer
+
+SMALL = {"train": 48, "val": 16, "test": 16}
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test writes derived data (image caches, the embedded dataset) under one temporary folder."""
+    monkeypatch.setenv("FUSIONPROF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("FUSIONPROF_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """A small embedded dataset (COCO layout) shared by the tests that only read it."""
+    return write_synth(tmp_path_factory.mktemp("data") / "small", SMALL, size=64, seed=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer(model_config("tiny"))
+
+
+@pytest.fixture
+def tiny_cfg(tokenizer):
+    def make(fusion: str, **kw):
+        return model_config("tiny", fusion=fusion, vocab_size=len(tokenizer), **kw)
+    return make
+
+
+@pytest.fixture
+def batch(tokenizer):
+    """A fixed batch of 8 (images, ids, mask, labels) with padded captions."""
+    g = torch.Generator().manual_seed(0)
+    captions = ["a small red circle left of a large blue square", "a blue square", "a large green triangle",
+                "a purple circle above a yellow square"] * 2
+    enc = tokenizer(captions, padding=True, return_tensors="pt")
+    images = torch.randn(8, 3, 64, 64, generator=g)
+    labels = torch.tensor([1.0, 0, 1, 0, 1, 0, 1, 0])
+    return images, enc["input_ids"], enc["attention_mask"], labels
+
+
+def seeded(seed: int = 0):
+    torch.manual_seed(seed)
+    np.random.seed(seed)

@@ -1,0 +1,72 @@
+"""Bad data never crashes a run: it is skipped or repaired, counted and reported, or a one-line error."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from fusionprof.cli import cli
+
+
+@pytest.fixture
+def damaged(small_data, tmp_path):
+    root = tmp_path / "damaged"
+    shutil.copytree(small_data, root)
+    train = root / "train"
+    files = sorted(train.glob("*.jpg"))
+    files[0].unlink()  # missing
+    files[1].write_bytes(b"\xff\xd8\xff this is not really a JPEG")  # corrupt
+    files[2].write_bytes(files[3].read_bytes()[:300])  # truncated
+    Image.open(files[4]).convert("L").save(files[4])  # grayscale
+    Image.open(files[5]).convert("CMYK").save(files[5], format="JPEG")  # CMYK
+    Image.open(files[6]).save(files[6], format="PNG")  # a PNG named .jpg
+    ann_path = root / "annotations" / "captions_train.json"
+    ann = json.loads(ann_path.read_text())
+    ann["annotations"][20]["caption"] = "   "  # empty caption
+    ann_path.write_text(json.dumps(ann))
+    return root
+
+
+def train_on(data, tmp_path, *extra):
+    return CliRunner().invoke(cli, ["train", "--fusion", "early", "--data", str(data), "--epochs", "1",
+                                    "--batch-size", "16", "--out", str(tmp_path / "m"), "--profiles",
+                                    str(tmp_path / "p"), "--quiet", *extra])
+
+
+def test_damaged_files_are_skipped_counted_and_reported(damaged, tmp_path):
+    result = train_on(damaged, tmp_path)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "[train] skipped: 1 × missing image" in out
+    assert "[train] skipped: 2 × unreadable image" in out
+    assert "[train] skipped: 1 × empty caption" in out
+    for kind in ("grayscale", "cmyk", "format mismatch"):
+        assert f"[train] converted to RGB: 1 × {kind}" in out
+    assert "4 data entries skipped" in out
+    summary = json.loads((tmp_path / "p" / "tiny-early" / "metrics.json").read_text())["data_summary"]["train"]
+    assert summary["skipped"] == {"empty_caption": 1, "missing_image": 1, "unreadable_image": 2}
+    assert summary["converted"] == {"grayscale": 1, "cmyk": 1, "format_mismatch": 1}
+    assert summary["images"] == 48 - 3 and summary["captions"] == 2 * 45 - 1
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda root: (root / "annotations" / "captions_train.json").write_text('{"images": [1, 2'),
+     "captions_train.json: not valid JSON (line 1"),
+    (lambda root: (root / "annotations" / "captions_val.json").write_text("[]"),
+     "captions_val.json: expected a JSON object at the top level, found list"),
+    (lambda root: (root / "annotations" / "captions_test.json").write_text('{"images": {}}'),
+     "not a COCO captions file"),
+    (lambda root: [p.unlink() for p in (root / "train").glob("*.jpg")],
+     "split 'train' has 0 usable image(s) with captions (skipped: {'missing_image': 48}"),
+    (lambda root: shutil.rmtree(root / "annotations"), "no captions found; expected dataset_coco.json"),
+])
+def test_unusable_data_is_a_one_line_error(damage, message, small_data, tmp_path):
+    root = tmp_path / "broken"
+    shutil.copytree(small_data, root)
+    damage(root)
+    result = train_on(root, tmp_path)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and message in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output

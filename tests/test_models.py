@@ -1,0 +1,107 @@
+"""Every registered fusion method, tested for free (timm-style parametrisation over the registry)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusionprof.errors import UserError
+from fusionprof.models import build_model, count_parameters, forward_flops, fusion_names
+from fusionprof.models.layers import POOLS, make_pool, masked_mean
+from fusionprof.models.model import example_inputs
+
+FUSIONS = fusion_names()
+
+
+def test_registry_has_the_four_methods():
+    assert set(FUSIONS) >= {"early", "mid", "late", "bottleneck"}
+
+
+def test_unknown_fusion_is_a_clear_error(tiny_cfg):
+    with pytest.raises(UserError, match="unknown fusion 'nope'; choose from bottleneck, early, late, mid"):
+        build_model(tiny_cfg("nope"))
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("batch_size,seq_len", [(1, 5), (3, 12)])
+def test_output_shape(fusion, batch_size, seq_len, tiny_cfg):
+    cfg = tiny_cfg(fusion)
+    model = build_model(cfg).eval()
+    logits = model(*example_inputs(cfg, batch_size, seq_len))
+    assert logits.shape == (batch_size,)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_loss_falls_on_a_fixed_batch(fusion, tiny_cfg, batch):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(fusion, dropout=0.0))
+    images, ids, mask, labels = batch
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = F.binary_cross_entropy_with_logits(model(images, ids, mask), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("frozen", [False, True])
+def test_gradients_reach_the_encoders_unless_frozen(fusion, frozen, tiny_cfg, batch):
+    model = build_model(tiny_cfg(fusion, freeze_encoders=frozen)).train()
+    images, ids, mask, labels = batch
+    logits, align = model(images, ids, mask, labels)
+    (F.binary_cross_entropy_with_logits(logits, labels) + align).backward()
+
+    def grad_norm(module):
+        return sum(p.grad.abs().sum().item() for p in module.parameters() if p.grad is not None)
+
+    assert grad_norm(model.fusion) > 0
+    for encoder in (model.image_encoder, model.text_encoder):
+        if frozen:
+            assert grad_norm(encoder) == 0 and not any(p.requires_grad for p in encoder.parameters())
+            assert not encoder.training  # frozen BatchNorm statistics and no dropout
+        else:
+            assert grad_norm(encoder) > 0
+
+
+@pytest.mark.parametrize("kind", sorted(POOLS))
+def test_pooling_ignores_padding(kind):
+    torch.manual_seed(0)
+    pool = make_pool(kind, 16)
+    x = torch.randn(2, 6, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    garbage = x.clone()
+    garbage[mask == 0] = 1e4  # whatever sits in the padded positions must not matter
+    torch.testing.assert_close(pool(x, mask), pool(garbage, mask))
+
+
+def test_masked_mean_is_the_mean_of_real_tokens():
+    x = torch.arange(12, dtype=torch.float32).view(1, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0]])
+    torch.testing.assert_close(masked_mean(x, mask), x[:, :2].mean(1))
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_padding_does_not_change_the_prediction(fusion, tiny_cfg, tokenizer):
+    """The same caption, padded to different lengths, gives the same logit."""
+    model = build_model(tiny_cfg(fusion)).eval()
+    images = torch.randn(1, 3, 64, 64)
+    short = tokenizer(["a red circle"], return_tensors="pt")
+    long = tokenizer(["a red circle"], padding="max_length", max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        a = model(images, short["input_ids"], short["attention_mask"])
+        b = model(images, long["input_ids"], long["attention_mask"])
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_flops_and_parameters_are_counted(fusion, tiny_cfg):
+    model = build_model(tiny_cfg(fusion))
+    flops = forward_flops(model)
+    params = count_parameters(model)
+    assert flops["total"] >= flops["image_encoder"] + flops["text_encoder"] + flops["fusion"] > 0
+    assert flops["image_encoder"] > flops["text_encoder"]  # the ResNet dominates the tiny preset
+    assert params["total"] >= params["image_encoder"] + params["text_encoder"] + params["fusion"]

@@ -105,6 +105,7 @@ def data_synth(out, n_train, n_val, n_test, size, seed):
               help="Where checkpoints go (models/<run>/).")
 @click.option("--profiles", "profiles_dir", type=click.Path(file_okay=False), default="profiles",
               show_default=True, help="Where metrics and TensorBoard logs go (profiles/<run>/).")
+@click.option("--profile", is_flag=True, help="Trace a few training steps in a separate run (TensorBoard).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(fusion, preset, text_pool, pretrained, image_weights, text_model, freeze_encoders, resume, fresh, quiet,
           compile_, **options):
@@ -139,6 +140,91 @@ def evaluate(checkpoint, split, data, device, batch_size, as_json):
     else:
         click.echo(f"{result['fusion']} on {result['split']} ({result['pairs']} pairs): "
                    f"accuracy {result['accuracy']:.2%}  auc {result['auc']:.4f}")
+
+
+@cli.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True)
+@click.option("--fmt", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16 writes an fp16 graph (what a strongly typed TensorRT needs).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder [default: beside the checkpoint].")
+@click.option("--device", default="cpu", show_default=True, help="Where the exported model is verified.")
+@click.option("--max-batch", type=int, default=32, show_default=True, callback=positive,
+              help="Largest batch of the TensorRT optimization profile.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def export(checkpoint, fmt, precision, out, device, max_batch, quiet):
+    """Export a checkpoint to ONNX (or a TensorRT engine) and verify parity and accuracy."""
+    from fusionprof.export import export as run_export
+
+    record = run_export(checkpoint, fmt, precision, out, device, max_batch, progress=not quiet, log=click.echo)
+    for row in record["parity"]["shapes"]:
+        click.echo(f"parity batch {row['batch']:>2} seq {row['seq_len']:>2}: max abs {row['max_abs_error']:.2e}  "
+                   f"max rel {row['max_rel_error']:.2e}  {'ok' if row['within'] else 'OUT OF TOLERANCE'}")
+    acc = record["accuracy"]
+    click.echo(f"test accuracy ({acc['pairs']} pairs): checkpoint {acc['checkpoint_accuracy']:.2%}, "
+               f"exported {acc['exported_accuracy']:.2%}  (|Δ| {acc['abs_difference']:.2%} ≤ {acc['tolerance']:.1%}: "
+               f"{'ok' if acc['passed'] else 'FAILED'})")
+    if not record["passed"]:
+        raise UserError(f"the exported model failed verification; marked failed in {record['record_path']}")
+    click.echo(f"wrote {record['record_path']} (status ok)")
+
+
+def csv_list(kind=str):
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            items = [kind(v.strip()) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__}") from None
+        if not items:
+            raise click.BadParameter("empty list")
+        return items
+    return parse
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True)
+@click.option("--fusion", "fusions", default="all", show_default=True, help="all, or a comma-separated list.")
+@click.option("--backends", default="torch,torch-compile,onnxruntime,tensorrt", show_default=True,
+              callback=csv_list(), help="Comma-separated; unavailable ones are reported and skipped.")
+@click.option("--batch-sizes", default="1,2,4,8,16,32", show_default=True, callback=csv_list(int))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--seq-len", type=int, default=None, callback=positive, help="Caption length [default: the preset's].")
+@click.option("--threads", type=int, default=None, callback=positive, help="torch / onnxruntime intra-op threads.")
+@click.option("--min-seconds", type=float, default=None, help="Minimum sampling time per cell.")
+@click.option("--min-calls", type=int, default=None, callback=positive, help="Minimum samples per cell.")
+@click.option("--warmup-seconds", type=float, default=None)
+@click.option("--warmup-calls", type=int, default=None, callback=positive)
+@click.option("--trace", is_flag=True, help="Also record torch profiler traces, in a separate short run.")
+@click.option("--models", "models_dir", default="models", show_default=True, help="Where checkpoints are looked for.")
+@click.option("--out", "profiles_dir", default="profiles", show_default=True, help="Results go to OUT/<host>/.")
+@click.option("--quiet", is_flag=True)
+def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, threads, min_seconds, min_calls,
+            warmup_seconds, warmup_calls, trace, models_dir, profiles_dir, quiet):
+    """Inference latency of fusions × backends × batch sizes, with one timing protocol."""
+    from fusionprof.latency import SweepConfig, replace_protocol, sweep, table
+    from fusionprof.measure import Protocol
+
+    names = fusion_names() if fusions == "all" else csv_list()(None, None, fusions)
+    unknown = sorted(set(names) - set(fusion_names()))
+    if unknown:
+        raise UserError(f"unknown fusion {unknown[0]!r}; choose from all, {', '.join(fusion_names())}")
+    protocol = replace_protocol(Protocol(), min_seconds=min_seconds, min_calls=min_calls,
+                                warmup_seconds=warmup_seconds, warmup_calls=warmup_calls)
+    cfg = SweepConfig(preset=preset, fusions=names, backends=backends, batch_sizes=batch_sizes, device=device,
+                      precision=precision, seq_len=seq_len, threads=threads, models_dir=models_dir,
+                      profiles_dir=profiles_dir, protocol=protocol)
+    record = sweep(cfg, progress=not quiet, log=click.echo)
+    for line in table(record["rows"]):
+        click.echo(line)
+    click.echo(f"wrote {record['path']} and {Path(record['path']).with_suffix('.csv')}")
+    if trace:
+        from fusionprof.profiling import trace_inference
+
+        click.echo(f"traces in {trace_inference(cfg, record)} (tensorboard --logdir {profiles_dir}/traces)")
 
 
 @cli.command()

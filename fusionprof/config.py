@@ -71,6 +71,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     workers: int = 0
+    profile: bool = False  # a separate short profiled run: traces + the training-step breakdown
     image_cache: bool = True  # False: decode the JPEGs every step (the study's way; for comparison)
     limit_train: int | None = None  # use only the first N train images (quick runs, tests)
     limit_eval: int | None = None

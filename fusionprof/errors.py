@@ -3,3 +3,7 @@ class UserError(Exception):
 
     The CLI prints it as one line and exits non-zero, without a traceback.
     """
+
+
+OFFLINE_HINT = ("without network access pass local copies: --image-weights FILE (a torchvision state_dict) and "
+                "--text-model DIR (a Hugging Face BERT folder), or --pretrained none for random init")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import numpy as np
 import torch
+
+from fusionprof.data.itm import Batch
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -26,18 +30,13 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, batches, device: torch.device, prepare) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels over every batch (in order); ``prepare`` turns a Batch into model inputs."""
-    was_training = model.training
-    model.eval()
+def predict(forward: Callable[[Batch], torch.Tensor | np.ndarray], batches: Iterable[Batch]) -> tuple[np.ndarray, ...]:
+    """(logits, labels) over every batch, in order; ``forward`` maps a host Batch to host logits."""
     logits, labels = [], []
     for batch in batches:
-        inputs, y = prepare(batch)
-        logits.append(model(*inputs).float().cpu())
-        labels.append(y.cpu())
-    model.train(was_training)
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+        logits.append(np.asarray(forward(batch), dtype=np.float32).reshape(-1))
+        labels.append(batch.labels.numpy())
+    return np.concatenate(logits), np.concatenate(labels)
 
 
 def itm_metrics(logits: np.ndarray, labels: np.ndarray, split: str) -> dict:

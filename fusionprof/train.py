@@ -8,15 +8,18 @@ picks it up after a kill. At the end: the test split, and ``metrics.json``.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable
-from itertools import chain
+from itertools import chain, cycle
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -31,6 +34,7 @@ from fusionprof.env import fingerprint
 from fusionprof.errors import UserError
 from fusionprof.metrics import itm_metrics, predict
 from fusionprof.models import build_model, count_parameters, forward_flops
+from fusionprof.profiling import ACTIVE, TRAIN_RANGES, range_breakdown, run_profiled, trace_dir
 from fusionprof.runtime import (
     autocast,
     check_precision,
@@ -43,6 +47,14 @@ from fusionprof.runtime import (
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
+TOKENIZER = "tokenizer"  # a folder beside the checkpoint
+
+
+def with_run_tokenizer(model_cfg: ModelConfig, run_dir: Path) -> ModelConfig:
+    """A checkpoint names its tokenizer relative to its own folder, wherever that folder has moved."""
+    if model_cfg.tokenizer == TOKENIZER:
+        return dataclasses.replace(model_cfg, tokenizer=str(run_dir / TOKENIZER))
+    return model_cfg
 
 
 def run_name(cfg: TrainConfig, model_cfg: ModelConfig) -> str:
@@ -60,8 +72,11 @@ def evaluate_split(model: nn.Module, split: SplitData, seed: int, batch_size: in
                    precision: str = "fp32") -> dict:
     """ITM accuracy and AUC on a split's fixed pairs (its negatives depend only on the seed)."""
     batches = loader(split.batches(split.pairs(seed), batch_size), pin_memory=device.type == "cuda")
-    with autocast(device, precision):
-        logits, labels = predict(model, batches, device, lambda b: to_inputs(b, device))
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode(), autocast(device, precision):
+        logits, labels = predict(lambda b: model(*to_inputs(b, device)[0]).float().cpu(), batches)
+    model.train(was_training)
     return itm_metrics(logits, labels, split.name)
 
 
@@ -128,6 +143,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh:
     """Train one fusion model; returns the metrics record (also written to ``profiles/<run>/metrics.json``)."""
     if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.grad_accum < 1:
         raise UserError("--batch-size, --epochs and --grad-accum must be at least 1")
+    model_cfg = dataclasses.replace(model_cfg)  # filled in below (vocabulary, tokenizer): keep the caller's
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
     run = run_name(cfg, model_cfg)
@@ -148,7 +164,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh:
         log(f"resuming {run} after epoch {ckpt['epoch']}/{cfg.epochs}")
 
     seed_everything(cfg.seed)
-    tokenizer = build_tokenizer(model_cfg, log)
+    tokenizer = build_tokenizer(with_run_tokenizer(model_cfg, run_dir), log)
     model_cfg.vocab_size = max(model_cfg.vocab_size, len(tokenizer))
     data, data_source = prepare_data(cfg.data, tokenizer, model_cfg.image_size, model_cfg.max_text_len, cfg.seed,
                                      image_cache=cfg.image_cache, limit_train=cfg.limit_train,
@@ -158,8 +174,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh:
 
     model = build_model(model_cfg).to(device)
     if ckpt is None:  # keep the tokenizer with the run: the checkpoint then needs nothing from outside
-        tokenizer.save_pretrained(run_dir / "tokenizer")
-        model_cfg.tokenizer = str(run_dir / "tokenizer")
+        tokenizer.save_pretrained(run_dir / TOKENIZER)
+        model_cfg.tokenizer = TOKENIZER
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
@@ -179,6 +195,43 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh:
     step_model = torch.compile(model) if cfg.compile else model
     writer = SummaryWriter(str(Path(cfg.profiles_dir) / "tensorboard" / run))
     loss_fn = nn.BCEWithLogitsLoss()
+
+    def step(net, opt, sched, scl, batches, last_micro_batch: bool) -> torch.Tensor:
+        """One micro-batch: fetch, forward, loss, backward; the optimizer steps on the last micro-batch."""
+        with record_function("data"):  # waiting for the loader + the host→device copy
+            inputs, labels = to_inputs(next(batches), device)
+        with autocast(device, cfg.precision):
+            logits, align_loss = net(*inputs, labels) if cfg.align_weight else (net(*inputs), 0.0)
+        with record_function("loss"):
+            loss = loss_fn(logits.float(), labels) + cfg.align_weight * align_loss
+        with record_function("backward"):
+            scl.scale(loss / cfg.grad_accum).backward()
+        if last_micro_batch:
+            with record_function("optimizer_step"):
+                scl.unscale_(opt)
+                nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+                scl.step(opt)
+                scl.update()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+        return loss.detach()
+
+    step_breakdown = None
+    if cfg.profile:  # a separate short run on a copy: the timed epochs are never profiled
+        rng = _rng_state(device)
+        net = copy.deepcopy(model)
+        opt = make_optimizer(net, cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        scl = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        batches = cycle(loader(train_split.batches(train_split.pairs(cfg.seed), cfg.batch_size), cfg.workers,
+                               pin_memory=device.type == "cuda"))
+        out = trace_dir(cfg.profiles_dir, f"train-{run}")
+        prof = run_profiled(lambda i: step(net, opt, sched, scl, batches, True), out, device)
+        step_breakdown = range_breakdown(prof, TRAIN_RANGES, ACTIVE, device)
+        _set_rng_state(rng, device)
+        del net, opt, prof
+        log(f"training step profile ({out}): " + ", ".join(
+            f"{name} {v['ms_per_step']:.1f} ms ({v['share']:.0%})" for name, v in step_breakdown.items()))
     reset_peak_memory(device)
     log(f"{run}: {model_cfg.fusion} fusion, {count_parameters(model)['total'] / 1e6:.2f} M parameters, "
         f"{train_split.n_captions} train captions → {2 * train_split.n_captions} pairs/epoch, on {device} "
@@ -193,21 +246,11 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh:
         loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
         synchronize(device)
         epoch_start = time.perf_counter()
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-        for i, batch in enumerate(bar):
-            inputs, labels = to_inputs(batch, device)
-            with autocast(device, cfg.precision):
-                logits, align_loss = step_model(*inputs, labels) if cfg.align_weight else (step_model(*inputs), 0.0)
-            loss = loss_fn(logits.float(), labels) + cfg.align_weight * align_loss
-            scaler.scale(loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
-            if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches):
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+        batch_iter = iter(batches)
+        bar = tqdm(range(len(batches)), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        for i in bar:
+            last_micro_batch = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches)
+            loss_sum += step(step_model, optimizer, scheduler, scaler, batch_iter, last_micro_batch)
             if progress and i % 20 == 0:
                 bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}")
         synchronize(device)
@@ -239,6 +282,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh:
         "schema_version": SCHEMA_VERSION, "kind": "train", "run": run, "fusion": model_cfg.fusion,
         "preset": cfg.preset, "checkpoint": str(ckpt_path), "data": data_source,
         "parameters": count_parameters(model), "forward_flops_per_sample": forward_flops(model),
+        "flops_seq_len": model_cfg.max_text_len, "step_breakdown": step_breakdown,
         "train_seconds": train_seconds, "epochs": cfg.epochs,
         "train_samples_per_s": len(history) * 2 * train_split.n_captions / train_seconds,
         "peak_memory": peak_memory_mib(device),

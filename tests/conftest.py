@@ -1,3 +1,11 @@
+import os
+
+# Nothing in the tests may reach the network. huggingface_hub reads these when it is first imported, so they are
+# set here, before anything imports transformers.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["FUSIONPROF_OFFLINE"] = "1"
+
 import numpy as np
 import pytest
 import torch
@@ -13,8 +21,6 @@ SMALL = {"train": 48, "val": 16, "test": 16}
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Every test writes derived data (image caches, the embedded dataset) under one temporary folder."""
     monkeypatch.setenv("FUSIONPROF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("FUSIONPROF_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")

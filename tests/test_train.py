@@ -43,7 +43,8 @@ def test_train_cli_writes_checkpoint_and_metrics(fusion, tmp_path, small_data):
     assert (tmp_path / "m" / f"tiny-{fusion}" / "checkpoint.pt").exists()
     assert list((tmp_path / "p" / "tensorboard" / f"tiny-{fusion}").glob("events.out.tfevents.*"))
 
-    code, out = run_cli("evaluate", "--checkpoint", tmp_path / "m" / f"tiny-{fusion}" / "checkpoint.pt", "--json")
+    (tmp_path / "m").rename(tmp_path / "moved")  # a checkpoint folder carries all it needs, wherever it goes
+    code, out = run_cli("evaluate", "--checkpoint", tmp_path / "moved" / f"tiny-{fusion}" / "checkpoint.pt", "--json")
     assert code == 0, out
     assert json.loads(out)["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
 
@@ -119,3 +120,50 @@ def test_cuda_training(precision, tmp_path, small_data):
     metrics = train(cfg, model_config("tiny", fusion="mid"), progress=False, log=lambda s: None)
     assert metrics["peak_memory"]["cuda_max_allocated_mib"] > 0
     assert metrics["environment"]["gpus"] and 0 <= metrics["test"]["accuracy"] <= 1
+
+
+def test_sigkilled_run_resumes(tmp_path, small_data):
+    """A real kill (SIGKILL, no clean-up) after a checkpoint: --resume finishes the run."""
+    import os
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "fusionprof", "train", "--fusion", "early", "--data", str(small_data),
+            "--epochs", "3", "--batch-size", "8", "--out", str(tmp_path / "m"), "--profiles", str(tmp_path / "p"),
+            "--quiet"]
+    ckpt = tmp_path / "m" / "tiny-early" / "checkpoint.pt"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = load_checkpoint(ckpt)["epoch"]  # the atomic write left a whole checkpoint behind
+    assert 1 <= done <= 3
+    result = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (f"resuming tiny-early after epoch {done}/3" in result.stdout) or done == 3
+    assert load_checkpoint(ckpt)["epoch"] == 3
+    assert not list(ckpt.parent.glob(".*.tmp"))  # no temporary files left to confuse anyone
+
+
+def test_grad_accum_and_bf16_on_cpu(tmp_path, small_data):
+    code, out = run_cli("train", "--fusion", "late", "--data", small_data, "--epochs", "1", "--batch-size", "8",
+                        "--grad-accum", "3", "--precision", "bf16", "--out", tmp_path / "m", "--profiles",
+                        tmp_path / "p", "--quiet")
+    assert code == 0, out
+    ckpt = load_checkpoint(tmp_path / "m" / "tiny-late" / "checkpoint.pt")
+    batches = 2 * 2 * 48 // 8  # two captions per image, a positive and a negative each
+    assert ckpt["scheduler"]["last_epoch"] == -(-batches // 3)  # optimizer steps: ceil(batches / accum)
+    assert ckpt["train_config"]["precision"] == "bf16"
+
+
+def test_data_synth_and_env_commands(tmp_path):
+    code, out = run_cli("data", "synth", "--out", tmp_path / "d", "--train", 5, "--val", 2, "--test", 3, "--size", 40)
+    assert code == 0 and "5/2/3 images" in out
+    ann = json.loads((tmp_path / "d" / "annotations" / "captions_test.json").read_text())
+    assert len(ann["images"]) == 3 and len(ann["annotations"]) == 6
+    code, out = run_cli("env", "--json")
+    fp = json.loads(out)
+    assert code == 0 and fp["cpu_logical_cores"] >= 1 and fp["ram_gib"] > 0 and "torch" in fp["versions"]

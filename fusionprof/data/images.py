@@ -114,6 +114,13 @@ class ImageCache:
         write_json(manifest_path, {"version": CACHE_VERSION, "size": size, "n": len(paths),
                                    "valid": valid.astype(int).tolist(), "report": report.to_dict()})
 
+    def __getstate__(self) -> dict:  # DataLoader workers reopen the file instead of receiving a copy
+        return {**self.__dict__, "array": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.array = np.load(self.path, mmap_mode="r")
+
     def get(self, index: np.ndarray) -> np.ndarray:
         return self.array[np.sort(index)][np.argsort(np.argsort(index))]  # sorted reads are kinder to mmap
 

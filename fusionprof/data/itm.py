@@ -84,6 +84,8 @@ class PairBatches(Dataset):
         return (len(self.pairs) + self.batch_size - 1) // self.batch_size
 
     def __getitem__(self, i: int) -> Batch:
+        if not 0 <= i < len(self):
+            raise IndexError(i)  # also ends plain iteration over the batches
         sel = self.order[i * self.batch_size:(i + 1) * self.batch_size]
         caption = torch.from_numpy(self.pairs.caption[sel])
         mask = self.attention_mask[caption]

@@ -12,8 +12,7 @@ from transformers import BertTokenizerFast, PreTrainedTokenizerBase
 
 from fusionprof.config import ModelConfig
 from fusionprof.data.synth import vocabulary_words
-from fusionprof.errors import UserError
-from fusionprof.models.encoders import OFFLINE_HINT
+from fusionprof.errors import OFFLINE_HINT, UserError
 
 TINY_TOKENIZER = Path(__file__).with_name("tiny_tokenizer")  # holds vocab.txt
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -34,7 +33,11 @@ def build_tokenizer(cfg: ModelConfig, log: Callable[[str], None] = print) -> Pre
     """
     name = cfg.tokenizer or (str(TINY_TOKENIZER) if cfg.text_model == "config" else cfg.text_model)
     try:
-        return BertTokenizerFast.from_pretrained(name)
+        tokenizer = BertTokenizerFast.from_pretrained(name)
+        if len(tokenizer) <= len(SPECIAL_TOKENS):
+            # transformers 5, offline and with nothing cached, returns a tokenizer without a vocabulary
+            raise OSError(f"no vocabulary found for {name!r}")
+        return tokenizer
     except (OSError, ValueError) as e:
         if not cfg.pretrained:
             log(f"note: tokenizer {name!r} is not available offline; using the shipped vocabulary")

@@ -11,10 +11,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from fusionprof.config import ModelConfig
-from fusionprof.errors import UserError
-
-OFFLINE_HINT = ("without network access pass local copies: --image-weights FILE (a torchvision state_dict) and "
-                "--text-model DIR (a Hugging Face BERT folder), or --pretrained none for random init")
+from fusionprof.errors import OFFLINE_HINT, UserError
 
 
 def _offline() -> bool:

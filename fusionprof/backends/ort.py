@@ -1,0 +1,88 @@
+"""``onnxruntime``: the exported ONNX model in an InferenceSession (CPU provider, or CUDA with IO binding)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fusionprof.backends.base import INPUT_NAMES, Backend, register_backend, require
+from fusionprof.errors import UserError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_TORCH_DTYPE = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
+
+
+@register_backend("onnxruntime")
+class OnnxRuntime(Backend):
+    def __init__(self, artifacts, device, precision, threads: int | None = None):
+        super().__init__(artifacts, device, precision)
+        import onnxruntime as ort
+
+        path = require(artifacts.onnx, "ONNX model", "fusionprof export --fmt onnx")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        provider = PROVIDERS[device.type]
+        provider_options = [{"device_id": device.index or 0}] if device.type == "cuda" else [{}]
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=[provider],
+                                                provider_options=provider_options)
+        except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+            raise UserError(f"{path}: onnxruntime cannot load it ({str(e).strip().splitlines()[0][:200]})") from None
+        used = self.session.get_providers()[0]
+        if used != provider:  # ORT silently falls back to the CPU when a provider fails to load
+            raise UserError(f"onnxruntime runs on {used}, not {provider} as asked (is onnxruntime-gpu installed?)")
+        self.input_dtypes = {i.name: _TORCH_DTYPE[i.type] for i in self.session.get_inputs()}
+        self.output_name = self.session.get_outputs()[0].name
+        self.provider = provider
+
+    def check_precision(self, precision, device):
+        if precision not in ("fp32", "fp16"):  # the precision is the graph's: an fp32 or an fp16 export
+            raise UserError(f"onnxruntime runs fp32 or fp16 ONNX graphs, not {precision}")
+
+    @classmethod
+    def available(cls, device):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            return False, f"onnxruntime is not installed ({e})"
+        provider = PROVIDERS.get(device.type)
+        if provider not in ort.get_available_providers():
+            return False, f"{provider} is not in this onnxruntime build ({', '.join(ort.get_available_providers())})"
+        return True, ""
+
+    def _cast(self, inputs):
+        return {n: t.to(self.input_dtypes[n]) for n, t in zip(INPUT_NAMES, inputs, strict=True)}
+
+    def run(self, images, input_ids, attention_mask) -> np.ndarray:
+        if self.device.type == "cuda":
+            return super().run(images, input_ids, attention_mask)
+        feeds = {n: t.numpy() for n, t in self._cast((images, input_ids, attention_mask)).items()}
+        return self.session.run([self.output_name], feeds)[0].astype(np.float32)
+
+    def run_on_device(self, images, input_ids, attention_mask):
+        if self.device.type == "cpu":
+            return torch.from_numpy(self.run(images, input_ids, attention_mask))
+        # CUDA: IO binding on torch-owned device memory, so no copy leaves the GPU.
+        binding = self.session.io_binding()
+        for name, tensor in self._cast((images, input_ids, attention_mask)).items():
+            tensor = tensor.contiguous()
+            binding.bind_input(name, "cuda", self.device.index or 0, _np_dtype(tensor), list(tensor.shape),
+                               tensor.data_ptr())
+        out_dtype = torch.float16 if self.session.get_outputs()[0].type == "tensor(float16)" else torch.float32
+        logits = torch.empty(images.shape[0], dtype=out_dtype, device=self.device)
+        binding.bind_output(self.output_name, "cuda", self.device.index or 0, _np_dtype(logits), list(logits.shape),
+                            logits.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch's stream are ready
+        self.session.run_with_iobinding(binding)
+        return logits
+
+    def describe(self):
+        import onnxruntime as ort
+
+        return {**super().describe(), "onnxruntime": ort.__version__, "provider": self.provider,
+                "intra_op_threads": self.session.get_session_options().intra_op_num_threads}
+
+
+def _np_dtype(t: torch.Tensor):
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[t.dtype]

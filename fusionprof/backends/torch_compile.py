@@ -1,0 +1,24 @@
+"""``torch-compile``: the eager model through ``torch.compile`` (dynamic shapes: batch and sequence vary)."""
+
+import torch
+
+from fusionprof.backends.base import register_backend
+from fusionprof.backends.torch_eager import TorchEager
+
+
+@register_backend("torch-compile")
+class TorchCompile(TorchEager):
+    def __init__(self, artifacts, device, precision):
+        super().__init__(artifacts, device, precision)
+        self.model = torch.compile(self.model, dynamic=True)
+
+    @classmethod
+    def available(cls, device):
+        try:
+            import torch._inductor  # noqa: F401  (needs a C++ compiler on the CPU, Triton on CUDA)
+        except ImportError as e:
+            return False, f"torch inductor cannot be imported ({e})"
+        return True, ""
+
+    def describe(self):
+        return {**super().describe(), "compile": "inductor, dynamic=True"}

@@ -1,0 +1,98 @@
+"""Every backend in the registry against the eager model, on every fusion method, at several batch sizes."""
+
+import numpy as np
+import pytest
+import torch
+
+from fusionprof.backends import Artifacts, backend_names, create_backend
+from fusionprof.backends.base import BACKENDS
+from fusionprof.backends.trt import INSTALL_HINT, optimization_profile
+from fusionprof.errors import UserError
+from fusionprof.export import TOLERANCES, export_onnx
+from fusionprof.models import build_model, fusion_names
+from fusionprof.models.model import example_inputs
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, tokenizer):
+    """One untrained tiny model per fusion method, exported to ONNX once for the whole module."""
+    from fusionprof.config import model_config
+
+    out = {}
+    for fusion in fusion_names():
+        torch.manual_seed(0)
+        model = build_model(model_config("tiny", fusion=fusion, vocab_size=len(tokenizer))).eval()
+        path = tmp_path_factory.mktemp(fusion) / "model.onnx"
+        export_onnx(model, path)
+        out[fusion] = Artifacts(model, onnx=path)
+    return out
+
+
+def test_registry_lists_the_four_backends():
+    assert backend_names() == ["onnxruntime", "tensorrt", "torch", "torch-compile"]
+
+
+@pytest.mark.parametrize("name", backend_names())
+@pytest.mark.parametrize("fusion", fusion_names())
+def test_backend_matches_eager(name, fusion, artifacts):
+    ok, reason = BACKENDS.get(name).available(CPU)
+    if not ok:
+        pytest.skip(f"{name} unavailable here: {reason}")
+    art = artifacts[fusion]
+    backend = create_backend(name, art, CPU)
+    tol = TOLERANCES["fp32"]
+    for batch in (1, 3, 8):  # three batch sizes through one artifact: the batch axis is dynamic
+        images, ids, mask = example_inputs(art.model.cfg, batch, seq_len=7 + batch)
+        mask[0, -2:] = 0
+        with torch.no_grad():
+            expected = art.model(images, ids, mask).numpy()
+        got = backend.run(images, ids, mask)
+        assert got.shape == (batch,) and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=tol["atol"], rtol=tol["rtol"])
+    assert backend.describe()["backend"] == name
+
+
+def test_onnx_axes_are_symbolic(artifacts):
+    import onnx
+
+    graph = onnx.load(str(artifacts["mid"].onnx)).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["images"] == ["batch", 3, 64, 64]
+    assert dims["input_ids"] == dims["attention_mask"] == ["batch", "sequence"]
+
+
+def test_tensorrt_is_unavailable_here_with_the_way_to_fix_it():
+    ok, reason = BACKENDS.get("tensorrt").available(CPU)
+    assert not ok and INSTALL_HINT in reason
+    if not torch.cuda.is_available():
+        ok, reason = BACKENDS.get("tensorrt").available(torch.device("cuda", 0))
+        assert not ok and "no CUDA GPU" in reason
+
+
+def test_unavailable_backend_is_a_clear_error(artifacts):
+    with pytest.raises(UserError, match="backend tensorrt is unavailable: TensorRT runs on CUDA devices only"):
+        create_backend("tensorrt", artifacts["early"], CPU)
+    with pytest.raises(UserError, match="unknown backend 'tvm'; choose from onnxruntime, tensorrt, torch"):
+        create_backend("tvm", artifacts["early"], CPU)
+
+
+def test_onnxruntime_needs_an_export_and_a_whole_file(artifacts, tmp_path):
+    art = artifacts["late"]
+    with pytest.raises(UserError, match="no ONNX model for this model: run `fusionprof export --fmt onnx` first"):
+        create_backend("onnxruntime", Artifacts(art.model), CPU)
+    truncated = tmp_path / "model.onnx"
+    truncated.write_bytes(art.onnx.read_bytes()[:5000])
+    with pytest.raises(UserError, match=r"model.onnx: onnxruntime cannot load it \(") as e:
+        create_backend("onnxruntime", Artifacts(art.model, onnx=truncated), CPU)
+    assert "\n" not in str(e.value)
+
+
+def test_tensorrt_profile_covers_every_shape():
+    profile = optimization_profile([1, 2, 4, 8, 16, 32], [1, 24], 64)
+    assert profile["images"] == ((1, 3, 64, 64), (8, 3, 64, 64), (32, 3, 64, 64))
+    assert profile["input_ids"] == profile["attention_mask"] == ((1, 1), (8, 24), (32, 24))
+    assert optimization_profile([4], [16], 224)["images"] == ((4, 3, 224, 224),) * 3
+    with pytest.raises(UserError, match="at least 1"):
+        optimization_profile([0, 4], [16], 224)

@@ -1,0 +1,70 @@
+"""`fusionprof export` end to end: a trained checkpoint → ONNX → verified parity and accuracy."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import fusionprof.export
+from fusionprof.cli import cli
+from fusionprof.config import model_config, train_config
+from fusionprof.train import load_checkpoint, train
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, small_data):
+    out = tmp_path_factory.mktemp("run")
+    cfg = train_config("tiny", data=str(small_data), epochs=1, batch_size=16, models_dir=str(out / "m"),
+                       profiles_dir=str(out / "p"))
+    metrics = train(cfg, model_config("tiny", fusion="bottleneck"), progress=False, log=lambda s: None)
+    return out / "m" / "tiny-bottleneck" / "checkpoint.pt", metrics
+
+
+def export_cli(*args):
+    result = CliRunner().invoke(cli, ["export", *map(str, args), "--quiet"])
+    return result.exit_code, result.output
+
+
+def test_export_onnx_verifies_parity_and_accuracy(checkpoint, tmp_path):
+    path, metrics = checkpoint
+    code, out = export_cli("--checkpoint", path, "--out", tmp_path)
+    assert code == 0, out
+    record = json.loads((tmp_path / "export.json").read_text())
+    assert record["status"] == "ok" and record["passed"] and (tmp_path / "model.onnx").exists()
+    assert record["onnx"]["axes"]["input_ids"] == ["batch", "sequence"]
+    assert [r["batch"] for r in record["parity"]["shapes"]] == [1, 3, 8]
+    assert all(r["max_abs_error"] < 1e-4 for r in record["parity"]["shapes"])
+    acc = record["accuracy"]
+    assert acc["pairs"] == 64 and acc["checkpoint_accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    assert acc["exported_accuracy"] == pytest.approx(acc["checkpoint_accuracy"], abs=0.002)
+    assert record["backend"]["provider"] == "CPUExecutionProvider"
+    assert "parity batch  8" in out and "status ok" in out
+
+
+def test_a_failed_gate_marks_the_artifact_failed(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(fusionprof.export.TOLERANCES, "fp32", {"atol": 0.0, "rtol": 0.0})  # nothing passes
+    code, out = export_cli("--checkpoint", checkpoint[0], "--out", tmp_path)
+    assert code == 1 and "OUT OF TOLERANCE" in out
+    assert out.strip().splitlines()[-1].startswith("Error: the exported model failed verification; marked failed")
+    assert json.loads((tmp_path / "export.json").read_text())["status"] == "failed"
+
+
+def test_export_errors_are_one_line(checkpoint, tmp_path):
+    code, out = export_cli("--checkpoint", tmp_path / "none.pt")
+    assert code == 1 and "no such checkpoint" in out
+    code, out = export_cli("--checkpoint", checkpoint[0], "--fmt", "tflite")
+    assert code == 2 and "Invalid value for '--fmt'" in out
+    if not torch.cuda.is_available():
+        code, out = export_cli("--checkpoint", checkpoint[0], "--fmt", "trt")
+        assert code == 1 and 'pip install "fusionprof[trt]" on a CUDA machine' in out
+        assert len(out.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_whose_weights_are_another_fusion(checkpoint, tmp_path):
+    ckpt = load_checkpoint(checkpoint[0])
+    ckpt["model_config"]["fusion"] = "mid"  # a bottleneck state dict under a mid config
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    code, out = export_cli("--checkpoint", tmp_path / "checkpoint.pt")
+    assert code == 1 and "its weights do not fit the mid model its config describes" in out
+    assert len(out.strip().splitlines()) == 1 and "Traceback" not in out

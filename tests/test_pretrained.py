@@ -1,0 +1,84 @@
+"""The seed preset's real loading paths, exercised with local files the tests write (no network)."""
+
+import json
+
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+from transformers import BertConfig, BertModel
+
+from fusionprof.cli import cli
+from fusionprof.config import model_config
+from fusionprof.data.text import build_tokenizer
+from fusionprof.errors import UserError
+from fusionprof.models import build_model
+
+
+@pytest.fixture
+def local_weights(tmp_path, tokenizer):
+    """A torchvision state_dict file and a Hugging Face BERT folder (with its tokenizer), as a user would have."""
+    torch.manual_seed(1)
+    resnet = torchvision.models.resnet18()
+    torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
+    bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=128), add_pooling_layer=False)
+    bert.save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    return tmp_path / "resnet18.pth", tmp_path / "bert", resnet, bert
+
+
+def test_local_image_weights_and_text_model_are_loaded(local_weights):
+    weights, bert_dir, resnet, bert = local_weights
+    cfg = model_config("seed", fusion="mid", image_encoder="resnet18", image_weights=str(weights),
+                       text_model=str(bert_dir))
+    model = build_model(cfg)
+    torch.testing.assert_close(model.image_encoder.trunk[0].weight, resnet.conv1.weight)
+    torch.testing.assert_close(model.text_encoder.bert.embeddings.word_embeddings.weight,
+                               bert.embeddings.word_embeddings.weight)
+    assert (cfg.text_hidden, cfg.text_layers) == (64, 1)  # the config now describes the loaded model
+    assert len(build_tokenizer(cfg)) == bert.config.vocab_size
+
+
+def test_wrong_image_weights_are_a_clear_error(local_weights):
+    weights = local_weights[0]
+    with pytest.raises(UserError, match=r"--image-weights .*resnet18.pth: not a resnet50 state_dict"):
+        build_model(model_config("seed", image_encoder="resnet50", image_weights=str(weights), text_model="config",
+                                 vocab_size=100))
+
+
+def test_seed_offline_without_weights_names_every_way_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    result = CliRunner().invoke(cli, ["train", "--fusion", "mid", "--preset", "seed", "--quiet",
+                                      "--out", str(tmp_path / "m"), "--profiles", str(tmp_path / "p")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    for way_out in ("--image-weights FILE", "--text-model DIR", "--pretrained none"):
+        assert way_out in result.output
+
+
+def test_seed_image_encoder_offline_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(UserError, match=r"ImageNet weights for resnet50 are not in .* --pretrained none"):
+        build_model(model_config("seed", text_model="config", vocab_size=100))
+
+
+@pytest.mark.slow
+def test_seed_shape_trains_with_random_init_offline(tmp_path, small_data):
+    """ResNet-50 + BERT-base at 224 px, random init, no network: the path latency sweeps use."""
+    result = CliRunner().invoke(cli, [
+        "train", "--fusion", "bottleneck", "--preset", "seed", "--pretrained", "none", "--data", str(small_data),
+        "--epochs", "1", "--batch-size", "4", "--limit-train", "3", "--limit-eval", "2", "--quiet",
+        "--out", str(tmp_path / "m"), "--profiles", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert "using the shipped vocabulary" in result.output
+    metrics = json.loads((tmp_path / "p" / "seed-bottleneck" / "metrics.json").read_text())
+    assert metrics["parameters"]["image_encoder"] == pytest.approx(23.5e6, rel=0.01)  # ResNet-50 without fc
+    assert metrics["parameters"]["text_encoder"] == pytest.approx(109.5e6, rel=0.01)  # BERT-base, no pooler
+    assert metrics["forward_flops_per_sample"]["image_encoder"] == pytest.approx(8.2e9, rel=0.05)
+
+
+def test_an_empty_hub_tokenizer_is_not_taken_for_a_real_one():
+    """Offline, transformers 5 hands back a vocabulary-less tokenizer for an uncached name: that is an error."""
+    with pytest.raises(UserError, match=r"cannot load the tokenizer of 'bert-base-uncased' \(no vocabulary found"):
+        build_tokenizer(model_config("seed"))

@@ -60,6 +60,11 @@ def onnx_name(precision: str) -> str:
     return "model.onnx" if precision == "fp32" else f"model.{precision}.onnx"
 
 
+def record_name(fmt: str, precision: str) -> str:
+    """The verification record written beside an artifact."""
+    return "export.json" if (fmt, precision) == ("onnx", "fp32") else f"export.{fmt}.{precision}.json"
+
+
 def export_onnx(model: FusionModel, path: Path, precision: str = "fp32", opset: int = 18) -> dict:
     """Write ``path`` with dynamic batch and sequence axes, check it, and return what was written."""
     if precision not in TOLERANCES:
@@ -173,7 +178,7 @@ def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Pa
     record["status"] = "ok" if record["passed"] else "failed"
     record["environment"] = fingerprint()
     record["model_config"] = to_dict(model.cfg)
-    name = "export.json" if fmt == "onnx" and precision == "fp32" else f"export.{fmt}.{precision}.json"
+    name = record_name(fmt, precision)
     write_json(out / name, record)
     record["record_path"] = str(out / name)
     return record

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,13 +28,11 @@ from fusionprof.config import model_config, to_dict
 from fusionprof.env import fingerprint
 from fusionprof.errors import UserError
 from fusionprof.evaluate import load_model
-from fusionprof.export import export_onnx, onnx_name, parity
-from fusionprof.measure import CV_WARNING, Protocol, sample_calls, sample_cuda_events, summarize
+from fusionprof.export import export_onnx, onnx_name, parity, record_name
+from fusionprof.measure import CV_WARNING, Protocol, matmul_rate, sample_calls, sample_cuda_events, summarize
 from fusionprof.models import build_model, forward_flops
 from fusionprof.models.model import example_inputs
 from fusionprof.runtime import check_precision, peak_memory_mib, reset_peak_memory, resolve_device
-
-TRACE_DIR = "traces"
 
 
 @dataclass
@@ -66,12 +65,20 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
     artifacts = Artifacts(model)
     onnx_precision = "fp16" if cfg.precision == "fp16" else "fp32"
     if {"onnxruntime", "tensorrt"} & set(cfg.backends) and cfg.precision != "bf16":
-        onnx = work_dir / "onnx" / f"{cfg.preset}-{fusion}" / onnx_name(onnx_precision)
+        onnx = checkpoint.parent / onnx_name(onnx_precision)
+        if not (checkpoint.exists() and onnx.exists() and _export_ok(checkpoint.parent, onnx_precision)):
+            onnx = work_dir / "onnx" / f"{cfg.preset}-{fusion}" / onnx_name(onnx_precision)
         if not onnx.exists():
             log(f"exporting {cfg.preset}/{fusion} to {onnx}")
             export_onnx(model, onnx, onnx_precision)
         artifacts.onnx = onnx
     return artifacts, source
+
+
+def _export_ok(folder: Path, precision: str) -> bool:
+    """A checkpoint's own export is reused only if its verification passed."""
+    record = folder / record_name("onnx", precision)
+    return record.exists() and json.loads(record.read_text()).get("status") == "ok"
 
 
 def _row_base(fusion: str, backend: str, batch_size: int | None = None) -> dict:
@@ -112,6 +119,9 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> dict:
         BACKENDS.get(name)  # unknown names fail here, before any work
     env = fingerprint()
     out_dir = Path(cfg.profiles_dir) / env["host"]
+    reference = matmul_rate(device, cfg.precision)
+    log(f"reference: a {reference['n']}² {reference['dtype']} matmul on {device} runs at "
+        f"{reference['gflops']:.0f} GFLOP/s")
     rows = []
     cells = len(cfg.fusions) * len(cfg.backends) * len(cfg.batch_sizes)
     bar = tqdm(total=cells, desc="latency", disable=not progress)
@@ -135,6 +145,7 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> dict:
             for batch_size in cfg.batch_sizes:
                 bar.set_postfix_str(f"{fusion}/{name}/bs{batch_size}")
                 row = measure_backend(backend, model, batch_size, seq_len, flops["total"], cfg.protocol)
+                row["share_of_matmul_rate"] = row["achieved_gflops"] / reference["gflops"]
                 rows.append({**_row_base(fusion, name, batch_size), **row, "load_seconds": load_seconds,
                              "seq_len": seq_len, "flops_per_sample": flops["total"], "model": source,
                              "parity_passed": check["passed"], "backend_info": backend.describe()})
@@ -143,7 +154,8 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> dict:
     bar.close()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     record = {"schema_version": SCHEMA_VERSION, "kind": "latency", "created": stamp, "environment": env,
-              "config": {**to_dict(cfg), "protocol": cfg.protocol.to_dict()}, "rows": rows}
+              "config": {**to_dict(cfg), "protocol": cfg.protocol.to_dict()}, "reference_matmul": reference,
+              "rows": rows}
     path = out_dir / f"latency-{cfg.preset}-{device.type}-{cfg.precision}-{stamp}.json"
     write_json(path, record)
     write_csv(path.with_suffix(".csv"), rows)
@@ -152,7 +164,8 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> dict:
 
 
 CSV_COLUMNS = ["fusion", "backend", "batch_size", "status", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "cv",
-               "n", "throughput_samples_per_s", "achieved_gflops", "first_call_ms", "load_seconds", "cv_warning"]
+               "n", "throughput_samples_per_s", "achieved_gflops", "share_of_matmul_rate", "first_call_ms",
+               "load_seconds", "cv_warning"]
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -91,3 +91,21 @@ def summarize(samples_ms: list[float]) -> dict:
     return {"n": len(x), "p50_ms": float(np.percentile(x, 50)), "p90_ms": float(np.percentile(x, 90)),
             "p99_ms": float(np.percentile(x, 99)), "mean_ms": mean, "std_ms": std,
             "cv": std / mean if mean > 0 else math.nan, "min_ms": float(x.min()), "max_ms": float(x.max())}
+
+
+def matmul_rate(device, dtype_name: str = "fp32", n: int = 2048, protocol: Protocol | None = None) -> dict:
+    """This device's dense matmul rate (GFLOP/s) at ``dtype``: the yardstick for achieved FLOP/s, measured in the
+    same run as the latencies it is compared with."""
+    import torch
+
+    from fusionprof.runtime import DTYPES, synchronize
+
+    dtype = DTYPES[dtype_name]
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype_name, dtype = "fp32", torch.float32  # no fast fp16 GEMM on the CPU: compare against fp32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    samples = sample_calls(lambda: torch.mm(a, b), lambda: synchronize(device),
+                           protocol or Protocol(warmup_seconds=0.5, warmup_calls=3, min_seconds=1.0, min_calls=10))
+    stats = summarize(samples)
+    return {"n": n, "dtype": dtype_name, "p50_ms": stats["p50_ms"], "gflops": 2 * n**3 / (stats["p50_ms"] / 1e3) / 1e9}

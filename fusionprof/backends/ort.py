@@ -14,14 +14,13 @@ _TORCH_DTYPE = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16
 
 @register_backend("onnxruntime")
 class OnnxRuntime(Backend):
-    def __init__(self, artifacts, device, precision, threads: int | None = None):
+    def __init__(self, artifacts, device, precision):
         super().__init__(artifacts, device, precision)
         import onnxruntime as ort
 
         path = require(artifacts.onnx, "ONNX model", "fusionprof export --fmt onnx")
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        options.intra_op_num_threads = torch.get_num_threads()  # the same threads as the torch backends
         provider = PROVIDERS[device.type]
         provider_options = [{"device_id": device.index or 0}] if device.type == "cuda" else [{}]
         try:

@@ -56,7 +56,8 @@ def main() -> None:
     ours, theirs = [], []
     for _ in range(args.rounds):
         ours.append(summarize(sample_calls(lambda: backend.run(*inputs), backend.synchronize, Protocol()))["p50_ms"])
-        timer = tbench.Timer("backend.run(*inputs)", globals={"backend": backend, "inputs": inputs})
+        timer = tbench.Timer("backend.run(*inputs)", globals={"backend": backend, "inputs": inputs},
+                             num_threads=torch.get_num_threads())  # its default is 1 thread
         theirs.append(timer.blocked_autorange(min_run_time=2.0).median * 1e3)
         print(f"  round: fusionprof p50 {ours[-1]:.3f} ms   torch.utils.benchmark median {theirs[-1]:.3f} ms")
     a, b = statistics.median(ours), statistics.median(theirs)

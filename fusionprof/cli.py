@@ -224,7 +224,47 @@ def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, 
     if trace:
         from fusionprof.profiling import trace_inference
 
-        click.echo(f"traces in {trace_inference(cfg, record)} (tensorboard --logdir {profiles_dir}/traces)")
+        traces = trace_inference(cfg, Path(record["path"]).parent)
+        click.echo(f"traces in {traces} (tensorboard --logdir {profiles_dir}/traces)")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("profiles"), show_default=True,
+              help="Where report.md, report.html and report/*.png go.")
+def report(paths, out):
+    """Merge training, export and latency records (any machines) into a report with plots."""
+    from fusionprof.report import write_report
+
+    result = write_report(list(paths) or [Path("profiles"), Path("models")], out)
+    click.echo(f"{result['records']} records from {len(result['machines'])} machine(s) → {result['markdown']}, "
+               f"{result['html']} ({len(result['plots'])} plots)")
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True)
+@click.option("--data", default=None, help="COCO folder [default: the embedded dataset].")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--epochs", type=int, default=None, callback=positive)
+@click.option("--limit-train", type=int, default=None, callback=positive, help="Use only N train images.")
+@click.option("--limit-eval", type=int, default=None, callback=positive, help="Use only N val/test images.")
+@click.option("--batch-sizes", default=None, callback=csv_list(int), help="Latency batch sizes [default: 1…32].")
+@click.option("--backends", default=None, callback=csv_list(), help="Latency backends [default: all].")
+@click.option("--min-seconds", type=float, default=None, help="Minimum sampling time per latency cell.")
+@click.option("--min-calls", type=int, default=None, callback=positive, help="Minimum samples per latency cell.")
+@click.option("--out", "models_dir", default="models", show_default=True)
+@click.option("--profiles", "profiles_dir", default="profiles", show_default=True)
+@click.option("--quiet", is_flag=True)
+def compare(preset, data, device, epochs, limit_train, limit_eval, batch_sizes, backends, min_seconds, min_calls,
+            models_dir, profiles_dir, quiet):
+    """The whole study: train every fusion, export, time, trace, report. Re-runs skip finished stages."""
+    from fusionprof.compare import compare as run_compare
+    from fusionprof.latency import replace_protocol
+    from fusionprof.measure import Protocol
+
+    run_compare(preset, data, device, models_dir, profiles_dir, epochs, limit_train, limit_eval, batch_sizes,
+                backends, replace_protocol(Protocol(), min_seconds=min_seconds, min_calls=min_calls),
+                progress=not quiet, log=click.echo)
 
 
 @cli.command()

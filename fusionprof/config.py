@@ -85,7 +85,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": dict(image_encoder="resnet10", image_size=64, text_model="config", text_hidden=128,
                       text_layers=2, text_heads=2, max_text_len=24, pretrained=False, fusion_dim=128,
                       fusion_layers=2, fusion_heads=4, bottleneck_tokens=8, dropout=0.1),
-        "train": dict(epochs=4, batch_size=64, lr=1e-3, encoder_lr=1e-3, warmup_steps=100),
+        "train": dict(epochs=3, batch_size=64, lr=1e-3, encoder_lr=1e-3, warmup_steps=100),
     },
     "seed": {
         "model": dict(image_encoder="resnet50", image_size=224, text_model="bert-base-uncased",

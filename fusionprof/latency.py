@@ -185,12 +185,15 @@ def table(rows: list[dict]) -> list[str]:
         if r["status"] != "ok":
             lines.append(f"{r['fusion']:<11}{r['backend']:<15}{'':>4}  {r['status']}")
             continue
-        warn = " !" if r["cv_warning"] else ""
+        warn = (" !" if r["cv_warning"] else "") + ("" if r.get("parity_passed", True) else " WRONG: failed parity")
         lines.append(f"{r['fusion']:<11}{r['backend']:<15}{r['batch_size']:>4}{r['p50_ms']:>10.2f}{r['p90_ms']:>10.2f}"
                      f"{r['p99_ms']:>10.2f}{r['cv']:>7.1%}{r['throughput_samples_per_s']:>11.1f}"
                      f"{r['achieved_gflops']:>9.1f}{warn}")
     if any(r.get("cv_warning") for r in rows):
         lines.append(f"! CV above {CV_WARNING:.0%}: noisy measurement (another process, frequency scaling, thermal)")
+    if not all(r.get("parity_passed", True) for r in rows):
+        lines.append("WRONG: that backend's logits differ from the eager model's beyond tolerance; "
+                     "do not ship its number")
     return lines
 
 

@@ -59,15 +59,16 @@ def run_profiled(step: Callable[[int], None], out: Path, device: torch.device, a
     return prof
 
 
-def trace_inference(cfg, record: dict) -> Path:
-    """One trace per (fusion, batch size) of the eager torch backend, in a run separate from the timed sweep."""
+def trace_inference(cfg, work_dir: Path) -> Path:
+    """One trace per (fusion, batch size) of the eager torch backend, in a run separate from the timed sweep.
+
+    ``work_dir`` is the sweep's result folder, where its ONNX exports live."""
     from fusionprof.backends import create_backend
     from fusionprof.latency import load_artifacts
     from fusionprof.models.model import example_inputs
     from fusionprof.runtime import resolve_device
 
     device = resolve_device(cfg.device)
-    work_dir = Path(record["path"]).parent
     for fusion in cfg.fusions:
         artifacts, _ = load_artifacts(cfg, fusion, work_dir, log=lambda s: None)
         backend = create_backend("torch", artifacts, device, cfg.precision)

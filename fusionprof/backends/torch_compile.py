@@ -10,6 +10,9 @@ from fusionprof.backends.torch_eager import TorchEager
 class TorchCompile(TorchEager):
     def __init__(self, artifacts, device, precision):
         super().__init__(artifacts, device, precision)
+        # Dynamo's recompile budget is per code object, shared by every model built from these classes: after the
+        # limit it silently runs eager. A fresh cache per backend keeps each model's compiled graphs its own.
+        torch._dynamo.reset()
         self.model = torch.compile(self.model, dynamic=True)
 
     @classmethod

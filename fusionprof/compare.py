@@ -1,0 +1,108 @@
+"""``fusionprof compare``: the whole study end to end, resumable.
+
+On the CPU the latency stage leaves out ``torch-compile`` unless ``--backends`` names it: compiling four models
+takes as long as the rest of the tiny study.
+
+Stages: train every registered fusion → export each to ONNX (and TensorRT where it can run) → latency sweep →
+traces (a separate run) → report. Finished stages are recorded in ``profiles/compare-<preset>-<device>.json``
+(written atomically) and skipped on the next run; a killed training resumes from its last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fusionprof.atomic import write_json
+from fusionprof.backends.trt import tensorrt_status
+from fusionprof.config import model_config, train_config
+from fusionprof.export import export, record_name
+from fusionprof.latency import SweepConfig, sweep, table
+from fusionprof.measure import Protocol
+from fusionprof.models import fusion_names
+from fusionprof.profiling import trace_inference
+from fusionprof.report import write_report
+from fusionprof.train import CHECKPOINT, METRICS, train
+
+
+def compare(preset: str = "tiny", data: str | None = None, device: str = "cpu", models_dir: str = "models",
+            profiles_dir: str = "profiles", epochs: int | None = None, limit_train: int | None = None,
+            limit_eval: int | None = None, batch_sizes: list[int] | None = None, backends: list[str] | None = None,
+            protocol: Protocol | None = None, progress: bool = True, log=print) -> dict:
+    state_path = Path(profiles_dir) / f"compare-{preset}-{device.replace(':', '')}.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"done": {}}
+
+    def stage(name: str, run):
+        if name in state["done"]:
+            log(f"[compare] {name}: done before, skipped")
+            return state["done"][name]
+        log(f"[compare] {name} ...")
+        result = run()
+        state["done"][name] = result
+        write_json(state_path, state)
+        return result
+
+    accuracy = {}
+    for fusion in fusion_names():
+        def run_training(fusion=fusion):
+            cfg = train_config(preset, data=data, device=device, epochs=epochs, limit_train=limit_train,
+                               limit_eval=limit_eval, models_dir=models_dir, profiles_dir=profiles_dir,
+                               profile=True)
+            metrics = train(cfg, model_config(preset, fusion=fusion), resume=True, progress=progress, log=log)
+            return {"metrics": str(Path(profiles_dir) / metrics["run"] / METRICS),
+                    "test_accuracy": metrics["test"]["accuracy"], "train_seconds": metrics["train_seconds"]}
+        accuracy[fusion] = stage(f"train {preset}-{fusion}", run_training)
+
+    formats = ["onnx"] + (["trt"] if device.startswith("cuda") and tensorrt_status()[0] else [])
+    for fusion in fusion_names():
+        for fmt in formats:
+            checkpoint = Path(models_dir) / f"{preset}-{fusion}" / CHECKPOINT
+
+            def run_export(checkpoint=checkpoint, fmt=fmt):
+                record = export(checkpoint, fmt, "fp32", device=device, progress=progress, log=log)
+                return {"record": str(checkpoint.parent / record_name(fmt, "fp32")), "status": record["status"]}
+            stage(f"export {preset}-{fusion} {fmt}", run_export)
+
+    sweep_cfg = SweepConfig(preset=preset, device=device, models_dir=models_dir, profiles_dir=profiles_dir,
+                            protocol=protocol or Protocol())
+    if batch_sizes:
+        sweep_cfg.batch_sizes = batch_sizes
+    if backends:
+        sweep_cfg.backends = backends
+    elif not device.startswith("cuda"):
+        # inductor needs about a minute per model on a 2-core CPU: as long as the rest of the study together
+        sweep_cfg.backends = [b for b in sweep_cfg.backends if b != "torch-compile"]
+
+    def run_sweep():
+        record = sweep(sweep_cfg, progress=progress, log=log)
+        for line in table(record["rows"]):
+            log(line)
+        return {"record": record["path"], "rows": [{k: r.get(k) for k in ("fusion", "backend", "batch_size",
+                                                                           "status", "p50_ms")}
+                                                   for r in record["rows"]]}
+    latency = stage(f"latency {preset} {device}", run_sweep)
+    sweep_dir = Path(latency["record"]).parent
+    stage(f"traces {preset} {device}", lambda: {"traces": str(trace_inference(sweep_cfg, sweep_dir))})
+    report = write_report([Path(profiles_dir), Path(models_dir)], Path(profiles_dir))
+    log(f"[compare] report: {report['markdown']} and {report['html']} ({len(report['plots'])} plots)")
+    summary = summarize(accuracy, latency["rows"])
+    for line in summary:
+        log(line)
+    return {"state": str(state_path), "report": report, "summary": summary}
+
+
+def summarize(accuracy: dict[str, dict], rows: list[dict]) -> list[str]:
+    """The terminal's closing table: per fusion, accuracy, training time and the best p50 at both batch ends."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    sizes = sorted({r["batch_size"] for r in ok})
+    ends = sorted({sizes[0], sizes[-1]}) if sizes else []
+    lines = [f"{'fusion':<11}{'test acc':>9}{'train s':>9}" + "".join(f"{f'best p50, batch {b}':>30}" for b in ends)]
+    for fusion, acc in accuracy.items():
+        cells = []
+        for b in ends:
+            candidates = [r for r in ok if r["fusion"] == fusion and r["batch_size"] == b]
+            best = min(candidates, key=lambda r: r["p50_ms"], default=None)
+            cells.append(f"{best['p50_ms']:.2f} ms ({best['backend']})" if best else "–")
+        lines.append(f"{fusion:<11}{acc['test_accuracy']:>9.1%}{acc['train_seconds']:>9.0f}"
+                     + "".join(f"{c:>30}" for c in cells))
+    return lines

@@ -1,0 +1,95 @@
+"""`fusionprof report` merges records from several machines; `fusionprof compare` runs and resumes the study."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from fusionprof.cli import cli
+from fusionprof.report import pareto_front
+
+QUICK = ["--min-seconds", "0.05", "--min-calls", "5"]
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def two_machines(tmp_path_factory):
+    """A real latency sweep, and the same file as if measured on a second, twice-as-slow machine."""
+    root = tmp_path_factory.mktemp("results")
+    code, out = run_cli("latency", "--fusion", "early,late", "--backends", "torch,onnxruntime", "--batch-sizes", "1,4",
+                        "--models", root / "none", "--out", root / "here", "--quiet", *QUICK)
+    assert code == 0, out
+    [path] = list((root / "here").glob("*/latency-*.json"))
+    record = json.loads(path.read_text())
+    record["environment"] = {**record["environment"], "host": "gpu-box", "cpu_model": "Other CPU"}
+    for row in record["rows"]:
+        if row["status"] == "ok":
+            for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms"):
+                row[key] *= 2
+    (root / "there").mkdir()
+    (root / "there" / path.name).write_text(json.dumps(record))
+    return root
+
+
+def test_two_machines_merge_into_one_report(two_machines, tmp_path):
+    code, out = run_cli("report", two_machines / "here", two_machines / "there", "--out", tmp_path)
+    assert code == 0, out
+    assert "2 records from 2 machine(s)" in out
+    md = (tmp_path / "report.md").read_text()
+    here = json.loads(next((two_machines / "here").glob("*/latency-*.json")).read_text())["environment"]
+    first = f"{here['host']} ({here['cpu_model']})"
+    assert f"p50 ms: {first}" in md and "p50 ms: gpu-box (Other CPU)" in md
+    assert f"ratio gpu-box (Other CPU) / {first}" in md
+    ratios = [line.split("|")[-2].strip() for line in md.splitlines() if line.startswith("| tiny | fp32 |")]
+    assert len(ratios) == 2 * 2 * 2 and all(r == "2.00" for r in ratios)
+    pngs = {p.name for p in (tmp_path / "report").glob("*.png")}
+    assert {"latency-gpu-box-other-cpu.png", "throughput-gpu-box-other-cpu.png"} <= pngs and len(pngs) == 4
+    html = (tmp_path / "report.html").read_text()
+    assert "<table>" in html and "gpu-box (Other CPU)" in html and "report/latency-gpu-box-other-cpu.png" in html
+    assert "No training records yet: run `fusionprof train" in md  # empty sections say what to run
+
+
+def test_a_report_over_nothing_says_what_to_run(tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, out = run_cli("report", tmp_path / "empty", "--out", tmp_path)
+    assert code == 0 and "0 records from 0 machine(s)" in out
+    assert "No records found: run `fusionprof compare`" in (tmp_path / "report.md").read_text()
+
+
+def test_unknown_schema_version_is_a_one_line_error(two_machines, tmp_path):
+    path = next((two_machines / "there").glob("*.json"))
+    record = json.loads(path.read_text())
+    record["schema_version"] = 99
+    (tmp_path / "future.json").write_text(json.dumps(record))
+    code, out = run_cli("report", tmp_path / "future.json", "--out", tmp_path)
+    assert code == 1 and "future.json: schema version 99; this fusionprof reads version 1" in out
+    assert len(out.strip().splitlines()) == 1
+
+
+def test_pareto_front():
+    points = [(1.0, 0.80), (2.0, 0.90), (1.5, 0.70), (3.0, 0.85), (0.5, 0.60), (4.0, 0.95)]
+    assert pareto_front(points) == [(0.5, 0.60), (1.0, 0.80), (2.0, 0.90), (4.0, 0.95)]
+
+
+@pytest.mark.slow
+def test_compare_runs_every_stage_then_skips_them(tmp_path, small_data):
+    args = ["compare", "--data", small_data, "--epochs", "1", "--limit-train", "12", "--limit-eval", "6",
+            "--batch-sizes", "1,2", "--backends", "torch,onnxruntime", "--out", tmp_path / "m", "--profiles",
+            tmp_path / "p", "--quiet", *QUICK]
+    code, out = run_cli(*args)
+    assert code == 0, out
+    for stage in ("train tiny-early", "train tiny-bottleneck", "export tiny-mid onnx", "latency tiny cpu",
+                  "traces tiny cpu"):
+        assert f"[compare] {stage} ..." in out
+    md = (tmp_path / "p" / "report.md").read_text()
+    for fusion in ("early", "mid", "late", "bottleneck"):
+        assert f"| tiny | {fusion} |" in md
+    assert "best p50, batch 1" in out and (tmp_path / "p" / "report.html").exists()
+    assert list((tmp_path / "p" / "traces").glob("train-tiny-mid/*.pt.trace.json"))
+    code, again = run_cli(*args)
+    assert code == 0, again
+    assert again.count("done before, skipped") == 4 + 4 + 2 and "[compare] report:" in again

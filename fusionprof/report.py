@@ -162,15 +162,22 @@ def export_section(rec: Records) -> list[tuple]:
 
 
 def _latency_rows(rec: Records) -> dict[str, list[dict]]:
-    """ok rows per machine, each tagged with its sweep's preset, precision and device."""
-    out: dict[str, list[dict]] = defaultdict(list)
-    for sweep in rec.latency:
+    """ok rows per machine, each tagged with its sweep's preset, precision and device.
+
+    A cell measured by several sweeps on one machine keeps its latest measurement.
+    """
+    cells: dict[tuple, dict] = {}
+    for sweep in sorted(rec.latency, key=lambda s: s["created"]):
         m = machine_name(sweep["environment"])
         cfg = sweep["config"]
         for row in sweep["rows"]:
             if row["status"] == "ok":
-                out[m].append({**row, "preset": cfg["preset"], "precision": cfg["precision"],
-                               "device": cfg["device"]})
+                key = (m, cfg["preset"], cfg["precision"], cfg["device"], row["fusion"], row["backend"],
+                       row["batch_size"])
+                cells[key] = {**row, "preset": cfg["preset"], "precision": cfg["precision"], "device": cfg["device"]}
+    out: dict[str, list[dict]] = defaultdict(list)
+    for (m, *_), row in cells.items():
+        out[m].append(row)
     return out
 
 

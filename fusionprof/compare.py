@@ -33,7 +33,7 @@ def compare(preset: str = "tiny", data: str | None = None, device: str = "cpu", 
     state = json.loads(state_path.read_text()) if state_path.exists() else {"done": {}}
 
     def stage(name: str, run):
-        if name in state["done"]:
+        if name in state["done"] and _outputs_exist(state["done"][name]):
             log(f"[compare] {name}: done before, skipped")
             return state["done"][name]
         log(f"[compare] {name} ...")
@@ -49,7 +49,7 @@ def compare(preset: str = "tiny", data: str | None = None, device: str = "cpu", 
                                limit_eval=limit_eval, models_dir=models_dir, profiles_dir=profiles_dir,
                                profile=True)
             metrics = train(cfg, model_config(preset, fusion=fusion), resume=True, progress=progress, log=log)
-            return {"metrics": str(Path(profiles_dir) / metrics["run"] / METRICS),
+            return {"metrics": str(Path(profiles_dir) / metrics["run"] / METRICS), "checkpoint": metrics["checkpoint"],
                     "test_accuracy": metrics["test"]["accuracy"], "train_seconds": metrics["train_seconds"]}
         accuracy[fusion] = stage(f"train {preset}-{fusion}", run_training)
 
@@ -89,6 +89,14 @@ def compare(preset: str = "tiny", data: str | None = None, device: str = "cpu", 
     for line in summary:
         log(line)
     return {"state": str(state_path), "report": report, "summary": summary}
+
+
+OUTPUT_KEYS = ("metrics", "checkpoint", "record", "traces")
+
+
+def _outputs_exist(result: dict) -> bool:
+    """A stage counts as done only while what it wrote is still there (a fresh clone has no checkpoints)."""
+    return all(Path(result[k]).exists() for k in OUTPUT_KEYS if k in result)
 
 
 def summarize(accuracy: dict[str, dict], rows: list[dict]) -> list[str]:

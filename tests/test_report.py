@@ -93,3 +93,7 @@ def test_compare_runs_every_stage_then_skips_them(tmp_path, small_data):
     code, again = run_cli(*args)
     assert code == 0, again
     assert again.count("done before, skipped") == 4 + 4 + 2 and "[compare] report:" in again
+    (tmp_path / "m" / "tiny-late" / "checkpoint.pt").unlink()  # an output gone: that stage runs again
+    code, third = run_cli(*args)
+    assert code == 0, third
+    assert "[compare] train tiny-late ..." in third and third.count("done before, skipped") == 4 + 4 + 2 - 1

@@ -205,8 +205,8 @@ def csv_list(kind=str):
 def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, threads, min_seconds, min_calls,
             warmup_seconds, warmup_calls, trace, models_dir, profiles_dir, quiet):
     """Inference latency of fusions × backends × batch sizes, with one timing protocol."""
-    from fusionprof.latency import SweepConfig, replace_protocol, sweep, table
-    from fusionprof.measure import Protocol
+    from fusionprof.latency import SweepConfig, sweep, table
+    from fusionprof.measure import Protocol, replace_protocol
 
     names = fusion_names() if fusions == "all" else csv_list()(None, None, fusions)
     unknown = sorted(set(names) - set(fusion_names()))
@@ -259,8 +259,7 @@ def compare(preset, data, device, epochs, limit_train, limit_eval, batch_sizes, 
             models_dir, profiles_dir, quiet):
     """The whole study: train every fusion, export, time, trace, report. Re-runs skip finished stages."""
     from fusionprof.compare import compare as run_compare
-    from fusionprof.latency import replace_protocol
-    from fusionprof.measure import Protocol
+    from fusionprof.measure import Protocol, replace_protocol
 
     run_compare(preset, data, device, models_dir, profiles_dir, epochs, limit_train, limit_eval, batch_sizes,
                 backends, replace_protocol(Protocol(), min_seconds=min_seconds, min_calls=min_calls),

@@ -4,13 +4,12 @@ Uses the trained checkpoint (``models/<preset>-<fusion>/``) and its verified ONN
 an untrained model of the preset otherwise (latency does not depend on the weights; the record says which).
 Copy-inclusive latency (host inputs → host logits, the same copies for every backend) is the headline;
 on CUDA the device-resident latency (CUDA events, inputs already on the GPU) is measured beside it.
-Profiler traces come from a separate, short run (``trace_torch``), never from the timed one.
+Profiler traces come from a separate, short run (``profiling.trace_inference``), never from the timed one.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import atomic_write, write_json
-from fusionprof.backends import Artifacts, create_backend
+from fusionprof.backends import Artifacts, backend_names, create_backend
 from fusionprof.backends.base import BACKENDS
 from fusionprof.config import model_config, to_dict
 from fusionprof.env import fingerprint
@@ -30,16 +29,17 @@ from fusionprof.errors import UserError
 from fusionprof.evaluate import load_model
 from fusionprof.export import export_onnx, onnx_name, parity, record_name
 from fusionprof.measure import CV_WARNING, Protocol, matmul_rate, sample_calls, sample_cuda_events, summarize
-from fusionprof.models import build_model, forward_flops
+from fusionprof.models import build_model, forward_flops, fusion_names
 from fusionprof.models.model import example_inputs
 from fusionprof.runtime import check_precision, peak_memory_mib, reset_peak_memory, resolve_device
+from fusionprof.train import CHECKPOINT
 
 
 @dataclass
 class SweepConfig:
     preset: str = "tiny"
-    fusions: list[str] = field(default_factory=lambda: ["early", "mid", "late", "bottleneck"])
-    backends: list[str] = field(default_factory=lambda: ["torch", "torch-compile", "onnxruntime", "tensorrt"])
+    fusions: list[str] = field(default_factory=fusion_names)  # every registered method
+    backends: list[str] = field(default_factory=backend_names)
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     device: str = "cpu"
     precision: str = "fp32"
@@ -52,7 +52,7 @@ class SweepConfig:
 
 def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> tuple[Artifacts, dict]:
     """The model (trained if a checkpoint exists) and an ONNX export whose parity has been checked."""
-    checkpoint = Path(cfg.models_dir) / f"{cfg.preset}-{fusion}" / "checkpoint.pt"
+    checkpoint = Path(cfg.models_dir) / f"{cfg.preset}-{fusion}" / CHECKPOINT
     if checkpoint.exists():
         model, _ = load_model(checkpoint)
         source = {"weights": "trained", "checkpoint": str(checkpoint)}
@@ -195,7 +195,3 @@ def table(rows: list[dict]) -> list[str]:
         lines.append("WRONG: that backend's logits differ from the eager model's beyond tolerance; "
                      "do not ship its number")
     return lines
-
-
-def replace_protocol(protocol: Protocol, **changes) -> Protocol:
-    return dataclasses.replace(protocol, **{k: v for k, v in changes.items() if v is not None})

@@ -8,6 +8,7 @@ with CUDA events instead.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -31,7 +32,10 @@ class Protocol:
         return asdict(self)
 
 
-QUICK = Protocol(warmup_seconds=0.05, warmup_calls=2, min_seconds=0.1, min_calls=5, max_seconds=5.0, max_calls=200)
+def replace_protocol(protocol: Protocol, **changes) -> Protocol:
+    """The protocol with the given fields changed; ``None`` values (options left unset) change nothing."""
+    return dataclasses.replace(protocol, **{k: v for k, v in changes.items() if v is not None})
+
 
 
 def sample_calls(call: Callable[[], object], sync: Callable[[], None], protocol: Protocol) -> list[float]:

@@ -14,6 +14,7 @@ import click
 
 from fusionprof import __version__
 from fusionprof.config import PRESETS, model_config, train_config
+from fusionprof.distributed import launched_by_torchrun, process_rank
 from fusionprof.errors import UserError
 from fusionprof.models import fusion_names
 from fusionprof.runtime import PRECISIONS
@@ -37,8 +38,12 @@ def positive(ctx, param, value):
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fusionprof")
-def cli():
+@click.pass_context
+def cli(ctx: click.Context):
     """Train, export and profile image+text fusion models, and tell which one to ship."""
+    if launched_by_torchrun() and ctx.invoked_subcommand != "train":
+        raise UserError(f"'{ctx.invoked_subcommand}' runs in one process; only 'train' runs under torchrun "
+                        "(latency records from many machines merge in 'fusionprof report')")
 
 
 @cli.group(cls=Group)
@@ -96,7 +101,8 @@ def data_synth(out, n_train, n_val, n_test, size, seed):
               help="Decode images once into a memory-mapped cache, or decode JPEGs every step.")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--seed", type=int, default=None)
-@click.option("--run", default=None, help="Run name [default: <preset>-<fusion>].")
+@click.option("--run-name", "--run", "run", default=None,
+              help="Run name [default: <preset>-<fusion>]. Under torchrun spell it --run-name (torchrun takes --run).")
 @click.option("--resume", is_flag=True, help="Continue the run's checkpoint.")
 @click.option("--fresh", is_flag=True, help="Start over even if the run has a checkpoint.")
 @click.option("--limit-train", type=int, default=None, callback=positive, help="Use only N train images.")
@@ -118,6 +124,8 @@ def train(fusion, preset, text_pool, pretrained, image_weights, text_model, free
     tcfg = train_config(preset, compile=compile_, **options)
     metrics = run_training(tcfg, mcfg, resume=resume, fresh=fresh, progress=not quiet, log=click.echo)
     skipped = metrics["skipped_total"]
+    if process_rank() != 0:  # under torchrun, rank 0 speaks for all
+        return
     click.echo(f"wrote {metrics['checkpoint']} and {Path(tcfg.profiles_dir) / metrics['run'] / 'metrics.json'}"
                f"  ({metrics['train_seconds']:.0f} s training, {metrics['train_samples_per_s']:.0f} samples/s"
                f"{f', {skipped} data entries skipped' if skipped else ''})")

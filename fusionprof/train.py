@@ -4,10 +4,15 @@ AdamW, linear warm-up + cosine decay, gradient clipping, autocast, gradient accu
 ``torch.compile``. Each epoch ends with validation and an atomic checkpoint that holds everything needed
 to continue bit-for-bit (weights, optimizer, scheduler, scaler, RNG, configs, history); ``resume=True``
 picks it up after a kill. At the end: the test split, and ``metrics.json``.
+
+Under ``torchrun`` the same loop runs data-parallel (``DistributedDataParallel``, see ``distributed.py``):
+``--batch-size`` stays the *global* batch, split evenly over the processes, and the global batch k of an epoch
+holds the same pairs whatever the number of processes. Only rank 0 writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -19,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
+from torch.utils.data import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -30,6 +37,17 @@ from fusionprof.data import SplitData, prepare_data
 from fusionprof.data.images import normalize
 from fusionprof.data.itm import Batch, loader
 from fusionprof.data.text import build_tokenizer
+from fusionprof.distributed import (
+    SINGLE,
+    Dist,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    broadcast_buffers,
+    local_first,
+    setup,
+    teardown,
+)
 from fusionprof.env import fingerprint
 from fusionprof.errors import UserError
 from fusionprof.metrics import itm_metrics, predict
@@ -69,14 +87,22 @@ def to_inputs(batch: Batch, device: torch.device) -> tuple[tuple[torch.Tensor, .
 
 
 def evaluate_split(model: nn.Module, split: SplitData, seed: int, batch_size: int, device: torch.device,
-                   precision: str = "fp32") -> dict:
-    """ITM accuracy and AUC on a split's fixed pairs (its negatives depend only on the seed)."""
-    batches = loader(split.batches(split.pairs(seed), batch_size), pin_memory=device.type == "cuda")
+                   precision: str = "fp32", d: Dist = SINGLE) -> dict:
+    """ITM accuracy and AUC on a split's fixed pairs (its negatives depend only on the seed).
+
+    Under DDP each rank predicts every world_size-th batch and the predictions are gathered: every pair
+    counts exactly once, and every rank returns the same metrics.
+    """
+    batches = split.batches(split.pairs(seed), batch_size)
+    shard = range(d.rank, len(batches), d.world_size)
     was_training = model.training
     model.eval()
     with torch.inference_mode(), autocast(device, precision):
-        logits, labels = predict(lambda b: model(*to_inputs(b, device)[0]).float().cpu(), batches)
+        logits, labels = predict(lambda b: model(*to_inputs(b, device)[0]).float().cpu(),
+                                 loader(batches, pin_memory=device.type == "cuda", sampler=shard))
     model.train(was_training)
+    if d.enabled:
+        logits, labels = (np.concatenate(part) for part in zip(*all_gather_objects(d, (logits, labels)), strict=True))
     return itm_metrics(logits, labels, split.name)
 
 
@@ -128,6 +154,24 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _restore_rng(ckpt: dict, d: Dist, device: torch.device, seed: int) -> None:
+    """Each rank's own RNG stream (dropout) if the checkpoint was written by as many ranks, else a fresh one."""
+    per_rank = ckpt.get("rank_rng") or [ckpt["rng"]]
+    if len(per_rank) == d.world_size:
+        _set_rng_state(per_rank[d.rank], device)
+    else:
+        seed_everything(seed + d.rank + 1000 * ckpt["epoch"])
+
+
+def _check_same_view(d: Dist, ckpt_path: Path) -> None:
+    """Every rank must see the same checkpoint (multi-node runs need --out on a shared filesystem)."""
+    views = all_gather_objects(d, ckpt_path.exists())
+    if len(set(views)) > 1:
+        missing = [rank for rank, seen in enumerate(views) if not seen]
+        raise UserError(f"{ckpt_path} is visible to some ranks but not to rank(s) {missing}: put --out on a "
+                        "filesystem every node shares")
+
+
 def _report_data(data: dict[str, SplitData], log: Callable[[str], None]) -> dict:
     out = {}
     for name, split in data.items():
@@ -137,23 +181,44 @@ def _report_data(data: dict[str, SplitData], log: Callable[[str], None]) -> dict
     return out
 
 
+def _quiet(line: str) -> None:
+    pass
+
+
 def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh: bool = False,
           progress: bool = True, log: Callable[[str], None] = print,
           on_epoch_end: Callable[[int], None] | None = None) -> dict:
-    """Train one fusion model; returns the metrics record (also written to ``profiles/<run>/metrics.json``)."""
+    """Train one fusion model; returns the metrics record (also written to ``profiles/<run>/metrics.json``).
+
+    One process, or one of ``torchrun``'s: then only rank 0 logs and writes, and every rank returns the record.
+    """
     if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.grad_accum < 1:
         raise UserError("--batch-size, --epochs and --grad-accum must be at least 1")
-    model_cfg = dataclasses.replace(model_cfg)  # filled in below (vocabulary, tokenizer): keep the caller's
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
+    d, device = setup(device)
+    try:
+        if cfg.batch_size % d.world_size:
+            raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must split evenly over "
+                            f"{d.world_size} processes")
+        return _train(cfg, model_cfg, d, device, resume, fresh, progress and d.is_main,
+                      log if d.is_main else _quiet, on_epoch_end)
+    finally:
+        teardown(d)
+
+
+def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.device, resume: bool, fresh: bool,
+           progress: bool, log: Callable[[str], None], on_epoch_end: Callable[[int], None] | None) -> dict:
+    model_cfg = dataclasses.replace(model_cfg)  # filled in below (vocabulary, tokenizer): keep the caller's
     run = run_name(cfg, model_cfg)
     run_dir, profile_dir = Path(cfg.models_dir) / run, Path(cfg.profiles_dir) / run
     ckpt_path = run_dir / CHECKPOINT
+    _check_same_view(d, ckpt_path)
     ckpt = None
     if ckpt_path.exists() and not fresh:
         if not resume:
             raise UserError(f"{ckpt_path} exists: pass --resume to continue it, --fresh to start over, "
-                            "or --run NAME for a new run")
+                            "or --run-name NAME for a new run")
         ckpt = load_checkpoint(ckpt_path)
         saved = from_dict(ModelConfig, ckpt["model_config"])
         if (saved.fusion, ckpt["train_config"]["preset"]) != (model_cfg.fusion, cfg.preset):
@@ -162,24 +227,28 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh:
         model_cfg = saved
         cfg = from_dict(TrainConfig, {**ckpt["train_config"], "device": cfg.device, "workers": cfg.workers})
         log(f"resuming {run} after epoch {ckpt['epoch']}/{cfg.epochs}")
+    rank_batch = cfg.batch_size // d.world_size  # --batch-size is global; checked to divide in train()
 
-    seed_everything(cfg.seed)
-    tokenizer = build_tokenizer(with_run_tokenizer(model_cfg, run_dir), log)
-    model_cfg.vocab_size = max(model_cfg.vocab_size, len(tokenizer))
-    data, data_source = prepare_data(cfg.data, tokenizer, model_cfg.image_size, model_cfg.max_text_len, cfg.seed,
-                                     image_cache=cfg.image_cache, limit_train=cfg.limit_train,
-                                     limit_eval=cfg.limit_eval, progress=progress)
+    seed_everything(cfg.seed + d.rank)  # DDP copies rank 0's initial weights; dropout differs per rank
+    with local_first(d):  # one process per node writes the data caches, its peers then read them
+        tokenizer = build_tokenizer(with_run_tokenizer(model_cfg, run_dir), log)
+        model_cfg.vocab_size = max(model_cfg.vocab_size, len(tokenizer))
+        data, data_source = prepare_data(cfg.data, tokenizer, model_cfg.image_size, model_cfg.max_text_len,
+                                         cfg.seed, image_cache=cfg.image_cache, limit_train=cfg.limit_train,
+                                         limit_eval=cfg.limit_eval, progress=progress)
     data_summary = _report_data(data, log)
     train_split = data["train"]
 
     model = build_model(model_cfg).to(device)
     if ckpt is None:  # keep the tokenizer with the run: the checkpoint then needs nothing from outside
-        tokenizer.save_pretrained(run_dir / TOKENIZER)
+        if d.is_main:
+            tokenizer.save_pretrained(run_dir / TOKENIZER)
         model_cfg.tokenizer = TOKENIZER
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
-    n_batches = math.ceil(2 * train_split.n_captions / cfg.batch_size)  # one positive + one negative per caption
+    n_pairs = 2 * train_split.n_captions  # one positive + one negative per caption
+    n_batches = math.ceil(math.ceil(n_pairs / rank_batch) / d.world_size)  # per rank, as DistributedSampler deals
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps,
                                                                          cfg.epochs * steps_per_epoch))
@@ -190,22 +259,30 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"], device)
+        _restore_rng(ckpt, d, device, cfg.seed)
         start_epoch, history, train_seconds = ckpt["epoch"], ckpt["history"], ckpt["train_seconds"]
-    step_model = torch.compile(model) if cfg.compile else model
-    writer = SummaryWriter(str(Path(cfg.profiles_dir) / "tensorboard" / run))
+    ddp = None
+    if d.enabled:  # gradients are averaged across ranks during backward; the ITC-free run leaves `align` unused
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=not cfg.align_weight)
+    step_model = ddp or model
+    step_model = torch.compile(step_model) if cfg.compile else step_model
+    writer = SummaryWriter(str(Path(cfg.profiles_dir) / "tensorboard" / run)) if d.is_main else None
     loss_fn = nn.BCEWithLogitsLoss()
 
     def step(net, opt, sched, scl, batches, last_micro_batch: bool) -> torch.Tensor:
         """One micro-batch: fetch, forward, loss, backward; the optimizer steps on the last micro-batch."""
         with record_function("data"):  # waiting for the loader + the host→device copy
             inputs, labels = to_inputs(next(batches), device)
-        with autocast(device, cfg.precision):
-            logits, align_loss = net(*inputs, labels) if cfg.align_weight else (net(*inputs), 0.0)
-        with record_function("loss"):
-            loss = loss_fn(logits.float(), labels) + cfg.align_weight * align_loss
-        with record_function("backward"):
-            scl.scale(loss / cfg.grad_accum).backward()
+        # Under DDP, the gradients of accumulated micro-batches are reduced once, with the last one.
+        accumulate = ddp.no_sync() if ddp is not None and not last_micro_batch else contextlib.nullcontext()
+        with accumulate:
+            with autocast(device, cfg.precision):
+                logits, align_loss = net(*inputs, labels) if cfg.align_weight else (net(*inputs), 0.0)
+            with record_function("loss"):
+                loss = loss_fn(logits.float(), labels) + cfg.align_weight * align_loss
+            with record_function("backward"):
+                scl.scale(loss / cfg.grad_accum).backward()
         if last_micro_batch:
             with record_function("optimizer_step"):
                 scl.unscale_(opt)
@@ -217,13 +294,13 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh:
         return loss.detach()
 
     step_breakdown = None
-    if cfg.profile:  # a separate short run on a copy: the timed epochs are never profiled
+    if cfg.profile and d.is_main:  # a separate short run on a copy: the timed epochs are never profiled
         rng = _rng_state(device)
         net = copy.deepcopy(model)
         opt = make_optimizer(net, cfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         scl = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-        batches = cycle(loader(train_split.batches(train_split.pairs(cfg.seed), cfg.batch_size), cfg.workers,
+        batches = cycle(loader(train_split.batches(train_split.pairs(cfg.seed), rank_batch), cfg.workers,
                                pin_memory=device.type == "cuda"))
         out = trace_dir(cfg.profiles_dir, f"train-{run}")
         prof = run_profiled(lambda i: step(net, opt, sched, scl, batches, True), out, device)
@@ -232,16 +309,21 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh:
         del net, opt, prof
         log(f"training step profile ({out}): " + ", ".join(
             f"{name} {v['ms_per_step']:.1f} ms ({v['share']:.0%})" for name, v in step_breakdown.items()))
+    barrier(d)  # the other ranks wait for rank 0's profile
     reset_peak_memory(device)
     log(f"{run}: {model_cfg.fusion} fusion, {count_parameters(model)['total'] / 1e6:.2f} M parameters, "
-        f"{train_split.n_captions} train captions → {2 * train_split.n_captions} pairs/epoch, on {device} "
-        f"({cfg.precision})")
+        f"{train_split.n_captions} train captions → {n_pairs} pairs/epoch, on {device} ({cfg.precision})"
+        + (f", {d.world_size} processes ({d.backend}) × {rank_batch} = global batch {cfg.batch_size}"
+           if d.enabled else ""))
 
     for epoch in range(start_epoch, cfg.epochs):
+        # Every rank draws the same negatives and the same order (both from seed and epoch); the sampler then
+        # deals batch i to rank i % world_size, so global batch k is the same pairs whatever the world size.
         pairs = train_split.pairs(cfg.seed, epoch)  # fresh negatives every epoch
         order = np.random.default_rng([cfg.seed, 100, epoch]).permutation(len(pairs))
-        batches = loader(train_split.batches(pairs, cfg.batch_size, order), cfg.workers,
-                         pin_memory=device.type == "cuda")
+        epoch_batches = train_split.batches(pairs, rank_batch, order)
+        sampler = DistributedSampler(epoch_batches, d.world_size, d.rank, shuffle=False) if d.enabled else None
+        batches = loader(epoch_batches, cfg.workers, pin_memory=device.type == "cuda", sampler=sampler)
         model.train()
         loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
         synchronize(device)
@@ -253,30 +335,38 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh:
             loss_sum += step(step_model, optimizer, scheduler, scaler, batch_iter, last_micro_batch)
             if progress and i % 20 == 0:
                 bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}")
+        all_reduce_sum(d, loss_sum)  # also waits for the slowest rank: the epoch ends when all ranks are done
         synchronize(device)
         epoch_seconds = time.perf_counter() - epoch_start
         train_seconds += epoch_seconds
-        val = evaluate_split(model, data["val"], cfg.seed, cfg.batch_size, device, cfg.precision)
-        record = {"epoch": epoch + 1, "loss": loss_sum.item() / len(batches), "val_accuracy": val["accuracy"],
-                  "val_auc": val["auc"], "epoch_seconds": epoch_seconds,
-                  "samples_per_s": len(pairs) / epoch_seconds, "lr": scheduler.get_last_lr()[-1]}
+        broadcast_buffers(d, model)  # BatchNorm statistics of rank 0 everywhere: all ranks evaluate one model
+        val = evaluate_split(model, data["val"], cfg.seed, cfg.batch_size, device, cfg.precision, d)
+        record = {"epoch": epoch + 1, "loss": loss_sum.item() / (len(batches) * d.world_size),
+                  "val_accuracy": val["accuracy"], "val_auc": val["auc"], "epoch_seconds": epoch_seconds,
+                  "samples_per_s": n_pairs / epoch_seconds, "lr": scheduler.get_last_lr()[-1]}
         history.append(record)
-        for key in ("loss", "val_accuracy", "val_auc", "samples_per_s", "lr"):
-            writer.add_scalar(f"train/{key}", record[key], epoch + 1)
-        writer.flush()
         log(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}  val acc {val['accuracy']:.1%}  "
             f"auc {val['auc']:.3f}  {record['samples_per_s']:.0f} samples/s  {epoch_seconds:.1f} s")
-        torch_save(ckpt_path, {
-            "schema_version": SCHEMA_VERSION, "fusionprof_version": __version__, "epoch": epoch + 1,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": _rng_state(device), "model_config": to_dict(model_cfg),
-            "train_config": to_dict(cfg), "history": history, "train_seconds": train_seconds,
-        })
+        rng = all_gather_objects(d, _rng_state(device))
+        if d.is_main:
+            for key in ("loss", "val_accuracy", "val_auc", "samples_per_s", "lr"):
+                writer.add_scalar(f"train/{key}", record[key], epoch + 1)
+            writer.flush()
+            torch_save(ckpt_path, {
+                "schema_version": SCHEMA_VERSION, "fusionprof_version": __version__, "epoch": epoch + 1,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng[0],
+                "rank_rng": rng if d.enabled else None, "world_size": d.world_size,
+                "model_config": to_dict(model_cfg), "train_config": to_dict(cfg), "history": history,
+                "train_seconds": train_seconds,
+            })
+        barrier(d)  # nobody runs ahead of a checkpoint that is not written yet
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
-    writer.close()
+    if writer is not None:
+        writer.close()
 
-    test = evaluate_split(model, data["test"], cfg.seed, cfg.batch_size, device, cfg.precision)
+    test = evaluate_split(model, data["test"], cfg.seed, cfg.batch_size, device, cfg.precision, d)
     log(f"test: accuracy {test['accuracy']:.1%}  auc {test['auc']:.3f}  on {test['pairs']} pairs")
     metrics = {
         "schema_version": SCHEMA_VERSION, "kind": "train", "run": run, "fusion": model_cfg.fusion,
@@ -284,12 +374,14 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh:
         "parameters": count_parameters(model), "forward_flops_per_sample": forward_flops(model),
         "flops_seq_len": model_cfg.max_text_len, "step_breakdown": step_breakdown,
         "train_seconds": train_seconds, "epochs": cfg.epochs,
-        "train_samples_per_s": len(history) * 2 * train_split.n_captions / train_seconds,
+        "train_samples_per_s": len(history) * n_pairs / train_seconds,
+        "distributed": {"world_size": d.world_size, "backend": d.backend, "batch_per_process": rank_batch},
         "peak_memory": peak_memory_mib(device),
         "val": {"accuracy": history[-1]["val_accuracy"], "auc": history[-1]["val_auc"]},
         "test": test, "history": history, "data_summary": data_summary,
         "skipped_total": sum(sum(split.report.skipped.values()) for split in data.values()),
         "environment": fingerprint(), "model_config": to_dict(model_cfg), "train_config": to_dict(cfg),
     }
-    write_json(profile_dir / METRICS, metrics)
+    if d.is_main:
+        write_json(profile_dir / METRICS, metrics)
     return metrics

@@ -13,7 +13,7 @@ python -m pytest -q -x tests -k "cuda" 2>&1 | tee "$out/pytest.txt" | tail -3
 for fusion in early mid late bottleneck; do
   for precision in fp32 bf16 fp16; do
     python -m fusionprof train --fusion "$fusion" --device cuda:0 --precision "$precision" --epochs 1 \
-      --run "gpu-$fusion-$precision" --out "$out/models" --profiles "$out/profiles" --quiet --fresh
+      --run-name "gpu-$fusion-$precision" --out "$out/models" --profiles "$out/profiles" --quiet --fresh
   done
 done
 python - "$out" <<'PY' | tee "$out/summary.txt"

@@ -98,6 +98,7 @@ class PairBatches(Dataset):
         )
 
 
-def loader(batches: PairBatches, workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    return DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if workers else None)
+def loader(batches: PairBatches, workers: int = 0, pin_memory: bool = False, sampler=None) -> DataLoader:
+    """Batches in order, or in the order of ``sampler`` (e.g. one rank's share under DDP)."""
+    return DataLoader(batches, batch_size=None, shuffle=False, sampler=sampler, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=False, prefetch_factor=4 if workers else None)

@@ -32,14 +32,21 @@ class Alignment(nn.Module):
 
     def forward(self, image_map: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE over the batch's positive pairs: row i's match is column i, among positives only.
+
+        Written with masks rather than by selecting the positives, so it never waits on the device for a count
+        and every parameter is in the graph even when a batch has no positives (DDP then reduces all of them).
+        """
         positive = labels > 0.5
-        if int(positive.sum()) < 2:
-            return image_map.new_zeros(())
-        image = F.normalize(self.image_proj(image_map[positive].mean((2, 3)).float()), dim=-1)
-        words = F.normalize(self.text_proj(masked_mean(text[positive], text_mask[positive]).float()), dim=-1)
+        image = F.normalize(self.image_proj(image_map.mean((2, 3)).float()), dim=-1)
+        words = F.normalize(self.text_proj(masked_mean(text, text_mask).float()), dim=-1)
         sim = self.log_scale.exp().clamp(max=100) * image @ words.T
-        target = torch.arange(len(sim), device=sim.device)
-        return (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
+        pair = positive[:, None] & positive[None, :]
+        sim = sim.masked_fill(~pair, -1e4)  # finite: the rows of negatives stay finite and get weight 0 below
+        diagonal = sim.diagonal()
+        per_row = (sim.logsumexp(1) - diagonal) + (sim.logsumexp(0) - diagonal)
+        weight = positive.float()
+        return (per_row * weight).sum() / (2 * weight.sum().clamp_min(1.0))
 
 
 class FusionModel(nn.Module):

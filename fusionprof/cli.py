@@ -91,6 +91,8 @@ def data_synth(out, n_train, n_val, n_test, size, seed):
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--freeze-encoders", is_flag=True, help="Train the fusion head only.")
+@click.option("--cache-features", is_flag=True,
+              help="With --freeze-encoders: encode each split once (memory-mapped cache), then train the head only.")
 @click.option("--text-pool", type=click.Choice(["mean", "cls", "attn"]), default=None)
 @click.option("--pretrained", type=click.Choice(["default", "none"]), default="default", show_default=True,
               help="'none': random-init encoders instead of the preset's pretrained weights.")

@@ -72,6 +72,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     profile: bool = False  # a separate short profiled run: traces + the training-step breakdown
+    cache_features: bool = False  # with frozen encoders: encode each split once, train the head on the features
     image_cache: bool = True  # False: decode the JPEGs every step (the study's way; for comparison)
     limit_train: int | None = None  # use only the first N train images (quick runs, tests)
     limit_eval: int | None = None

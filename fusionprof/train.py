@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
@@ -50,8 +51,9 @@ from fusionprof.distributed import (
 )
 from fusionprof.env import fingerprint
 from fusionprof.errors import UserError
+from fusionprof.features import cached_features
 from fusionprof.metrics import itm_metrics, predict
-from fusionprof.models import build_model, count_parameters, forward_flops
+from fusionprof.models import FusionHead, build_model, count_parameters, forward_flops
 from fusionprof.profiling import ACTIVE, TRAIN_RANGES, range_breakdown, run_profiled, trace_dir
 from fusionprof.runtime import (
     autocast,
@@ -80,10 +82,38 @@ def run_name(cfg: TrainConfig, model_cfg: ModelConfig) -> str:
 
 
 def to_inputs(batch: Batch, device: torch.device) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """A Batch on the host → model inputs on ``device`` (uint8 images travel, then normalise there)."""
+    """A Batch on the host → model inputs on ``device``: uint8 pixels travel, then normalise there; float
+    "images" are cached encoder features (``features.py``) and pass as they are."""
     batch = batch.to(device, non_blocking=device.type == "cuda")
-    images = normalize(batch.images, channels_last=device.type == "cuda")
+    images = batch.images
+    if not images.is_floating_point():
+        images = normalize(images, channels_last=device.type == "cuda")
     return (images, batch.input_ids, batch.attention_mask), batch.labels
+
+
+def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
+               inputs: tuple[torch.Tensor, ...], labels: torch.Tensor, cfg: TrainConfig,
+               step_optimizer: bool = True) -> torch.Tensor:
+    """Forward, loss (ITM + ``align_weight`` × ITC), backward; then, on the last micro-batch, the optimizer step.
+
+    Returns the loss on the device: reading it is left to the caller, so a step never waits for the device.
+    """
+    with autocast(labels.device, cfg.precision):
+        logits, align_loss = net(*inputs, labels) if cfg.align_weight else (net(*inputs), 0.0)
+    with record_function("loss"):
+        loss = F.binary_cross_entropy_with_logits(logits.float(), labels) + cfg.align_weight * align_loss
+    with record_function("backward"):
+        scaler.scale(loss / cfg.grad_accum).backward()
+    if step_optimizer:
+        with record_function("optimizer_step"):
+            scaler.unscale_(optimizer)
+            # the optimizer's parameters are the trainable ones: no walk over (frozen) modules every step
+            nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+    return loss.detach()
 
 
 def evaluate_split(model: nn.Module, split: SplitData, seed: int, batch_size: int, device: torch.device,
@@ -194,6 +224,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh:
     """
     if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.grad_accum < 1:
         raise UserError("--batch-size, --epochs and --grad-accum must be at least 1")
+    if cfg.cache_features and not model_cfg.freeze_encoders:
+        raise UserError("--cache-features needs --freeze-encoders: trained encoders change their features every step")
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
     d, device = setup(device)
@@ -229,7 +261,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
         log(f"resuming {run} after epoch {ckpt['epoch']}/{cfg.epochs}")
     rank_batch = cfg.batch_size // d.world_size  # --batch-size is global; checked to divide in train()
 
-    seed_everything(cfg.seed + d.rank)  # DDP copies rank 0's initial weights; dropout differs per rank
+    seed_everything(cfg.seed)  # the same initial weights on every rank
     with local_first(d):  # one process per node writes the data caches, its peers then read them
         tokenizer = build_tokenizer(with_run_tokenizer(model_cfg, run_dir), log)
         model_cfg.vocab_size = max(model_cfg.vocab_size, len(tokenizer))
@@ -240,6 +272,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
     train_split = data["train"]
 
     model = build_model(model_cfg).to(device)
+    if d.enabled:
+        seed_everything(cfg.seed + d.rank)  # but each rank its own dropout
     if ckpt is None:  # keep the tokenizer with the run: the checkpoint then needs nothing from outside
         if d.is_main:
             tokenizer.save_pretrained(run_dir / TOKENIZER)
@@ -261,43 +295,40 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
         scaler.load_state_dict(ckpt["scaler"])
         _restore_rng(ckpt, d, device, cfg.seed)
         start_epoch, history, train_seconds = ckpt["epoch"], ckpt["history"], ckpt["train_seconds"]
+    net_model, feature_cache = model, None
+    if cfg.cache_features:  # encode every split once; from here on the batches hold features, not pixels
+        with local_first(d):
+            caches = {name: cached_features(model, split, device, cfg.precision, progress=progress, log=log)
+                      for name, split in data.items()}
+        data = {name: caches[name].split(split) for name, split in data.items()}
+        net_model = FusionHead(model)
+        feature_cache = {name: {"key": c.key, "built": c.built, "seconds": c.seconds,
+                                "image_shape": list(c.image.shape), "text_shape": list(c.text.shape)}
+                         for name, c in caches.items()}
+        train_split = data["train"]
     ddp = None
     if d.enabled:  # gradients are averaged across ranks during backward; the ITC-free run leaves `align` unused
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+        ddp = DistributedDataParallel(net_model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=not cfg.align_weight)
-    step_model = ddp or model
+    step_model = ddp or net_model
     step_model = torch.compile(step_model) if cfg.compile else step_model
     writer = SummaryWriter(str(Path(cfg.profiles_dir) / "tensorboard" / run)) if d.is_main else None
-    loss_fn = nn.BCEWithLogitsLoss()
 
     def step(net, opt, sched, scl, batches, last_micro_batch: bool) -> torch.Tensor:
-        """One micro-batch: fetch, forward, loss, backward; the optimizer steps on the last micro-batch."""
+        """One micro-batch: fetch, then ``train_step``; the optimizer steps on the last micro-batch."""
         with record_function("data"):  # waiting for the loader + the host→device copy
             inputs, labels = to_inputs(next(batches), device)
         # Under DDP, the gradients of accumulated micro-batches are reduced once, with the last one.
         accumulate = ddp.no_sync() if ddp is not None and not last_micro_batch else contextlib.nullcontext()
         with accumulate:
-            with autocast(device, cfg.precision):
-                logits, align_loss = net(*inputs, labels) if cfg.align_weight else (net(*inputs), 0.0)
-            with record_function("loss"):
-                loss = loss_fn(logits.float(), labels) + cfg.align_weight * align_loss
-            with record_function("backward"):
-                scl.scale(loss / cfg.grad_accum).backward()
-        if last_micro_batch:
-            with record_function("optimizer_step"):
-                scl.unscale_(opt)
-                nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-                scl.step(opt)
-                scl.update()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-        return loss.detach()
+            return train_step(net, opt, sched, scl, inputs, labels, cfg, last_micro_batch)
 
     step_breakdown = None
     if cfg.profile and d.is_main:  # a separate short run on a copy: the timed epochs are never profiled
         rng = _rng_state(device)
         net = copy.deepcopy(model)
         opt = make_optimizer(net, cfg)
+        net = FusionHead(net) if cfg.cache_features else net
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         scl = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         batches = cycle(loader(train_split.batches(train_split.pairs(cfg.seed), rank_batch), cfg.workers,
@@ -340,7 +371,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
         epoch_seconds = time.perf_counter() - epoch_start
         train_seconds += epoch_seconds
         broadcast_buffers(d, model)  # BatchNorm statistics of rank 0 everywhere: all ranks evaluate one model
-        val = evaluate_split(model, data["val"], cfg.seed, cfg.batch_size, device, cfg.precision, d)
+        val = evaluate_split(net_model, data["val"], cfg.seed, cfg.batch_size, device, cfg.precision, d)
         record = {"epoch": epoch + 1, "loss": loss_sum.item() / (len(batches) * d.world_size),
                   "val_accuracy": val["accuracy"], "val_auc": val["auc"], "epoch_seconds": epoch_seconds,
                   "samples_per_s": n_pairs / epoch_seconds, "lr": scheduler.get_last_lr()[-1]}
@@ -366,7 +397,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
     if writer is not None:
         writer.close()
 
-    test = evaluate_split(model, data["test"], cfg.seed, cfg.batch_size, device, cfg.precision, d)
+    test = evaluate_split(net_model, data["test"], cfg.seed, cfg.batch_size, device, cfg.precision, d)
     log(f"test: accuracy {test['accuracy']:.1%}  auc {test['auc']:.3f}  on {test['pairs']} pairs")
     metrics = {
         "schema_version": SCHEMA_VERSION, "kind": "train", "run": run, "fusion": model_cfg.fusion,
@@ -375,6 +406,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
         "flops_seq_len": model_cfg.max_text_len, "step_breakdown": step_breakdown,
         "train_seconds": train_seconds, "epochs": cfg.epochs,
         "train_samples_per_s": len(history) * n_pairs / train_seconds,
+        "feature_cache": feature_cache,
         "distributed": {"world_size": d.world_size, "backend": d.backend, "batch_per_process": rank_batch},
         "peak_memory": peak_memory_mib(device),
         "val": {"accuracy": history[-1]["val_accuracy"], "auc": history[-1]["val_auc"]},

@@ -28,7 +28,7 @@ def default_data_dir(progress: bool = True) -> Path:
     return write_synth(out, spec["counts"], spec["size"], spec["seed"], progress=progress)
 
 
-class _Rows:
+class Rows:
     """A view of an image source restricted to its usable rows."""
 
     def __init__(self, source, rows: np.ndarray):
@@ -41,7 +41,7 @@ class _Rows:
 @dataclass
 class SplitData:
     name: str
-    images: _Rows
+    images: Rows
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     caption_image: np.ndarray
@@ -76,7 +76,7 @@ def _prepare_split(split: CaptionSplit, source: str, tokenizer, image_size: int,
                         f"{'; '.join(list(chain(*split.report.examples.values()))[:2]) or 'no files listed'})")
     images = cache if image_cache else DecodedImages(split.image_paths, image_size)
     ids, mask = tokenize(tokenizer, usable.captions, max_len)
-    return SplitData(split.name, _Rows(images, rows), ids, mask, usable.caption_image, split.report)
+    return SplitData(split.name, Rows(images, rows), ids, mask, usable.caption_image, split.report)
 
 
 def prepare_data(data: str | Path | None, tokenizer, image_size: int, max_len: int, seed: int = 0,

@@ -82,7 +82,7 @@ class ImageCache:
 
     def __init__(self, paths: list[Path], size: int, progress: bool = True, desc: str = "images"):
         self.size = size
-        key = _key(paths, size)
+        self.key = key = _key(paths, size)
         folder = cache_root() / "images"
         array_path, manifest_path = folder / f"{key}.npy", folder / f"{key}.json"
         if not manifest_path.exists():
@@ -130,6 +130,7 @@ class DecodedImages:
 
     def __init__(self, paths: list[Path], size: int):
         self.paths, self.size = paths, size
+        self.key = _key(paths, size)
 
     def get(self, index: np.ndarray) -> np.ndarray:
         return np.stack([load_rgb(self.paths[i], self.size) for i in index])

@@ -73,20 +73,42 @@ class FusionModel(nn.Module):
                 encoder.eval()
         return self
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """ITM logits; given ``labels`` (training), also the alignment loss over the batch's positive pairs."""
+    def encode(self, images: torch.Tensor, input_ids: torch.Tensor,
+               attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoders' outputs: image feature map [B, C, h, w] and text token states [B, L, D]."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_encoders):
             with record_function("image_encoder"):
                 image_map = self.image_encoder(images)
             with record_function("text_encoder"):
                 text = self.text_encoder(input_ids, attention_mask)
+        return image_map, text
+
+    def fuse(self, image_map: torch.Tensor, text: torch.Tensor, attention_mask: torch.Tensor,
+             labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The fusion head on encoder outputs (computed now, or read from a feature cache)."""
         with record_function("fusion"):
             logits = self.fusion(image_map, text, attention_mask)
         if labels is None:
             return logits
         with record_function("align"):
             return logits, self.align(image_map, text, attention_mask, labels)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """ITM logits; given ``labels`` (training), also the alignment loss over the batch's positive pairs."""
+        return self.fuse(*self.encode(images, input_ids, attention_mask), attention_mask, labels)
+
+
+class FusionHead(nn.Module):
+    """A FusionModel fed cached encoder outputs: ``(image_map, text, attention_mask[, labels])`` → as forward."""
+
+    def __init__(self, model: FusionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_map: torch.Tensor, text: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.model.fuse(image_map, text, attention_mask, labels)
 
 
 def build_model(cfg: ModelConfig) -> FusionModel:

@@ -9,6 +9,8 @@ from fusionprof.models.registry import register_fusion
 
 @register_fusion("early")
 class EarlyFusion(nn.Module):
+    pooled_image = True  # reads only the image map's mean: a feature cache keeps [C, 1, 1] per image
+
     def __init__(self, cfg, image_dim: int, text_dim: int):
         super().__init__()
         self.text_pool = make_pool(cfg.text_pool, text_dim)

@@ -10,6 +10,8 @@ from fusionprof.models.registry import register_fusion
 
 @register_fusion("late")
 class LateFusion(nn.Module):
+    pooled_image = True  # reads only the image map's mean: a feature cache keeps [C, 1, 1] per image
+
     def __init__(self, cfg, image_dim: int, text_dim: int):
         super().__init__()
         d = cfg.fusion_dim

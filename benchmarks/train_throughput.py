@@ -1,0 +1,188 @@
+"""Training samples/s: the study's naive loop vs fusionprof's loop vs the compute-only ceiling, side by side.
+
+    python benchmarks/train_throughput.py [--preset tiny] [--fusion mid] [--images 500] [--rounds 3]
+        [--disk-size 96] [--device cpu] [--precision fp32] [--compile] [--workers 0]
+
+(a) naive: the study's loop. A per-sample Dataset opens each JPEG with PIL, resizes and normalises it; the
+    collate_fn tokenizes the batch's captions (padded to the maximum length); fp32, no pinned memory, and the
+    loss read back (``.item()``) every step, as a loop that logs each step does.
+(b) shipped: ``fusionprof.train.train`` as the CLI runs it; its second epoch (the first warms up).
+(c) ceiling: the same model and ``train_step`` on one epoch of batches already normalised on the device.
+
+(a) and (c) time one epoch after 10 warm-up steps. All three use the same model config, initial weights, pairs,
+batch size and step (``fusionprof.train.train_step``), run in one process and alternate for ``--rounds`` rounds
+(medians reported), so drift on a shared machine hits all three. ``--disk-size`` is the side of the JPEG files:
+the embedded default is 96 px; COCO's files are about 640×480, which is what (a) pays to decode on real data.
+The result, with the environment, goes to ``profiles/<host>/train-throughput-<preset>-<fusion>-<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from fusionprof import SCHEMA_VERSION
+from fusionprof.atomic import write_json
+from fusionprof.config import model_config, train_config
+from fusionprof.data import DEFAULT_SYNTH, prepare_data
+from fusionprof.data.coco import load_splits
+from fusionprof.data.images import IMAGENET_MEAN, IMAGENET_STD, cache_root
+from fusionprof.data.itm import make_pairs, split_rng
+from fusionprof.data.synth import synth_dir_name, write_synth
+from fusionprof.data.text import build_tokenizer
+from fusionprof.env import fingerprint, machine_name
+from fusionprof.models import build_model
+from fusionprof.runtime import resolve_device, seed_everything, synchronize
+from fusionprof.train import lr_schedule, make_optimizer, to_inputs, train, train_step
+
+WARMUP_STEPS = 10
+
+
+class NaivePairs(Dataset):
+    """One (image tensor, caption string, label) per pair, decoded from the JPEG on every access."""
+
+    def __init__(self, image_paths, captions, pairs, size: int):
+        self.image_paths, self.captions, self.pairs, self.size = image_paths, captions, pairs, size
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.image_paths[self.pairs.image[i]]) as im:
+            image = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+        image = TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+        return image, self.captions[self.pairs.caption[i]], float(self.pairs.label[i])
+
+
+def naive_collate(tokenizer, max_len: int):
+    def collate(items):
+        images, captions, labels = zip(*items, strict=True)
+        tokens = tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_len,
+                           return_tensors="pt")
+        return torch.stack(images), tokens["input_ids"], tokens["attention_mask"], torch.tensor(labels)
+    return collate
+
+
+def fresh_model(mcfg, cfg, device, seed: int):
+    seed_everything(seed)
+    model = build_model(mcfg).to(device).train()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, 10**6))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    return torch.compile(model) if cfg.compile else model, optimizer, scheduler, scaler
+
+
+def timed_epoch(step, n_batches: int, n_pairs: int, device) -> float:
+    """Samples/s over one epoch of ``n_batches`` steps, after WARMUP_STEPS untimed ones."""
+    for _ in range(WARMUP_STEPS):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        step()
+    synchronize(device)
+    return n_pairs / (time.perf_counter() - start)
+
+
+def run_naive(mcfg, cfg, device, caption_split, pairs, tokenizer, workers: int) -> float:
+    model, opt, sched, scl = fresh_model(mcfg, cfg, device, cfg.seed)
+    loader = DataLoader(NaivePairs(caption_split.image_paths, caption_split.captions, pairs, mcfg.image_size),
+                        batch_size=cfg.batch_size, shuffle=True, num_workers=workers, pin_memory=False,
+                        collate_fn=naive_collate(tokenizer, mcfg.max_text_len), drop_last=False)
+    batches = iter(loop_forever(loader))
+
+    def step():
+        images, ids, mask, labels = (t.to(device) for t in next(batches))
+        loss = train_step(model, opt, sched, scl, (images, ids, mask), labels, cfg)
+        loss.item()  # the per-step log line
+    return timed_epoch(step, len(loader), len(pairs), device)
+
+
+def loop_forever(loader):
+    while True:
+        yield from loader
+
+
+def run_ceiling(mcfg, cfg, device, split, pairs) -> float:
+    model, opt, sched, scl = fresh_model(mcfg, cfg, device, cfg.seed)
+    order = np.random.default_rng(0).permutation(len(pairs))
+    epoch = [to_inputs(b, device) for b in split.batches(pairs, cfg.batch_size, order)]  # all in memory
+    position = iter(range(10**9))
+
+    def step():
+        inputs, labels = epoch[next(position) % len(epoch)]
+        train_step(model, opt, sched, scl, inputs, labels, cfg)
+    return timed_epoch(step, len(epoch), len(pairs), device)
+
+
+def run_shipped(cfg, mcfg, out: str) -> float:
+    cfg = dataclasses.replace(cfg, epochs=2, run="bench-shipped", models_dir=f"{out}/m", profiles_dir=f"{out}/p")
+    metrics = train(cfg, mcfg, fresh=True, progress=False, log=lambda s: None)
+    return metrics["history"][1]["samples_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--fusion", default="mid")
+    parser.add_argument("--images", type=int, default=500, help="train images (2 captions each → 4 pairs)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--disk-size", type=int, default=DEFAULT_SYNTH["size"], help="side of the JPEG files")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", help="for (b) and (c); (a) is always fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile in (b) and (c)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers, for (a) and (b) alike")
+    parser.add_argument("--out", default="profiles", help="the record goes to OUT/<host>/")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    counts = {"train": args.images, "val": 50, "test": 50}
+    root = write_synth(cache_root() / "data" / synth_dir_name(counts, args.disk_size, 0), counts, args.disk_size, 0)
+    cfg = train_config(args.preset, data=str(root), device=str(device), precision=args.precision,
+                       compile=args.compile, workers=args.workers)
+    naive_cfg = dataclasses.replace(cfg, precision="fp32", compile=False)
+    mcfg = model_config(args.preset, fusion=args.fusion)
+    tokenizer = build_tokenizer(mcfg)
+    mcfg.vocab_size = max(mcfg.vocab_size, len(tokenizer))
+    split = prepare_data(root, tokenizer, mcfg.image_size, mcfg.max_text_len, splits=("train",),
+                         progress=False)[0]["train"]
+    caption_split = load_splits(root, 0)[0]["train"]
+    pairs = make_pairs(caption_split.caption_image, split_rng(0, "train"))
+
+    rates: dict[str, list[float]] = {"naive": [], "shipped": [], "ceiling": []}
+    with tempfile.TemporaryDirectory() as out:
+        for _ in range(args.rounds):
+            rates["naive"].append(run_naive(mcfg, naive_cfg, device, caption_split, pairs, tokenizer, args.workers))
+            rates["shipped"].append(run_shipped(cfg, mcfg, out))
+            rates["ceiling"].append(run_ceiling(mcfg, cfg, device, split, pairs))
+            print("  " + "  ".join(f"{k} {v[-1]:7.1f}" for k, v in rates.items()) + "  samples/s", flush=True)
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    env = fingerprint()
+    print(f"{machine_name(env)}: {args.preset}/{args.fusion} on {device} ({args.precision}), {len(pairs)} pairs per "
+          f"epoch from {args.images} images of {args.disk_size} px, batch {cfg.batch_size}, workers {args.workers}, "
+          f"{torch.get_num_threads()} threads, median of {args.rounds} rounds")
+    print(f"(a) naive {median['naive']:.1f}  (b) shipped {median['shipped']:.1f}  (c) ceiling {median['ceiling']:.1f}"
+          f" samples/s")
+    b_over_a, b_over_c = median["shipped"] / median["naive"], median["shipped"] / median["ceiling"]
+    print(f"(b)/(a) = {b_over_a:.2f}×   (b)/(c) = {b_over_c:.1%}")
+    path = Path(args.out) / env["host"] / f"train-throughput-{args.preset}-{args.fusion}-{device.type}.json"
+    write_json(path, {"schema_version": SCHEMA_VERSION, "kind": "train_throughput", "args": vars(args),
+                      "pairs_per_epoch": len(pairs), "samples_per_s": rates, "median": median,
+                      "shipped_over_naive": b_over_a, "shipped_over_ceiling": b_over_c, "environment": env})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,11 +1,11 @@
 """Training samples/s: the study's naive loop vs fusionprof's loop vs the compute-only ceiling, side by side.
 
     python benchmarks/train_throughput.py [--preset tiny] [--fusion mid] [--images 500] [--rounds 3]
-        [--disk-size 96] [--device cpu] [--precision fp32] [--compile] [--workers 0]
+        [--disk-size 96] [--device cpu] [--precision fp32] [--compile] [--workers 0] [--random-init]
 
 (a) naive: the study's loop. A per-sample Dataset opens each JPEG with PIL, resizes and normalises it; the
-    collate_fn tokenizes the batch's captions (padded to the maximum length); fp32, no pinned memory, and the
-    loss read back (``.item()``) every step, as a loop that logs each step does.
+    collate_fn tokenizes the batch's captions (padded to the maximum length); fp32, NCHW, no pinned memory, and
+    the loss read back (``.item()``) every step, as a loop that logs each step does.
 (b) shipped: ``fusionprof.train.train`` as the CLI runs it; its second epoch (the first warms up).
 (c) ceiling: the same model and ``train_step`` on one epoch of batches already normalised on the device.
 
@@ -13,7 +13,9 @@
 batch size and step (``fusionprof.train.train_step``), run in one process and alternate for ``--rounds`` rounds
 (medians reported), so drift on a shared machine hits all three. ``--disk-size`` is the side of the JPEG files:
 the embedded default is 96 px; COCO's files are about 640×480, which is what (a) pays to decode on real data.
-The result, with the environment, goes to ``profiles/<host>/train-throughput-<preset>-<fusion>-<device>.json``.
+It also prints (b)'s training FLOP/s (3 × forward FLOPs per sample) as a share of a matmul measured in the same
+run and, on a known GPU in bf16/fp16, the MFU against the datasheet peak. The record, with the environment, goes
+to ``profiles/<host>/train-throughput-<preset>-<fusion>-<device>-<precision>-<disk size>px.json``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from fusionprof.data.itm import make_pairs, split_rng
 from fusionprof.data.synth import synth_dir_name, write_synth
 from fusionprof.data.text import build_tokenizer
 from fusionprof.env import fingerprint, machine_name
-from fusionprof.models import build_model
+from fusionprof.measure import matmul_rate
+from fusionprof.models import build_model, forward_flops
 from fusionprof.runtime import resolve_device, seed_everything, synchronize
 from fusionprof.train import lr_schedule, make_optimizer, to_inputs, train, train_step
 
@@ -73,10 +76,10 @@ def naive_collate(tokenizer, max_len: int):
     return collate
 
 
-def fresh_model(mcfg, cfg, device, seed: int):
+def fresh_model(mcfg, cfg, device, seed: int, channels_last: bool = True):
     seed_everything(seed)
     model = build_model(mcfg).to(device).train()
-    if device.type == "cuda":
+    if channels_last:  # as train() does
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, 10**6))
@@ -97,7 +100,7 @@ def timed_epoch(step, n_batches: int, n_pairs: int, device) -> float:
 
 
 def run_naive(mcfg, cfg, device, caption_split, pairs, tokenizer, workers: int) -> float:
-    model, opt, sched, scl = fresh_model(mcfg, cfg, device, cfg.seed)
+    model, opt, sched, scl = fresh_model(mcfg, cfg, device, cfg.seed, channels_last=False)
     loader = DataLoader(NaivePairs(caption_split.image_paths, caption_split.captions, pairs, mcfg.image_size),
                         batch_size=cfg.batch_size, shuffle=True, num_workers=workers, pin_memory=False,
                         collate_fn=naive_collate(tokenizer, mcfg.max_text_len), drop_last=False)
@@ -127,6 +130,27 @@ def run_ceiling(mcfg, cfg, device, split, pairs) -> float:
     return timed_epoch(step, len(epoch), len(pairs), device)
 
 
+# Dense bf16/fp16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), by name fragment.
+DATASHEET_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.5, "A100": 312.0, "L4": 121.0}
+
+
+def model_flops_utilisation(mcfg, split, pairs, cfg, device, samples_per_s: float) -> dict:
+    """Training FLOP/s (3 × forward FLOPs: the backward costs about two forwards) at the epoch's mean caption
+    length, against a matmul measured now and, on a known GPU in bf16/fp16, against the datasheet peak."""
+    lengths = [b.input_ids.shape[1] for b in split.batches(pairs, cfg.batch_size)]
+    seq_len = round(statistics.mean(lengths))
+    per_sample = 3 * forward_flops(build_model(mcfg).to(device), seq_len=seq_len)["total"] / 1e9
+    achieved = per_sample * samples_per_s
+    matmul = matmul_rate(device, cfg.precision)
+    peak = None
+    if device.type == "cuda" and cfg.precision in ("bf16", "fp16"):
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in DATASHEET_TFLOPS.items() if k in name), None)
+    return {"seq_len": seq_len, "train_gflop_per_sample": per_sample, "achieved_gflops": achieved, "matmul": matmul,
+            "share_of_matmul": achieved / matmul["gflops"], "datasheet_tflops": peak,
+            "mfu_datasheet": achieved / (peak * 1e3) if peak else None}
+
+
 def run_shipped(cfg, mcfg, out: str) -> float:
     cfg = dataclasses.replace(cfg, epochs=2, run="bench-shipped", models_dir=f"{out}/m", profiles_dir=f"{out}/p")
     metrics = train(cfg, mcfg, fresh=True, progress=False, log=lambda s: None)
@@ -144,6 +168,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", help="for (b) and (c); (a) is always fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile in (b) and (c)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers, for (a) and (b) alike")
+    parser.add_argument("--random-init", action="store_true",
+                        help="random-init encoders and the shipped vocabulary: the preset's architecture, no downloads")
     parser.add_argument("--out", default="profiles", help="the record goes to OUT/<host>/")
     args = parser.parse_args()
 
@@ -153,7 +179,8 @@ def main() -> None:
     cfg = train_config(args.preset, data=str(root), device=str(device), precision=args.precision,
                        compile=args.compile, workers=args.workers)
     naive_cfg = dataclasses.replace(cfg, precision="fp32", compile=False)
-    mcfg = model_config(args.preset, fusion=args.fusion)
+    mcfg = model_config(args.preset, fusion=args.fusion,
+                        **({"pretrained": False, "text_model": "config"} if args.random_init else {}))
     tokenizer = build_tokenizer(mcfg)
     mcfg.vocab_size = max(mcfg.vocab_size, len(tokenizer))
     split = prepare_data(root, tokenizer, mcfg.image_size, mcfg.max_text_len, splits=("train",),
@@ -177,10 +204,18 @@ def main() -> None:
           f" samples/s")
     b_over_a, b_over_c = median["shipped"] / median["naive"], median["shipped"] / median["ceiling"]
     print(f"(b)/(a) = {b_over_a:.2f}×   (b)/(c) = {b_over_c:.1%}")
-    path = Path(args.out) / env["host"] / f"train-throughput-{args.preset}-{args.fusion}-{device.type}.json"
+    mfu = model_flops_utilisation(mcfg, split, pairs, cfg, device, median["shipped"])
+    print(f"(b) at {mfu['train_gflop_per_sample']:.3f} GFLOP per training sample: {mfu['achieved_gflops']:.1f} GFLOP/s"
+          f" = {mfu['share_of_matmul']:.1%} of a {mfu['matmul']['dtype']} {mfu['matmul']['n']}² matmul measured "
+          f"now ({mfu['matmul']['gflops']:.0f} GFLOP/s)"
+          + (f", MFU {mfu['mfu_datasheet']:.1%} of the {mfu['datasheet_tflops']:.0f}-TFLOP/s datasheet peak"
+             if mfu["mfu_datasheet"] is not None else ""))
+    name = f"train-throughput-{args.preset}-{args.fusion}-{device.type}-{args.precision}-{args.disk_size}px.json"
+    path = Path(args.out) / env["host"] / name
     write_json(path, {"schema_version": SCHEMA_VERSION, "kind": "train_throughput", "args": vars(args),
                       "pairs_per_epoch": len(pairs), "samples_per_s": rates, "median": median,
-                      "shipped_over_naive": b_over_a, "shipped_over_ceiling": b_over_c, "environment": env})
+                      "shipped_over_naive": b_over_a, "shipped_over_ceiling": b_over_c, "mfu": mfu,
+                      "environment": env})
     print(f"wrote {path}")
 
 

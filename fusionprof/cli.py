@@ -88,7 +88,9 @@ def data_synth(out, n_train, n_val, n_test, size, seed):
 @click.option("--encoder-lr", type=float, default=None, help="Learning rate of the encoders.")
 @click.option("--grad-accum", type=int, default=None, callback=positive, help="Micro-batches per optimizer step.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", *PRECISIONS]), default="auto", show_default=True,
+              help="auto: bf16 autocast where the hardware has native bf16 (CUDA 8.0+, AVX512-BF16/AMX CPUs), "
+                   "else fp32.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--freeze-encoders", is_flag=True, help="Train the fusion head only.")
 @click.option("--cache-features", is_flag=True,

@@ -67,7 +67,7 @@ class TrainConfig:
     grad_accum: int = 1
     align_weight: float = 1.0  # image–text contrastive loss beside ITM (see models.model.Alignment); 0 = ITM only
     device: str = "cpu"
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 where the hardware has native bf16, else fp32) | fp32 | bf16 | fp16
     compile: bool = False
     seed: int = 0
     workers: int = 0

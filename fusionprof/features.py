@@ -100,7 +100,7 @@ def _encode(model: FusionModel, split: SplitData, device: torch.device, precisio
                           disable=not progress, leave=False):
             index = np.arange(start, min(start + batch_size, n_images))
             pixels = torch.from_numpy(np.ascontiguousarray(split.images.get(index))).to(device)
-            feature_map = model.image_encoder(normalize(pixels, channels_last=device.type == "cuda"))
+            feature_map = model.image_encoder(normalize(pixels, channels_last=True))
             if pooled:
                 feature_map = feature_map.mean((2, 3), keepdim=True)
             if image_array is None:

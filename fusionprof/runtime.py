@@ -32,6 +32,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 matmuls and convolutions in hardware (not emulated through fp32):
+    CUDA compute capability 8.0+, or a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    try:
+        capability = torch._C._cpu._get_cpu_capability()
+    except (AttributeError, RuntimeError):  # a private helper: without it, assume nothing
+        return False
+    return bool(capability.get("avx512_bf16") or capability.get("amx_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → bf16 where the hardware has native bf16, else fp32; anything else is checked and kept."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    check_precision(precision, device)
+    return precision
+
+
 def check_precision(precision: str, device: torch.device) -> None:
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision}: choose from {', '.join(PRECISIONS)}")

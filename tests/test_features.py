@@ -76,7 +76,8 @@ def test_cached_and_uncached_frozen_training_agree(tmp_path, small_data):
     metrics, heads = {}, {}
     for cache in (False, True):
         cfg = train_config("tiny", data=str(small_data), epochs=2, batch_size=16, cache_features=cache,
-                           run=f"cache-{cache}", models_dir=str(tmp_path / "m"), profiles_dir=str(tmp_path / "p"))
+                           precision="fp32", run=f"cache-{cache}", models_dir=str(tmp_path / "m"),
+                           profiles_dir=str(tmp_path / "p"))
         metrics[cache] = train(cfg, model_config("tiny", fusion="mid", freeze_encoders=True), progress=False,
                                log=lambda s: None)
         heads[cache] = load_checkpoint(tmp_path / "m" / f"cache-{cache}" / "checkpoint.pt")["model"]

@@ -167,3 +167,23 @@ def test_data_synth_and_env_commands(tmp_path):
     code, out = run_cli("env", "--json")
     fp = json.loads(out)
     assert code == 0 and fp["cpu_logical_cores"] >= 1 and fp["ram_gib"] > 0 and "torch" in fp["versions"]
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx512_bf16": True}, "bf16"), ({"amx_bf16": True}, "bf16"),
+                                             ({"avx512_bf16": False, "amx_bf16": False}, "fp32"), ({}, "fp32")])
+def test_auto_precision_follows_the_cpu(flags, expected, monkeypatch):
+    from fusionprof.runtime import resolve_precision
+
+    monkeypatch.setattr(torch._C._cpu, "_get_cpu_capability", lambda: flags)
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"  # an explicit choice is kept
+
+
+def test_records_name_the_precision_auto_chose(tmp_path, small_data):
+    from fusionprof.runtime import resolve_precision
+
+    metrics = train(quick_config(tmp_path, small_data), model_config("tiny", fusion="early"),
+                    progress=False, log=lambda s: None)
+    chosen = resolve_precision("auto", torch.device("cpu"))
+    assert metrics["train_config"]["precision"] == chosen
+    assert load_checkpoint(tmp_path / "models" / "tiny-early" / "checkpoint.pt")["train_config"]["precision"] == chosen

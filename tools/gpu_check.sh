@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU checks on a machine with a CUDA GPU, run from the source tree (no install needed there):
 #   tools/gpu_check.sh OUTDIR
-# Writes OUTDIR/env.json, nvidia-smi.txt, pytest.txt and one training epoch per fusion × precision
-# (OUTDIR/profiles/<run>/metrics.json), then a summary table, OUTDIR/summary.txt.
+# Writes OUTDIR/env.json, nvidia-smi.txt, pytest.txt, one training epoch per fusion × precision
+# (OUTDIR/profiles/<run>/metrics.json), the training-throughput and feature-cache benchmarks
+# (OUTDIR/profiles/<host>/*.json), then a summary table, OUTDIR/summary.txt.
 set -euo pipefail
 out=${1:?usage: tools/gpu_check.sh OUTDIR}
 mkdir -p "$out"
@@ -16,6 +17,12 @@ for fusion in early mid late bottleneck; do
       --run-name "gpu-$fusion-$precision" --out "$out/models" --profiles "$out/profiles" --quiet --fresh
   done
 done
+# Training throughput: naive vs shipped vs ceiling (tiny, fp32), then the seed architecture in bf16 + compile with
+# COCO-sized JPEGs, and the frozen-encoder feature cache. Records land in $out/profiles/<host>/.
+python benchmarks/train_throughput.py --device cuda:0 --rounds 2 --out "$out/profiles" | tail -4
+python benchmarks/train_throughput.py --preset seed --random-init --device cuda:0 --precision bf16 --compile \
+  --images 300 --rounds 1 --disk-size 640 --out "$out/profiles" | tail -4
+python benchmarks/feature_cache.py --device cuda:0 --fusion early,late --out "$out/profiles"
 python - "$out" <<'PY' | tee "$out/summary.txt"
 import json, pathlib, sys
 for f in sorted(pathlib.Path(sys.argv[1], "profiles").glob("gpu-*/metrics.json")):

@@ -1,6 +1,7 @@
 """Frozen-encoder epochs with and without the feature cache, side by side.
 
     python benchmarks/feature_cache.py [--preset tiny] [--fusion early,late,mid,bottleneck] [--epochs 3]
+        [--limit-train N] [--random-init] [--device cpu]
 
 For each fusion, the shipped loop (``fusionprof.train.train``) trains the fusion head twice on the embedded data
 with ``--freeze-encoders``: once running the frozen encoders every step, once with ``--cache-features``. The
@@ -35,6 +36,9 @@ def main() -> None:
     parser.add_argument("--fusion", default="early,late,mid,bottleneck")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--limit-train", type=int, default=None, help="train on the first N images only")
+    parser.add_argument("--random-init", action="store_true",
+                        help="random-init encoders and the shipped vocabulary: the preset's architecture, no downloads")
     parser.add_argument("--out", default="profiles", help="the record goes to OUT/<host>/")
     args = parser.parse_args()
 
@@ -44,14 +48,17 @@ def main() -> None:
             runs = {}
             for cached in (False, True):
                 cfg = train_config(args.preset, epochs=args.epochs, cache_features=cached, device=args.device,
+                                   limit_train=args.limit_train, limit_eval=args.limit_train and 100,
                                    run=f"{fusion}-{cached}", models_dir=f"{out}/m", profiles_dir=f"{out}/p")
-                runs[cached] = train(cfg, model_config(args.preset, fusion=fusion, freeze_encoders=True),
-                                     fresh=True, progress=False, log=lambda s: None)
+                mcfg = model_config(args.preset, fusion=fusion, freeze_encoders=True,
+                                    **({"pretrained": False, "text_model": "config"} if args.random_init else {}))
+                runs[cached] = train(cfg, mcfg, fresh=True, progress=False, log=lambda s: None)
             plain, fast = runs[False], runs[True]
             results[fusion] = {
                 "epoch_seconds": {"encoders": warm_epoch_seconds(plain), "cached": warm_epoch_seconds(fast)},
                 "cache_build_seconds": sum(s["seconds"] for s in fast["feature_cache"].values()),
                 "cache_built": all(s["built"] for s in fast["feature_cache"].values()),
+                "precision": fast["train_config"]["precision"],
                 "test_accuracy": {"encoders": plain["test"]["accuracy"], "cached": fast["test"]["accuracy"]},
             }
             r = results[fusion]
@@ -62,10 +69,11 @@ def main() -> None:
                   f"{r['test_accuracy']['cached']:.1%}", flush=True)
     env = fingerprint()
     path = Path(args.out) / env["host"] / f"feature-cache-{args.preset}-{args.device.split(':')[0]}.json"
+    print(f"{machine_name(env)}: {args.preset} preset ({results[fusion]['precision']}) on {args.device}")
     write_json(path, {"schema_version": SCHEMA_VERSION, "kind": "feature_cache", "args": vars(args),
                       "results": results, "environment": env,
                       "cache_folder": str(cache_root() / "features")})
-    print(f"{machine_name(env)}: {args.preset} preset on {args.device}; wrote {path}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
 (b) shipped: ``fusionprof.train.train`` as the CLI runs it; its second epoch (the first warms up).
 (c) ceiling: the same model and ``train_step`` on one epoch of batches already normalised on the device.
 
-(a) and (c) time one epoch after 10 warm-up steps. All three use the same model config, initial weights, pairs,
+(a) and (c) time their second epoch too. All three use the same model config, initial weights, pairs,
 batch size and step (``fusionprof.train.train_step``), run in one process and alternate for ``--rounds`` rounds
 (medians reported), so drift on a shared machine hits all three. ``--disk-size`` is the side of the JPEG files:
 the embedded default is 96 px; COCO's files are about 640×480, which is what (a) pays to decode on real data.
@@ -45,10 +45,8 @@ from fusionprof.data.text import build_tokenizer
 from fusionprof.env import fingerprint, machine_name
 from fusionprof.measure import matmul_rate
 from fusionprof.models import build_model, forward_flops
-from fusionprof.runtime import resolve_device, seed_everything, synchronize
+from fusionprof.runtime import resolve_device, resolve_precision, seed_everything, synchronize
 from fusionprof.train import lr_schedule, make_optimizer, to_inputs, train, train_step
-
-WARMUP_STEPS = 10
 
 
 class NaivePairs(Dataset):
@@ -88,8 +86,9 @@ def fresh_model(mcfg, cfg, device, seed: int, channels_last: bool = True):
 
 
 def timed_epoch(step, n_batches: int, n_pairs: int, device) -> float:
-    """Samples/s over one epoch of ``n_batches`` steps, after WARMUP_STEPS untimed ones."""
-    for _ in range(WARMUP_STEPS):
+    """Samples/s over one epoch of ``n_batches`` steps, after an untimed one: like (b)'s second epoch, every
+    batch shape (captions are trimmed per batch) has been seen once, so oneDNN / cuDNN plans are built."""
+    for _ in range(n_batches):
         step()
     synchronize(device)
     start = time.perf_counter()
@@ -165,7 +164,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--disk-size", type=int, default=DEFAULT_SYNTH["size"], help="side of the JPEG files")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="fp32", help="for (b) and (c); (a) is always fp32")
+    parser.add_argument("--precision", default="auto", help="for (b) and (c), as train takes it; (a) is always fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile in (b) and (c)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers, for (a) and (b) alike")
     parser.add_argument("--random-init", action="store_true",
@@ -176,7 +175,8 @@ def main() -> None:
     device = resolve_device(args.device)
     counts = {"train": args.images, "val": 50, "test": 50}
     root = write_synth(cache_root() / "data" / synth_dir_name(counts, args.disk_size, 0), counts, args.disk_size, 0)
-    cfg = train_config(args.preset, data=str(root), device=str(device), precision=args.precision,
+    precision = resolve_precision(args.precision, device)
+    cfg = train_config(args.preset, data=str(root), device=str(device), precision=precision,
                        compile=args.compile, workers=args.workers)
     naive_cfg = dataclasses.replace(cfg, precision="fp32", compile=False)
     mcfg = model_config(args.preset, fusion=args.fusion,
@@ -197,7 +197,7 @@ def main() -> None:
             print("  " + "  ".join(f"{k} {v[-1]:7.1f}" for k, v in rates.items()) + "  samples/s", flush=True)
     median = {k: statistics.median(v) for k, v in rates.items()}
     env = fingerprint()
-    print(f"{machine_name(env)}: {args.preset}/{args.fusion} on {device} ({args.precision}), {len(pairs)} pairs per "
+    print(f"{machine_name(env)}: {args.preset}/{args.fusion} on {device} ({precision}), {len(pairs)} pairs per "
           f"epoch from {args.images} images of {args.disk_size} px, batch {cfg.batch_size}, workers {args.workers}, "
           f"{torch.get_num_threads()} threads, median of {args.rounds} rounds")
     print(f"(a) naive {median['naive']:.1f}  (b) shipped {median['shipped']:.1f}  (c) ceiling {median['ceiling']:.1f}"
@@ -210,10 +210,10 @@ def main() -> None:
           f"now ({mfu['matmul']['gflops']:.0f} GFLOP/s)"
           + (f", MFU {mfu['mfu_datasheet']:.1%} of the {mfu['datasheet_tflops']:.0f}-TFLOP/s datasheet peak"
              if mfu["mfu_datasheet"] is not None else ""))
-    name = f"train-throughput-{args.preset}-{args.fusion}-{device.type}-{args.precision}-{args.disk_size}px.json"
+    name = f"train-throughput-{args.preset}-{args.fusion}-{device.type}-{precision}-{args.disk_size}px.json"
     path = Path(args.out) / env["host"] / name
     write_json(path, {"schema_version": SCHEMA_VERSION, "kind": "train_throughput", "args": vars(args),
-                      "pairs_per_epoch": len(pairs), "samples_per_s": rates, "median": median,
+                      "precision": precision, "pairs_per_epoch": len(pairs), "samples_per_s": rates, "median": median,
                       "shipped_over_naive": b_over_a, "shipped_over_ceiling": b_over_c, "mfu": mfu,
                       "environment": env})
     print(f"wrote {path}")

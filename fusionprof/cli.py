@@ -27,7 +27,8 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            raise click.ClickException(str(e)) from None
+            rank = process_rank()  # under torchrun every process reports; say which one beyond rank 0
+            raise click.ClickException(str(e) if rank == 0 else f"[rank {rank}] {e}") from None
 
 
 def positive(ctx, param, value):

@@ -126,3 +126,11 @@ def test_killed_two_process_run_resumes(tmp_path, small_data):
     final = load_checkpoint(ckpt)
     assert final["epoch"] == 3 and len(final["history"]) == 3 and final["world_size"] == 2
     assert json.loads((tmp_path / "p" / "tiny-late" / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_errors_beyond_rank_0_name_their_rank(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    result = CliRunner().invoke(cli, ["train", "--fusion", "late", "--cache-features"])  # refused before any setup
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: [rank 1] --cache-features needs --freeze-encoders")

@@ -21,8 +21,8 @@ from pathlib import Path
 from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import write_json
 from fusionprof.config import model_config, train_config
+from fusionprof.data.images import cache_root
 from fusionprof.env import fingerprint, machine_name
-from fusionprof.features import cache_root
 from fusionprof.train import train
 
 

@@ -86,10 +86,15 @@ class FeatureCache:
                        input_ids=torch.from_numpy(self.text))
 
 
+def _partial(folder: Path, name: str, shape: tuple) -> np.ndarray:
+    """A float32 array being written; renamed to ``<name>.npy`` only once it is complete."""
+    return np.lib.format.open_memmap(folder / f".{name}.npy.partial", mode="w+", dtype=np.float32, shape=shape)
+
+
 @torch.inference_mode()
 def _encode(model: FusionModel, split: SplitData, device: torch.device, precision: str, batch_size: int,
-            image_out: Callable[[tuple], np.ndarray], text_out: Callable[[tuple], np.ndarray],
-            progress: bool) -> None:
+            folder: Path, progress: bool) -> dict[str, list[int]]:
+    """Write the split's encoder outputs to ``folder``'s partial files; returns their shapes."""
     was_training = model.training
     model.eval()
     pooled = pools_image(model)
@@ -103,8 +108,8 @@ def _encode(model: FusionModel, split: SplitData, device: torch.device, precisio
             feature_map = model.image_encoder(normalize(pixels, channels_last=True))
             if pooled:
                 feature_map = feature_map.mean((2, 3), keepdim=True)
-            if image_array is None:
-                image_array = image_out((n_images, *feature_map.shape[1:]))
+            if image_array is None:  # the shapes are known once the encoders have run
+                image_array = _partial(folder, "image", (n_images, *feature_map.shape[1:]))
             image_array[index] = feature_map.float().cpu().numpy()
         for start in tqdm(range(0, n_captions, batch_size), desc=f"encoding {split.name} captions",
                           disable=not progress, leave=False):
@@ -112,11 +117,12 @@ def _encode(model: FusionModel, split: SplitData, device: torch.device, precisio
             ids, mask = split.input_ids[start:end].to(device), split.attention_mask[start:end].to(device)
             states = model.text_encoder(ids, mask)
             if text_array is None:
-                text_array = text_out((n_captions, *states.shape[1:]))
+                text_array = _partial(folder, "text", (n_captions, *states.shape[1:]))
             text_array[start:end] = states.float().cpu().numpy()
     for array in (image_array, text_array):
         array.flush()
     model.train(was_training)
+    return {"image": list(image_array.shape), "text": list(text_array.shape)}
 
 
 def cached_features(model: FusionModel, split: SplitData, device: torch.device, precision: str = "fp32",
@@ -133,17 +139,8 @@ def cached_features(model: FusionModel, split: SplitData, device: torch.device, 
     if built:
         log(f"feature cache: encoding the {split.name} split once ({split.n_images} images, "
             f"{split.n_captions} captions) → {folder}")
-        shapes = {}
-
-        def writer(name: str) -> Callable[[tuple], np.ndarray]:
-            def open_array(shape: tuple) -> np.ndarray:
-                shapes[name] = shape
-                return np.lib.format.open_memmap(folder / f".{name}.npy.partial", mode="w+", dtype=np.float32,
-                                                 shape=shape)
-            return open_array
-
         folder.mkdir(parents=True, exist_ok=True)
-        _encode(model, split, device, precision, batch_size, writer("image"), writer("text"), progress)
+        shapes = _encode(model, split, device, precision, batch_size, folder, progress)
         for name in ("image", "text"):  # a killed build leaves only .partial files and no manifest
             (folder / f".{name}.npy.partial").replace(folder / f"{name}.npy")
         write_json(manifest, {"version": FEATURE_CACHE_VERSION, "key": key, "split": split.name,

@@ -300,9 +300,13 @@ def plot_vs_batch(machine: str, rows: list[dict], metric: str, out_dir: Path) ->
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"{metric} — {machine}", fontsize=11)
+    return _save(plt, fig, f"{metric} — {machine}", out_dir / f"{metric}-{slug(machine)}.png")
+
+
+def _save(plt, fig, title: str, path: Path) -> Path:
+    """Title, lay out, write atomically, free the figure."""
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path = out_dir / f"{metric}-{slug(machine)}.png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
@@ -344,12 +348,7 @@ def plot_pareto(machine: str, rows: list[dict], accuracy: dict, out_dir: Path) -
         ax.set_title(f"batch {batch}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"accuracy vs latency — {machine}", fontsize=11)
-    fig.tight_layout()
-    path = out_dir / f"pareto-{slug(machine)}.png"
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return path
+    return _save(plt, fig, f"accuracy vs latency — {machine}", out_dir / f"pareto-{slug(machine)}.png")
 
 
 # --------------------------------------------------------------------------- entry point

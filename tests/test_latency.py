@@ -4,10 +4,13 @@ import csv
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from fusionprof.cli import cli
 
+# The error for a GPU index no machine has: "no CUDA GPU" here, "only N CUDA device(s)" on a GPU machine.
+NO_CUDA_64 = "--device cuda:64: " + ("only " if torch.cuda.is_available() else "no CUDA GPU is visible here")
 QUICK = ["--min-seconds", "0.05", "--min-calls", "5", "--warmup-seconds", "0", "--warmup-calls", "1"]
 
 
@@ -53,7 +56,7 @@ def test_latency_uses_trained_checkpoints(tmp_path, small_data):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--device", "cuda:0"], "--device cuda:0: no CUDA GPU is visible here"),
+    (["--device", "cuda:64"], NO_CUDA_64),
     (["--backends", "torch,tvm"], "unknown backend 'tvm'; choose from onnxruntime, tensorrt, torch, torch-compile"),
     (["--fusion", "mid,fancy"], "unknown fusion 'fancy'; choose from all, bottleneck, early, late, mid"),
     (["--batch-sizes", "1,x"], "'1,x' is not a comma-separated list of int"),

@@ -12,6 +12,8 @@ from fusionprof.cli import cli
 from fusionprof.config import model_config, train_config
 from fusionprof.train import load_checkpoint, train
 
+# The error for a GPU index no machine has: "no CUDA GPU" here, "only N CUDA device(s)" on a GPU machine.
+NO_CUDA_64 = "--device cuda:64: " + ("only " if torch.cuda.is_available() else "no CUDA GPU is visible here")
 QUICK = ["--epochs", "2", "--batch-size", "16", "--quiet"]
 
 
@@ -85,7 +87,7 @@ def test_existing_run_needs_resume_or_fresh(tmp_path, small_data):
 @pytest.mark.parametrize("args,message", [
     (["--fusion", "fancy"], "Invalid value for '--fusion': 'fancy' is not one of"),
     (["--fusion", "mid", "--batch-size", "0"], "Invalid value for '--batch-size': must be at least 1, got 0"),
-    (["--fusion", "mid", "--device", "cuda:0"], "--device cuda:0: no CUDA GPU is visible here"),
+    (["--fusion", "mid", "--device", "cuda:64"], NO_CUDA_64),
     (["--fusion", "mid", "--device", "tpu"], "--device tpu: "),
     (["--fusion", "mid", "--precision", "fp16"], "--precision fp16 needs a CUDA device"),
     (["--fusion", "mid", "--data", "/no/such/dir"], "--data /no/such/dir: no such directory"),

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from fusionprof.cli import cli
@@ -97,3 +98,21 @@ def test_compare_runs_every_stage_then_skips_them(tmp_path, small_data):
     code, third = run_cli(*args)
     assert code == 0, third
     assert "[compare] train tiny-late ..." in third and third.count("done before, skipped") == 4 + 4 + 2 - 1
+
+
+def test_compare_verifies_onnx_on_the_cpu_when_onnxruntime_cannot_run_on_the_gpu(monkeypatch):
+    """A CUDA machine with the CPU build of onnxruntime: the exports are checked on the CPU, said once."""
+    import onnxruntime
+
+    from fusionprof import compare as compare_module
+
+    monkeypatch.setattr(compare_module, "resolve_device", torch.device)  # cuda:0 without a GPU, for this check
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    said = []
+    assert compare_module.onnx_check_device("cuda:0", said.append) == "cpu"
+    assert said == ["[compare] ONNX exports are verified with onnxruntime on the CPU: CUDAExecutionProvider is not "
+                    "in this onnxruntime build (CPUExecutionProvider)"]
+    assert compare_module.onnx_check_device("cpu", said.append) == "cpu" and len(said) == 1
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: both)
+    assert compare_module.onnx_check_device("cuda:0", said.append) == "cuda:0" and len(said) == 1

@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py [--preset tiny] [--fusion mid] [--images 500] [--rounds 3]
         [--disk-size 96] [--device cpu] [--precision fp32] [--compile] [--workers 0] [--random-init]
+        [--loops naive,shipped,ceiling]
 
 (a) naive: the study's loop. A per-sample Dataset opens each JPEG with PIL, resizes and normalises it; the
     collate_fn tokenizes the batch's captions (padded to the maximum length); fp32, NCHW, no pinned memory, and
@@ -156,6 +157,9 @@ def run_shipped(cfg, mcfg, out: str) -> float:
     return metrics["history"][1]["samples_per_s"]
 
 
+LABELS = {"naive": "(a) naive", "shipped": "(b) shipped", "ceiling": "(c) ceiling"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
@@ -169,12 +173,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers, for (a) and (b) alike")
     parser.add_argument("--random-init", action="store_true",
                         help="random-init encoders and the shipped vocabulary: the preset's architecture, no downloads")
+    parser.add_argument("--loops", default="naive,shipped,ceiling",
+                        help="which of the three to run (a ratio is printed when both of its loops ran)")
     parser.add_argument("--out", default="profiles", help="the record goes to OUT/<host>/")
     args = parser.parse_args()
+    loops = args.loops.split(",")
+    if unknown := set(loops) - {"naive", "shipped", "ceiling"}:
+        parser.error(f"--loops: unknown {', '.join(sorted(unknown))}; choose from naive, shipped, ceiling")
 
     device = resolve_device(args.device)
     counts = {"train": args.images, "val": 50, "test": 50}
-    root = write_synth(cache_root() / "data" / synth_dir_name(counts, args.disk_size, 0), counts, args.disk_size, 0)
+    root = write_synth(cache_root() / "data" / synth_dir_name(counts, args.disk_size, 0), counts, args.disk_size, 0,
+                       progress=False)
     precision = resolve_precision(args.precision, device)
     cfg = train_config(args.preset, data=str(root), device=str(device), precision=precision,
                        compile=args.compile, workers=args.workers)
@@ -188,29 +198,35 @@ def main() -> None:
     caption_split = load_splits(root, 0)[0]["train"]
     pairs = make_pairs(caption_split.caption_image, split_rng(0, "train"))
 
-    rates: dict[str, list[float]] = {"naive": [], "shipped": [], "ceiling": []}
+    runs = {"naive": lambda: run_naive(mcfg, naive_cfg, device, caption_split, pairs, tokenizer, args.workers),
+            "shipped": lambda: run_shipped(cfg, mcfg, out),
+            "ceiling": lambda: run_ceiling(mcfg, cfg, device, split, pairs)}
+    rates: dict[str, list[float]] = {k: [] for k in runs if k in loops}
     with tempfile.TemporaryDirectory() as out:
         for _ in range(args.rounds):
-            rates["naive"].append(run_naive(mcfg, naive_cfg, device, caption_split, pairs, tokenizer, args.workers))
-            rates["shipped"].append(run_shipped(cfg, mcfg, out))
-            rates["ceiling"].append(run_ceiling(mcfg, cfg, device, split, pairs))
+            for name in rates:
+                rates[name].append(runs[name]())
             print("  " + "  ".join(f"{k} {v[-1]:7.1f}" for k, v in rates.items()) + "  samples/s", flush=True)
     median = {k: statistics.median(v) for k, v in rates.items()}
     env = fingerprint()
     print(f"{machine_name(env)}: {args.preset}/{args.fusion} on {device} ({precision}), {len(pairs)} pairs per "
           f"epoch from {args.images} images of {args.disk_size} px, batch {cfg.batch_size}, workers {args.workers}, "
           f"{torch.get_num_threads()} threads, median of {args.rounds} rounds")
-    print(f"(a) naive {median['naive']:.1f}  (b) shipped {median['shipped']:.1f}  (c) ceiling {median['ceiling']:.1f}"
-          f" samples/s")
-    b_over_a, b_over_c = median["shipped"] / median["naive"], median["shipped"] / median["ceiling"]
-    print(f"(b)/(a) = {b_over_a:.2f}×   (b)/(c) = {b_over_c:.1%}")
-    mfu = model_flops_utilisation(mcfg, split, pairs, cfg, device, median["shipped"])
-    print(f"(b) at {mfu['train_gflop_per_sample']:.3f} GFLOP per training sample: {mfu['achieved_gflops']:.1f} GFLOP/s"
-          f" = {mfu['share_of_matmul']:.1%} of a {mfu['matmul']['dtype']} {mfu['matmul']['n']}² matmul measured "
-          f"now ({mfu['matmul']['gflops']:.0f} GFLOP/s)"
-          + (f", MFU {mfu['mfu_datasheet']:.1%} of the {mfu['datasheet_tflops']:.0f}-TFLOP/s datasheet peak"
-             if mfu["mfu_datasheet"] is not None else ""))
-    name = f"train-throughput-{args.preset}-{args.fusion}-{device.type}-{precision}-{args.disk_size}px.json"
+    print("  ".join(f"{label} {median[k]:.1f}" for k, label in LABELS.items() if k in median) + "  samples/s")
+    b_over_a = median["shipped"] / median["naive"] if {"shipped", "naive"} <= median.keys() else None
+    b_over_c = median["shipped"] / median["ceiling"] if {"shipped", "ceiling"} <= median.keys() else None
+    print("   ".join(([f"(b)/(a) = {b_over_a:.2f}×"] if b_over_a else [])
+                     + ([f"(b)/(c) = {b_over_c:.1%}"] if b_over_c else [])))
+    mfu = None
+    if "shipped" in median:
+        mfu = model_flops_utilisation(mcfg, split, pairs, cfg, device, median["shipped"])
+        print(f"(b) at {mfu['train_gflop_per_sample']:.3f} GFLOP per training sample: {mfu['achieved_gflops']:.1f} "
+              f"GFLOP/s = {mfu['share_of_matmul']:.1%} of a {mfu['matmul']['dtype']} {mfu['matmul']['n']}² matmul "
+              f"measured now ({mfu['matmul']['gflops']:.0f} GFLOP/s)"
+              + (f", MFU {mfu['mfu_datasheet']:.1%} of the {mfu['datasheet_tflops']:.0f}-TFLOP/s datasheet peak"
+                 if mfu["mfu_datasheet"] is not None else ""))
+    compiled = "-compile" if args.compile else ""
+    name = f"train-throughput-{args.preset}-{args.fusion}-{device.type}-{precision}{compiled}-{args.disk_size}px.json"
     path = Path(args.out) / env["host"] / name
     write_json(path, {"schema_version": SCHEMA_VERSION, "kind": "train_throughput", "args": vars(args),
                       "precision": precision, "pairs_per_epoch": len(pairs), "samples_per_s": rates, "median": median,

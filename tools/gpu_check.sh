@@ -1,32 +1,92 @@
 #!/usr/bin/env bash
 # GPU checks on a machine with a CUDA GPU, run from the source tree (no install needed there):
-#   tools/gpu_check.sh OUTDIR
-# Writes OUTDIR/env.json, nvidia-smi.txt, pytest.txt, one training epoch per fusion × precision
-# (OUTDIR/profiles/<run>/metrics.json), the training-throughput and feature-cache benchmarks
-# (OUTDIR/profiles/<host>/*.json), then a summary table, OUTDIR/summary.txt.
-set -euo pipefail
-out=${1:?usage: tools/gpu_check.sh OUTDIR}
-mkdir -p "$out"
-export PYTHONPATH=. FUSIONPROF_CACHE="$out/cache"
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
-python -m fusionprof env --json > "$out/env.json"
-python -m pytest -q -x tests -k "cuda" 2>&1 | tee "$out/pytest.txt" | tail -3
-for fusion in early mid late bottleneck; do
-  for precision in fp32 bf16 fp16; do
-    python -m fusionprof train --fusion "$fusion" --device cuda:0 --precision "$precision" --epochs 1 \
-      --run-name "gpu-$fusion-$precision" --out "$out/models" --profiles "$out/profiles" --quiet --fresh
-  done
-done
-# Training throughput: naive vs shipped vs ceiling (tiny, fp32), then the seed architecture in bf16 + compile with
-# COCO-sized JPEGs, and the frozen-encoder feature cache. Records land in $out/profiles/<host>/.
-python benchmarks/train_throughput.py --device cuda:0 --rounds 2 --out "$out/profiles" | tail -4
-python benchmarks/train_throughput.py --preset seed --random-init --device cuda:0 --precision bf16 --compile \
-  --images 300 --rounds 1 --disk-size 640 --out "$out/profiles" | tail -4
-python benchmarks/feature_cache.py --device cuda:0 --fusion early,late --out "$out/profiles"
-python - "$out" <<'PY' | tee "$out/summary.txt"
+#   tools/gpu_check.sh OUTDIR [DEVICE]            DEVICE defaults to cuda:0
+#
+# One prepared script for a short lease: each step runs under its own time limit and the whole under a deadline
+# (FP_DEADLINE seconds, default 540), most important first, so a slow step costs only itself. After every step
+# the records so far are packed into OUTDIR/results.tgz, so a run cut short still brings back what it measured.
+#   OUTDIR/steps.txt     one line per step: name, exit code (124 = hit its limit, skip = no time left), seconds
+#   OUTDIR/log.txt       everything the steps printed
+#   OUTDIR/env.json      `fusionprof env --json`;  OUTDIR/nvidia-smi.txt
+#   OUTDIR/results.tgz   profiles/: benchmark records (<host>/*.json), per-run metrics.json, the latency sweep,
+#                        the report, models/*/*.json (export records);  OUTDIR/traces.tgz: the training-step and inference traces
+#   OUTDIR/summary.txt   the benchmarks' closing lines and one line per training run
+# Dry run without a GPU (checks the script, not the GPU):
+#   FP_BIG=tiny FP_IMAGES=100 FP_QUICK=1 tools/gpu_check.sh /tmp/gpu-dry cpu
+set -uo pipefail
+out=$(mkdir -p "${1:?usage: tools/gpu_check.sh OUTDIR [DEVICE]}" && cd "$1" && pwd)
+device=${2:-cuda:0}
+py=${PYTHON:-python3}             # the GPU machine has python3 (with torch), not python
+big=${FP_BIG:-seed}               # the preset of the big-architecture benchmarks (random init: nothing to fetch)
+images=${FP_IMAGES:-600}          # train images for the throughput benchmarks (× 4 pairs)
+quick=${FP_QUICK:-0}              # 1: smallest settings everywhere (dry runs)
+deadline=$((SECONDS + ${FP_DEADLINE:-540}))
+work=${FP_WORK:-/tmp/fusionprof-gpu-check}
+rm -rf "$work" && mkdir -p "$work/profiles"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 FUSIONPROF_CACHE="$work/cache"
+: > "$out/steps.txt"; : > "$out/log.txt"
+
+pack() {  # the records; the traces apart (they are the big part: if they are over the size limit, the rest still comes back)
+  (cd "$work" && tar -czf "$out/results.tgz" --exclude=profiles/traces profiles $(compgen -G "models/*/*.json"))
+  [[ -d "$work/profiles/traces" ]] && tar -czf "$out/traces.tgz" -C "$work" profiles/traces 2>/dev/null
+}
+step() {  # step NAME LIMIT_SECONDS COMMAND...: run under min(LIMIT, time to the deadline), log, pack
+  local name=$1 limit=$2 start=$SECONDS rc left
+  shift 2
+  left=$((deadline - SECONDS))
+  ((left < limit)) && limit=$left
+  if ((limit < 20)); then
+    echo "$name skip 0" >> "$out/steps.txt"; echo "== $name: skipped, ${left}s left" | tee -a "$out/log.txt"
+    return
+  fi
+  echo "== $name (limit ${limit}s): $*" | tee -a "$out/log.txt"
+  timeout -k 10 "$limit" "$@" >> "$out/log.txt" 2>&1
+  rc=$?
+  echo "$name $rc $((SECONDS - start))" >> "$out/steps.txt"
+  echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$out/log.txt"
+  pack
+}
+
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+"$py" -m fusionprof env --json > "$out/env.json" 2>> "$out/log.txt"
+"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$out/log.txt"
+
+tt=("$py" benchmarks/train_throughput.py --device "$device" --out "$work/profiles")
+big_tt=("${tt[@]}" --preset "$big" --random-init --precision bf16 --images "$images" --rounds 1 --disk-size 640)
+fc=("$py" benchmarks/feature_cache.py --device "$device" --fusion early,late --out "$work/profiles")
+sweep=(--backends torch --batch-sizes 1,8,32 --min-seconds 0.5)
+((quick)) && sweep=(--backends torch --batch-sizes 1,8 --min-seconds 0.1 --min-calls 5)
+
+# 1. The CUDA tests (training in fp32, bf16 and fp16 on the GPU); test_train.py only: the others need
+#    pycocotools, which that machine's python lacks.
+step cuda-tests 120 "$py" -m pytest -q -x tests/test_train.py -k cuda -p no:cacheprovider
+# 2. Issue 7's GPU half: the study's architecture (ResNet-50 224 px + BERT-base) in bf16 with channels_last,
+#    eager (naive / shipped / ceiling) with its MFU; the torch.compile run comes after the tiny study (its
+#    compile time is the hardest to foresee).
+step seed-eager 150 "${big_tt[@]}"
+# 3. The whole tiny study on the GPU: four fusions trained with their training-step profiles, ONNX export,
+#    a short latency sweep (torch backend), inference traces, the report.
+epochs=(); ((quick)) && epochs=(--epochs 1 --limit-train 100 --limit-eval 50)
+step compare 150 "$py" -m fusionprof compare --device "$device" "${epochs[@]}" "${sweep[@]}" --quiet \
+  --out "$work/models" --profiles "$work/profiles"
+# 4. The same with torch.compile: the shipped loop and its MFU.
+step seed-compile 240 "${big_tt[@]}" --compile --loops shipped
+# 5. The frozen-encoder feature cache with the big encoders, and the tiny preset's loop ratios on the GPU.
+step feature-cache 100 "${fc[@]}" --preset "$big" --random-init --limit-train 250 --epochs 2
+step tiny-throughput 80 "${tt[@]}" --rounds 2 --images "$((images / 2))"
+
+{
+  grep -hE "^\S.*: .* on |^\(a\)|^\(b\)|^early|^late" "$out/log.txt"
+  "$py" - "$work/profiles" <<'PY'
 import json, pathlib, sys
-for f in sorted(pathlib.Path(sys.argv[1], "profiles").glob("gpu-*/metrics.json")):
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*/metrics.json")):
     m = json.loads(f.read_text())
-    print(f"{m['run']:<24} {m['train_samples_per_s']:>8.0f} samples/s  test acc {m['test']['accuracy']:.3f}  "
-          f"peak {m['peak_memory'].get('cuda_max_allocated_mib', 0):.0f} MiB  {m['environment']['gpus'][0]['name']}")
+    gpus = m["environment"]["gpus"]
+    print(f"{m['run']:<18} {m['train_config']['precision']:<5} {m['train_samples_per_s']:>8.0f} samples/s  "
+          f"test acc {m['test']['accuracy']:.3f}  peak {m['peak_memory'].get('cuda_max_allocated_mib', 0):.0f} MiB  "
+          f"{gpus[0]['name'] if gpus else 'cpu'}")
 PY
+  cat "$out/steps.txt"
+} > "$out/summary.txt" 2>&1
+pack
+cat "$out/summary.txt"

@@ -135,6 +135,8 @@ def training_section(rec: Records) -> list[tuple]:
         if r.get("step_breakdown"):
             top = sorted(r["step_breakdown"].items(), key=lambda kv: -kv[1]["share"])[:3]
             shares = ", ".join(f"{k} {v['share']:.0%}" for k, v in top)
+            if (r.get("step_profile") or {}).get("gpu_busy_share") is not None:
+                shares += f"; GPU busy {r['step_profile']['gpu_busy_share']:.0%}"
         rows.append([machine_name(r["environment"]), r["preset"], r["fusion"], r["train_config"]["precision"],
                      _fmt(r["parameters"]["total"] / 1e6), _fmt(r["forward_flops_per_sample"]["total"] / 1e9, 3),
                      _fmt(r["train_seconds"], 0), _fmt(r["train_samples_per_s"], 0),
@@ -143,7 +145,9 @@ def training_section(rec: Records) -> list[tuple]:
     return blocks + [("table", header, rows),
                      ("p", "Accuracy is image–text matching on the test split (one positive and one fixed negative "
                            "per caption). Peak memory is CUDA max allocated on a GPU and the process's peak RSS "
-                           "on the host.")]
+                           "on the host. Step shares are the host time of the profiled step's parts (`--profile`); "
+                           "GPU busy is the GPU's kernel time in that step: a small share means the step waits on "
+                           "the host (kernel launches, Python), not on the GPU.")]
 
 
 def export_section(rec: Records) -> list[tuple]:

@@ -54,7 +54,7 @@ from fusionprof.errors import UserError
 from fusionprof.features import cached_features
 from fusionprof.metrics import itm_metrics, predict
 from fusionprof.models import FusionHead, build_model, count_parameters, forward_flops
-from fusionprof.profiling import ACTIVE, TRAIN_RANGES, range_breakdown, run_profiled, trace_dir
+from fusionprof.profiling import TRAIN_RANGES, describe_step_profile, run_profiled, step_breakdown, trace_dir
 from fusionprof.runtime import (
     autocast,
     peak_memory_mib,
@@ -324,7 +324,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
         with accumulate:
             return train_step(net, opt, sched, scl, inputs, labels, cfg, last_micro_batch)
 
-    step_breakdown = None
+    step_profile = None
     if cfg.profile and d.is_main:  # a separate short run on a copy: the timed epochs are never profiled
         rng = _rng_state(device)
         net = copy.deepcopy(model)
@@ -334,13 +334,12 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
         scl = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         batches = cycle(loader(train_split.batches(train_split.pairs(cfg.seed), rank_batch), cfg.workers,
                                pin_memory=device.type == "cuda"))
-        out = trace_dir(cfg.profiles_dir, f"train-{run}")
-        prof = run_profiled(lambda i: step(net, opt, sched, scl, batches, True), out, device)
-        step_breakdown = range_breakdown(prof, TRAIN_RANGES, ACTIVE, device)
+        trace = run_profiled(lambda i: step(net, opt, sched, scl, batches, True),
+                             trace_dir(cfg.profiles_dir, f"train-{run}"), device)
+        step_profile = step_breakdown(trace, TRAIN_RANGES)
         _set_rng_state(rng, device)
-        del net, opt, prof
-        log(f"training step profile ({out}): " + ", ".join(
-            f"{name} {v['ms_per_step']:.1f} ms ({v['share']:.0%})" for name, v in step_breakdown.items()))
+        del net, opt
+        log(describe_step_profile(step_profile))
     barrier(d)  # the other ranks wait for rank 0's profile
     reset_peak_memory(device)
     log(f"{run}: {model_cfg.fusion} fusion, {count_parameters(model)['total'] / 1e6:.2f} M parameters, "
@@ -404,7 +403,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
         "schema_version": SCHEMA_VERSION, "kind": "train", "run": run, "fusion": model_cfg.fusion,
         "preset": cfg.preset, "checkpoint": str(ckpt_path), "data": data_source,
         "parameters": count_parameters(model), "forward_flops_per_sample": forward_flops(model),
-        "flops_seq_len": model_cfg.max_text_len, "step_breakdown": step_breakdown,
+        "flops_seq_len": model_cfg.max_text_len, "step_breakdown": step_profile and step_profile["ranges"],
+        "step_profile": step_profile and step_profile["step"],
         "train_seconds": train_seconds, "epochs": cfg.epochs,
         "train_samples_per_s": len(history) * n_pairs / train_seconds,
         "feature_cache": feature_cache,

@@ -78,6 +78,9 @@ def test_train_profile_writes_a_trace_and_the_step_breakdown(tmp_path, small_dat
                           "optimizer_step"}
     assert sum(p["share"] for p in parts.values()) == pytest.approx(1.0)
     assert parts["backward"]["ms_per_step"] > 0 and parts["image_encoder"]["ms_per_step"] > 0
+    step = metrics["step_profile"]
+    assert step["steps"] == 4 and step["step_ms"] >= sum(p["ms_per_step"] for p in parts.values())
+    assert "gpu_busy_ms" not in step and "gpu_ms_per_step" not in parts["backward"]  # a CPU run: no GPU figures
     traces = list((tmp_path / "p" / "traces" / "train-tiny-mid").glob("*.pt.trace.json"))
     assert len(traces) == 1
     names = {e.get("name") for e in json.loads(traces[0].read_text())["traceEvents"]}

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,9 @@ from fusionprof.backends import Artifacts, create_backend
 from fusionprof.config import model_config
 from fusionprof.models import build_model
 from fusionprof.models.model import example_inputs
-from fusionprof.profiling import run_profiled, trace_dir
+from fusionprof.profiling import TRAIN_RANGES, describe_step_profile, run_profiled, step_breakdown, trace_dir
+
+H200_TRACE = Path(__file__).parent / "data" / "h200-train-tiny-mid.pt.trace.json.gz"
 
 
 def free_port() -> int:
@@ -34,9 +37,9 @@ def trace(tmp_path, tokenizer):
     backend = create_backend("torch", Artifacts(model), torch.device("cpu"))
     inputs = example_inputs(model.cfg, 4, 12)
     out = trace_dir(tmp_path, "latency-mid-bs4")
-    run_profiled(lambda i: backend.run(*inputs), out, torch.device("cpu"))
+    written = run_profiled(lambda i: backend.run(*inputs), out, torch.device("cpu"))
     files = list(out.glob("*.pt.trace.json"))
-    assert len(files) == 1
+    assert files == [written]
     events = json.loads(files[0].read_text())["traceEvents"]  # plain Chrome trace JSON, what Perfetto opens
     names = {e.get("name") for e in events}
     assert {"image_encoder", "text_encoder", "fusion"} <= names and "ProfilerStep#3" in names
@@ -76,3 +79,22 @@ def test_tensorboard_serves_our_trace(trace):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_step_breakdown_of_a_real_gpu_trace():
+    """A tiny/mid training step profiled on an H200 (trimmed trace, tests/data): 4 steps of ~64 ms in which the GPU
+    is busy ~3.4 ms. Backward's kernels come from autograd's thread, not the loop's; they still count as backward."""
+    profile = step_breakdown(H200_TRACE, TRAIN_RANGES)
+    step, ranges = profile["step"], profile["ranges"]
+    assert step["steps"] == 4
+    assert step["step_ms"] == pytest.approx(64.02, abs=0.01)
+    assert step["gpu_busy_ms"] == pytest.approx(3.41, abs=0.01)
+    assert step["gpu_busy_share"] == pytest.approx(3.41 / 64.02, abs=1e-3)
+    assert ranges["backward"]["gpu_ms_per_step"] == pytest.approx(1.80, abs=0.01)
+    assert ranges["backward"]["ms_per_step"] == pytest.approx(21.15, abs=0.01)
+    assert ranges["fusion"]["ms_per_step"] == pytest.approx(11.73, abs=0.01)
+    # every kernel of this trace was launched inside one of the ranges
+    assert sum(r["gpu_ms_per_step"] for r in ranges.values()) == pytest.approx(step["gpu_busy_ms"], rel=1e-9)
+    assert sum(r["share"] for r in ranges.values()) == pytest.approx(1.0)
+    line = describe_step_profile(profile)
+    assert "64.0 ms a step" in line and "GPU busy 3.4 ms (5% of the step)" in line and "backward 1.80" in line

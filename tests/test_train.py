@@ -23,8 +23,10 @@ def run_cli(*args):
 
 
 def quick_config(tmp_path, data, **kw):
-    return train_config("tiny", data=str(data), epochs=2, batch_size=16, models_dir=str(tmp_path / "models"),
-                        profiles_dir=str(tmp_path / "profiles"), **kw)
+    """Two epochs of batch 16 on ``data``; ``kw`` overrides any of it."""
+    return train_config("tiny", **{"data": str(data), "epochs": 2, "batch_size": 16,
+                                   "models_dir": str(tmp_path / "models"), "profiles_dir": str(tmp_path / "profiles"),
+                                   **kw})
 
 
 @pytest.mark.parametrize("fusion", ["early", "bottleneck"])
@@ -118,10 +120,15 @@ def test_python_dash_m_and_help():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_cuda_training(precision, tmp_path, small_data):
-    cfg = quick_config(tmp_path, small_data, device="cuda:0", precision=precision, epochs=1)
+    cfg = quick_config(tmp_path, small_data, device="cuda:0", precision=precision, epochs=1, profile=True)
     metrics = train(cfg, model_config("tiny", fusion="mid"), progress=False, log=lambda s: None)
     assert metrics["peak_memory"]["cuda_max_allocated_mib"] > 0
     assert metrics["environment"]["gpus"] and 0 <= metrics["test"]["accuracy"] <= 1
+    assert metrics["train_config"]["precision"] == precision
+    # the profiled step's GPU work, backward's (launched from autograd's thread) included
+    step, parts = metrics["step_profile"], metrics["step_breakdown"]
+    assert 0 < step["gpu_busy_ms"] <= step["step_ms"]
+    assert parts["backward"]["gpu_ms_per_step"] > 0 and parts["image_encoder"]["gpu_ms_per_step"] > 0
 
 
 def test_sigkilled_run_resumes(tmp_path, small_data):

@@ -11,7 +11,7 @@
 #   OUTDIR/results.tgz   profiles/: benchmark records (<host>/*.json), per-run metrics.json, the latency sweep,
 #                        the report, models/*/*.json (export records);  OUTDIR/traces.tgz: the training-step and inference traces
 #   OUTDIR/summary.txt   the benchmarks' closing lines and one line per training run
-# Dry run without a GPU (checks the script, not the GPU):
+# FP_STEPS=a,b picks steps by name (the list below). Dry run without a GPU (checks the script, not the GPU):
 #   FP_BIG=tiny FP_IMAGES=100 FP_QUICK=1 tools/gpu_check.sh /tmp/gpu-dry cpu
 set -uo pipefail
 out=$(mkdir -p "${1:?usage: tools/gpu_check.sh OUTDIR [DEVICE]}" && cd "$1" && pwd)
@@ -20,6 +20,7 @@ py=${PYTHON:-python3}             # the GPU machine has python3 (with torch), no
 big=${FP_BIG:-seed}               # the preset of the big-architecture benchmarks (random init: nothing to fetch)
 images=${FP_IMAGES:-600}          # train images for the throughput benchmarks (× 4 pairs)
 quick=${FP_QUICK:-0}              # 1: smallest settings everywhere (dry runs)
+steps=${FP_STEPS:-cuda-tests,seed-eager,compare,seed-compile,feature-cache,tiny-throughput}  # also: latency
 deadline=$((SECONDS + ${FP_DEADLINE:-540}))
 work=${FP_WORK:-/tmp/fusionprof-gpu-check}
 rm -rf "$work" && mkdir -p "$work/profiles"
@@ -33,6 +34,7 @@ pack() {  # the records; the traces apart (they are the big part: if they are ov
 step() {  # step NAME LIMIT_SECONDS COMMAND...: run under min(LIMIT, time to the deadline), log, pack
   local name=$1 limit=$2 start=$SECONDS rc left
   shift 2
+  [[ ",$steps," == *",$name,"* ]] || return 0
   left=$((deadline - SECONDS))
   ((left < limit)) && limit=$left
   if ((limit < 20)); then
@@ -71,6 +73,9 @@ step compare 150 "$py" -m fusionprof compare --device "$device" "${epochs[@]}" "
   --out "$work/models" --profiles "$work/profiles"
 # 4. The same with torch.compile: the shipped loop and its MFU.
 step seed-compile 240 "${big_tt[@]}" --compile --loops shipped
+# (Not by default: compare sweeps too.) A latency sweep of the four fusions (random init), torch backend, bf16.
+step latency 60 "$py" -m fusionprof latency --device "$device" --precision bf16 "${sweep[@]}" --quiet \
+  --models "$work/no-models" --out "$work/profiles"
 # 5. The frozen-encoder feature cache with the big encoders, and the tiny preset's loop ratios on the GPU.
 step feature-cache 100 "${fc[@]}" --preset "$big" --random-init --limit-train 250 --epochs 2
 step tiny-throughput 80 "${tt[@]}" --rounds 2 --images "$((images / 2))"

@@ -203,19 +203,25 @@ def latency_section(rec: Records, out_dir: Path) -> list[tuple]:
 
 def pareto_section(rec: Records, out_dir: Path) -> list[tuple]:
     blocks: list[tuple] = [("h2", "Accuracy vs latency (Pareto front)")]
-    accuracy = {}
-    for r in rec.train:
-        accuracy.setdefault((r["preset"], r["fusion"]), r["test"]["accuracy"])
     rows = _latency_rows(rec)
-    if not accuracy or not rows:
+    if not rec.train or not rows:
         return blocks + [("p", "Needs both training records (`fusionprof train`) and latency records "
                                "(`fusionprof latency`) of the same preset.")]
     for machine, machine_rows in rows.items():
-        png = plot_pareto(machine, machine_rows, accuracy, out_dir)
+        png = plot_pareto(machine, machine_rows, pareto_accuracy(rec.train, machine), out_dir)
         if png:
             blocks.append(("img", f"report/{png.name}", f"test accuracy vs p50 latency, batch 1 and the largest "
                                                         f"batch — {machine}"))
     return blocks
+
+
+def pareto_accuracy(train: list[dict], machine: str) -> dict[tuple[str, str], float]:
+    """Test accuracy per (preset, fusion) to plot against ``machine``'s latencies: that machine's own training run
+    where it has one, else another machine's (latency does not depend on the weights, accuracy not on the machine)."""
+    accuracy: dict[tuple[str, str], float] = {}
+    for r in sorted(train, key=lambda r: machine_name(r["environment"]) != machine):  # this machine's first
+        accuracy.setdefault((r["preset"], r["fusion"]), r["test"]["accuracy"])
+    return accuracy
 
 
 def memory_section(rec: Records, out_dir: Path) -> list[tuple]:

@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from fusionprof.cli import cli
-from fusionprof.report import pareto_front
+from fusionprof.report import pareto_accuracy, pareto_front
 
 QUICK = ["--min-seconds", "0.05", "--min-calls", "5"]
 
@@ -116,3 +116,14 @@ def test_compare_verifies_onnx_on_the_cpu_when_onnxruntime_cannot_run_on_the_gpu
     both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: both)
     assert compare_module.onnx_check_device("cuda:0", said.append) == "cuda:0" and len(said) == 1
+
+
+def test_each_machines_pareto_plot_takes_its_own_training_accuracy():
+    def run(host, gpu, fusion, accuracy):
+        env = {"host": host, "gpus": [{"name": gpu}] if gpu else [], "cpu_model": "AMD EPYC"}
+        return {"preset": "tiny", "fusion": fusion, "test": {"accuracy": accuracy}, "environment": env}
+    train = [run("vm", "NVIDIA H200", "early", 0.97), run("vm", "NVIDIA H200", "mid", 0.95),
+             run("vm", None, "early", 0.98)]
+    assert pareto_accuracy(train, "vm (AMD EPYC)") == {("tiny", "early"): 0.98, ("tiny", "mid"): 0.95}
+    assert pareto_accuracy(train, "vm (NVIDIA H200)") == {("tiny", "early"): 0.97, ("tiny", "mid"): 0.95}
+    assert pareto_accuracy(train, "elsewhere (L4)") == {("tiny", "early"): 0.97, ("tiny", "mid"): 0.95}

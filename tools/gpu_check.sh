@@ -11,7 +11,10 @@
 #   OUTDIR/results.tgz   profiles/: benchmark records (<host>/*.json), per-run metrics.json, the latency sweep,
 #                        the report, models/*/*.json (export records);  OUTDIR/traces.tgz: the training-step and inference traces
 #   OUTDIR/summary.txt   the benchmarks' closing lines and one line per training run
-# FP_STEPS=a,b picks steps by name (the list below). Dry run without a GPU (checks the script, not the GPU):
+# FP_STEPS=a,b picks steps by name (the list below). Seen on an H200 lease (2026-11-27, cold machine, torch 2.11):
+# cuda-tests 44 s, seed-eager 132 s, compare > 150 s (cut in its latency stage), seed-compile > 224 s (cut while
+# compiling: inductor's cache starts empty), latency 46 s, feature-cache > 42 s: the whole list needs ~15 min, more
+# than one 10-minute command. Split it, e.g. FP_STEPS=seed-compile alone with FP_DEADLINE=500. Dry run without a GPU (checks the script, not the GPU):
 #   FP_BIG=tiny FP_IMAGES=100 FP_QUICK=1 tools/gpu_check.sh /tmp/gpu-dry cpu
 set -uo pipefail
 out=$(mkdir -p "${1:?usage: tools/gpu_check.sh OUTDIR [DEVICE]}" && cd "$1" && pwd)
@@ -69,10 +72,10 @@ step seed-eager 150 "${big_tt[@]}"
 # 3. The whole tiny study on the GPU: four fusions trained with their training-step profiles, ONNX export,
 #    a short latency sweep (torch backend), inference traces, the report.
 epochs=(); ((quick)) && epochs=(--epochs 1 --limit-train 100 --limit-eval 50)
-step compare 150 "$py" -m fusionprof compare --device "$device" "${epochs[@]}" "${sweep[@]}" --quiet \
+step compare 200 "$py" -m fusionprof compare --device "$device" "${epochs[@]}" "${sweep[@]}" --quiet \
   --out "$work/models" --profiles "$work/profiles"
 # 4. The same with torch.compile: the shipped loop and its MFU.
-step seed-compile 240 "${big_tt[@]}" --compile --loops shipped
+step seed-compile 480 "${big_tt[@]}" --compile --loops shipped
 # (Not by default: compare sweeps too.) A latency sweep of the four fusions (random init), torch backend, bf16.
 step latency 60 "$py" -m fusionprof latency --device "$device" --precision bf16 "${sweep[@]}" --quiet \
   --models "$work/no-models" --out "$work/profiles"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import gzip
 import json
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,9 @@ def trace_dir(profiles_dir: str | Path, run: str) -> Path:
 @contextmanager
 def profiler(out: Path, device: torch.device, active: int = ACTIVE):
     """A profiler with the wait / warm-up / active schedule whose trace lands in ``out``; call ``.step()``."""
+    # torch 2.14's Kineto prints stage lines, and "ERROR ... gpuGetDeviceCount failed" on a CUDA build without a
+    # GPU, to stderr on every profiled run; read when the profiler starts, so this quiets it unless the user asked.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out.mkdir(parents=True, exist_ok=True)
     with profile(activities=activities, schedule=schedule(wait=WAIT, warmup=WARMUP, active=active, repeat=1),

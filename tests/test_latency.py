@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -85,3 +87,15 @@ def test_train_profile_writes_a_trace_and_the_step_breakdown(tmp_path, small_dat
     assert len(traces) == 1
     names = {e.get("name") for e in json.loads(traces[0].read_text())["traceEvents"]}
     assert {"data", "backward", "optimizer_step", "image_encoder"} <= names
+
+
+def test_a_profiled_run_keeps_the_terminal_clean(tmp_path, small_data):
+    """Kineto's own stage lines (and, on a CUDA build without a GPU, an "ERROR ... gpuGetDeviceCount") stay out
+    of a profiled run's stderr; the step profile line is what the user sees."""
+    out = subprocess.run([sys.executable, "-m", "fusionprof", "train", "--fusion", "late", "--data", small_data,
+                          "--epochs", "1", "--limit-train", "8", "--batch-size", "8", "--profile", "--quiet",
+                          "--out", tmp_path / "m", "--profiles", tmp_path / "p"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "training step profile" in out.stdout
+    assert not [line for line in out.stderr.splitlines() if line.startswith(("USDT:", "STAGE:", "ERROR:"))]

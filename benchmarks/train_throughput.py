@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--out", default="profiles", help="the record goes to OUT/<host>/")
     args = parser.parse_args()
     loops = args.loops.split(",")
-    if unknown := set(loops) - {"naive", "shipped", "ceiling"}:
+    if unknown := set(loops) - LABELS.keys():
         parser.error(f"--loops: unknown {', '.join(sorted(unknown))}; choose from naive, shipped, ceiling")
 
     device = resolve_device(args.device)
@@ -198,11 +198,11 @@ def main() -> None:
     caption_split = load_splits(root, 0)[0]["train"]
     pairs = make_pairs(caption_split.caption_image, split_rng(0, "train"))
 
-    runs = {"naive": lambda: run_naive(mcfg, naive_cfg, device, caption_split, pairs, tokenizer, args.workers),
-            "shipped": lambda: run_shipped(cfg, mcfg, out),
-            "ceiling": lambda: run_ceiling(mcfg, cfg, device, split, pairs)}
-    rates: dict[str, list[float]] = {k: [] for k in runs if k in loops}
+    rates: dict[str, list[float]] = {k: [] for k in LABELS if k in loops}
     with tempfile.TemporaryDirectory() as out:
+        runs = {"naive": lambda: run_naive(mcfg, naive_cfg, device, caption_split, pairs, tokenizer, args.workers),
+                "shipped": lambda: run_shipped(cfg, mcfg, out),
+                "ceiling": lambda: run_ceiling(mcfg, cfg, device, split, pairs)}
         for _ in range(args.rounds):
             for name in rates:
                 rates[name].append(runs[name]())
@@ -215,8 +215,8 @@ def main() -> None:
     print("  ".join(f"{label} {median[k]:.1f}" for k, label in LABELS.items() if k in median) + "  samples/s")
     b_over_a = median["shipped"] / median["naive"] if {"shipped", "naive"} <= median.keys() else None
     b_over_c = median["shipped"] / median["ceiling"] if {"shipped", "ceiling"} <= median.keys() else None
-    print("   ".join(([f"(b)/(a) = {b_over_a:.2f}×"] if b_over_a else [])
-                     + ([f"(b)/(c) = {b_over_c:.1%}"] if b_over_c else [])))
+    print("   ".join(([f"(b)/(a) = {b_over_a:.2f}×"] if b_over_a is not None else [])
+                     + ([f"(b)/(c) = {b_over_c:.1%}"] if b_over_c is not None else [])))
     mfu = None
     if "shipped" in median:
         mfu = model_flops_utilisation(mcfg, split, pairs, cfg, device, median["shipped"])

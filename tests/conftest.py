@@ -15,6 +15,8 @@ from fusionprof.data.synth import write_synth
 from fusionprof.data.text import build_tokenizer
 
 SMALL = {"train": 48, "val": 16, "test": 16}
+# The error for a GPU index no machine has: "no CUDA GPU" here, "only N CUDA device(s)" on a GPU machine.
+NO_CUDA_64 = "--device cuda:64: " + ("only " if torch.cuda.is_available() else "no CUDA GPU is visible here")
 
 
 @pytest.fixture(autouse=True)

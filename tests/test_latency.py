@@ -6,13 +6,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from click.testing import CliRunner
+from conftest import NO_CUDA_64
 
 from fusionprof.cli import cli
 
-# The error for a GPU index no machine has: "no CUDA GPU" here, "only N CUDA device(s)" on a GPU machine.
-NO_CUDA_64 = "--device cuda:64: " + ("only " if torch.cuda.is_available() else "no CUDA GPU is visible here")
 QUICK = ["--min-seconds", "0.05", "--min-calls", "5", "--warmup-seconds", "0", "--warmup-calls", "1"]
 
 

@@ -7,13 +7,12 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import NO_CUDA_64
 
 from fusionprof.cli import cli
 from fusionprof.config import model_config, train_config
 from fusionprof.train import load_checkpoint, train
 
-# The error for a GPU index no machine has: "no CUDA GPU" here, "only N CUDA device(s)" on a GPU machine.
-NO_CUDA_64 = "--device cuda:64: " + ("only " if torch.cuda.is_available() else "no CUDA GPU is visible here")
 QUICK = ["--epochs", "2", "--batch-size", "16", "--quiet"]
 
 

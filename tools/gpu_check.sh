@@ -9,12 +9,14 @@
 #   OUTDIR/log.txt       everything the steps printed
 #   OUTDIR/env.json      `fusionprof env --json`;  OUTDIR/nvidia-smi.txt
 #   OUTDIR/results.tgz   profiles/: benchmark records (<host>/*.json), per-run metrics.json, the latency sweep,
-#                        the report, models/*/*.json (export records);  OUTDIR/traces.tgz: the training-step and inference traces
+#                        the report, models/*/*.json (export records)
+#   OUTDIR/traces.tgz    the training-step and inference traces
 #   OUTDIR/summary.txt   the benchmarks' closing lines and one line per training run
 # FP_STEPS=a,b picks steps by name (the list below). Seen on an H200 lease (2026-11-27, cold machine, torch 2.11):
 # cuda-tests 44 s, seed-eager 132 s, compare > 150 s (cut in its latency stage), seed-compile > 224 s (cut while
 # compiling: inductor's cache starts empty), latency 46 s, feature-cache > 42 s: the whole list needs ~15 min, more
-# than one 10-minute command. Split it, e.g. FP_STEPS=seed-compile alone with FP_DEADLINE=500. Dry run without a GPU (checks the script, not the GPU):
+# than one 10-minute command. Split it, e.g. FP_STEPS=seed-compile alone with FP_DEADLINE=500.
+# Dry run without a GPU (checks the script, not the GPU):
 #   FP_BIG=tiny FP_IMAGES=100 FP_QUICK=1 tools/gpu_check.sh /tmp/gpu-dry cpu
 set -uo pipefail
 out=$(mkdir -p "${1:?usage: tools/gpu_check.sh OUTDIR [DEVICE]}" && cd "$1" && pwd)
@@ -30,7 +32,7 @@ rm -rf "$work" && mkdir -p "$work/profiles"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 FUSIONPROF_CACHE="$work/cache"
 : > "$out/steps.txt"; : > "$out/log.txt"
 
-pack() {  # the records; the traces apart (they are the big part: if they are over the size limit, the rest still comes back)
+pack() {  # the records, and the traces apart: if those are over the size limit, the records still come back
   (cd "$work" && tar -czf "$out/results.tgz" --exclude=profiles/traces profiles $(compgen -G "models/*/*.json"))
   [[ -d "$work/profiles/traces" ]] && tar -czf "$out/traces.tgz" -C "$work" profiles/traces 2>/dev/null
 }

@@ -68,7 +68,7 @@ class TrainConfig:
     align_weight: float = 1.0  # image–text contrastive loss beside ITM (see models.model.Alignment); 0 = ITM only
     device: str = "cpu"
     precision: str = "auto"  # auto (bf16 where the hardware has native bf16, else fp32) | fp32 | bf16 | fp16
-    compile: bool = False
+    compile: str = "off"  # off | model (torch.compile the whole step model) | regions (each repeated block)
     seed: int = 0
     workers: int = 0
     profile: bool = False  # a separate short profiled run: traces + the training-step breakdown
@@ -78,6 +78,15 @@ class TrainConfig:
     limit_eval: int | None = None
     models_dir: str = "models"
     profiles_dir: str = "profiles"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.compile, bool):  # checkpoints written before the scopes stored a flag
+            self.compile = "model" if self.compile else "off"
+        if self.compile not in COMPILE_SCOPES:
+            raise UserError(f"--compile {self.compile}: choose from {', '.join(COMPILE_SCOPES)}")
+
+
+COMPILE_SCOPES = ("off", "model", "regions")
 
 
 # The tiny preset trains in minutes on a 2-core CPU; the seed preset is the study's setting.

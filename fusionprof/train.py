@@ -53,7 +53,7 @@ from fusionprof.env import fingerprint
 from fusionprof.errors import UserError
 from fusionprof.features import cached_features
 from fusionprof.metrics import itm_metrics, predict
-from fusionprof.models import FusionHead, build_model, count_parameters, forward_flops
+from fusionprof.models import FusionHead, build_model, compile_regions, count_parameters, forward_flops
 from fusionprof.profiling import TRAIN_RANGES, describe_step_profile, run_profiled, step_breakdown, trace_dir
 from fusionprof.runtime import (
     autocast,
@@ -127,7 +127,9 @@ def evaluate_split(model: nn.Module, split: SplitData, seed: int, batch_size: in
     shard = range(d.rank, len(batches), d.world_size)
     was_training = model.training
     model.eval()
-    with torch.inference_mode(), autocast(device, precision):
+    # Eager, also when the training step is compiled: in inference mode every compiled block would compile again
+    # (and a few shapes more would reach Dynamo's recompile limit, past which it silently runs eager anyway).
+    with torch.inference_mode(), autocast(device, precision), torch.compiler.set_stance("force_eager"):
         logits, labels = predict(lambda b: model(*to_inputs(b, device)[0]).float().cpu(),
                                  loader(batches, pin_memory=device.type == "cuda", sampler=shard))
     model.train(was_training)
@@ -312,7 +314,6 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
         ddp = DistributedDataParallel(net_model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=not cfg.align_weight)
     step_model = ddp or net_model
-    step_model = torch.compile(step_model) if cfg.compile else step_model
     writer = SummaryWriter(str(Path(cfg.profiles_dir) / "tensorboard" / run)) if d.is_main else None
 
     def step(net, opt, sched, scl, batches, last_micro_batch: bool) -> torch.Tensor:
@@ -341,6 +342,12 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
         del net, opt
         log(describe_step_profile(step_profile))
     barrier(d)  # the other ranks wait for rank 0's profile
+    # After the profiled copy (deepcopy of a module compiled in place would call the original's blocks): the
+    # timed epochs run compiled; the profile shows the eager step.
+    if cfg.compile == "model":
+        step_model = torch.compile(step_model)
+    elif cfg.compile == "regions":
+        log(f"compiling {compile_regions(net_model)} repeated blocks (regional compilation)")
     reset_peak_memory(device)
     log(f"{run}: {model_cfg.fusion} fusion, {count_parameters(model)['total'] / 1e6:.2f} M parameters, "
         f"{train_split.n_captions} train captions → {n_pairs} pairs/epoch, on {device} ({cfg.precision})"

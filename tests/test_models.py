@@ -1,11 +1,13 @@
 """Every registered fusion method, tested for free (timm-style parametrisation over the registry)."""
 
+from collections import Counter
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fusionprof.errors import UserError
-from fusionprof.models import build_model, count_parameters, forward_flops, fusion_names
+from fusionprof.models import build_model, count_parameters, forward_flops, fusion_names, repeated_blocks
 from fusionprof.models.layers import POOLS, make_pool, masked_mean
 from fusionprof.models.model import example_inputs
 
@@ -14,6 +16,14 @@ FUSIONS = fusion_names()
 
 def test_registry_has_the_four_methods():
     assert set(FUSIONS) >= {"early", "mid", "late", "bottleneck"}
+
+
+@pytest.mark.parametrize("fusion,fusion_blocks", [
+    ("mid", {"BidirectionalBlock": 2}), ("bottleneck", {"LatentBlock": 2}), ("late", {})])
+def test_regional_compilation_takes_the_repeated_blocks(fusion, fusion_blocks, tiny_cfg):
+    """Each residual block, each BERT layer, each fusion block; never an MLP's parts or the ResNet stem."""
+    blocks = repeated_blocks(build_model(tiny_cfg(fusion)))
+    assert Counter(type(b).__name__ for b in blocks) == {"BasicBlock": 4, "BertLayer": 2, **fusion_blocks}
 
 
 def test_unknown_fusion_is_a_clear_error(tiny_cfg):

@@ -11,6 +11,7 @@ from conftest import NO_CUDA_64
 
 from fusionprof.cli import cli
 from fusionprof.config import model_config, train_config
+from fusionprof.errors import UserError
 from fusionprof.train import load_checkpoint, train
 
 QUICK = ["--epochs", "2", "--batch-size", "16", "--quiet"]
@@ -92,12 +93,34 @@ def test_existing_run_needs_resume_or_fresh(tmp_path, small_data):
     (["--fusion", "mid", "--device", "tpu"], "--device tpu: "),
     (["--fusion", "mid", "--precision", "fp16"], "--precision fp16 needs a CUDA device"),
     (["--fusion", "mid", "--data", "/no/such/dir"], "--data /no/such/dir: no such directory"),
+    (["--fusion", "mid", "--compile", "fast"], "Invalid value for '--compile': 'fast' is not one of"),
 ])
 def test_user_errors_are_one_line(args, message, tmp_path):
     code, out = run_cli("train", *args, "--out", tmp_path / "m", "--profiles", tmp_path / "p", "--quiet")
     last = out.strip().splitlines()[-1]  # usage errors come after click's "Usage: / Try --help" lines
     assert code != 0 and last.startswith("Error: ") and message in last
     assert "Traceback" not in out and out.count("Error") == 1
+
+
+def test_compile_scopes_and_the_flag_old_checkpoints_stored():
+    assert train_config("tiny").compile == "off"
+    assert [train_config("tiny", compile=flag).compile for flag in (True, False)] == ["model", "off"]
+    with pytest.raises(UserError, match="--compile fast: choose from off, model, regions"):
+        train_config("tiny", compile="fast")
+
+
+def test_train_compiled_by_regions(tmp_path, small_data):
+    """The repeated blocks run compiled in the timed epochs (inductor on the CPU: about a minute here)."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    code, out = run_cli("train", "--fusion", "early", "--data", small_data, "--compile", "regions", "--epochs", "1",
+                        "--batch-size", "16", "--quiet", "--out", tmp_path / "m", "--profiles", tmp_path / "p")
+    assert code == 0, out
+    assert "compiling 6 repeated blocks (regional compilation)" in out and "test: accuracy" in out
+    assert counters["stats"]["unique_graphs"] > graphs  # Dynamo did compile them
+    metrics = json.loads((tmp_path / "p" / "tiny-early" / "metrics.json").read_text())
+    assert metrics["train_config"]["compile"] == "regions" and 0 <= metrics["test"]["accuracy"] <= 1
 
 
 def test_evaluate_errors(tmp_path):

@@ -1,5 +1,13 @@
-from fusionprof.models.model import FusionHead, FusionModel, build_model, count_parameters, forward_flops
+from fusionprof.models.model import (
+    FusionHead,
+    FusionModel,
+    build_model,
+    compile_regions,
+    count_parameters,
+    forward_flops,
+    repeated_blocks,
+)
 from fusionprof.models.registry import create_fusion, fusion_names, register_fusion
 
-__all__ = ["FusionHead", "FusionModel", "build_model", "count_parameters", "create_fusion", "forward_flops",
-           "fusion_names", "register_fusion"]
+__all__ = ["FusionHead", "FusionModel", "build_model", "compile_regions", "count_parameters", "create_fusion",
+           "forward_flops", "fusion_names", "register_fusion", "repeated_blocks"]

@@ -115,6 +115,39 @@ def build_model(cfg: ModelConfig) -> FusionModel:
     return FusionModel(cfg)
 
 
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks an architecture repeats: the items of every ``nn.ModuleList``, and of every ``nn.Sequential``
+    whose items are all of one class (a ResNet stage's residual blocks; not an MLP's Linear, GELU, Linear).
+
+    That is each residual block of the ResNet, each BERT layer and each block of the mid / bottleneck fusions;
+    a new fusion that keeps its blocks in a ModuleList is covered without a change here.
+    """
+    blocks = []
+    for module in model.modules():
+        items = list(module.children())
+        if isinstance(module, nn.ModuleList) or (
+                isinstance(module, nn.Sequential) and len({type(m) for m in items}) == 1):
+            blocks += [m for m in items if any(True for _ in m.parameters())]
+    return blocks
+
+
+def compile_regions(model: nn.Module) -> int:
+    """Regional compilation: ``torch.compile`` each repeated block in place, the rest of the model stays eager.
+
+    Blocks of one class share their forward's code, so Dynamo compiles each distinct block shape once and every
+    copy reuses it (BERT-base's 12 layers are one graph, ResNet-50's 16 blocks eight): the compile costs a few
+    blocks, not the whole network, for most of the fusion inside them (PyTorch's "regional compilation" recipe).
+    Returns the number of blocks compiled.
+    """
+    # Each block shape, and the shorter last batch of an epoch, is one more entry for the same code: past Dynamo's
+    # default limit of 8 entries it would run the remaining blocks eager, with only a warning.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    blocks = repeated_blocks(model)
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def count_parameters(model: nn.Module) -> dict[str, int]:
     def n(m: nn.Module) -> int:
         return sum(p.numel() for p in m.parameters())

@@ -1,8 +1,8 @@
 """Training samples/s: the study's naive loop vs fusionprof's loop vs the compute-only ceiling, side by side.
 
     python benchmarks/train_throughput.py [--preset tiny] [--fusion mid] [--images 500] [--rounds 3]
-        [--disk-size 96] [--device cpu] [--precision fp32] [--compile] [--workers 0] [--random-init]
-        [--loops naive,shipped,ceiling]
+        [--disk-size 96] [--device cpu] [--precision fp32] [--compile [off,model,regions]] [--workers 0]
+        [--random-init] [--loops naive,shipped,ceiling]
 
 (a) naive: the study's loop. A per-sample Dataset opens each JPEG with PIL, resizes and normalises it; the
     collate_fn tokenizes the batch's captions (padded to the maximum length); fp32, NCHW, no pinned memory, and
@@ -15,7 +15,9 @@ batch size and step (``fusionprof.train.train_step``), run in one process and al
 (medians reported), so drift on a shared machine hits all three. ``--disk-size`` is the side of the JPEG files:
 the embedded default is 96 px; COCO's files are about 640×480, which is what (a) pays to decode on real data.
 It also prints (b)'s training FLOP/s (3 × forward FLOPs per sample) as a share of a matmul measured in the same
-run and, on a known GPU in bf16/fp16, the MFU against the datasheet peak. The record, with the environment, goes
+run and, on a known GPU in bf16/fp16, the MFU against the datasheet peak. ``--compile off,regions`` runs (b) and
+(c) eager and compiled by regions in the same rounds (compiled/eager side by side), with how much longer (b)'s
+first epoch took (the compile). The record, with the environment, goes
 to ``profiles/<host>/train-throughput-<preset>-<fusion>-<device>-<precision>-<disk size>px.json``.
 """
 
@@ -36,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import write_json
-from fusionprof.config import model_config, train_config
+from fusionprof.config import COMPILE_SCOPES, model_config, train_config
 from fusionprof.data import DEFAULT_SYNTH, prepare_data
 from fusionprof.data.coco import load_splits
 from fusionprof.data.images import IMAGENET_MEAN, IMAGENET_STD, cache_root
@@ -45,7 +47,7 @@ from fusionprof.data.synth import synth_dir_name, write_synth
 from fusionprof.data.text import build_tokenizer
 from fusionprof.env import fingerprint, machine_name
 from fusionprof.measure import matmul_rate
-from fusionprof.models import build_model, forward_flops
+from fusionprof.models import build_model, compile_regions, forward_flops
 from fusionprof.runtime import resolve_device, resolve_precision, seed_everything, synchronize
 from fusionprof.train import lr_schedule, make_optimizer, to_inputs, train, train_step
 
@@ -83,7 +85,11 @@ def fresh_model(mcfg, cfg, device, seed: int, channels_last: bool = True):
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, 10**6))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    return torch.compile(model) if cfg.compile else model, optimizer, scheduler, scaler
+    if cfg.compile == "model":
+        model = torch.compile(model)
+    elif cfg.compile == "regions":
+        compile_regions(model)
+    return model, optimizer, scheduler, scaler
 
 
 def timed_epoch(step, n_batches: int, n_pairs: int, device) -> float:
@@ -151,13 +157,24 @@ def model_flops_utilisation(mcfg, split, pairs, cfg, device, samples_per_s: floa
             "mfu_datasheet": achieved / (peak * 1e3) if peak else None}
 
 
-def run_shipped(cfg, mcfg, out: str) -> float:
+def run_shipped(cfg, mcfg, out: str) -> tuple[float, float]:
+    """(b): samples/s of the second epoch, and how much longer the first took (compiling, warming up)."""
     cfg = dataclasses.replace(cfg, epochs=2, run="bench-shipped", models_dir=f"{out}/m", profiles_dir=f"{out}/p")
-    metrics = train(cfg, mcfg, fresh=True, progress=False, log=lambda s: None)
-    return metrics["history"][1]["samples_per_s"]
+    history = train(cfg, mcfg, fresh=True, progress=False, log=lambda s: None)["history"]
+    return history[1]["samples_per_s"], history[0]["epoch_seconds"] - history[1]["epoch_seconds"]
 
 
 LABELS = {"naive": "(a) naive", "shipped": "(b) shipped", "ceiling": "(c) ceiling"}
+
+
+def key(loop: str, scope: str) -> str:
+    """The name of a loop's rates: "shipped" eager, "shipped+regions" compiled by regions, ..."""
+    return loop if scope == "off" or loop == "naive" else f"{loop}+{scope}"
+
+
+def label(k: str) -> str:
+    loop, _, scope = k.partition("+")
+    return LABELS[loop] + (f" +{scope}" if scope else "")
 
 
 def main() -> None:
@@ -169,7 +186,9 @@ def main() -> None:
     parser.add_argument("--disk-size", type=int, default=DEFAULT_SYNTH["size"], help="side of the JPEG files")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto", help="for (b) and (c), as train takes it; (a) is always fp32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile in (b) and (c)")
+    parser.add_argument("--compile", nargs="?", const="model", default="off", metavar="SCOPES",
+                        help="torch.compile in (b) and (c): model (bare --compile: the whole model), regions (each "
+                             "repeated block) or off; a list (off,regions) runs (b) and (c) once per scope")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers, for (a) and (b) alike")
     parser.add_argument("--random-init", action="store_true",
                         help="random-init encoders and the shipped vocabulary: the preset's architecture, no downloads")
@@ -177,18 +196,19 @@ def main() -> None:
                         help="which of the three to run (a ratio is printed when both of its loops ran)")
     parser.add_argument("--out", default="profiles", help="the record goes to OUT/<host>/")
     args = parser.parse_args()
-    loops = args.loops.split(",")
+    loops, scopes = args.loops.split(","), args.compile.split(",")
     if unknown := set(loops) - LABELS.keys():
         parser.error(f"--loops: unknown {', '.join(sorted(unknown))}; choose from naive, shipped, ceiling")
+    if unknown := set(scopes) - set(COMPILE_SCOPES):
+        parser.error(f"--compile: unknown {', '.join(sorted(unknown))}; choose from {', '.join(COMPILE_SCOPES)}")
 
     device = resolve_device(args.device)
     counts = {"train": args.images, "val": 50, "test": 50}
     root = write_synth(cache_root() / "data" / synth_dir_name(counts, args.disk_size, 0), counts, args.disk_size, 0,
                        progress=False)
     precision = resolve_precision(args.precision, device)
-    cfg = train_config(args.preset, data=str(root), device=str(device), precision=precision,
-                       compile=args.compile, workers=args.workers)
-    naive_cfg = dataclasses.replace(cfg, precision="fp32", compile=False)
+    cfg = train_config(args.preset, data=str(root), device=str(device), precision=precision, workers=args.workers)
+    naive_cfg = dataclasses.replace(cfg, precision="fp32")
     mcfg = model_config(args.preset, fusion=args.fusion,
                         **({"pretrained": False, "text_model": "config"} if args.random_init else {}))
     tokenizer = build_tokenizer(mcfg)
@@ -198,39 +218,68 @@ def main() -> None:
     caption_split = load_splits(root, 0)[0]["train"]
     pairs = make_pairs(caption_split.caption_image, split_rng(0, "train"))
 
-    rates: dict[str, list[float]] = {k: [] for k in LABELS if k in loops}
+    runs = {}  # key → a function returning (samples/s, extra seconds of the first epoch or None)
     with tempfile.TemporaryDirectory() as out:
-        runs = {"naive": lambda: run_naive(mcfg, naive_cfg, device, caption_split, pairs, tokenizer, args.workers),
-                "shipped": lambda: run_shipped(cfg, mcfg, out),
-                "ceiling": lambda: run_ceiling(mcfg, cfg, device, split, pairs)}
+        if "naive" in loops:
+            runs["naive"] = lambda: (run_naive(mcfg, naive_cfg, device, caption_split, pairs, tokenizer,
+                                               args.workers), None)
+        for scope in scopes:
+            scoped = dataclasses.replace(cfg, compile=scope)
+            if "shipped" in loops:
+                runs[key("shipped", scope)] = lambda c=scoped: run_shipped(c, mcfg, out)
+            if "ceiling" in loops:
+                runs[key("ceiling", scope)] = lambda c=scoped: (run_ceiling(mcfg, c, device, split, pairs), None)
+        rates: dict[str, list[float]] = {k: [] for k in runs}
+        first_epoch_extra: dict[str, list[float]] = {}
         for _ in range(args.rounds):
-            for name in rates:
-                rates[name].append(runs[name]())
+            for k, run in runs.items():
+                rate, extra = run()
+                rates[k].append(rate)
+                if extra is not None:
+                    first_epoch_extra.setdefault(k, []).append(extra)
             print("  " + "  ".join(f"{k} {v[-1]:7.1f}" for k, v in rates.items()) + "  samples/s", flush=True)
     median = {k: statistics.median(v) for k, v in rates.items()}
     env = fingerprint()
     print(f"{machine_name(env)}: {args.preset}/{args.fusion} on {device} ({precision}), {len(pairs)} pairs per "
           f"epoch from {args.images} images of {args.disk_size} px, batch {cfg.batch_size}, workers {args.workers}, "
           f"{torch.get_num_threads()} threads, median of {args.rounds} rounds")
-    print("  ".join(f"{label} {median[k]:.1f}" for k, label in LABELS.items() if k in median) + "  samples/s")
-    b_over_a = median["shipped"] / median["naive"] if {"shipped", "naive"} <= median.keys() else None
-    b_over_c = median["shipped"] / median["ceiling"] if {"shipped", "ceiling"} <= median.keys() else None
-    print("   ".join(([f"(b)/(a) = {b_over_a:.2f}×"] if b_over_a is not None else [])
-                     + ([f"(b)/(c) = {b_over_c:.1%}"] if b_over_c is not None else [])))
-    mfu = None
-    if "shipped" in median:
-        mfu = model_flops_utilisation(mcfg, split, pairs, cfg, device, median["shipped"])
-        print(f"(b) at {mfu['train_gflop_per_sample']:.3f} GFLOP per training sample: {mfu['achieved_gflops']:.1f} "
-              f"GFLOP/s = {mfu['share_of_matmul']:.1%} of a {mfu['matmul']['dtype']} {mfu['matmul']['n']}² matmul "
-              f"measured now ({mfu['matmul']['gflops']:.0f} GFLOP/s)"
-              + (f", MFU {mfu['mfu_datasheet']:.1%} of the {mfu['datasheet_tflops']:.0f}-TFLOP/s datasheet peak"
-                 if mfu["mfu_datasheet"] is not None else ""))
-    compiled = "-compile" if args.compile else ""
+    print("  ".join(f"{label(k)} {v:.1f}" for k, v in median.items()) + "  samples/s")
+
+    def ratio(a: str, b: str) -> float | None:
+        return median[a] / median[b] if a in median and b in median else None
+
+    by_scope, mfu = {}, {}
+    for scope in scopes:
+        b = key("shipped", scope)
+        r = by_scope[scope] = {"shipped_over_naive": ratio(b, "naive"),
+                               "shipped_over_ceiling": ratio(b, key("ceiling", scope)),
+                               "shipped_over_eager": ratio(b, "shipped") if scope != "off" else None,
+                               # round 1's: later rounds find the compiled code in the process's caches
+                               "first_epoch_extra_s": first_epoch_extra[b][0] if b in first_epoch_extra else None}
+        line = [f"(b)/(a) = {r['shipped_over_naive']:.2f}×"] if r["shipped_over_naive"] is not None else []
+        line += [f"(b)/(c) = {r['shipped_over_ceiling']:.1%}"] if r["shipped_over_ceiling"] is not None else []
+        line += [f"compiled/eager (b) = {r['shipped_over_eager']:.2f}×"] if r["shipped_over_eager"] is not None else []
+        if r["first_epoch_extra_s"] is not None:
+            line += [f"first epoch +{r['first_epoch_extra_s']:.1f} s" + (" (compiling)" if scope != "off" else "")
+                     + " in round 1"]
+        if line:
+            print(f"{'eager' if scope == 'off' else 'compile ' + scope}: " + "   ".join(line))
+        if b in median:
+            m = mfu[scope] = model_flops_utilisation(mcfg, split, pairs, cfg, device, median[b])
+            print(f"{label(b)} at {m['train_gflop_per_sample']:.3f} GFLOP per training sample: "
+                  f"{m['achieved_gflops']:.1f} GFLOP/s = {m['share_of_matmul']:.1%} of a {m['matmul']['dtype']} "
+                  f"{m['matmul']['n']}² matmul measured now ({m['matmul']['gflops']:.0f} GFLOP/s)"
+                  + (f", MFU {m['mfu_datasheet']:.1%} of the {m['datasheet_tflops']:.0f}-TFLOP/s datasheet peak"
+                     if m["mfu_datasheet"] is not None else ""))
+    compiled = "" if scopes == ["off"] else "-compile-" + "+".join(scopes)
     name = f"train-throughput-{args.preset}-{args.fusion}-{device.type}-{precision}{compiled}-{args.disk_size}px.json"
     path = Path(args.out) / env["host"] / name
+    first = by_scope[scopes[0]]
     write_json(path, {"schema_version": SCHEMA_VERSION, "kind": "train_throughput", "args": vars(args),
                       "precision": precision, "pairs_per_epoch": len(pairs), "samples_per_s": rates, "median": median,
-                      "shipped_over_naive": b_over_a, "shipped_over_ceiling": b_over_c, "mfu": mfu,
+                      "shipped_over_naive": first["shipped_over_naive"],
+                      "shipped_over_ceiling": first["shipped_over_ceiling"], "by_compile": by_scope,
+                      "first_epoch_extra_s": first_epoch_extra, "mfu": mfu.get(scopes[0]), "mfu_by_compile": mfu,
                       "environment": env})
     print(f"wrote {path}")
 

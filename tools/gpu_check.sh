@@ -12,10 +12,11 @@
 #                        the report, models/*/*.json (export records)
 #   OUTDIR/traces.tgz    the training-step and inference traces
 #   OUTDIR/summary.txt   the benchmarks' closing lines and one line per training run
-# FP_STEPS=a,b picks steps by name (the list below). Seen on an H200 lease (2026-11-27, cold machine, torch 2.11):
-# cuda-tests 44 s, seed-eager 132 s, compare > 150 s (cut in its latency stage), seed-compile > 224 s (cut while
-# compiling: inductor's cache starts empty), latency 46 s, feature-cache > 42 s: the whole list needs ~15 min, more
-# than one 10-minute command. Split it, e.g. FP_STEPS=seed-compile alone with FP_DEADLINE=500.
+# FP_STEPS=a,b picks steps by name (the list below). Seen on H200 leases (2026-11-27, cold machines, torch 2.11):
+# cuda-tests 44 s, seed-eager 132 s, seed-regions 300 s (169 s of it compiling), seed-profile 30 s, compare > 150 s
+# (cut in its latency stage), seed-compile > 205 s (cut while compiling the whole model: inductor's cache starts
+# empty), latency 46 s, feature-cache > 42 s: the whole list needs more than one 10-minute command. Split it, e.g.
+# FP_STEPS=seed-compile alone with FP_DEADLINE=560.
 # Dry run without a GPU (checks the script, not the GPU):
 #   FP_BIG=tiny FP_IMAGES=100 FP_QUICK=1 tools/gpu_check.sh /tmp/gpu-dry cpu
 set -uo pipefail
@@ -25,7 +26,8 @@ py=${PYTHON:-python3}             # the GPU machine has python3 (with torch), no
 big=${FP_BIG:-seed}               # the preset of the big-architecture benchmarks (random init: nothing to fetch)
 images=${FP_IMAGES:-600}          # train images for the throughput benchmarks (× 4 pairs)
 quick=${FP_QUICK:-0}              # 1: smallest settings everywhere (dry runs)
-steps=${FP_STEPS:-cuda-tests,seed-eager,compare,seed-compile,feature-cache,tiny-throughput}  # also: latency
+steps=${FP_STEPS:-cuda-tests,seed-eager,seed-regions,seed-profile,compare,seed-compile,feature-cache,tiny-throughput}
+#                                 also: latency
 deadline=$((SECONDS + ${FP_DEADLINE:-540}))
 work=${FP_WORK:-/tmp/fusionprof-gpu-check}
 rm -rf "$work" && mkdir -p "$work/profiles"
@@ -71,22 +73,29 @@ step cuda-tests 120 "$py" -m pytest -q -x tests/test_train.py -k cuda -p no:cach
 #    eager (naive / shipped / ceiling) with its MFU; the torch.compile run comes after the tiny study (its
 #    compile time is the hardest to foresee).
 step seed-eager 150 "${big_tt[@]}"
-# 3. The whole tiny study on the GPU: four fusions trained with their training-step profiles, ONNX export,
+# 3. The same compiled by regions (each repeated block once per shape: a much shorter compile than the whole
+#    model's), with its ceiling; then one eager seed step profiled: where the step's time goes, GPU busy share.
+step seed-regions 330 "${big_tt[@]}" --compile off,regions --loops shipped,ceiling
+seed_run=(--preset "$big" --fusion mid --pretrained none --text-model config --precision bf16 --epochs 1 --limit-train 100
+          --limit-eval 50)
+step seed-profile 100 "$py" -m fusionprof train --device "$device" "${seed_run[@]}" --profile --quiet \
+  --run "$big-mid-profile" --out "$work/models" --profiles "$work/profiles"
+# 4. The whole tiny study on the GPU: four fusions trained with their training-step profiles, ONNX export,
 #    a short latency sweep (torch backend), inference traces, the report.
 epochs=(); ((quick)) && epochs=(--epochs 1 --limit-train 100 --limit-eval 50)
 step compare 200 "$py" -m fusionprof compare --device "$device" "${epochs[@]}" "${sweep[@]}" --quiet \
   --out "$work/models" --profiles "$work/profiles"
-# 4. The same with torch.compile: the shipped loop and its MFU.
-step seed-compile 480 "${big_tt[@]}" --compile --loops shipped
+# 5. The whole model through torch.compile: the shipped loop and its MFU.
+step seed-compile 480 "${big_tt[@]}" --compile off,model --loops shipped
 # (Not by default: compare sweeps too.) A latency sweep of the four fusions (random init), torch backend, bf16.
 step latency 60 "$py" -m fusionprof latency --device "$device" --precision bf16 "${sweep[@]}" --quiet \
   --models "$work/no-models" --out "$work/profiles"
-# 5. The frozen-encoder feature cache with the big encoders, and the tiny preset's loop ratios on the GPU.
+# 6. The frozen-encoder feature cache with the big encoders, and the tiny preset's loop ratios on the GPU.
 step feature-cache 100 "${fc[@]}" --preset "$big" --random-init --limit-train 250 --epochs 2
 step tiny-throughput 80 "${tt[@]}" --rounds 2 --images "$((images / 2))"
 
 {
-  grep -hE "^\S.*: .* on |^\(a\)|^\(b\)|^early|^late" "$out/log.txt"
+  grep -hE "^\S.*: .* on |^\(a\)|^\(b\)|^early|^late|^eager:|^compile |^compiling|^training step profile" "$out/log.txt"
   "$py" - "$work/profiles" <<'PY'
 import json, pathlib, sys
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*/metrics.json")):

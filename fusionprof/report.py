@@ -124,8 +124,8 @@ def training_section(rec: Records) -> list[tuple]:
     if not rec.train:
         return blocks + [("p", "No training records yet: run `fusionprof train --fusion mid` (or "
                                "`fusionprof compare`).")]
-    header = ["machine", "preset", "fusion", "precision", "params (M)", "GFLOP/sample", "train time (s)", "samples/s",
-              "peak memory (MiB)", "test acc", "test AUC", "test pairs", "largest step shares"]
+    header = ["machine", "preset", "fusion", "precision", "params (M)", "GFLOP/sample", "epochs", "train time (s)",
+              "samples/s", "peak memory (MiB)", "test acc", "test AUC", "test pairs", "largest step shares"]
     rows = []
     for r in sorted(rec.train, key=lambda r: (machine_name(r["environment"]), r["preset"], r["fusion"])):
         mem = r["peak_memory"]
@@ -139,7 +139,7 @@ def training_section(rec: Records) -> list[tuple]:
                 shares += f"; GPU busy {r['step_profile']['gpu_busy_share']:.0%}"
         rows.append([machine_name(r["environment"]), r["preset"], r["fusion"], r["train_config"]["precision"],
                      _fmt(r["parameters"]["total"] / 1e6), _fmt(r["forward_flops_per_sample"]["total"] / 1e9, 3),
-                     _fmt(r["train_seconds"], 0), _fmt(r["train_samples_per_s"], 0),
+                     r["epochs"], _fmt(r["train_seconds"], 0), _fmt(r["train_samples_per_s"], 0),
                      f"{memory:.0f} ({memory_kind})", f"{r['test']['accuracy']:.1%}", _fmt(r["test"]["auc"], 3),
                      r["test"]["pairs"], shares or "run with --profile"])
     return blocks + [("table", header, rows),

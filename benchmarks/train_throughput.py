@@ -47,9 +47,9 @@ from fusionprof.data.synth import synth_dir_name, write_synth
 from fusionprof.data.text import build_tokenizer
 from fusionprof.env import fingerprint, machine_name
 from fusionprof.measure import matmul_rate
-from fusionprof.models import build_model, compile_regions, forward_flops
+from fusionprof.models import build_model, forward_flops
 from fusionprof.runtime import resolve_device, resolve_precision, seed_everything, synchronize
-from fusionprof.train import lr_schedule, make_optimizer, to_inputs, train, train_step
+from fusionprof.train import compiled, lr_schedule, make_optimizer, to_inputs, train, train_step
 
 
 class NaivePairs(Dataset):
@@ -85,11 +85,7 @@ def fresh_model(mcfg, cfg, device, seed: int, channels_last: bool = True):
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, 10**6))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    if cfg.compile == "model":
-        model = torch.compile(model)
-    elif cfg.compile == "regions":
-        compile_regions(model)
-    return model, optimizer, scheduler, scaler
+    return compiled(model, cfg.compile, log=lambda s: None), optimizer, scheduler, scaler
 
 
 def timed_epoch(step, n_batches: int, n_pairs: int, device) -> float:
@@ -231,13 +227,15 @@ def main() -> None:
                 runs[key("ceiling", scope)] = lambda c=scoped: (run_ceiling(mcfg, c, device, split, pairs), None)
         rates: dict[str, list[float]] = {k: [] for k in runs}
         first_epoch_extra: dict[str, list[float]] = {}
-        for _ in range(args.rounds):
+        for round_ in range(1, args.rounds + 1):
             for k, run in runs.items():
                 rate, extra = run()
                 rates[k].append(rate)
                 if extra is not None:
                     first_epoch_extra.setdefault(k, []).append(extra)
-            print("  " + "  ".join(f"{k} {v[-1]:7.1f}" for k, v in rates.items()) + "  samples/s", flush=True)
+                # one line per run: a run cut short (a lease's time limit) still leaves the ones before it
+                print(f"  round {round_}: {k} {rate:.1f} samples/s"
+                      + (f", first epoch +{extra:.1f} s" if extra is not None else ""), flush=True)
     median = {k: statistics.median(v) for k, v in rates.items()}
     env = fingerprint()
     print(f"{machine_name(env)}: {args.preset}/{args.fusion} on {device} ({precision}), {len(pairs)} pairs per "

@@ -53,7 +53,14 @@ from fusionprof.env import fingerprint
 from fusionprof.errors import UserError
 from fusionprof.features import cached_features
 from fusionprof.metrics import itm_metrics, predict
-from fusionprof.models import FusionHead, build_model, compile_regions, count_parameters, forward_flops
+from fusionprof.models import (
+    FusionHead,
+    allow_recompiles,
+    build_model,
+    compile_regions,
+    count_parameters,
+    forward_flops,
+)
 from fusionprof.profiling import TRAIN_RANGES, describe_step_profile, run_profiled, step_breakdown, trace_dir
 from fusionprof.runtime import (
     autocast,
@@ -89,6 +96,18 @@ def to_inputs(batch: Batch, device: torch.device) -> tuple[tuple[torch.Tensor, .
     if not images.is_floating_point():
         images = normalize(images, channels_last=True)
     return (images, batch.input_ids, batch.attention_mask), batch.labels
+
+
+def compiled(model: nn.Module, scope: str, log: Callable[[str], None] = print) -> nn.Module:
+    """``model`` as ``--compile scope`` runs it: as it is, through ``torch.compile``, or with its repeated blocks
+    compiled in place. Shapes are Dynamo's default: static first, dynamic where a second call changes them
+    (caption lengths vary per batch)."""
+    if scope == "model":
+        allow_recompiles()
+        return torch.compile(model)
+    if scope == "regions":
+        log(f"compiling {compile_regions(model)} repeated blocks (regional compilation)")
+    return model
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
@@ -344,10 +363,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
     barrier(d)  # the other ranks wait for rank 0's profile
     # After the profiled copy (deepcopy of a module compiled in place would call the original's blocks): the
     # timed epochs run compiled; the profile shows the eager step.
-    if cfg.compile == "model":
-        step_model = torch.compile(step_model)
-    elif cfg.compile == "regions":
-        log(f"compiling {compile_regions(net_model)} repeated blocks (regional compilation)")
+    step_model = compiled(step_model, cfg.compile, log)
     reset_peak_memory(device)
     log(f"{run}: {model_cfg.fusion} fusion, {count_parameters(model)['total'] / 1e6:.2f} M parameters, "
         f"{train_split.n_captions} train captions → {n_pairs} pairs/epoch, on {device} ({cfg.precision})"

@@ -93,6 +93,9 @@ step latency 60 "$py" -m fusionprof latency --device "$device" --precision bf16 
 # 6. The frozen-encoder feature cache with the big encoders, and the tiny preset's loop ratios on the GPU.
 step feature-cache 100 "${fc[@]}" --preset "$big" --random-init --limit-train 250 --epochs 2
 step tiny-throughput 80 "${tt[@]}" --rounds 2 --images "$((images / 2))"
+# (Not by default.) The tiny model compiled, by regions and whole, side by side with eager: launch-bound on a GPU.
+step tiny-compile 240 "${tt[@]}" --rounds 1 --images "$((images / 2))" --compile off,regions,model \
+  --loops shipped,ceiling
 
 {
   grep -hE "^\S.*: .* on |^\(a\)|^\(b\)|^early|^late|^eager:|^compile |^compiling|^training step profile" "$out/log.txt"

@@ -1,6 +1,7 @@
 from fusionprof.models.model import (
     FusionHead,
     FusionModel,
+    allow_recompiles,
     build_model,
     compile_regions,
     count_parameters,
@@ -9,5 +10,5 @@ from fusionprof.models.model import (
 )
 from fusionprof.models.registry import create_fusion, fusion_names, register_fusion
 
-__all__ = ["FusionHead", "FusionModel", "build_model", "compile_regions", "count_parameters", "create_fusion",
-           "forward_flops", "fusion_names", "register_fusion", "repeated_blocks"]
+__all__ = ["FusionHead", "FusionModel", "allow_recompiles", "build_model", "compile_regions", "count_parameters",
+           "create_fusion", "forward_flops", "fusion_names", "register_fusion", "repeated_blocks"]

@@ -131,21 +131,25 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def compile_regions(model: nn.Module) -> int:
+def compile_regions(model: nn.Module, dynamic: bool | None = None) -> int:
     """Regional compilation: ``torch.compile`` each repeated block in place, the rest of the model stays eager.
 
     Blocks of one class share their forward's code, so Dynamo compiles each distinct block shape once and every
     copy reuses it (BERT-base's 12 layers are one graph, ResNet-50's 16 blocks eight): the compile costs a few
     blocks, not the whole network, for most of the fusion inside them (PyTorch's "regional compilation" recipe).
-    Returns the number of blocks compiled.
+    ``dynamic`` as ``torch.compile`` takes it. Returns the number of blocks compiled.
     """
-    # Each block shape, and the shorter last batch of an epoch, is one more entry for the same code: past Dynamo's
-    # default limit of 8 entries it would run the remaining blocks eager, with only a warning.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    allow_recompiles()
     blocks = repeated_blocks(model)
     for block in blocks:
-        block.compile()
+        block.compile(dynamic=dynamic)
     return len(blocks)
+
+
+def allow_recompiles(limit: int = 64) -> None:
+    """Each block shape, caption length and the shorter last batch of an epoch is one more compiled entry for the
+    same code: past Dynamo's default limit of 8 it would run the rest eager, with only a warning."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

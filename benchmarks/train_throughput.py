@@ -235,7 +235,7 @@ def main() -> None:
                     first_epoch_extra.setdefault(k, []).append(extra)
                 # one line per run: a run cut short (a lease's time limit) still leaves the ones before it
                 print(f"  round {round_}: {k} {rate:.1f} samples/s"
-                      + (f", first epoch +{extra:.1f} s" if extra is not None else ""), flush=True)
+                      + (f", first epoch {extra:+.1f} s" if extra is not None else ""), flush=True)
     median = {k: statistics.median(v) for k, v in rates.items()}
     env = fingerprint()
     print(f"{machine_name(env)}: {args.preset}/{args.fusion} on {device} ({precision}), {len(pairs)} pairs per "
@@ -258,7 +258,7 @@ def main() -> None:
         line += [f"(b)/(c) = {r['shipped_over_ceiling']:.1%}"] if r["shipped_over_ceiling"] is not None else []
         line += [f"compiled/eager (b) = {r['shipped_over_eager']:.2f}×"] if r["shipped_over_eager"] is not None else []
         if r["first_epoch_extra_s"] is not None:
-            line += [f"first epoch +{r['first_epoch_extra_s']:.1f} s" + (" (compiling)" if scope != "off" else "")
+            line += [f"first epoch {r['first_epoch_extra_s']:+.1f} s" + (" (compiling)" if scope != "off" else "")
                      + " in round 1"]
         if line:
             print(f"{'eager' if scope == 'off' else 'compile ' + scope}: " + "   ".join(line))

@@ -94,7 +94,7 @@ def data_synth(out, n_train, n_val, n_test, size, seed):
                    "else fp32.")
 @click.option("--compile", "compile_", type=click.Choice(["model", "regions"]), is_flag=False, flag_value="model",
               default=None, help="torch.compile the training step: the whole model (bare --compile), or 'regions': "
-                                 "each repeated block, compiled once per shape (much shorter compile).")
+                                 "each repeated block, compiled once per shape (a shorter compile).")
 @click.option("--freeze-encoders", is_flag=True, help="Train the fusion head only.")
 @click.option("--cache-features", is_flag=True,
               help="With --freeze-encoders: encode each split once (memory-mapped cache), then train the head only.")

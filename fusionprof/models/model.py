@@ -134,10 +134,10 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 def compile_regions(model: nn.Module, dynamic: bool | None = None) -> int:
     """Regional compilation: ``torch.compile`` each repeated block in place, the rest of the model stays eager.
 
-    Blocks of one class share their forward's code, so Dynamo compiles each distinct block shape once and every
-    copy reuses it (BERT-base's 12 layers are one graph, ResNet-50's 16 blocks eight): the compile costs a few
-    blocks, not the whole network, for most of the fusion inside them (PyTorch's "regional compilation" recipe).
-    ``dynamic`` as ``torch.compile`` takes it. Returns the number of blocks compiled.
+    Blocks of one class share their forward's code, so what Dynamo compiles for one block serves every copy of the
+    same shape (BERT-base's 12 layers share their graphs): the compile costs a few blocks, not the whole network,
+    and keeps the fusion inside them (PyTorch's "regional compilation" recipe). ``dynamic`` as ``torch.compile``
+    takes it. Returns the number of blocks compiled.
     """
     allow_recompiles()
     blocks = repeated_blocks(model)

@@ -86,7 +86,7 @@ epochs=(); ((quick)) && epochs=(--epochs 1 --limit-train 100 --limit-eval 50)
 step compare 200 "$py" -m fusionprof compare --device "$device" "${epochs[@]}" "${sweep[@]}" --quiet \
   --out "$work/models" --profiles "$work/profiles"
 # 5. The whole model through torch.compile: the shipped loop and its MFU.
-step seed-compile 480 "${big_tt[@]}" --compile off,model --loops shipped
+step seed-compile 540 "${big_tt[@]}" --compile off,model --loops shipped
 # (Not by default: compare sweeps too.) A latency sweep of the four fusions (random init), torch backend, bf16.
 step latency 60 "$py" -m fusionprof latency --device "$device" --precision bf16 "${sweep[@]}" --quiet \
   --models "$work/no-models" --out "$work/profiles"

@@ -46,7 +46,7 @@ from fusionprof.data.itm import make_pairs, split_rng
 from fusionprof.data.synth import synth_dir_name, write_synth
 from fusionprof.data.text import build_tokenizer
 from fusionprof.env import fingerprint, machine_name
-from fusionprof.measure import matmul_rate
+from fusionprof.measure import datasheet_tflops, matmul_rate
 from fusionprof.models import build_model, forward_flops
 from fusionprof.runtime import resolve_device, resolve_precision, seed_everything, synchronize
 from fusionprof.train import compiled, lr_schedule, make_optimizer, to_inputs, train, train_step
@@ -132,10 +132,6 @@ def run_ceiling(mcfg, cfg, device, split, pairs) -> float:
     return timed_epoch(step, len(epoch), len(pairs), device)
 
 
-# Dense bf16/fp16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), by name fragment.
-DATASHEET_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.5, "A100": 312.0, "L4": 121.0}
-
-
 def model_flops_utilisation(mcfg, split, pairs, cfg, device, samples_per_s: float) -> dict:
     """Training FLOP/s (3 × forward FLOPs: the backward costs about two forwards) at the epoch's mean caption
     length, against a matmul measured now and, on a known GPU in bf16/fp16, against the datasheet peak."""
@@ -144,10 +140,7 @@ def model_flops_utilisation(mcfg, split, pairs, cfg, device, samples_per_s: floa
     per_sample = 3 * forward_flops(build_model(mcfg).to(device), seq_len=seq_len)["total"] / 1e9
     achieved = per_sample * samples_per_s
     matmul = matmul_rate(device, cfg.precision)
-    peak = None
-    if device.type == "cuda" and cfg.precision in ("bf16", "fp16"):
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in DATASHEET_TFLOPS.items() if k in name), None)
+    peak = datasheet_tflops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
     return {"seq_len": seq_len, "train_gflop_per_sample": per_sample, "achieved_gflops": achieved, "matmul": matmul,
             "share_of_matmul": achieved / matmul["gflops"], "datasheet_tflops": peak,
             "mfu_datasheet": achieved / (peak * 1e3) if peak else None}

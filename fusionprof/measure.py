@@ -113,3 +113,15 @@ def matmul_rate(device, dtype_name: str = "fp32", n: int = 2048, protocol: Proto
                            protocol or Protocol(warmup_seconds=0.5, warmup_calls=3, min_seconds=1.0, min_calls=10))
     stats = summarize(samples)
     return {"n": n, "dtype": dtype_name, "p50_ms": stats["p50_ms"], "gflops": 2 * n**3 / (stats["p50_ms"] / 1e3) / 1e9}
+
+
+# Dense bf16/fp16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), by name fragment.
+DATASHEET_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.5, "A100": 312.0, "L4": 121.0}
+
+
+def datasheet_tflops(gpu_name: str, precision: str) -> float | None:
+    """The datasheet's dense tensor-core peak for a GPU in bf16 / fp16: the denominator of MFU. None for fp32, the
+    CPU or a card not in the table (an MFU against a guessed peak would be a number we could not defend)."""
+    if precision not in ("bf16", "fp16"):
+        return None
+    return next((v for k, v in DATASHEET_TFLOPS.items() if k in gpu_name), None)

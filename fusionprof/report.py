@@ -119,13 +119,22 @@ def _fmt(x, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _train_rate(r: dict) -> str:
+    """Achieved training GFLOP/s, with the MFU where the record has one (a known GPU in bf16 / fp16)."""
+    tf = r.get("train_flops")
+    if not tf:
+        return "–"  # recorded before training FLOP/s were
+    return f"{tf['achieved_tflops'] * 1e3:.0f}" + (f" (MFU {tf['mfu']:.1%})" if tf.get("mfu") is not None else "")
+
+
 def training_section(rec: Records) -> list[tuple]:
     blocks: list[tuple] = [("h2", "Training: the study's table, extended")]
     if not rec.train:
         return blocks + [("p", "No training records yet: run `fusionprof train --fusion mid` (or "
                                "`fusionprof compare`).")]
     header = ["machine", "preset", "fusion", "precision", "params (M)", "GFLOP/sample", "epochs", "train time (s)",
-              "samples/s", "peak memory (MiB)", "test acc", "test AUC", "test pairs", "largest step shares"]
+              "samples/s", "train GFLOP/s", "peak memory (MiB)", "test acc", "test AUC", "test pairs",
+              "largest step shares"]
     rows = []
     for r in sorted(rec.train, key=lambda r: (machine_name(r["environment"]), r["preset"], r["fusion"])):
         mem = r["peak_memory"]
@@ -139,15 +148,18 @@ def training_section(rec: Records) -> list[tuple]:
                 shares += f"; GPU busy {r['step_profile']['gpu_busy_share']:.0%}"
         rows.append([machine_name(r["environment"]), r["preset"], r["fusion"], r["train_config"]["precision"],
                      _fmt(r["parameters"]["total"] / 1e6), _fmt(r["forward_flops_per_sample"]["total"] / 1e9, 3),
-                     r["epochs"], _fmt(r["train_seconds"], 0), _fmt(r["train_samples_per_s"], 0),
+                     r["epochs"], _fmt(r["train_seconds"], 0), _fmt(r["train_samples_per_s"], 0), _train_rate(r),
                      f"{memory:.0f} ({memory_kind})", f"{r['test']['accuracy']:.1%}", _fmt(r["test"]["auc"], 3),
                      r["test"]["pairs"], shares or "run with --profile"])
     return blocks + [("table", header, rows),
                      ("p", "Accuracy is image–text matching on the test split (one positive and one fixed negative "
-                           "per caption). Peak memory is CUDA max allocated on a GPU and the process's peak RSS "
-                           "on the host. Step shares are the host time of the profiled step's parts (`--profile`); "
-                           "GPU busy is the GPU's kernel time in that step: a small share means the step waits on "
-                           "the host (kernel launches, Python), not on the GPU.")]
+                           "per caption). Train GFLOP/s: forward FLOPs at the mean caption length, ×3 for what "
+                           "trains (×1 for frozen encoders, 0 for cached features), times samples/s; MFU against "
+                           "the datasheet's bf16/fp16 peak (–: a record from before these were kept). Peak memory "
+                           "is CUDA max allocated on a GPU and the process's peak RSS on the host. Step shares are "
+                           "the host time of the profiled step's parts (`--profile`); GPU busy is the GPU's kernel "
+                           "time in that step: a small share means the step waits on the host (kernel launches, "
+                           "Python), not on the GPU.")]
 
 
 def export_section(rec: Records) -> list[tuple]:

@@ -52,9 +52,11 @@ from fusionprof.distributed import (
 from fusionprof.env import fingerprint
 from fusionprof.errors import UserError
 from fusionprof.features import cached_features
+from fusionprof.measure import datasheet_tflops
 from fusionprof.metrics import itm_metrics, predict
 from fusionprof.models import (
     FusionHead,
+    FusionModel,
     allow_recompiles,
     build_model,
     compile_regions,
@@ -108,6 +110,21 @@ def compiled(model: nn.Module, scope: str, log: Callable[[str], None] = print) -
     if scope == "regions":
         log(f"compiling {compile_regions(model)} repeated blocks (regional compilation)")
     return model
+
+
+def training_flops(model: FusionModel, cfg: TrainConfig, seq_len: float, samples_per_s: float,
+                   device: torch.device) -> dict:
+    """What a training sample costs and the rate the run achieved: the forward counted at the epoch's mean caption
+    length; ×3 for what trains (the backward costs about two forwards), ×1 for frozen encoders, nothing for
+    encoders read from the feature cache. MFU against the datasheet peak on a known GPU in bf16 / fp16."""
+    f = forward_flops(model, seq_len=round(seq_len))
+    encoders = f["image_encoder"] + f["text_encoder"]
+    head = f["total"] - encoders
+    per_sample = 3 * head + (0 if cfg.cache_features else 1 if model.cfg.freeze_encoders else 3) * encoders
+    achieved = per_sample * samples_per_s / 1e12
+    peak = datasheet_tflops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
+    return {"seq_len": seq_len, "forward_flops": f, "gflop_per_sample": per_sample / 1e9,
+            "achieved_tflops": achieved, "datasheet_tflops": peak, "mfu": achieved / peak if peak else None}
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
@@ -430,6 +447,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
         "step_profile": step_profile and step_profile["step"],
         "train_seconds": train_seconds, "epochs": cfg.epochs,
         "train_samples_per_s": len(history) * n_pairs / train_seconds,
+        "train_flops": training_flops(model, cfg, train_split.batches(train_split.pairs(cfg.seed), rank_batch)
+                                      .mean_length(), len(history) * n_pairs / train_seconds, device),
         "feature_cache": feature_cache,
         "distributed": {"world_size": d.world_size, "backend": d.backend, "batch_per_process": rank_batch},
         "peak_memory": peak_memory_mib(device),

@@ -86,6 +86,13 @@ def test_cached_and_uncached_frozen_training_agree(tmp_path, small_data):
         torch.testing.assert_close(heads[True][name], tensor, atol=1e-4, rtol=1e-3, msg=name)
     assert metrics[True]["test"]["accuracy"] == metrics[False]["test"]["accuracy"]
     assert metrics[True]["test"]["auc"] == pytest.approx(metrics[False]["test"]["auc"], abs=1e-3)
+    # FLOPs a training sample costs: frozen encoders forward only, cached ones not at all; the head ×3
+    for cache, encoder_factor in ((False, 1), (True, 0)):
+        tf = metrics[cache]["train_flops"]
+        f = tf["forward_flops"]
+        head = f["total"] - f["image_encoder"] - f["text_encoder"]
+        expected = 3 * head + encoder_factor * (f["image_encoder"] + f["text_encoder"])
+        assert tf["gflop_per_sample"] * 1e9 == pytest.approx(expected) and tf["mfu"] is None
 
 
 def test_cache_features_cli(tmp_path, small_data):

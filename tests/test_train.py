@@ -12,6 +12,7 @@ from conftest import NO_CUDA_64
 from fusionprof.cli import cli
 from fusionprof.config import model_config, train_config
 from fusionprof.errors import UserError
+from fusionprof.measure import datasheet_tflops
 from fusionprof.train import load_checkpoint, train
 
 QUICK = ["--epochs", "2", "--batch-size", "16", "--quiet"]
@@ -41,6 +42,10 @@ def test_train_cli_writes_checkpoint_and_metrics(fusion, tmp_path, small_data):
     assert 0 <= metrics["test"]["accuracy"] <= 1 and len(metrics["history"]) == 2
     assert metrics["forward_flops_per_sample"]["total"] > 1e7
     assert metrics["parameters"]["total"] > 1e6 and metrics["train_samples_per_s"] > 0
+    tf = metrics["train_flops"]  # everything trains: 3 forwards' worth, at the batches' mean caption length
+    assert 1 <= tf["seq_len"] <= 24 and tf["mfu"] is None and tf["datasheet_tflops"] is None  # no MFU on a CPU
+    assert tf["gflop_per_sample"] * 1e9 == pytest.approx(3 * tf["forward_flops"]["total"])
+    assert tf["achieved_tflops"] * 1e12 == pytest.approx(tf["gflop_per_sample"] * 1e9 * metrics["train_samples_per_s"])
     assert metrics["peak_memory"]["host_peak_rss_mib"] > 100
     env = metrics["environment"]
     assert env["cpu_logical_cores"] >= 1 and "torch" in env["versions"] and env["host"]
@@ -100,6 +105,11 @@ def test_user_errors_are_one_line(args, message, tmp_path):
     last = out.strip().splitlines()[-1]  # usage errors come after click's "Usage: / Try --help" lines
     assert code != 0 and last.startswith("Error: ") and message in last
     assert "Traceback" not in out and out.count("Error") == 1
+
+
+def test_mfu_needs_a_known_gpu_and_a_tensor_core_precision():
+    assert datasheet_tflops("NVIDIA H200", "bf16") == datasheet_tflops("NVIDIA H100 80GB HBM3", "fp16") == 989.4
+    assert datasheet_tflops("NVIDIA H200", "fp32") is None and datasheet_tflops("Some GPU", "bf16") is None
 
 
 def test_compile_scopes_and_the_flag_old_checkpoints_stored():

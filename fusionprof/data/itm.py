@@ -97,6 +97,13 @@ class PairBatches(Dataset):
             labels=torch.from_numpy(self.pairs.label[sel]),
         )
 
+    def mean_length(self) -> float:
+        """The caption length of the average sample's batch (each batch is trimmed to its longest caption),
+        without gathering a batch: the sequence length the step's FLOPs are counted at."""
+        per_pair = self.attention_mask.sum(1).numpy()[self.pairs.caption[self.order]]
+        starts = np.arange(0, len(per_pair), self.batch_size)
+        return float(np.maximum.reduceat(per_pair, starts) @ np.diff(np.append(starts, len(per_pair)))) / len(per_pair)
+
 
 def loader(batches: PairBatches, workers: int = 0, pin_memory: bool = False, sampler=None) -> DataLoader:
     """Batches in order, or in the order of ``sampler`` (e.g. one rank's share under DDP)."""

@@ -180,7 +180,8 @@ def forward_flops(model: FusionModel, seq_len: int | None = None) -> dict[str, f
     model.eval()
     device = next(model.parameters()).device
     images, ids, mask = example_inputs(model.cfg, batch=1, seq_len=seq_len, device=device)
-    with FlopCounterMode(display=False) as counter:
+    # eager, also when blocks are compiled in place (--compile regions): counting is not worth a recompile
+    with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
         model(images, ids, mask)
     model.train(was_training)
     by_module = counter.get_flop_counts()

@@ -46,10 +46,18 @@ from fusionprof.data.itm import make_pairs, split_rng
 from fusionprof.data.synth import synth_dir_name, write_synth
 from fusionprof.data.text import build_tokenizer
 from fusionprof.env import fingerprint, machine_name
-from fusionprof.measure import datasheet_tflops, matmul_rate
-from fusionprof.models import build_model, forward_flops
+from fusionprof.measure import matmul_rate
+from fusionprof.models import build_model
 from fusionprof.runtime import resolve_device, resolve_precision, seed_everything, synchronize
-from fusionprof.train import compiled, lr_schedule, make_optimizer, to_inputs, train, train_step
+from fusionprof.train import (
+    compiled,
+    lr_schedule,
+    make_optimizer,
+    to_inputs,
+    train,
+    train_step,
+    training_flops,
+)
 
 
 class NaivePairs(Dataset):
@@ -133,17 +141,16 @@ def run_ceiling(mcfg, cfg, device, split, pairs) -> float:
 
 
 def model_flops_utilisation(mcfg, split, pairs, cfg, device, samples_per_s: float) -> dict:
-    """Training FLOP/s (3 × forward FLOPs: the backward costs about two forwards) at the epoch's mean caption
-    length, against a matmul measured now and, on a known GPU in bf16/fp16, against the datasheet peak."""
-    lengths = [b.input_ids.shape[1] for b in split.batches(pairs, cfg.batch_size)]
-    seq_len = round(statistics.mean(lengths))
-    per_sample = 3 * forward_flops(build_model(mcfg).to(device), seq_len=seq_len)["total"] / 1e9
-    achieved = per_sample * samples_per_s
+    """Training FLOP/s, counted as the training records count them (``fusionprof.train.training_flops``: 3 ×
+    forward FLOPs at the epoch's mean caption length), against a matmul measured now and, on a known GPU in
+    bf16/fp16, against the datasheet peak."""
+    flops = training_flops(build_model(mcfg).to(device), cfg, split.batches(pairs, cfg.batch_size).mean_length(),
+                           samples_per_s, device)
+    achieved = flops["achieved_tflops"] * 1e3
     matmul = matmul_rate(device, cfg.precision)
-    peak = datasheet_tflops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
-    return {"seq_len": seq_len, "train_gflop_per_sample": per_sample, "achieved_gflops": achieved, "matmul": matmul,
-            "share_of_matmul": achieved / matmul["gflops"], "datasheet_tflops": peak,
-            "mfu_datasheet": achieved / (peak * 1e3) if peak else None}
+    return {"seq_len": flops["seq_len"], "train_gflop_per_sample": flops["gflop_per_sample"],
+            "achieved_gflops": achieved, "matmul": matmul, "share_of_matmul": achieved / matmul["gflops"],
+            "datasheet_tflops": flops["datasheet_tflops"], "mfu_datasheet": flops["mfu"]}
 
 
 def run_shipped(cfg, mcfg, out: str) -> tuple[float, float]:

@@ -1,7 +1,7 @@
 """Training samples/s: the study's naive loop vs fusionprof's loop vs the compute-only ceiling, side by side.
 
     python benchmarks/train_throughput.py [--preset tiny] [--fusion mid] [--images 500] [--rounds 3]
-        [--disk-size 96] [--device cpu] [--precision fp32] [--compile [off,model,regions]] [--workers 0]
+        [--disk-size 96] [--device cpu] [--precision fp32] [--compile [off,model,regions,cudagraphs]] [--workers 0]
         [--random-init] [--loops naive,shipped,ceiling]
 
 (a) naive: the study's loop. A per-sample Dataset opens each JPEG with PIL, resizes and normalises it; the
@@ -17,7 +17,8 @@ the embedded default is 96 px; COCO's files are about 640×480, which is what (a
 It also prints (b)'s training FLOP/s (3 × forward FLOPs per sample) as a share of a matmul measured in the same
 run and, on a known GPU in bf16/fp16, the MFU against the datasheet peak. ``--compile off,regions`` runs (b) and
 (c) eager and compiled by regions in the same rounds (compiled/eager side by side), with how much longer (b)'s
-first epoch took (the compile). The record, with the environment, goes
+first epoch took (the compile); ``cudagraphs`` (CUDA only) also counts the graphs inductor skipped.
+The record, with the environment, goes
 to ``profiles/<host>/train-throughput-<preset>-<fusion>-<device>-<precision>-<disk size>px.json``.
 """
 
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader, Dataset
 
 from fusionprof import SCHEMA_VERSION
@@ -184,7 +186,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", help="for (b) and (c), as train takes it; (a) is always fp32")
     parser.add_argument("--compile", nargs="?", const="model", default="off", metavar="SCOPES",
                         help="torch.compile in (b) and (c): model (bare --compile: the whole model), regions (each "
-                             "repeated block) or off; a list (off,regions) runs (b) and (c) once per scope")
+                             "repeated block), cudagraphs (the whole model as CUDA graphs) or off; a list "
+                             "(off,regions) runs (b) and (c) once per scope")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers, for (a) and (b) alike")
     parser.add_argument("--random-init", action="store_true",
                         help="random-init encoders and the shipped vocabulary: the preset's architecture, no downloads")
@@ -199,6 +202,8 @@ def main() -> None:
         parser.error(f"--compile: unknown {', '.join(sorted(unknown))}; choose from {', '.join(COMPILE_SCOPES)}")
 
     device = resolve_device(args.device)
+    if "cudagraphs" in scopes and device.type != "cuda":
+        parser.error(f"--compile cudagraphs needs a CUDA device, not {device}")
     counts = {"train": args.images, "val": 50, "test": 50}
     root = write_synth(cache_root() / "data" / synth_dir_name(counts, args.disk_size, 0), counts, args.disk_size, 0,
                        progress=False)
@@ -227,15 +232,21 @@ def main() -> None:
                 runs[key("ceiling", scope)] = lambda c=scoped: (run_ceiling(mcfg, c, device, split, pairs), None)
         rates: dict[str, list[float]] = {k: [] for k in runs}
         first_epoch_extra: dict[str, list[float]] = {}
+        graph_skips: dict[str, int] = {}  # CUDA graphs inductor gave up on (kernels launched one by one instead)
         for round_ in range(1, args.rounds + 1):
             for k, run in runs.items():
+                skips = counters["inductor"]["cudagraph_skips"]
                 rate, extra = run()
+                if k.endswith("+cudagraphs"):
+                    graph_skips[k] = graph_skips.get(k, 0) + counters["inductor"]["cudagraph_skips"] - skips
                 rates[k].append(rate)
                 if extra is not None:
                     first_epoch_extra.setdefault(k, []).append(extra)
                 # one line per run: a run cut short (a lease's time limit) still leaves the ones before it
                 print(f"  round {round_}: {k} {rate:.1f} samples/s"
-                      + (f", first epoch {extra:+.1f} s" if extra is not None else ""), flush=True)
+                      + (f", first epoch {extra:+.1f} s" if extra is not None else "")
+                      + (f", CUDA graphs skipped: {graph_skips[k]} (TORCH_LOGS=perf_hints says why)"
+                         if graph_skips.get(k) else ""), flush=True)
     median = {k: statistics.median(v) for k, v in rates.items()}
     env = fingerprint()
     print(f"{machine_name(env)}: {args.preset}/{args.fusion} on {device} ({precision}), {len(pairs)} pairs per "
@@ -277,7 +288,8 @@ def main() -> None:
                       "precision": precision, "pairs_per_epoch": len(pairs), "samples_per_s": rates, "median": median,
                       "shipped_over_naive": first["shipped_over_naive"],
                       "shipped_over_ceiling": first["shipped_over_ceiling"], "by_compile": by_scope,
-                      "first_epoch_extra_s": first_epoch_extra, "mfu": mfu.get(scopes[0]), "mfu_by_compile": mfu,
+                      "first_epoch_extra_s": first_epoch_extra, "cudagraph_skips": graph_skips,
+                      "mfu": mfu.get(scopes[0]), "mfu_by_compile": mfu,
                       "environment": env})
     print(f"wrote {path}")
 

@@ -92,9 +92,11 @@ def data_synth(out, n_train, n_val, n_test, size, seed):
 @click.option("--precision", type=click.Choice(["auto", *PRECISIONS]), default="auto", show_default=True,
               help="auto: bf16 autocast where the hardware has native bf16 (CUDA 8.0+, AVX512-BF16/AMX CPUs), "
                    "else fp32.")
-@click.option("--compile", "compile_", type=click.Choice(["model", "regions"]), is_flag=False, flag_value="model",
-              default=None, help="torch.compile the training step: the whole model (bare --compile), or 'regions': "
-                                 "each repeated block, compiled once per shape (a shorter compile).")
+@click.option("--compile", "compile_", type=click.Choice(["model", "regions", "cudagraphs"]), is_flag=False,
+              flag_value="model", default=None,
+              help="torch.compile the training step: the whole model (bare --compile), 'regions': each repeated "
+                   "block, compiled once per shape (a shorter compile), or 'cudagraphs' (CUDA only): the whole model "
+                   "with its kernels replayed as CUDA graphs, for steps that wait on kernel launches.")
 @click.option("--freeze-encoders", is_flag=True, help="Train the fusion head only.")
 @click.option("--cache-features", is_flag=True,
               help="With --freeze-encoders: encode each split once (memory-mapped cache), then train the head only.")

@@ -69,6 +69,7 @@ class TrainConfig:
     device: str = "cpu"
     precision: str = "auto"  # auto (bf16 where the hardware has native bf16, else fp32) | fp32 | bf16 | fp16
     compile: str = "off"  # off | model (torch.compile the whole step model) | regions (each repeated block)
+    #                       | cudagraphs (the whole model, its kernels replayed as CUDA graphs; CUDA only)
     seed: int = 0
     workers: int = 0
     profile: bool = False  # a separate short profiled run: traces + the training-step breakdown
@@ -84,9 +85,12 @@ class TrainConfig:
             self.compile = "model" if self.compile else "off"
         if self.compile not in COMPILE_SCOPES:
             raise UserError(f"--compile {self.compile}: choose from {', '.join(COMPILE_SCOPES)}")
+        if self.compile == "cudagraphs" and not self.device.startswith("cuda"):
+            raise UserError(f"--compile cudagraphs needs a CUDA device (--device cuda:N), not {self.device}; "
+                            "--compile model compiles the same model without the graphs")
 
 
-COMPILE_SCOPES = ("off", "model", "regions")
+COMPILE_SCOPES = ("off", "model", "regions", "cudagraphs")
 
 
 # The tiny preset trains in minutes on a 2-core CPU; the seed preset is the study's setting.

@@ -104,9 +104,11 @@ def compiled(model: nn.Module, scope: str, log: Callable[[str], None] = print) -
     """``model`` as ``--compile scope`` runs it: as it is, through ``torch.compile``, or with its repeated blocks
     compiled in place. Shapes are Dynamo's default: static first, dynamic where a second call changes them
     (caption lengths vary per batch)."""
-    if scope == "model":
+    if scope in ("model", "cudagraphs"):
         allow_recompiles()
-        return torch.compile(model)
+        # reduce-overhead: inductor's kernels recorded into a CUDA graph per input shape and replayed with one
+        # launch, the parameters and buffers at fixed addresses (optimizer and BatchNorm update them in place)
+        return torch.compile(model, mode="reduce-overhead" if scope == "cudagraphs" else None)
     if scope == "regions":
         log(f"compiling {compile_regions(model)} repeated blocks (regional compilation)")
     return model
@@ -134,6 +136,8 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scal
 
     Returns the loss on the device: reading it is left to the caller, so a step never waits for the device.
     """
+    if cfg.compile == "cudagraphs":  # a new iteration: the graphs may overwrite the previous step's outputs
+        torch.compiler.cudagraph_mark_step_begin()
     with autocast(labels.device, cfg.precision):
         logits, align_loss = net(*inputs, labels) if cfg.align_weight else (net(*inputs), 0.0)
     with record_function("loss"):

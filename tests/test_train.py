@@ -1,6 +1,7 @@
 """Training through the real CLI and the library: metrics, checkpoints, resume, evaluate, errors."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -99,6 +100,7 @@ def test_existing_run_needs_resume_or_fresh(tmp_path, small_data):
     (["--fusion", "mid", "--precision", "fp16"], "--precision fp16 needs a CUDA device"),
     (["--fusion", "mid", "--data", "/no/such/dir"], "--data /no/such/dir: no such directory"),
     (["--fusion", "mid", "--compile", "fast"], "Invalid value for '--compile': 'fast' is not one of"),
+    (["--fusion", "mid", "--compile", "cudagraphs"], "--compile cudagraphs needs a CUDA device (--device cuda:N)"),
 ])
 def test_user_errors_are_one_line(args, message, tmp_path):
     code, out = run_cli("train", *args, "--out", tmp_path / "m", "--profiles", tmp_path / "p", "--quiet")
@@ -115,7 +117,7 @@ def test_mfu_needs_a_known_gpu_and_a_tensor_core_precision():
 def test_compile_scopes_and_the_flag_old_checkpoints_stored():
     assert train_config("tiny").compile == "off"
     assert [train_config("tiny", compile=flag).compile for flag in (True, False)] == ["model", "off"]
-    with pytest.raises(UserError, match="--compile fast: choose from off, model, regions"):
+    with pytest.raises(UserError, match="--compile fast: choose from off, model, regions, cudagraphs"):
         train_config("tiny", compile="fast")
 
 
@@ -161,6 +163,19 @@ def test_cuda_training(precision, tmp_path, small_data):
     step, parts = metrics["step_profile"], metrics["step_breakdown"]
     assert 0 < step["gpu_busy_ms"] <= step["step_ms"]
     assert parts["backward"]["gpu_ms_per_step"] > 0 and parts["image_encoder"]["gpu_ms_per_step"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cuda_training_with_cuda_graphs(tmp_path, small_data):
+    """--compile cudagraphs trains through CUDA graphs: inductor skipped none of them (it falls back to launching
+    the kernels one by one, with only a log line, on inputs it cannot graph: mutated, CPU, dynamic...)."""
+    from torch._dynamo.utils import counters
+
+    graphs, skips = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
+    cfg = quick_config(tmp_path, small_data, device="cuda:0", precision="bf16", compile="cudagraphs")
+    metrics = train(cfg, model_config("tiny", fusion="early"), progress=False, log=lambda s: None)
+    assert counters["stats"]["unique_graphs"] > graphs and counters["inductor"]["cudagraph_skips"] == skips
+    assert all(math.isfinite(h["loss"]) for h in metrics["history"]) and 0 <= metrics["test"]["accuracy"] <= 1
 
 
 def test_sigkilled_run_resumes(tmp_path, small_data):

@@ -14,9 +14,9 @@
 #   OUTDIR/summary.txt   the benchmarks' closing lines and one line per training run
 # FP_STEPS=a,b picks steps by name (the list below). Seen on H200 leases (2026-11-27, cold machines, torch 2.11):
 # cuda-tests 44 s, seed-eager 132 s, seed-regions 300 s (169 s of it compiling), seed-profile 30 s, compare > 150 s
-# (cut in its latency stage), seed-compile > 205 s (cut while compiling the whole model: inductor's cache starts
-# empty), latency 46 s, feature-cache > 42 s: the whole list needs more than one 10-minute command. Split it, e.g.
-# FP_STEPS=seed-compile alone with FP_DEADLINE=560.
+# (cut in its latency stage), seed-compile 174 s (78 s compiling; with 600 images, whose shorter last batch is a
+# second, dynamic-shape compile, it was cut twice after 205 s: inductor's cache starts empty), latency 46 s,
+# feature-cache > 42 s: the whole list needs more than one 10-minute command. Split it with FP_STEPS.
 # Dry run without a GPU (checks the script, not the GPU):
 #   FP_BIG=tiny FP_IMAGES=100 FP_QUICK=1 tools/gpu_check.sh /tmp/gpu-dry cpu
 set -uo pipefail
@@ -24,10 +24,11 @@ out=$(mkdir -p "${1:?usage: tools/gpu_check.sh OUTDIR [DEVICE]}" && cd "$1" && p
 device=${2:-cuda:0}
 py=${PYTHON:-python3}             # the GPU machine has python3 (with torch), not python
 big=${FP_BIG:-seed}               # the preset of the big-architecture benchmarks (random init: nothing to fetch)
-images=${FP_IMAGES:-600}          # train images for the throughput benchmarks (× 4 pairs)
+images=${FP_IMAGES:-608}          # train images for the throughput benchmarks (× 4 pairs: 38 full batches of 64,
+#                                   and 19 for the tiny steps' half: no shorter last batch to compile again for)
 quick=${FP_QUICK:-0}              # 1: smallest settings everywhere (dry runs)
-steps=${FP_STEPS:-cuda-tests,seed-eager,seed-regions,seed-profile,compare,seed-compile,feature-cache,tiny-throughput}
-#                                 also: latency
+steps=${FP_STEPS:-cuda-tests,seed-eager,seed-cudagraphs,seed-regions,seed-profile,compare,seed-compile,feature-cache,tiny-throughput}
+#                                 also: latency, tiny-compile, tiny-cudagraphs
 deadline=$((SECONDS + ${FP_DEADLINE:-540}))
 work=${FP_WORK:-/tmp/fusionprof-gpu-check}
 rm -rf "$work" && mkdir -p "$work/profiles"
@@ -68,11 +69,14 @@ sweep=(--backends torch --batch-sizes 1,8,32 --min-seconds 0.5)
 
 # 1. The CUDA tests (training in fp32, bf16 and fp16 on the GPU); test_train.py only: the others need
 #    pycocotools, which that machine's python lacks.
-step cuda-tests 120 "$py" -m pytest -q -x tests/test_train.py -k cuda -p no:cacheprovider
+step cuda-tests 200 "$py" -m pytest -q -x tests/test_train.py -k cuda -p no:cacheprovider
 # 2. Issue 7's GPU half: the study's architecture (ResNet-50 224 px + BERT-base) in bf16 with channels_last,
 #    eager (naive / shipped / ceiling) with its MFU; the torch.compile run comes after the tiny study (its
 #    compile time is the hardest to foresee).
 step seed-eager 150 "${big_tt[@]}"
+# 2b. The whole model compiled and replayed as CUDA graphs (the eager step is launch-bound), beside eager and the
+#     whole model compiled without graphs. FP_IMAGES=608: 2432 pairs, 38 full batches, one shape to compile.
+step seed-cudagraphs 420 "${big_tt[@]}" --compile off,cudagraphs,model --loops shipped
 # 3. The same compiled by regions (each repeated block once per shape: a much shorter compile than the whole
 #    model's), with its ceiling; then one eager seed step profiled: where the step's time goes, GPU busy share.
 step seed-regions 330 "${big_tt[@]}" --compile off,regions --loops shipped,ceiling
@@ -93,6 +97,9 @@ step latency 60 "$py" -m fusionprof latency --device "$device" --precision bf16 
 # 6. The frozen-encoder feature cache with the big encoders, and the tiny preset's loop ratios on the GPU.
 step feature-cache 100 "${fc[@]}" --preset "$big" --random-init --limit-train 250 --epochs 2
 step tiny-throughput 80 "${tt[@]}" --rounds 2 --images "$((images / 2))"
+# (Not by default.) The tiny model as CUDA graphs beside eager (its step is 5 % GPU work).
+step tiny-cudagraphs 200 "${tt[@]}" --rounds 1 --images "$((images / 2))" --compile off,cudagraphs \
+  --loops shipped,ceiling
 # (Not by default.) The tiny model compiled, by regions and whole, side by side with eager: launch-bound on a GPU.
 step tiny-compile 240 "${tt[@]}" --rounds 1 --images "$((images / 2))" --compile off,regions,model \
   --loops shipped,ceiling

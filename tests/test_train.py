@@ -14,7 +14,8 @@ from fusionprof.cli import cli
 from fusionprof.config import model_config, train_config
 from fusionprof.errors import UserError
 from fusionprof.measure import datasheet_tflops
-from fusionprof.train import load_checkpoint, train
+from fusionprof.models import build_model
+from fusionprof.train import load_checkpoint, make_optimizer, train
 
 QUICK = ["--epochs", "2", "--batch-size", "16", "--quiet"]
 
@@ -107,6 +108,22 @@ def test_user_errors_are_one_line(args, message, tmp_path):
     last = out.strip().splitlines()[-1]  # usage errors come after click's "Usage: / Try --help" lines
     assert code != 0 and last.startswith("Error: ") and message in last
     assert "Traceback" not in out and out.count("Error") == 1
+
+
+def test_optimizer_groups_are_fused_and_skip_frozen_encoders():
+    """Encoders at encoder_lr, head at lr, no decay on biases / norms, frozen encoders left out; fused AdamW."""
+    cfg = train_config("tiny", lr=1e-3, encoder_lr=1e-4)
+    for freeze in (False, True):
+        mcfg = model_config("tiny", fusion="late", freeze_encoders=freeze)
+        mcfg.vocab_size = 1000
+        model = build_model(mcfg)
+        optimizer = make_optimizer(model, cfg)
+        groups = optimizer.param_groups
+        assert all(g["fused"] for g in groups) and len(groups) == (2 if freeze else 6)
+        assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+        kinds = {(g["lr"], g["weight_decay"] > 0, p.ndim >= 2) for g in groups for p in g["params"]}
+        head = {(1e-3, True, True), (1e-3, False, False)}
+        assert kinds == (head if freeze else head | {(1e-4, True, True), (1e-4, False, False)})
 
 
 def test_mfu_needs_a_known_gpu_and_a_tensor_core_precision():

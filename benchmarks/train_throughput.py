@@ -5,21 +5,22 @@
         [--random-init] [--loops naive,shipped,ceiling]
 
 (a) naive: the study's loop. A per-sample Dataset opens each JPEG with PIL, resizes and normalises it; the
-    collate_fn tokenizes the batch's captions (padded to the maximum length); fp32, NCHW, no pinned memory, and
-    the loss read back (``.item()``) every step, as a loop that logs each step does.
+    collate_fn tokenizes the batch's captions (padded to the maximum length); fp32, NCHW, no pinned memory,
+    PyTorch's default AdamW (a loop over the tensors on the CPU, foreach on CUDA; fusionprof's is fused), and the
+    loss read back (``.item()``) every step, as a loop that logs each step does.
 (b) shipped: ``fusionprof.train.train`` as the CLI runs it; its second epoch (the first warms up).
 (c) ceiling: the same model and ``train_step`` on one epoch of batches already normalised on the device.
 
-(a) and (c) time their second epoch too. All three use the same model config, initial weights, pairs,
-batch size and step (``fusionprof.train.train_step``), run in one process and alternate for ``--rounds`` rounds
-(medians reported), so drift on a shared machine hits all three. ``--disk-size`` is the side of the JPEG files:
-the embedded default is 96 px; COCO's files are about 640×480, which is what (a) pays to decode on real data.
-It also prints (b)'s training FLOP/s (3 × forward FLOPs per sample) as a share of a matmul measured in the same
-run and, on a known GPU in bf16/fp16, the MFU against the datasheet peak. ``--compile off,regions`` runs (b) and
-(c) eager and compiled by regions in the same rounds (compiled/eager side by side), with how much longer (b)'s
-first epoch took (the compile); ``cudagraphs`` (CUDA only) also counts the graphs inductor skipped.
-The record, with the environment, goes
-to ``profiles/<host>/train-throughput-<preset>-<fusion>-<device>-<precision>-<disk size>px.json``.
+(a) and (c) time their second epoch too. All three use the same model config, initial weights, pairs, batch size,
+optimizer hyper-parameters and step (``fusionprof.train.train_step``), run in one process and alternate for
+``--rounds`` rounds (medians reported), so drift on a shared machine hits all three. ``--disk-size`` is the side of
+the JPEG files: the embedded default is 96 px; COCO's files are about 640×480, which is what (a) pays to decode on
+real data. It also prints (b)'s training FLOP/s (3 × forward FLOPs per sample) as a share of a matmul measured in
+the same run and, on a known GPU in bf16/fp16, the MFU against the datasheet peak. ``--compile off,regions`` runs
+(b) and (c) eager and compiled by regions in the same rounds (compiled/eager side by side), with how much longer
+(b)'s first epoch took (the compile); ``cudagraphs`` (CUDA only) also counts the graphs inductor skipped. The
+record, with the environment, goes to
+``profiles/<host>/train-throughput-<preset>-<fusion>-<device>-<precision>-<disk size>px.json``.
 """
 
 from __future__ import annotations
@@ -87,12 +88,15 @@ def naive_collate(tokenizer, max_len: int):
     return collate
 
 
-def fresh_model(mcfg, cfg, device, seed: int, channels_last: bool = True):
+def fresh_model(mcfg, cfg, device, seed: int, naive: bool = False):
     seed_everything(seed)
     model = build_model(mcfg).to(device).train()
-    if channels_last:  # as train() does
+    if not naive:  # as train() does
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
+    if naive:  # the same groups and hyper-parameters in PyTorch's default AdamW (not fused)
+        optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k not in ("fused", "foreach")}
+                                       for g in optimizer.param_groups])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, 10**6))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     return compiled(model, cfg.compile, log=lambda s: None), optimizer, scheduler, scaler
@@ -112,7 +116,7 @@ def timed_epoch(step, n_batches: int, n_pairs: int, device) -> float:
 
 
 def run_naive(mcfg, cfg, device, caption_split, pairs, tokenizer, workers: int) -> float:
-    model, opt, sched, scl = fresh_model(mcfg, cfg, device, cfg.seed, channels_last=False)
+    model, opt, sched, scl = fresh_model(mcfg, cfg, device, cfg.seed, naive=True)
     loader = DataLoader(NaivePairs(caption_split.image_paths, caption_split.captions, pairs, mcfg.image_size),
                         batch_size=cfg.batch_size, shuffle=True, num_workers=workers, pin_memory=False,
                         collate_fn=naive_collate(tokenizer, mcfg.max_text_len), drop_last=False)

@@ -13,8 +13,8 @@
 #   OUTDIR/traces.tgz    the training-step and inference traces
 #   OUTDIR/summary.txt   the benchmarks' closing lines and one line per training run
 # FP_STEPS=a,b picks steps by name (the list below). Seen on H200 leases (2026-11-27, cold machines, torch 2.11):
-# cuda-tests 79 s (44 s before the CUDA-graphs test), seed-eager 132 s, seed-cudagraphs 267 s, tiny-cudagraphs 74
-# s, seed-regions 300 s (169 s of it compiling), seed-profile 30 s, compare > 150 s (cut in its latency stage),
+# cuda-tests 79 s (44 s before the CUDA-graphs test), seed-eager 132 s, seed-cudagraphs 267 s, tiny-cudagraphs
+# 74 s, seed-regions 300 s (169 s of it compiling), seed-profile 30 s, compare > 150 s (cut in its latency stage),
 # seed-compile 174 s (78 s compiling; with 600 images, whose shorter last batch is a second, dynamic-shape compile,
 # it was cut twice after 205 s: inductor's cache starts empty), latency 46 s, feature-cache > 42 s: the whole list
 # needs more than one 10-minute command. Split it with FP_STEPS.

@@ -24,7 +24,8 @@ from fusionprof.models import build_model
 from fusionprof.runtime import resolve_device, synchronize
 from fusionprof.train import make_optimizer
 
-IMPLEMENTATIONS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+IMPLEMENTATIONS = {"loop": {"fused": False, "foreach": False}, "foreach": {"fused": False, "foreach": True},
+                   "fused": {"fused": True}}
 
 
 def main() -> None:
@@ -48,11 +49,7 @@ def main() -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             p.grad = torch.randn_like(p)
-        optimizers = {}
-        for name, flags in IMPLEMENTATIONS.items():
-            groups = make_optimizer(model, cfg).param_groups
-            optimizers[name] = torch.optim.AdamW([{k: v for k, v in g.items() if k not in ("foreach", "fused")}
-                                                  for g in groups], **flags)
+        optimizers = {name: make_optimizer(model, cfg, **flags) for name, flags in IMPLEMENTATIONS.items()}
         times: dict[str, list[float]] = {name: [] for name in optimizers}
         for _ in range(args.rounds):
             for name, optimizer in optimizers.items():

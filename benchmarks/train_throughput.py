@@ -93,10 +93,8 @@ def fresh_model(mcfg, cfg, device, seed: int, naive: bool = False):
     model = build_model(mcfg).to(device).train()
     if not naive:  # as train() does
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
-    if naive:  # the same groups and hyper-parameters in PyTorch's default AdamW (not fused)
-        optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k not in ("fused", "foreach")}
-                                       for g in optimizer.param_groups])
+    # naive: the same groups and hyper-parameters in PyTorch's default AdamW (a loop on the CPU, foreach on CUDA)
+    optimizer = make_optimizer(model, cfg, fused=False if naive else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, 10**6))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     return compiled(model, cfg.compile, log=lambda s: None), optimizer, scheduler, scaler

@@ -101,9 +101,9 @@ def to_inputs(batch: Batch, device: torch.device) -> tuple[tuple[torch.Tensor, .
 
 
 def compiled(model: nn.Module, scope: str, log: Callable[[str], None] = print) -> nn.Module:
-    """``model`` as ``--compile scope`` runs it: as it is, through ``torch.compile``, or with its repeated blocks
-    compiled in place. Shapes are Dynamo's default: static first, dynamic where a second call changes them
-    (caption lengths vary per batch)."""
+    """``model`` as ``--compile scope`` runs it: as it is, through ``torch.compile`` (with CUDA graphs for
+    ``cudagraphs``), or with its repeated blocks compiled in place. Shapes are Dynamo's default: static first,
+    dynamic where a second call changes them (caption lengths vary per batch)."""
     if scope in ("model", "cudagraphs"):
         allow_recompiles()
         # reduce-overhead: inductor's kernels recorded into a CUDA graph per input shape and replayed with one
@@ -188,12 +188,14 @@ def lr_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = None,
+                   foreach: bool | None = None) -> torch.optim.AdamW:
     """Encoders at ``encoder_lr``, the fusion head at ``lr``; no weight decay on biases and norms.
 
-    Fused (a few multi-tensor kernels per parameter group on CUDA, one vectorised pass per tensor on the CPU) where
-    the parameters' device has it: the per-tensor loop's dozen ops per parameter are launches on a GPU, and on the
-    reference CPU clip + step is 2.1–3.8× faster fused for the tiny models (``benchmarks/optimizer_step.py``).
+    Fused by default (a few multi-tensor kernels per parameter group on CUDA, one vectorised pass per tensor on the
+    CPU) where the parameters' device has it: the per-tensor loop's dozen ops per parameter are launches on a GPU,
+    and on the reference CPU clip + step is 2.1–3.8× faster fused for the tiny models
+    (``benchmarks/optimizer_step.py``, which passes ``fused`` / ``foreach`` as AdamW takes them to compare).
     """
     groups = []
     for params, lr in ((model.image_encoder.parameters(), cfg.encoder_lr),
@@ -203,8 +205,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         groups.append({"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": cfg.weight_decay})
         groups.append({"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0})
     groups = [g for g in groups if g["params"]]
-    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, fused=fused)
+    if fused is None:
+        fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, fused=fused, foreach=foreach)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -450,6 +453,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
 
     test = evaluate_split(net_model, data["test"], cfg.seed, cfg.batch_size, device, cfg.precision, d)
     log(f"test: accuracy {test['accuracy']:.1%}  auc {test['auc']:.3f}  on {test['pairs']} pairs")
+    samples_per_s = len(history) * n_pairs / train_seconds
     metrics = {
         "schema_version": SCHEMA_VERSION, "kind": "train", "run": run, "fusion": model_cfg.fusion,
         "preset": cfg.preset, "checkpoint": str(ckpt_path), "data": data_source,
@@ -457,9 +461,9 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
         "flops_seq_len": model_cfg.max_text_len, "step_breakdown": step_profile and step_profile["ranges"],
         "step_profile": step_profile and step_profile["step"],
         "train_seconds": train_seconds, "epochs": cfg.epochs,
-        "train_samples_per_s": len(history) * n_pairs / train_seconds,
+        "train_samples_per_s": samples_per_s,
         "train_flops": training_flops(model, cfg, train_split.batches(train_split.pairs(cfg.seed), rank_batch)
-                                      .mean_length(), len(history) * n_pairs / train_seconds, device),
+                                      .mean_length(), samples_per_s, device),
         "feature_cache": feature_cache,
         "distributed": {"world_size": d.world_size, "backend": d.backend, "batch_per_process": rank_batch},
         "peak_memory": peak_memory_mib(device),

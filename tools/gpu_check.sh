@@ -15,9 +15,10 @@
 # FP_STEPS=a,b picks steps by name (the list below). Seen on H200 leases (2026-11-27, cold machines, torch 2.11):
 # cuda-tests 79 s (44 s before the CUDA-graphs test), seed-eager 132 s, seed-cudagraphs 267 s, tiny-cudagraphs
 # 74 s, seed-regions 300 s (169 s of it compiling), seed-profile 30 s, compare > 150 s (cut in its latency stage),
-# seed-compile 174 s (78 s compiling; with 600 images, whose shorter last batch is a second, dynamic-shape compile,
-# it was cut twice after 205 s: inductor's cache starts empty), latency 46 s, feature-cache > 42 s: the whole list
-# needs more than one 10-minute command. Split it with FP_STEPS.
+# the whole model alone (--compile off,model, now inside seed-cudagraphs) 174 s (78 s compiling; with 600 images,
+# whose shorter last batch is a second, dynamic-shape compile, it was cut twice after 205 s: inductor's cache starts
+# empty), latency 46 s, feature-cache > 42 s: the whole list needs more than one 10-minute command. Split it with
+# FP_STEPS.
 # Dry run without a GPU (checks the script, not the GPU):
 #   FP_BIG=tiny FP_IMAGES=100 FP_QUICK=1 tools/gpu_check.sh /tmp/gpu-dry cpu
 set -uo pipefail
@@ -28,7 +29,7 @@ big=${FP_BIG:-seed}               # the preset of the big-architecture benchmark
 images=${FP_IMAGES:-608}          # train images for the throughput benchmarks (× 4 pairs: 38 full batches of 64,
 #                                   and 19 for the tiny steps' half: no shorter last batch to compile again for)
 quick=${FP_QUICK:-0}              # 1: smallest settings everywhere (dry runs)
-steps=${FP_STEPS:-cuda-tests,seed-eager,seed-cudagraphs,seed-regions,seed-profile,compare,seed-compile,feature-cache,tiny-throughput}
+steps=${FP_STEPS:-cuda-tests,seed-eager,seed-cudagraphs,seed-regions,seed-profile,compare,feature-cache,tiny-throughput}
 #                                 also: latency, tiny-compile, tiny-cudagraphs
 deadline=$((SECONDS + ${FP_DEADLINE:-540}))
 work=${FP_WORK:-/tmp/fusionprof-gpu-check}
@@ -72,8 +73,7 @@ sweep=(--backends torch --batch-sizes 1,8,32 --min-seconds 0.5)
 #    pycocotools, which that machine's python lacks.
 step cuda-tests 200 "$py" -m pytest -q -x tests/test_train.py -k cuda -p no:cacheprovider
 # 2. Issue 7's GPU half: the study's architecture (ResNet-50 224 px + BERT-base) in bf16 with channels_last,
-#    eager (naive / shipped / ceiling) with its MFU; the torch.compile run comes after the tiny study (its
-#    compile time is the hardest to foresee).
+#    eager (naive / shipped / ceiling) with its MFU.
 step seed-eager 150 "${big_tt[@]}"
 # 2b. The whole model compiled and replayed as CUDA graphs (the eager step is launch-bound), beside eager and the
 #     whole model compiled without graphs. FP_IMAGES=608: 2432 pairs, 38 full batches, one shape to compile.
@@ -90,12 +90,10 @@ step seed-profile 100 "$py" -m fusionprof train --device "$device" "${seed_run[@
 epochs=(); ((quick)) && epochs=(--epochs 1 --limit-train 100 --limit-eval 50)
 step compare 200 "$py" -m fusionprof compare --device "$device" "${epochs[@]}" "${sweep[@]}" --quiet \
   --out "$work/models" --profiles "$work/profiles"
-# 5. The whole model through torch.compile: the shipped loop and its MFU.
-step seed-compile 540 "${big_tt[@]}" --compile off,model --loops shipped
 # (Not by default: compare sweeps too.) A latency sweep of the four fusions (random init), torch backend, bf16.
 step latency 60 "$py" -m fusionprof latency --device "$device" --precision bf16 "${sweep[@]}" --quiet \
   --models "$work/no-models" --out "$work/profiles"
-# 6. The frozen-encoder feature cache with the big encoders, and the tiny preset's loop ratios on the GPU.
+# 5. The frozen-encoder feature cache with the big encoders, and the tiny preset's loop ratios on the GPU.
 step feature-cache 100 "${fc[@]}" --preset "$big" --random-init --limit-train 250 --epochs 2
 step tiny-throughput 80 "${tt[@]}" --rounds 2 --images "$((images / 2))"
 # (Not by default.) The tiny model as CUDA graphs beside eager (its step is 5 % GPU work).

@@ -49,18 +49,11 @@ from fusionprof.data.itm import make_pairs, split_rng
 from fusionprof.data.synth import synth_dir_name, write_synth
 from fusionprof.data.text import build_tokenizer
 from fusionprof.env import fingerprint, machine_name
+from fusionprof.evaluate import to_inputs
 from fusionprof.measure import matmul_rate
 from fusionprof.models import build_model
 from fusionprof.runtime import resolve_device, resolve_precision, seed_everything, synchronize
-from fusionprof.train import (
-    compiled,
-    lr_schedule,
-    make_optimizer,
-    to_inputs,
-    train,
-    train_step,
-    training_flops,
-)
+from fusionprof.train import Optimization, compiled, train, train_step, training_flops
 
 
 class NaivePairs(Dataset):
@@ -94,10 +87,8 @@ def fresh_model(mcfg, cfg, device, seed: int, naive: bool = False):
     if not naive:  # as train() does
         model = model.to(memory_format=torch.channels_last)
     # naive: the same groups and hyper-parameters in PyTorch's default AdamW (a loop on the CPU, foreach on CUDA)
-    optimizer = make_optimizer(model, cfg, fused=False if naive else None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup_steps, 10**6))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    return compiled(model, cfg.compile, log=lambda s: None), optimizer, scheduler, scaler
+    opt = Optimization.create(model, cfg, device, total_steps=10**6, fused=False if naive else None)
+    return compiled(model, cfg.compile, log=lambda s: None), opt
 
 
 def timed_epoch(step, n_batches: int, n_pairs: int, device) -> float:
@@ -114,7 +105,7 @@ def timed_epoch(step, n_batches: int, n_pairs: int, device) -> float:
 
 
 def run_naive(mcfg, cfg, device, caption_split, pairs, tokenizer, workers: int) -> float:
-    model, opt, sched, scl = fresh_model(mcfg, cfg, device, cfg.seed, naive=True)
+    model, opt = fresh_model(mcfg, cfg, device, cfg.seed, naive=True)
     loader = DataLoader(NaivePairs(caption_split.image_paths, caption_split.captions, pairs, mcfg.image_size),
                         batch_size=cfg.batch_size, shuffle=True, num_workers=workers, pin_memory=False,
                         collate_fn=naive_collate(tokenizer, mcfg.max_text_len), drop_last=False)
@@ -122,7 +113,7 @@ def run_naive(mcfg, cfg, device, caption_split, pairs, tokenizer, workers: int) 
 
     def step():
         images, ids, mask, labels = (t.to(device) for t in next(batches))
-        loss = train_step(model, opt, sched, scl, (images, ids, mask), labels, cfg)
+        loss = train_step(model, opt, (images, ids, mask), labels, cfg)
         loss.item()  # the per-step log line
     return timed_epoch(step, len(loader), len(pairs), device)
 
@@ -133,14 +124,14 @@ def loop_forever(loader):
 
 
 def run_ceiling(mcfg, cfg, device, split, pairs) -> float:
-    model, opt, sched, scl = fresh_model(mcfg, cfg, device, cfg.seed)
+    model, opt = fresh_model(mcfg, cfg, device, cfg.seed)
     order = np.random.default_rng(0).permutation(len(pairs))
     epoch = [to_inputs(b, device) for b in split.batches(pairs, cfg.batch_size, order)]  # all in memory
     position = iter(range(10**9))
 
     def step():
         inputs, labels = epoch[next(position) % len(epoch)]
-        train_step(model, opt, sched, scl, inputs, labels, cfg)
+        train_step(model, opt, inputs, labels, cfg)
     return timed_epoch(step, len(epoch), len(pairs), device)
 
 

@@ -146,16 +146,18 @@ def train(fusion, preset, text_pool, pretrained, image_weights, text_model, free
 @click.option("--data", default=None, help="Dataset [default: the one the checkpoint was trained on].")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", type=int, default=None, callback=positive)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="[default: the precision the checkpoint was trained and tested in]")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def evaluate(checkpoint, split, data, device, batch_size, as_json):
+def evaluate(checkpoint, split, data, device, batch_size, precision, as_json):
     """ITM accuracy and ROC-AUC of a checkpoint on one split."""
     from fusionprof.evaluate import evaluate as run_evaluation
 
-    result = run_evaluation(checkpoint, split, data, device, batch_size)
+    result = run_evaluation(checkpoint, split, data, device, batch_size, precision)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        click.echo(f"{result['fusion']} on {result['split']} ({result['pairs']} pairs): "
+        click.echo(f"{result['fusion']} on {result['split']} ({result['pairs']} pairs, {result['precision']}): "
                    f"accuracy {result['accuracy']:.2%}  auc {result['auc']:.4f}")
 
 
@@ -239,7 +241,7 @@ def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, 
         click.echo(line)
     click.echo(f"wrote {record['path']} and {Path(record['path']).with_suffix('.csv')}")
     if trace:
-        from fusionprof.profiling import trace_inference
+        from fusionprof.latency import trace_inference
 
         traces = trace_inference(cfg, Path(record["path"]).parent)
         click.echo(f"traces in {traces} (tensorboard --logdir {profiles_dir}/traces)")

@@ -16,15 +16,15 @@ from pathlib import Path
 from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS
 from fusionprof.backends.trt import tensorrt_status
+from fusionprof.checkpoint import checkpoint_path, metrics_path
 from fusionprof.config import model_config, train_config
 from fusionprof.export import export, record_name
-from fusionprof.latency import SweepConfig, sweep, table
+from fusionprof.latency import SweepConfig, sweep, table, trace_inference
 from fusionprof.measure import Protocol
 from fusionprof.models import fusion_names
-from fusionprof.profiling import trace_inference
 from fusionprof.report import write_report
 from fusionprof.runtime import resolve_device
-from fusionprof.train import CHECKPOINT, METRICS, train
+from fusionprof.train import train
 
 
 def compare(preset: str = "tiny", data: str | None = None, device: str = "cpu", models_dir: str = "models",
@@ -51,7 +51,7 @@ def compare(preset: str = "tiny", data: str | None = None, device: str = "cpu", 
                                limit_eval=limit_eval, models_dir=models_dir, profiles_dir=profiles_dir,
                                profile=True)
             metrics = train(cfg, model_config(preset, fusion=fusion), resume=True, progress=progress, log=log)
-            return {"metrics": str(Path(profiles_dir) / metrics["run"] / METRICS), "checkpoint": metrics["checkpoint"],
+            return {"metrics": str(metrics_path(profiles_dir, metrics["run"])), "checkpoint": metrics["checkpoint"],
                     "test_accuracy": metrics["test"]["accuracy"], "train_seconds": metrics["train_seconds"]}
         accuracy[fusion] = stage(f"train {preset}-{fusion}", run_training)
 
@@ -59,7 +59,7 @@ def compare(preset: str = "tiny", data: str | None = None, device: str = "cpu", 
     onnx_device = onnx_check_device(device, log)
     for fusion in fusion_names():
         for fmt in formats:
-            checkpoint = Path(models_dir) / f"{preset}-{fusion}" / CHECKPOINT
+            checkpoint = checkpoint_path(models_dir, preset, fusion)
 
             def run_export(checkpoint=checkpoint, fmt=fmt):
                 record = export(checkpoint, fmt, "fp32", device=onnx_device if fmt == "onnx" else device,

@@ -25,17 +25,17 @@ from fusionprof.atomic import write_json
 from fusionprof.backends import Artifacts, create_backend
 from fusionprof.backends.base import INPUT_NAMES, OUTPUT_NAMES
 from fusionprof.backends.trt import build_engine, optimization_profile, tensorrt_status
+from fusionprof.checkpoint import load_model, with_run_tokenizer
 from fusionprof.config import to_dict
 from fusionprof.data import prepare_data
 from fusionprof.data.text import build_tokenizer
 from fusionprof.env import fingerprint
 from fusionprof.errors import UserError
-from fusionprof.evaluate import load_model
+from fusionprof.evaluate import evaluate_split, to_inputs
 from fusionprof.metrics import itm_metrics, predict
 from fusionprof.models import FusionModel
 from fusionprof.models.model import example_inputs
 from fusionprof.runtime import resolve_device
-from fusionprof.train import evaluate_split, to_inputs, with_run_tokenizer
 
 # |onnx - torch| <= atol + rtol * |torch|, per logit (numpy.allclose semantics).
 TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-3}, "fp16": {"atol": 2e-2, "rtol": 2e-2}}
@@ -189,12 +189,18 @@ def _accuracy(model, cfg, backend, checkpoint: Path, precision: str, progress: b
     splits, _ = prepare_data(cfg.data, tokenizer, model.cfg.image_size, model.cfg.max_text_len, cfg.seed,
                              limit_eval=cfg.limit_eval, splits=("test",), progress=progress)
     test = splits["test"]
-    reference = evaluate_split(model, test, cfg.seed, cfg.batch_size, torch.device("cpu"))
+    # the checkpoint in the export's precision, where the backend runs (fp16 autocast needs a GPU): the gate then
+    # measures what exporting changed, not what the precision changed
+    device = backend.device if backend.device.type == "cuda" else torch.device("cpu")
+    reference_precision = precision if precision != "fp16" or device.type == "cuda" else "fp32"
+    reference = evaluate_split(model.to(device), test, cfg.seed, cfg.batch_size, device, reference_precision)
+    model.cpu()
     batches = test.batches(test.pairs(cfg.seed), cfg.batch_size)
     logits, labels = predict(lambda b: backend.run(*to_inputs(b, torch.device("cpu"))[0]), batches)
     exported = itm_metrics(logits, labels, "test")
     delta = abs(exported["accuracy"] - reference["accuracy"])
-    return {"split": "test", "pairs": exported["pairs"], "checkpoint_accuracy": reference["accuracy"],
+    return {"split": "test", "pairs": exported["pairs"], "checkpoint_precision": reference_precision,
+            "checkpoint_accuracy": reference["accuracy"],
             "exported_accuracy": exported["accuracy"], "checkpoint_auc": reference["auc"],
             "exported_auc": exported["auc"], "abs_difference": delta, "tolerance": ACCURACY_TOLERANCE[precision],
             "passed": delta <= ACCURACY_TOLERANCE[precision]}

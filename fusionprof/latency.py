@@ -4,7 +4,7 @@ Uses the trained checkpoint (``models/<preset>-<fusion>/``) and its verified ONN
 an untrained model of the preset otherwise (latency does not depend on the weights; the record says which).
 Copy-inclusive latency (host inputs → host logits, the same copies for every backend) is the headline;
 on CUDA the device-resident latency (CUDA events, inputs already on the GPU) is measured beside it.
-Profiler traces come from a separate, short run (``profiling.trace_inference``), never from the timed one.
+Profiler traces come from a separate, short run (``trace_inference``), never from the timed one.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import atomic_write, write_json
 from fusionprof.backends import Artifacts, backend_names, create_backend
 from fusionprof.backends.base import BACKENDS
+from fusionprof.checkpoint import checkpoint_path, load_model
 from fusionprof.config import model_config, to_dict
 from fusionprof.env import fingerprint
 from fusionprof.errors import UserError
-from fusionprof.evaluate import load_model
 from fusionprof.export import export_onnx, onnx_name, parity, record_name
 from fusionprof.measure import CV_WARNING, Protocol, matmul_rate, sample_calls, sample_cuda_events, summarize
 from fusionprof.models import build_model, forward_flops, fusion_names
 from fusionprof.models.model import example_inputs
+from fusionprof.profiling import run_profiled, trace_dir
 from fusionprof.runtime import check_precision, peak_memory_mib, reset_peak_memory, resolve_device
-from fusionprof.train import CHECKPOINT
 
 
 @dataclass
@@ -52,7 +52,7 @@ class SweepConfig:
 
 def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> tuple[Artifacts, dict]:
     """The model (trained if a checkpoint exists) and an ONNX export whose parity has been checked."""
-    checkpoint = Path(cfg.models_dir) / f"{cfg.preset}-{fusion}" / CHECKPOINT
+    checkpoint = checkpoint_path(cfg.models_dir, cfg.preset, fusion)
     if checkpoint.exists():
         model, _ = load_model(checkpoint)
         source = {"weights": "trained", "checkpoint": str(checkpoint)}
@@ -161,6 +161,22 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> dict:
     write_csv(path.with_suffix(".csv"), rows)
     record["path"] = str(path)
     return record
+
+
+def trace_inference(cfg: SweepConfig, work_dir: Path) -> Path:
+    """One trace per (fusion, batch size) of the eager torch backend, in a run separate from the timed sweep.
+
+    ``work_dir`` is the sweep's result folder, where its ONNX exports live."""
+    device = resolve_device(cfg.device)
+    for fusion in cfg.fusions:
+        artifacts, _ = load_artifacts(cfg, fusion, work_dir, log=lambda s: None)
+        backend = create_backend("torch", artifacts, device, cfg.precision)
+        seq_len = cfg.seq_len or artifacts.model.cfg.max_text_len
+        for batch_size in cfg.batch_sizes:
+            inputs = example_inputs(artifacts.model.cfg, batch_size, seq_len)
+            run = f"latency-{cfg.preset}-{fusion}-bs{batch_size}-{device.type}-{cfg.precision}"
+            run_profiled(lambda i, x=inputs, b=backend: b.run(*x), trace_dir(cfg.profiles_dir, run), device)
+    return trace_dir(cfg.profiles_dir, "")
 
 
 CSV_COLUMNS = ["fusion", "backend", "batch_size", "status", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "cv",

@@ -107,23 +107,3 @@ def run_profiled(step: Callable[[int], None], out: Path, device: torch.device, a
     [trace] = set(out.glob("*.pt.trace.json")) - before
     return trace
 
-
-def trace_inference(cfg, work_dir: Path) -> Path:
-    """One trace per (fusion, batch size) of the eager torch backend, in a run separate from the timed sweep.
-
-    ``work_dir`` is the sweep's result folder, where its ONNX exports live."""
-    from fusionprof.backends import create_backend
-    from fusionprof.latency import load_artifacts
-    from fusionprof.models.model import example_inputs
-    from fusionprof.runtime import resolve_device
-
-    device = resolve_device(cfg.device)
-    for fusion in cfg.fusions:
-        artifacts, _ = load_artifacts(cfg, fusion, work_dir, log=lambda s: None)
-        backend = create_backend("torch", artifacts, device, cfg.precision)
-        seq_len = cfg.seq_len or artifacts.model.cfg.max_text_len
-        for batch_size in cfg.batch_sizes:
-            inputs = example_inputs(artifacts.model.cfg, batch_size, seq_len)
-            run = f"latency-{cfg.preset}-{fusion}-bs{batch_size}-{device.type}-{cfg.precision}"
-            run_profiled(lambda i, x=inputs, b=backend: b.run(*x), trace_dir(cfg.profiles_dir, run), device)
-    return trace_dir(cfg.profiles_dir, "")

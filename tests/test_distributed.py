@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from torch.distributed.run import get_args_parser
 from torch.utils.data import DistributedSampler
 
+from fusionprof.checkpoint import load_checkpoint
 from fusionprof.cli import cli
 from fusionprof.data.itm import PairBatches, make_pairs
 from fusionprof.data.synth import write_synth
-from fusionprof.train import load_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}

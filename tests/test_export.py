@@ -7,9 +7,10 @@ import torch
 from click.testing import CliRunner
 
 import fusionprof.export
+from fusionprof.checkpoint import load_checkpoint
 from fusionprof.cli import cli
 from fusionprof.config import model_config, train_config
-from fusionprof.train import load_checkpoint, train
+from fusionprof.train import train
 
 
 @pytest.fixture(scope="module")

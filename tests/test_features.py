@@ -6,12 +6,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from fusionprof.checkpoint import load_checkpoint
 from fusionprof.cli import cli
 from fusionprof.config import model_config, train_config
 from fusionprof.data import prepare_data
+from fusionprof.evaluate import to_inputs
 from fusionprof.features import cached_features
 from fusionprof.models import FusionHead, build_model, fusion_names
-from fusionprof.train import load_checkpoint, to_inputs, train
+from fusionprof.train import train
 
 CPU = torch.device("cpu")
 

@@ -10,12 +10,13 @@ import torch
 from click.testing import CliRunner
 from conftest import NO_CUDA_64
 
+from fusionprof.checkpoint import load_checkpoint
 from fusionprof.cli import cli
 from fusionprof.config import model_config, train_config
 from fusionprof.errors import UserError
 from fusionprof.measure import datasheet_tflops
 from fusionprof.models import build_model
-from fusionprof.train import load_checkpoint, make_optimizer, train
+from fusionprof.train import make_optimizer, train
 
 QUICK = ["--epochs", "2", "--batch-size", "16", "--quiet"]
 
@@ -32,10 +33,11 @@ def quick_config(tmp_path, data, **kw):
                                    **kw})
 
 
-@pytest.mark.parametrize("fusion", ["early", "bottleneck"])
-def test_train_cli_writes_checkpoint_and_metrics(fusion, tmp_path, small_data):
+@pytest.mark.parametrize("fusion,precision", [("early", "auto"), ("bottleneck", "bf16")])
+def test_train_cli_writes_checkpoint_and_metrics(fusion, precision, tmp_path, small_data):
+    """bf16 is asked for explicitly once, so evaluate's precision is tested on CPUs whose `auto` is fp32 too."""
     code, out = run_cli("train", "--fusion", fusion, "--data", small_data, "--out", tmp_path / "m",
-                        "--profiles", tmp_path / "p", *QUICK)
+                        "--profiles", tmp_path / "p", "--precision", precision, *QUICK)
     assert code == 0, out
     assert "epoch 2/2" in out and "test: accuracy" in out
     metrics = json.loads((tmp_path / "p" / f"tiny-{fusion}" / "metrics.json").read_text())
@@ -55,9 +57,15 @@ def test_train_cli_writes_checkpoint_and_metrics(fusion, tmp_path, small_data):
     assert list((tmp_path / "p" / "tensorboard" / f"tiny-{fusion}").glob("events.out.tfevents.*"))
 
     (tmp_path / "m").rename(tmp_path / "moved")  # a checkpoint folder carries all it needs, wherever it goes
-    code, out = run_cli("evaluate", "--checkpoint", tmp_path / "moved" / f"tiny-{fusion}" / "checkpoint.pt", "--json")
+    moved = tmp_path / "moved" / f"tiny-{fusion}" / "checkpoint.pt"
+    code, out = run_cli("evaluate", "--checkpoint", moved, "--json")
     assert code == 0, out
-    assert json.loads(out)["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    result = json.loads(out)  # in the precision the run was tested in: the same pairs, the same logits
+    assert result["precision"] == metrics["train_config"]["precision"] == metrics["test"]["precision"]
+    assert (result["accuracy"], result["auc"], result["pairs"]) == (metrics["test"]["accuracy"],
+                                                                     metrics["test"]["auc"], metrics["test"]["pairs"])
+    code, out = run_cli("evaluate", "--checkpoint", moved, "--precision", "fp32")
+    assert code == 0 and f"{fusion} on test (64 pairs, fp32): accuracy " in out, out
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, small_data):

@@ -1,0 +1,93 @@
+"""A training run on disk: where its folder is, what its checkpoint holds, and how a stage reads it back.
+
+Every stage that needs a trained model (evaluate, export, latency, compare) comes here, never to ``train.py``:
+reading a checkpoint must not pull in the loop, TensorBoard or DDP. The layout of one run:
+
+    <models_dir>/<run>/checkpoint.pt     weights, optimizer, scheduler, scaler, RNG, both configs, history
+    <models_dir>/<run>/tokenizer/        the tokenizer it was trained with (the run needs nothing from outside)
+    <profiles_dir>/<run>/metrics.json    the training record
+
+``<run>`` is ``--run-name`` when given, else ``<preset>-<fusion>``: the one place that rule is spelled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from fusionprof import SCHEMA_VERSION, __version__
+from fusionprof.atomic import torch_save
+from fusionprof.config import ModelConfig, TrainConfig, from_dict, to_dict
+from fusionprof.errors import UserError
+from fusionprof.models import FusionModel, build_model
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+TOKENIZER = "tokenizer"  # a folder beside the checkpoint
+
+
+def run_name(preset: str, fusion: str, run: str | None = None) -> str:
+    """A run's name: the one given, else ``<preset>-<fusion>``."""
+    return run or f"{preset}-{fusion}"
+
+
+def checkpoint_path(models_dir: str | Path, preset: str, fusion: str, run: str | None = None) -> Path:
+    return Path(models_dir) / run_name(preset, fusion, run) / CHECKPOINT
+
+
+def metrics_path(profiles_dir: str | Path, run: str) -> Path:
+    return Path(profiles_dir) / run / METRICS
+
+
+def with_run_tokenizer(model_cfg: ModelConfig, run_dir: Path) -> ModelConfig:
+    """A checkpoint names its tokenizer relative to its own folder, wherever that folder has moved."""
+    if model_cfg.tokenizer == TOKENIZER:
+        return dataclasses.replace(model_cfg, tokenizer=str(run_dir / TOKENIZER))
+    return model_cfg
+
+
+def save_checkpoint(path: Path, *, epoch: int, model: torch.nn.Module, optimizer, scheduler, scaler,
+                    rank_rng: list[dict], model_cfg: ModelConfig, cfg: TrainConfig, history: list[dict],
+                    train_seconds: float) -> None:
+    """Everything needed to continue bit for bit, written atomically (a kill never leaves half a file).
+
+    ``rank_rng`` holds every rank's RNG state, rank 0's first."""
+    torch_save(path, {
+        "schema_version": SCHEMA_VERSION, "fusionprof_version": __version__, "epoch": epoch,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "rng": rank_rng[0], "rank_rng": rank_rng if len(rank_rng) > 1 else None,
+        "world_size": len(rank_rng), "model_config": to_dict(model_cfg), "train_config": to_dict(cfg),
+        "history": history, "train_seconds": train_seconds,
+    })
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: pickle, zip and torch all raise their own types
+        raise UserError(f"{path}: not a readable fusionprof checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
+        raise UserError(f"{path}: not a fusionprof checkpoint")
+    return ckpt
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[FusionModel, TrainConfig]:
+    """The checkpoint's model in eval mode on ``device``, and the config it was trained with."""
+    ckpt = load_checkpoint(checkpoint)
+    model_cfg = from_dict(ModelConfig, ckpt["model_config"])
+    model_cfg.pretrained = False  # the checkpoint holds the weights: fetch nothing
+    model_cfg.image_weights = None
+    model = build_model(model_cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # e.g. an early-fusion state dict under a mid-fusion config
+        detail = " ".join(str(e).split())[:160]
+        raise UserError(f"{checkpoint}: its weights do not fit the {model_cfg.fusion} model its config describes "
+                        f"({detail}...)") from None
+    return model.to(device).eval(), from_dict(TrainConfig, ckpt["train_config"])
+

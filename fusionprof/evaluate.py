@@ -29,10 +29,8 @@ def to_inputs(batch: Batch, device: torch.device) -> tuple[tuple[torch.Tensor, .
     """A Batch on the host → model inputs on ``device``: uint8 pixels travel, then normalise there; float
     "images" are cached encoder features (``features.py``) and pass as they are."""
     batch = batch.to(device, non_blocking=device.type == "cuda")
-    images = batch.images
-    if not images.is_floating_point():
-        images = normalize(images, channels_last=True)
-    return (images, batch.input_ids, batch.attention_mask), batch.labels
+    image = batch.image if batch.image.is_floating_point() else normalize(batch.image, channels_last=True)
+    return (image, batch.text, batch.attention_mask), batch.labels
 
 
 def evaluate_split(model: nn.Module, split: SplitData, seed: int, batch_size: int, device: torch.device,

@@ -46,13 +46,13 @@ def feature_key(model: FusionModel, split: SplitData, precision: str) -> str:
         "pooled_image": pools_image(model),
         "encoders": {k: getattr(cfg, k) for k in ("image_encoder", "image_size", "text_model", "text_hidden",
                                                   "text_layers", "text_heads", "max_text_len", "vocab_size")},
-        "images": split.images.source.key,
+        "images": split.image.source.key,
     }, sort_keys=True).encode())
     for encoder in model.encoders():
         for name, tensor in encoder.state_dict().items():
             h.update(name.encode())
             _update(h, tensor)
-    for array in (split.images.rows, split.input_ids, split.attention_mask):
+    for array in (split.image.rows, split.text, split.attention_mask):
         _update(h, torch.as_tensor(array))
     return h.hexdigest()
 
@@ -82,8 +82,7 @@ class FeatureCache:
     def split(self, split: SplitData) -> SplitData:
         """The split with encoder outputs in place of pixels and token ids (same pairs, same batching)."""
         rows = np.arange(len(self.image))
-        return replace(split, images=Rows(_Features(self.image), rows),
-                       input_ids=torch.from_numpy(self.text))
+        return replace(split, image=Rows(_Features(self.image), rows), text=torch.from_numpy(self.text))
 
 
 def _partial(folder: Path, name: str, shape: tuple) -> np.ndarray:
@@ -104,7 +103,7 @@ def _encode(model: FusionModel, split: SplitData, device: torch.device, precisio
         for start in tqdm(range(0, n_images, batch_size), desc=f"encoding {split.name} images",
                           disable=not progress, leave=False):
             index = np.arange(start, min(start + batch_size, n_images))
-            pixels = torch.from_numpy(np.ascontiguousarray(split.images.get(index))).to(device)
+            pixels = torch.from_numpy(np.ascontiguousarray(split.image.get(index))).to(device)
             feature_map = model.image_encoder(normalize(pixels, channels_last=True))
             if pooled:
                 feature_map = feature_map.mean((2, 3), keepdim=True)
@@ -114,7 +113,7 @@ def _encode(model: FusionModel, split: SplitData, device: torch.device, precisio
         for start in tqdm(range(0, n_captions, batch_size), desc=f"encoding {split.name} captions",
                           disable=not progress, leave=False):
             end = min(start + batch_size, n_captions)
-            ids, mask = split.input_ids[start:end].to(device), split.attention_mask[start:end].to(device)
+            ids, mask = split.text[start:end].to(device), split.attention_mask[start:end].to(device)
             states = model.text_encoder(ids, mask)
             if text_array is None:
                 text_array = _partial(folder, "text", (n_captions, *states.shape[1:]))

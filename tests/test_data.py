@@ -74,11 +74,11 @@ def test_batches_match_captions_to_images(small_data, tokenizer):
     batch = split.batches(pairs, 10, np.arange(len(pairs))[::-1].copy())[0]
     order = np.arange(len(pairs))[::-1][:10]
     assert np.array_equal(batch.labels.numpy(), pairs.label[order])
-    assert np.array_equal(batch.images.numpy(), split.images.get(pairs.image[order]))
+    assert np.array_equal(batch.image.numpy(), split.image.get(pairs.image[order]))
     assert batch.attention_mask.sum(1).max() == batch.attention_mask.shape[1]  # trimmed to the longest
     for size in (10, 7):  # the mean length over samples, as the step's FLOPs see it (the last batch is smaller)
         batches = split.batches(pairs, size, np.random.default_rng(size).permutation(len(pairs)))
-        lengths = [(b.input_ids.shape[1], len(b.labels)) for b in batches]
+        lengths = [(b.text.shape[1], len(b.labels)) for b in batches]
         assert batches.mean_length() == pytest.approx(sum(n * k for n, k in lengths) / len(pairs))
 
 

@@ -46,9 +46,9 @@ def test_ranks_split_each_global_batch_exactly():
     shards = [list(DistributedSampler(half, 2, rank, shuffle=False)) for rank in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == len(whole)
     for k in range(len(whole) - 1):
-        together = torch.cat([half[shards[0][k]].input_ids[:, 0], half[shards[1][k]].input_ids[:, 0]])
-        assert torch.equal(together, whole[k].input_ids[:, 0])
-    seen = np.concatenate([half[i].input_ids[:, 0].numpy() for i in range(len(half))])
+        together = torch.cat([half[shards[0][k]].text[:, 0], half[shards[1][k]].text[:, 0]])
+        assert torch.equal(together, whole[k].text[:, 0])
+    seen = np.concatenate([half[i].text[:, 0].numpy() for i in range(len(half))])
     assert sorted(seen) == sorted(pairs.caption)
 
 

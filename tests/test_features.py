@@ -61,9 +61,9 @@ def test_a_changed_key_rebuilds_the_cache(tiny_cfg, test_split, tmp_path):
     changed = cached_features(model, test_split, CPU, **quiet)
     assert changed.built and changed.key not in keys
     keys.add(changed.key)
-    ids = test_split.input_ids.clone()
+    ids = test_split.text.clone()
     ids[0, 1] += 1  # another caption
-    changed = cached_features(model, dataclasses.replace(test_split, input_ids=ids), CPU, **quiet)
+    changed = cached_features(model, dataclasses.replace(test_split, text=ids), CPU, **quiet)
     assert changed.built and changed.key not in keys
     keys.add(changed.key)
     changed = cached_features(model, test_split, CPU, precision="bf16", **quiet)  # computed in another precision

@@ -23,9 +23,9 @@ def blank(modality):
         splits, source = prepare_data(*args, **kwargs)
         for split in splits.values():
             if modality == "image":
-                split.images.source = GreyImages(split.images.source.size)
+                split.image.source = GreyImages(split.image.source.size)
             elif modality == "text":
-                split.input_ids[:] = split.input_ids[0]
+                split.text[:] = split.text[0]
                 split.attention_mask[:] = split.attention_mask[0]
         return splits, source
     return prepare

@@ -40,16 +40,19 @@ class Rows:
 
 @dataclass
 class SplitData:
+    """One split ready to batch: the model's two inputs per image and per caption, and which image each caption
+    describes. The inputs are raw (pixels, token ids) or, with the feature cache, the frozen encoders' outputs."""
+
     name: str
-    images: Rows
-    input_ids: torch.Tensor
+    image: Rows  # uint8 pixels [S, S, 3] per image, or a cached feature map [C, h, w] (features.py)
+    text: torch.Tensor  # int64 token ids [N, L], or cached token states [N, L, D] (features.py)
     attention_mask: torch.Tensor
     caption_image: np.ndarray
     report: DataReport
 
     @property
     def n_images(self) -> int:
-        return len(self.images.rows)
+        return len(self.image.rows)
 
     @property
     def n_captions(self) -> int:
@@ -59,7 +62,7 @@ class SplitData:
         return make_pairs(self.caption_image, split_rng(seed, self.name, epoch))
 
     def batches(self, pairs: Pairs, batch_size: int, order: np.ndarray | None = None) -> PairBatches:
-        return PairBatches(self.images, self.input_ids, self.attention_mask, pairs, batch_size, order)
+        return PairBatches(self.image, self.text, self.attention_mask, pairs, batch_size, order)
 
 
 def _prepare_split(split: CaptionSplit, source: str, tokenizer, image_size: int, max_len: int,

@@ -58,25 +58,25 @@ def split_rng(seed: int, split: str, epoch: int = 0) -> np.random.Generator:
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # uint8 [B, S, S, 3]
-    input_ids: torch.Tensor  # int64 [B, L]
+    image: torch.Tensor  # uint8 pixels [B, S, S, 3], or float32 cached feature maps [B, C, h, w]
+    text: torch.Tensor  # int64 token ids [B, L], or float32 cached token states [B, L, D]
     attention_mask: torch.Tensor  # int64 [B, L]
     labels: torch.Tensor  # float32 [B]
 
     def pin_memory(self) -> Batch:
-        return Batch(*(t.pin_memory() for t in (self.images, self.input_ids, self.attention_mask, self.labels)))
+        return Batch(*(t.pin_memory() for t in (self.image, self.text, self.attention_mask, self.labels)))
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         return Batch(*(t.to(device, non_blocking=non_blocking)
-                       for t in (self.images, self.input_ids, self.attention_mask, self.labels)))
+                       for t in (self.image, self.text, self.attention_mask, self.labels)))
 
 
 class PairBatches(Dataset):
     """Item i is the whole i-th batch, gathered with one fancy-index per tensor (no per-sample collate)."""
 
-    def __init__(self, images, input_ids: torch.Tensor, attention_mask: torch.Tensor, pairs: Pairs,
+    def __init__(self, image, text: torch.Tensor, attention_mask: torch.Tensor, pairs: Pairs,
                  batch_size: int, order: np.ndarray | None = None):
-        self.images, self.input_ids, self.attention_mask = images, input_ids, attention_mask
+        self.image, self.text, self.attention_mask = image, text, attention_mask
         self.pairs, self.batch_size = pairs, batch_size
         self.order = np.arange(len(pairs)) if order is None else order
 
@@ -91,8 +91,8 @@ class PairBatches(Dataset):
         mask = self.attention_mask[caption]
         length = int(mask.sum(1).max())  # trim padding to this batch's longest caption
         return Batch(
-            images=torch.from_numpy(np.ascontiguousarray(self.images.get(self.pairs.image[sel]))),
-            input_ids=self.input_ids[caption, :length],
+            image=torch.from_numpy(np.ascontiguousarray(self.image.get(self.pairs.image[sel]))),
+            text=self.text[caption, :length],
             attention_mask=mask[:, :length],
             labels=torch.from_numpy(self.pairs.label[sel]),
         )

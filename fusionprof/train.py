@@ -478,6 +478,13 @@ def training_flops(model: FusionModel, cfg: TrainConfig, seq_len: float, samples
             "achieved_tflops": achieved, "datasheet_tflops": peak, "mfu": achieved / peak if peak else None}
 
 
+def steady_samples_per_s(history: list[dict], pairs: int) -> float | None:
+    """Samples/s over the epochs after the first, which pays for compiling, cache warm-up and first-shape kernel
+    plans; None with one epoch."""
+    later = [h["epoch_seconds"] for h in history[1:]]
+    return len(later) * pairs / sum(later) if later else None
+
+
 def build_metrics(run: str, cfg: TrainConfig, model_cfg: ModelConfig, model: FusionModel,
                   data: dict[str, SplitData], data_source: str, history: list[dict], train_seconds: float,
                   test: dict, step_profile: dict | None, feature_cache: dict | None, d: Dist, device: torch.device,
@@ -486,6 +493,7 @@ def build_metrics(run: str, cfg: TrainConfig, model_cfg: ModelConfig, model: Fus
     train_split = data["train"]
     rank_batch = cfg.batch_size // d.world_size
     samples_per_s = len(history) * pairs_per_epoch(train_split) / train_seconds
+    steady = steady_samples_per_s(history, pairs_per_epoch(train_split))
     mean_length = train_split.batches(train_split.pairs(cfg.seed), rank_batch).mean_length()
     return {
         "schema_version": SCHEMA_VERSION, "kind": "train", "run": run, "fusion": model_cfg.fusion,
@@ -494,7 +502,9 @@ def build_metrics(run: str, cfg: TrainConfig, model_cfg: ModelConfig, model: Fus
         "flops_seq_len": model_cfg.max_text_len, "step_breakdown": step_profile and step_profile["ranges"],
         "step_profile": step_profile and step_profile["step"],
         "train_seconds": train_seconds, "epochs": cfg.epochs, "train_samples_per_s": samples_per_s,
-        "train_flops": training_flops(model, cfg, mean_length, samples_per_s, device),
+        "first_epoch_seconds": history[0]["epoch_seconds"], "steady_samples_per_s": steady,
+        # the sustained rate where there is one: a first epoch's compile or cache build is not training speed
+        "train_flops": training_flops(model, cfg, mean_length, steady or samples_per_s, device),
         "feature_cache": feature_cache,
         "distributed": {"world_size": d.world_size, "backend": d.backend, "batch_per_process": rank_batch},
         "peak_memory": peak_memory_mib(device),

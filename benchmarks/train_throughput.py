@@ -1,38 +1,42 @@
 """Training samples/s: the study's naive loop vs fusionprof's loop vs the compute-only ceiling, side by side.
 
     python benchmarks/train_throughput.py [--preset tiny] [--fusion mid] [--images 500] [--rounds 3]
-        [--disk-size 96] [--device cpu] [--precision fp32] [--compile [off,model,regions,cudagraphs]] [--workers 0]
-        [--random-init] [--loops naive,shipped,ceiling]
+        [--disk-size 96] [--device cpu] [--precision auto] [--compile [off,model,regions,cudagraphs]]
+        [--workers 0,4] [--random-init] [--loops naive,shipped,ceiling]
 
 (a) naive: the study's loop. A per-sample Dataset opens each JPEG with PIL, resizes and normalises it; the
-    collate_fn tokenizes the batch's captions (padded to the maximum length); fp32, NCHW, no pinned memory,
-    PyTorch's default AdamW (a loop over the tensors on the CPU, foreach on CUDA; fusionprof's is fused), and the
-    loss read back (``.item()``) every step, as a loop that logs each step does.
+    collate_fn tokenizes the batch's captions (padded to the maximum length); NCHW, no pinned memory, PyTorch's
+    default AdamW (a loop over the tensors on the CPU, foreach on CUDA; fusionprof's is fused), and the loss read
+    back (``.item()``) every step, as a loop that logs each step does.
 (b) shipped: ``fusionprof.train.train`` as the CLI runs it; its second epoch (the first warms up).
 (c) ceiling: the same model and ``train_step`` on one epoch of batches already normalised on the device.
 
-(a) and (c) time their second epoch too. All three use the same model config, initial weights, pairs, batch size,
-optimizer hyper-parameters and step (``fusionprof.train.train_step``), run in one process and alternate for
-``--rounds`` rounds (medians reported), so drift on a shared machine hits all three. ``--disk-size`` is the side of
-the JPEG files: the embedded default is 96 px; COCO's files are about 640×480, which is what (a) pays to decode on
-real data. It also prints (b)'s training FLOP/s (3 × forward FLOPs per sample) as a share of a matmul measured in
-the same run and, on a known GPU in bf16/fp16, the MFU against the datasheet peak. ``--compile off,regions`` runs
-(b) and (c) eager and compiled by regions in the same rounds (compiled/eager side by side), with how much longer
-(b)'s first epoch took (the compile); ``cudagraphs`` (CUDA only) also counts the graphs inductor skipped. The
-record, with the environment, goes to
-``profiles/<host>/train-throughput-<preset>-<fusion>-<device>-<precision>-<disk size>px.json``.
+What is compared is the loop, nothing else: all three run in the same precision (``--precision``; the precision's
+own gain is a separate line, (b) against (b) in fp32), see the pairs of (b)'s timed epoch in its order, and use the
+same model config, initial weights, batch size, optimizer hyper-parameters and step (``train_step``). (a) and (b)
+run once per ``--workers`` count (0, and what a user would set: up to 4 by default), each beside the other. (a) and
+(c) time their second epoch too. The runs alternate in one process for ``--rounds`` rounds, so drift on a shared
+machine hits all of them; every rate and ratio is printed as the median and [min–max] of its rounds (a ratio per
+round, from runs side by side). ``--disk-size`` is the side of the JPEG files: the embedded default is 96 px;
+COCO's files are about 640×480, which is what (a) pays to decode on real data. It also prints (b)'s training
+FLOP/s (3 × forward FLOPs per sample) as a share of a matmul measured in the same run and, on a known GPU in
+bf16/fp16, the MFU against the datasheet peak. ``--compile off,regions`` runs (b) and (c) eager and compiled by
+regions in the same rounds (compiled/eager side by side), with how much longer (b)'s first epoch took (the
+compile); ``cudagraphs`` (CUDA only) also counts the graphs inductor skipped. The record, with the environment,
+goes to ``profiles/<host>/train-throughput-<preset>-<fusion>-<device>-<precision>-<disk size>px.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -45,7 +49,6 @@ from fusionprof.config import COMPILE_SCOPES, model_config, train_config
 from fusionprof.data import DEFAULT_SYNTH, prepare_data
 from fusionprof.data.coco import load_splits
 from fusionprof.data.images import IMAGENET_MEAN, IMAGENET_STD, cache_root
-from fusionprof.data.itm import make_pairs, split_rng
 from fusionprof.data.synth import synth_dir_name, write_synth
 from fusionprof.data.text import build_tokenizer
 from fusionprof.env import fingerprint, machine_name
@@ -53,7 +56,7 @@ from fusionprof.evaluate import to_inputs
 from fusionprof.measure import matmul_rate
 from fusionprof.models import build_model
 from fusionprof.runtime import resolve_device, resolve_precision, seed_everything, synchronize
-from fusionprof.train import Optimization, compiled, train, train_step, training_flops
+from fusionprof.train import Optimization, compiled, epoch_pairs, train, train_step, training_flops
 
 
 class NaivePairs(Dataset):
@@ -104,10 +107,10 @@ def timed_epoch(step, n_batches: int, n_pairs: int, device) -> float:
     return n_pairs / (time.perf_counter() - start)
 
 
-def run_naive(mcfg, cfg, device, caption_split, pairs, tokenizer, workers: int) -> float:
+def run_naive(mcfg, cfg, device, caption_split, pairs, order, tokenizer) -> float:
     model, opt = fresh_model(mcfg, cfg, device, cfg.seed, naive=True)
     loader = DataLoader(NaivePairs(caption_split.image_paths, caption_split.captions, pairs, mcfg.image_size),
-                        batch_size=cfg.batch_size, shuffle=True, num_workers=workers, pin_memory=False,
+                        batch_size=cfg.batch_size, sampler=order.tolist(), num_workers=cfg.workers, pin_memory=False,
                         collate_fn=naive_collate(tokenizer, mcfg.max_text_len), drop_last=False)
     batches = iter(loop_forever(loader))
 
@@ -123,9 +126,8 @@ def loop_forever(loader):
         yield from loader
 
 
-def run_ceiling(mcfg, cfg, device, split, pairs) -> float:
+def run_ceiling(mcfg, cfg, device, split, pairs, order) -> float:
     model, opt = fresh_model(mcfg, cfg, device, cfg.seed)
-    order = np.random.default_rng(0).permutation(len(pairs))
     epoch = [to_inputs(b, device) for b in split.batches(pairs, cfg.batch_size, order)]  # all in memory
     position = iter(range(10**9))
 
@@ -158,14 +160,51 @@ def run_shipped(cfg, mcfg, out: str) -> tuple[float, float]:
 LABELS = {"naive": "(a) naive", "shipped": "(b) shipped", "ceiling": "(c) ceiling"}
 
 
-def key(loop: str, scope: str) -> str:
-    """The name of a loop's rates: "shipped" eager, "shipped+regions" compiled by regions, ..."""
-    return loop if scope == "off" or loop == "naive" else f"{loop}+{scope}"
+def key(loop: str, scope: str = "off", workers: int | None = None, precision: str | None = None) -> str:
+    """The name of a run's rates: "shipped/w0" eager with no workers, "shipped+regions/w0" compiled by regions,
+    "ceiling" (no loader), "shipped/w0@fp32" the precision baseline."""
+    name = loop if scope == "off" or loop == "naive" else f"{loop}+{scope}"
+    return name + (f"/w{workers}" if workers is not None else "") + (f"@{precision}" if precision else "")
 
 
 def label(k: str) -> str:
-    loop, _, scope = k.partition("+")
-    return LABELS[loop] + (f" +{scope}" if scope else "")
+    loop = re.split(r"[+/@]", k)[0]
+    return LABELS[loop] + k[len(loop):]
+
+
+def spread(values: list[float]) -> str:
+    """median [min–max] over the rounds"""
+    return f"{statistics.median(values):.2f} [{min(values):.2f}–{max(values):.2f}]"
+
+
+def round_ratios(rates: dict[str, list[float]], a: str, b: str) -> list[float] | None:
+    """a/b per round: the rounds alternate the loops, so each round's ratio is measured side by side."""
+    if a not in rates or b not in rates:
+        return None
+    return [x / y for x, y in zip(rates[a], rates[b], strict=True)]
+
+
+def plan_runs(loops, scopes, worker_counts, cfg, mcfg, device, split, caption_split, pairs, order, tokenizer,
+              out) -> dict:
+    """key → a function returning (samples/s, extra seconds of the first epoch or None)."""
+    runs = {}
+    for w in worker_counts:  # (a) at (b)'s precision: the loop's gain, not the precision's
+        if "naive" in loops:
+            c = dataclasses.replace(cfg, workers=w)
+            runs[key("naive", workers=w)] = lambda c=c: (run_naive(mcfg, c, device, caption_split, pairs, order,
+                                                                   tokenizer), None)
+    for scope in scopes:
+        scoped = dataclasses.replace(cfg, compile=scope)
+        for w in worker_counts:
+            if "shipped" in loops:
+                c = dataclasses.replace(scoped, workers=w)
+                runs[key("shipped", scope, w)] = lambda c=c: run_shipped(c, mcfg, out)
+        if "ceiling" in loops:
+            runs[key("ceiling", scope)] = lambda c=scoped: (run_ceiling(mcfg, c, device, split, pairs, order), None)
+    if "shipped" in loops and cfg.precision != "fp32":  # the precision's gain, on its own line
+        fp32 = dataclasses.replace(cfg, precision="fp32", workers=worker_counts[0])
+        runs[key("shipped", "off", worker_counts[0], "fp32")] = lambda: run_shipped(fp32, mcfg, out)
+    return runs
 
 
 def main() -> None:
@@ -176,12 +215,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--disk-size", type=int, default=DEFAULT_SYNTH["size"], help="side of the JPEG files")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="auto", help="for (b) and (c), as train takes it; (a) is always fp32")
+    parser.add_argument("--precision", default="auto",
+                        help="for all three loops, as train takes it; (b) also runs in fp32 when this is not fp32")
     parser.add_argument("--compile", nargs="?", const="model", default="off", metavar="SCOPES",
                         help="torch.compile in (b) and (c): model (bare --compile: the whole model), regions (each "
                              "repeated block), cudagraphs (the whole model as CUDA graphs) or off; a list "
                              "(off,regions) runs (b) and (c) once per scope")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers, for (a) and (b) alike")
+    parser.add_argument("--workers", default=f"0,{min(4, os.cpu_count() or 1)}",
+                        help="DataLoader workers for (a) and (b), a list: each count runs both [default: 0 and "
+                             "min(4, cores), as a user would set it]")
     parser.add_argument("--random-init", action="store_true",
                         help="random-init encoders and the shipped vocabulary: the preset's architecture, no downloads")
     parser.add_argument("--loops", default="naive,shipped,ceiling",
@@ -193,6 +235,10 @@ def main() -> None:
         parser.error(f"--loops: unknown {', '.join(sorted(unknown))}; choose from naive, shipped, ceiling")
     if unknown := set(scopes) - set(COMPILE_SCOPES):
         parser.error(f"--compile: unknown {', '.join(sorted(unknown))}; choose from {', '.join(COMPILE_SCOPES)}")
+    try:
+        worker_counts = sorted({int(w) for w in args.workers.split(",")})
+    except ValueError:
+        parser.error(f"--workers {args.workers}: a comma-separated list of whole numbers")
 
     device = resolve_device(args.device)
     if "cudagraphs" in scopes and device.type != "cuda":
@@ -201,8 +247,7 @@ def main() -> None:
     root = write_synth(cache_root() / "data" / synth_dir_name(counts, args.disk_size, 0), counts, args.disk_size, 0,
                        progress=False)
     precision = resolve_precision(args.precision, device)
-    cfg = train_config(args.preset, data=str(root), device=str(device), precision=precision, workers=args.workers)
-    naive_cfg = dataclasses.replace(cfg, precision="fp32")
+    cfg = train_config(args.preset, data=str(root), device=str(device), precision=precision)
     mcfg = model_config(args.preset, fusion=args.fusion,
                         **({"pretrained": False, "text_model": "config"} if args.random_init else {}))
     tokenizer = build_tokenizer(mcfg)
@@ -210,62 +255,22 @@ def main() -> None:
     split = prepare_data(root, tokenizer, mcfg.image_size, mcfg.max_text_len, splits=("train",),
                          progress=False)[0]["train"]
     caption_split = load_splits(root, 0)[0]["train"]
-    pairs = make_pairs(caption_split.caption_image, split_rng(0, "train"))
+    pairs, order = epoch_pairs(split, cfg.seed, epoch=1)  # (b)'s timed epoch: all three see these pairs in this order
 
-    runs = {}  # key → a function returning (samples/s, extra seconds of the first epoch or None)
     with tempfile.TemporaryDirectory() as out:
-        if "naive" in loops:
-            runs["naive"] = lambda: (run_naive(mcfg, naive_cfg, device, caption_split, pairs, tokenizer,
-                                               args.workers), None)
-        for scope in scopes:
-            scoped = dataclasses.replace(cfg, compile=scope)
-            if "shipped" in loops:
-                runs[key("shipped", scope)] = lambda c=scoped: run_shipped(c, mcfg, out)
-            if "ceiling" in loops:
-                runs[key("ceiling", scope)] = lambda c=scoped: (run_ceiling(mcfg, c, device, split, pairs), None)
-        rates: dict[str, list[float]] = {k: [] for k in runs}
-        first_epoch_extra: dict[str, list[float]] = {}
-        graph_skips: dict[str, int] = {}  # CUDA graphs inductor gave up on (kernels launched one by one instead)
-        for round_ in range(1, args.rounds + 1):
-            for k, run in runs.items():
-                skips = counters["inductor"]["cudagraph_skips"]
-                rate, extra = run()
-                if k.endswith("+cudagraphs"):
-                    graph_skips[k] = graph_skips.get(k, 0) + counters["inductor"]["cudagraph_skips"] - skips
-                rates[k].append(rate)
-                if extra is not None:
-                    first_epoch_extra.setdefault(k, []).append(extra)
-                # one line per run: a run cut short (a lease's time limit) still leaves the ones before it
-                print(f"  round {round_}: {k} {rate:.1f} samples/s"
-                      + (f", first epoch {extra:+.1f} s" if extra is not None else "")
-                      + (f", CUDA graphs skipped: {graph_skips[k]} (TORCH_LOGS=perf_hints says why)"
-                         if graph_skips.get(k) else ""), flush=True)
+        runs = plan_runs(loops, scopes, worker_counts, cfg, mcfg, device, split, caption_split, pairs, order,
+                         tokenizer, out)
+        rates, first_epoch_extra, graph_skips = run_rounds(runs, args.rounds)
     median = {k: statistics.median(v) for k, v in rates.items()}
     env = fingerprint()
     print(f"{machine_name(env)}: {args.preset}/{args.fusion} on {device} ({precision}), {len(pairs)} pairs per "
-          f"epoch from {args.images} images of {args.disk_size} px, batch {cfg.batch_size}, workers {args.workers}, "
-          f"{torch.get_num_threads()} threads, median of {args.rounds} rounds")
-    print("  ".join(f"{label(k)} {v:.1f}" for k, v in median.items()) + "  samples/s")
-
-    def ratio(a: str, b: str) -> float | None:
-        return median[a] / median[b] if a in median and b in median else None
-
-    by_scope, mfu = {}, {}
+          f"epoch from {args.images} images of {args.disk_size} px, batch {cfg.batch_size}, "
+          f"{torch.get_num_threads()} threads; median [min–max] of {args.rounds} rounds")
+    for k, v in rates.items():
+        print(f"  {label(k):<32} {spread(v)} samples/s")
+    by_scope, mfu = summarize(rates, first_epoch_extra, scopes, worker_counts, precision), {}
     for scope in scopes:
-        b = key("shipped", scope)
-        r = by_scope[scope] = {"shipped_over_naive": ratio(b, "naive"),
-                               "shipped_over_ceiling": ratio(b, key("ceiling", scope)),
-                               "shipped_over_eager": ratio(b, "shipped") if scope != "off" else None,
-                               # round 1's: later rounds find the compiled code in the process's caches
-                               "first_epoch_extra_s": first_epoch_extra[b][0] if b in first_epoch_extra else None}
-        line = [f"(b)/(a) = {r['shipped_over_naive']:.2f}×"] if r["shipped_over_naive"] is not None else []
-        line += [f"(b)/(c) = {r['shipped_over_ceiling']:.1%}"] if r["shipped_over_ceiling"] is not None else []
-        line += [f"compiled/eager (b) = {r['shipped_over_eager']:.2f}×"] if r["shipped_over_eager"] is not None else []
-        if r["first_epoch_extra_s"] is not None:
-            line += [f"first epoch {r['first_epoch_extra_s']:+.1f} s" + (" (compiling)" if scope != "off" else "")
-                     + " in round 1"]
-        if line:
-            print(f"{'eager' if scope == 'off' else 'compile ' + scope}: " + "   ".join(line))
+        b = key("shipped", scope, worker_counts[0])
         if b in median:
             m = mfu[scope] = model_flops_utilisation(mcfg, split, pairs, cfg, device, median[b])
             print(f"{label(b)} at {m['train_gflop_per_sample']:.3f} GFLOP per training sample: "
@@ -276,15 +281,59 @@ def main() -> None:
     compiled = "" if scopes == ["off"] else "-compile-" + "+".join(scopes)
     name = f"train-throughput-{args.preset}-{args.fusion}-{device.type}-{precision}{compiled}-{args.disk_size}px.json"
     path = Path(args.out) / env["host"] / name
-    first = by_scope[scopes[0]]
     write_json(path, {"schema_version": SCHEMA_VERSION, "kind": "train_throughput", "args": vars(args),
-                      "precision": precision, "pairs_per_epoch": len(pairs), "samples_per_s": rates, "median": median,
-                      "shipped_over_naive": first["shipped_over_naive"],
-                      "shipped_over_ceiling": first["shipped_over_ceiling"], "by_compile": by_scope,
+                      "precision": precision, "pairs_per_epoch": len(pairs), "workers": worker_counts,
+                      "samples_per_s": rates, "median": median, "by_compile": by_scope,
                       "first_epoch_extra_s": first_epoch_extra, "cudagraph_skips": graph_skips,
-                      "mfu": mfu.get(scopes[0]), "mfu_by_compile": mfu,
-                      "environment": env})
+                      "mfu_by_compile": mfu, "environment": env})
     print(f"wrote {path}")
+
+
+def run_rounds(runs: dict, rounds: int) -> tuple[dict, dict, dict]:
+    """Every run once per round, in turn, so drift on a shared machine hits all of them alike."""
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    first_epoch_extra: dict[str, list[float]] = {}
+    graph_skips: dict[str, int] = {}  # CUDA graphs inductor gave up on (kernels launched one by one instead)
+    for round_ in range(1, rounds + 1):
+        for k, run in runs.items():
+            skips = counters["inductor"]["cudagraph_skips"]
+            rate, extra = run()
+            if "+cudagraphs" in k:
+                graph_skips[k] = graph_skips.get(k, 0) + counters["inductor"]["cudagraph_skips"] - skips
+            rates[k].append(rate)
+            if extra is not None:
+                first_epoch_extra.setdefault(k, []).append(extra)
+            # one line per run: a run cut short (a lease's time limit) still leaves the ones before it
+            print(f"  round {round_}: {k} {rate:.1f} samples/s"
+                  + (f", first epoch {extra:+.1f} s" if extra is not None else "")
+                  + (f", CUDA graphs skipped: {graph_skips[k]} (TORCH_LOGS=perf_hints says why)"
+                     if graph_skips.get(k) else ""), flush=True)
+    return rates, first_epoch_extra, graph_skips
+
+
+def summarize(rates, first_epoch_extra, scopes, worker_counts, precision) -> dict:
+    """The ratios, each as the median and the range of its per-round values, printed and returned per scope."""
+    by_scope = {}
+    for scope in scopes:
+        r = by_scope[scope] = {"first_epoch_extra_s": None}
+        for w in worker_counts:
+            b = key("shipped", scope, w)
+            for name, a in ((f"shipped_over_naive/w{w}", key("naive", workers=w)),
+                            (f"shipped_over_ceiling/w{w}", key("ceiling", scope)),
+                            (f"shipped_over_eager/w{w}", key("shipped", "off", w) if scope != "off" else None)):
+                if a and (ratios := round_ratios(rates, b, a)):
+                    r[name] = {"median": statistics.median(ratios), "rounds": ratios}
+                    print(f"{'eager' if scope == 'off' else 'compile ' + scope}, {w} workers: "
+                          f"{label(b)} / {label(a)} = {spread(ratios)}×")
+            if b in first_epoch_extra and w == worker_counts[0]:  # round 1's: later rounds find compiled code cached
+                r["first_epoch_extra_s"] = first_epoch_extra[b][0]
+                print(f"  {label(b)}: first epoch {first_epoch_extra[b][0]:+.1f} s in round 1"
+                      + (" (compiling)" if scope != "off" else ""))
+    baseline = key("shipped", "off", worker_counts[0], "fp32")
+    if ratios := round_ratios(rates, key("shipped", "off", worker_counts[0]), baseline):
+        by_scope["off"]["precision_gain"] = {"median": statistics.median(ratios), "rounds": ratios}
+        print(f"precision: (b) {precision} / (b) fp32 = {spread(ratios)}× (the same loop, the precision's own gain)")
+    return by_scope
 
 
 if __name__ == "__main__":

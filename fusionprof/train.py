@@ -49,7 +49,7 @@ from fusionprof.checkpoint import (
 )
 from fusionprof.config import ModelConfig, TrainConfig, from_dict, to_dict
 from fusionprof.data import SplitData, prepare_data
-from fusionprof.data.itm import Batch, loader
+from fusionprof.data.itm import Batch, Pairs, loader
 from fusionprof.data.text import build_tokenizer
 from fusionprof.distributed import (
     Dist,
@@ -374,10 +374,9 @@ def compiled(model: nn.Module, scope: str, log: Callable[[str], None] = print) -
 def run_epoch(model: nn.Module, opt: Optimization, split: SplitData, epoch: int, cfg: TrainConfig, d: Dist,
               device: torch.device, progress: bool, no_sync: Callable | None) -> tuple[float, float]:
     """One pass over the split's pairs: (mean loss over every rank's batches, seconds)."""
-    # Every rank draws the same negatives and the same order (both from seed and epoch); the sampler then deals
-    # batch i to rank i % world_size, so global batch k is the same pairs whatever the world size.
-    pairs = split.pairs(cfg.seed, epoch)  # fresh negatives every epoch
-    order = np.random.default_rng([cfg.seed, 100, epoch]).permutation(len(pairs))
+    # Every rank draws the same pairs in the same order; the sampler then deals batch i to rank i % world_size,
+    # so global batch k is the same pairs whatever the world size.
+    pairs, order = epoch_pairs(split, cfg.seed, epoch)
     epoch_batches = split.batches(pairs, cfg.batch_size // d.world_size, order)
     sampler = DistributedSampler(epoch_batches, d.world_size, d.rank, shuffle=False) if d.enabled else None
     batches = loader(epoch_batches, cfg.workers, pin_memory=device.type == "cuda", sampler=sampler)
@@ -396,6 +395,12 @@ def run_epoch(model: nn.Module, opt: Optimization, split: SplitData, epoch: int,
     synchronize(device)
     seconds = time.perf_counter() - start
     return loss_sum.item() / (len(batches) * d.world_size), seconds
+
+
+def epoch_pairs(split: SplitData, seed: int, epoch: int) -> tuple[Pairs, np.ndarray]:
+    """An epoch's pairs (fresh negatives every epoch) and the order they are visited in, both from seed and epoch."""
+    pairs = split.pairs(seed, epoch)
+    return pairs, np.random.default_rng([seed, 100, epoch]).permutation(len(pairs))
 
 
 def micro_step(model: nn.Module, opt: Optimization, batches: Iterator[Batch], cfg: TrainConfig, device: torch.device,

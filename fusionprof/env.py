@@ -26,6 +26,31 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction-set extensions that decide how fast a CPU runs fp32, bf16 and int8 (a record from an AVX2-only
+# CPU and one from a Xeon with AMX explain their difference themselves).
+CPU_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+
+
+def cpu_isa(cpuinfo: str | None = None) -> dict[str, bool]:
+    """Which of ``CPU_ISA_FLAGS`` this CPU has, from the kernel's ``flags`` line (Linux); else from PyTorch's own
+    CPU capability probe, which knows most of them."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith(("flags", "Features"))), None)
+    if line is not None:
+        present = set(line.split(":", 1)[1].split())
+        return {flag: flag in present for flag in CPU_ISA_FLAGS}
+    try:
+        capability = torch._C._cpu._get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = {}
+    return {flag: bool(capability.get(flag)) for flag in CPU_ISA_FLAGS}
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -55,6 +80,7 @@ def fingerprint() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_model": _cpu_model(),
+        "cpu_isa": cpu_isa(),
         "cpu_logical_cores": os.cpu_count(),
         "cpu_physical_cores": psutil.cpu_count(logical=False),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

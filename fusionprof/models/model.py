@@ -116,6 +116,17 @@ def build_model(cfg: ModelConfig) -> FusionModel:
     return FusionModel(cfg)
 
 
+class InferenceGraph(nn.Module):
+    """The model with exactly the inputs and output an exported artifact (ONNX, ``.pt2``) has."""
+
+    def __init__(self, model: FusionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(images, input_ids, attention_mask)
+
+
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """The blocks an architecture repeats: the items of every ``nn.ModuleList``, and of every ``nn.Sequential``
     whose items are all of one class (a ResNet stage's residual blocks; not an MLP's Linear, GELU, Linear).

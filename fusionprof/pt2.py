@@ -1,0 +1,106 @@
+"""AOTInductor packages (``.pt2``): PyTorch's own deployable artifact, built in a child process.
+
+``torch.export`` traces the model with dynamic batch and sequence axes, ``aoti_compile_and_package`` compiles the
+graph ahead of time (C++ on the CPU, Triton on CUDA) into one file, and ``aoti_load_package`` runs it later without
+the model's Python code, wherever PyTorch runs.
+
+The build runs in a child process: on torch 2.11 + CUDA, AOTInductor once crashed the whole process (segmentation
+fault) for the seed model, which in-process would have killed the sweep with no record. A child that dies says how
+(the signal) and at which step (export, compile or load), and the caller writes a failed export record with that
+reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fusionprof.config import ModelConfig, from_dict, to_dict
+from fusionprof.errors import UserError
+from fusionprof.models import FusionModel, build_model
+from fusionprof.models.model import InferenceGraph, example_inputs
+from fusionprof.runtime import DTYPES
+
+STEPS = ("export", "compile", "load")
+
+
+def dynamic_shapes() -> dict[str, dict[int, torch.export.Dim]]:
+    """Batch and caption length free (the same ranges as the ONNX export): one artifact serves every shape."""
+    batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=1, max=512)
+    return {"images": {0: batch}, "input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+
+
+def build_pt2(model: FusionModel, path: Path, precision: str, device: torch.device, timeout_s: float = 3600) -> dict:
+    """Write ``path`` (an AOTInductor package for ``device``, weights in ``precision``) from a child process.
+
+    Returns what was built and how long each step took; raises ``UserError`` naming the step and the reason when the
+    child fails, dies on a signal or runs past ``timeout_s``."""
+    if precision not in DTYPES:
+        raise UserError(f"--precision {precision}: a .pt2 package holds fp32, bf16 or fp16 weights")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pt2-") as tmp:
+        source, status = Path(tmp) / "model.pt", Path(tmp) / "status.json"
+        torch.save({"model_config": to_dict(model.cfg), "model": model.state_dict()}, source)
+        child = multiprocessing.get_context("spawn").Process(
+            target=_build_in_child, args=(str(source), str(path), precision, str(device), str(status)))
+        child.start()
+        child.join(timeout_s)
+        if child.is_alive():
+            child.kill()
+            child.join()
+        state = json.loads(status.read_text()) if status.exists() else {"step": "start"}
+    if state.get("ok"):
+        return {"path": str(path), "precision": precision, "device": str(device), "torch": torch.__version__,
+                "size_mib": path.stat().st_size / 2**20, "seconds": state["seconds"],
+                "dynamic_axes": {"batch": [1, 4096], "sequence": [1, 512]}}
+    raise UserError(f"AOTInductor build failed at its {state['step']} step: {_why(child.exitcode, state, timeout_s)}")
+
+
+def _why(exitcode: int | None, state: dict, timeout_s: float) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        return f"the build process died with {name}" + (f" after {timeout_s:.0f} s" if name == "SIGKILL" else "")
+    return state.get("error") or f"the build process exited with code {exitcode}"
+
+
+def _build_in_child(source: str, path: str, precision: str, device: str, status: str) -> None:
+    """The child's work: rebuild the model, export, compile, load the package once; each step announced first."""
+    seconds: dict[str, float] = {}
+
+    def step(name: str) -> None:
+        Path(status).write_text(json.dumps({"step": name, "seconds": seconds}))
+
+    # cpp_extension warns that a CUDA build finds no CUDA runtime, on every CPU-only machine: not news to the user
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    try:
+        step("export")
+        start = time.perf_counter()
+        saved = torch.load(source, weights_only=True)
+        model = build_model(from_dict(ModelConfig, saved["model_config"]))
+        model.load_state_dict(saved["model"])
+        dtype = DTYPES[precision]
+        graph = InferenceGraph(model).eval().to(device=device, dtype=dtype)
+        images, ids, mask = example_inputs(model.cfg, batch=2, seq_len=8, device=device)  # ≥ 2: axes stay free
+        with torch.no_grad():
+            program = torch.export.export(graph, (images.to(dtype), ids, mask), dynamic_shapes=dynamic_shapes())
+        seconds["export"] = time.perf_counter() - start
+        step("compile")
+        start = time.perf_counter()
+        torch._inductor.aoti_compile_and_package(program, package_path=path)
+        seconds["compile"] = time.perf_counter() - start
+        step("load")
+        start = time.perf_counter()
+        torch._inductor.aoti_load_package(path)(images.to(dtype), ids, mask)
+        seconds["load_and_first_call"] = time.perf_counter() - start
+        Path(status).write_text(json.dumps({"ok": True, "seconds": seconds}))
+    except Exception as e:  # any failure of export / inductor: its first line is the reason
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        Path(status).write_text(json.dumps({"step": json.loads(Path(status).read_text())["step"],
+                                            "error": f"{type(e).__name__}: {first}"}))

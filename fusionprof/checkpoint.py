@@ -91,3 +91,19 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
                         f"({detail}...)") from None
     return model.to(device).eval(), from_dict(TrainConfig, ckpt["train_config"])
 
+
+
+def find_checkpoint(models_dir: str | Path, preset: str, fusion: str) -> Path | None:
+    """A trained run of ``preset`` / ``fusion``: the default folder's checkpoint when there is one, else the newest
+    ``*/checkpoint.pt`` (a run named with ``--run-name``) whose configs say that preset and fusion, else None."""
+    default = checkpoint_path(models_dir, preset, fusion)
+    if default.exists():
+        return default
+    for path in sorted(Path(models_dir).glob(f"*/{CHECKPOINT}"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:  # mmap: only the two small config dicts are read, not the weights and optimizer state
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if ckpt["train_config"]["preset"] == preset and ckpt["model_config"]["fusion"] == fusion:
+                return path
+        except Exception:  # a half-written or foreign file (torch, zip and pickle raise their own types)
+            continue
+    return None

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from fusionprof import __version__
+from fusionprof.backends import backend_names, export_formats
 from fusionprof.config import PRESETS, model_config, train_config
 from fusionprof.distributed import launched_by_torchrun, process_rank
 from fusionprof.errors import UserError
@@ -135,8 +136,10 @@ def train(fusion, preset, text_pool, pretrained, image_weights, text_model, free
     skipped = metrics["skipped_total"]
     if process_rank() != 0:  # under torchrun, rank 0 speaks for all
         return
+    steady = metrics["steady_samples_per_s"]
     click.echo(f"wrote {metrics['checkpoint']} and {Path(tcfg.profiles_dir) / metrics['run'] / 'metrics.json'}"
                f"  ({metrics['train_seconds']:.0f} s training, {metrics['train_samples_per_s']:.0f} samples/s"
+               f"{f', {steady:.0f} after the first epoch' if steady else ''}"
                f"{f', {skipped} data entries skipped' if skipped else ''})")
 
 
@@ -163,7 +166,8 @@ def evaluate(checkpoint, split, data, device, batch_size, precision, as_json):
 
 @cli.command()
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True)
-@click.option("--fmt", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True)
+@click.option("--fmt", type=click.Choice(export_formats()), default="onnx", show_default=True,
+              help="What to export: the artifact a registered backend loads.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16 writes an fp16 graph (what a strongly typed TensorRT needs).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -206,8 +210,9 @@ def csv_list(kind=str):
 @cli.command()
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True)
 @click.option("--fusion", "fusions", default="all", show_default=True, help="all, or a comma-separated list.")
-@click.option("--backends", default="torch,torch-compile,onnxruntime,tensorrt", show_default=True,
-              callback=csv_list(), help="Comma-separated; unavailable ones are reported and skipped.")
+@click.option("--backends", default=None, callback=csv_list(),
+              help=f"Comma-separated, from {', '.join(backend_names())} [default: all of them]; unavailable ones "
+                   "are reported and skipped.")
 @click.option("--batch-sizes", default="1,2,4,8,16,32", show_default=True, callback=csv_list(int))
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
@@ -224,7 +229,8 @@ def csv_list(kind=str):
 def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, threads, min_seconds, min_calls,
             warmup_seconds, warmup_calls, trace, models_dir, profiles_dir, quiet):
     """Inference latency of fusions × backends × batch sizes, with one timing protocol."""
-    from fusionprof.latency import SweepConfig, sweep, table
+    from fusionprof.latency import SweepConfig, sweep
+    from fusionprof.latency_output import table
     from fusionprof.measure import Protocol, replace_protocol
 
     names = fusion_names() if fusions == "all" else csv_list()(None, None, fusions)
@@ -233,17 +239,17 @@ def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, 
         raise UserError(f"unknown fusion {unknown[0]!r}; choose from all, {', '.join(fusion_names())}")
     protocol = replace_protocol(Protocol(), min_seconds=min_seconds, min_calls=min_calls,
                                 warmup_seconds=warmup_seconds, warmup_calls=warmup_calls)
-    cfg = SweepConfig(preset=preset, fusions=names, backends=backends, batch_sizes=batch_sizes, device=device,
-                      precision=precision, seq_len=seq_len, threads=threads, models_dir=models_dir,
+    cfg = SweepConfig(preset=preset, fusions=names, backends=backends or backend_names(), batch_sizes=batch_sizes,
+                      device=device, precision=precision, seq_len=seq_len, threads=threads, models_dir=models_dir,
                       profiles_dir=profiles_dir, protocol=protocol)
     record = sweep(cfg, progress=not quiet, log=click.echo)
-    for line in table(record["rows"]):
+    for line in table(record.rows):
         click.echo(line)
-    click.echo(f"wrote {record['path']} and {Path(record['path']).with_suffix('.csv')}")
+    click.echo(f"wrote {record.path} and {Path(record.path).with_suffix('.csv')}")
     if trace:
         from fusionprof.latency import trace_inference
 
-        traces = trace_inference(cfg, Path(record["path"]).parent)
+        traces = trace_inference(cfg, Path(record.path).parent)
         click.echo(f"traces in {traces} (tensorboard --logdir {profiles_dir}/traces)")
 
 
@@ -268,7 +274,9 @@ def report(paths, out):
 @click.option("--limit-train", type=int, default=None, callback=positive, help="Use only N train images.")
 @click.option("--limit-eval", type=int, default=None, callback=positive, help="Use only N val/test images.")
 @click.option("--batch-sizes", default=None, callback=csv_list(int), help="Latency batch sizes [default: 1…32].")
-@click.option("--backends", default=None, callback=csv_list(), help="Latency backends [default: all].")
+@click.option("--backends", default=None, callback=csv_list(),
+              help=f"Latency backends, from {', '.join(backend_names())} [default: all, less those that compile "
+                   "code when loaded on the CPU].")
 @click.option("--min-seconds", type=float, default=None, help="Minimum sampling time per latency cell.")
 @click.option("--min-calls", type=int, default=None, callback=positive, help="Minimum samples per latency cell.")
 @click.option("--out", "models_dir", default="models", show_default=True)
@@ -280,8 +288,9 @@ def compare(preset, data, device, epochs, limit_train, limit_eval, batch_sizes, 
     from fusionprof.compare import compare as run_compare
     from fusionprof.measure import Protocol, replace_protocol
 
-    run_compare(preset, data, device, models_dir, profiles_dir, epochs, limit_train, limit_eval, batch_sizes,
-                backends, replace_protocol(Protocol(), min_seconds=min_seconds, min_calls=min_calls),
+    run_compare(preset=preset, data=data, device=device, models_dir=models_dir, profiles_dir=profiles_dir,
+                epochs=epochs, limit_train=limit_train, limit_eval=limit_eval, batch_sizes=batch_sizes,
+                backends=backends, protocol=replace_protocol(Protocol(), min_seconds=min_seconds, min_calls=min_calls),
                 progress=not quiet, log=click.echo)
 
 
@@ -301,6 +310,75 @@ def env(as_json):
         elif isinstance(value, list):
             value = "; ".join(", ".join(f"{k}={v}" for k, v in item.items()) for item in value) or "none"
         click.echo(f"{key:>22}  {value}")
+
+
+@cli.command()
+@click.option("--fusion", required=True, help=f"Fusion method: {', '.join(fusion_names())}.")
+@click.option("--backend", required=True, help=f"One of {', '.join(backend_names())}.")
+@click.option("--scenario", required=True, help="server, offline or single-stream.")
+@click.option("--qps", default=None, callback=csv_list(float), help="Server: offered rate(s), comma-separated.")
+@click.option("--find-max-qps", is_flag=True, help="Server: bisect for the largest VALID rate with p99 ≤ --p99-ms.")
+@click.option("--p99-ms", type=float, default=50.0, show_default=True, help="Server: LoadGen's p99 latency target.")
+@click.option("--max-batch", type=int, default=1, show_default=True, help="Dynamic batching: largest batch (1: none).")
+@click.option("--batch-timeout-ms", type=float, default=0.0, show_default=True,
+              help="How long the oldest queued request waits for its batch to fill.")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--min-duration", "min_duration_s", type=float, default=10.0, show_default=True,
+              help="Seconds each LoadGen run lasts at least.")
+@click.option("--min-queries", type=int, default=None, callback=positive,
+              help="Queries each run issues at least [default: 1024 in server (what early stopping needs), else 100].")
+@click.option("--accuracy", is_flag=True, help="LoadGen's accuracy mode, checked against the backend's accuracy.")
+@click.option("--models", "models_dir", default="models", show_default=True, help="Where checkpoints are looked for.")
+@click.option("--out", "profiles_dir", default="profiles", show_default=True, help="Results go to OUT/<host>/.")
+@click.option("--quiet", is_flag=True)
+def load(fusion, backend, scenario, qps, find_max_qps, quiet, **options):
+    """MLPerf LoadGen against one fusion on one backend, behind a dynamic batcher."""
+    from fusionprof.load import LoadConfig
+    from fusionprof.load import load as run_load
+
+    if fusion not in fusion_names():
+        raise UserError(f"unknown fusion {fusion!r}; choose from {', '.join(fusion_names())}")
+    cfg = LoadConfig(fusion=fusion, backend=backend, scenario=scenario, qps=qps or [], find_max_qps=find_max_qps,
+                     **options)
+    record = run_load(cfg, progress=not quiet, log=click.echo)
+    if record.accuracy:
+        acc = record.accuracy
+        shown = "—" if acc["loadgen_accuracy"] is None else f"{acc['loadgen_accuracy']:.4%}"
+        click.echo(f"accuracy from LoadGen's log {shown} vs the backend on the evaluation batches "
+                   f"{acc['backend_accuracy']:.4%} ({acc['answered']}/{acc['pairs']} pairs answered): "
+                   f"{'equal' if acc['matches'] else 'DIFFERENT'}")
+    elif cfg.find_max_qps:
+        click.echo(f"max VALID server rate with p99 ≤ {cfg.p99_ms:g} ms: "
+                   + (f"{record.max_qps:.1f} QPS" if record.max_qps else "none (every trial was INVALID)"))
+    click.echo(f"wrote {record.path}")
+    if record.accuracy and not record.accuracy["matches"]:
+        raise UserError("LoadGen's answers do not reproduce the backend's accuracy: the SUT answered wrong queries")
+
+
+@cli.command()
+@click.option("--p99-ms", type=float, required=True, help="The p99 latency target.")
+@click.option("--qps", type=float, default=None, help="The request rate it must serve.")
+@click.option("--min-accuracy", type=float, default=None, help="Least test accuracy (0-1).")
+@click.option("--device", default=None, help="Only choices measured on this device (cpu, cuda:N).")
+@click.option("--profiles", "profiles_dir", default="profiles", show_default=True, help="Where records are read.")
+def recommend(p99_ms, qps, min_accuracy, device, profiles_dir):
+    """Which fusion, backend, precision and batching meet a latency target, from the records on disk."""
+    from fusionprof.recommend import recommend as choose
+
+    if not p99_ms > 0 or (qps is not None and not qps > 0):
+        raise UserError("--p99-ms and --qps must be above 0")
+    result = choose(profiles_dir, p99_ms, qps, min_accuracy, device)
+    click.echo(result.message)
+    for title, choices in (("meets the targets, cheapest first", result.chosen), ("Pareto front", result.front)):
+        if choices:
+            click.echo(f"\n{title}:")
+        for c in choices:
+            acc = "acc —" if c.accuracy is None else f"acc {c.accuracy:.2%} ({c.accuracy_source})"
+            rate = f"  max {c.max_qps:g} QPS" if c.max_qps else ""
+            click.echo(f"  {c.preset}/{c.fusion} {c.backend} {c.precision} [{c.batching}] {c.device} on {c.machine}: "
+                       f"p99 {c.p99_ms:.2f} ms{rate}  {acc}  ← {c.source}")
 
 
 def main() -> None:

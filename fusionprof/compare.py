@@ -1,9 +1,11 @@
 """``fusionprof compare``: the whole study end to end, resumable.
 
-On the CPU the latency stage leaves out ``torch-compile`` unless ``--backends`` names it: compiling four models
-takes as long as the rest of the tiny study.
+On the CPU the latency stage leaves out the backends that compile code when loaded (``compiles``, e.g.
+``torch-compile``) unless ``--backends`` names them: compiling four models takes as long as the rest of the tiny
+study.
 
-Stages: train every registered fusion → export each to ONNX (and TensorRT where it can run) → latency sweep →
+Stages: train every registered fusion → export each to every format a registered backend loads, where that
+backend can run (ONNX everywhere, TensorRT on a CUDA machine with it) → latency sweep →
 traces (a separate run) → report. Finished stages are recorded in ``profiles/compare-<preset>-<device>.json``
 (written atomically) and skipped on the next run; a killed training resumes from its last epoch.
 """
@@ -14,12 +16,12 @@ import json
 from pathlib import Path
 
 from fusionprof.atomic import write_json
-from fusionprof.backends import BACKENDS
-from fusionprof.backends.trt import tensorrt_status
+from fusionprof.backends import BACKENDS, backend_for_format, export_formats
 from fusionprof.checkpoint import checkpoint_path, metrics_path
 from fusionprof.config import model_config, train_config
 from fusionprof.export import export, record_name
-from fusionprof.latency import SweepConfig, sweep, table, trace_inference
+from fusionprof.latency import SweepConfig, sweep, trace_inference
+from fusionprof.latency_output import table
 from fusionprof.measure import Protocol
 from fusionprof.models import fusion_names
 from fusionprof.report import write_report
@@ -27,7 +29,7 @@ from fusionprof.runtime import resolve_device
 from fusionprof.train import train
 
 
-def compare(preset: str = "tiny", data: str | None = None, device: str = "cpu", models_dir: str = "models",
+def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu", models_dir: str = "models",
             profiles_dir: str = "profiles", epochs: int | None = None, limit_train: int | None = None,
             limit_eval: int | None = None, batch_sizes: list[int] | None = None, backends: list[str] | None = None,
             protocol: Protocol | None = None, progress: bool = True, log=print) -> dict:
@@ -55,15 +57,13 @@ def compare(preset: str = "tiny", data: str | None = None, device: str = "cpu", 
                     "test_accuracy": metrics["test"]["accuracy"], "train_seconds": metrics["train_seconds"]}
         accuracy[fusion] = stage(f"train {preset}-{fusion}", run_training)
 
-    formats = ["onnx"] + (["trt"] if device.startswith("cuda") and tensorrt_status()[0] else [])
-    onnx_device = onnx_check_device(device, log)
+    check_devices = {fmt: export_check_device(fmt, device, log) for fmt in export_formats()}
     for fusion in fusion_names():
-        for fmt in formats:
+        for fmt in [f for f, where in check_devices.items() if where]:
             checkpoint = checkpoint_path(models_dir, preset, fusion)
 
             def run_export(checkpoint=checkpoint, fmt=fmt):
-                record = export(checkpoint, fmt, "fp32", device=onnx_device if fmt == "onnx" else device,
-                                progress=progress, log=log)
+                record = export(checkpoint, fmt, "fp32", device=check_devices[fmt], progress=progress, log=log)
                 return {"record": str(checkpoint.parent / record_name(fmt, "fp32")), "status": record["status"]}
             stage(f"export {preset}-{fusion} {fmt}", run_export)
 
@@ -75,15 +75,15 @@ def compare(preset: str = "tiny", data: str | None = None, device: str = "cpu", 
         sweep_cfg.backends = backends
     elif not device.startswith("cuda"):
         # inductor needs about a minute per model on a 2-core CPU: as long as the rest of the study together
-        sweep_cfg.backends = [b for b in sweep_cfg.backends if b != "torch-compile"]
+        sweep_cfg.backends = [b for b in sweep_cfg.backends if not BACKENDS.get(b).compiles]
 
     def run_sweep():
         record = sweep(sweep_cfg, progress=progress, log=log)
-        for line in table(record["rows"]):
+        for line in table(record.rows):
             log(line)
-        return {"record": record["path"], "rows": [{k: r.get(k) for k in ("fusion", "backend", "batch_size",
-                                                                           "status", "p50_ms")}
-                                                   for r in record["rows"]]}
+        return {"record": record.path, "rows": [{"fusion": r.fusion, "backend": r.backend, "batch_size": r.batch_size,
+                                                 "status": r.status, "p50_ms": r.host.p50_ms if r.host else None}
+                                                for r in record.rows]}
     latency = stage(f"latency {preset} {device}", run_sweep)
     sweep_dir = Path(latency["record"]).parent
     stage(f"traces {preset} {device}", lambda: {"traces": str(trace_inference(sweep_cfg, sweep_dir))})
@@ -95,14 +95,18 @@ def compare(preset: str = "tiny", data: str | None = None, device: str = "cpu", 
     return {"state": str(state_path), "report": report, "summary": summary}
 
 
-def onnx_check_device(device: str, log=print) -> str:
-    """Where the ONNX exports are verified: on ``device`` when this onnxruntime build runs there, else on the CPU
-    (a CUDA machine with the CPU build of onnxruntime): the parity and accuracy gates hold either way, and the
-    study goes on to the latency sweep, where onnxruntime on that device is a reported skip."""
-    ok, reason = BACKENDS.get("onnxruntime").available(resolve_device(device))
+def export_check_device(fmt: str, device: str, log=print) -> str | None:
+    """Where the ``fmt`` exports are verified: on ``device`` when the backend that loads them runs there, else on
+    the CPU when it runs there (an ONNX on a CUDA machine with the CPU build of onnxruntime: the parity and
+    accuracy gates hold either way, and the latency sweep reports that backend as a skip), else None: no export
+    (TensorRT without a GPU)."""
+    backend = backend_for_format(fmt)
+    ok, reason = backend.available(resolve_device(device))
     if ok or device == "cpu":
-        return device
-    log(f"[compare] ONNX exports are verified with onnxruntime on the CPU: {reason}")
+        return device if ok else None
+    if not backend.available(resolve_device("cpu"))[0]:
+        return None
+    log(f"[compare] {fmt} exports are verified with {backend.registered_name} on the CPU: {reason}")
     return "cpu"
 
 

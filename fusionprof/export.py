@@ -22,7 +22,7 @@ from torch import nn
 
 from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import write_json
-from fusionprof.backends import Artifacts, create_backend
+from fusionprof.backends import Artifacts, backend_for_format
 from fusionprof.backends.base import INPUT_NAMES, OUTPUT_NAMES
 from fusionprof.backends.trt import build_engine, optimization_profile, tensorrt_status
 from fusionprof.checkpoint import load_model, with_run_tokenizer
@@ -148,8 +148,7 @@ def parity(reference: FusionModel, backend, precision: str, seed: int = 0) -> di
 def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Path | None = None,
            device: str = "cpu", max_batch: int = 32, progress: bool = True, log=print) -> dict:
     """Export a checkpoint, verify it, and write ``export.json`` beside the artifact; raise if a gate fails."""
-    if fmt not in ("onnx", "trt"):
-        raise UserError(f"--fmt {fmt}: choose onnx or trt")
+    verifier = backend_for_format(fmt)  # the backend that loads this format checks it; unknown formats fail here
     if fmt == "trt":
         ok, reason = tensorrt_status()
         if not ok:
@@ -163,14 +162,12 @@ def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Pa
     log(f"exported {record['onnx']['path']} ({record['onnx']['size_mib']:.1f} MiB, "
         f"{record['onnx']['export_seconds']:.1f} s); axes {record['onnx']['axes']}")
     artifacts = Artifacts(model, onnx=out / onnx_name(precision))
-    backend_name = "onnxruntime"
     if fmt == "trt":
         artifacts.plan = out / ("model.plan" if precision == "fp32" else f"model.{precision}.plan")
         profile = optimization_profile([b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch] or [1],
                                        [1, model.cfg.max_text_len], model.cfg.image_size)
         record["tensorrt"] = build_engine(artifacts.onnx, artifacts.plan, profile)
-        backend_name = "tensorrt"
-    backend = create_backend(backend_name, artifacts, resolve_device(device), precision)
+    backend = verifier(artifacts, resolve_device(device), precision)
     record["backend"] = backend.describe()
     record["parity"] = parity(model, backend, precision)
     record["accuracy"] = _accuracy(model, cfg, backend, Path(checkpoint), precision, progress)

@@ -1,17 +1,23 @@
 """``fusionprof latency``: fusions × backends × batch sizes, one protocol, every sample kept.
 
-Uses the trained checkpoint (``models/<preset>-<fusion>/``) and its verified ONNX export when they exist,
+Uses the trained checkpoint (``find_checkpoint``: ``models/<preset>-<fusion>/``, else the newest run of that preset
+and fusion under any ``--run-name``) and its verified ONNX export when they exist,
 an untrained model of the preset otherwise (latency does not depend on the weights; the record says which).
 Copy-inclusive latency (host inputs → host logits, the same copies for every backend) is the headline;
 on CUDA the device-resident latency (CUDA events, inputs already on the GPU) is measured beside it.
 Profiler traces come from a separate, short run (``trace_inference``), never from the timed one.
+
+The sweep is split the way optimum-benchmark splits one: artifacts (``load_artifacts``: what to load or export),
+scenario (``measure_backend`` / ``measure_cell``: what to call, at which shapes, how often), tracker
+(``measure``: one sampling loop for the host clock and CUDA events, peak memory), output (``latency_output``:
+the JSON record, the CSV, the table). The record's types live in ``records``.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,20 +25,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fusionprof import SCHEMA_VERSION
-from fusionprof.atomic import atomic_write, write_json
-from fusionprof.backends import Artifacts, backend_names, create_backend
-from fusionprof.backends.base import BACKENDS
-from fusionprof.checkpoint import checkpoint_path, load_model
+from fusionprof.backends import BACKENDS, EAGER, Artifacts, Backend, backend_names, create_backend
+from fusionprof.checkpoint import find_checkpoint, load_model
 from fusionprof.config import model_config, to_dict
 from fusionprof.env import fingerprint
 from fusionprof.errors import UserError
 from fusionprof.export import export_onnx, onnx_name, parity, record_name
-from fusionprof.measure import CV_WARNING, Protocol, matmul_rate, sample_calls, sample_cuda_events, summarize
-from fusionprof.models import build_model, forward_flops, fusion_names
+from fusionprof.latency_output import write_record
+from fusionprof.measure import Protocol, matmul_rate, peak_memory, sample_calls, sample_cuda_events
+from fusionprof.models import FusionModel, build_model, forward_flops, fusion_names
 from fusionprof.models.model import example_inputs
 from fusionprof.profiling import run_profiled, trace_dir
-from fusionprof.runtime import check_precision, peak_memory_mib, reset_peak_memory, resolve_device
+from fusionprof.records import DEVICE_TIMING, HOST_TIMING, PARITY_FAILED, LatencyRecord, LatencyRow, Timing
+from fusionprof.runtime import check_precision, resolve_device
 
 
 @dataclass
@@ -50,10 +55,14 @@ class SweepConfig:
     protocol: Protocol = field(default_factory=Protocol)
 
 
+# --------------------------------------------------------------------------- artifacts: what to load or export
+
+
 def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> tuple[Artifacts, dict]:
-    """The model (trained if a checkpoint exists) and an ONNX export whose parity has been checked."""
-    checkpoint = checkpoint_path(cfg.models_dir, cfg.preset, fusion)
-    if checkpoint.exists():
+    """The model (trained if a checkpoint exists) and, when a chosen backend loads an exported graph, an ONNX
+    export: the checkpoint's own if its verification passed, else one written under ``work_dir``."""
+    checkpoint = find_checkpoint(cfg.models_dir, cfg.preset, fusion)
+    if checkpoint is not None:
         model, _ = load_model(checkpoint)
         source = {"weights": "trained", "checkpoint": str(checkpoint)}
     else:
@@ -63,16 +72,22 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
         model = build_model(mcfg).eval()
         source = {"weights": "untrained (random init; latency does not depend on the weights)"}
     artifacts = Artifacts(model)
-    onnx_precision = "fp16" if cfg.precision == "fp16" else "fp32"
-    if {"onnxruntime", "tensorrt"} & set(cfg.backends) and cfg.precision != "bf16":
-        onnx = checkpoint.parent / onnx_name(onnx_precision)
-        if not (checkpoint.exists() and onnx.exists() and _export_ok(checkpoint.parent, onnx_precision)):
-            onnx = work_dir / "onnx" / f"{cfg.preset}-{fusion}" / onnx_name(onnx_precision)
+    if _needs_graph(cfg):  # every exported artifact (ONNX, and the TensorRT plan built from it) starts as ONNX
+        onnx = checkpoint.parent / onnx_name(cfg.precision) if checkpoint else None
+        if not (onnx and onnx.exists() and _export_ok(checkpoint.parent, cfg.precision)):
+            onnx = work_dir / "onnx" / f"{cfg.preset}-{fusion}" / onnx_name(cfg.precision)
         if not onnx.exists():
             log(f"exporting {cfg.preset}/{fusion} to {onnx}")
-            export_onnx(model, onnx, onnx_precision)
+            export_onnx(model, onnx, cfg.precision)
         artifacts.onnx = onnx
     return artifacts, source
+
+
+def _needs_graph(cfg: SweepConfig) -> bool:
+    """Some chosen backend loads an exported artifact and runs the sweep's precision on its device."""
+    device = resolve_device(cfg.device)
+    return any(BACKENDS.get(name).artifact and not BACKENDS.get(name).precision_problem(cfg.precision, device)
+               for name in cfg.backends)
 
 
 def _export_ok(folder: Path, precision: str) -> bool:
@@ -81,85 +96,110 @@ def _export_ok(folder: Path, precision: str) -> bool:
     return record.exists() and json.loads(record.read_text()).get("status") == "ok"
 
 
-def _row_base(fusion: str, backend: str, batch_size: int | None = None) -> dict:
-    return {"fusion": fusion, "backend": backend, "batch_size": batch_size}
+# --------------------------------------------------------------------------- scenario: what to call, how often
 
 
-def measure_backend(backend, model, batch_size: int, seq_len: int, flops_per_sample: float,
-                    protocol: Protocol) -> dict:
-    """One (backend, batch size) cell: first call, copy-inclusive samples, device-resident samples on CUDA."""
-    images, ids, mask = example_inputs(model.cfg, batch_size, seq_len)
-    reset_peak_memory(backend.device)
+@dataclass
+class Cell:
+    """What a backend's cells share: the inputs' shape and cost, and what the result is compared against."""
+
+    fusion: str
+    seq_len: int
+    flops_per_sample: float
+    matmul_gflops: float  # the sweep's yardstick
+    model: dict  # which weights
+
+
+def measure_backend(name: str, artifacts: Artifacts, device: torch.device, cfg: SweepConfig,
+                    cell: Cell) -> Iterator[LatencyRow]:
+    """One backend's rows, one per batch size: built fresh, its real first call timed before anything else runs
+    it, then checked for parity, then timed. A backend that fails parity is timed all the same; its rows say so."""
     start = time.perf_counter()
-    backend.run(images, ids, mask)
+    backend = create_backend(name, artifacts, device, cfg.precision)
+    load_seconds = time.perf_counter() - start
+    first_batch = cfg.batch_sizes[0]
+    inputs = example_inputs(artifacts.model.cfg, first_batch, cell.seq_len)
+    start = time.perf_counter()
+    backend.run(*inputs)  # host logits: the call has finished when it returns
     first_call_ms = (time.perf_counter() - start) * 1e3
-    samples = sample_calls(lambda: backend.run(images, ids, mask), backend.synchronize, protocol)
-    stats = summarize(samples)
-    row = {"status": "ok", "first_call_ms": first_call_ms, **stats, "samples_ms": samples,
-           "throughput_samples_per_s": batch_size / (stats["mean_ms"] / 1e3),
-           "achieved_gflops": flops_per_sample * batch_size / (stats["mean_ms"] / 1e3) / 1e9,
-           "cv_warning": stats["cv"] > CV_WARNING, "timing": "host→device copy + run + device→host copy"}
-    if backend.device.type == "cuda":
-        on_device = [t.to(backend.device) for t in (images, ids, mask)]
-        device_samples = sample_cuda_events(lambda: backend.run_on_device(*on_device), backend.device, protocol)
-        row["device_resident"] = {**summarize(device_samples), "samples_ms": device_samples,
-                                  "timing": "CUDA events, inputs and outputs on the device"}
-    row["peak_memory"] = peak_memory_mib(backend.device)
-    return row
+    passed = parity(artifacts.model, backend, "fp16" if cfg.precision != "fp32" else "fp32")["passed"]
+    for batch_size in cfg.batch_sizes:
+        host, device_resident, peak = measure_cell(backend, artifacts.model, batch_size, cell.seq_len, cfg.protocol)
+        row = LatencyRow(cell.fusion, name, "ok" if passed else PARITY_FAILED, batch_size, host, device_resident,
+                         first_call_of_fresh_backend_ms=first_call_ms, first_call_batch_size=first_batch,
+                         load_seconds=load_seconds, seq_len=cell.seq_len, flops_per_sample=cell.flops_per_sample,
+                         parity_passed=passed, peak_memory=peak, model=cell.model, backend_info=backend.describe())
+        row.share_of_matmul_rate = row.achieved_gflops / cell.matmul_gflops
+        yield row
 
 
-def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> dict:
+def measure_cell(backend: Backend, model: FusionModel, batch_size: int, seq_len: int,
+                 protocol: Protocol) -> tuple[Timing, Timing | None, dict]:
+    """One (backend, batch size) cell: copy-inclusive samples, device-resident samples on CUDA, peak memory."""
+    images, ids, mask = example_inputs(model.cfg, batch_size, seq_len)
+    with peak_memory(backend.device) as peak:
+        host = Timing.of(sample_calls(lambda: backend.run(images, ids, mask), backend.synchronize, protocol),
+                         HOST_TIMING)
+        device_resident = None
+        if backend.device.type == "cuda":
+            on_device = [t.to(backend.device) for t in (images, ids, mask)]
+            device_resident = Timing.of(sample_cuda_events(lambda: backend.run_on_device(*on_device),
+                                                           backend.device, protocol), DEVICE_TIMING)
+    return host, device_resident, peak
+
+
+def _not_runnable(name: str, device: torch.device, precision: str) -> str | None:
+    """Why backend ``name`` cannot run this sweep here, or None."""
+    backend = BACKENDS.get(name)
+    ok, reason = backend.available(device)
+    return reason if not ok else backend.precision_problem(precision, device)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def _check(cfg: SweepConfig) -> torch.device:
+    """Every option checked before any work: a bad one is a one-line error, not a failure an hour in."""
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
         raise UserError("--batch-sizes must be whole numbers of at least 1")
     for name in cfg.backends:
-        BACKENDS.get(name)  # unknown names fail here, before any work
+        BACKENDS.get(name)  # unknown names fail here
+    return device
+
+
+def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> LatencyRecord:
+    device = _check(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     env = fingerprint()
     out_dir = Path(cfg.profiles_dir) / env["host"]
     reference = matmul_rate(device, cfg.precision)
     log(f"reference: a {reference['n']}² {reference['dtype']} matmul on {device} runs at "
         f"{reference['gflops']:.0f} GFLOP/s")
-    rows = []
-    cells = len(cfg.fusions) * len(cfg.backends) * len(cfg.batch_sizes)
-    bar = tqdm(total=cells, desc="latency", disable=not progress)
+    rows: list[LatencyRow] = []
+    bar = tqdm(total=len(cfg.fusions) * len(cfg.backends) * len(cfg.batch_sizes), desc="latency",
+               disable=not progress)
     for fusion in cfg.fusions:
         artifacts, source = load_artifacts(cfg, fusion, out_dir, log)
-        model = artifacts.model
-        seq_len = cfg.seq_len or model.cfg.max_text_len
-        flops = forward_flops(model, seq_len)
+        seq_len = cfg.seq_len or artifacts.model.cfg.max_text_len
+        cell = Cell(fusion, seq_len, forward_flops(artifacts.model, seq_len)["total"], reference["gflops"], source)
         for name in cfg.backends:
-            ok, reason = BACKENDS.get(name).available(device)
-            if ok and name in ("onnxruntime", "tensorrt") and cfg.precision == "bf16":
-                ok, reason = False, f"{name} runs fp32 or fp16 graphs here, not bf16"
-            if not ok:
-                rows.append({**_row_base(fusion, name), "status": f"unavailable: {reason}"})
+            reason = _not_runnable(name, device, cfg.precision)
+            if reason:
+                rows.append(LatencyRow(fusion, name, f"unavailable: {reason}"))
                 bar.update(len(cfg.batch_sizes))
                 continue
-            start = time.perf_counter()
-            backend = create_backend(name, artifacts, device, cfg.precision)
-            load_seconds = time.perf_counter() - start
-            check = parity(model, backend, "fp16" if cfg.precision != "fp32" else "fp32")
-            for batch_size in cfg.batch_sizes:
-                bar.set_postfix_str(f"{fusion}/{name}/bs{batch_size}")
-                row = measure_backend(backend, model, batch_size, seq_len, flops["total"], cfg.protocol)
-                row["share_of_matmul_rate"] = row["achieved_gflops"] / reference["gflops"]
-                rows.append({**_row_base(fusion, name, batch_size), **row, "load_seconds": load_seconds,
-                             "seq_len": seq_len, "flops_per_sample": flops["total"], "model": source,
-                             "parity_passed": check["passed"], "backend_info": backend.describe()})
+            for row in measure_backend(name, artifacts, device, cfg, cell):
+                bar.set_postfix_str(f"{fusion}/{name}/bs{row.batch_size}")
+                rows.append(row)
                 bar.update(1)
-            del backend
     bar.close()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    record = {"schema_version": SCHEMA_VERSION, "kind": "latency", "created": stamp, "environment": env,
-              "config": {**to_dict(cfg), "protocol": cfg.protocol.to_dict()}, "reference_matmul": reference,
-              "rows": rows}
-    path = out_dir / f"latency-{cfg.preset}-{device.type}-{cfg.precision}-{stamp}.json"
-    write_json(path, record)
-    write_csv(path.with_suffix(".csv"), rows)
-    record["path"] = str(path)
+    record = LatencyRecord(created=stamp, environment=env, config={**to_dict(cfg), "protocol": cfg.protocol.to_dict()},
+                           reference_matmul=reference, rows=rows)
+    write_record(record, out_dir / f"latency-{cfg.preset}-{device.type}-{cfg.precision}-{stamp}.json")
     return record
 
 
@@ -170,44 +210,10 @@ def trace_inference(cfg: SweepConfig, work_dir: Path) -> Path:
     device = resolve_device(cfg.device)
     for fusion in cfg.fusions:
         artifacts, _ = load_artifacts(cfg, fusion, work_dir, log=lambda s: None)
-        backend = create_backend("torch", artifacts, device, cfg.precision)
+        backend = create_backend(EAGER, artifacts, device, cfg.precision)
         seq_len = cfg.seq_len or artifacts.model.cfg.max_text_len
         for batch_size in cfg.batch_sizes:
             inputs = example_inputs(artifacts.model.cfg, batch_size, seq_len)
             run = f"latency-{cfg.preset}-{fusion}-bs{batch_size}-{device.type}-{cfg.precision}"
             run_profiled(lambda i, x=inputs, b=backend: b.run(*x), trace_dir(cfg.profiles_dir, run), device)
     return trace_dir(cfg.profiles_dir, "")
-
-
-CSV_COLUMNS = ["fusion", "backend", "batch_size", "status", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "cv",
-               "n", "throughput_samples_per_s", "achieved_gflops", "share_of_matmul_rate", "first_call_ms",
-               "load_seconds", "cv_warning"]
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-    atomic_write(path, write)
-
-
-def table(rows: list[dict]) -> list[str]:
-    """The end-of-run table, one line per cell; unavailable backends get one line with their reason."""
-    lines = [f"{'fusion':<11}{'backend':<15}{'bs':>4}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'CV':>7}"
-             f"{'samples/s':>11}{'GFLOP/s':>9}"]
-    for r in rows:
-        if r["status"] != "ok":
-            lines.append(f"{r['fusion']:<11}{r['backend']:<15}{'':>4}  {r['status']}")
-            continue
-        warn = (" !" if r["cv_warning"] else "") + ("" if r.get("parity_passed", True) else " WRONG: failed parity")
-        lines.append(f"{r['fusion']:<11}{r['backend']:<15}{r['batch_size']:>4}{r['p50_ms']:>10.2f}{r['p90_ms']:>10.2f}"
-                     f"{r['p99_ms']:>10.2f}{r['cv']:>7.1%}{r['throughput_samples_per_s']:>11.1f}"
-                     f"{r['achieved_gflops']:>9.1f}{warn}")
-    if any(r.get("cv_warning") for r in rows):
-        lines.append(f"! CV above {CV_WARNING:.0%}: noisy measurement (another process, frequency scaling, thermal)")
-    if not all(r.get("parity_passed", True) for r in rows):
-        lines.append("WRONG: that backend's logits differ from the eager model's beyond tolerance; "
-                     "do not ship its number")
-    return lines

@@ -3,7 +3,8 @@
 Warm up until both a minimum time and a minimum count are reached, then sample until both a minimum time
 and a minimum count are reached (capped), keeping every sample. Each sample is one call followed by the
 backend's synchronisation, timed with ``time.perf_counter_ns``; on CUDA, device-resident work is timed
-with CUDA events instead.
+with CUDA events instead. One loop (``sample``) serves both clocks; ``peak_memory`` is the one place a peak is
+reset and read.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 CV_WARNING = 0.10  # a coefficient of variation above this gets a warning in tables and records
+P99_MIN_SAMPLES = 100  # below this a "p99" is the largest sample or two: not shown
 
 
 @dataclass(frozen=True)
@@ -37,63 +40,92 @@ def replace_protocol(protocol: Protocol, **changes) -> Protocol:
     return dataclasses.replace(protocol, **{k: v for k, v in changes.items() if v is not None})
 
 
-
-def sample_calls(call: Callable[[], object], sync: Callable[[], None], protocol: Protocol) -> list[float]:
-    """Latencies in milliseconds of ``call(); sync()``, after warm-up, per the protocol."""
-    start = time.perf_counter()
-    n = 0
-    while n < protocol.warmup_calls or time.perf_counter() - start < protocol.warmup_seconds:
-        call()
-        sync()
-        n += 1
-    samples: list[float] = []
-    clock = time.perf_counter_ns
-    begin = clock()
-    while True:
-        t0 = clock()
-        call()
-        sync()
-        t1 = clock()
-        samples.append((t1 - t0) / 1e6)
-        elapsed = (t1 - begin) / 1e9
-        enough = len(samples) >= protocol.min_calls and elapsed >= protocol.min_seconds
-        if enough or len(samples) >= protocol.max_calls or elapsed >= protocol.max_seconds:
-            return samples
-
-
-def sample_cuda_events(call: Callable[[], object], device, protocol: Protocol) -> list[float]:
-    """Device-side latencies (ms) between CUDA events around ``call()``, per the protocol."""
-    import torch
-
-    stream = torch.cuda.current_stream(device)
+def sample(timed_call: Callable[[], float], protocol: Protocol) -> list[float]:
+    """The one sampling loop: ``timed_call()`` (which runs the work once and returns its milliseconds) through
+    warm-up, then sampled until the protocol is satisfied."""
     warm_start = time.perf_counter()
     n = 0
     while n < protocol.warmup_calls or time.perf_counter() - warm_start < protocol.warmup_seconds:
-        call()
+        timed_call()
         n += 1
-    torch.cuda.synchronize(device)
     samples: list[float] = []
     begin = time.perf_counter()
     while True:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        call()
-        end.record(stream)
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
+        samples.append(timed_call())
         elapsed = time.perf_counter() - begin
         enough = len(samples) >= protocol.min_calls and elapsed >= protocol.min_seconds
         if enough or len(samples) >= protocol.max_calls or elapsed >= protocol.max_seconds:
             return samples
 
 
+def host_timer(call: Callable[[], object], sync: Callable[[], None]) -> Callable[[], float]:
+    """``call(); sync()`` timed on the host clock, in milliseconds."""
+    clock = time.perf_counter_ns
+
+    def timed() -> float:
+        t0 = clock()
+        call()
+        sync()
+        return (clock() - t0) / 1e6
+    return timed
+
+
+def cuda_event_timer(call: Callable[[], object], device) -> Callable[[], float]:
+    """``call()`` timed between two CUDA events on the device's current stream, in milliseconds."""
+    import torch
+
+    stream = torch.cuda.current_stream(device)
+
+    def timed() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        call()
+        end.record(stream)
+        end.synchronize()
+        return start.elapsed_time(end)
+    return timed
+
+
+def sample_calls(call: Callable[[], object], sync: Callable[[], None], protocol: Protocol) -> list[float]:
+    """Latencies in milliseconds of ``call(); sync()``, after warm-up, per the protocol."""
+    return sample(host_timer(call, sync), protocol)
+
+
+def sample_cuda_events(call: Callable[[], object], device, protocol: Protocol) -> list[float]:
+    """Device-side latencies (ms) between CUDA events around ``call()``, per the protocol."""
+    return sample(cuda_event_timer(call, device), protocol)
+
+
+@contextmanager
+def peak_memory(device) -> Iterator[dict[str, float]]:
+    """The peak memory of the work inside the block: the peak is reset on entry, and the dict this yields is
+    filled on exit (CUDA max allocated on a GPU; the process's peak RSS, which never falls back, always)."""
+    from fusionprof.runtime import peak_memory_mib, reset_peak_memory
+
+    reset_peak_memory(device)
+    peak: dict[str, float] = {}
+    try:
+        yield peak
+    finally:
+        peak.update(peak_memory_mib(device))
+
+
+def p99_note(n: int) -> str | None:
+    """Why a series of ``n`` samples has no p99, or None when it has one."""
+    return None if n >= P99_MIN_SAMPLES else f"p99 needs at least {P99_MIN_SAMPLES} samples; this has {n}"
+
+
 def summarize(samples_ms: list[float]) -> dict:
-    """p50 / p90 / p99 / mean / std / CV / min / max of latency samples (ms)."""
+    """p50 / p90 / p99 / mean / std / CV / min / max of latency samples (ms).
+
+    p99 is None below ``P99_MIN_SAMPLES`` samples, with the reason in ``p99_note``: from fewer it is the largest
+    sample or two, not a percentile."""
     x = np.asarray(samples_ms, dtype=np.float64)
     mean = float(x.mean())
     std = float(x.std(ddof=1)) if len(x) > 1 else 0.0
+    note = p99_note(len(x))
     return {"n": len(x), "p50_ms": float(np.percentile(x, 50)), "p90_ms": float(np.percentile(x, 90)),
-            "p99_ms": float(np.percentile(x, 99)), "mean_ms": mean, "std_ms": std,
+            "p99_ms": None if note else float(np.percentile(x, 99)), "p99_note": note, "mean_ms": mean, "std_ms": std,
             "cv": std / mean if mean > 0 else math.nan, "min_ms": float(x.min()), "max_ms": float(x.max())}
 
 
@@ -115,8 +147,12 @@ def matmul_rate(device, dtype_name: str = "fp32", n: int = 2048, protocol: Proto
     return {"n": n, "dtype": dtype_name, "p50_ms": stats["p50_ms"], "gflops": 2 * n**3 / (stats["p50_ms"] / 1e3) / 1e9}
 
 
-# Dense bf16/fp16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), by name fragment.
-DATASHEET_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.5, "A100": 312.0, "L4": 121.0}
+# Dense bf16/fp16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), by the exact name
+# torch.cuda.get_device_name gives: a fragment would match a different card ("L4" is in "L40S", "H200" in
+# "H200 NVL", whose peaks differ).
+DATASHEET_TFLOPS = {"NVIDIA H200": 989.4, "NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.5,
+                    "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100-SXM4-40GB": 312.0, "NVIDIA A100 80GB PCIe": 312.0,
+                    "NVIDIA A100-PCIE-40GB": 312.0, "NVIDIA L4": 121.0}
 
 
 def datasheet_tflops(gpu_name: str, precision: str) -> float | None:
@@ -124,4 +160,4 @@ def datasheet_tflops(gpu_name: str, precision: str) -> float | None:
     CPU or a card not in the table (an MFU against a guessed peak would be a number we could not defend)."""
     if precision not in ("bf16", "fp16"):
         return None
-    return next((v for k, v in DATASHEET_TFLOPS.items() if k in gpu_name), None)
+    return DATASHEET_TFLOPS.get(gpu_name)

@@ -14,10 +14,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import atomic_write
 from fusionprof.env import machine_name
 from fusionprof.errors import UserError
+from fusionprof.records import LatencyRecord, LatencyRow, check_schema
 
 KINDS = ("train", "export", "latency")
 SKIP_DIRS = {"traces", "tensorboard", "onnx", "report"}
@@ -25,16 +25,24 @@ SKIP_DIRS = {"traces", "tensorboard", "onnx", "report"}
 
 @dataclass
 class Records:
-    train: list[dict] = field(default_factory=list)
-    export: list[dict] = field(default_factory=list)
-    latency: list[dict] = field(default_factory=list)
+    train: list[dict] = field(default_factory=list)  # metrics.json as train.py writes it
+    export: list[dict] = field(default_factory=list)  # export.json as export.py writes it
+    latency: list[LatencyRecord] = field(default_factory=list)
     files: int = 0
 
     def machines(self) -> list[str]:
-        seen = {}
-        for r in self.train + self.export + self.latency:
-            seen.setdefault(machine_name(r["environment"]), None)
-        return list(seen)
+        envs = [r["environment"] for r in self.train + self.export] + [r.environment for r in self.latency]
+        return list(dict.fromkeys(machine_name(env) for env in envs))
+
+
+@dataclass(frozen=True)
+class SweepCell:
+    """One latency row that is fit to be shown (timed, parity passed), with what its sweep ran."""
+
+    preset: str
+    precision: str
+    device: str
+    row: LatencyRow
 
 
 def find_records(paths: list[Path]) -> Records:
@@ -55,11 +63,11 @@ def find_records(paths: list[Path]) -> Records:
             raise UserError(f"{path}: not a readable JSON record ({str(e).splitlines()[0]})") from None
         if not isinstance(record, dict) or record.get("kind") not in KINDS:
             continue  # some other JSON (a tokenizer config, a manifest): not ours to report
-        if record.get("schema_version") != SCHEMA_VERSION:
-            raise UserError(f"{path}: schema version {record.get('schema_version')!r}; this fusionprof reads "
-                            f"version {SCHEMA_VERSION}")
-        record["_file"] = str(path)
-        getattr(out, record["kind"]).append(record)
+        check_schema(record, path)
+        if record["kind"] == LatencyRecord.kind:
+            out.latency.append(LatencyRecord.from_dict(record, path))
+        else:
+            getattr(out, record["kind"]).append({**record, "_file": str(path)})
         out.files += 1
     return out
 
@@ -177,23 +185,23 @@ def export_section(rec: Records) -> list[tuple]:
     return blocks + [("table", header, rows)]
 
 
-def _latency_rows(rec: Records) -> dict[str, list[dict]]:
-    """ok rows per machine, each tagged with its sweep's preset, precision and device.
+def _latency_rows(rec: Records) -> dict[str, list[SweepCell]]:
+    """ok rows per machine (a row that failed parity is no candidate for any plot, best or front), each tagged
+    with its sweep's preset, precision and device.
 
     A cell measured by several sweeps on one machine keeps its latest measurement.
     """
-    cells: dict[tuple, dict] = {}
-    for sweep in sorted(rec.latency, key=lambda s: s["created"]):
-        m = machine_name(sweep["environment"])
-        cfg = sweep["config"]
-        for row in sweep["rows"]:
-            if row["status"] == "ok":
-                key = (m, cfg["preset"], cfg["precision"], cfg["device"], row["fusion"], row["backend"],
-                       row["batch_size"])
-                cells[key] = {**row, "preset": cfg["preset"], "precision": cfg["precision"], "device": cfg["device"]}
-    out: dict[str, list[dict]] = defaultdict(list)
-    for (m, *_), row in cells.items():
-        out[m].append(row)
+    cells: dict[tuple, SweepCell] = {}
+    for sweep in sorted(rec.latency, key=lambda s: s.created):
+        m = machine_name(sweep.environment)
+        cfg = sweep.config
+        for row in sweep.rows:
+            if row.ok:
+                key = (m, cfg["preset"], cfg["precision"], cfg["device"], row.fusion, row.backend, row.batch_size)
+                cells[key] = SweepCell(cfg["preset"], cfg["precision"], cfg["device"], row)
+    out: dict[str, list[SweepCell]] = defaultdict(list)
+    for (m, *_), cell in cells.items():
+        out[m].append(cell)
     return out
 
 
@@ -202,14 +210,15 @@ def latency_section(rec: Records, out_dir: Path) -> list[tuple]:
     rows = _latency_rows(rec)
     if not rows:
         return blocks + [("p", "No latency records yet: run `fusionprof latency` on each machine.")]
-    unavailable = sorted({(machine_name(s["environment"]), r["backend"], r["status"])
-                          for s in rec.latency for r in s["rows"] if r["status"] != "ok"})
+    not_shown = sorted({(machine_name(s.environment), r.backend, r.status) for s in rec.latency for r in s.rows
+                        if not r.ok})
     for machine, machine_rows in rows.items():
-        for metric, label in (("latency", "p50 latency (ms), whiskers p90–p99"), ("throughput", "samples/s")):
+        for metric, label in (("latency", "p50 latency (ms), whiskers p90–p99 (p99 from 100 samples up)"),
+                              ("throughput", "samples/s (batch / p50)")):
             png = plot_vs_batch(machine, machine_rows, metric, out_dir)
             blocks.append(("img", f"report/{png.name}", f"{label} vs batch size per backend — {machine}"))
-    if unavailable:
-        blocks.append(("table", ["machine", "backend", "status"], [list(u) for u in unavailable]))
+    if not_shown:
+        blocks.append(("table", ["machine", "backend", "status"], [list(u) for u in not_shown]))
     return blocks
 
 
@@ -238,8 +247,8 @@ def pareto_accuracy(train: list[dict], machine: str) -> dict[tuple[str, str], fl
 
 def memory_section(rec: Records, out_dir: Path) -> list[tuple]:
     blocks: list[tuple] = [("h2", "Peak memory vs batch size")]
-    rows = {m: [r for r in rs if "cuda_max_allocated_mib" in r.get("peak_memory", {})]
-            for m, rs in _latency_rows(rec).items()}
+    rows = {m: [c for c in cells if "cuda_max_allocated_mib" in c.row.peak_memory]
+            for m, cells in _latency_rows(rec).items()}
     rows = {m: rs for m, rs in rows.items() if rs}
     if not rows:
         return blocks + [("p", "Per-batch memory is measured on CUDA (max allocated); on the CPU the only figure is "
@@ -260,9 +269,9 @@ def cross_machine_section(rec: Records) -> list[tuple]:
         return blocks + [("p", f"One machine so far ({machines[0] if machines else 'none'}): run `fusionprof "
                                "latency` on another machine and pass both result folders to `fusionprof report`.")]
     cells: dict[tuple, dict[str, float]] = defaultdict(dict)
-    for m, rs in rows.items():
-        for r in rs:
-            cells[(r["preset"], r["precision"], r["fusion"], r["backend"], r["batch_size"])][m] = r["p50_ms"]
+    for m, machine_cells in rows.items():
+        for c in machine_cells:
+            cells[(c.preset, c.precision, c.row.fusion, c.row.backend, c.row.batch_size)][m] = c.row.host.p50_ms
     header = ["preset", "precision", "fusion", "backend", "batch"] + [f"p50 ms: {m}" for m in machines] + \
              [f"ratio {m} / {machines[0]}" for m in machines[1:]]
     table_rows = []
@@ -289,29 +298,30 @@ def _plt():
     return plt
 
 
-def plot_vs_batch(machine: str, rows: list[dict], metric: str, out_dir: Path) -> Path:
-    """One panel per (preset, fusion), one line per (backend, precision); latency with p90–p99 whiskers."""
+def plot_vs_batch(machine: str, rows: list[SweepCell], metric: str, out_dir: Path) -> Path:
+    """One panel per (preset, fusion), one line per (backend, precision); latency with p90–p99 whiskers (to p90
+    only where a cell has too few samples for a p99)."""
     plt = _plt()
-    panels = sorted({(r["preset"], r["fusion"]) for r in rows})
+    panels = sorted({(c.preset, c.row.fusion) for c in rows})
     cols = min(4, len(panels))
     fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(4 * cols, 3.3 * ((len(panels) + cols - 1)
                                                                                             // cols)), squeeze=False)
     for ax, (preset, fusion) in zip(axes.flat, panels, strict=False):
         lines = defaultdict(list)
-        for r in rows:
-            if (r["preset"], r["fusion"]) == (preset, fusion):
-                lines[(r["backend"], r["precision"])].append(r)
+        for c in rows:
+            if (c.preset, c.row.fusion) == (preset, fusion):
+                lines[(c.row.backend, c.precision)].append(c.row)
         for (backend, precision), rs in sorted(lines.items()):
-            rs = sorted(rs, key=lambda r: r["batch_size"])
-            x = [r["batch_size"] for r in rs]
+            rs = sorted(rs, key=lambda r: r.batch_size)
+            x = [r.batch_size for r in rs]
             if metric == "latency":
-                y = [r["p50_ms"] for r in rs]
-                ax.errorbar(x, y, yerr=[[max(0.0, r["p50_ms"] - r["p90_ms"]) for r in rs],
-                                        [r["p99_ms"] - r["p50_ms"] for r in rs]], marker="o", ms=3, capsize=2,
-                            label=f"{backend} {precision}")
+                y = [r.host.p50_ms for r in rs]
+                ax.errorbar(x, y, yerr=[[max(0.0, r.host.p50_ms - r.host.p90_ms) for r in rs],
+                                        [(r.host.p99_ms or r.host.p90_ms) - r.host.p50_ms for r in rs]], marker="o",
+                            ms=3, capsize=2, label=f"{backend} {precision}")
             else:
-                key = {"throughput": "throughput_samples_per_s"}.get(metric)
-                y = [r[key] if key else r["peak_memory"]["cuda_max_allocated_mib"] for r in rs]
+                y = [r.throughput_samples_per_s if metric == "throughput" else r.peak_memory["cuda_max_allocated_mib"]
+                     for r in rs]
                 ax.plot(x, y, marker="o", ms=3, label=f"{backend} {precision}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -344,21 +354,22 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def plot_pareto(machine: str, rows: list[dict], accuracy: dict, out_dir: Path) -> Path | None:
+def plot_pareto(machine: str, cells: list[SweepCell], accuracy: dict, out_dir: Path) -> Path | None:
     plt = _plt()
-    rows = [r for r in rows if (r["preset"], r["fusion"]) in accuracy]
-    if not rows:
+    cells = [c for c in cells if (c.preset, c.row.fusion) in accuracy]
+    if not cells:
         return None
-    largest = max(r["batch_size"] for r in rows)
+    largest = max(c.row.batch_size for c in cells)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
     for ax, batch in zip(axes.flat, (1, largest), strict=True):
         points = []
-        for r in rows:
-            if r["batch_size"] == batch:
-                acc = accuracy[(r["preset"], r["fusion"])]
-                points.append((r["p50_ms"], acc))
-                ax.scatter(r["p50_ms"], acc, s=25)
-                ax.annotate(f"{r['fusion']}/{r['backend']}", (r["p50_ms"], acc), fontsize=7,
+        for c in cells:
+            r = c.row
+            if r.batch_size == batch:
+                acc = accuracy[(c.preset, r.fusion)]
+                points.append((r.host.p50_ms, acc))
+                ax.scatter(r.host.p50_ms, acc, s=25)
+                ax.annotate(f"{r.fusion}/{r.backend}", (r.host.p50_ms, acc), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
         front = pareto_front(points)
         if front:

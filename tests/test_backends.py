@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from fusionprof.backends import Artifacts, backend_names, create_backend
-from fusionprof.backends.base import BACKENDS
+from fusionprof.backends import Artifacts, backend_for_format, backend_names, create_backend, export_formats
+from fusionprof.backends.base import BACKENDS, EXPORT_FORMATS
 from fusionprof.backends.trt import INSTALL_HINT, optimization_profile
 from fusionprof.errors import UserError
 from fusionprof.export import TOLERANCES, export_onnx
 from fusionprof.models import build_model, fusion_names
 from fusionprof.models.model import example_inputs
+from fusionprof.runtime import PRECISIONS
 
 CPU = torch.device("cpu")
 
@@ -30,8 +31,47 @@ def artifacts(tmp_path_factory, tokenizer):
     return out
 
 
-def test_registry_lists_the_four_backends():
-    assert backend_names() == ["onnxruntime", "tensorrt", "torch", "torch-compile"]
+@pytest.mark.parametrize("name", backend_names())
+def test_every_backend_describes_itself(name):
+    """What the sweep, export, compare and the CLI read instead of a backend's name."""
+    backend = BACKENDS.get(name)
+    assert backend.registered_name == name and backend.label and backend.label.strip() == backend.label
+    assert backend.artifact is None or backend.artifact in EXPORT_FORMATS.values()
+    assert isinstance(backend.compiles, bool) and backend.precisions
+    for device_type, precisions in backend.precisions.items():
+        assert device_type in ("cpu", "cuda") and precisions and set(precisions) <= set(PRECISIONS)
+    for device_type in ("cpu", "cuda"):
+        device = torch.device(device_type)
+        for precision in PRECISIONS:
+            problem = backend.precision_problem(precision, device)
+            runs = precision in backend.precisions.get(device_type, ())
+            assert (problem is None) == runs
+            if not runs:
+                assert problem.startswith(f"{name} runs ") and problem.endswith(f"on {device_type}, not {precision}")
+
+
+def test_exported_graphs_run_in_their_own_precision_and_autocast_has_no_cpu_fp16():
+    for name in backend_names():
+        backend = BACKENDS.get(name)
+        if backend.artifact:  # an ONNX / TensorRT graph is fp32 or fp16 as exported: never bf16
+            assert all("bf16" not in p for p in backend.precisions.values())
+        elif "cpu" in backend.precisions:
+            assert backend.precision_problem("fp16", CPU) is not None
+
+
+def test_each_export_format_has_the_backend_that_loads_it():
+    assert "onnx" in export_formats()
+    for fmt in export_formats():
+        assert backend_for_format(fmt).artifact == EXPORT_FORMATS[fmt]
+    with pytest.raises(UserError, match=f"--fmt tflite: choose from {', '.join(export_formats())}"):
+        backend_for_format("tflite")
+
+
+def test_a_graph_backend_refuses_bf16_in_one_line(artifacts):
+    graph_backends = [n for n in backend_names() if BACKENDS.get(n).artifact and BACKENDS.get(n).available(CPU)[0]]
+    for name in graph_backends:
+        with pytest.raises(UserError, match=f"^{name} runs fp32 or fp16 on cpu, not bf16$"):
+            create_backend(name, artifacts["early"], CPU, "bf16")
 
 
 @pytest.mark.parametrize("name", backend_names())
@@ -74,7 +114,7 @@ def test_tensorrt_is_unavailable_here_with_the_way_to_fix_it():
 def test_unavailable_backend_is_a_clear_error(artifacts):
     with pytest.raises(UserError, match="backend tensorrt is unavailable: TensorRT runs on CUDA devices only"):
         create_backend("tensorrt", artifacts["early"], CPU)
-    with pytest.raises(UserError, match="unknown backend 'tvm'; choose from onnxruntime, tensorrt, torch"):
+    with pytest.raises(UserError, match=f"unknown backend 'tvm'; choose from {', '.join(backend_names())}$"):
         create_backend("tvm", artifacts["early"], CPU)
 
 

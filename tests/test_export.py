@@ -12,6 +12,7 @@ from fusionprof.cli import cli
 from fusionprof.config import model_config, train_config
 from fusionprof.train import train
 
+pytestmark = pytest.mark.slow  # the module's checkpoint is trained for real
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, small_data):

@@ -1,15 +1,27 @@
-"""`fusionprof latency` through the CLI: records, table, unavailable backends, errors; `train --profile`."""
+"""`fusionprof latency` through the CLI: records, table, unavailable and wrong backends, errors; finding a trained
+run; `train --profile`."""
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import NO_CUDA_64
 
+from fusionprof.backends import BACKENDS, backend_names
+from fusionprof.backends.torch_eager import TorchEager
+from fusionprof.checkpoint import find_checkpoint
 from fusionprof.cli import cli
+from fusionprof.compare import summarize as compare_summary
+from fusionprof.latency import SweepConfig
+from fusionprof.latency_output import CSV_COLUMNS
+from fusionprof.models import fusion_names
+from fusionprof.records import PARITY_FAILED, LatencyRecord
+from fusionprof.report import find_records
 
 QUICK = ["--min-seconds", "0.05", "--min-calls", "5", "--warmup-seconds", "0", "--warmup-calls", "1"]
 
@@ -33,32 +45,108 @@ def test_latency_sweep_writes_self_describing_records(tmp_path):
         (f, b, n) for f in ("early", "bottleneck") for b in ("torch", "onnxruntime") for n in (1, 3)}
     for r in ok:
         assert len(r["samples_ms"]) == r["n"] >= 5
-        assert r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
-        assert r["throughput_samples_per_s"] == pytest.approx(r["batch_size"] / (r["mean_ms"] / 1e3))
+        assert r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["max_ms"]
+        assert r["p99_ms"] is None and "p99 needs at least 100 samples" in r["p99_note"]  # n < 100: no p99
+        assert r["throughput_samples_per_s"] == pytest.approx(r["batch_size"] / (r["p50_ms"] / 1e3))  # from p50
         assert r["achieved_gflops"] == pytest.approx(r["flops_per_sample"] * r["throughput_samples_per_s"] / 1e9)
+        assert r["share_of_matmul_rate"] == pytest.approx(r["achieved_gflops"] / record["reference_matmul"]["gflops"])
         assert r["parity_passed"] and r["model"]["weights"].startswith("untrained")
-        assert r["first_call_ms"] > 0 and r["load_seconds"] >= 0 and "copy" in r["timing"]
+        assert r["first_call_batch_size"] == 1 and r["load_seconds"] > 0 and "copy" in r["timing"]
+        if r["batch_size"] == 1:  # the fresh backend's first call (buffers allocated) is no faster than a warm one
+            assert r["first_call_of_fresh_backend_ms"] >= r["min_ms"]
     [trt] = [r for r in record["rows"] if r["backend"] == "tensorrt" and r["fusion"] == "early"]
     assert trt["status"].startswith("unavailable: TensorRT runs on CUDA devices only")
     assert "unavailable: TensorRT" in out and "p50 ms" in out
     rows = list(csv.DictReader(path.with_suffix(".csv").open()))
-    assert len(rows) == len(record["rows"]) and float(rows[0]["p50_ms"]) > 0
+    assert len(rows) == len(record["rows"]) and list(rows[0]) == CSV_COLUMNS and float(rows[0]["p50_ms"]) > 0
+    assert {r["parity_passed"] for r in rows if r["status"] == "ok"} == {"True"} and rows[0]["p99_ms"] == ""
+    typed = LatencyRecord.from_dict(record, path)  # the same code reads what it wrote
+    assert typed.to_dict() == record and LatencyRecord.from_dict(typed.to_dict()) == typed
 
 
-def test_latency_uses_trained_checkpoints(tmp_path, small_data):
+class WrongLogits(TorchEager):
+    """A backend whose logits are off: it must be timed, kept, and never ranked."""
+
+    registered_name = "wrong-logits"
+    label = "eager, every logit off by one"
+
+    def run_on_device(self, images, input_ids, attention_mask):
+        return super().run_on_device(images, input_ids, attention_mask) + 1.0
+
+
+def test_a_backend_that_fails_parity_is_timed_kept_and_never_ranked(tmp_path, monkeypatch):
+    monkeypatch.setitem(BACKENDS._members, WrongLogits.registered_name, WrongLogits)  # a fifth backend file
+    assert "wrong-logits" in backend_names() and "wrong-logits" in SweepConfig().backends  # swept by default
+    code, out = run_cli("latency", "--fusion", "early", "--backends", "torch,wrong-logits", "--batch-sizes", "1,2",
+                        "--models", tmp_path / "none", "--out", tmp_path, "--quiet", *QUICK)
+    assert code == 0, out
+    [path] = list(tmp_path.glob("*/latency-*.json"))
+    rows = {(r["backend"], r["batch_size"]): r for r in json.loads(path.read_text())["rows"]}
+    for batch in (1, 2):
+        wrong = rows[("wrong-logits", batch)]
+        assert wrong["status"] == PARITY_FAILED and wrong["parity_passed"] is False
+        assert len(wrong["samples_ms"]) == wrong["n"] >= 5  # timed and kept
+        assert rows[("torch", batch)]["status"] == "ok"
+    assert f"WRONG: {PARITY_FAILED}" in out
+    csv_rows = list(csv.DictReader(path.with_suffix(".csv").open()))
+    assert {(r["backend"], r["status"], r["parity_passed"]) for r in csv_rows} == {
+        ("torch", "ok", "True"), ("wrong-logits", PARITY_FAILED, "False")}
+    # the report plots, fronts and compares only rows that passed; the failed backend is listed with its status
+    from fusionprof.report import _latency_rows
+
+    [machine_cells] = _latency_rows(find_records([tmp_path])).values()
+    assert {c.row.backend for c in machine_cells} == {"torch"}
+    code, out = run_cli("report", tmp_path, "--out", tmp_path / "report")
+    assert code == 0, out
+    assert f"| wrong-logits | {PARITY_FAILED} |" in (tmp_path / "report" / "report.md").read_text()
+    # compare's closing "best p50" takes no failed row, even one faster than every ok row
+    fastest_wrong = {**{k: rows[("torch", 1)][k] for k in ("fusion", "batch_size")}, "backend": "wrong-logits",
+                     "status": PARITY_FAILED, "p50_ms": 0.001}
+    ok_row = {k: rows[("torch", 1)][k] for k in ("fusion", "backend", "batch_size", "status", "p50_ms")}
+    [_, line] = compare_summary({"early": {"test_accuracy": 0.5, "train_seconds": 1.0}}, [fastest_wrong, ok_row])
+    assert "(torch)" in line and "wrong-logits" not in line
+
+
+def fake_run(models_dir, run, preset, fusion, age=0.0):
+    """A file with the two configs a checkpoint carries (enough for find_checkpoint), ``age`` seconds old."""
+    path = models_dir / run / "checkpoint.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"train_config": {"preset": preset}, "model_config": {"fusion": fusion}, "model": {}}, path)
+    stamp = path.stat().st_mtime - age
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_find_checkpoint_prefers_the_default_run_then_the_newest_named_one(tmp_path):
+    assert find_checkpoint(tmp_path / "nowhere", "tiny", "late") is None
+    older = fake_run(tmp_path, "first-try", "tiny", "late", age=100)
+    newer = fake_run(tmp_path, "second-try", "tiny", "late", age=10)
+    fake_run(tmp_path, "newest-but-mid", "tiny", "mid")
+    fake_run(tmp_path, "newest-but-seed", "seed", "late")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert older.exists() and find_checkpoint(tmp_path, "tiny", "late") == newer
+    default = fake_run(tmp_path, "tiny-late", "tiny", "late", age=1000)  # the default folder wins, even if older
+    assert find_checkpoint(tmp_path, "tiny", "late") == default
+    assert find_checkpoint(tmp_path, "tiny", "early") is None
+
+
+@pytest.mark.slow
+def test_latency_uses_trained_checkpoints_under_any_run_name(tmp_path, small_data):
     assert run_cli("train", "--fusion", "late", "--data", small_data, "--epochs", "1", "--limit-train", "8",
-                   "--out", tmp_path / "m", "--profiles", tmp_path / "p", "--quiet")[0] == 0
+                   "--run-name", "late-try", "--out", tmp_path / "m", "--profiles", tmp_path / "p", "--quiet")[0] == 0
     code, out = run_cli("latency", "--fusion", "late", "--backends", "torch", "--batch-sizes", "2",
                         "--models", tmp_path / "m", "--out", tmp_path / "lat", "--quiet", *QUICK)
     assert code == 0, out
     [path] = list((tmp_path / "lat").glob("*/latency-*.json"))
-    assert json.loads(path.read_text())["rows"][0]["model"]["weights"] == "trained"
+    model = json.loads(path.read_text())["rows"][0]["model"]
+    assert model == {"weights": "trained", "checkpoint": str(tmp_path / "m" / "late-try" / "checkpoint.pt")}
 
 
 @pytest.mark.parametrize("args,message", [
     (["--device", "cuda:64"], NO_CUDA_64),
-    (["--backends", "torch,tvm"], "unknown backend 'tvm'; choose from onnxruntime, tensorrt, torch, torch-compile"),
-    (["--fusion", "mid,fancy"], "unknown fusion 'fancy'; choose from all, bottleneck, early, late, mid"),
+    (["--backends", "torch,tvm"], f"unknown backend 'tvm'; choose from {', '.join(backend_names())}"),
+    (["--fusion", "mid,fancy"], f"unknown fusion 'fancy'; choose from all, {', '.join(fusion_names())}"),
     (["--batch-sizes", "1,x"], "'1,x' is not a comma-separated list of int"),
     (["--batch-sizes", "0,4"], "--batch-sizes must be whole numbers of at least 1"),
 ])
@@ -67,6 +155,7 @@ def test_latency_errors_are_one_line(args, message, tmp_path):
     assert code != 0 and message in out.strip().splitlines()[-1] and "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_train_profile_writes_a_trace_and_the_step_breakdown(tmp_path, small_data):
     code, out = run_cli("train", "--fusion", "mid", "--data", small_data, "--epochs", "1", "--batch-size", "8",
                         "--profile", "--out", tmp_path / "m", "--profiles", tmp_path / "p", "--quiet")
@@ -87,6 +176,7 @@ def test_train_profile_writes_a_trace_and_the_step_breakdown(tmp_path, small_dat
     assert {"data", "backward", "optimizer_step", "image_encoder"} <= names
 
 
+@pytest.mark.slow
 def test_a_profiled_run_keeps_the_terminal_clean(tmp_path, small_data):
     """Kineto's own stage lines (and, on a CUDA build without a GPU, an "ERROR ... gpuGetDeviceCount") stay out
     of a profiled run's stderr; the step profile line is what the user sees."""

@@ -4,8 +4,17 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
-from fusionprof.measure import Protocol, sample_calls, summarize
+from fusionprof.measure import (
+    P99_MIN_SAMPLES,
+    Protocol,
+    datasheet_tflops,
+    peak_memory,
+    sample,
+    sample_calls,
+    summarize,
+)
 
 
 def counting():
@@ -21,9 +30,11 @@ def counting():
 
 def test_count_bound_warmup_then_exactly_min_calls():
     calls, call, sync = counting()
+    start = time.perf_counter()
     samples = sample_calls(call, sync, Protocol(warmup_seconds=0, warmup_calls=3, min_seconds=0, min_calls=10))
+    wall_ms = (time.perf_counter() - start) * 1e3
     assert len(samples) == 10 and calls["n"] == 13 and calls["synced"] == 13  # every call is synchronised
-    assert all(s >= 0 for s in samples)
+    assert 0 < sum(samples) <= wall_ms  # each sample is one timed call, inside the wall time of the whole run
 
 
 def test_time_bound_sampling_goes_on_until_min_seconds():
@@ -40,6 +51,38 @@ def test_max_calls_caps_a_fast_call():
     samples = sample_calls(call, sync, Protocol(warmup_seconds=0, warmup_calls=1, min_seconds=60, min_calls=5,
                                                 max_calls=50))
     assert len(samples) == 50
+
+
+def test_one_loop_serves_every_clock():
+    """``sample`` is the loop both the host timer and the CUDA-event timer go through: it keeps what it is told."""
+    told = iter(range(1, 1000))
+    samples = sample(lambda: float(next(told)), Protocol(warmup_seconds=0, warmup_calls=2, min_seconds=0,
+                                                          min_calls=4))
+    assert samples == [3.0, 4.0, 5.0, 6.0]  # the first two went to warm-up
+
+
+def test_peak_memory_is_read_when_the_block_ends():
+    with peak_memory(torch.device("cpu")) as peak:
+        assert peak == {}  # filled on exit, not before
+        block = torch.ones(2**20)
+    assert peak["host_peak_rss_mib"] > block.numel() * 4 / 2**20 and "cuda_max_allocated_mib" not in peak
+
+
+def test_p99_only_from_enough_samples():
+    few = summarize([float(i) for i in range(1, P99_MIN_SAMPLES)])
+    assert few["p99_ms"] is None and f"at least {P99_MIN_SAMPLES} samples; this has {P99_MIN_SAMPLES - 1}" in \
+        few["p99_note"]
+    enough = summarize([float(i) for i in range(1, P99_MIN_SAMPLES + 1)])
+    assert enough["p99_ms"] == pytest.approx(99.01) and enough["p99_note"] is None
+
+
+def test_datasheet_peaks_match_exact_gpu_names():
+    assert datasheet_tflops("NVIDIA L4", "bf16") == 121.0 and datasheet_tflops("NVIDIA H100 PCIe", "fp16") == 756.5
+    assert datasheet_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert datasheet_tflops("NVIDIA H200", "bf16") == datasheet_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    for other_card in ("NVIDIA L40S", "NVIDIA H200 NVL", "NVIDIA H100 NVL", "L4"):  # a name fragment is not a match
+        assert datasheet_tflops(other_card, "bf16") is None
+    assert datasheet_tflops("NVIDIA L4", "fp32") is None
 
 
 def test_summary_statistics():

@@ -7,6 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from fusionprof.cli import cli
+from fusionprof.records import LatencyRecord
 from fusionprof.report import pareto_accuracy, pareto_front
 
 QUICK = ["--min-seconds", "0.05", "--min-calls", "5"]
@@ -29,8 +30,9 @@ def two_machines(tmp_path_factory):
     record["environment"] = {**record["environment"], "host": "gpu-box", "cpu_model": "Other CPU"}
     for row in record["rows"]:
         if row["status"] == "ok":
-            for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms"):
+            for key in ("p50_ms", "p90_ms", "mean_ms"):
                 row[key] *= 2
+            row["samples_ms"] = [2 * s for s in row["samples_ms"]]
     (root / "there").mkdir()
     (root / "there" / path.name).write_text(json.dumps(record))
     return root
@@ -71,6 +73,24 @@ def test_unknown_schema_version_is_a_one_line_error(two_machines, tmp_path):
     assert len(out.strip().splitlines()) == 1
 
 
+def test_committed_records_load_through_their_types():
+    """Every latency record in profiles/ reads into the dataclasses and writes back what it read (a p99 kept
+    from fewer than 100 samples is dropped on reading: it is not a p99)."""
+    from pathlib import Path
+
+    paths = sorted(Path(__file__).parent.parent.glob("profiles/**/latency-*.json"))
+    assert paths
+    for path in paths:
+        raw = json.loads(path.read_text())
+        record = LatencyRecord.from_dict(raw, path)
+        assert len(record.rows) == len(raw["rows"]) and record.path == str(path)
+        for row, written in zip(record.rows, record.to_dict()["rows"], strict=True):
+            assert row.host is None or row.host.p50_ms == written["p50_ms"] > 0
+            if row.host is not None and row.host.n < 100:
+                assert row.host.p99_ms is None and written["p99_ms"] is None
+        assert LatencyRecord.from_dict(record.to_dict(), path) == record
+
+
 def test_pareto_front():
     points = [(1.0, 0.80), (2.0, 0.90), (1.5, 0.70), (3.0, 0.85), (0.5, 0.60), (4.0, 0.95)]
     assert pareto_front(points) == [(0.5, 0.60), (1.0, 0.80), (2.0, 0.90), (4.0, 0.95)]
@@ -109,13 +129,14 @@ def test_compare_verifies_onnx_on_the_cpu_when_onnxruntime_cannot_run_on_the_gpu
     monkeypatch.setattr(compare_module, "resolve_device", torch.device)  # cuda:0 without a GPU, for this check
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     said = []
-    assert compare_module.onnx_check_device("cuda:0", said.append) == "cpu"
-    assert said == ["[compare] ONNX exports are verified with onnxruntime on the CPU: CUDAExecutionProvider is not "
+    assert compare_module.export_check_device("onnx", "cuda:0", said.append) == "cpu"
+    assert said == ["[compare] onnx exports are verified with onnxruntime on the CPU: CUDAExecutionProvider is not "
                     "in this onnxruntime build (CPUExecutionProvider)"]
-    assert compare_module.onnx_check_device("cpu", said.append) == "cpu" and len(said) == 1
+    assert compare_module.export_check_device("onnx", "cpu", said.append) == "cpu" and len(said) == 1
     both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: both)
-    assert compare_module.onnx_check_device("cuda:0", said.append) == "cuda:0" and len(said) == 1
+    assert compare_module.export_check_device("onnx", "cuda:0", said.append) == "cuda:0" and len(said) == 1
+    assert compare_module.export_check_device("trt", "cpu", said.append) is None and len(said) == 1  # no GPU
 
 
 def test_each_machines_pareto_plot_takes_its_own_training_accuracy():

@@ -1,5 +1,15 @@
 """Inference backends by name, one file each; see ``base.Backend`` for the interface."""
 
-from fusionprof.backends.base import BACKENDS, Artifacts, Backend, backend_names, create_backend
+from fusionprof.backends.base import (
+    BACKENDS,
+    EAGER,
+    Artifacts,
+    Backend,
+    backend_for_format,
+    backend_names,
+    create_backend,
+    export_formats,
+)
 
-__all__ = ["BACKENDS", "Artifacts", "Backend", "backend_names", "create_backend"]
+__all__ = ["BACKENDS", "EAGER", "Artifacts", "Backend", "backend_for_format", "backend_names", "create_backend",
+           "export_formats"]

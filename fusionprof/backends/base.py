@@ -4,6 +4,10 @@ A backend is built from the model's ``Artifacts`` (the PyTorch model, and the ex
 when they exist) for one device and precision. ``run`` takes host tensors and returns host logits: it
 includes the host→device input copy and the device→host output copy, the same for every backend.
 ``run_on_device`` takes inputs already on the device and leaves the output there (device-resident timing).
+
+Each backend class describes itself (timm-style: the entry carries its defaults), so no module outside this
+package tests a backend's name: ``artifact`` (what it loads besides the PyTorch model), ``precisions`` (per
+device type), ``label`` (its name in tables) and ``compiles`` (it builds code at load time: slow on a small CPU).
 """
 
 from __future__ import annotations
@@ -18,10 +22,17 @@ import torch
 from fusionprof.errors import UserError
 from fusionprof.models import FusionModel
 from fusionprof.registry import Registry
-from fusionprof.runtime import check_precision, synchronize
+from fusionprof.runtime import synchronize
 
 INPUT_NAMES = ("images", "input_ids", "attention_mask")
 OUTPUT_NAMES = ("logits",)
+# The torch backends run fp16 / bf16 through autocast, which has no fp16 on the CPU.
+AUTOCAST_PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16")}
+# An exported graph runs in the precision it was exported in: fp32 or fp16 (TensorRT's networks are strongly typed).
+GRAPH_PRECISIONS = {"cpu": ("fp32", "fp16"), "cuda": ("fp32", "fp16")}
+EAGER = "torch"  # the model as trained, through PyTorch: the backend profiler traces are taken of
+# What `fusionprof export --fmt` calls the artifact a backend loads (the artifact is also ``Artifacts``' field).
+EXPORT_FORMATS = {"onnx": "onnx", "trt": "plan"}
 
 
 @dataclass
@@ -35,17 +46,27 @@ class Artifacts:
 
 class Backend(ABC):
     registered_name: str
+    label: str  # its name in tables
+    artifact: str | None = None  # the ``Artifacts`` field it loads besides the model: None, "onnx" or "plan"
+    precisions: dict[str, tuple[str, ...]] = AUTOCAST_PRECISIONS  # device type → the precisions it runs there
+    compiles: bool = False  # builds code when loaded (minutes per model on a 2-core CPU)
 
     def __init__(self, artifacts: Artifacts, device: torch.device, precision: str):
         ok, reason = self.available(device)
         if not ok:
             raise UserError(f"backend {self.registered_name} is unavailable: {reason}")
-        self.check_precision(precision, device)
+        problem = self.precision_problem(precision, device)
+        if problem:
+            raise UserError(problem)
         self.device, self.precision = device, precision
 
-    def check_precision(self, precision: str, device: torch.device) -> None:
-        """Torch backends run fp16 / bf16 through autocast, which has no fp16 on the CPU."""
-        check_precision(precision, device)
+    @classmethod
+    def precision_problem(cls, precision: str, device: torch.device) -> str | None:
+        """None when this backend runs ``precision`` on ``device``'s type, else why not (one line)."""
+        runs = cls.precisions.get(device.type, ())
+        if precision in runs:
+            return None
+        return f"{cls.registered_name} runs {' or '.join(runs)} on {device.type}, not {precision}"
 
     @classmethod
     @abstractmethod
@@ -73,6 +94,21 @@ class Backend(ABC):
 BACKENDS: Registry = Registry("backend", "fusionprof.backends")
 register_backend = BACKENDS.register
 backend_names = BACKENDS.names
+
+
+def backend_for_format(fmt: str) -> type[Backend]:
+    """The backend that loads what ``fusionprof export --fmt fmt`` writes (it verifies that export)."""
+    artifact = EXPORT_FORMATS.get(fmt)
+    for name in backend_names():
+        if artifact is not None and BACKENDS.get(name).artifact == artifact:
+            return BACKENDS.get(name)
+    raise UserError(f"--fmt {fmt}: choose from {', '.join(export_formats())}")
+
+
+def export_formats() -> list[str]:
+    """The ``--fmt`` names of the artifacts the registered backends load."""
+    loaded = {BACKENDS.get(name).artifact for name in backend_names()}
+    return [fmt for fmt, artifact in EXPORT_FORMATS.items() if artifact in loaded]
 
 
 def create_backend(name: str, artifacts: Artifacts, device: torch.device, precision: str = "fp32") -> Backend:

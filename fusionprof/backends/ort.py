@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fusionprof.backends.base import INPUT_NAMES, Backend, register_backend, require
+from fusionprof.backends.base import GRAPH_PRECISIONS, INPUT_NAMES, Backend, register_backend, require
 from fusionprof.errors import UserError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -14,6 +14,10 @@ _TORCH_DTYPE = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16
 
 @register_backend("onnxruntime")
 class OnnxRuntime(Backend):
+    label = "ONNX Runtime"
+    artifact = "onnx"
+    precisions = GRAPH_PRECISIONS
+
     def __init__(self, artifacts, device, precision):
         super().__init__(artifacts, device, precision)
         import onnxruntime as ort
@@ -34,10 +38,6 @@ class OnnxRuntime(Backend):
         self.input_dtypes = {i.name: _TORCH_DTYPE[i.type] for i in self.session.get_inputs()}
         self.output_name = self.session.get_outputs()[0].name
         self.provider = provider
-
-    def check_precision(self, precision, device):
-        if precision not in ("fp32", "fp16"):  # the precision is the graph's: an fp32 or an fp16 export
-            raise UserError(f"onnxruntime runs fp32 or fp16 ONNX graphs, not {precision}")
 
     @classmethod
     def available(cls, device):

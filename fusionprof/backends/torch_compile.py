@@ -8,6 +8,9 @@ from fusionprof.backends.torch_eager import TorchEager
 
 @register_backend("torch-compile")
 class TorchCompile(TorchEager):
+    label = "torch.compile (inductor)"
+    compiles = True
+
     def __init__(self, artifacts, device, precision):
         super().__init__(artifacts, device, precision)
         # Dynamo's recompile budget is per code object, shared by every model built from these classes: after the

@@ -10,6 +10,8 @@ from fusionprof.runtime import autocast
 
 @register_backend("torch")
 class TorchEager(Backend):
+    label = "PyTorch eager"
+
     def __init__(self, artifacts, device, precision):
         super().__init__(artifacts, device, precision)
         self.model = copy.deepcopy(artifacts.model).to(device).eval()  # the artifacts' model stays on the CPU

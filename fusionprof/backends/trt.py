@@ -8,11 +8,19 @@ from the ONNX (an fp16 export for fp16), as TensorRT 11 requires now that the FP
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from fusionprof.atomic import atomic_write
-from fusionprof.backends.base import INPUT_NAMES, OUTPUT_NAMES, Backend, register_backend, require
+from fusionprof.backends.base import (
+    GRAPH_PRECISIONS,
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    Backend,
+    register_backend,
+    require,
+)
 from fusionprof.errors import UserError
 
 INSTALL_HINT = 'TensorRT needs a CUDA GPU and the tensorrt package: pip install "fusionprof[trt]" on a CUDA machine'
@@ -76,6 +84,10 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: dict[str, tuple], wo
 
 @register_backend("tensorrt")
 class TensorRT(Backend):
+    label = "TensorRT"
+    artifact = "plan"
+    precisions: ClassVar[dict[str, tuple[str, ...]]] = {"cuda": GRAPH_PRECISIONS["cuda"]}  # CUDA only
+
     def __init__(self, artifacts, device, precision):
         super().__init__(artifacts, device, precision)
         import tensorrt as trt
@@ -89,10 +101,6 @@ class TensorRT(Backend):
             self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream(device)
         self.dtypes = {name: _torch_dtype(self.engine.get_tensor_dtype(name)) for name in INPUT_NAMES + OUTPUT_NAMES}
-
-    def check_precision(self, precision, device):
-        if precision not in ("fp32", "fp16"):  # strongly typed: the precision is the ONNX graph's
-            raise UserError(f"tensorrt builds fp32 or fp16 ONNX graphs here, not {precision}")
 
     @classmethod
     def available(cls, device):

@@ -1,0 +1,56 @@
+"""Where a latency sweep's record goes: the JSON record, a CSV of its rows, and the end-of-run table."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from fusionprof.atomic import atomic_write, write_json
+from fusionprof.measure import CV_WARNING, P99_MIN_SAMPLES
+from fusionprof.records import LatencyRecord, LatencyRow
+
+CSV_COLUMNS = ["fusion", "backend", "batch_size", "status", "parity_passed", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
+               "std_ms", "cv", "n", "throughput_samples_per_s", "achieved_gflops", "share_of_matmul_rate",
+               "first_call_of_fresh_backend_ms", "first_call_batch_size", "load_seconds", "cv_warning"]
+
+
+def write_record(record: LatencyRecord, path: Path) -> None:
+    """``path`` (the JSON record) and the CSV beside it, both atomically; the record remembers its path."""
+    write_json(path, record.to_dict())
+    write_csv(path.with_suffix(".csv"), record.rows)
+    record.path = str(path)
+
+
+def write_csv(path: Path, rows: list[LatencyRow]) -> None:
+    """One line per row; an empty cell where a row has no such figure (p99 below enough samples, a skip)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(r.to_dict() for r in rows)
+    atomic_write(path, write)
+
+
+def table(rows: list[LatencyRow]) -> list[str]:
+    """The end-of-run table, one line per cell; unavailable backends get one line with their reason."""
+    lines = [f"{'fusion':<11}{'backend':<15}{'bs':>4}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'CV':>7}"
+             f"{'samples/s':>11}{'GFLOP/s':>9}"]
+    for r in rows:
+        if r.host is None:
+            lines.append(f"{r.fusion:<11}{r.backend:<15}{'':>4}  {r.status}")
+            continue
+        t = r.host
+        p99 = "–" if t.p99_ms is None else f"{t.p99_ms:.2f}"
+        warn = (" !" if t.cv_warning else "") + ("" if r.ok else f" WRONG: {r.status}")
+        lines.append(f"{r.fusion:<11}{r.backend:<15}{r.batch_size:>4}{t.p50_ms:>10.2f}{t.p90_ms:>10.2f}{p99:>10}"
+                     f"{t.cv:>7.1%}{r.throughput_samples_per_s:>11.1f}{r.achieved_gflops:>9.1f}{warn}")
+    timed = [r for r in rows if r.host is not None]
+    if any(r.host.p99_ms is None for r in timed):
+        lines.append(f"– p99 needs at least {P99_MIN_SAMPLES} samples (--min-calls {P99_MIN_SAMPLES}); "
+                     "samples/s and GFLOP/s are from p50")
+    if any(r.host.cv_warning for r in timed):
+        lines.append(f"! CV above {CV_WARNING:.0%}: noisy measurement (another process, frequency scaling, thermal)")
+    if any(not r.ok for r in timed):
+        lines.append("WRONG: that backend's logits differ from the eager model's beyond tolerance; it was timed "
+                     "and kept in the record, and is left out of every best, plot and Pareto front")
+    return lines

@@ -1,0 +1,157 @@
+"""The latency records fusionprof writes and reads back: dataclasses, one schema version, one pair of
+``to_dict`` / ``from_dict`` each, so the sweep that writes a field and the report that reads it share its name.
+
+A ``LatencyRecord`` is one sweep: its environment, config, yardstick and rows. A ``LatencyRow`` is one
+(fusion, backend, batch size) cell, or one line per backend that did not run; its ``Timing`` (copy-inclusive,
+and device-resident on CUDA) is a sample series and its summary. The JSON layout is the one schema version 1
+has always had (a row's copy-inclusive timing flat in the row), so every committed record still loads.
+
+Training (``metrics.json``) and export (``export.json``) records stay dicts, built by ``train.py`` and
+``export.py``; the report reads them as they are, after ``check_schema``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from fusionprof import SCHEMA_VERSION
+from fusionprof.errors import UserError
+from fusionprof.measure import CV_WARNING, P99_MIN_SAMPLES, p99_note, summarize
+
+HOST_TIMING = "host→device copy + run + device→host copy"
+DEVICE_TIMING = "CUDA events, inputs and outputs on the device"
+PARITY_FAILED = "failed: parity"
+
+
+def check_schema(record: dict, source: object) -> None:
+    """A one-line error for a record of another schema version (or none): its fields may mean other things."""
+    if record.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{source}: schema version {record.get('schema_version')!r}; this fusionprof reads "
+                        f"version {SCHEMA_VERSION}")
+
+
+def _known(cls, d: dict) -> dict:
+    """The entries of ``d`` that are fields of ``cls`` (a record may carry keys an older version wrote)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+@dataclass
+class Timing:
+    """One series of latency samples (ms) and its summary. p99 only from ``P99_MIN_SAMPLES`` samples up."""
+
+    n: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float | None
+    mean_ms: float
+    std_ms: float
+    cv: float
+    min_ms: float
+    max_ms: float
+    samples_ms: list[float]
+    timing: str  # what the clock covered
+    p99_note: str | None = None  # why p99 is empty
+
+    @classmethod
+    def of(cls, samples_ms: list[float], timing: str) -> Timing:
+        return cls(**summarize(samples_ms), samples_ms=samples_ms, timing=timing)
+
+    @property
+    def cv_warning(self) -> bool:
+        return self.cv > CV_WARNING
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Timing:
+        timing = cls(**_known(cls, d))
+        if timing.n < P99_MIN_SAMPLES and timing.p99_ms is not None:  # written before the rule: not a p99
+            timing.p99_ms = None
+            timing.p99_note = p99_note(timing.n)
+        return timing
+
+
+@dataclass
+class LatencyRow:
+    """One cell of a sweep; a backend that did not run has one row with its status and no timing."""
+
+    fusion: str
+    backend: str
+    status: str  # "ok", PARITY_FAILED (timed, kept, never ranked) or "unavailable: <why>"
+    batch_size: int | None = None
+    host: Timing | None = None  # copy-inclusive: the headline
+    device_resident: Timing | None = None  # CUDA only
+    first_call_of_fresh_backend_ms: float | None = None  # before parity or anything else ran it
+    first_call_batch_size: int | None = None
+    load_seconds: float | None = None
+    seq_len: int | None = None
+    flops_per_sample: float | None = None
+    share_of_matmul_rate: float | None = None  # achieved GFLOP/s (from p50) / the sweep's matmul yardstick
+    parity_passed: bool | None = None
+    peak_memory: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)  # which weights: trained (and the checkpoint) or untrained
+    backend_info: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Timed and right: the only rows that enter a best, a plot or a Pareto front."""
+        return self.status == "ok"
+
+    @property
+    def throughput_samples_per_s(self) -> float:
+        return self.batch_size / (self.host.p50_ms / 1e3)
+
+    @property
+    def achieved_gflops(self) -> float:
+        return self.flops_per_sample * self.throughput_samples_per_s / 1e9
+
+    def to_dict(self) -> dict:
+        head = {"fusion": self.fusion, "backend": self.backend, "batch_size": self.batch_size, "status": self.status}
+        if self.host is None:
+            return head
+        rest = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in head}
+        rest.pop("host")
+        device_resident = rest.pop("device_resident")
+        return {**head, "parity_passed": rest.pop("parity_passed"), **self.host.to_dict(),
+                "throughput_samples_per_s": self.throughput_samples_per_s, "achieved_gflops": self.achieved_gflops,
+                "cv_warning": self.host.cv_warning,
+                **({"device_resident": device_resident.to_dict()} if device_resident else {}), **rest}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LatencyRow:
+        row = cls(**{k: v for k, v in _known(cls, d).items() if k not in ("host", "device_resident")})
+        row.host = Timing.from_dict(d) if "n" in d else None
+        row.device_resident = Timing.from_dict(d["device_resident"]) if d.get("device_resident") else None
+        return row
+
+
+@dataclass
+class LatencyRecord:
+    """One sweep on one machine: every row, and what it ran on and with."""
+
+    kind: ClassVar[str] = "latency"
+    created: str
+    environment: dict
+    config: dict
+    reference_matmul: dict
+    rows: list[LatencyRow]
+    path: str | None = field(default=None, compare=False)  # where it was written or read: not part of the record
+
+    def to_dict(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "kind": self.kind, "created": self.created,
+                "environment": self.environment, "config": self.config, "reference_matmul": self.reference_matmul,
+                "rows": [r.to_dict() for r in self.rows]}
+
+    @classmethod
+    def from_dict(cls, d: dict, path: object = None) -> LatencyRecord:
+        check_schema(d, path)
+        try:
+            return cls(created=d["created"], environment=d["environment"], config=d["config"],
+                       reference_matmul=d["reference_matmul"], rows=[LatencyRow.from_dict(r) for r in d["rows"]],
+                       path=None if path is None else str(path))
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{path}: not a complete latency record ({type(e).__name__}: {e})") from None

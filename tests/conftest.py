@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 # Nothing in the tests may reach the network. huggingface_hub reads these when it is first imported, so they are
@@ -13,6 +14,7 @@ import torch
 from fusionprof.config import model_config
 from fusionprof.data.synth import write_synth
 from fusionprof.data.text import build_tokenizer
+from fusionprof.models.registry import FUSIONS
 
 SMALL = {"train": 48, "val": 16, "test": 16}
 # The error for a GPU index no machine has: "no CUDA GPU" here, "only N CUDA device(s)" on a GPU machine.
@@ -58,3 +60,46 @@ def batch(tokenizer):
 def seeded(seed: int = 0):
     torch.manual_seed(seed)
     np.random.seed(seed)
+
+
+THROWAWAY = "throwaway"
+# A fusion file as a contributor writes one (cf. fusionprof/models/fusions/early.py), kept out of the package: the
+# tests register it at run time to show that a new fusion file is picked up with no test edited.
+THROWAWAY_FUSION_FILE = f'''"""Test-only fusion: pooled image ‖ mean of the real tokens → one linear layer → logit."""
+
+import torch
+from torch import nn
+
+from fusionprof.models.layers import masked_mean
+from fusionprof.models.registry import register_fusion
+
+
+@register_fusion("{THROWAWAY}")
+class ThrowawayFusion(nn.Module):
+    pooled_image = True
+
+    def __init__(self, cfg, image_dim: int, text_dim: int):
+        super().__init__()
+        self.head = nn.Linear(image_dim + text_dim, 1)
+
+    def forward(self, image_map: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([image_map.mean((2, 3)), masked_mean(text, text_mask)], dim=-1)).squeeze(-1)
+'''
+
+
+@pytest.fixture
+def throwaway_fusion(tmp_path):
+    """The throwaway fusion file, written under tmp_path and registered for one test, then taken out again.
+
+    Yields the folder that holds ``throwaway_fusion.py``, for a subprocess that imports it before anything else."""
+    folder = tmp_path / "extra_fusion"
+    folder.mkdir()
+    path = folder / "throwaway_fusion.py"
+    path.write_text(THROWAWAY_FUSION_FILE)
+    FUSIONS.names()  # the package's own fusions first, as on any other run
+    spec = importlib.util.spec_from_file_location("throwaway_fusion", path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))  # registers it, as importing the file would
+    try:
+        yield folder
+    finally:
+        del FUSIONS._members[THROWAWAY]

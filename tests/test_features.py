@@ -35,7 +35,7 @@ def test_cached_features_give_the_encoders_logits(fusion, tiny_cfg, test_split, 
     model = frozen_model(tiny_cfg, fusion)
     cache = cached_features(model, test_split, CPU, root=tmp_path, progress=False, log=lambda s: None)
     assert cache.built
-    pooled = fusion in ("early", "late")
+    pooled = getattr(type(model.fusion), "pooled_image", False)  # the fusion says it reads only the image's mean
     assert cache.image.shape[2:] == ((1, 1) if pooled else (2, 2))  # resnet10 at 64 px: a 2×2 map
     pairs = test_split.pairs(seed=0)
     head = FusionHead(model).eval()
@@ -73,6 +73,7 @@ def test_a_changed_key_rebuilds_the_cache(tiny_cfg, test_split, tmp_path):
     assert changed.built and changed.key not in keys
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_frozen_training_agree(tmp_path, small_data):
     """Same data order, same dropout draws: the two runs must end with the same weights and the same logits."""
     metrics, heads = {}, {}
@@ -97,6 +98,7 @@ def test_cached_and_uncached_frozen_training_agree(tmp_path, small_data):
         assert tf["gflop_per_sample"] * 1e9 == pytest.approx(expected) and tf["mfu"] is None
 
 
+@pytest.mark.slow
 def test_cache_features_cli(tmp_path, small_data):
     common = ["train", "--fusion", "late", "--data", str(small_data), "--epochs", "1", "--batch-size", "16",
               "--out", str(tmp_path / "m"), "--profiles", str(tmp_path / "p"), "--quiet"]

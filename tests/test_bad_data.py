@@ -35,6 +35,7 @@ def train_on(data, tmp_path, *extra):
                                     str(tmp_path / "p"), "--quiet", *extra])
 
 
+@pytest.mark.slow
 def test_damaged_files_are_skipped_counted_and_reported(damaged, tmp_path):
     result = train_on(damaged, tmp_path)
     assert result.exit_code == 0, result.output

@@ -103,6 +103,7 @@ def test_two_processes_match_one(tmp_path, learnable_data):
     assert ckpt["world_size"] == 2 and len(ckpt["rank_rng"]) == 2 and ckpt["scheduler"]["last_epoch"] == 3 * 2400 // 32
 
 
+@pytest.mark.slow
 def test_killed_two_process_run_resumes(tmp_path, small_data):
     """SIGKILL torchrun and both workers after the first checkpoint; the same command with --resume finishes."""
     args = fusionprof_train("--fusion", "late", "--data", small_data, "--epochs", "3", "--batch-size", "8",

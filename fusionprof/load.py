@@ -1,0 +1,288 @@
+"""``fusionprof load``: MLPerf LoadGen against one (fusion, backend, precision, device) behind a dynamic batcher.
+
+The query sample library is the test split's fixed ITM pairs (real images and captions; each caption's positive
+and the negative evaluation draws for it), sample i being pair i; a batch's inputs are built as evaluation builds
+them (``PairBatches``: captions trimmed to the batch's longest; ``to_inputs``: pixels normalised). Scenarios:
+Server at one or several offered rates, or the largest VALID rate with p99 under a target (bisection, each trial a
+full LoadGen run); Offline; SingleStream. Accuracy mode reads LoadGen's accuracy log back and checks its ITM
+accuracy against the same backend's on the evaluation batches: proof the SUT answered the queries it was asked.
+
+Each run writes ``profiles/<host>/load-<scenario>-<preset>-<fusion>-<backend>-<precision>-<stamp>.json`` and
+keeps LoadGen's own logs in the folder of the same name beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fusionprof.atomic import write_json
+from fusionprof.backends import BACKENDS, Artifacts, Backend, create_backend
+from fusionprof.checkpoint import load_checkpoint, metrics_path, with_run_tokenizer
+from fusionprof.config import ModelConfig, TrainConfig, from_dict, to_dict, train_config
+from fusionprof.data import SplitData, prepare_data
+from fusionprof.data.images import normalize
+from fusionprof.data.itm import PairBatches
+from fusionprof.data.text import build_tokenizer
+from fusionprof.env import fingerprint
+from fusionprof.errors import UserError
+from fusionprof.evaluate import to_inputs
+from fusionprof.loadgen import (
+    ACCURACY_LOG,
+    SCENARIOS,
+    SERVER_MIN_QUERIES,
+    BatchingSUT,
+    LoadRecord,
+    LoadRun,
+    LoadSettings,
+    find_max_qps,
+    read_accuracy_log,
+    run_loadgen,
+)
+from fusionprof.metrics import accuracy, predict
+from fusionprof.runtime import check_precision, resolve_device
+
+CPU = torch.device("cpu")
+
+
+@dataclass
+class LoadConfig:
+    fusion: str
+    backend: str
+    scenario: str
+    preset: str = "tiny"
+    precision: str = "fp32"
+    device: str = "cpu"
+    qps: list[float] = field(default_factory=list)  # server: the offered rates
+    find_max_qps: bool = False  # server: bisect for the largest VALID rate with p99 ≤ p99_ms
+    p99_ms: float = 50.0  # server: LoadGen's latency target (its 99th percentile)
+    max_batch: int = 1  # 1: no batching
+    batch_timeout_ms: float = 0.0  # how long the oldest queued sample waits for the batch to fill
+    min_duration_s: float = 10.0
+    min_queries: int | None = None  # None: SERVER_MIN_QUERIES in Server (early stopping needs them), else 100
+    max_trials: int = 8  # find-max: LoadGen runs at most
+    accuracy: bool = False
+    models_dir: str = "models"
+    profiles_dir: str = "profiles"
+
+
+def check(cfg: LoadConfig) -> torch.device:
+    """Every option checked before anything loads: a bad one is a one-line error."""
+    if cfg.scenario not in SCENARIOS:
+        raise UserError(f"unknown scenario {cfg.scenario!r}; choose from {', '.join(SCENARIOS)}")
+    bad_qps = [q for q in cfg.qps if not q > 0]
+    if bad_qps:
+        raise UserError(f"--qps must be above 0, got {bad_qps[0]:g}")
+    if not cfg.p99_ms > 0:
+        raise UserError(f"--p99-ms must be above 0, got {cfg.p99_ms:g}")
+    if cfg.max_batch < 1:
+        raise UserError(f"--max-batch must be at least 1, got {cfg.max_batch}")
+    if cfg.batch_timeout_ms < 0:
+        raise UserError(f"--batch-timeout-ms must be 0 or more, got {cfg.batch_timeout_ms:g}")
+    if not cfg.min_duration_s > 0:
+        raise UserError(f"--min-duration must be above 0 seconds, got {cfg.min_duration_s:g}")
+    if cfg.scenario == "server" and not cfg.accuracy and bool(cfg.qps) == cfg.find_max_qps:
+        raise UserError("--scenario server needs --qps Q,... or --find-max-qps (one of the two)")
+    if cfg.scenario != "server" and (cfg.qps or cfg.find_max_qps):
+        raise UserError(f"--qps and --find-max-qps are for --scenario server, not {cfg.scenario}")
+    device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
+    backend = BACKENDS.get(cfg.backend)  # unknown names fail here
+    ok, reason = backend.available(device)
+    if not ok:
+        raise UserError(f"backend {cfg.backend} is unavailable: {reason}")
+    problem = backend.precision_problem(cfg.precision, device)
+    if problem:
+        raise UserError(problem)
+    return device
+
+
+def load_artifacts(cfg: LoadConfig, work_dir: Path, log=print) -> tuple[Artifacts, dict]:
+    """The model and its verified ONNX, found (or exported) exactly as the latency sweep finds them."""
+    from fusionprof.latency import SweepConfig
+    from fusionprof.latency import load_artifacts as sweep_artifacts
+
+    sweep = SweepConfig(preset=cfg.preset, fusions=[cfg.fusion], backends=[cfg.backend], device=cfg.device,
+                        precision=cfg.precision, models_dir=cfg.models_dir, profiles_dir=cfg.profiles_dir)
+    return sweep_artifacts(sweep, cfg.fusion, work_dir, log)
+
+
+# --------------------------------------------------------------------------- the query sample library
+
+
+class SampleLibrary:
+    """The test split's fixed ITM pairs; sample i is pair i, its label ``labels[i]``.
+
+    As an MLPerf QSL loads its samples to RAM preprocessed, every test image is normalised once, up front (the
+    same ``normalize`` evaluation applies per batch, element for element the same values): a query then costs
+    the SUT a gather, not a normalisation, which on 2 busy cores took longer than the model."""
+
+    def __init__(self, split: SplitData, seed: int):
+        self.split, self.pairs = split, split.pairs(seed)
+        pixels = torch.from_numpy(np.ascontiguousarray(split.image.get(np.arange(split.n_images))))
+        self.images = Preprocessed(normalize(pixels).numpy())
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.pairs.label
+
+    def inputs(self, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Host inputs of these samples as one batch, built as evaluation builds a batch (``PairBatches``:
+        captions trimmed to the batch's longest; ``to_inputs``: float images pass as they are)."""
+        batch = PairBatches(self.images, self.split.text, self.split.attention_mask, self.pairs, len(indices),
+                            order=indices)[0]
+        return to_inputs(batch, CPU)[0]
+
+
+@dataclass
+class Preprocessed:
+    """Normalised images [N, 3, H, W], gathered by index (the ``get`` an image source has)."""
+
+    array: np.ndarray
+
+    def get(self, index: np.ndarray) -> np.ndarray:
+        return self.array[index]
+
+
+def test_library(preset: str, model_cfg: ModelConfig, source: dict,
+                 progress: bool = True) -> tuple[SampleLibrary, TrainConfig]:
+    """The library of the run's test split (the dataset, seed and limits it was trained with), and its config."""
+    if "checkpoint" in source:
+        checkpoint = Path(source["checkpoint"])
+        tcfg = from_dict(TrainConfig, load_checkpoint(checkpoint)["train_config"])
+        model_cfg = with_run_tokenizer(model_cfg, checkpoint.parent)
+    else:
+        tcfg = train_config(preset)  # an untrained model: the preset's dataset and seed
+    tokenizer = build_tokenizer(model_cfg, log=lambda s: None)
+    splits, _ = prepare_data(tcfg.data, tokenizer, model_cfg.image_size, model_cfg.max_text_len, tcfg.seed,
+                             limit_eval=tcfg.limit_eval, splits=("test",), progress=progress)
+    return SampleLibrary(splits["test"], tcfg.seed), tcfg
+
+
+def seconds_per_batch(run: Callable, library: SampleLibrary, batch_size: int, calls: int = 5) -> float:
+    """The backend's median time for one batch of ``batch_size`` samples, after one warm-up call: what sizes
+    LoadGen's schedule (offline's expected rate, single-stream's expected latency, find-max's first rate)."""
+    indices = np.arange(min(batch_size, len(library)))
+    inputs = library.inputs(indices)
+    run(*inputs)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        run(*library.inputs(indices))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * batch_size / len(indices)
+
+
+# --------------------------------------------------------------------------- the scenarios
+
+
+def _settings(cfg: LoadConfig, **kw) -> LoadSettings:
+    min_queries = cfg.min_queries or (SERVER_MIN_QUERIES if cfg.scenario == "server" else 100)
+    return LoadSettings(cfg.scenario, p99_ms=cfg.p99_ms if cfg.scenario == "server" else None,
+                        min_duration_s=cfg.min_duration_s, min_query_count=min_queries, **kw)
+
+
+def run_scenario(cfg: LoadConfig, sut: BatchingSUT, library: SampleLibrary, batch_s: float, log_dir: Path,
+                 log=print) -> tuple[list[LoadRun], LoadRun | None]:
+    """The LoadGen runs one performance-mode ``fusionprof load`` makes, and the find-max winner (or None)."""
+    rate = cfg.max_batch / batch_s  # the backend's rate on full batches, back to back
+
+    def server(qps: float) -> LoadRun:
+        run = run_loadgen(sut, len(library), _settings(cfg, target_qps=qps), log_dir / f"server-{qps:.6g}qps")
+        log(f"server {qps:8.1f} QPS offered: {describe(run)}")
+        return run
+
+    if cfg.scenario == "server" and cfg.find_max_qps:
+        best, runs = find_max_qps(server, first_qps=round(0.8 * rate, 1), max_trials=cfg.max_trials)
+        return runs, best
+    if cfg.scenario == "server":
+        return [server(qps) for qps in cfg.qps], None
+    if cfg.scenario == "offline":  # 1.5×: the one big query then lasts past min_duration unless the guess is low
+        settings = _settings(cfg, expected_qps=1.5 * rate)
+    else:  # half the measured latency: LoadGen then schedules enough queries to fill min_duration
+        settings = _settings(cfg, expected_latency_ms=batch_s / cfg.max_batch * 1e3 / 2)
+    run = run_loadgen(sut, len(library), settings, log_dir / cfg.scenario)
+    log(f"{cfg.scenario}: {describe(run)}")
+    return [run], None
+
+
+def describe(run: LoadRun) -> str:
+    """One line: VALID with its figures, or INVALID with LoadGen's reasons and no figure."""
+    if not run.valid:
+        return "INVALID (" + "; ".join(run.invalid_reasons or ["LoadGen gave no reason"]) + ")"
+    batches = sum(run.batch_sizes.values())
+    mean_batch = sum(k * v for k, v in run.batch_sizes.items()) / max(batches, 1)
+    return (f"VALID  p50 {run.p50_ms:.2f} ms  p99 {run.p99_ms:.2f} ms  {run.samples_per_s:.1f} samples/s  "
+            f"(mean batch {mean_batch:.2f})")
+
+
+def accuracy_check(cfg: LoadConfig, sut: BatchingSUT, library: SampleLibrary, backend: Backend, tcfg: TrainConfig,
+                   rate: float, log_dir: Path) -> tuple[LoadRun, dict]:
+    """LoadGen's accuracy mode, read back, against the backend's accuracy on the evaluation batches."""
+    qps = cfg.qps[0] if cfg.qps else round(0.5 * rate, 1)
+    settings = _settings(cfg, target_qps=qps if cfg.scenario == "server" else None, expected_qps=rate,
+                         expected_latency_ms=1e3 / rate, accuracy=True)
+    run = run_loadgen(sut, len(library), settings, log_dir / "accuracy")
+    logged = read_accuracy_log(Path(run.logs) / ACCURACY_LOG, len(library))
+    batches = library.split.batches(library.pairs, tcfg.batch_size)
+    reference, labels = predict(lambda b: backend.run(*to_inputs(b, CPU)[0]), batches)
+    answered = ~np.isnan(logged)
+    result = {"pairs": len(library), "answered": int(answered.sum()),
+              "loadgen_accuracy": accuracy(logged, labels) if answered.all() else None,
+              "backend_accuracy": accuracy(reference, labels), "eval_batch_size": tcfg.batch_size,
+              "decisions_differing": int(((logged > 0) != (reference > 0)).sum()),
+              "max_abs_logit_difference": float(np.abs(logged - reference).max()) if answered.all() else None}
+    result["matches"] = result["loadgen_accuracy"] == result["backend_accuracy"]
+    return run, result
+
+
+def trained_accuracy(source: dict, profiles_dir: str) -> float | None:
+    """The checkpoint's test accuracy as training recorded it (PyTorch, its training precision), if on disk."""
+    if "checkpoint" not in source:
+        return None
+    path = metrics_path(profiles_dir, Path(source["checkpoint"]).parent.name)
+    return json.loads(path.read_text())["test"]["accuracy"] if path.exists() else None
+
+
+def load(cfg: LoadConfig, progress: bool = True, log=print) -> LoadRecord:
+    """One ``fusionprof load``: check, load, calibrate, run LoadGen, write the record."""
+    device = check(cfg)
+    env = fingerprint()
+    out_dir = Path(cfg.profiles_dir) / env["host"]
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    mode = "accuracy" if cfg.accuracy else cfg.scenario
+    path = out_dir / f"load-{mode}-{cfg.preset}-{cfg.fusion}-{cfg.backend}-{cfg.precision}-{stamp}.json"
+    artifacts, source = load_artifacts(cfg, out_dir, log)
+    backend = create_backend(cfg.backend, artifacts, device, cfg.precision)
+    library, tcfg = test_library(cfg.preset, artifacts.model.cfg, source, progress)
+    batch_s = seconds_per_batch(backend.run, library, cfg.max_batch)
+    log(f"{cfg.fusion}/{cfg.backend}/{cfg.precision}: {len(library)} test pairs; a batch of {cfg.max_batch} takes "
+        f"{batch_s * 1e3:.2f} ms back to back")
+    record = LoadRecord(created=stamp, preset=cfg.preset, fusion=cfg.fusion, backend=cfg.backend,
+                        precision=cfg.precision, device=str(device), scenario=cfg.scenario, max_batch=cfg.max_batch,
+                        batch_timeout_ms=cfg.batch_timeout_ms,
+                        p99_target_ms=cfg.p99_ms if cfg.scenario == "server" else None, model=source,
+                        backend_info=backend.describe(), environment=env,
+                        config={**to_dict(cfg), "seconds_per_batch": batch_s})
+    with BatchingSUT(backend.run, library.inputs, cfg.max_batch, cfg.batch_timeout_ms) as sut:
+        if cfg.accuracy:
+            run, record.accuracy = accuracy_check(cfg, sut, library, backend, tcfg, cfg.max_batch / batch_s,
+                                                  path.with_suffix(""))
+            record.accuracy["trained_test_accuracy"] = trained_accuracy(source, cfg.profiles_dir)
+            record.runs = [run]
+        else:
+            record.runs, best = run_scenario(cfg, sut, library, batch_s, path.with_suffix(""), log)
+            record.max_qps = best.settings["target_qps"] if best else None
+    write_json(path, record.to_dict())
+    record.path = str(path)
+    return record

@@ -1,0 +1,364 @@
+"""MLPerf LoadGen around any ``run(images, input_ids, attention_mask) -> logits``: the dynamic batcher that is the
+system under test, one LoadGen run with its logs parsed, and the bisection that finds the largest VALID rate.
+
+Knows nothing of checkpoints or datasets (``load.py`` brings those), so the harness benchmark drives the same SUT
+with a backend that does nothing.
+
+The batcher: LoadGen's issue thread only appends to a queue (it must never block, or LoadGen's own schedule slips);
+one worker thread takes up to ``max_batch`` queued samples, waiting at most ``timeout_ms`` after the oldest one
+arrived for more, runs them as one batch and completes each sample with its logit. ``max_batch=1`` is no batching.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import ClassVar
+
+import mlperf_loadgen as lg
+import numpy as np
+
+from fusionprof import SCHEMA_VERSION
+from fusionprof.errors import UserError
+
+SCENARIOS = {"server": lg.TestScenario.Server, "offline": lg.TestScenario.Offline,
+             "single-stream": lg.TestScenario.SingleStream}
+LOG_FILES = ("mlperf_log_summary.txt", "mlperf_log_detail.txt")
+ACCURACY_LOG = "mlperf_log_accuracy.json"
+# While a LoadGen run is on, the worker hands the GIL over to LoadGen's issue callback after this long at most
+# (Python's default, 5 ms, would put up to 5 ms of GIL wait on a request that arrives while the worker is busy
+# gathering a batch in Python).
+GIL_SWITCH_INTERVAL_S = 0.0002
+# LoadGen's early stopping calls a Server p99 VALID only after about 460 queries all under the target (more when
+# some are over it): fewer queries than this per run can never be VALID, whatever the latency.
+SERVER_MIN_QUERIES = 1024
+
+
+@dataclass
+class LoadSettings:
+    """What one LoadGen run is asked to do (mapped onto ``lg.TestSettings`` by ``test_settings``)."""
+
+    scenario: str
+    target_qps: float | None = None  # server: the offered Poisson rate
+    p99_ms: float | None = None  # server: the latency target LoadGen judges p99 against
+    expected_qps: float | None = None  # offline: sizes the one big query (too low: it ends before min_duration)
+    expected_latency_ms: float | None = None  # single-stream: sizes the query schedule
+    min_duration_s: float = 10.0
+    min_query_count: int = 100
+    accuracy: bool = False  # AccuracyOnly: every sample once, every response logged
+
+    def check(self) -> None:
+        """One-line errors for settings LoadGen would misread or reject later."""
+        if self.scenario not in SCENARIOS:
+            raise UserError(f"unknown scenario {self.scenario!r}; choose from {', '.join(SCENARIOS)}")
+        if self.scenario == "server" and not self.accuracy:
+            if self.target_qps is None or not self.target_qps > 0:
+                raise UserError(f"--qps must be above 0, got {self.target_qps}")
+            if self.p99_ms is None or not self.p99_ms > 0:
+                raise UserError(f"--p99-ms must be above 0, got {self.p99_ms}")
+        if not self.min_duration_s > 0:
+            raise UserError(f"--min-duration must be above 0 seconds, got {self.min_duration_s}")
+
+
+def test_settings(s: LoadSettings) -> lg.TestSettings:
+    settings = lg.TestSettings()
+    settings.scenario = SCENARIOS[s.scenario]
+    settings.mode = lg.TestMode.AccuracyOnly if s.accuracy else lg.TestMode.PerformanceOnly
+    settings.min_duration_ms = int(s.min_duration_s * 1e3)
+    settings.min_query_count = s.min_query_count
+    if s.target_qps:
+        settings.server_target_qps = s.target_qps
+    if s.p99_ms:
+        settings.server_target_latency_ns = int(s.p99_ms * 1e6)
+    if s.expected_qps:
+        settings.offline_expected_qps = s.expected_qps
+    if s.expected_latency_ms:
+        settings.single_stream_expected_latency_ns = max(1, int(s.expected_latency_ms * 1e6))
+    return settings
+
+
+# --------------------------------------------------------------------------- the system under test
+
+
+class BatchingSUT:
+    """Queue → batch → ``run`` → ``QuerySamplesComplete``, on one worker thread. Use as a context manager.
+
+    ``inputs(sample_indices)`` builds a batch's host tensors; ``run(*inputs)`` returns one logit per sample."""
+
+    def __init__(self, run: Callable, inputs: Callable[[np.ndarray], tuple], max_batch: int = 1,
+                 timeout_ms: float = 0.0):
+        if max_batch < 1:
+            raise UserError(f"--max-batch must be at least 1, got {max_batch}")
+        if timeout_ms < 0:
+            raise UserError(f"--batch-timeout-ms must be 0 or more, got {timeout_ms}")
+        self.run, self.inputs = run, inputs
+        self.max_batch, self.timeout_s = max_batch, timeout_ms / 1e3
+        self.queue: deque = deque()  # (LoadGen's response id, sample index, arrival time)
+        self.ready = threading.Condition()
+        self.stopping = False
+        self.batch_sizes: Counter = Counter()  # how many batches of each size ran
+        self.error: BaseException | None = None
+        self.handle = None
+
+    def __enter__(self) -> BatchingSUT:
+        self.switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        self.worker = threading.Thread(target=self._serve, name="sut-worker", daemon=True)
+        self.worker.start()
+        self.handle = lg.ConstructSUT(self.issue, self.flush)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self.ready:
+            self.stopping = True
+            self.ready.notify()
+        self.worker.join()
+        lg.DestroySUT(self.handle)
+        sys.setswitchinterval(self.switch_interval)
+
+    def issue(self, query_samples) -> None:
+        """LoadGen's issue thread: enqueue and return."""
+        now = time.perf_counter()
+        with self.ready:
+            self.queue.extend((q.id, q.index, now) for q in query_samples)
+            self.ready.notify()
+
+    def flush(self) -> None:
+        """Nothing is held back: the worker drains the queue on its own."""
+
+    def _next_batch(self) -> list | None:
+        with self.ready:
+            while not self.queue and not self.stopping:
+                self.ready.wait()
+            if not self.queue:
+                return None
+            deadline = self.queue[0][2] + self.timeout_s  # the oldest sample waits at most timeout_ms
+            while len(self.queue) < self.max_batch and not self.stopping:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self.ready.wait(left)
+            return [self.queue.popleft() for _ in range(min(self.max_batch, len(self.queue)))]
+
+    def _serve(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            ids, indices, _ = zip(*batch, strict=True)
+            try:
+                logits = np.ascontiguousarray(self.run(*self.inputs(np.asarray(indices))), np.float32).reshape(-1)
+                if len(logits) != len(batch):
+                    raise RuntimeError(f"the backend returned {len(logits)} logits for {len(batch)} samples")
+            except BaseException as e:  # kept and re-raised after the run: LoadGen must not hang
+                self.error = self.error or e
+                logits = np.full(len(batch), np.nan, np.float32)
+            self.batch_sizes[len(batch)] += 1
+            base = logits.ctypes.data  # LoadGen copies the bytes (accuracy mode) before QuerySamplesComplete returns
+            lg.QuerySamplesComplete([lg.QuerySampleResponse(rid, base + 4 * i, 4) for i, rid in enumerate(ids)])
+
+
+# --------------------------------------------------------------------------- one LoadGen run
+
+
+@dataclass
+class LoadRun:
+    """One LoadGen run as LoadGen judged it. ``valid`` is LoadGen's verdict; figures are for VALID runs only."""
+
+    scenario: str
+    accuracy: bool
+    valid: bool | None  # None in accuracy mode (LoadGen gives no verdict there)
+    validity: str  # "VALID", "INVALID" or "accuracy"
+    invalid_reasons: list[str]
+    settings: dict  # LoadGen's effective settings (detail log ``effective_*``)
+    loadgen: dict  # every ``result_*`` and early-stopping field LoadGen logged, as logged (also for INVALID)
+    batch_sizes: dict[int, int]  # batch size → number of batches the SUT ran
+    logs: str  # the folder that holds LoadGen's summary and detail logs
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def figure(self, key: str, scale: float = 1.0) -> float | None:
+        """A LoadGen result field (``scale``d), or None when the run is not VALID: an INVALID run has no figures."""
+        value = self.loadgen.get(key)
+        return value * scale if self.valid and value is not None else None
+
+    @property
+    def p99_ms(self) -> float | None:
+        return self.figure("result_99.00_percentile_latency_ns", 1e-6)
+
+    @property
+    def p50_ms(self) -> float | None:
+        return self.figure("result_50.00_percentile_latency_ns", 1e-6)
+
+    @property
+    def samples_per_s(self) -> float | None:
+        """Offline: LoadGen's samples/s. Server: completed samples/s. Single-stream: queries/s."""
+        for key in ("result_samples_per_second", "result_completed_samples_per_sec",
+                    "result_qps_without_loadgen_overhead"):
+            if key in self.loadgen:
+                return self.figure(key)
+        return None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["batch_sizes"] = {str(k): v for k, v in sorted(self.batch_sizes.items())}
+        d.update(p50_ms=self.p50_ms, p99_ms=self.p99_ms, samples_per_s=self.samples_per_s)
+        return d
+
+
+def run_loadgen(sut: BatchingSUT, n_samples: int, settings: LoadSettings, log_dir: Path) -> LoadRun:
+    """One LoadGen test against ``sut`` over ``n_samples`` samples (all resident: loading them is free)."""
+    settings.check()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    output = lg.LogOutputSettings()
+    output.outdir, output.copy_summary_to_stdout = str(log_dir), False
+    log_settings = lg.LogSettings()
+    log_settings.log_output, log_settings.enable_trace = output, False
+    qsl = lg.ConstructQSL(n_samples, n_samples, lambda indices: None, lambda indices: None)
+    sut.batch_sizes.clear()
+    try:
+        lg.StartTestWithLogSettings(sut.handle, qsl, test_settings(settings), log_settings)
+    finally:
+        lg.DestroyQSL(qsl)
+    if sut.error is not None:
+        raise sut.error
+    (log_dir / "mlperf_log_trace.json").unlink(missing_ok=True)  # empty with tracing off
+    if not settings.accuracy:
+        (log_dir / ACCURACY_LOG).unlink(missing_ok=True)  # empty outside accuracy mode
+    return parse_logs(log_dir, settings, dict(sut.batch_sizes))
+
+
+def read_detail(path: Path) -> tuple[dict, list[str], list[str]]:
+    """LoadGen's detail log: its ``:::MLLOG`` entries as key → value, and its errors and warnings."""
+    values, errors, warnings = {}, [], []
+    for line in path.read_text().splitlines():
+        if not line.startswith(":::MLLOG"):
+            continue
+        entry = json.loads(line.split(" ", 1)[1])
+        values[entry["key"]] = entry["value"]
+        if entry["metadata"].get("is_error"):
+            errors.append(f"{entry['key']}: {entry['value']}")
+        elif entry["metadata"].get("is_warning") and "Logging allocation" not in str(entry["value"]):
+            warnings.append(f"{entry['key']}: {entry['value']}")
+    return values, errors, warnings
+
+
+def invalid_reasons(detail: dict) -> list[str]:
+    """Why LoadGen called a run INVALID, in its own words."""
+    checks = {"result_perf_constraints_met": "latency constraint not met (the percentile is over the target)",
+              "result_min_duration_met": "min duration not met", "result_min_queries_met": "min queries not met",
+              "early_stopping_met": "early stopping not satisfied"}
+    reasons = [text for key, text in checks.items() if detail.get(key) is False]
+    recommendation = str(detail.get("result_invalid_reason", "")).strip()
+    if recommendation:
+        reasons.append(f"LoadGen: {recommendation}")
+    return reasons
+
+
+def parse_logs(log_dir: Path, settings: LoadSettings, batch_sizes: dict[int, int]) -> LoadRun:
+    detail, errors, warnings = read_detail(log_dir / "mlperf_log_detail.txt")
+    effective = {k.removeprefix("effective_"): v for k, v in detail.items() if k.startswith("effective_")}
+    results = {k: v for k, v in detail.items() if k.startswith(("result_", "early_stopping"))}
+    if settings.accuracy:
+        valid, validity, reasons = None, "accuracy", []
+    else:
+        validity = detail.get("result_validity", "INVALID")
+        valid = validity == "VALID" and not errors
+        reasons = invalid_reasons(detail) + errors if not valid else []
+    return LoadRun(settings.scenario, settings.accuracy, valid, validity if valid is not False else "INVALID",
+                   reasons, effective, results, batch_sizes, str(log_dir), errors, warnings)
+
+
+def read_accuracy_log(path: Path, n_samples: int) -> np.ndarray:
+    """The logit each sample was answered with, from LoadGen's accuracy log (float32 bytes as hex)."""
+    logits = np.full(n_samples, np.nan, np.float32)
+    for entry in json.loads(path.read_text()):
+        logits[entry["qsl_idx"]] = np.frombuffer(bytes.fromhex(entry["data"]), np.float32)[0]
+    return logits
+
+
+# --------------------------------------------------------------------------- the largest VALID rate
+
+
+def next_rate(valid_below: float, invalid_above: float | None, tolerance: float = 0.1) -> float | None:
+    """The next offered rate of the search, or None when it has converged.
+
+    ``valid_below``: the largest rate found VALID so far (0: none yet); ``invalid_above``: the smallest found
+    INVALID (None: none yet, so double). Stops when the two are within ``tolerance`` of each other."""
+    if invalid_above is None:
+        return valid_below * 2
+    if invalid_above - valid_below <= tolerance * invalid_above:
+        return None
+    return (valid_below + invalid_above) / 2
+
+
+def find_max_qps(trial: Callable[[float], LoadRun], first_qps: float, max_trials: int = 8,
+                 tolerance: float = 0.1) -> tuple[LoadRun | None, list[LoadRun]]:
+    """Bisect the offered rate: the VALID run at the largest rate tried (None if none was), and every trial."""
+    runs: list[LoadRun] = []
+    best: LoadRun | None = None
+    valid_below, invalid_above = 0.0, None
+    qps: float | None = first_qps
+    while qps is not None and len(runs) < max_trials:
+        run = trial(qps)
+        runs.append(run)
+        if run.valid:
+            valid_below, best = qps, run
+        else:
+            invalid_above = qps
+        qps = next_rate(valid_below, invalid_above, tolerance)  # nothing VALID yet: it halves
+    return best, runs
+
+
+# --------------------------------------------------------------------------- the record
+
+
+@dataclass
+class LoadRecord:
+    """One ``fusionprof load``: what ran (fusion, backend, precision, device, batching), its LoadGen runs, and
+    the headline: the largest VALID Server rate (find-max), or the accuracy check. Written and read here."""
+
+    kind: ClassVar[str] = "load"
+    created: str
+    preset: str
+    fusion: str
+    backend: str
+    precision: str
+    device: str
+    scenario: str
+    max_batch: int
+    batch_timeout_ms: float
+    p99_target_ms: float | None
+    model: dict  # which weights (trained checkpoint or untrained)
+    backend_info: dict
+    environment: dict
+    config: dict
+    runs: list[LoadRun] = field(default_factory=list)
+    max_qps: float | None = None  # find-max: the largest offered rate LoadGen called VALID (None: none was)
+    accuracy: dict | None = None  # accuracy mode: LoadGen's logged answers against the backend's own
+    path: str | None = None  # where it was read from or written to (not stored)
+
+    @property
+    def batching(self) -> str:
+        return "no batching" if self.max_batch == 1 else f"batch≤{self.max_batch} wait≤{self.batch_timeout_ms:g}ms"
+
+    def to_dict(self) -> dict:
+        d = {"schema_version": SCHEMA_VERSION, "kind": self.kind}
+        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("runs", "path")})
+        d["batching"] = self.batching
+        d["runs"] = [run.to_dict() for run in self.runs]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, path: object = None) -> LoadRecord:
+        names = {f.name for f in fields(cls)} - {"runs", "path"}
+        record = cls(**{k: v for k, v in d.items() if k in names}, path=str(path) if path else None)
+        run_fields = {f.name for f in fields(LoadRun)}
+        for run in d.get("runs", []):
+            run = {k: v for k, v in run.items() if k in run_fields}
+            run["batch_sizes"] = {int(k): v for k, v in run.get("batch_sizes", {}).items()}
+            record.runs.append(LoadRun(**run))
+        return record

@@ -1,0 +1,191 @@
+"""The report's load section: LoadGen records as tables and PNG plots, in ``report.py``'s block format.
+
+Blocks are ("h2", text), ("p", text), ("table", header, rows), ("img", path relative to the report, caption).
+An INVALID LoadGen run is shown as INVALID with LoadGen's reasons, never as a figure: its latency is not plotted
+(only its offered rate, marked ×), and a find-max with no VALID trial reads "none VALID".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from fusionprof.atomic import atomic_write
+from fusionprof.env import machine_name
+from fusionprof.loadgen import LoadRecord, LoadRun
+from fusionprof.records import LatencyRecord
+
+PLOT_DIR = "report"  # the plots' folder under the report's folder, as report.py writes its own
+
+
+def find_load_records(paths: list[Path]) -> list[LoadRecord]:
+    """Every load record (``kind: "load"``) in the given files and folders."""
+    files = [p for path in paths for p in ([path] if path.is_file() else sorted(path.rglob("load-*.json")))]
+    out = []
+    for path in files:
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and record.get("kind") == LoadRecord.kind:
+            out.append(LoadRecord.from_dict(record, path))
+    return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def _ms(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def _verdict(run: LoadRun) -> str:
+    return "VALID" if run.valid else "INVALID: " + "; ".join(run.invalid_reasons or ["no reason given"])
+
+
+def _label(r: LoadRecord) -> str:
+    return f"{r.backend} {r.precision} ({r.batching})"
+
+
+def load_section(records: list[LoadRecord], out_dir: Path, latency: list[LatencyRecord] = ()) -> list[tuple]:
+    """Server runs (p99 vs offered rate), the largest VALID rate per fusion, Offline samples/s beside the latency
+    sweep's best throughput. Plots go to ``out_dir / "report"``."""
+    blocks: list[tuple] = [("h2", "Load scenarios (MLPerf LoadGen)")]
+    if not records:
+        return blocks + [("p", "No load records: run `fusionprof load --fusion F --backend B --scenario server "
+                               "--find-max-qps --p99-ms 50` (and `--scenario offline`).")]
+    blocks.append(("p", "Each row is one LoadGen run against one backend behind the dynamic batcher; Server "
+                        "offers Poisson arrivals at the given rate. VALID/INVALID is LoadGen's verdict: an INVALID "
+                        "run has no figure."))
+    machines = defaultdict(list)
+    for r in records:
+        machines[machine_name(r.environment)].append(r)
+    for machine, recs in machines.items():
+        server = [r for r in recs if r.scenario == "server" and not r.accuracy]
+        if server:
+            blocks += _server_blocks(machine, server, out_dir)
+        offline = [r for r in recs if r.scenario == "offline" and not r.accuracy]
+        if offline:
+            blocks += _offline_blocks(machine, offline, [x for x in latency
+                                                         if machine_name(x.environment) == machine], out_dir)
+        checked = [r for r in recs if r.accuracy]
+        if checked:
+            blocks.append(("table", ["machine", "preset/fusion", "backend", "LoadGen accuracy", "backend accuracy",
+                                     "equal", "record"],
+                           [[machine, f"{r.preset}/{r.fusion}", _label(r), r.accuracy["loadgen_accuracy"],
+                             r.accuracy["backend_accuracy"], "yes" if r.accuracy["matches"] else "NO",
+                             Path(r.path or "").name] for r in checked]))
+    return blocks
+
+
+def _server_blocks(machine: str, records: list[LoadRecord], out_dir: Path) -> list[tuple]:
+    rows = [[machine, f"{r.preset}/{r.fusion}", _label(r), f"{run.settings.get('target_qps', 0):g}",
+             _ms(r.p99_target_ms), _verdict(run), _ms(run.p50_ms), _ms(run.p99_ms), Path(r.path or "").name]
+            for r in records for run in sorted(r.runs, key=lambda run: run.settings.get("target_qps", 0))]
+    best = [[machine, f"{r.preset}/{r.fusion}", _label(r), _ms(r.p99_target_ms),
+             "none VALID" if r.max_qps is None else f"{r.max_qps:g}", str(len(r.runs)), Path(r.path or "").name]
+            for r in records if r.config.get("find_max_qps")]
+    blocks = [("table", ["machine", "preset/fusion", "backend (batching)", "offered QPS", "p99 target ms",
+                         "LoadGen", "p50 ms", "p99 ms", "record"], rows)]
+    if best:
+        blocks += [("p", f"The largest offered rate LoadGen called VALID (p99 within the target), by bisection — "
+                         f"{machine}"),
+                   ("table", ["machine", "preset/fusion", "backend (batching)", "p99 target ms", "max VALID QPS",
+                              "trials", "record"], best)]
+        png = plot_max_qps(machine, [r for r in records if r.config.get("find_max_qps")], out_dir)
+        blocks.append(("img", f"{PLOT_DIR}/{png.name}", f"max VALID Server QPS under the p99 target — {machine}"))
+    png = plot_p99_vs_qps(machine, records, out_dir)
+    blocks.append(("img", f"{PLOT_DIR}/{png.name}", f"Server p99 vs offered QPS (× INVALID) — {machine}"))
+    return blocks
+
+
+def _offline_blocks(machine: str, records: list[LoadRecord], latency: list[LatencyRecord],
+                    out_dir: Path) -> list[tuple]:
+    sweep = {}  # (preset, fusion, backend, precision) → the best sequential throughput over batch sizes
+    for rec in latency:
+        for row in rec.rows:
+            if row.status == "ok" and row.throughput_samples_per_s:
+                key = (rec.config.get("preset"), row.fusion, row.backend, rec.config.get("precision"))
+                sweep[key] = max(sweep.get(key, 0.0), row.throughput_samples_per_s)
+    rows = []
+    for r in records:
+        run = r.runs[0]
+        rate = run.samples_per_s
+        rows.append([machine, f"{r.preset}/{r.fusion}", _label(r), "INVALID" if rate is None else f"{rate:.1f}",
+                     _verdict(run), _ms(sweep.get((r.preset, r.fusion, r.backend, r.precision))),
+                     Path(r.path or "").name])
+    png = plot_offline(machine, records, out_dir)
+    return [("table", ["machine", "preset/fusion", "backend (batching)", "Offline samples/s", "LoadGen",
+                       "latency sweep best samples/s", "record"], rows),
+            ("img", f"{PLOT_DIR}/{png.name}", f"Offline samples/s — {machine}")]
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, title: str, path: Path) -> Path:
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def plot_p99_vs_qps(machine: str, records: list[LoadRecord], out_dir: Path) -> Path:
+    """One panel per (preset, fusion), one line per (backend, precision, batching): VALID runs' p99 against the
+    offered rate, INVALID rates as × on the axis, the p99 target as a dashed line."""
+    plt = _plt()
+    panels = sorted({(r.preset, r.fusion) for r in records})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for ax, (preset, fusion) in zip(axes.flat, panels, strict=True):
+        for r in (r for r in records if (r.preset, r.fusion) == (preset, fusion)):
+            runs = sorted(r.runs, key=lambda run: run.settings.get("target_qps", 0))
+            valid = [(run.settings["target_qps"], run.p99_ms) for run in runs if run.valid]
+            line = ax.plot(*zip(*valid, strict=True), marker="o", ms=3, label=_label(r))[0] if valid else None
+            invalid = [run.settings.get("target_qps", 0) for run in runs if not run.valid]
+            ax.plot(invalid, [0] * len(invalid), "x", color=line.get_color() if line else None, clip_on=False,
+                    transform=ax.get_xaxis_transform(), label=None if line else f"{_label(r)}: all INVALID")
+        targets = {r.p99_target_ms for r in records if (r.preset, r.fusion) == (preset, fusion) and r.p99_target_ms}
+        for target in targets:
+            ax.axhline(target, ls="--", color="grey", lw=1)
+        ax.set_title(f"{preset} / {fusion}", fontsize=10)
+        ax.set_xlabel("offered QPS (Poisson)")
+        ax.set_ylabel("p99 ms (VALID runs)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    path = out_dir / PLOT_DIR / f"load-p99-{_slug(machine)}.png"
+    return _save(plt, fig, f"Server p99 vs offered QPS — {machine}", path)
+
+
+def _bars(plt, labels: list[str], values: list[float | None], ylabel: str, title: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 2), 3.8))
+    ax.bar(range(len(labels)), [v or 0 for v in values], color=["C0" if v else "lightgrey" for v in values])
+    for i, v in enumerate(values):
+        ax.text(i, v or 0, f"{v:.0f}" if v else "none VALID", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(plt, fig, title, path)
+
+
+def plot_max_qps(machine: str, records: list[LoadRecord], out_dir: Path) -> Path:
+    records = sorted(records, key=lambda r: (r.preset, r.fusion, r.backend, r.max_batch))
+    return _bars(_plt(), [f"{r.fusion} {_label(r)} p99≤{r.p99_target_ms:g}ms" for r in records],
+                 [r.max_qps for r in records], "max VALID QPS", f"max VALID Server QPS — {machine}",
+                 out_dir / PLOT_DIR / f"load-max-qps-{_slug(machine)}.png")
+
+
+def plot_offline(machine: str, records: list[LoadRecord], out_dir: Path) -> Path:
+    records = sorted(records, key=lambda r: (r.preset, r.fusion, r.backend, r.max_batch))
+    path = out_dir / PLOT_DIR / f"load-offline-{_slug(machine)}.png"
+    return _bars(_plt(), [f"{r.fusion} {_label(r)}" for r in records], [r.runs[0].samples_per_s for r in records],
+                 "samples/s", f"Offline samples/s — {machine}", path)

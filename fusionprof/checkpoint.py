@@ -13,6 +13,7 @@ reading a checkpoint must not pull in the loop, TensorBoard or DDP. The layout o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import torch
@@ -107,3 +108,13 @@ def find_checkpoint(models_dir: str | Path, preset: str, fusion: str) -> Path | 
         except Exception:  # a half-written or foreign file (torch, zip and pickle raise their own types)
             continue
     return None
+
+
+def checkpoint_hash(checkpoint: str | Path) -> str:
+    """A digest of the checkpoint file: an export records it, and an export whose checkpoint has changed since
+    (retrained, resumed, replaced) is never reused as if it were the checkpoint's."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(checkpoint, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -168,8 +168,9 @@ def evaluate(checkpoint, split, data, device, batch_size, precision, as_json):
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True)
 @click.option("--fmt", type=click.Choice(export_formats()), default="onnx", show_default=True,
               help="What to export: the artifact a registered backend loads.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16 writes an fp16 graph (what a strongly typed TensorRT needs).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="fp16 writes an fp16 graph (what a strongly typed TensorRT needs); pt2 packages hold their weights "
+                   "in fp32, bf16 or (on a GPU) fp16.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: beside the checkpoint].")
 @click.option("--device", default="cpu", show_default=True, help="Where the exported model is verified.")
@@ -177,7 +178,7 @@ def evaluate(checkpoint, split, data, device, batch_size, precision, as_json):
               help="Largest batch of the TensorRT optimization profile.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def export(checkpoint, fmt, precision, out, device, max_batch, quiet):
-    """Export a checkpoint to ONNX (or a TensorRT engine) and verify parity and accuracy."""
+    """Export a checkpoint (ONNX, a TensorRT engine, an AOTInductor .pt2) and verify parity and accuracy."""
     from fusionprof.export import export as run_export
 
     record = run_export(checkpoint, fmt, precision, out, device, max_batch, progress=not quiet, log=click.echo)
@@ -329,6 +330,8 @@ def env(as_json):
               help="Seconds each LoadGen run lasts at least.")
 @click.option("--min-queries", type=int, default=None, callback=positive,
               help="Queries each run issues at least [default: 1024 in server (what early stopping needs), else 100].")
+@click.option("--max-trials", type=int, default=8, show_default=True, callback=positive,
+              help="--find-max-qps: LoadGen runs at most.")
 @click.option("--accuracy", is_flag=True, help="LoadGen's accuracy mode, checked against the backend's accuracy.")
 @click.option("--models", "models_dir", default="models", show_default=True, help="Where checkpoints are looked for.")
 @click.option("--out", "profiles_dir", default="profiles", show_default=True, help="Results go to OUT/<host>/.")

@@ -1,11 +1,11 @@
 """``fusionprof compare``: the whole study end to end, resumable.
 
-On the CPU the latency stage leaves out the backends that compile code when loaded (``compiles``, e.g.
-``torch-compile``) unless ``--backends`` names them: compiling four models takes as long as the rest of the tiny
-study.
+On the CPU the study leaves out the backends that compile code when loaded or exported (``compiles``:
+``torch-compile``, ``aoti``) unless ``--backends`` names them: compiling four models takes as long as the rest of
+the tiny study. On a GPU it sweeps every backend, the launch-free ones (``torch-cudagraphs``, ``aoti``) included.
 
-Stages: train every registered fusion → export each to every format a registered backend loads, where that
-backend can run (ONNX everywhere, TensorRT on a CUDA machine with it) → latency sweep →
+Stages: train every registered fusion → export each to every format a swept backend loads, where that
+backend can run (ONNX everywhere, an AOTInductor package and a TensorRT engine on a GPU) → latency sweep →
 traces (a separate run) → report. Finished stages are recorded in ``profiles/compare-<preset>-<device>.json``
 (written atomically) and skipped on the next run; a killed training resumes from its last epoch.
 """
@@ -16,10 +16,11 @@ import json
 from pathlib import Path
 
 from fusionprof.atomic import write_json
-from fusionprof.backends import BACKENDS, backend_for_format, export_formats
+from fusionprof.backends import BACKENDS, Backend, backend_for_format, export_formats
 from fusionprof.checkpoint import checkpoint_path, metrics_path
 from fusionprof.config import model_config, train_config
-from fusionprof.export import export, record_name
+from fusionprof.errors import UserError
+from fusionprof.export import export
 from fusionprof.latency import SweepConfig, sweep, trace_inference
 from fusionprof.latency_output import table
 from fusionprof.measure import Protocol
@@ -57,25 +58,25 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
                     "test_accuracy": metrics["test"]["accuracy"], "train_seconds": metrics["train_seconds"]}
         accuracy[fusion] = stage(f"train {preset}-{fusion}", run_training)
 
-    check_devices = {fmt: export_check_device(fmt, device, log) for fmt in export_formats()}
+    check_devices = {fmt: export_check_device(fmt, device, log) for fmt in export_formats()
+                     if wanted(backend_for_format(fmt), device, backends)}
     for fusion in fusion_names():
         for fmt in [f for f, where in check_devices.items() if where]:
             checkpoint = checkpoint_path(models_dir, preset, fusion)
 
             def run_export(checkpoint=checkpoint, fmt=fmt):
                 record = export(checkpoint, fmt, "fp32", device=check_devices[fmt], progress=progress, log=log)
-                return {"record": str(checkpoint.parent / record_name(fmt, "fp32")), "status": record["status"]}
+                if record["status"] != "ok":  # a wrong artifact is never timed as if it were right
+                    raise UserError(f"the {fmt} export of {checkpoint} failed verification: see "
+                                    f"{record['record_path']}")
+                return {"record": record["record_path"], "status": record["status"]}
             stage(f"export {preset}-{fusion} {fmt}", run_export)
 
     sweep_cfg = SweepConfig(preset=preset, device=device, models_dir=models_dir, profiles_dir=profiles_dir,
                             protocol=protocol or Protocol())
     if batch_sizes:
         sweep_cfg.batch_sizes = batch_sizes
-    if backends:
-        sweep_cfg.backends = backends
-    elif not device.startswith("cuda"):
-        # inductor needs about a minute per model on a 2-core CPU: as long as the rest of the study together
-        sweep_cfg.backends = [b for b in sweep_cfg.backends if not BACKENDS.get(b).compiles]
+    sweep_cfg.backends = [b for b in sweep_cfg.backends if wanted(BACKENDS.get(b), device, backends)]
 
     def run_sweep():
         record = sweep(sweep_cfg, progress=progress, log=log)
@@ -93,6 +94,15 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
     for line in summary:
         log(line)
     return {"state": str(state_path), "report": report, "summary": summary}
+
+
+def wanted(backend: type[Backend], device: str, backends: list[str] | None) -> bool:
+    """Whether the study sweeps ``backend`` (and makes the export it loads): the ones named by ``--backends``, else
+    all of them, less those that compile code on the CPU (inductor needs a minute or two per model on a 2-core CPU:
+    as long as the rest of the tiny study together)."""
+    if backends:
+        return backend.registered_name in backends
+    return device.startswith("cuda") or not backend.compiles
 
 
 def export_check_device(fmt: str, device: str, log=print) -> str | None:

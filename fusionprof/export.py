@@ -1,9 +1,10 @@
-"""``fusionprof export``: ONNX (and TensorRT) artifacts that are checked before anyone times them.
+"""``fusionprof export``: ONNX, TensorRT and AOTInductor (``.pt2``) artifacts, checked before anyone times them.
 
 Every export is verified: parity against the PyTorch model on fresh random inputs at several batch sizes and
 sequence lengths (max absolute and relative error against stated tolerances), and ITM accuracy of the
 exported model on the test split beside the checkpoint's. A failed gate marks the artifact as failed in
-``export.json`` and exits non-zero; it is never reported as fine.
+``export.json`` and exits non-zero; it is never reported as fine. An artifact that cannot be built (an exporter
+error, an AOTInductor build that crashes its process) gets a failed record with the reason, too.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fusionprof.atomic import write_json
 from fusionprof.backends import Artifacts, backend_for_format
 from fusionprof.backends.base import INPUT_NAMES, OUTPUT_NAMES
 from fusionprof.backends.trt import build_engine, optimization_profile, tensorrt_status
-from fusionprof.checkpoint import load_model, with_run_tokenizer
+from fusionprof.checkpoint import checkpoint_hash, load_model, with_run_tokenizer
 from fusionprof.config import to_dict
 from fusionprof.data import prepare_data
 from fusionprof.data.text import build_tokenizer
@@ -34,34 +35,33 @@ from fusionprof.errors import UserError
 from fusionprof.evaluate import evaluate_split, to_inputs
 from fusionprof.metrics import itm_metrics, predict
 from fusionprof.models import FusionModel
-from fusionprof.models.model import example_inputs
+from fusionprof.models.model import InferenceGraph, example_inputs
+from fusionprof.pt2 import build_pt2, dynamic_shapes
 from fusionprof.runtime import resolve_device
 
-# |onnx - torch| <= atol + rtol * |torch|, per logit (numpy.allclose semantics).
-TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-3}, "fp16": {"atol": 2e-2, "rtol": 2e-2}}
+# |exported - torch fp32| <= atol + rtol * |torch fp32|, per logit (numpy.allclose semantics). bf16 keeps 8 bits of
+# mantissa to fp16's 11: its rounding is 8x coarser, its tolerance wider.
+TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-3}, "fp16": {"atol": 2e-2, "rtol": 2e-2},
+              "bf16": {"atol": 6e-2, "rtol": 6e-2}}
 # The exported model's test accuracy may differ from the checkpoint's by at most this (fraction of pairs):
 # logits within tolerance can still cross 0 for a pair or two that sit on the decision boundary.
-ACCURACY_TOLERANCE = {"fp32": 0.002, "fp16": 0.01}
+ACCURACY_TOLERANCE = {"fp32": 0.002, "fp16": 0.01, "bf16": 0.01}
 PARITY_SHAPES = [(1, 5), (3, 11), (8, None)]  # (batch, sequence length; None = the model's maximum)
-
-
-class InferenceGraph(nn.Module):
-    """The model with exactly the inputs and output an exported graph has."""
-
-    def __init__(self, model: FusionModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(images, input_ids, attention_mask)
 
 
 def onnx_name(precision: str) -> str:
     return "model.onnx" if precision == "fp32" else f"model.{precision}.onnx"
 
 
-def record_name(fmt: str, precision: str) -> str:
+def pt2_name(precision: str, device_type: str) -> str:
+    """An AOTInductor package is compiled for one device type: its name says which."""
+    return f"model.{device_type}.{precision}.pt2"
+
+
+def record_name(fmt: str, precision: str, device_type: str = "cpu") -> str:
     """The verification record written beside an artifact."""
+    if fmt == "pt2":
+        return f"export.pt2.{device_type}.{precision}.json"
     return "export.json" if (fmt, precision) == ("onnx", "fp32") else f"export.{fmt}.{precision}.json"
 
 
@@ -74,14 +74,13 @@ def export_onnx(model: FusionModel, path: Path, precision: str = "fp32", opset: 
     images, ids, mask = example_inputs(model.cfg, batch=2, seq_len=8)
     if precision == "fp16":
         graph, images = graph.half(), images.half()
-    batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=1, max=512)
-    dynamic = {"images": {0: batch}, "input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(graph, (images, ids, mask), dynamo=True, input_names=list(INPUT_NAMES),
-                                    output_names=list(OUTPUT_NAMES), dynamic_shapes=dynamic, opset_version=opset,
+                                    output_names=list(OUTPUT_NAMES), dynamic_shapes=dynamic_shapes(),
+                                    opset_version=opset,
                                     verbose=False)
     program.save(str(path), external_data=_weight_bytes(model) > 1.5 * 2**30)  # protobuf's 2 GB limit
     seconds = time.perf_counter() - start
@@ -124,11 +123,13 @@ def check_onnx(path: Path) -> dict[str, list]:
     return axes
 
 
-def parity(reference: FusionModel, backend, precision: str, seed: int = 0) -> dict:
-    """Max abs / rel error of the backend's logits against the eager fp32 model, per input shape."""
+def parity(reference: FusionModel, backend, precision: str, largest_batch: int = 8, seed: int = 0) -> dict:
+    """Max abs / rel error of the backend's logits against the eager fp32 model, per input shape: the fixed shapes,
+    and ``largest_batch`` (the largest batch that will be timed or evaluated) at full caption length."""
     tol = TOLERANCES[precision]
     rows, ok = [], True
-    for batch, seq in PARITY_SHAPES:
+    shapes = PARITY_SHAPES + ([(largest_batch, None)] if largest_batch > max(b for b, _ in PARITY_SHAPES) else [])
+    for batch, seq in shapes:
         seq = seq or reference.cfg.max_text_len
         images, ids, mask = example_inputs(reference.cfg, batch, seq)
         g = torch.Generator().manual_seed(seed + batch)
@@ -147,38 +148,63 @@ def parity(reference: FusionModel, backend, precision: str, seed: int = 0) -> di
 
 def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Path | None = None,
            device: str = "cpu", max_batch: int = 32, progress: bool = True, log=print) -> dict:
-    """Export a checkpoint, verify it, and write ``export.json`` beside the artifact; raise if a gate fails."""
+    """Export a checkpoint, verify it, and write its record beside the artifact; raise if the build or a gate
+    fails (the record then says failed, and why)."""
     verifier = backend_for_format(fmt)  # the backend that loads this format checks it; unknown formats fail here
     if fmt == "trt":
         ok, reason = tensorrt_status()
         if not ok:
             raise UserError(f"--fmt trt: {reason}")
         device = device if device.startswith("cuda") else "cuda:0"
+    torch_device = resolve_device(device)
+    if problem := verifier.precision_problem(precision, torch_device):
+        raise UserError(f"--fmt {fmt} --precision {precision}: {problem}")
     model, cfg = load_model(checkpoint)
     out = Path(out) if out else Path(checkpoint).parent
+    path = out / record_name(fmt, precision, torch_device.type)
     record = {"schema_version": SCHEMA_VERSION, "kind": "export", "checkpoint": str(checkpoint),
-              "fusion": model.cfg.fusion, "preset": cfg.preset, "format": fmt,
-              "onnx": export_onnx(model, out / onnx_name(precision), precision)}
+              "checkpoint_hash": checkpoint_hash(checkpoint), "fusion": model.cfg.fusion, "preset": cfg.preset,
+              "format": fmt, "precision": precision, "environment": fingerprint(), "model_config": to_dict(model.cfg)}
+    try:  # the accuracy gate runs at the training batch: a TensorRT profile must cover it too
+        artifacts = build_artifacts(fmt, model, out, precision, torch_device, max(max_batch, cfg.batch_size),
+                                    record, log)
+    except UserError as e:  # the artifact could not be built: a failed record with the reason, not a gap
+        write_json(path, {**record, "passed": False, "status": "failed", "failure": str(e)})
+        raise UserError(f"{e} (marked failed in {path})") from None
+    backend = verifier(artifacts, torch_device, precision)
+    record["backend"] = backend.describe()
+    record["parity"] = parity(model, backend, precision, largest_batch=max(max_batch, cfg.batch_size))
+    record["accuracy"] = _accuracy(model, cfg, backend, Path(checkpoint), precision, progress)
+    record["passed"] = record["parity"]["passed"] and record["accuracy"]["passed"]
+    record["status"] = "ok" if record["passed"] else "failed"
+    write_json(path, record)
+    record["record_path"] = str(path)
+    return record
+
+
+def profile_batches(max_batch: int) -> list[int]:
+    """The batch sizes a TensorRT profile is built over: powers of two up to ``max_batch``, and ``max_batch``."""
+    return sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch} | {max_batch})
+
+
+def build_artifacts(fmt: str, model: FusionModel, out: Path, precision: str, device: torch.device, max_batch: int,
+                    record: dict, log=print) -> Artifacts:
+    """Write the ``fmt`` artifact (and the ONNX a TensorRT engine is built from) into ``out``; what was written
+    goes into ``record``."""
+    if fmt == "pt2":
+        record["pt2"] = build_pt2(model, out / pt2_name(precision, device.type), precision, device)
+        log(f"built {record['pt2']['path']} ({record['pt2']['size_mib']:.1f} MiB, "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in record["pt2"]["seconds"].items()) + ")")
+        return Artifacts(model, pt2=Path(record["pt2"]["path"]))
+    record["onnx"] = export_onnx(model, out / onnx_name(precision), precision)
     log(f"exported {record['onnx']['path']} ({record['onnx']['size_mib']:.1f} MiB, "
         f"{record['onnx']['export_seconds']:.1f} s); axes {record['onnx']['axes']}")
     artifacts = Artifacts(model, onnx=out / onnx_name(precision))
     if fmt == "trt":
         artifacts.plan = out / ("model.plan" if precision == "fp32" else f"model.{precision}.plan")
-        profile = optimization_profile([b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch] or [1],
-                                       [1, model.cfg.max_text_len], model.cfg.image_size)
+        profile = optimization_profile(profile_batches(max_batch), [1, model.cfg.max_text_len], model.cfg.image_size)
         record["tensorrt"] = build_engine(artifacts.onnx, artifacts.plan, profile)
-    backend = verifier(artifacts, resolve_device(device), precision)
-    record["backend"] = backend.describe()
-    record["parity"] = parity(model, backend, precision)
-    record["accuracy"] = _accuracy(model, cfg, backend, Path(checkpoint), precision, progress)
-    record["passed"] = record["parity"]["passed"] and record["accuracy"]["passed"]
-    record["status"] = "ok" if record["passed"] else "failed"
-    record["environment"] = fingerprint()
-    record["model_config"] = to_dict(model.cfg)
-    name = record_name(fmt, precision)
-    write_json(out / name, record)
-    record["record_path"] = str(out / name)
-    return record
+    return artifacts
 
 
 def _accuracy(model, cfg, backend, checkpoint: Path, precision: str, progress: bool) -> dict:

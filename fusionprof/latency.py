@@ -26,16 +26,17 @@ import torch
 from tqdm import tqdm
 
 from fusionprof.backends import BACKENDS, EAGER, Artifacts, Backend, backend_names, create_backend
-from fusionprof.checkpoint import find_checkpoint, load_model
+from fusionprof.checkpoint import checkpoint_hash, find_checkpoint, load_model
 from fusionprof.config import model_config, to_dict
 from fusionprof.env import fingerprint
 from fusionprof.errors import UserError
-from fusionprof.export import export_onnx, onnx_name, parity, record_name
+from fusionprof.export import export_onnx, onnx_name, parity, pt2_name, record_name
 from fusionprof.latency_output import write_record
 from fusionprof.measure import Protocol, matmul_rate, peak_memory, sample_calls, sample_cuda_events
 from fusionprof.models import FusionModel, build_model, forward_flops, fusion_names
 from fusionprof.models.model import example_inputs
 from fusionprof.profiling import run_profiled, trace_dir
+from fusionprof.pt2 import build_pt2
 from fusionprof.records import DEVICE_TIMING, HOST_TIMING, PARITY_FAILED, LatencyRecord, LatencyRow, Timing
 from fusionprof.runtime import check_precision, resolve_device
 
@@ -59,8 +60,9 @@ class SweepConfig:
 
 
 def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> tuple[Artifacts, dict]:
-    """The model (trained if a checkpoint exists) and, when a chosen backend loads an exported graph, an ONNX
-    export: the checkpoint's own if its verification passed, else one written under ``work_dir``."""
+    """The model (trained if a checkpoint exists) and the exports the chosen backends load (ONNX, a ``.pt2``): the
+    checkpoint's own where their verification passed, else ones written under ``work_dir``. An export that cannot
+    be built here is left out, with the reason in ``Artifacts.failed``."""
     checkpoint = find_checkpoint(cfg.models_dir, cfg.preset, fusion)
     if checkpoint is not None:
         model, _ = load_model(checkpoint)
@@ -72,28 +74,45 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
         model = build_model(mcfg).eval()
         source = {"weights": "untrained (random init; latency does not depend on the weights)"}
     artifacts = Artifacts(model)
-    if _needs_graph(cfg):  # every exported artifact (ONNX, and the TensorRT plan built from it) starts as ONNX
-        onnx = checkpoint.parent / onnx_name(cfg.precision) if checkpoint else None
-        if not (onnx and onnx.exists() and _export_ok(checkpoint.parent, cfg.precision)):
-            onnx = work_dir / "onnx" / f"{cfg.preset}-{fusion}" / onnx_name(cfg.precision)
-        if not onnx.exists():
-            log(f"exporting {cfg.preset}/{fusion} to {onnx}")
-            export_onnx(model, onnx, cfg.precision)
-        artifacts.onnx = onnx
+    device = resolve_device(cfg.device)
+    for fmt in _exports_needed(cfg, device):
+        name = pt2_name(cfg.precision, device.type) if fmt == "pt2" else onnx_name(cfg.precision)
+        path = checkpoint.parent / name if checkpoint else None
+        if not (path and path.exists() and _export_ok(checkpoint, fmt, cfg.precision, device.type)):
+            path = work_dir / fmt / f"{cfg.preset}-{fusion}" / name
+        if not path.exists():
+            log(f"exporting {cfg.preset}/{fusion} to {path}")
+            try:
+                _export(fmt, model, path, cfg.precision, device)
+            except UserError as e:  # e.g. an AOTInductor build that crashed its process: that backend's rows say so
+                artifacts.failed[fmt] = str(e)
+                continue
+        setattr(artifacts, fmt, path)
     return artifacts, source
 
 
-def _needs_graph(cfg: SweepConfig) -> bool:
-    """Some chosen backend loads an exported artifact and runs the sweep's precision on its device."""
-    device = resolve_device(cfg.device)
-    return any(BACKENDS.get(name).artifact and not BACKENDS.get(name).precision_problem(cfg.precision, device)
-               for name in cfg.backends)
+def _export(fmt: str, model: FusionModel, path: Path, precision: str, device: torch.device) -> None:
+    if fmt == "pt2":
+        build_pt2(model, path, precision, device)
+    else:
+        export_onnx(model, path, precision)
 
 
-def _export_ok(folder: Path, precision: str) -> bool:
-    """A checkpoint's own export is reused only if its verification passed."""
-    record = folder / record_name("onnx", precision)
-    return record.exists() and json.loads(record.read_text()).get("status") == "ok"
+def _exports_needed(cfg: SweepConfig, device: torch.device) -> set[str]:
+    """The exports the chosen backends load, where they run the sweep's precision on its device. A TensorRT plan
+    is built from the ONNX."""
+    loaded = {BACKENDS.get(name).artifact for name in cfg.backends
+              if not BACKENDS.get(name).precision_problem(cfg.precision, device)}
+    return {"onnx" if artifact == "plan" else artifact for artifact in loaded if artifact}
+
+
+def _export_ok(checkpoint: Path, fmt: str, precision: str, device_type: str) -> bool:
+    """A checkpoint's own export is reused only if its verification passed, for this very checkpoint."""
+    path = checkpoint.parent / record_name(fmt, precision, device_type)
+    if not path.exists():
+        return False
+    record = json.loads(path.read_text())
+    return record.get("status") == "ok" and record.get("checkpoint_hash") == checkpoint_hash(checkpoint)
 
 
 # --------------------------------------------------------------------------- scenario: what to call, how often
@@ -122,7 +141,8 @@ def measure_backend(name: str, artifacts: Artifacts, device: torch.device, cfg: 
     start = time.perf_counter()
     backend.run(*inputs)  # host logits: the call has finished when it returns
     first_call_ms = (time.perf_counter() - start) * 1e3
-    passed = parity(artifacts.model, backend, "fp16" if cfg.precision != "fp32" else "fp32")["passed"]
+    # tolerances stated per precision; the largest batch timed is among the shapes checked
+    passed = parity(artifacts.model, backend, cfg.precision, largest_batch=max(cfg.batch_sizes))["passed"]
     for batch_size in cfg.batch_sizes:
         host, device_resident, peak = measure_cell(backend, artifacts.model, batch_size, cell.seq_len, cfg.protocol)
         row = LatencyRow(cell.fusion, name, "ok" if passed else PARITY_FAILED, batch_size, host, device_resident,
@@ -187,8 +207,9 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> LatencyRecord:
         cell = Cell(fusion, seq_len, forward_flops(artifacts.model, seq_len)["total"], reference["gflops"], source)
         for name in cfg.backends:
             reason = _not_runnable(name, device, cfg.precision)
-            if reason:
-                rows.append(LatencyRow(fusion, name, f"unavailable: {reason}"))
+            failure = artifacts.failed.get(BACKENDS.get(name).artifact)
+            if reason or failure:
+                rows.append(LatencyRow(fusion, name, f"unavailable: {reason}" if reason else f"failed: {failure}"))
                 bar.update(len(cfg.batch_sizes))
                 continue
             for row in measure_backend(name, artifacts, device, cfg, cell):

@@ -177,12 +177,22 @@ def export_section(rec: Records) -> list[tuple]:
                                "checkpoint.pt`.")]
     header = ["machine", "fusion", "format", "precision", "status", "max abs error", "checkpoint acc",
               "exported acc", "size (MiB)", "export (s)"]
-    rows = [[machine_name(r["environment"]), r["fusion"], r["format"], r["onnx"]["precision"], r["status"],
-             f"{max(s['max_abs_error'] for s in r['parity']['shapes']):.1e}",
-             f"{r['accuracy']['checkpoint_accuracy']:.2%}", f"{r['accuracy']['exported_accuracy']:.2%}",
-             _fmt(r["onnx"]["size_mib"], 1), _fmt(r["onnx"]["export_seconds"], 1)]
-            for r in sorted(rec.export, key=lambda r: (r["fusion"], r["format"]))]
+    rows = [_export_row(r) for r in sorted(rec.export, key=lambda r: (r["fusion"], r["format"]))]
     return blocks + [("table", header, rows)]
+
+
+def _export_row(r: dict) -> list:
+    """One export record as a table row; a build that failed shows its reason in place of the gates' figures."""
+    built = r.get("pt2") or r.get("onnx") or {}
+    seconds = sum(built["seconds"].values()) if "seconds" in built else built.get("export_seconds")
+    precision = r.get("precision") or built.get("precision")  # records before the field name it in their artifact
+    if "failure" in r:
+        return [machine_name(r["environment"]), r["fusion"], r["format"], precision, f"failed: {r['failure']}",
+                "–", "–", "–", "–", "–"]
+    return [machine_name(r["environment"]), r["fusion"], r["format"], precision, r["status"],
+            f"{max(s['max_abs_error'] for s in r['parity']['shapes']):.1e}",
+            f"{r['accuracy']['checkpoint_accuracy']:.2%}", f"{r['accuracy']['exported_accuracy']:.2%}",
+            _fmt(built.get("size_mib"), 1), _fmt(seconds, 1)]
 
 
 def _latency_rows(rec: Records) -> dict[str, list[SweepCell]]:

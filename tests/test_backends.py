@@ -11,6 +11,7 @@ from fusionprof.errors import UserError
 from fusionprof.export import TOLERANCES, export_onnx
 from fusionprof.models import build_model, fusion_names
 from fusionprof.models.model import example_inputs
+from fusionprof.pt2 import build_pt2
 from fusionprof.runtime import PRECISIONS
 
 CPU = torch.device("cpu")
@@ -53,7 +54,7 @@ def test_every_backend_describes_itself(name):
 def test_exported_graphs_run_in_their_own_precision_and_autocast_has_no_cpu_fp16():
     for name in backend_names():
         backend = BACKENDS.get(name)
-        if backend.artifact:  # an ONNX / TensorRT graph is fp32 or fp16 as exported: never bf16
+        if backend.artifact in ("onnx", "plan"):  # an ONNX / TensorRT graph is fp32 or fp16 as exported: never bf16
             assert all("bf16" not in p for p in backend.precisions.values())
         elif "cpu" in backend.precisions:
             assert backend.precision_problem("fp16", CPU) is not None
@@ -68,19 +69,41 @@ def test_each_export_format_has_the_backend_that_loads_it():
 
 
 def test_a_graph_backend_refuses_bf16_in_one_line(artifacts):
-    graph_backends = [n for n in backend_names() if BACKENDS.get(n).artifact and BACKENDS.get(n).available(CPU)[0]]
+    graph_backends = [n for n in backend_names() if BACKENDS.get(n).artifact in ("onnx", "plan")
+                      and BACKENDS.get(n).available(CPU)[0]]
     for name in graph_backends:
         with pytest.raises(UserError, match=f"^{name} runs fp32 or fp16 on cpu, not bf16$"):
             create_backend(name, artifacts["early"], CPU, "bf16")
 
 
-@pytest.mark.parametrize("name", backend_names())
-@pytest.mark.parametrize("fusion", fusion_names())
-def test_backend_matches_eager(name, fusion, artifacts):
+@pytest.fixture(scope="module")
+def compiled_export(artifacts, tmp_path_factory):
+    """An AOTInductor package of one fusion's model, built on first use (about a minute on 2 cores)."""
+    built = {}
+
+    def get(fusion: str) -> Artifacts:
+        if fusion not in built:
+            path = tmp_path_factory.mktemp(f"{fusion}-pt2") / "model.cpu.fp32.pt2"
+            build_pt2(artifacts[fusion].model, path, "fp32", CPU)
+            built[fusion] = Artifacts(artifacts[fusion].model, pt2=path)
+        return built[fusion]
+    return get
+
+
+def backend_cases():
+    """Every backend on every fusion, except that a backend whose artifact is compiled ahead of time (a minute or
+    two per model here) is checked on mid, the fusion with the most kinds of op (cross-attention, 2-D positions)."""
+    for name in backend_names():
+        ahead_of_time = BACKENDS.get(name).artifact and BACKENDS.get(name).compiles
+        yield from ((name, fusion) for fusion in fusion_names() if not ahead_of_time or fusion == "mid")
+
+
+@pytest.mark.parametrize("name,fusion", list(backend_cases()))
+def test_backend_matches_eager(name, fusion, artifacts, compiled_export):
     ok, reason = BACKENDS.get(name).available(CPU)
     if not ok:
         pytest.skip(f"{name} unavailable here: {reason}")
-    art = artifacts[fusion]
+    art = compiled_export(fusion) if BACKENDS.get(name).artifact == "pt2" else artifacts[fusion]
     backend = create_backend(name, art, CPU)
     tol = TOLERANCES["fp32"]
     for batch in (1, 3, 8):  # three batch sizes through one artifact: the batch axis is dynamic
@@ -136,3 +159,17 @@ def test_tensorrt_profile_covers_every_shape():
     assert optimization_profile([4], [16], 224)["images"] == ((4, 3, 224, 224),) * 3
     with pytest.raises(UserError, match="at least 1"):
         optimization_profile([0, 4], [16], 224)
+
+
+def test_a_tensorrt_profile_covers_the_evaluation_batch():
+    """The accuracy gate evaluates at the training batch (64 on tiny), above the default --max-batch 32."""
+    from fusionprof.backends.trt import optimization_profile
+    from fusionprof.config import train_config
+    from fusionprof.export import profile_batches
+
+    eval_batch = train_config("tiny").batch_size
+    batches = profile_batches(max(32, eval_batch))
+    assert batches[-1] == eval_batch == 64 and batches[0] == 1
+    assert profile_batches(48) == [1, 2, 4, 8, 16, 32, 48]  # not a power of two: still the largest
+    smallest, _, largest = optimization_profile(batches, [1, 24], 64)["images"]
+    assert smallest[0] == 1 and largest[0] == eval_batch

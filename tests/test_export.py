@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 import fusionprof.export
-from fusionprof.checkpoint import load_checkpoint
+from fusionprof.checkpoint import checkpoint_hash, load_checkpoint
 from fusionprof.cli import cli
 from fusionprof.config import model_config, train_config
 from fusionprof.train import train
@@ -35,7 +35,8 @@ def test_export_onnx_verifies_parity_and_accuracy(checkpoint, tmp_path):
     record = json.loads((tmp_path / "export.json").read_text())
     assert record["status"] == "ok" and record["passed"] and (tmp_path / "model.onnx").exists()
     assert record["onnx"]["axes"]["input_ids"] == ["batch", "sequence"]
-    assert [r["batch"] for r in record["parity"]["shapes"]] == [1, 3, 8]
+    assert [r["batch"] for r in record["parity"]["shapes"]] == [1, 3, 8, 32]  # and the largest batch to be timed
+    assert record["checkpoint_hash"] == checkpoint_hash(path) and record["precision"] == "fp32"
     assert all(r["max_abs_error"] < 1e-4 for r in record["parity"]["shapes"])
     acc = record["accuracy"]
     assert acc["pairs"] == 64 and acc["checkpoint_accuracy"] == pytest.approx(metrics["test"]["accuracy"])
@@ -70,3 +71,39 @@ def test_a_checkpoint_whose_weights_are_another_fusion(checkpoint, tmp_path):
     code, out = export_cli("--checkpoint", tmp_path / "checkpoint.pt")
     assert code == 1 and "its weights do not fit the mid model its config describes" in out
     assert len(out.strip().splitlines()) == 1 and "Traceback" not in out
+
+
+def test_pt2_export_is_verified_and_the_sweep_runs_it_without_rebuilding(checkpoint, tmp_path):
+    """`export --fmt pt2` into the run's folder; then `latency` times that very package beside eager torch."""
+    path, metrics = checkpoint
+    code, out = export_cli("--checkpoint", path, "--fmt", "pt2")
+    assert code == 0, out
+    record = json.loads((path.parent / "export.pt2.cpu.fp32.json").read_text())
+    assert record["status"] == "ok" and record["format"] == "pt2" and record["checkpoint_hash"] == checkpoint_hash(path)
+    assert record["pt2"]["path"] == str(path.parent / "model.cpu.fp32.pt2") and record["pt2"]["seconds"]["compile"] > 0
+    assert record["backend"]["backend"] == "aoti" and all(r["within"] for r in record["parity"]["shapes"])
+    assert record["accuracy"]["checkpoint_accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    result = CliRunner().invoke(cli, ["latency", "--fusion", "bottleneck", "--backends", "torch,aoti",
+                                      "--batch-sizes", "1,8", "--models", str(path.parent.parent),
+                                      "--out", str(tmp_path), "--quiet", "--min-seconds", "0.05", "--min-calls", "5",
+                                      "--warmup-seconds", "0", "--warmup-calls", "1"])
+    assert result.exit_code == 0, result.output
+    assert "exporting" not in result.output  # the verified package of this checkpoint, not a new build
+    [sweep] = tmp_path.glob("*/latency-tiny-cpu-fp32-*.json")
+    rows = json.loads(sweep.read_text())["rows"]
+    assert {(r["backend"], r["batch_size"], r["status"]) for r in rows} == {
+        (b, n, "ok") for b in ("torch", "aoti") for n in (1, 8)}
+    assert {r["backend_info"]["package"] for r in rows if r["backend"] == "aoti"} == {record["pt2"]["path"]}
+
+
+def test_an_export_of_another_checkpoint_is_not_reused(checkpoint, tmp_path):
+    """The sweep reuses a run's export only while its record's checkpoint hash is the checkpoint's."""
+    from fusionprof.latency import _export_ok
+
+    copy = tmp_path / "checkpoint.pt"
+    copy.write_bytes(checkpoint[0].read_bytes())
+    (tmp_path / "export.json").write_text(json.dumps({"status": "ok", "checkpoint_hash": checkpoint_hash(copy)}))
+    assert _export_ok(copy, "onnx", "fp32", "cpu")
+    copy.write_bytes(copy.read_bytes() + b"retrained")  # the run went on after its export
+    assert not _export_ok(copy, "onnx", "fp32", "cpu")
+

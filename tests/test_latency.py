@@ -52,8 +52,9 @@ def test_latency_sweep_writes_self_describing_records(tmp_path):
         assert r["share_of_matmul_rate"] == pytest.approx(r["achieved_gflops"] / record["reference_matmul"]["gflops"])
         assert r["parity_passed"] and r["model"]["weights"].startswith("untrained")
         assert r["first_call_batch_size"] == 1 and r["load_seconds"] > 0 and "copy" in r["timing"]
-        if r["batch_size"] == 1:  # the fresh backend's first call (buffers allocated) is no faster than a warm one
-            assert r["first_call_of_fresh_backend_ms"] >= r["min_ms"]
+    for fusion, backend in {(r["fusion"], r["backend"]) for r in ok}:  # one first call per fresh backend, timed once
+        assert len({r["first_call_of_fresh_backend_ms"] for r in ok if (r["fusion"], r["backend"]) == (fusion, backend)
+                    }) == 1
     [trt] = [r for r in record["rows"] if r["backend"] == "tensorrt" and r["fusion"] == "early"]
     assert trt["status"].startswith("unavailable: TensorRT runs on CUDA devices only")
     assert "unavailable: TensorRT" in out and "p50 ms" in out

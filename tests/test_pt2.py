@@ -21,3 +21,4 @@ def test_a_build_past_its_time_limit_is_a_one_line_error(tmp_path):
                                         r"SIGKILL after 1 s"):
         build_pt2(model, tmp_path / "model.pt2", "fp32", torch.device("cpu"), timeout_s=1)
     assert not (tmp_path / "model.pt2").exists()
+

@@ -13,7 +13,7 @@ device type), ``label`` (its name in tables) and ``compiles`` (it builds code at
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ AUTOCAST_PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16")
 GRAPH_PRECISIONS = {"cpu": ("fp32", "fp16"), "cuda": ("fp32", "fp16")}
 EAGER = "torch"  # the model as trained, through PyTorch: the backend profiler traces are taken of
 # What `fusionprof export --fmt` calls the artifact a backend loads (the artifact is also ``Artifacts``' field).
-EXPORT_FORMATS = {"onnx": "onnx", "trt": "plan"}
+EXPORT_FORMATS = {"onnx": "onnx", "trt": "plan", "pt2": "pt2"}
 
 
 @dataclass
@@ -42,14 +42,16 @@ class Artifacts:
     model: FusionModel  # eval mode, on the CPU
     onnx: Path | None = None
     plan: Path | None = None
+    pt2: Path | None = None  # an AOTInductor package, for one device type and precision
+    failed: dict[str, str] = field(default_factory=dict)  # artifact → why it could not be built here
 
 
 class Backend(ABC):
     registered_name: str
     label: str  # its name in tables
-    artifact: str | None = None  # the ``Artifacts`` field it loads besides the model: None, "onnx" or "plan"
+    artifact: str | None = None  # the ``Artifacts`` field it loads besides the model: None, "onnx", "plan", "pt2"
     precisions: dict[str, tuple[str, ...]] = AUTOCAST_PRECISIONS  # device type → the precisions it runs there
-    compiles: bool = False  # builds code when loaded (minutes per model on a 2-core CPU)
+    compiles: bool = False  # builds code when loaded or exported (minutes per model on a 2-core CPU)
 
     def __init__(self, artifacts: Artifacts, device: torch.device, precision: str):
         ok, reason = self.available(device)

@@ -99,8 +99,13 @@ class TensorRT(Backend):
             if self.engine is None:
                 raise UserError(f"{path}: not a TensorRT engine for this TensorRT version / GPU")
             self.context = self.engine.create_execution_context()
+        self.path = path
         self.stream = torch.cuda.Stream(device)
         self.dtypes = {name: _torch_dtype(self.engine.get_tensor_dtype(name)) for name in INPUT_NAMES + OUTPUT_NAMES}
+
+    def profile_range(self, name: str) -> str:
+        smallest, _, largest = self.engine.get_tensor_profile_shape(name, 0)
+        return f"{tuple(smallest)}–{tuple(largest)}"
 
     @classmethod
     def available(cls, device):
@@ -112,7 +117,10 @@ class TensorRT(Backend):
         inputs = [t.to(self.dtypes[n]).contiguous() for n, t in zip(INPUT_NAMES, (images, input_ids, attention_mask),
                                                                      strict=True)]
         for name, tensor in zip(INPUT_NAMES, inputs, strict=True):
-            self.context.set_input_shape(name, tuple(tensor.shape))
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):  # outside the optimization profile
+                raise UserError(f"{self.path}: input {name} of shape {tuple(tensor.shape)} is outside the engine's "
+                                f"optimization profile {self.profile_range(name)}: export it again with a larger "
+                                "--max-batch")
             self.context.set_tensor_address(name, tensor.data_ptr())
         logits = torch.empty(tuple(self.context.get_tensor_shape(OUTPUT_NAMES[0])), dtype=self.dtypes["logits"],
                              device=self.device)

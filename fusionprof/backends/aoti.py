@@ -1,0 +1,48 @@
+"""``aoti``: an AOTInductor package (``fusionprof export --fmt pt2``), run without the model's Python code.
+
+The package holds the graph compiled ahead of time for one device type and precision (weights cast to it), with
+dynamic batch and caption length; ``aoti_load_package`` loads it as a callable. It is PyTorch's own deployment path
+(no ONNX, no TensorRT), so it runs wherever PyTorch runs — the CPU included.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusionprof.backends.base import AUTOCAST_PRECISIONS, Backend, register_backend, require
+from fusionprof.errors import UserError
+from fusionprof.runtime import DTYPES
+
+
+@register_backend("aoti")
+class AOTInductor(Backend):
+    label = "AOTInductor (.pt2)"
+    artifact = "pt2"
+    precisions = AUTOCAST_PRECISIONS  # weights cast to the dtype at export: fp16 on a GPU only, like autocast
+    compiles = True  # its export compiles the model ahead of time: a minute or two per model on a 2-core CPU
+
+    def __init__(self, artifacts, device, precision):
+        super().__init__(artifacts, device, precision)
+        path = require(artifacts.pt2, "AOTInductor package", f"fusionprof export --fmt pt2 --precision {precision}")
+        self.dtype = DTYPES[precision]
+        try:
+            self.runner = torch._inductor.aoti_load_package(str(path), device_index=device.index or 0
+                                                            if device.type == "cuda" else -1)
+        except Exception as e:  # a package for another device, torch version or a truncated file
+            raise UserError(f"{path}: AOTInductor cannot load it ({str(e).strip().splitlines()[0][:200]})") from None
+        self.path = path
+
+    @classmethod
+    def available(cls, device):
+        try:
+            import torch._inductor  # noqa: F401  (the package's runtime)
+        except ImportError as e:
+            return False, f"torch inductor cannot be imported ({e})"
+        return True, ""
+
+    @torch.inference_mode()
+    def run_on_device(self, images, input_ids, attention_mask):
+        return self.runner(images.to(self.dtype), input_ids, attention_mask)
+
+    def describe(self):
+        return {**super().describe(), "package": str(self.path), "weights": f"cast to {self.precision}"}

@@ -32,7 +32,15 @@ from fusionprof.env import fingerprint
 from fusionprof.errors import UserError
 from fusionprof.export import export_onnx, onnx_name, parity, pt2_name, record_name
 from fusionprof.latency_output import write_record
-from fusionprof.measure import Protocol, matmul_rate, peak_memory, sample_calls, sample_cuda_events
+from fusionprof.measure import (
+    Protocol,
+    datasheet_tflops,
+    matmul_rate,
+    peak_memory,
+    sample_calls,
+    sample_cuda_events,
+    yardstick,
+)
 from fusionprof.models import FusionModel, build_model, forward_flops, fusion_names
 from fusionprof.models.model import example_inputs
 from fusionprof.profiling import run_profiled, trace_dir
@@ -125,7 +133,6 @@ class Cell:
     fusion: str
     seq_len: int
     flops_per_sample: float
-    matmul_gflops: float  # the sweep's yardstick
     model: dict  # which weights
 
 
@@ -149,7 +156,6 @@ def measure_backend(name: str, artifacts: Artifacts, device: torch.device, cfg: 
                          first_call_of_fresh_backend_ms=first_call_ms, first_call_batch_size=first_batch,
                          load_seconds=load_seconds, seq_len=cell.seq_len, flops_per_sample=cell.flops_per_sample,
                          parity_passed=passed, peak_memory=peak, model=cell.model, backend_info=backend.describe())
-        row.share_of_matmul_rate = row.achieved_gflops / cell.matmul_gflops
         yield row
 
 
@@ -195,16 +201,15 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> LatencyRecord:
         torch.set_num_threads(cfg.threads)
     env = fingerprint()
     out_dir = Path(cfg.profiles_dir) / env["host"]
-    reference = matmul_rate(device, cfg.precision)
-    log(f"reference: a {reference['n']}² {reference['dtype']} matmul on {device} runs at "
-        f"{reference['gflops']:.0f} GFLOP/s")
+    start = matmul_rate(device, cfg.precision)
+    log(f"yardstick: a {start['n']}² {start['dtype']} matmul on {device} runs at {start['gflops']:.0f} GFLOP/s")
     rows: list[LatencyRow] = []
     bar = tqdm(total=len(cfg.fusions) * len(cfg.backends) * len(cfg.batch_sizes), desc="latency",
                disable=not progress)
     for fusion in cfg.fusions:
         artifacts, source = load_artifacts(cfg, fusion, out_dir, log)
         seq_len = cfg.seq_len or artifacts.model.cfg.max_text_len
-        cell = Cell(fusion, seq_len, forward_flops(artifacts.model, seq_len)["total"], reference["gflops"], source)
+        cell = Cell(fusion, seq_len, forward_flops(artifacts.model, seq_len)["total"], source)
         for name in cfg.backends:
             reason = _not_runnable(name, device, cfg.precision)
             failure = artifacts.failed.get(BACKENDS.get(name).artifact)
@@ -217,11 +222,26 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> LatencyRecord:
                 rows.append(row)
                 bar.update(1)
     bar.close()
+    reference = yardstick(start, matmul_rate(device, cfg.precision))
+    log(f"yardstick at the end: {reference['end']['gflops']:.0f} GFLOP/s ({reference['drift']:+.1%} from the start)")
+    peak = datasheet_tflops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
+    rate_against(rows, reference["gflops"], peak)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     record = LatencyRecord(created=stamp, environment=env, config={**to_dict(cfg), "protocol": cfg.protocol.to_dict()},
                            reference_matmul=reference, rows=rows)
     write_record(record, out_dir / f"latency-{cfg.preset}-{device.type}-{cfg.precision}-{stamp}.json")
     return record
+
+
+def rate_against(rows: list[LatencyRow], yardstick_gflops: float, peak_tflops: float | None) -> None:
+    """Each timed row's achieved rate as a share of the yardstick and, on a known GPU in bf16 / fp16, of the
+    datasheet peak (MFU), from the device-resident p50 there (the GPU's own rate, no copies)."""
+    for row in rows:
+        if row.host is None:
+            continue
+        row.share_of_matmul_yardstick = row.achieved_gflops / yardstick_gflops
+        if peak_tflops:
+            row.mfu = (row.device_resident_gflops() or row.achieved_gflops) / (peak_tflops * 1e3)
 
 
 def trace_inference(cfg: SweepConfig, work_dir: Path) -> Path:

@@ -10,7 +10,8 @@ from fusionprof.measure import CV_WARNING, P99_MIN_SAMPLES
 from fusionprof.records import LatencyRecord, LatencyRow
 
 CSV_COLUMNS = ["fusion", "backend", "batch_size", "status", "parity_passed", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
-               "std_ms", "cv", "n", "throughput_samples_per_s", "achieved_gflops", "share_of_matmul_rate",
+               "std_ms", "cv", "n", "throughput_samples_per_s", "achieved_gflops", "share_of_matmul_yardstick",
+               "above_yardstick", "mfu",
                "first_call_of_fresh_backend_ms", "first_call_batch_size", "load_seconds", "cv_warning"]
 
 
@@ -41,7 +42,8 @@ def table(rows: list[LatencyRow]) -> list[str]:
             continue
         t = r.host
         p99 = "–" if t.p99_ms is None else f"{t.p99_ms:.2f}"
-        warn = (" !" if t.cv_warning else "") + ("" if r.ok else f" WRONG: {r.status}")
+        warn = (" !" if t.cv_warning else "") + (" ^" if r.above_yardstick else "") + (
+            "" if r.ok else f" WRONG: {r.status}")
         lines.append(f"{r.fusion:<11}{r.backend:<15}{r.batch_size:>4}{t.p50_ms:>10.2f}{t.p90_ms:>10.2f}{p99:>10}"
                      f"{t.cv:>7.1%}{r.throughput_samples_per_s:>11.1f}{r.achieved_gflops:>9.1f}{warn}")
     timed = [r for r in rows if r.host is not None]
@@ -50,6 +52,9 @@ def table(rows: list[LatencyRow]) -> list[str]:
                      "samples/s and GFLOP/s are from p50")
     if any(r.host.cv_warning for r in timed):
         lines.append(f"! CV above {CV_WARNING:.0%}: noisy measurement (another process, frequency scaling, thermal)")
+    if any(r.above_yardstick for r in timed):
+        lines.append("^ faster than the sweep's matmul yardstick (measured at its start and end): for that cell the "
+                     "yardstick is no peak")
     if any(not r.ok for r in timed):
         lines.append("WRONG: that backend's logits differ from the eager model's beyond tolerance; it was timed "
                      "and kept in the record, and is left out of every best, plot and Pareto front")

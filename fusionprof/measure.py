@@ -129,22 +129,44 @@ def summarize(samples_ms: list[float]) -> dict:
             "cv": std / mean if mean > 0 else math.nan, "min_ms": float(x.min()), "max_ms": float(x.max())}
 
 
-def matmul_rate(device, dtype_name: str = "fp32", n: int = 2048, protocol: Protocol | None = None) -> dict:
-    """This device's dense matmul rate (GFLOP/s) at ``dtype``: the yardstick for achieved FLOP/s, measured in the
-    same run as the latencies it is compared with."""
+# The yardstick's matmul side per device type: 8192² keeps a GPU's tensor cores busy (a 2048² bf16 matmul timed
+# from the host ran at 341 TFLOP/s on an H100, an 8192² one at 699); on a 2-core CPU 2048² already takes ~0.3 s.
+YARDSTICK_N = {"cpu": 2048, "cuda": 8192}
+BACK_TO_BACK = 10  # matmuls between two CUDA events: one sample, the launch gaps between them hidden by the queue
+
+
+def matmul_rate(device, dtype_name: str = "fp32", n: int | None = None, protocol: Protocol | None = None) -> dict:
+    """This device's dense matmul rate (GFLOP/s) at ``dtype``: what achieved FLOP/s are compared with, measured in
+    the same run. On CUDA, ``BACK_TO_BACK`` matmuls per CUDA-event sample; on the CPU, one per host-clock sample."""
     import torch
 
     from fusionprof.runtime import DTYPES, synchronize
 
+    n = n or YARDSTICK_N[device.type]
     dtype = DTYPES[dtype_name]
     if device.type == "cpu" and dtype == torch.float16:
         dtype_name, dtype = "fp32", torch.float32  # no fast fp16 GEMM on the CPU: compare against fp32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    samples = sample_calls(lambda: torch.mm(a, b), lambda: synchronize(device),
-                           protocol or Protocol(warmup_seconds=0.5, warmup_calls=3, min_seconds=1.0, min_calls=10))
-    stats = summarize(samples)
-    return {"n": n, "dtype": dtype_name, "p50_ms": stats["p50_ms"], "gflops": 2 * n**3 / (stats["p50_ms"] / 1e3) / 1e9}
+    a, b, c = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(3))
+    protocol = protocol or Protocol(warmup_seconds=0.5, warmup_calls=3, min_seconds=1.0, min_calls=10)
+    if device.type == "cuda":
+        def calls():
+            for _ in range(BACK_TO_BACK):
+                torch.mm(a, b, out=c)
+        samples = [ms / BACK_TO_BACK for ms in sample_cuda_events(calls, device, protocol)]
+        timing = f"CUDA events around {BACK_TO_BACK} back-to-back matmuls"
+    else:
+        samples = sample_calls(lambda: torch.mm(a, b, out=c), lambda: synchronize(device), protocol)
+        timing = "host clock, one matmul per sample"
+    p50 = summarize(samples)["p50_ms"]
+    return {"n": n, "dtype": dtype_name, "p50_ms": p50, "gflops": 2 * n**3 / (p50 / 1e3) / 1e9, "timing": timing}
+
+
+def yardstick(start: dict, end: dict) -> dict:
+    """The sweep's yardstick from the matmul rate measured at its start and at its end (a clock that drifted
+    between them shows as ``drift``): shares are of the faster of the two, the nearest thing to a peak we measure.
+    A model's share above 100 % says the yardstick is no peak (the model's kernels beat the plain matmul's)."""
+    return {"n": start["n"], "dtype": start["dtype"], "timing": start["timing"], "start": start, "end": end,
+            "gflops": max(start["gflops"], end["gflops"]), "drift": end["gflops"] / start["gflops"] - 1}
 
 
 # Dense bf16/fp16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), by the exact name

@@ -90,7 +90,8 @@ class LatencyRow:
     load_seconds: float | None = None
     seq_len: int | None = None
     flops_per_sample: float | None = None
-    share_of_matmul_rate: float | None = None  # achieved GFLOP/s (from p50) / the sweep's matmul yardstick
+    share_of_matmul_yardstick: float | None = None  # achieved GFLOP/s (from p50) / the sweep's matmul yardstick
+    mfu: float | None = None  # achieved / the datasheet's tensor-core peak: a known GPU in bf16 / fp16 only
     parity_passed: bool | None = None
     peak_memory: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)  # which weights: trained (and the checkpoint) or untrained
@@ -109,6 +110,17 @@ class LatencyRow:
     def achieved_gflops(self) -> float:
         return self.flops_per_sample * self.throughput_samples_per_s / 1e9
 
+    @property
+    def above_yardstick(self) -> bool:
+        """The model ran faster than the yardstick matmul: the yardstick is no peak here (flagged, not hidden)."""
+        return self.share_of_matmul_yardstick is not None and self.share_of_matmul_yardstick > 1
+
+    def device_resident_gflops(self) -> float | None:
+        """Achieved GFLOP/s of the device-resident p50 (no copies): what the GPU itself sustains."""
+        if self.device_resident is None:
+            return None
+        return self.flops_per_sample * self.batch_size / (self.device_resident.p50_ms / 1e3) / 1e9
+
     def to_dict(self) -> dict:
         head = {"fusion": self.fusion, "backend": self.backend, "batch_size": self.batch_size, "status": self.status}
         if self.host is None:
@@ -118,11 +130,14 @@ class LatencyRow:
         device_resident = rest.pop("device_resident")
         return {**head, "parity_passed": rest.pop("parity_passed"), **self.host.to_dict(),
                 "throughput_samples_per_s": self.throughput_samples_per_s, "achieved_gflops": self.achieved_gflops,
-                "cv_warning": self.host.cv_warning,
+                "cv_warning": self.host.cv_warning, "above_yardstick": self.above_yardstick,
+                **({"device_resident_gflops": self.device_resident_gflops()} if device_resident else {}),
                 **({"device_resident": device_resident.to_dict()} if device_resident else {}), **rest}
 
     @classmethod
     def from_dict(cls, d: dict) -> LatencyRow:
+        if "share_of_matmul_rate" in d:  # its name in records written before the yardstick was measured twice
+            d = {**d, "share_of_matmul_yardstick": d["share_of_matmul_rate"]}
         row = cls(**{k: v for k, v in _known(cls, d).items() if k not in ("host", "device_resident")})
         row.host = Timing.from_dict(d) if "n" in d else None
         row.device_resident = Timing.from_dict(d["device_resident"]) if d.get("device_resident") else None

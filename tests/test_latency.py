@@ -39,7 +39,9 @@ def test_latency_sweep_writes_self_describing_records(tmp_path):
     record = json.loads(path.read_text())
     assert record["schema_version"] == 1 and record["kind"] == "latency"
     assert record["environment"]["host"] == path.parent.name and record["config"]["protocol"]["min_calls"] == 5
-    assert record["reference_matmul"]["gflops"] > 0
+    yardstick = record["reference_matmul"]  # measured at the sweep's start and end; shares of the faster
+    assert yardstick["gflops"] == max(yardstick["start"]["gflops"], yardstick["end"]["gflops"]) > 0
+    assert yardstick["n"] == 2048 and yardstick["dtype"] == "fp32"
     ok = [r for r in record["rows"] if r["status"] == "ok"]
     assert {(r["fusion"], r["backend"], r["batch_size"]) for r in ok} == {
         (f, b, n) for f in ("early", "bottleneck") for b in ("torch", "onnxruntime") for n in (1, 3)}
@@ -49,7 +51,8 @@ def test_latency_sweep_writes_self_describing_records(tmp_path):
         assert r["p99_ms"] is None and "p99 needs at least 100 samples" in r["p99_note"]  # n < 100: no p99
         assert r["throughput_samples_per_s"] == pytest.approx(r["batch_size"] / (r["p50_ms"] / 1e3))  # from p50
         assert r["achieved_gflops"] == pytest.approx(r["flops_per_sample"] * r["throughput_samples_per_s"] / 1e9)
-        assert r["share_of_matmul_rate"] == pytest.approx(r["achieved_gflops"] / record["reference_matmul"]["gflops"])
+        assert r["share_of_matmul_yardstick"] == pytest.approx(r["achieved_gflops"] / yardstick["gflops"])
+        assert r["above_yardstick"] == (r["share_of_matmul_yardstick"] > 1) and r["mfu"] is None  # no MFU on a CPU
         assert r["parity_passed"] and r["model"]["weights"].startswith("untrained")
         assert r["first_call_batch_size"] == 1 and r["load_seconds"] > 0 and "copy" in r["timing"]
     for fusion, backend in {(r["fusion"], r["backend"]) for r in ok}:  # one first call per fresh backend, timed once

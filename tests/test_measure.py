@@ -93,3 +93,27 @@ def test_summary_statistics():
     assert s["std_ms"] == pytest.approx(np.std(samples, ddof=1)) and s["cv"] == pytest.approx(s["std_ms"] / 50.5)
     assert (s["min_ms"], s["max_ms"]) == (1.0, 100.0)
     assert summarize([2.0])["std_ms"] == 0.0
+
+
+def test_the_yardstick_is_the_faster_of_its_start_and_end():
+    from fusionprof.measure import yardstick
+
+    start = {"n": 2048, "dtype": "fp32", "timing": "host clock", "gflops": 100.0}
+    y = yardstick(start, {**start, "gflops": 90.0})
+    assert y["gflops"] == 100.0 and y["drift"] == pytest.approx(-0.10) and y["end"]["gflops"] == 90.0
+
+
+def test_a_cell_faster_than_the_yardstick_is_flagged():
+    from fusionprof.latency import rate_against
+    from fusionprof.latency_output import table
+    from fusionprof.records import HOST_TIMING, LatencyRow, Timing
+
+    row = LatencyRow("mid", "torch", "ok", 8, Timing.of([10.0] * 5, HOST_TIMING), flops_per_sample=2e9)
+    rate_against([row], yardstick_gflops=1000.0, peak_tflops=None)  # 8 × 2 GFLOP in 10 ms: 1600 GFLOP/s
+    assert row.share_of_matmul_yardstick == pytest.approx(1.6) and row.above_yardstick and row.mfu is None
+    assert row.to_dict()["above_yardstick"] is True
+    lines = table([row])
+    assert lines[1].endswith(" ^") and any(line.startswith("^ faster than the sweep's matmul yardstick")
+                                           for line in lines)
+    rate_against([row], yardstick_gflops=1000.0, peak_tflops=989.4)  # a known GPU in bf16: MFU of the datasheet
+    assert row.mfu == pytest.approx(1600 / 989_400)

@@ -1,0 +1,171 @@
+"""GPU inference at the hardware's pace: eager vs CUDA graphs vs AOTInductor, beside a bare CUDA-graph replay.
+
+    PYTHONPATH=. python3 benchmarks/gpu_inference.py [--preset seed] [--precision bf16] [--batch-sizes 1,8,32,128]
+        [--backends torch,torch-cudagraphs] [--aoti-fusions mid] [--compile-modes reduce-overhead,max-autotune]
+
+One process, so every figure shares the GPU's clocks and the same models:
+1. the latency sweep (``fusionprof.latency.sweep``, random init: latency does not depend on the weights) over
+   ``--backends`` for every fusion, and over ``aoti`` for ``--aoti-fusions`` (a seed-size ``.pt2`` build takes
+   minutes);
+2. the reference: each fusion's model cast to the precision's dtype, captured once per batch size with a bare
+   ``torch.cuda.CUDAGraph`` and replayed, timed with CUDA events like the sweep's device-resident p50;
+3. with ``--compile-modes``, ``torch.compile(mode=...)`` of ``--compile-fusion``'s model, timed the same way: which
+   implementation ``torch-cudagraphs`` should keep (eager kernels replayed, or inductor's).
+Then issue 14's checks, computed from those numbers: the best backend at the smallest batch against eager and
+against the bare replay, its TFLOP/s at the largest batch, its CV, and aoti against torch-cudagraphs. The record
+goes to ``profiles/<host>/gpu-inference-<preset>-<precision>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from fusionprof import SCHEMA_VERSION
+from fusionprof.atomic import write_json
+from fusionprof.config import model_config
+from fusionprof.env import fingerprint, machine_name
+from fusionprof.latency import SweepConfig, sweep
+from fusionprof.measure import Protocol, sample_cuda_events, summarize
+from fusionprof.models import build_model, forward_flops, fusion_names
+from fusionprof.models.model import example_inputs
+from fusionprof.runtime import DTYPES, resolve_device
+
+
+def random_model(preset: str, fusion: str):
+    cfg = model_config(preset, fusion=fusion, pretrained=False)
+    cfg.vocab_size = max(cfg.vocab_size, 1000)
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def timed_on_device(call, device, protocol: Protocol) -> dict:
+    return summarize(sample_cuda_events(call, device, protocol))
+
+
+def bare_replay(model, batch: int, seq_len: int, dtype, device, protocol: Protocol) -> dict:
+    """The model's own kernels captured once and replayed: what launch-free inference of this model costs."""
+    inputs = [t.to(device) for t in example_inputs(model.cfg, batch, seq_len)]
+    inputs[0] = inputs[0].to(dtype)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(3):
+            model(*inputs)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        model(*inputs)
+    return timed_on_device(graph.replay, device, protocol)
+
+
+def compiled_mode(model, mode: str, batch: int, seq_len: int, dtype, device, protocol: Protocol) -> dict:
+    inputs = [t.to(device) for t in example_inputs(model.cfg, batch, seq_len)]
+    inputs[0] = inputs[0].to(dtype)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, mode=mode)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        compiled(*inputs)
+        torch.cuda.synchronize(device)
+        compile_s = time.perf_counter() - start
+
+        def call():
+            torch.compiler.cudagraph_mark_step_begin()
+            compiled(*inputs)
+        return {**timed_on_device(call, device, protocol), "compile_seconds": compile_s}
+
+
+def checks(rows: list[dict], reference: dict, batch_sizes: list[int]) -> dict:
+    """Issue 14's targets, from the device-resident p50s of the record."""
+    ok = [r for r in rows if r["status"] == "ok" and r.get("device_resident")]
+    p50 = {(r["fusion"], r["backend"], r["batch_size"]): r["device_resident"]["p50_ms"] for r in ok}
+    smallest, largest = min(batch_sizes), max(batch_sizes)
+    out = {}
+    for fusion in sorted({r["fusion"] for r in ok}):
+        at = {b: {k[1]: v for k, v in p50.items() if k[0] == fusion and k[2] == b} for b in batch_sizes}
+        best = min((at[smallest].get(b, float("inf")), b) for b in at[smallest] if b != "torch")[1] \
+            if len(at[smallest]) > 1 else None
+        if best is None:
+            continue
+        row_large = next((r for r in ok if (r["fusion"], r["backend"], r["batch_size"]) == (fusion, best, largest)),
+                         None)
+        out[fusion] = {
+            "best_backend": best,
+            "eager_over_best_at_smallest": at[smallest].get("torch", float("nan")) / at[smallest][best],
+            "best_over_bare_replay_at_smallest": at[smallest][best] / reference[fusion][smallest]["p50_ms"],
+            "best_tflops_at_largest": row_large and row_large["device_resident_gflops"] / 1e3,
+            "best_cv_max": max(r["device_resident"]["cv"] for r in ok if (r["fusion"], r["backend"]) == (fusion, best)),
+            "aoti_over_cudagraphs": {b: at[b]["aoti"] / at[b]["torch-cudagraphs"] for b in batch_sizes
+                                     if "aoti" in at[b] and "torch-cudagraphs" in at[b]},
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="seed")
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--batch-sizes", default="1,8,32,128")
+    parser.add_argument("--backends", default="torch,torch-cudagraphs")
+    parser.add_argument("--aoti-fusions", default="mid", help="fusions also swept through aoti ('' for none)")
+    parser.add_argument("--compile-modes", default="", help="e.g. reduce-overhead,max-autotune")
+    parser.add_argument("--compile-fusion", default="mid")
+    parser.add_argument("--min-seconds", type=float, default=0.5)
+    parser.add_argument("--out", default="profiles")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    if device.type != "cuda":
+        parser.error("this benchmark measures a GPU: --device cuda:N")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    protocol = Protocol(warmup_seconds=0.3, min_seconds=args.min_seconds, min_calls=100)  # p99 from 100 samples
+    dtype, seq_len = DTYPES[args.precision], model_config(args.preset).max_text_len
+    common = dict(preset=args.preset, batch_sizes=batch_sizes, device=str(device), precision=args.precision,
+                  models_dir="/nonexistent", profiles_dir=args.out, protocol=protocol)
+    records = [sweep(SweepConfig(fusions=fusion_names(), backends=args.backends.split(","), **common), log=print)]
+    if args.aoti_fusions:
+        records.append(sweep(SweepConfig(fusions=args.aoti_fusions.split(","), backends=["aoti"], **common), log=print))
+    rows = [r.to_dict() for rec in records for r in rec.rows]
+    reference, compiled = {}, {}
+    for fusion in fusion_names():
+        model = random_model(args.preset, fusion).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        flops = forward_flops(model, seq_len)["total"]
+        reference[fusion] = {}
+        for b in batch_sizes:
+            r = bare_replay(model, b, seq_len, dtype, device, protocol)
+            reference[fusion][b] = {**r, "tflops": flops * b / (r["p50_ms"] / 1e3) / 1e12}
+            print(f"bare CUDA-graph replay {fusion} bs {b}: p50 {r['p50_ms']:.3f} ms, "
+                  f"{reference[fusion][b]['tflops']:.1f} TFLOP/s", flush=True)
+        if fusion == args.compile_fusion:
+            for mode in filter(None, args.compile_modes.split(",")):
+                compiled[mode] = {b: compiled_mode(model, mode, b, seq_len, dtype, device, protocol)
+                                  for b in (min(batch_sizes), 32)}
+                print(f"torch.compile mode={mode} {fusion}: " + ", ".join(
+                    f"bs {b} p50 {v['p50_ms']:.3f} ms (compile {v['compile_seconds']:.0f} s)"
+                    for b, v in compiled[mode].items()), flush=True)
+        del model
+    found = checks(rows, reference, batch_sizes)
+    for fusion, c in found.items():
+        print(f"{fusion}: best {c['best_backend']}: eager/best at bs {min(batch_sizes)} = "
+              f"{c['eager_over_best_at_smallest']:.1f}×, "
+              f"best/bare replay = {c['best_over_bare_replay_at_smallest']:.2f}, "
+              f"{c['best_tflops_at_largest'] or float('nan'):.0f} TFLOP/s at bs {max(batch_sizes)}, "
+              f"max CV {c['best_cv_max']:.1%}"
+              + "".join(f", aoti/cudagraphs bs {b} {v:.2f}" for b, v in c["aoti_over_cudagraphs"].items()))
+    env = fingerprint()
+    path = Path(args.out) / env["host"] / f"gpu-inference-{args.preset}-{args.precision}.json"
+    write_json(path, {"schema_version": SCHEMA_VERSION, "kind": "gpu_inference", "args": vars(args),
+                      "sweeps": [rec.path for rec in records], "bare_replay": reference, "compile_modes": compiled,
+                      "checks": found, "median_best_over_bare": statistics.median(
+                          c["best_over_bare_replay_at_smallest"] for c in found.values()) if found else None,
+                      "environment": env})
+    print(f"{machine_name(env)}: wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

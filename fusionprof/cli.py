@@ -32,6 +32,23 @@ class Group(click.Group):
             raise click.ClickException(str(e) if rank == 0 else f"[rank {rank}] {e}") from None
 
 
+class RegistryChoice(click.Choice):
+    """``click.Choice`` over a registry's names, read each time they are used: a fusion or backend registered after
+    this module was imported (a plugin, a test) is offered and accepted like the shipped ones."""
+
+    def __init__(self, names):
+        self._names = names
+        super().__init__([])
+
+    @property
+    def choices(self):
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value):  # click.Choice.__init__ assigns the static list; the registry is the source here
+        pass
+
+
 def positive(ctx, param, value):
     if value is not None and value < 1:
         raise click.BadParameter(f"must be at least 1, got {value}")
@@ -80,7 +97,7 @@ def data_synth(out, n_train, n_val, n_test, size, seed):
 
 
 @cli.command()
-@click.option("--fusion", type=click.Choice(fusion_names()), required=True, help="Fusion method.")
+@click.option("--fusion", type=RegistryChoice(fusion_names), required=True, help="Fusion method.")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True)
 @click.option("--data", type=click.Path(path_type=str), default=None,
               help="COCO folder or Karpathy dataset_coco.json [default: the embedded dataset].")
@@ -166,7 +183,7 @@ def evaluate(checkpoint, split, data, device, batch_size, precision, as_json):
 
 @cli.command()
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True)
-@click.option("--fmt", type=click.Choice(export_formats()), default="onnx", show_default=True,
+@click.option("--fmt", type=RegistryChoice(export_formats), default="onnx", show_default=True,
               help="What to export: the artifact a registered backend loads.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="fp16 writes an fp16 graph (what a strongly typed TensorRT needs); pt2 packages hold their weights "
@@ -332,6 +349,7 @@ def env(as_json):
               help="Queries each run issues at least [default: 1024 in server (what early stopping needs), else 100].")
 @click.option("--max-trials", type=int, default=8, show_default=True, callback=positive,
               help="--find-max-qps: LoadGen runs at most.")
+@click.option("--threads", type=int, default=None, callback=positive, help="torch / onnxruntime intra-op threads.")
 @click.option("--accuracy", is_flag=True, help="LoadGen's accuracy mode, checked against the backend's accuracy.")
 @click.option("--models", "models_dir", default="models", show_default=True, help="Where checkpoints are looked for.")
 @click.option("--out", "profiles_dir", default="profiles", show_default=True, help="Results go to OUT/<host>/.")

@@ -32,7 +32,7 @@ def run_cli(*args):
 
 
 def test_latency_sweep_writes_self_describing_records(tmp_path):
-    code, out = run_cli("latency", "--fusion", "early,bottleneck", "--backends", "torch,onnxruntime,tensorrt",
+    code, out = run_cli("latency", "--fusion", "early", "--backends", "torch,onnxruntime,tensorrt",
                         "--batch-sizes", "1,3", "--models", tmp_path / "none", "--out", tmp_path, "--quiet", *QUICK)
     assert code == 0, out
     [path] = list(tmp_path.glob("*/latency-tiny-cpu-fp32-*.json"))
@@ -44,7 +44,7 @@ def test_latency_sweep_writes_self_describing_records(tmp_path):
     assert yardstick["n"] == 2048 and yardstick["dtype"] == "fp32"
     ok = [r for r in record["rows"] if r["status"] == "ok"]
     assert {(r["fusion"], r["backend"], r["batch_size"]) for r in ok} == {
-        (f, b, n) for f in ("early", "bottleneck") for b in ("torch", "onnxruntime") for n in (1, 3)}
+        ("early", b, n) for b in ("torch", "onnxruntime") for n in (1, 3)}  # (many fusions: test_report's sweeps)
     for r in ok:
         assert len(r["samples_ms"]) == r["n"] >= 5
         assert r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["max_ms"]

@@ -68,6 +68,7 @@ class LoadConfig:
     min_duration_s: float = 10.0
     min_queries: int | None = None  # None: SERVER_MIN_QUERIES in Server (early stopping needs them), else 100
     max_trials: int = 8  # find-max: LoadGen runs at most
+    threads: int | None = None  # torch / onnxruntime intra-op threads (None: torch's default)
     accuracy: bool = False
     models_dir: str = "models"
     profiles_dir: str = "profiles"
@@ -222,8 +223,8 @@ def describe(run: LoadRun) -> str:
         return "INVALID (" + "; ".join(run.invalid_reasons or ["LoadGen gave no reason"]) + ")"
     batches = sum(run.batch_sizes.values())
     mean_batch = sum(k * v for k, v in run.batch_sizes.items()) / max(batches, 1)
-    return (f"VALID  p50 {run.p50_ms:.2f} ms  p99 {run.p99_ms:.2f} ms  {run.samples_per_s:.1f} samples/s  "
-            f"(mean batch {mean_batch:.2f})")
+    latency = "" if run.scenario == "offline" else f"p50 {run.p50_ms:.2f} ms  p99 {run.p99_ms:.2f} ms  "
+    return f"VALID  {latency}{run.samples_per_s:.1f} samples/s  (mean batch {mean_batch:.2f})"
 
 
 def accuracy_check(cfg: LoadConfig, sut: BatchingSUT, library: SampleLibrary, backend: Backend, tcfg: TrainConfig,
@@ -247,7 +248,8 @@ def accuracy_check(cfg: LoadConfig, sut: BatchingSUT, library: SampleLibrary, ba
 
 
 def trained_accuracy(source: dict, profiles_dir: str) -> float | None:
-    """The checkpoint's test accuracy as training recorded it (PyTorch, its training precision), if on disk."""
+    """The checkpoint's test accuracy as its training recorded it under ``profiles_dir`` (PyTorch, in the training
+    precision), if that record is still on disk."""
     if "checkpoint" not in source:
         return None
     path = metrics_path(profiles_dir, Path(source["checkpoint"]).parent.name)
@@ -262,6 +264,8 @@ def load(cfg: LoadConfig, progress: bool = True, log=print) -> LoadRecord:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     mode = "accuracy" if cfg.accuracy else cfg.scenario
     path = out_dir / f"load-{mode}-{cfg.preset}-{cfg.fusion}-{cfg.backend}-{cfg.precision}-{stamp}.json"
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     artifacts, source = load_artifacts(cfg, out_dir, log)
     backend = create_backend(cfg.backend, artifacts, device, cfg.precision)
     library, tcfg = test_library(cfg.preset, artifacts.model.cfg, source, progress)
@@ -278,7 +282,7 @@ def load(cfg: LoadConfig, progress: bool = True, log=print) -> LoadRecord:
         if cfg.accuracy:
             run, record.accuracy = accuracy_check(cfg, sut, library, backend, tcfg, cfg.max_batch / batch_s,
                                                   path.with_suffix(""))
-            record.accuracy["trained_test_accuracy"] = trained_accuracy(source, cfg.profiles_dir)
+            record.accuracy["trained_test_accuracy"] = trained_accuracy(source, tcfg.profiles_dir)
             record.runs = [run]
         else:
             record.runs, best = run_scenario(cfg, sut, library, batch_s, path.with_suffix(""), log)

@@ -119,6 +119,8 @@ def recommend(profiles_dir: str | Path, p99_ms: float, qps: float | None = None,
         candidates += latency_choices(records["latency"], p99_ms)
     if device:
         candidates = [c for c in candidates if c.device == _device(device)]
+    # one figure per choice: the newest record's (files are read in name order, and names end in their time stamp)
+    candidates = list({c.key(): c for c in candidates}.values())
     accuracy = {(r["preset"], r["fusion"]): (r["test"]["accuracy"], str(p)) for r, p in records["train"]
                 if r.get("test")}
     for c in candidates:

@@ -42,7 +42,9 @@ class AOTInductor(Backend):
 
     @torch.inference_mode()
     def run_on_device(self, images, input_ids, attention_mask):
-        return self.runner(images.to(self.dtype), input_ids, attention_mask)
+        # The package's kernels index memory as the export's example laid it out (contiguous NCHW) and check no
+        # strides: channels_last images, as evaluation batches are, would be read as garbage.
+        return self.runner(images.to(self.dtype).contiguous(), input_ids.contiguous(), attention_mask.contiguous())
 
     def describe(self):
         return {**super().describe(), "package": str(self.path), "weights": f"cast to {self.precision}"}

@@ -18,7 +18,7 @@ from fusionprof.config import PRESETS, model_config, train_config
 from fusionprof.distributed import launched_by_torchrun, process_rank
 from fusionprof.errors import UserError
 from fusionprof.models import fusion_names
-from fusionprof.runtime import PRECISIONS
+from fusionprof.runtime import INFERENCE_PRECISIONS, PRECISIONS
 
 
 class Group(click.Group):
@@ -185,9 +185,10 @@ def evaluate(checkpoint, split, data, device, batch_size, precision, as_json):
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True)
 @click.option("--fmt", type=RegistryChoice(export_formats), default="onnx", show_default=True,
               help="What to export: the artifact a registered backend loads.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-              help="fp16 writes an fp16 graph (what a strongly typed TensorRT needs); pt2 packages hold their weights "
-                   "in fp32, bf16 or (on a GPU) fp16.")
+@click.option("--precision", type=click.Choice(INFERENCE_PRECISIONS), default="fp32", show_default=True,
+              help="fp16 writes an fp16 graph (what a strongly typed TensorRT needs); int8 a statically quantized "
+                   "ONNX (calibrated on the validation split); pt2 packages hold their weights in fp32, bf16 or (on a "
+                   "GPU) fp16.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: beside the checkpoint].")
 @click.option("--device", default="cpu", show_default=True, help="Where the exported model is verified.")
@@ -233,7 +234,8 @@ def csv_list(kind=str):
                    "are reported and skipped.")
 @click.option("--batch-sizes", default="1,2,4,8,16,32", show_default=True, callback=csv_list(int))
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(INFERENCE_PRECISIONS), default="fp32", show_default=True,
+              help="int8: the quantized ONNX, for the backends that run it.")
 @click.option("--seq-len", type=int, default=None, callback=positive, help="Caption length [default: the preset's].")
 @click.option("--threads", type=int, default=None, callback=positive, help="torch / onnxruntime intra-op threads.")
 @click.option("--min-seconds", type=float, default=None, help="Minimum sampling time per cell.")

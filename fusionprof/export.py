@@ -13,8 +13,11 @@ import contextlib
 import copy
 import io
 import logging
+import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +40,19 @@ from fusionprof.metrics import itm_metrics, predict
 from fusionprof.models import FusionModel
 from fusionprof.models.model import InferenceGraph, example_inputs
 from fusionprof.pt2 import build_pt2, dynamic_shapes
+from fusionprof.quantize import Feeds, calibration_sample, quantize_onnx
 from fusionprof.runtime import resolve_device
 
 # |exported - torch fp32| <= atol + rtol * |torch fp32|, per logit (numpy.allclose semantics). bf16 keeps 8 bits of
-# mantissa to fp16's 11: its rounding is 8x coarser, its tolerance wider.
+# mantissa to fp16's 11: its rounding is 8x coarser, its tolerance wider. An int8 logit is not within any float
+# tolerance: its gate is the match decision (the logit's sign) agreeing with fp32's, and a bound on |Δ logit| (1.0
+# shifts a match probability near 0.5 by at most 0.23; parity's random images lie outside the calibration range, where
+# a trained tiny mid model's int8 logits moved by up to 0.6 while its test accuracy did not move).
 TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-3}, "fp16": {"atol": 2e-2, "rtol": 2e-2},
-              "bf16": {"atol": 6e-2, "rtol": 6e-2}}
-# The exported model's test accuracy may differ from the checkpoint's by at most this (fraction of pairs):
-# logits within tolerance can still cross 0 for a pair or two that sit on the decision boundary.
-ACCURACY_TOLERANCE = {"fp32": 0.002, "fp16": 0.01, "bf16": 0.01}
+              "bf16": {"atol": 6e-2, "rtol": 6e-2}, "int8": {"max_abs": 1.0, "decision_agreement": 0.9}}
+# The exported model's test accuracy may differ from the checkpoint's (fp32 for int8) by at most this (fraction of
+# pairs): logits within tolerance can still cross 0 for a pair or two that sit on the decision boundary.
+ACCURACY_TOLERANCE = {"fp32": 0.002, "fp16": 0.01, "bf16": 0.01, "int8": 0.01}
 PARITY_SHAPES = [(1, 5), (3, 11), (8, None)]  # (batch, sequence length; None = the model's maximum)
 
 
@@ -67,7 +74,7 @@ def record_name(fmt: str, precision: str, device_type: str = "cpu") -> str:
 
 def export_onnx(model: FusionModel, path: Path, precision: str = "fp32", opset: int = 18) -> dict:
     """Write ``path`` with dynamic batch and sequence axes, check it, and return what was written."""
-    if precision not in TOLERANCES:
+    if precision not in TOLERANCES or precision == "int8":  # int8 is quantized from this: export_int8_onnx
         raise UserError(f"--precision {precision}: ONNX export supports {', '.join(TOLERANCES)}")
     graph = InferenceGraph(copy.deepcopy(model)).eval()
     # Batch ≥ 2 and sequence ≥ 2 in the example, or the exporter specialises the axes to the example's sizes.
@@ -124,10 +131,11 @@ def check_onnx(path: Path) -> dict[str, list]:
 
 
 def parity(reference: FusionModel, backend, precision: str, largest_batch: int = 8, seed: int = 0) -> dict:
-    """Max abs / rel error of the backend's logits against the eager fp32 model, per input shape: the fixed shapes,
-    and ``largest_batch`` (the largest batch that will be timed or evaluated) at full caption length."""
+    """Max abs / rel error of the backend's logits against the eager fp32 model, and how often their match decisions
+    (the logit's sign) agree, per input shape: the fixed shapes, and ``largest_batch`` (the largest batch that will
+    be timed or evaluated) at full caption length."""
     tol = TOLERANCES[precision]
-    rows, ok = [], True
+    rows, ok, agree = [], True, []
     shapes = PARITY_SHAPES + ([(largest_batch, None)] if largest_batch > max(b for b, _ in PARITY_SHAPES) else [])
     for batch, seq in shapes:
         seq = seq or reference.cfg.max_text_len
@@ -139,11 +147,16 @@ def parity(reference: FusionModel, backend, precision: str, largest_batch: int =
             expected = reference(images, ids, mask).float().numpy()
         got = backend.run(images, ids, mask)
         diff = np.abs(got - expected)
-        within = bool(np.all(diff <= tol["atol"] + tol["rtol"] * np.abs(expected)))
+        bound = tol["max_abs"] if "max_abs" in tol else tol["atol"] + tol["rtol"] * np.abs(expected)
+        within = bool(np.all(diff <= bound))
         ok &= within
+        agree.append((got > 0) == (expected > 0))
         rows.append({"batch": batch, "seq_len": seq, "max_abs_error": float(diff.max()),
-                     "max_rel_error": float((diff / np.maximum(np.abs(expected), 1e-6)).max()), "within": within})
-    return {"tolerance": tol, "shapes": rows, "passed": ok}
+                     "max_rel_error": float((diff / np.maximum(np.abs(expected), 1e-6)).max()),
+                     "decision_agreement": float(agree[-1].mean()), "within": within})
+    agreement = float(np.concatenate(agree).mean())
+    ok &= agreement >= tol.get("decision_agreement", 0.0)
+    return {"tolerance": tol, "shapes": rows, "decision_agreement": agreement, "passed": ok}
 
 
 def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Path | None = None,
@@ -166,8 +179,9 @@ def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Pa
               "checkpoint_hash": checkpoint_hash(checkpoint), "fusion": model.cfg.fusion, "preset": cfg.preset,
               "format": fmt, "precision": precision, "environment": fingerprint(), "model_config": to_dict(model.cfg)}
     try:  # the accuracy gate runs at the training batch: a TensorRT profile must cover it too
+        calibration = checkpoint_calibration(checkpoint, model, cfg)
         artifacts = build_artifacts(fmt, model, out, precision, torch_device, max(max_batch, cfg.batch_size),
-                                    record, log)
+                                    record, log, calibration)
     except UserError as e:  # the artifact could not be built: a failed record with the reason, not a gap
         write_json(path, {**record, "passed": False, "status": "failed", "failure": str(e)})
         raise UserError(f"{e} (marked failed in {path})") from None
@@ -182,20 +196,36 @@ def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Pa
     return record
 
 
+def checkpoint_calibration(checkpoint: Path, model: FusionModel, cfg) -> Callable[[], tuple[list[Feeds], dict]]:
+    """The int8 calibration sample of a checkpoint: its own data's validation split, through its own tokenizer."""
+    model_cfg = with_run_tokenizer(model.cfg, Path(checkpoint).parent)
+    return partial(calibration_sample, model_cfg, cfg.data, cfg.seed, cfg.limit_eval)
+
+
 def profile_batches(max_batch: int) -> list[int]:
     """The batch sizes a TensorRT profile is built over: powers of two up to ``max_batch``, and ``max_batch``."""
     return sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch} | {max_batch})
 
 
 def build_artifacts(fmt: str, model: FusionModel, out: Path, precision: str, device: torch.device, max_batch: int,
-                    record: dict, log=print) -> Artifacts:
+                    record: dict, log=print, calibration: Callable[[], tuple[list[Feeds], dict]] | None = None
+                    ) -> Artifacts:
     """Write the ``fmt`` artifact (and the ONNX a TensorRT engine is built from) into ``out``; what was written
-    goes into ``record``."""
+    goes into ``record``. int8 needs ``calibration``: the validation sample the quantizer calibrates on."""
     if fmt == "pt2":
         record["pt2"] = build_pt2(model, out / pt2_name(precision, device.type), precision, device)
         log(f"built {record['pt2']['path']} ({record['pt2']['size_mib']:.1f} MiB, "
             + ", ".join(f"{k} {v:.1f} s" for k, v in record["pt2"]["seconds"].items()) + ")")
         return Artifacts(model, pt2=Path(record["pt2"]["path"]))
+    if precision == "int8":
+        if fmt != "onnx" or calibration is None:
+            raise UserError(f"--fmt {fmt} --precision int8: int8 is a quantized ONNX (--fmt onnx), from calibration "
+                            "data")
+        record["onnx"] = export_int8_onnx(model, out / onnx_name(precision), *calibration())
+        log(f"quantized {record['onnx']['path']} ({record['onnx']['size_mib']:.1f} MiB, calibrated on "
+            f"{record['onnx']['calibration']['pairs']} {record['onnx']['calibration']['split']} pairs); in int8: "
+            f"{record['onnx']['int8_ops']}")
+        return Artifacts(model, onnx=out / onnx_name(precision))
     record["onnx"] = export_onnx(model, out / onnx_name(precision), precision)
     log(f"exported {record['onnx']['path']} ({record['onnx']['size_mib']:.1f} MiB, "
         f"{record['onnx']['export_seconds']:.1f} s); axes {record['onnx']['axes']}")
@@ -207,6 +237,22 @@ def build_artifacts(fmt: str, model: FusionModel, out: Path, precision: str, dev
     return artifacts
 
 
+def export_int8_onnx(model: FusionModel, path: Path, calibration: list[Feeds], calibration_source: dict) -> dict:
+    """The int8 graph at ``path``: the fp32 ONNX, verified for parity (fp32 tolerances), then statically quantized
+    on the calibration sample; the record says what was quantized and what stayed in float."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = export_onnx(model, Path(tmp) / onnx_name("fp32"))
+        fp32 = backend_for_format("onnx")(Artifacts(model, onnx=Path(source["path"])), torch.device("cpu"), "fp32")
+        source_parity = parity(model, fp32, "fp32")
+        if not source_parity["passed"]:
+            raise UserError("the fp32 ONNX to quantize fails parity with the PyTorch model")
+        quantized = quantize_onnx(Path(source["path"]), path, calibration)
+    return {"path": str(path), "precision": "int8", "quantized_from": {"opset": source["opset"],
+            "export_seconds": source["export_seconds"], "size_mib": source["size_mib"], "parity": source_parity},
+            "calibration": calibration_source, **quantized, "size_mib": path.stat().st_size / 2**20,
+            "axes": check_onnx(path)}
+
+
 def _accuracy(model, cfg, backend, checkpoint: Path, precision: str, progress: bool) -> dict:
     tokenizer = build_tokenizer(with_run_tokenizer(model.cfg, checkpoint.parent))
     splits, _ = prepare_data(cfg.data, tokenizer, model.cfg.image_size, model.cfg.max_text_len, cfg.seed,
@@ -215,7 +261,9 @@ def _accuracy(model, cfg, backend, checkpoint: Path, precision: str, progress: b
     # the checkpoint in the export's precision, where the backend runs (fp16 autocast needs a GPU): the gate then
     # measures what exporting changed, not what the precision changed
     device = backend.device if backend.device.type == "cuda" else torch.device("cpu")
-    reference_precision = precision if precision != "fp16" or device.type == "cuda" else "fp32"
+    # (int8 is no autocast precision: the quantized graph is held against the fp32 checkpoint)
+    float_reference = precision == "int8" or (precision == "fp16" and device.type != "cuda")
+    reference_precision = "fp32" if float_reference else precision
     reference = evaluate_split(model.to(device), test, cfg.seed, cfg.batch_size, device, reference_precision)
     model.cpu()
     batches = test.batches(test.pairs(cfg.seed), cfg.batch_size)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +31,15 @@ from fusionprof.checkpoint import checkpoint_hash, find_checkpoint, load_model
 from fusionprof.config import model_config, to_dict
 from fusionprof.env import fingerprint
 from fusionprof.errors import UserError
-from fusionprof.export import export_onnx, onnx_name, parity, pt2_name, record_name
+from fusionprof.export import (
+    checkpoint_calibration,
+    export_int8_onnx,
+    export_onnx,
+    onnx_name,
+    parity,
+    pt2_name,
+    record_name,
+)
 from fusionprof.latency_output import write_record
 from fusionprof.measure import (
     Protocol,
@@ -45,8 +54,9 @@ from fusionprof.models import FusionModel, build_model, forward_flops, fusion_na
 from fusionprof.models.model import example_inputs
 from fusionprof.profiling import run_profiled, trace_dir
 from fusionprof.pt2 import build_pt2
+from fusionprof.quantize import calibration_sample
 from fusionprof.records import DEVICE_TIMING, HOST_TIMING, PARITY_FAILED, LatencyRecord, LatencyRow, Timing
-from fusionprof.runtime import check_precision, resolve_device
+from fusionprof.runtime import DTYPES, INFERENCE_PRECISIONS, check_precision, resolve_device
 
 
 @dataclass
@@ -73,14 +83,16 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
     be built here is left out, with the reason in ``Artifacts.failed``."""
     checkpoint = find_checkpoint(cfg.models_dir, cfg.preset, fusion)
     if checkpoint is not None:
-        model, _ = load_model(checkpoint)
+        model, train_cfg = load_model(checkpoint)
         source = {"weights": "trained", "checkpoint": str(checkpoint)}
+        calibration = checkpoint_calibration(checkpoint, model, train_cfg)
     else:
         torch.manual_seed(0)
         mcfg = model_config(cfg.preset, fusion=fusion, pretrained=False)
         mcfg.vocab_size = max(mcfg.vocab_size, 1000)
         model = build_model(mcfg).eval()
         source = {"weights": "untrained (random init; latency does not depend on the weights)"}
+        calibration = partial(calibration_sample, mcfg, None, 0)  # the embedded dataset's validation split
     artifacts = Artifacts(model)
     device = resolve_device(cfg.device)
     for fmt in _exports_needed(cfg, device):
@@ -91,7 +103,7 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
         if not path.exists():
             log(f"exporting {cfg.preset}/{fusion} to {path}")
             try:
-                _export(fmt, model, path, cfg.precision, device)
+                _export(fmt, model, path, cfg.precision, device, calibration)
             except UserError as e:  # e.g. an AOTInductor build that crashed its process: that backend's rows say so
                 artifacts.failed[fmt] = str(e)
                 continue
@@ -99,9 +111,11 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
     return artifacts, source
 
 
-def _export(fmt: str, model: FusionModel, path: Path, precision: str, device: torch.device) -> None:
+def _export(fmt: str, model: FusionModel, path: Path, precision: str, device: torch.device, calibration) -> None:
     if fmt == "pt2":
         build_pt2(model, path, precision, device)
+    elif precision == "int8":  # quantized on a validation sample: the checkpoint's data, else the embedded set's
+        export_int8_onnx(model, path, *calibration())
     else:
         export_onnx(model, path, precision)
 
@@ -187,7 +201,7 @@ def _not_runnable(name: str, device: torch.device, precision: str) -> str | None
 def _check(cfg: SweepConfig) -> torch.device:
     """Every option checked before any work: a bad one is a one-line error, not a failure an hour in."""
     device = resolve_device(cfg.device)
-    check_precision(cfg.precision, device)
+    check_precision(cfg.precision, device, INFERENCE_PRECISIONS)
     if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
         raise UserError("--batch-sizes must be whole numbers of at least 1")
     for name in cfg.backends:
@@ -201,7 +215,9 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> LatencyRecord:
         torch.set_num_threads(cfg.threads)
     env = fingerprint()
     out_dir = Path(cfg.profiles_dir) / env["host"]
-    start = matmul_rate(device, cfg.precision)
+    # int8 runs in exported graphs only, with no torch matmul of its own: its rows are rated against fp32's
+    matmul_dtype = cfg.precision if cfg.precision in DTYPES else "fp32"
+    start = matmul_rate(device, matmul_dtype)
     log(f"yardstick: a {start['n']}² {start['dtype']} matmul on {device} runs at {start['gflops']:.0f} GFLOP/s")
     rows: list[LatencyRow] = []
     bar = tqdm(total=len(cfg.fusions) * len(cfg.backends) * len(cfg.batch_sizes), desc="latency",
@@ -222,7 +238,7 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> LatencyRecord:
                 rows.append(row)
                 bar.update(1)
     bar.close()
-    reference = yardstick(start, matmul_rate(device, cfg.precision))
+    reference = yardstick(start, matmul_rate(device, matmul_dtype))
     log(f"yardstick at the end: {reference['end']['gflops']:.0f} GFLOP/s ({reference['drift']:+.1%} from the start)")
     peak = datasheet_tflops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
     rate_against(rows, reference["gflops"], peak)

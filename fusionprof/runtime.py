@@ -11,7 +11,9 @@ import torch
 
 from fusionprof.errors import UserError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16")  # what a model trains and evaluates in: autocast's
+# What a deployed model runs in: autocast's, and int8 (a graph quantized after training, see quantize.py).
+INFERENCE_PRECISIONS = (*PRECISIONS, "int8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -52,9 +54,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def check_precision(precision: str, device: torch.device) -> None:
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision {precision}: choose from {', '.join(PRECISIONS)}")
+def check_precision(precision: str, device: torch.device, choices: tuple[str, ...] = PRECISIONS) -> None:
+    if precision not in choices:
+        raise UserError(f"--precision {precision}: choose from {', '.join(choices)}")
     if precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
 

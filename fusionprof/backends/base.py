@@ -28,8 +28,10 @@ INPUT_NAMES = ("images", "input_ids", "attention_mask")
 OUTPUT_NAMES = ("logits",)
 # The torch backends run fp16 / bf16 through autocast, which has no fp16 on the CPU.
 AUTOCAST_PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16")}
-# An exported graph runs in the precision it was exported in: fp32 or fp16 (TensorRT's networks are strongly typed).
+# An exported graph runs in the precision it was exported in: fp32 or fp16 (TensorRT's networks are strongly typed),
+# or on a CPU int8 (a quantized graph, see quantize.py).
 GRAPH_PRECISIONS = {"cpu": ("fp32", "fp16"), "cuda": ("fp32", "fp16")}
+QUANTIZED_GRAPH_PRECISIONS = {"cpu": (*GRAPH_PRECISIONS["cpu"], "int8"), "cuda": GRAPH_PRECISIONS["cuda"]}
 EAGER = "torch"  # the model as trained, through PyTorch: the backend profiler traces are taken of
 # What `fusionprof export --fmt` calls the artifact a backend loads (the artifact is also ``Artifacts``' field).
 EXPORT_FORMATS = {"onnx": "onnx", "trt": "plan", "pt2": "pt2"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fusionprof.backends.base import GRAPH_PRECISIONS, INPUT_NAMES, Backend, register_backend, require
+from fusionprof.backends.base import INPUT_NAMES, QUANTIZED_GRAPH_PRECISIONS, Backend, register_backend, require
 from fusionprof.errors import UserError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -16,7 +16,7 @@ _TORCH_DTYPE = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16
 class OnnxRuntime(Backend):
     label = "ONNX Runtime"
     artifact = "onnx"
-    precisions = GRAPH_PRECISIONS
+    precisions = QUANTIZED_GRAPH_PRECISIONS  # int8 on the CPU: the quantized graph's QDQ ops run as int8 kernels
 
     def __init__(self, artifacts, device, precision):
         super().__init__(artifacts, device, precision)

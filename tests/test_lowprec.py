@@ -1,0 +1,142 @@
+"""Low precision on the CPU: int8 quantized on the validation split only, through the same gates as every export;
+the openvino backend against the eager model; int8 refused by the torch backends and swept by the graph ones."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import fusionprof.data
+import fusionprof.data.images
+import fusionprof.export
+from fusionprof.backends import Artifacts, backend_names, create_backend
+from fusionprof.backends.base import BACKENDS
+from fusionprof.cli import cli
+from fusionprof.config import model_config, train_config
+from fusionprof.data.synth import write_synth
+from fusionprof.errors import UserError
+from fusionprof.export import TOLERANCES, export_onnx, parity
+from fusionprof.models import build_model
+from fusionprof.quantize import calibration_sample
+
+CPU = torch.device("cpu")
+QUICK = ["--min-seconds", "0.05", "--min-calls", "5", "--warmup-seconds", "0", "--warmup-calls", "1"]
+
+
+@pytest.fixture
+def images_read(monkeypatch):
+    """The split folder of every image file decoded, and of every image list cached, from here on."""
+    read = []
+    load_rgb, cache_init = fusionprof.data.images.load_rgb, fusionprof.data.images.ImageCache.__init__
+
+    def recording_load_rgb(path, *args, **kwargs):
+        read.append(Path(path).parent.name)
+        return load_rgb(path, *args, **kwargs)
+
+    def recording_cache(self, paths, *args, **kwargs):
+        read.extend(Path(p).parent.name for p in paths)
+        cache_init(self, paths, *args, **kwargs)
+
+    monkeypatch.setattr(fusionprof.data.images, "load_rgb", recording_load_rgb)
+    monkeypatch.setattr(fusionprof.data.images.ImageCache, "__init__", recording_cache)
+    return read
+
+
+def test_calibration_reads_the_validation_split_only(tmp_path, tokenizer, images_read):
+    data = write_synth(tmp_path / "data", {"train": 8, "val": 12, "test": 8}, size=64, seed=3, progress=False)
+    cfg = model_config("tiny", fusion="mid", vocab_size=len(tokenizer))
+    feeds, source = calibration_sample(cfg, str(data), seed=0, pairs=16, batch_size=8)
+    assert set(images_read) == {"val"} and images_read.count("val") >= 12  # every val image, and nothing else
+    assert source["split"] == "val" and source["pairs"] == 16 and [len(f["images"]) for f in feeds] == [8, 8]
+    again, _ = calibration_sample(cfg, str(data), seed=0, pairs=16, batch_size=8)  # a fixed, seeded sample
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(feeds, again, strict=True) for k in a)
+
+
+def test_the_torch_backends_refuse_int8_in_one_line(tokenizer):
+    model = build_model(model_config("tiny", fusion="early", vocab_size=len(tokenizer))).eval()
+    for name in backend_names():
+        backend = BACKENDS.get(name)
+        if backend.artifact in ("onnx", "plan") or not backend.available(CPU)[0]:
+            continue
+        with pytest.raises(UserError, match=f"^{name} runs fp32 or bf16 on cpu, not int8$"):
+            create_backend(name, Artifacts(model), CPU, "int8")
+
+
+@pytest.mark.slow  # an ONNX export: about a minute on 2 busy cores (test_backends checks every fusion's, shared)
+def test_openvino_matches_the_eager_model_at_fp32_tolerances(tmp_path, tokenizer):
+    ok, reason = BACKENDS.get("openvino").available(CPU)
+    if not ok:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny", fusion="mid", vocab_size=len(tokenizer))).eval()
+    export_onnx(model, tmp_path / "model.onnx")
+    backend = create_backend("openvino", Artifacts(model, onnx=tmp_path / "model.onnx"), CPU, "fp32")
+    checked = parity(model, backend, "fp32")
+    assert checked["passed"] and checked["tolerance"] == TOLERANCES["fp32"], checked
+    assert checked["decision_agreement"] == 1.0
+    info = backend.describe()
+    assert info["inference_precision"] == "f32" and info["inference_threads"] == torch.get_num_threads()
+    with pytest.raises(UserError, match=r"^backend openvino is unavailable: the openvino backend runs on the CPU"):
+        create_backend("openvino", Artifacts(model, onnx=tmp_path / "model.onnx"), torch.device("cuda", 0), "fp32")
+
+
+@pytest.mark.slow  # exports, quantizes and times two backends
+def test_latency_int8_sweeps_the_backends_that_run_it(tmp_path, small_data, monkeypatch, images_read):
+    monkeypatch.setattr(fusionprof.data, "default_data_dir", lambda progress=True: small_data)  # the embedded set
+    result = CliRunner().invoke(cli, ["latency", "--fusion", "mid", "--backends", "torch,onnxruntime,openvino",
+                                      "--precision", "int8", "--batch-sizes", "1,4", "--models", str(tmp_path / "none"),
+                                      "--out", str(tmp_path), "--quiet", *QUICK])
+    assert result.exit_code == 0, result.output
+    [path] = list(tmp_path.glob("*/latency-tiny-cpu-int8-*.json"))
+    rows = json.loads(path.read_text())["rows"]
+    ok = {(r["backend"], r["batch_size"]) for r in rows if r["status"] == "ok"}
+    assert ok == {(b, n) for b in ("onnxruntime", "openvino") for n in (1, 4)}
+    [torch_row] = [r for r in rows if r["backend"] == "torch"]
+    assert torch_row["status"] == "unavailable: torch runs fp32 or bf16 on cpu, not int8"
+    assert set(images_read) == {"val"}  # calibrated on the validation split: no test image read
+    assert (tmp_path / path.parent.name / "onnx" / "tiny-mid" / "model.int8.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, small_data):
+    out = tmp_path_factory.mktemp("run")
+    cfg = train_config("tiny", data=str(small_data), epochs=1, batch_size=16, models_dir=str(out / "m"),
+                       profiles_dir=str(out / "p"))
+    from fusionprof.train import train
+
+    train(cfg, model_config("tiny", fusion="mid"), progress=False, log=lambda s: None)
+    return out / "m" / "tiny-mid" / "checkpoint.pt"
+
+
+def export_cli(*args):
+    result = CliRunner().invoke(cli, ["export", *map(str, args), "--quiet"])
+    return result.exit_code, result.output
+
+
+@pytest.mark.slow  # trains a checkpoint
+def test_int8_export_is_calibrated_on_val_and_gated_against_fp32(checkpoint, tmp_path):
+    code, out = export_cli("--checkpoint", checkpoint, "--precision", "int8", "--out", tmp_path)
+    assert code == 0, out
+    record = json.loads((tmp_path / "export.onnx.int8.json").read_text())
+    assert record["status"] == "ok" and record["precision"] == "int8" and (tmp_path / "model.int8.onnx").exists()
+    onnx = record["onnx"]
+    assert onnx["calibration"]["split"] == "val" and onnx["quantized_from"]["parity"]["passed"]
+    assert {"Conv", "MatMul"} <= set(onnx["int8_ops"]) and "LayerNormalization" in onnx["float_ops"]
+    assert "Softmax" in onnx["float_ops"] and "Softmax" not in onnx["int8_ops"]
+    assert record["parity"]["tolerance"] == TOLERANCES["int8"] and record["parity"]["decision_agreement"] >= 0.9
+    acc = record["accuracy"]
+    assert acc["checkpoint_precision"] == "fp32" and acc["tolerance"] == 0.01 and acc["abs_difference"] <= 0.01
+
+
+@pytest.mark.slow  # trains a checkpoint
+def test_a_quantized_export_that_loses_more_than_the_tolerance_is_marked_failed(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(fusionprof.export.TOLERANCES, "int8", {"max_abs": 0.0, "decision_agreement": 1.0})
+    monkeypatch.setitem(fusionprof.export.ACCURACY_TOLERANCE, "int8", -1.0)  # no accuracy is close enough
+    code, out = export_cli("--checkpoint", checkpoint, "--precision", "int8", "--out", tmp_path)
+    assert code == 1 and "OUT OF TOLERANCE" in out and "FAILED" in out
+    assert out.strip().splitlines()[-1].startswith("Error: the exported model failed verification; marked failed")
+    record = json.loads((tmp_path / "export.onnx.int8.json").read_text())
+    assert record["status"] == "failed" and not record["parity"]["passed"] and not record["accuracy"]["passed"]

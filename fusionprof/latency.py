@@ -233,10 +233,16 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> LatencyRecord:
                 rows.append(LatencyRow(fusion, name, f"unavailable: {reason}" if reason else f"failed: {failure}"))
                 bar.update(len(cfg.batch_sizes))
                 continue
-            for row in measure_backend(name, artifacts, device, cfg, cell):
-                bar.set_postfix_str(f"{fusion}/{name}/bs{row.batch_size}")
-                rows.append(row)
-                bar.update(1)
+            measured: list[LatencyRow] = []
+            try:
+                for row in measure_backend(name, artifacts, device, cfg, cell):
+                    bar.set_postfix_str(f"{fusion}/{name}/bs{row.batch_size}")
+                    measured.append(row)
+                    bar.update(1)
+            except UserError as e:  # it cannot load or run what it was given here: its row says why, the sweep goes on
+                bar.update(len(cfg.batch_sizes) - len(measured))
+                measured = [LatencyRow(fusion, name, f"failed: {e}")]
+            rows += measured
     bar.close()
     reference = yardstick(start, matmul_rate(device, matmul_dtype))
     log(f"yardstick at the end: {reference['end']['gflops']:.0f} GFLOP/s ({reference['drift']:+.1%} from the start)")

@@ -17,6 +17,7 @@ from fusionprof.backends.torch_eager import TorchEager
 from fusionprof.checkpoint import find_checkpoint
 from fusionprof.cli import cli
 from fusionprof.compare import summarize as compare_summary
+from fusionprof.errors import UserError
 from fusionprof.latency import SweepConfig
 from fusionprof.latency_output import CSV_COLUMNS
 from fusionprof.models import fusion_names
@@ -191,3 +192,25 @@ def test_a_profiled_run_keeps_the_terminal_clean(tmp_path, small_data):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "training step profile" in out.stdout
     assert not [line for line in out.stderr.splitlines() if line.startswith(("USDT:", "STAGE:", "ERROR:"))]
+
+
+class CannotLoad(TorchEager):
+    """A backend that is available but cannot load what it was given (a TensorRT engine that was never built)."""
+
+    registered_name = "cannot-load"
+    label = "refuses its artifact"
+
+    def __init__(self, artifacts, device, precision):
+        raise UserError("no engine for this model: run `fusionprof export --fmt trt` first")
+
+
+def test_a_backend_that_cannot_load_is_a_failed_row_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setitem(BACKENDS._members, "cannot-load", CannotLoad)
+    code, out = run_cli("latency", "--fusion", "early", "--backends", "cannot-load,torch", "--batch-sizes", "1,2",
+                        "--models", tmp_path / "none", "--out", tmp_path, "--quiet", *QUICK)
+    assert code == 0, out
+    [path] = tmp_path.glob("*/latency-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["backend"], r["status"]) for r in rows] == [
+        ("cannot-load", "failed: no engine for this model: run `fusionprof export --fmt trt` first"),
+        ("torch", "ok"), ("torch", "ok")]

@@ -8,12 +8,11 @@ An INVALID LoadGen run is shown as INVALID with LoadGen's reasons, never as a fi
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
 from pathlib import Path
 
-from fusionprof.atomic import atomic_write
 from fusionprof.env import machine_name
+from fusionprof.figures import pyplot, save_figure, slug
 from fusionprof.loadgen import LoadRecord, LoadRun
 from fusionprof.records import LatencyRecord
 
@@ -29,10 +28,6 @@ def find_load_records(paths: list[Path]) -> list[LoadRecord]:
         if isinstance(record, dict) and record.get("kind") == LoadRecord.kind:
             out.append(LoadRecord.from_dict(record, path))
     return out
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
 def _ms(x: float | None) -> str:
@@ -123,27 +118,10 @@ def _offline_blocks(machine: str, records: list[LoadRecord], latency: list[Laten
 # --------------------------------------------------------------------------- plots
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt, fig, title: str, path: Path) -> Path:
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return path
-
-
 def plot_p99_vs_qps(machine: str, records: list[LoadRecord], out_dir: Path) -> Path:
     """One panel per (preset, fusion), one line per (backend, precision, batching): VALID runs' p99 against the
     offered rate, INVALID rates as × on the axis, the p99 target as a dashed line."""
-    plt = _plt()
+    plt = pyplot()
     panels = sorted({(r.preset, r.fusion) for r in records})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
     for ax, (preset, fusion) in zip(axes.flat, panels, strict=True):
@@ -162,8 +140,8 @@ def plot_p99_vs_qps(machine: str, records: list[LoadRecord], out_dir: Path) -> P
         ax.set_ylabel("p99 ms (VALID runs)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    path = out_dir / PLOT_DIR / f"load-p99-{_slug(machine)}.png"
-    return _save(plt, fig, f"Server p99 vs offered QPS — {machine}", path)
+    path = out_dir / PLOT_DIR / f"load-p99-{slug(machine)}.png"
+    return save_figure(plt, fig, f"Server p99 vs offered QPS — {machine}", path)
 
 
 def _bars(plt, labels: list[str], values: list[float | None], ylabel: str, title: str, path: Path) -> Path:
@@ -174,18 +152,18 @@ def _bars(plt, labels: list[str], values: list[float | None], ylabel: str, title
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, axis="y")
-    return _save(plt, fig, title, path)
+    return save_figure(plt, fig, title, path)
 
 
 def plot_max_qps(machine: str, records: list[LoadRecord], out_dir: Path) -> Path:
     records = sorted(records, key=lambda r: (r.preset, r.fusion, r.backend, r.max_batch))
-    return _bars(_plt(), [f"{r.fusion} {_label(r)} p99≤{r.p99_target_ms:g}ms" for r in records],
+    return _bars(pyplot(), [f"{r.fusion} {_label(r)} p99≤{r.p99_target_ms:g}ms" for r in records],
                  [r.max_qps for r in records], "max VALID QPS", f"max VALID Server QPS — {machine}",
-                 out_dir / PLOT_DIR / f"load-max-qps-{_slug(machine)}.png")
+                 out_dir / PLOT_DIR / f"load-max-qps-{slug(machine)}.png")
 
 
 def plot_offline(machine: str, records: list[LoadRecord], out_dir: Path) -> Path:
     records = sorted(records, key=lambda r: (r.preset, r.fusion, r.backend, r.max_batch))
-    path = out_dir / PLOT_DIR / f"load-offline-{_slug(machine)}.png"
-    return _bars(_plt(), [f"{r.fusion} {_label(r)}" for r in records], [r.runs[0].samples_per_s for r in records],
+    path = out_dir / PLOT_DIR / f"load-offline-{slug(machine)}.png"
+    return _bars(pyplot(), [f"{r.fusion} {_label(r)}" for r in records], [r.runs[0].samples_per_s for r in records],
                  "samples/s", f"Offline samples/s — {machine}", path)

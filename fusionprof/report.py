@@ -1,8 +1,9 @@
-"""``fusionprof report``: training, export and latency records, from any number of machines, side by side.
+"""``fusionprof report``: training, export, latency and load records, from any number of machines, side by side.
 
 Writes ``report.md`` and ``report.html`` (the same content, built once as a list of blocks) and PNG plots in
-``report/``. Every table row and every plot names the machine (host and device) and backend it came from; a
-section without data says which command produces it.
+``report/``. Every table row and every plot names the machine (host and device) and backend it came from; a plot
+shows one latency sweep (one record: machine, preset, precision, device, date), never cells of two; a section
+without data says which command produces it.
 """
 
 from __future__ import annotations
@@ -11,16 +12,22 @@ import html
 import json
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from fusionprof.atomic import atomic_write
 from fusionprof.env import machine_name
 from fusionprof.errors import UserError
+from fusionprof.figures import batch_axis, plain_axis, pyplot, save_figure, slug
+from fusionprof.load_report import load_section
+from fusionprof.loadgen import LoadRecord
 from fusionprof.records import LatencyRecord, LatencyRow, check_schema
 
-KINDS = ("train", "export", "latency")
+KINDS = ("train", "export", "latency", "load")
 SKIP_DIRS = {"traces", "tensorboard", "onnx", "report"}
+LOADGEN_LOG = "mlperf_log_"  # LoadGen's own logs beside a load record: no record of ours, and half-written mid-run
 
 
 @dataclass
@@ -28,10 +35,11 @@ class Records:
     train: list[dict] = field(default_factory=list)  # metrics.json as train.py writes it
     export: list[dict] = field(default_factory=list)  # export.json as export.py writes it
     latency: list[LatencyRecord] = field(default_factory=list)
+    load: list[LoadRecord] = field(default_factory=list)
     files: int = 0
 
     def machines(self) -> list[str]:
-        envs = [r["environment"] for r in self.train + self.export] + [r.environment for r in self.latency]
+        envs = [r["environment"] for r in self.train + self.export] + [r.environment for r in self.latency + self.load]
         return list(dict.fromkeys(machine_name(env) for env in envs))
 
 
@@ -45,6 +53,52 @@ class SweepCell:
     row: LatencyRow
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """One latency record, as a plot shows it: a panel holds one sweep's cells, never cells of two sweeps."""
+
+    machine: str
+    record: LatencyRecord
+
+    @property
+    def preset(self) -> str:
+        return self.record.config["preset"]
+
+    @property
+    def precision(self) -> str:
+        return self.record.config["precision"]
+
+    @property
+    def rows(self) -> list[LatencyRow]:
+        """The rows fit for a plot: timed, parity passed."""
+        return [r for r in self.record.rows if r.ok]
+
+    @property
+    def title(self) -> str:
+        """What the sweep is: machine, preset, precision, device, when."""
+        cfg = self.record.config
+        return f"{self.machine} · {cfg['preset']} · {cfg['precision']} · {cfg['device']} · {_date(self.record.created)}"
+
+    @property
+    def slug(self) -> str:
+        cfg = self.record.config
+        return slug(f"{self.machine} {cfg['preset']} {cfg['device']} {cfg['precision']} {self.record.created}")
+
+
+def _date(created: str) -> str:
+    """``20261126T231708Z`` → ``2026-11-26 23:17 UTC`` (a stamp in another form is shown as it is)."""
+    try:
+        return datetime.strptime(created, "%Y%m%dT%H%M%SZ").strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        return created
+
+
+def sweeps(rec: Records) -> list[Sweep]:
+    """Every latency record, by machine then date."""
+    return sorted((Sweep(machine_name(r.environment), r) for r in rec.latency),
+                  key=lambda s: (s.machine, s.record.created))
+
+
 def find_records(paths: list[Path]) -> Records:
     """Every fusionprof record (a JSON object with a known ``kind``) under the given files and folders."""
     out = Records()
@@ -53,7 +107,8 @@ def find_records(paths: list[Path]) -> Records:
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            files += sorted(p for p in path.rglob("*.json") if not SKIP_DIRS & set(p.relative_to(path).parts[:-1]))
+            files += sorted(p for p in path.rglob("*.json") if not SKIP_DIRS & set(p.relative_to(path).parts[:-1])
+                            and not p.name.startswith(LOADGEN_LOG))
         else:
             raise UserError(f"{path}: no such file or folder")
     for path in files:
@@ -62,10 +117,12 @@ def find_records(paths: list[Path]) -> Records:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"{path}: not a readable JSON record ({str(e).splitlines()[0]})") from None
         if not isinstance(record, dict) or record.get("kind") not in KINDS:
-            continue  # some other JSON (a tokenizer config, a manifest): not ours to report
+            continue  # some other JSON (a tokenizer config, a manifest, LoadGen's log): not ours to report
         check_schema(record, path)
         if record["kind"] == LatencyRecord.kind:
             out.latency.append(LatencyRecord.from_dict(record, path))
+        elif record["kind"] == LoadRecord.kind:
+            out.load.append(LoadRecord.from_dict(record, path))
         else:
             getattr(out, record["kind"]).append({**record, "_file": str(path)})
         out.files += 1
@@ -73,10 +130,6 @@ def find_records(paths: list[Path]) -> Records:
 
 
 # --------------------------------------------------------------------------- blocks → markdown / html
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
 def to_markdown(blocks: list[tuple]) -> str:
@@ -97,12 +150,21 @@ def to_markdown(blocks: list[tuple]) -> str:
     return "\n".join(out)
 
 
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.4}"
+         ".scroll{overflow-x:auto;max-width:100%;margin:1em 0}"
+         "table{border-collapse:collapse;font-size:14px;font-variant-numeric:tabular-nums}"
+         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;white-space:nowrap}"
+         "th{background:#f3f3f3;white-space:normal;vertical-align:bottom}.num{text-align:right}"
+         "td.text{white-space:normal;min-width:12em}"
+         "img{max-width:100%}figure{margin:1em 0 2em}figcaption{color:#555;font-size:14px}"
+         "h3{margin-top:2em;border-bottom:1px solid #ddd}")
+
+
 def to_html(blocks: list[tuple], title: str) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-             "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-             "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-             "img{max-width:100%}</style></head><body>"]
+    """The blocks as one page: a table scrolls inside its own box (never the page), a cell of prose wraps, a
+    figure's caption sits under it."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{STYLE}</style></head><body>"]
     for kind, *body in blocks:
         if kind in ("h1", "h2", "h3"):
             parts.append(f"<{kind}>{html.escape(body[0])}</{kind}>")
@@ -110,14 +172,30 @@ def to_html(blocks: list[tuple], title: str) -> str:
             text = html.escape(body[0])
             parts.append("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", text) + "</p>")
         elif kind == "table":
-            header, rows = body
-            parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
-            parts += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows]
-            parts.append("</table>")
+            parts.append(_html_table(*body))
         elif kind == "img":
             parts.append(f"<figure><img src='{html.escape(body[0])}' alt='{html.escape(body[1])}'>"
                          f"<figcaption>{html.escape(body[1])}</figcaption></figure>")
     return "\n".join(parts) + "</body></html>\n"
+
+
+NUMBER_CELL = re.compile(r"[-+]?[\d.,]+(e[-+]?\d+)?\s*%?( \(.*\))?|–")  # 1549 (RSS), 97.8%, 2.1e-06, –
+
+
+def _html_table(header: list[str], rows: list[list]) -> str:
+    """A table in a box of its own that scrolls sideways, never the page. Numbers right-aligned, words left, a
+    column of numbers' header too; a long cell (a reason, a status) wraps."""
+    cells = [[str(c) for c in row] for row in rows]
+    numeric = [bool(cells) and all(NUMBER_CELL.fullmatch(row[i]) for row in cells) for i in range(len(header))]
+
+    def td(text: str) -> str:
+        cls = "num" if NUMBER_CELL.fullmatch(text) else "text" if len(text) > 40 else ""
+        return f"<td class='{cls}'>{html.escape(text)}</td>" if cls else f"<td>{html.escape(text)}</td>"
+
+    head = "".join(f"<th class='num'>{html.escape(h)}</th>" if num else f"<th>{html.escape(h)}</th>"
+                   for h, num in zip(header, numeric, strict=True))
+    body = "".join("<tr>" + "".join(td(c) for c in row) + "</tr>" for row in cells)
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 # --------------------------------------------------------------------------- sections
@@ -127,12 +205,28 @@ def _fmt(x, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def _train_rate(r: dict) -> str:
+def _train_rate(r: dict) -> str | None:
     """Achieved training GFLOP/s, with the MFU where the record has one (a known GPU in bf16 / fp16)."""
     tf = r.get("train_flops")
     if not tf:
-        return "–"  # recorded before training FLOP/s were
+        return None
     return f"{tf['achieved_tflops'] * 1e3:.0f}" + (f" (MFU {tf['mfu']:.1%})" if tf.get("mfu") is not None else "")
+
+
+def _memory(r: dict) -> str:
+    mem = r["peak_memory"]
+    if "cuda_max_allocated_mib" in mem:
+        return f"{mem['cuda_max_allocated_mib']:.0f} (CUDA)"
+    return f"{mem['host_peak_rss_mib']:.0f} (RSS)"
+
+
+# Columns of the training table that records written before their field existed do not have: shown where one
+# record has them ("–" in the others), left out with one note where none has.
+OPTIONAL_TRAIN_COLUMNS: list[tuple[str, str, Callable[[dict], str | None]]] = [
+    ("steady samples/s", "steady_samples_per_s",
+     lambda r: None if r.get("steady_samples_per_s") is None else f"{r['steady_samples_per_s']:.0f}"),
+    ("train GFLOP/s", "train_flops", _train_rate),
+]
 
 
 def training_section(rec: Records) -> list[tuple]:
@@ -140,34 +234,59 @@ def training_section(rec: Records) -> list[tuple]:
     if not rec.train:
         return blocks + [("p", "No training records yet: run `fusionprof train --fusion mid` (or "
                                "`fusionprof compare`).")]
-    header = ["machine", "preset", "fusion", "precision", "params (M)", "GFLOP/sample", "epochs", "train time (s)",
-              "samples/s", "train GFLOP/s", "peak memory (MiB)", "test acc", "test AUC", "test pairs",
-              "largest step shares"]
+    train = sorted(rec.train, key=lambda r: (machine_name(r["environment"]), r["preset"], r["fusion"]))
+    optional = [(h, key, get) for h, key, get in OPTIONAL_TRAIN_COLUMNS if any(get(r) is not None for r in train)]
+    header = ["machine", "preset", "fusion", "precision", "params (M)", "GFLOP/sample", "epochs", "train (s)",
+              "samples/s", *(h for h, _, _ in optional), "peak memory (MiB)", "test acc", "test AUC", "test pairs"]
+    rows = [[machine_name(r["environment"]), r["preset"], r["fusion"], r["train_config"]["precision"],
+             _fmt(r["parameters"]["total"] / 1e6), _fmt(r["forward_flops_per_sample"]["total"] / 1e9, 3),
+             r["epochs"], _fmt(r["train_seconds"], 0), _fmt(r["train_samples_per_s"], 0),
+             *(get(r) or "–" for _, _, get in optional), _memory(r), f"{r['test']['accuracy']:.1%}",
+             _fmt(r["test"]["auc"], 3), r["test"]["pairs"]] for r in train]
+    blocks += [("table", header, rows), ("p", _training_note(train, optional))]
+    return blocks + step_share_blocks(train)
+
+
+def _training_note(train: list[dict], optional: list) -> str:
+    note = ("Accuracy is image–text matching on the test split (one positive and one fixed negative per caption). "
+            "Samples/s is over the whole run, first epoch (compile, cache warm-up) included. Peak memory is CUDA max "
+            "allocated on a GPU and the process's peak RSS on the host.")
+    shown = {key for _, key, _ in optional}
+    if "steady_samples_per_s" in shown:
+        note += " Steady samples/s leaves the first epoch out."
+    if "train_flops" in shown:
+        note += (" Train GFLOP/s: forward FLOPs at the mean caption length, ×3 for what trains (×1 for frozen "
+                 "encoders, 0 for cached features), times the steady samples/s; MFU against the datasheet's "
+                 "bf16/fp16 peak.")
+    missing = [h for h, key, _ in OPTIONAL_TRAIN_COLUMNS if key not in shown]
+    if missing:
+        note += (f" Not shown: {' and '.join(missing)} — none of these training records has them (they were "
+                 "written before the fields existed); a `fusionprof train` run today records them.")
+    if any(get(r) is None for _, _, get in optional for r in train):
+        note += " –: that record was written before the field existed."
+    return note
+
+
+def step_share_blocks(train: list[dict]) -> list[tuple]:
+    """Where a profiled training step's host time goes, one column per part, and the GPU's busy share."""
+    profiled = [r for r in train if r.get("step_breakdown")]
+    if not profiled:
+        return [("p", "No step breakdown: train with `--profile` for one.")]
+    parts = list(dict.fromkeys(part for r in profiled for part in r["step_breakdown"]))
+    busy = any((r.get("step_profile") or {}).get("gpu_busy_share") is not None for r in profiled)
+    header = ["machine", "preset", "fusion", *parts, *(["GPU busy"] if busy else [])]
     rows = []
-    for r in sorted(rec.train, key=lambda r: (machine_name(r["environment"]), r["preset"], r["fusion"])):
-        mem = r["peak_memory"]
-        memory = mem.get("cuda_max_allocated_mib") or mem.get("host_peak_rss_mib")
-        memory_kind = "CUDA" if "cuda_max_allocated_mib" in mem else "host RSS"
-        shares = ""
-        if r.get("step_breakdown"):
-            top = sorted(r["step_breakdown"].items(), key=lambda kv: -kv[1]["share"])[:3]
-            shares = ", ".join(f"{k} {v['share']:.0%}" for k, v in top)
-            if (r.get("step_profile") or {}).get("gpu_busy_share") is not None:
-                shares += f"; GPU busy {r['step_profile']['gpu_busy_share']:.0%}"
-        rows.append([machine_name(r["environment"]), r["preset"], r["fusion"], r["train_config"]["precision"],
-                     _fmt(r["parameters"]["total"] / 1e6), _fmt(r["forward_flops_per_sample"]["total"] / 1e9, 3),
-                     r["epochs"], _fmt(r["train_seconds"], 0), _fmt(r["train_samples_per_s"], 0), _train_rate(r),
-                     f"{memory:.0f} ({memory_kind})", f"{r['test']['accuracy']:.1%}", _fmt(r["test"]["auc"], 3),
-                     r["test"]["pairs"], shares or "run with --profile"])
-    return blocks + [("table", header, rows),
-                     ("p", "Accuracy is image–text matching on the test split (one positive and one fixed negative "
-                           "per caption). Train GFLOP/s: forward FLOPs at the mean caption length, ×3 for what "
-                           "trains (×1 for frozen encoders, 0 for cached features), times samples/s; MFU against "
-                           "the datasheet's bf16/fp16 peak (–: a record from before these were kept). Peak memory "
-                           "is CUDA max allocated on a GPU and the process's peak RSS on the host. Step shares are "
-                           "the host time of the profiled step's parts (`--profile`); GPU busy is the GPU's kernel "
-                           "time in that step: a small share means the step waits on the host (kernel launches, "
-                           "Python), not on the GPU.")]
+    for r in profiled:
+        shares = [f"{r['step_breakdown'][p]['share']:.0%}" if p in r["step_breakdown"] else "–" for p in parts]
+        gpu = (r.get("step_profile") or {}).get("gpu_busy_share")
+        rows.append([machine_name(r["environment"]), r["preset"], r["fusion"], *shares,
+                     *([_fmt(gpu and 100 * gpu, 0) + ("%" if gpu is not None else "")] if busy else [])])
+    unprofiled = len(train) - len(profiled)
+    return [("h3", "Where a training step's time goes"), ("table", header, rows),
+            ("p", "Shares of the profiled step's host time (`--profile`)" +
+             ("; GPU busy is the GPU's kernel time in that step: a small share means the step waits on the host "
+              "(kernel launches, Python), not on the GPU" if busy else "") +
+             (f". {unprofiled} run(s) without `--profile` are not listed." if unprofiled else "."))]
 
 
 def export_section(rec: Records) -> list[tuple]:
@@ -177,7 +296,8 @@ def export_section(rec: Records) -> list[tuple]:
                                "checkpoint.pt`.")]
     header = ["machine", "fusion", "format", "precision", "status", "max abs error", "checkpoint acc",
               "exported acc", "size (MiB)", "export (s)"]
-    rows = [_export_row(r) for r in sorted(rec.export, key=lambda r: (r["fusion"], r["format"]))]
+    rows = [_export_row(r) for r in sorted(rec.export, key=lambda r: (machine_name(r["environment"]), r["fusion"],
+                                                                      r["format"]))]
     return blocks + [("table", header, rows)]
 
 
@@ -197,7 +317,7 @@ def _export_row(r: dict) -> list:
 
 def _latency_rows(rec: Records) -> dict[str, list[SweepCell]]:
     """ok rows per machine (a row that failed parity is no candidate for any plot, best or front), each tagged
-    with its sweep's preset, precision and device.
+    with its sweep's preset, precision and device: for the table across machines, not for plots (one sweep each).
 
     A cell measured by several sweeps on one machine keeps its latest measurement.
     """
@@ -216,34 +336,55 @@ def _latency_rows(rec: Records) -> dict[str, list[SweepCell]]:
 
 
 def latency_section(rec: Records, out_dir: Path) -> list[tuple]:
+    """Per sweep: p50 latency and samples/s against batch size, and the backends it could not plot, with why."""
     blocks: list[tuple] = [("h2", "Inference latency and throughput")]
-    rows = _latency_rows(rec)
-    if not rows:
+    if not rec.latency:
         return blocks + [("p", "No latency records yet: run `fusionprof latency` on each machine.")]
-    not_shown = sorted({(machine_name(s.environment), r.backend, r.status) for s in rec.latency for r in s.rows
-                        if not r.ok})
-    for machine, machine_rows in rows.items():
-        for metric, label in (("latency", "p50 latency (ms), whiskers p90–p99 (p99 from 100 samples up)"),
-                              ("throughput", "samples/s (batch / p50)")):
-            png = plot_vs_batch(machine, machine_rows, metric, out_dir)
-            blocks.append(("img", f"report/{png.name}", f"{label} vs batch size per backend — {machine}"))
-    if not_shown:
-        blocks.append(("table", ["machine", "backend", "status"], [list(u) for u in not_shown]))
+    blocks.append(("p", "One sweep (one `fusionprof latency` record) per heading: its plots never mix in the cells "
+                        "of another sweep. Whiskers run from p90 to p99 (p99 only from 100 samples up, else to "
+                        "p90); samples/s is batch / p50."))
+    colors = _backend_colors(rec)
+    for sweep in sweeps(rec):
+        blocks += [("h3", sweep.title), ("p", f"Record: `{sweep.record.path}`")]
+        if sweep.rows:
+            for metric, label in (("latency", "p50 latency (ms) vs batch size"),
+                                  ("throughput", "samples/s (batch / p50) vs batch size")):
+                png = plot_vs_batch(sweep, metric, colors, out_dir)
+                blocks.append(("img", f"report/{png.name}", f"{label}, one line per backend — {sweep.title}"))
+        not_shown: dict[tuple[str, str], int] = defaultdict(int)
+        for r in sweep.record.rows:
+            if not r.ok:
+                not_shown[(r.backend, r.status)] += 1
+        if not_shown:
+            blocks += [("p", "Not plotted (not timed, or timed and failed parity):"),
+                       ("table", ["backend", "status", "cells"], [[*k, n] for k, n in sorted(not_shown.items())])]
     return blocks
+
+
+def _backend_colors(rec: Records) -> dict[str, str]:
+    """One colour per backend across every plot of the report."""
+    names = sorted({r.backend for s in rec.latency for r in s.rows})
+    return {name: f"C{i % 10}" for i, name in enumerate(names)}
 
 
 def pareto_section(rec: Records, out_dir: Path) -> list[tuple]:
     blocks: list[tuple] = [("h2", "Accuracy vs latency (Pareto front)")]
-    rows = _latency_rows(rec)
-    if not rec.train or not rows:
+    if not rec.train or not rec.latency:
         return blocks + [("p", "Needs both training records (`fusionprof train`) and latency records "
                                "(`fusionprof latency`) of the same preset.")]
-    for machine, machine_rows in rows.items():
-        png = plot_pareto(machine, machine_rows, pareto_accuracy(rec.train, machine), out_dir)
+    colors = _backend_colors(rec)
+    plotted = []
+    for sweep in sweeps(rec):
+        png = plot_pareto(sweep, pareto_accuracy(rec.train, sweep.machine), colors, out_dir)
         if png:
-            blocks.append(("img", f"report/{png.name}", f"test accuracy vs p50 latency, batch 1 and the largest "
-                                                        f"batch — {machine}"))
-    return blocks
+            plotted.append(("img", f"report/{png.name}", f"test accuracy vs p50 latency, batch 1 and the largest "
+                                                         f"batch — {sweep.title}"))
+    if not plotted:
+        return blocks + [("p", "No latency sweep has a preset with training records.")]
+    return blocks + [("p", "Test accuracy from the machine's own training run where it has one, else another "
+                           "machine's (latency does not depend on the weights, accuracy not on the machine). Colour "
+                           "is the backend, the marker the fusion; the line joins the points no other point beats "
+                           "on both.")] + plotted
 
 
 def pareto_accuracy(train: list[dict], machine: str) -> dict[tuple[str, str], float]:
@@ -257,17 +398,16 @@ def pareto_accuracy(train: list[dict], machine: str) -> dict[tuple[str, str], fl
 
 def memory_section(rec: Records, out_dir: Path) -> list[tuple]:
     blocks: list[tuple] = [("h2", "Peak memory vs batch size")]
-    rows = {m: [c for c in cells if "cuda_max_allocated_mib" in c.row.peak_memory]
-            for m, cells in _latency_rows(rec).items()}
-    rows = {m: rs for m, rs in rows.items() if rs}
-    if not rows:
+    on_cuda = [s for s in sweeps(rec) if any("cuda_max_allocated_mib" in r.peak_memory for r in s.rows)]
+    if not on_cuda:
         return blocks + [("p", "Per-batch memory is measured on CUDA (max allocated); on the CPU the only figure is "
                                "the process's peak RSS, which does not fall back between cells. Run "
                                "`fusionprof latency --device cuda:0` on a GPU machine for this plot; the training "
                                "table above has each fusion's peak training memory.")]
-    for machine, machine_rows in rows.items():
-        png = plot_vs_batch(machine, machine_rows, "memory", out_dir)
-        blocks.append(("img", f"report/{png.name}", f"CUDA max allocated (MiB) vs batch size — {machine}"))
+    colors = _backend_colors(rec)
+    for sweep in on_cuda:
+        png = plot_vs_batch(sweep, "memory", colors, out_dir)
+        blocks.append(("img", f"report/{png.name}", f"CUDA max allocated (MiB) vs batch size — {sweep.title}"))
     return blocks
 
 
@@ -292,66 +432,53 @@ def cross_machine_section(rec: Records) -> list[tuple]:
         table_rows.append([*key, *(_fmt(values.get(m)) for m in machines),
                            *(_fmt(values[m] / values[machines[0]]) if m in values else "–" for m in machines[1:])])
     if not table_rows:
-        return blocks + [("p", "No (preset, precision, fusion, backend, batch) cell was measured on two machines.")]
-    return blocks + [("table", header, table_rows)]
+        return blocks + [("p", "No (preset, precision, fusion, backend, batch) cell was measured on two machines: "
+                               f"{', '.join(machines)} ran different presets or precisions.")]
+    return blocks + [("table", header, table_rows),
+                     ("p", "Each machine's latest sweep of a cell, where several measured it.")]
 
 
 # --------------------------------------------------------------------------- plots
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_vs_batch(machine: str, rows: list[SweepCell], metric: str, out_dir: Path) -> Path:
-    """One panel per (preset, fusion), one line per (backend, precision); latency with p90–p99 whiskers (to p90
-    only where a cell has too few samples for a p99)."""
-    plt = _plt()
-    panels = sorted({(c.preset, c.row.fusion) for c in rows})
-    cols = min(4, len(panels))
-    fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(4 * cols, 3.3 * ((len(panels) + cols - 1)
-                                                                                            // cols)), squeeze=False)
-    for ax, (preset, fusion) in zip(axes.flat, panels, strict=False):
-        lines = defaultdict(list)
-        for c in rows:
-            if (c.preset, c.row.fusion) == (preset, fusion):
-                lines[(c.row.backend, c.precision)].append(c.row)
-        for (backend, precision), rs in sorted(lines.items()):
-            rs = sorted(rs, key=lambda r: r.batch_size)
-            x = [r.batch_size for r in rs]
+def plot_vs_batch(sweep: Sweep, metric: str, colors: dict[str, str], out_dir: Path) -> Path:
+    """One sweep: a panel per (preset, fusion), a line per backend; latency with p90–p99 whiskers (to p90 only
+    where a cell has too few samples for a p99). One legend for the figure, plain tick numbers."""
+    plt = pyplot()
+    rows = [r for r in sweep.rows if metric != "memory" or "cuda_max_allocated_mib" in r.peak_memory]
+    fusions = sorted({r.fusion for r in rows})
+    fig, axes = plt.subplots(1, len(fusions), figsize=(2.8 * len(fusions), 2.8), squeeze=False, sharey=True)
+    values = {"latency": lambda r: r.host.p50_ms, "throughput": lambda r: r.throughput_samples_per_s,
+              "memory": lambda r: r.peak_memory["cuda_max_allocated_mib"]}[metric]
+    for ax, fusion in zip(axes.flat, fusions, strict=True):
+        for backend in sorted({r.backend for r in rows if r.fusion == fusion}):
+            rs = sorted((r for r in rows if (r.fusion, r.backend) == (fusion, backend)), key=lambda r: r.batch_size)
+            x, y = [r.batch_size for r in rs], [values(r) for r in rs]
             if metric == "latency":
-                y = [r.host.p50_ms for r in rs]
                 ax.errorbar(x, y, yerr=[[max(0.0, r.host.p50_ms - r.host.p90_ms) for r in rs],
                                         [(r.host.p99_ms or r.host.p90_ms) - r.host.p50_ms for r in rs]], marker="o",
-                            ms=3, capsize=2, label=f"{backend} {precision}")
+                            ms=3, capsize=2, color=colors[backend], label=backend)
             else:
-                y = [r.throughput_samples_per_s if metric == "throughput" else r.peak_memory["cuda_max_allocated_mib"]
-                     for r in rs]
-                ax.plot(x, y, marker="o", ms=3, label=f"{backend} {precision}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_title(f"{preset} / {fusion}", fontsize=10)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel({"latency": "p50 ms", "throughput": "samples/s", "memory": "MiB"}[metric])
+                ax.plot(x, y, marker="o", ms=3, color=colors[backend], label=backend)
+        batch_axis(ax, [r.batch_size for r in rows])
+        ax.set_title(f"{sweep.preset} / {fusion}", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    return _save(plt, fig, f"{metric} — {machine}", out_dir / f"{metric}-{slug(machine)}.png")
+    top = [(r.host.p99_ms or r.host.p90_ms) for r in rows] if metric == "latency" else []
+    plain_axis(axes[0, 0], "y", [values(r) for r in rows] + top)
+    axes[0, 0].set_ylabel({"latency": "p50 ms", "throughput": "samples/s", "memory": "MiB"}[metric])
+    _figure_legend(fig, f"backend ({sweep.precision})")
+    title = {"latency": "p50 latency", "throughput": "throughput", "memory": "CUDA max allocated"}[metric]
+    return save_figure(plt, fig, f"{title} — {sweep.title}", out_dir / f"{metric}-{sweep.slug}.png")
 
 
-def _save(plt, fig, title: str, path: Path) -> Path:
-    """Title, lay out, write atomically, free the figure."""
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return path
+def _figure_legend(fig, title: str) -> None:
+    """The figure's one legend, right of the panels, from every panel's lines (each backend once)."""
+    handles = {}
+    for a in fig.axes:
+        for handle, label in zip(*a.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), title=title, loc="center left", bbox_to_anchor=(1.0, 0.5),
+               fontsize=8, title_fontsize=8, frameon=False)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -364,34 +491,44 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def plot_pareto(machine: str, cells: list[SweepCell], accuracy: dict, out_dir: Path) -> Path | None:
-    plt = _plt()
-    cells = [c for c in cells if (c.preset, c.row.fusion) in accuracy]
-    if not cells:
+MARKERS = "osD^vP*X"
+
+
+def plot_pareto(sweep: Sweep, accuracy: dict, colors: dict[str, str], out_dir: Path) -> Path | None:
+    """One sweep: accuracy against p50 at batch 1 and the sweep's largest batch. Colour is the backend and the
+    marker the fusion, named in legends beside the panels: no label is written on a point, so none overlaps."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import PercentFormatter
+
+    rows = [r for r in sweep.rows if (sweep.preset, r.fusion) in accuracy]
+    if not rows:
         return None
-    largest = max(c.row.batch_size for c in cells)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
-    for ax, batch in zip(axes.flat, (1, largest), strict=True):
-        points = []
-        for c in cells:
-            r = c.row
-            if r.batch_size == batch:
-                acc = accuracy[(c.preset, r.fusion)]
-                points.append((r.host.p50_ms, acc))
-                ax.scatter(r.host.p50_ms, acc, s=25)
-                ax.annotate(f"{r.fusion}/{r.backend}", (r.host.p50_ms, acc), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
-        front = pareto_front(points)
-        if front:
-            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, alpha=0.6,
-                    label="Pareto front")
-        ax.set_xscale("log")
+    plt = pyplot()
+    fusions = sorted({r.fusion for r in rows})
+    marker = dict(zip(fusions, MARKERS, strict=False))
+    largest = max(r.batch_size for r in rows)
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4), squeeze=False)
+    latencies = [r.host.p50_ms for r in rows if r.batch_size in (1, largest)]
+    log = max(latencies) / min(latencies) >= 5  # one scale for both panels
+    for ax, batch in zip(axes.flat, sorted({1, largest}), strict=False):
+        points = [(r.host.p50_ms, accuracy[(sweep.preset, r.fusion)], r) for r in rows if r.batch_size == batch]
+        for latency, acc, r in points:
+            ax.scatter(latency, acc, s=40, color=colors[r.backend], marker=marker[r.fusion], zorder=3)
+        front = pareto_front([(p[0], p[1]) for p in points])
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, alpha=0.5, zorder=2)
+        plain_axis(ax, "x", [p[0] for p in points], log=log)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
         ax.set_xlabel("p50 latency (ms)")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"batch {batch}", fontsize=10)
+        ax.margins(0.08)  # no marker cut by the frame
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return _save(plt, fig, f"accuracy vs latency — {machine}", out_dir / f"pareto-{slug(machine)}.png")
+    backends = sorted({r.backend for r in rows})
+    legend = [Line2D([], [], ls="", marker="o", color=colors[b], label=b) for b in backends]
+    legend += [Line2D([], [], ls="", marker=marker[f], color="grey", label=f) for f in fusions]
+    legend += [Line2D([], [], color="k", alpha=0.5, label="Pareto front")]
+    fig.legend(handles=legend, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    return save_figure(plt, fig, f"accuracy vs latency — {sweep.title}", out_dir / f"pareto-{sweep.slug}.png")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -408,9 +545,11 @@ def write_report(paths: list[Path], out: Path) -> dict:
                             if rec.files else "No records found: run `fusionprof compare` (the whole study), or "
                                               "`fusionprof train`, `fusionprof export` and `fusionprof latency`.")]
     blocks += training_section(rec) + export_section(rec) + latency_section(rec, plots) + \
-        pareto_section(rec, plots) + memory_section(rec, plots) + cross_machine_section(rec)
+        pareto_section(rec, plots) + memory_section(rec, plots) + load_section(rec.load, out, rec.latency) + \
+        cross_machine_section(rec)
     md, page = to_markdown(blocks), to_html(blocks, "fusionprof report")
     atomic_write(out / "report.md", lambda tmp: tmp.write_text(md))
     atomic_write(out / "report.html", lambda tmp: tmp.write_text(page))
+    written = sorted(str(out / b[1]) for b in blocks if b[0] == "img")
     return {"markdown": str(out / "report.md"), "html": str(out / "report.html"), "records": rec.files,
-            "machines": machines, "plots": sorted(str(p) for p in plots.glob("*.png"))}
+            "machines": machines, "plots": written}

@@ -1,0 +1,163 @@
+"""What a reader of ``report.html`` gets: tables with their headers that scroll in their own box, images that
+exist, one latency sweep per plot, plain tick numbers. Read with html.parser: no browser needed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from fusionprof import SCHEMA_VERSION
+from fusionprof.figures import plain_axis, plain_number, pyplot
+from fusionprof.report import write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_BARE_COLUMNS = 8  # a table with more columns than this must sit in a box that scrolls sideways
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SWEEPS = ["profiles/vm/latency-tiny-cpu-fp32-20261126T200526Z.json",  # two sweeps of one machine, one preset
+          "profiles/vm/latency-tiny-cpu-fp32-20261126T231708Z.json"]
+
+
+class Page(HTMLParser):
+    """The tables (header cells, body rows, inside a scroll box or not) and image sources of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[dict] = []
+        self.images: list[str] = []
+        self.scroll_depth = 0  # open <div class="scroll"> elements
+        self.divs: list[bool] = []  # per open <div>: is it a scroll box
+        self.cell: list[str] | None = None
+        self.row: list[str] | None = None
+        self.in_head = False
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attrs = dict(attrs)
+        if tag == "div":
+            self.divs.append("scroll" in (attrs.get("class") or "").split())
+            self.scroll_depth += self.divs[-1]
+        elif tag == "table":
+            self.tables.append({"header": [], "rows": [], "scrolls": self.scroll_depth > 0})
+        elif tag == "thead":
+            self.in_head = True
+        elif tag == "tr":
+            self.row = []
+        elif tag in ("td", "th"):
+            self.cell = []
+        elif tag == "img":
+            self.images.append(attrs["src"])
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "div":
+            self.scroll_depth -= self.divs.pop()
+        elif tag == "thead":
+            self.in_head = False
+        elif tag in ("td", "th"):
+            self.row.append(("th:" if tag == "th" else "") + "".join(self.cell).strip())
+            self.cell = None
+        elif tag == "tr":
+            table = self.tables[-1]
+            if self.in_head:
+                table["header"] = self.row
+            else:
+                table["rows"].append(self.row)
+
+    def handle_data(self, data: str) -> None:
+        if self.cell is not None:
+            self.cell.append(data)
+
+
+def read_page(path: Path) -> Page:
+    page = Page()
+    page.feed(path.read_text())
+    return page
+
+
+def check_structure(html_path: Path) -> Page:
+    """Every table has a header of <th> cells in a <thead>, every body row as many cells as the header, a wide
+    table scrolls in its own box; every image is a PNG file that exists, relative to the page."""
+    page = read_page(html_path)
+    assert page.tables, "no table"
+    for i, table in enumerate(page.tables):
+        header = table["header"]
+        assert header and all(h.startswith("th:") and h != "th:" for h in header), f"table {i}: no header"
+        assert all(len(row) == len(header) for row in table["rows"]), f"table {i} {header}: ragged rows"
+        assert table["scrolls"] or len(header) <= MAX_BARE_COLUMNS, f"table {i} {header}: wide and no scroll box"
+    for src in page.images:
+        path = html_path.parent / src
+        assert path.is_file(), f"{src}: no such file"
+        assert path.read_bytes()[:8] == PNG_MAGIC, f"{src}: not a PNG"
+    return page
+
+
+def _load_record() -> dict:
+    """A Server find-max load record: one VALID rate, one INVALID."""
+    def run(qps, valid):
+        return {"scenario": "server", "accuracy": False, "valid": valid, "validity": "VALID" if valid else "INVALID",
+                "invalid_reasons": [] if valid else ["latency constraint not met"], "settings": {"target_qps": qps},
+                "loadgen": {"result_99.00_percentile_latency_ns": 20e6, "result_50.00_percentile_latency_ns": 8e6},
+                "batch_sizes": {"1": 10}, "logs": "x"}
+    env = json.loads((ROOT / SWEEPS[0]).read_text())["environment"]
+    return {"schema_version": SCHEMA_VERSION, "kind": "load", "created": "20261127T120000Z", "preset": "tiny",
+            "fusion": "mid", "backend": "onnxruntime", "precision": "fp32", "device": "cpu", "scenario": "server",
+            "max_batch": 8, "batch_timeout_ms": 2.0, "p99_target_ms": 50.0, "model": {}, "backend_info": {},
+            "environment": env, "config": {"find_max_qps": True}, "runs": [run(40, True), run(80, False)],
+            "max_qps": 40}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    """A report over two committed sweeps of one machine, the committed CPU training records and a load record."""
+    root = tmp_path_factory.mktemp("records")
+    for path in [*SWEEPS, *(f"profiles/tiny-{f}/metrics.json" for f in ("early", "mid", "late", "bottleneck"))]:
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / path, root / path)
+    (root / "profiles/vm/load-server-tiny-mid.json").write_text(json.dumps(_load_record()))
+    out = tmp_path_factory.mktemp("out")
+    write_report([root / "profiles"], out)
+    return out
+
+
+def test_the_page_has_headed_tables_and_existing_pngs(report):
+    page = check_structure(report / "report.html")
+    assert any(src.startswith("report/load-") for src in page.images)  # the load section is wired in
+
+
+def test_each_sweep_gets_its_own_plots_titled_with_what_it_is(report):
+    md = (report / "report.md").read_text()
+    for stamp, date in (("20261126t200526z", "2026-11-26 20:05 UTC"), ("20261126t231708z", "2026-11-26 23:17 UTC")):
+        assert f"### vm (AMD EPYC) · tiny · fp32 · cpu · {date}" in md
+        for metric in ("latency", "throughput", "pareto"):
+            assert f"(report/{metric}-vm-amd-epyc-tiny-cpu-fp32-{stamp}.png)" in md
+    assert len(list((report / "report").glob("latency-*.png"))) == 2
+
+
+def test_a_column_no_record_fills_is_left_out_and_said_once(report):
+    """The committed training records predate train_flops: no column of dashes, one note that says why."""
+    page = read_page(report / "report.html")
+    [train] = [t for t in page.tables if "th:test acc" in t["header"]]
+    assert "th:train GFLOP/s" not in train["header"]
+    assert all(row.count("–") == 0 for row in train["rows"])
+    md = (report / "report.md").read_text()
+    assert md.count("Not shown: steady samples/s and train GFLOP/s — none of these training records has them") == 1
+
+
+def test_the_committed_report_holds_together():
+    page = check_structure(ROOT / "profiles" / "report.html")
+    assert any(src.startswith("report/latency-") for src in page.images)
+
+
+def test_log_axes_print_plain_numbers():
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    values = [70.0, 150.0, 600.0, 900.0]
+    ax.plot([1, 2, 3, 4], values)
+    plain_axis(ax, "y", values)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    plt.close(fig)
+    assert ax.get_yscale() == "log" and labels == ["100", "200", "500"]
+    assert [plain_number(v) for v in (600, 2.5, 0.02, 12000)] == ["600", "2.5", "0.02", "12,000"]

@@ -60,6 +60,10 @@ def onnx_name(precision: str) -> str:
     return "model.onnx" if precision == "fp32" else f"model.{precision}.onnx"
 
 
+def plan_name(precision: str) -> str:
+    return "model.plan" if precision == "fp32" else f"model.{precision}.plan"
+
+
 def pt2_name(precision: str, device_type: str) -> str:
     """An AOTInductor package is compiled for one device type: its name says which."""
     return f"model.{device_type}.{precision}.pt2"
@@ -231,7 +235,7 @@ def build_artifacts(fmt: str, model: FusionModel, out: Path, precision: str, dev
         f"{record['onnx']['export_seconds']:.1f} s); axes {record['onnx']['axes']}")
     artifacts = Artifacts(model, onnx=out / onnx_name(precision))
     if fmt == "trt":
-        artifacts.plan = out / ("model.plan" if precision == "fp32" else f"model.{precision}.plan")
+        artifacts.plan = out / plan_name(precision)
         profile = optimization_profile(profile_batches(max_batch), [1, model.cfg.max_text_len], model.cfg.image_size)
         record["tensorrt"] = build_engine(artifacts.onnx, artifacts.plan, profile)
     return artifacts

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from fusionprof.backends import BACKENDS, EAGER, Artifacts, Backend, backend_names, create_backend
+from fusionprof.backends.trt import build_engine, optimization_profile
 from fusionprof.checkpoint import checkpoint_hash, find_checkpoint, load_model
 from fusionprof.config import model_config, to_dict
 from fusionprof.env import fingerprint
@@ -37,6 +38,8 @@ from fusionprof.export import (
     export_onnx,
     onnx_name,
     parity,
+    plan_name,
+    profile_batches,
     pt2_name,
     record_name,
 )
@@ -95,42 +98,55 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
         calibration = partial(calibration_sample, mcfg, None, 0)  # the embedded dataset's validation split
     artifacts = Artifacts(model)
     device = resolve_device(cfg.device)
-    for fmt in _exports_needed(cfg, device):
-        name = pt2_name(cfg.precision, device.type) if fmt == "pt2" else onnx_name(cfg.precision)
+    for artifact in _exports_needed(cfg, device):
+        name = ARTIFACT_NAMES[artifact](cfg.precision, device.type)
         path = checkpoint.parent / name if checkpoint else None
-        if not (path and path.exists() and _export_ok(checkpoint, fmt, cfg.precision, device.type)):
-            path = work_dir / fmt / f"{cfg.preset}-{fusion}" / name
+        if not (path and path.exists() and _export_ok(checkpoint, artifact, cfg.precision, device.type)):
+            path = work_dir / artifact / f"{cfg.preset}-{fusion}" / name
         if not path.exists():
             log(f"exporting {cfg.preset}/{fusion} to {path}")
             try:
-                _export(fmt, model, path, cfg.precision, device, calibration)
+                _export(artifact, artifacts, path, cfg, device, calibration)
             except UserError as e:  # e.g. an AOTInductor build that crashed its process: that backend's rows say so
-                artifacts.failed[fmt] = str(e)
+                artifacts.failed[artifact] = str(e)
                 continue
-        setattr(artifacts, fmt, path)
+        setattr(artifacts, artifact, path)
     return artifacts, source
 
 
-def _export(fmt: str, model: FusionModel, path: Path, precision: str, device: torch.device, calibration) -> None:
-    if fmt == "pt2":
+# What each artifact is called on disk, and the export format (and so the record) it comes from.
+ARTIFACT_NAMES = {"onnx": lambda precision, device_type: onnx_name(precision),
+                  "plan": lambda precision, device_type: plan_name(precision), "pt2": pt2_name}
+ARTIFACT_FORMATS = {"onnx": "onnx", "plan": "trt", "pt2": "pt2"}
+
+
+def _export(artifact: str, artifacts: Artifacts, path: Path, cfg: SweepConfig, device: torch.device,
+            calibration) -> None:
+    model, precision = artifacts.model, cfg.precision
+    if artifact == "pt2":
         build_pt2(model, path, precision, device)
+    elif artifact == "plan":  # from the ONNX, over every batch the sweep times and its caption length
+        if artifacts.onnx is None:
+            raise UserError(f"no ONNX to build a TensorRT engine from ({artifacts.failed.get('onnx')})")
+        build_engine(artifacts.onnx, path, optimization_profile(profile_batches(max(cfg.batch_sizes)),
+                                                                [1, model.cfg.max_text_len], model.cfg.image_size))
     elif precision == "int8":  # quantized on a validation sample: the checkpoint's data, else the embedded set's
         export_int8_onnx(model, path, *calibration())
     else:
         export_onnx(model, path, precision)
 
 
-def _exports_needed(cfg: SweepConfig, device: torch.device) -> set[str]:
-    """The exports the chosen backends load, where they run the sweep's precision on its device. A TensorRT plan
-    is built from the ONNX."""
-    loaded = {BACKENDS.get(name).artifact for name in cfg.backends
-              if not BACKENDS.get(name).precision_problem(cfg.precision, device)}
-    return {"onnx" if artifact == "plan" else artifact for artifact in loaded if artifact}
+def _exports_needed(cfg: SweepConfig, device: torch.device) -> list[str]:
+    """The exports the chosen backends load, where they can run the sweep's precision on its device here, in the
+    order they are built: a TensorRT plan is built from the ONNX."""
+    loaded = {BACKENDS.get(name).artifact for name in cfg.backends if not _not_runnable(name, device, cfg.precision)}
+    loaded |= {"onnx"} if "plan" in loaded else set()
+    return [artifact for artifact in ARTIFACT_NAMES if artifact in loaded]
 
 
-def _export_ok(checkpoint: Path, fmt: str, precision: str, device_type: str) -> bool:
+def _export_ok(checkpoint: Path, artifact: str, precision: str, device_type: str) -> bool:
     """A checkpoint's own export is reused only if its verification passed, for this very checkpoint."""
-    path = checkpoint.parent / record_name(fmt, precision, device_type)
+    path = checkpoint.parent / record_name(ARTIFACT_FORMATS[artifact], precision, device_type)
     if not path.exists():
         return False
     record = json.loads(path.read_text())

@@ -34,7 +34,7 @@ from fusionprof.config import to_dict
 from fusionprof.data import prepare_data
 from fusionprof.data.text import build_tokenizer
 from fusionprof.env import fingerprint
-from fusionprof.errors import UserError
+from fusionprof.errors import UserError, first_line
 from fusionprof.evaluate import evaluate_split, to_inputs
 from fusionprof.metrics import itm_metrics, predict
 from fusionprof.models import FusionModel
@@ -125,7 +125,7 @@ def check_onnx(path: Path) -> dict[str, list]:
         onnx.checker.check_model(str(path), full_check=True)
         graph = onnx.load(str(path), load_external_data=False).graph
     except Exception as e:  # onnx raises ValidationError, DecodeError, OSError ...
-        raise UserError(f"{path}: not a valid ONNX model ({str(e).strip().splitlines()[0]})") from None
+        raise UserError(f"{path}: not a valid ONNX model ({first_line(e)})") from None
     axes = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
     for name, dims in axes.items():
         symbolic = [0] if name == "images" else [0, 1]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fusionprof.config import ModelConfig, from_dict, to_dict
-from fusionprof.errors import UserError
+from fusionprof.errors import UserError, first_line
 from fusionprof.models import FusionModel, build_model
 from fusionprof.models.model import InferenceGraph, example_inputs
 from fusionprof.runtime import DTYPES
@@ -101,6 +101,6 @@ def _build_in_child(source: str, path: str, precision: str, device: str, status:
         seconds["load_and_first_call"] = time.perf_counter() - start
         Path(status).write_text(json.dumps({"ok": True, "seconds": seconds}))
     except Exception as e:  # any failure of export / inductor: its first line is the reason
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e, 300)
         Path(status).write_text(json.dumps({"step": json.loads(Path(status).read_text())["step"],
                                             "error": f"{type(e).__name__}: {first}"}))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from fusionprof.backends.base import AUTOCAST_PRECISIONS, Backend, register_backend, require
-from fusionprof.errors import UserError
+from fusionprof.backends.base import AUTOCAST_PRECISIONS, Backend, inductor_status, register_backend, require
+from fusionprof.errors import UserError, first_line
 from fusionprof.runtime import DTYPES
 
 
@@ -29,16 +29,12 @@ class AOTInductor(Backend):
             self.runner = torch._inductor.aoti_load_package(str(path), device_index=device.index or 0
                                                             if device.type == "cuda" else -1)
         except Exception as e:  # a package for another device, torch version or a truncated file
-            raise UserError(f"{path}: AOTInductor cannot load it ({str(e).strip().splitlines()[0][:200]})") from None
+            raise UserError(f"{path}: AOTInductor cannot load it ({first_line(e)})") from None
         self.path = path
 
     @classmethod
     def available(cls, device):
-        try:
-            import torch._inductor  # noqa: F401  (the package's runtime)
-        except ImportError as e:
-            return False, f"torch inductor cannot be imported ({e})"
-        return True, ""
+        return inductor_status()
 
     @torch.inference_mode()
     def run_on_device(self, images, input_ids, attention_mask):

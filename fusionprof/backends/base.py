@@ -119,6 +119,16 @@ def create_backend(name: str, artifacts: Artifacts, device: torch.device, precis
     return BACKENDS.get(name)(artifacts, device, precision)
 
 
+def inductor_status() -> tuple[bool, str]:
+    """Whether torch's inductor (a C++ compiler on the CPU, Triton on CUDA) can be imported: what the backends that
+    compile (torch-compile) or run compiled packages (aoti) need."""
+    try:
+        import torch._inductor  # noqa: F401
+    except ImportError as e:
+        return False, f"torch inductor cannot be imported ({e})"
+    return True, ""
+
+
 def require(path: Path | None, what: str, command: str) -> Path:
     if path is None or not Path(path).exists():
         raise UserError(f"no {what} for this model: run `{command}` first")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fusionprof.backends.base import INPUT_NAMES, Backend, register_backend, require
-from fusionprof.errors import UserError
+from fusionprof.errors import UserError, first_line
 from fusionprof.runtime import native_bf16
 
 # The precision OpenVINO computes the float part of the graph in (int8's float ops included).
@@ -39,7 +39,7 @@ class OpenVino(Backend):
         try:
             self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         except Exception as e:  # OpenVINO raises RuntimeError / GeneralFailure with multi-line messages
-            raise UserError(f"{path}: openvino cannot compile it ({str(e).strip().splitlines()[0][:200]})") from None
+            raise UserError(f"{path}: openvino cannot compile it ({first_line(e)})") from None
         self.request = self.compiled.create_infer_request()
         self.input_dtypes = {port.get_any_name(): port.get_element_type().to_dtype()
                              for port in self.compiled.inputs}

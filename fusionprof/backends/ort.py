@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from fusionprof.backends.base import INPUT_NAMES, QUANTIZED_GRAPH_PRECISIONS, Backend, register_backend, require
-from fusionprof.errors import UserError
+from fusionprof.errors import UserError, first_line
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _TORCH_DTYPE = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
@@ -31,7 +31,7 @@ class OnnxRuntime(Backend):
             self.session = ort.InferenceSession(str(path), options, providers=[provider],
                                                 provider_options=provider_options)
         except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
-            raise UserError(f"{path}: onnxruntime cannot load it ({str(e).strip().splitlines()[0][:200]})") from None
+            raise UserError(f"{path}: onnxruntime cannot load it ({first_line(e)})") from None
         used = self.session.get_providers()[0]
         if used != provider:  # ORT silently falls back to the CPU when a provider fails to load
             raise UserError(f"onnxruntime runs on {used}, not {provider} as asked (is onnxruntime-gpu installed?)")

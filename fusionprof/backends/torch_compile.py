@@ -2,7 +2,7 @@
 
 import torch
 
-from fusionprof.backends.base import register_backend
+from fusionprof.backends.base import inductor_status, register_backend
 from fusionprof.backends.torch_eager import TorchEager
 
 
@@ -20,11 +20,7 @@ class TorchCompile(TorchEager):
 
     @classmethod
     def available(cls, device):
-        try:
-            import torch._inductor  # noqa: F401  (needs a C++ compiler on the CPU, Triton on CUDA)
-        except ImportError as e:
-            return False, f"torch inductor cannot be imported ({e})"
-        return True, ""
+        return inductor_status()
 
     def describe(self):
         return {**super().describe(), "compile": "inductor, dynamic=True"}

@@ -92,14 +92,12 @@ def compiled_export(artifacts, tmp_path_factory):
 
 
 def backend_cases():
-    """Every backend on every fusion, except that a backend whose artifact is compiled ahead of time (a minute or
-    two per model here) is checked on mid, the fusion with the most kinds of op (cross-attention, 2-D positions).
-    Backends that compile are in the slow suite."""
+    """Every backend on every fusion, except that a backend that compiles (a minute or two per model here) is checked
+    on mid, the fusion with the most kinds of op (cross-attention, 2-D positions), in the slow suite."""
     for name in backend_names():
-        backend = BACKENDS.get(name)
-        marks = [pytest.mark.slow] if backend.compiles else []
-        yield from (pytest.param(name, fusion, marks=marks) for fusion in fusion_names()
-                    if not (backend.artifact and backend.compiles) or fusion == "mid")
+        compiles = BACKENDS.get(name).compiles
+        yield from (pytest.param(name, fusion, marks=[pytest.mark.slow] if compiles else [])
+                    for fusion in fusion_names() if not compiles or fusion == "mid")
 
 
 @pytest.mark.parametrize("name,fusion", list(backend_cases()))

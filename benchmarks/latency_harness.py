@@ -199,13 +199,7 @@ def prepare(args, names: list[str], device: torch.device, work_dir: Path) -> Art
     runnable = [name for name in names if BACKENDS.get(name).available(device)[0]]
     cfg = SweepConfig(preset=args.preset, fusions=[args.fusion], backends=runnable, batch_sizes=[args.batch_size],
                       device=str(device), threads=args.threads, models_dir=str(work_dir))
-    artifacts, _ = load_artifacts(cfg, args.fusion, work_dir)
-    if "tensorrt" in runnable and artifacts.onnx:  # the sweep loads no plan: one for this shape
-        from fusionprof.backends.trt import build_engine, optimization_profile
-
-        artifacts.plan, mcfg = work_dir / "model.plan", artifacts.model.cfg
-        build_engine(artifacts.onnx, artifacts.plan,
-                     optimization_profile([args.batch_size], [mcfg.max_text_len], mcfg.image_size))
+    artifacts, _ = load_artifacts(cfg, args.fusion, work_dir)  # the ONNX, and the TensorRT plan and .pt2 built from it
     return artifacts
 
 

@@ -28,12 +28,13 @@ from fusionprof.models import FusionModel, build_model
 from fusionprof.models.model import InferenceGraph, example_inputs
 from fusionprof.runtime import DTYPES
 
-STEPS = ("export", "compile", "load")
+MAX_BATCH, MAX_SEQUENCE = 4096, 512  # the exports' dynamic axes (ONNX and .pt2 alike)
 
 
 def dynamic_shapes() -> dict[str, dict[int, torch.export.Dim]]:
     """Batch and caption length free (the same ranges as the ONNX export): one artifact serves every shape."""
-    batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=1, max=512)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    seq = torch.export.Dim("sequence", min=1, max=MAX_SEQUENCE)
     return {"images": {0: batch}, "input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
 
 
@@ -59,7 +60,7 @@ def build_pt2(model: FusionModel, path: Path, precision: str, device: torch.devi
     if state.get("ok"):
         return {"path": str(path), "precision": precision, "device": str(device), "torch": torch.__version__,
                 "size_mib": path.stat().st_size / 2**20, "seconds": state["seconds"],
-                "dynamic_axes": {"batch": [1, 4096], "sequence": [1, 512]}}
+                "dynamic_axes": {"batch": [1, MAX_BATCH], "sequence": [1, MAX_SEQUENCE]}}
     raise UserError(f"AOTInductor build failed at its {state['step']} step: {_why(child.exitcode, state, timeout_s)}")
 
 

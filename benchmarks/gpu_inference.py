@@ -3,14 +3,17 @@
     PYTHONPATH=. python3 benchmarks/gpu_inference.py [--preset seed] [--precision bf16] [--batch-sizes 1,8,32,128]
         [--backends torch,torch-cudagraphs] [--aoti-fusions mid] [--compile-modes reduce-overhead,max-autotune]
 
-One process, so every figure shares the GPU's clocks and the same models:
+One process, so every figure shares the GPU's clocks and the same models, in this order (the record is rewritten
+after each stage, so a run cut at its time limit keeps what it measured; ``completed`` names the last stage):
 1. the latency sweep (``fusionprof.latency.sweep``, random init: latency does not depend on the weights) over
-   ``--backends`` for every fusion, and over ``aoti`` for ``--aoti-fusions`` (a seed-size ``.pt2`` build takes
-   minutes);
+   ``--backends`` for every fusion;
 2. the reference: each fusion's model cast to the precision's dtype, captured once per batch size with a bare
-   ``torch.cuda.CUDAGraph`` and replayed, timed with CUDA events like the sweep's device-resident p50;
-3. with ``--compile-modes``, ``torch.compile(mode=...)`` of ``--compile-fusion``'s model, timed the same way: which
-   implementation ``torch-cudagraphs`` should keep (eager kernels replayed, or inductor's).
+   ``torch.cuda.CUDAGraph`` and replayed, timed with CUDA events like the sweep's device-resident p50; and, for
+   ``--compile-fusion``, that cast model run eagerly (the ``torch`` backend autocasts over fp32 weights instead);
+3. ``aoti`` for ``--aoti-fusions`` (a seed-size ``.pt2`` build takes minutes), and the package's own call without
+   the CUDA graph the backend replays it in;
+4. with ``--compile-modes``, ``torch.compile(mode=...)`` of ``--compile-fusion``'s model at the smallest batch and
+   32: which implementation ``torch-cudagraphs`` should keep (eager kernels replayed, or inductor's).
 Then issue 14's checks, computed from those numbers: the best backend at the smallest batch against eager and
 against the bare replay, its TFLOP/s at the largest batch, its CV, and aoti against torch-cudagraphs. The record
 goes to ``profiles/<host>/gpu-inference-<preset>-<precision>.json``.
@@ -29,6 +32,7 @@ from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import write_json
 from fusionprof.config import model_config
 from fusionprof.env import fingerprint, machine_name
+from fusionprof.export import pt2_name
 from fusionprof.latency import SweepConfig, sweep
 from fusionprof.measure import Protocol, sample_cuda_events, summarize
 from fusionprof.models import build_model, forward_flops, fusion_names
@@ -82,7 +86,9 @@ def compiled_mode(model, mode: str, batch: int, seq_len: int, dtype, device, pro
 
 def checks(rows: list[dict], reference: dict, batch_sizes: list[int]) -> dict:
     """Issue 14's targets, from the device-resident p50s of the record."""
-    ok = [r for r in rows if r["status"] == "ok" and r.get("device_resident")]
+    # Rows that failed parity are timed all the same: they enter these checks, and "parity" says which passed
+    ok = [r for r in rows if r.get("device_resident")]
+    passed = {(r["fusion"], r["backend"]): r["status"] == "ok" for r in ok}
     p50 = {(r["fusion"], r["backend"], r["batch_size"]): r["device_resident"]["p50_ms"] for r in ok}
     smallest, largest = min(batch_sizes), max(batch_sizes)
     out = {}
@@ -99,10 +105,32 @@ def checks(rows: list[dict], reference: dict, batch_sizes: list[int]) -> dict:
             "eager_over_best_at_smallest": at[smallest].get("torch", float("nan")) / at[smallest][best],
             "best_over_bare_replay_at_smallest": at[smallest][best] / reference[fusion][smallest]["p50_ms"],
             "best_tflops_at_largest": row_large and row_large["device_resident_gflops"] / 1e3,
+            "parity": {b: v for (f, b), v in passed.items() if f == fusion},
             "best_cv_max": max(r["device_resident"]["cv"] for r in ok if (r["fusion"], r["backend"]) == (fusion, best)),
             "aoti_over_cudagraphs": {b: at[b]["aoti"] / at[b]["torch-cudagraphs"] for b in batch_sizes
                                      if "aoti" in at[b] and "torch-cudagraphs" in at[b]},
         }
+    return out
+
+
+def eager_cast(model, batch: int, seq_len: int, dtype, device, protocol: Protocol) -> dict:
+    """The eager model with its weights cast to the dtype (the ``torch`` backend autocasts over fp32 weights)."""
+    inputs = [t.to(device) for t in example_inputs(model.cfg, batch, seq_len)]
+    inputs[0] = inputs[0].to(dtype)
+    with torch.inference_mode():
+        return timed_on_device(lambda: model(*inputs), device, protocol)
+
+
+def aoti_uncaptured(path: Path, cfg, batch_sizes: list[int], seq_len: int, dtype, device, protocol) -> dict:
+    """The .pt2 package's own call, no CUDA graph around it: what the aoti backend's replay saves."""
+    runner = torch._inductor.aoti_load_package(str(path), device_index=device.index or 0)
+    out = {}
+    for b in batch_sizes:
+        images, ids, mask = (t.to(device) for t in example_inputs(cfg, b, seq_len))
+        images = images.to(dtype).contiguous()
+        with torch.inference_mode():
+            out[b] = timed_on_device(lambda: runner(images, ids, mask), device, protocol)  # noqa: B023
+        print(f"aoti package call, no graph, bs {b}: p50 {out[b]['p50_ms']:.3f} ms", flush=True)
     return out
 
 
@@ -127,44 +155,72 @@ def main() -> None:
     dtype, seq_len = DTYPES[args.precision], model_config(args.preset).max_text_len
     common = dict(preset=args.preset, batch_sizes=batch_sizes, device=str(device), precision=args.precision,
                   models_dir="/nonexistent", profiles_dir=args.out, protocol=protocol)
-    records = [sweep(SweepConfig(fusions=fusion_names(), backends=args.backends.split(","), **common), log=print)]
-    if args.aoti_fusions:
-        records.append(sweep(SweepConfig(fusions=args.aoti_fusions.split(","), backends=["aoti"], **common), log=print))
-    rows = [r.to_dict() for rec in records for r in rec.rows]
-    reference, compiled = {}, {}
+    env = fingerprint()
+    path = Path(args.out) / env["host"] / f"gpu-inference-{args.preset}-{args.precision}.json"
+    record = {"schema_version": SCHEMA_VERSION, "kind": "gpu_inference", "args": vars(args), "sweeps": [],
+              "bare_replay": {}, "eager_weights_cast": {}, "aoti_uncaptured": {}, "compile_modes": {},
+              "checks": {}, "environment": env}
+    rows: list[dict] = []
+
+    def save(stage: str) -> None:  # after every stage: a run cut short at its time limit keeps what it measured
+        if record["bare_replay"]:
+            found = record["checks"] = checks(rows, record["bare_replay"], batch_sizes)
+            record["median_best_over_bare"] = statistics.median(
+                c["best_over_bare_replay_at_smallest"] for c in found.values()) if found else None
+        record["completed"] = stage
+        write_json(path, record)
+        print(f"{machine_name(env)}: wrote {path} ({stage})", flush=True)
+
+    def add(rec) -> None:
+        record["sweeps"].append(rec.path)
+        rows.extend(r.to_dict() for r in rec.rows)
+
+    add(sweep(SweepConfig(fusions=fusion_names(), backends=args.backends.split(","), **common), log=print))
+    save("sweep")
+    models = {}
     for fusion in fusion_names():
         model = random_model(args.preset, fusion).to(device=device, dtype=dtype, memory_format=torch.channels_last)
         flops = forward_flops(model, seq_len)["total"]
-        reference[fusion] = {}
+        reference = record["bare_replay"][fusion] = {}
         for b in batch_sizes:
             r = bare_replay(model, b, seq_len, dtype, device, protocol)
-            reference[fusion][b] = {**r, "tflops": flops * b / (r["p50_ms"] / 1e3) / 1e12}
+            reference[b] = {**r, "tflops": flops * b / (r["p50_ms"] / 1e3) / 1e12}
             print(f"bare CUDA-graph replay {fusion} bs {b}: p50 {r['p50_ms']:.3f} ms, "
-                  f"{reference[fusion][b]['tflops']:.1f} TFLOP/s", flush=True)
+                  f"{reference[b]['tflops']:.1f} TFLOP/s", flush=True)
         if fusion == args.compile_fusion:
-            for mode in filter(None, args.compile_modes.split(",")):
-                compiled[mode] = {b: compiled_mode(model, mode, b, seq_len, dtype, device, protocol)
-                                  for b in (min(batch_sizes), 32)}
-                print(f"torch.compile mode={mode} {fusion}: " + ", ".join(
-                    f"bs {b} p50 {v['p50_ms']:.3f} ms (compile {v['compile_seconds']:.0f} s)"
-                    for b, v in compiled[mode].items()), flush=True)
-        del model
-    found = checks(rows, reference, batch_sizes)
-    for fusion, c in found.items():
+            models[fusion] = model
+            record["eager_weights_cast"][fusion] = {
+                b: eager_cast(model, b, seq_len, dtype, device, protocol) for b in batch_sizes}
+            print(f"eager, weights cast to {args.precision}, {fusion}: " + ", ".join(
+                f"bs {b} p50 {v['p50_ms']:.3f} ms" for b, v in record["eager_weights_cast"][fusion].items()))
+        else:
+            del model
+    save("bare replay")
+    for fusion in filter(None, args.aoti_fusions.split(",")):
+        add(sweep(SweepConfig(fusions=[fusion], backends=["aoti"], **common), log=print))
+        save(f"aoti {fusion}")
+        package = Path(args.out) / env["host"] / "pt2" / f"{args.preset}-{fusion}" / pt2_name(args.precision, "cuda")
+        if package.exists():
+            record["aoti_uncaptured"][fusion] = aoti_uncaptured(package, model_config(args.preset), batch_sizes,
+                                                                seq_len, dtype, device, protocol)
+            save(f"aoti {fusion} uncaptured")
+    for mode in filter(None, args.compile_modes.split(",")):
+        model = models.get(args.compile_fusion) or random_model(args.preset, args.compile_fusion).to(
+            device=device, dtype=dtype, memory_format=torch.channels_last)
+        timed = record["compile_modes"][mode] = {}
+        for b in (min(batch_sizes), 32):
+            timed[b] = compiled_mode(model, mode, b, seq_len, dtype, device, protocol)
+            print(f"torch.compile mode={mode} {args.compile_fusion}: bs {b} p50 {timed[b]['p50_ms']:.3f} ms "
+                  f"(compile {timed[b]['compile_seconds']:.0f} s)", flush=True)
+            save(f"compile {mode} bs {b}")
+    for fusion, c in record["checks"].items():
         print(f"{fusion}: best {c['best_backend']}: eager/best at bs {min(batch_sizes)} = "
               f"{c['eager_over_best_at_smallest']:.1f}×, "
               f"best/bare replay = {c['best_over_bare_replay_at_smallest']:.2f}, "
               f"{c['best_tflops_at_largest'] or float('nan'):.0f} TFLOP/s at bs {max(batch_sizes)}, "
               f"max CV {c['best_cv_max']:.1%}"
               + "".join(f", aoti/cudagraphs bs {b} {v:.2f}" for b, v in c["aoti_over_cudagraphs"].items()))
-    env = fingerprint()
-    path = Path(args.out) / env["host"] / f"gpu-inference-{args.preset}-{args.precision}.json"
-    write_json(path, {"schema_version": SCHEMA_VERSION, "kind": "gpu_inference", "args": vars(args),
-                      "sweeps": [rec.path for rec in records], "bare_replay": reference, "compile_modes": compiled,
-                      "checks": found, "median_best_over_bare": statistics.median(
-                          c["best_over_bare_replay_at_smallest"] for c in found.values()) if found else None,
-                      "environment": env})
-    print(f"{machine_name(env)}: wrote {path}")
+    save("done")
 
 
 if __name__ == "__main__":

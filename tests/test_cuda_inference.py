@@ -58,3 +58,5 @@ def test_an_aoti_package_for_the_gpu_matches_eager(tmp_path):
     backend = create_backend("aoti", Artifacts(model, pt2=tmp_path / "model.cuda.bf16.pt2"), device, "bf16")
     assert built["device"] == "cuda:0" and backend.describe()["weights"] == "cast to bf16"
     assert_matches_eager(backend, model)
+    info = backend.describe()  # each shape's package call captured once and replayed, as torch-cudagraphs does
+    assert info.get("uncaptured") is None and info["graphs"] == 3, info

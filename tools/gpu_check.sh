@@ -29,16 +29,17 @@ big=${FP_BIG:-seed}               # the preset of the big-architecture benchmark
 images=${FP_IMAGES:-608}          # train images for the throughput benchmarks (× 4 pairs: 38 full batches of 64,
 #                                   and 19 for the tiny steps' half: no shorter last batch to compile again for)
 quick=${FP_QUICK:-0}              # 1: smallest settings everywhere (dry runs)
-steps=${FP_STEPS:-cuda-tests,gpu-inference,seed-eager,seed-cudagraphs,seed-regions,seed-profile,compare,feature-cache,tiny-throughput}
-#                                 also: latency, tiny-compile, tiny-cudagraphs, compile-modes
+steps=${FP_STEPS:-gpu-inference,cuda-tests,seed-eager,seed-cudagraphs,seed-regions,seed-profile,compare,feature-cache,tiny-throughput}
+#                                 also: latency, tiny-compile, tiny-cudagraphs
 deadline=$((SECONDS + ${FP_DEADLINE:-540}))
 work=${FP_WORK:-/tmp/fusionprof-gpu-check}
 rm -rf "$work" && mkdir -p "$work/profiles"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 FUSIONPROF_CACHE="$work/cache"
 : > "$out/steps.txt"; : > "$out/log.txt"
 
-pack() {  # the records, and the traces apart: if those are over the size limit, the records still come back
-  (cd "$work" && tar -czf "$out/results.tgz" --exclude=profiles/traces profiles $(compgen -G "models/*/*.json"))
+pack() {  # the records (not the exported models: a seed .pt2 is ~300 MB), and the traces apart: if those are over
+#           the size limit, the records still come back
+  (cd "$work" && tar -czf "$out/results.tgz" --exclude=profiles/traces --exclude="*.pt2" --exclude="*.onnx" --exclude="*.plan" profiles $(compgen -G "models/*/*.json"))
   [[ -d "$work/profiles/traces" ]] && tar -czf "$out/traces.tgz" -C "$work" profiles/traces 2>/dev/null
 }
 step() {  # step NAME LIMIT_SECONDS COMMAND...: run under min(LIMIT, time to the deadline), log, pack
@@ -69,19 +70,19 @@ fc=("$py" benchmarks/feature_cache.py --device "$device" --fusion early,late --o
 sweep=(--backends torch --batch-sizes 1,8,32 --min-seconds 0.5)
 ((quick)) && sweep=(--backends torch --batch-sizes 1,8 --min-seconds 0.1 --min-calls 5)
 
-# 1. The CUDA tests (training in fp32, bf16 and fp16 on the GPU; CUDA-graph replay and a .pt2 against eager);
+# 1. Issue 14: inference at the hardware's pace. The seed preset (random init) in bf16 at batch 1, 8, 32, 128
+#    through eager torch and torch-cudagraphs for every fusion and aoti for mid, beside a bare torch.cuda.CUDAGraph
+#    replay of the same models in the same process; then torch.compile's modes (FP_COMPILE_MODES, default
+#    reduce-overhead,max-autotune) on mid at batch 1 and 32: which implementation torch-cudagraphs should keep.
+#    The record is rewritten after every stage, so a step cut at its limit keeps what it measured; it prints the
+#    issue's checks. FP_AOTI=mid,early,... widens the aoti sweep.
+gi=("$py" benchmarks/gpu_inference.py --device "$device" --preset "$big" --out "$work/profiles")
+step gpu-inference 440 "${gi[@]}" --aoti-fusions "${FP_AOTI:-mid}" \
+  --compile-modes "${FP_COMPILE_MODES-reduce-overhead,max-autotune}" \
+  $( ((quick)) && echo --batch-sizes 1,8 --min-seconds 0.1)
+# 1b. The CUDA tests (training in fp32, bf16 and fp16 on the GPU; CUDA-graph replay and a .pt2 against eager);
 #    test_train.py and test_cuda_inference.py only: the others need pycocotools, which that machine's python lacks.
 step cuda-tests 260 "$py" -m pytest -q -x tests/test_train.py tests/test_cuda_inference.py -k "cuda or aoti" -p no:cacheprovider
-# 1b. Issue 14: inference at the hardware's pace. The seed preset (random init) in bf16 at batch 1, 8, 32, 128
-#     through eager torch and torch-cudagraphs for every fusion and aoti for mid, beside a bare torch.cuda.CUDAGraph
-#     replay of the same models in the same process; prints the issue's checks (≤ 6 minutes on a cold machine is
-#     the aim: the mid .pt2 build is most of it). FP_AOTI=mid,early,... widens the aoti sweep.
-gi=("$py" benchmarks/gpu_inference.py --device "$device" --preset "$big" --out "$work/profiles")
-step gpu-inference 360 "${gi[@]}" --aoti-fusions "${FP_AOTI:-mid}" $( ((quick)) && echo --batch-sizes 1,8 --min-seconds 0.1)
-# (Not by default.) torch.compile's reduce-overhead and max-autotune modes on mid at batch 1 and 32, against the
-#     bare replay: which implementation torch-cudagraphs should keep.
-step compile-modes 420 "${gi[@]}" --backends torch-cudagraphs --aoti-fusions "" \
-  --compile-modes reduce-overhead,max-autotune --batch-sizes 1,32
 # 2. Issue 7's GPU half: the study's architecture (ResNet-50 224 px + BERT-base) in bf16 with channels_last,
 #    eager (naive / shipped / ceiling) with its MFU.
 step seed-eager 150 "${big_tt[@]}"
@@ -114,7 +115,7 @@ step tiny-compile 240 "${tt[@]}" --rounds 1 --images "$((images / 2))" --compile
   --loops shipped,ceiling
 
 {
-  grep -hE "^\S.*: .* on |^\(a\)|^\(b\)|^early|^late|^mid|^bottleneck|^eager|^compile |^compiling|^training step profile|^torch.compile mode|^precision:" "$out/log.txt"
+  grep -hE "^\S.*: .* on |^\(a\)|^\(b\)|^early|^late|^mid|^bottleneck|^eager|^compile |^compiling|^training step profile|^torch.compile mode|^precision:|^bare CUDA|^aoti package|^eager, weights" "$out/log.txt"
   "$py" - "$work/profiles" <<'PY'
 import json, pathlib, sys
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*/metrics.json")):

@@ -179,8 +179,9 @@ def main() -> None:
     save("sweep")
     models = {}
     for fusion in fusion_names():
-        model = random_model(args.preset, fusion).to(device=device, dtype=dtype, memory_format=torch.channels_last)
-        flops = forward_flops(model, seq_len)["total"]
+        model = random_model(args.preset, fusion)
+        flops = forward_flops(model, seq_len)["total"]  # counted in fp32 on the CPU, before the cast
+        model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
         reference = record["bare_replay"][fusion] = {}
         for b in batch_sizes:
             r = bare_replay(model, b, seq_len, dtype, device, protocol)

@@ -98,7 +98,9 @@ def _build_in_child(source: str, path: str, precision: str, device: str, status:
         seconds["compile"] = time.perf_counter() - start
         step("load")
         start = time.perf_counter()
-        torch._inductor.aoti_load_package(path)(images.to(dtype), ids, mask)
+        on = torch.device(device)  # the device the package was built for, named as the backend names it
+        torch._inductor.aoti_load_package(path, device_index=on.index or 0 if on.type == "cuda" else -1)(
+            images.to(dtype), ids, mask)
         seconds["load_and_first_call"] = time.perf_counter() - start
         Path(status).write_text(json.dumps({"ok": True, "seconds": seconds}))
     except Exception as e:  # any failure of export / inductor: its first line is the reason

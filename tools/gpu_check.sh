@@ -77,12 +77,12 @@ sweep=(--backends torch --batch-sizes 1,8,32 --min-seconds 0.5)
 #    The record is rewritten after every stage, so a step cut at its limit keeps what it measured; it prints the
 #    issue's checks. FP_AOTI=mid,early,... widens the aoti sweep.
 gi=("$py" benchmarks/gpu_inference.py --device "$device" --preset "$big" --out "$work/profiles")
-step gpu-inference 440 "${gi[@]}" --aoti-fusions "${FP_AOTI:-mid}" \
+step gpu-inference 440 "${gi[@]}" --aoti-fusions "${FP_AOTI-mid}" \
   --compile-modes "${FP_COMPILE_MODES-reduce-overhead,max-autotune}" \
   $( ((quick)) && echo --batch-sizes 1,8 --min-seconds 0.1)
 # 1b. The CUDA tests (training in fp32, bf16 and fp16 on the GPU; CUDA-graph replay and a .pt2 against eager);
 #    test_train.py and test_cuda_inference.py only: the others need pycocotools, which that machine's python lacks.
-step cuda-tests 260 "$py" -m pytest -q -x tests/test_train.py tests/test_cuda_inference.py -k "cuda or aoti" -p no:cacheprovider
+step cuda-tests 260 "$py" -m pytest -q -x tests/test_train.py tests/test_cuda_inference.py -k "${FP_TESTS_K:-cuda or aoti}" -p no:cacheprovider
 # 2. Issue 7's GPU half: the study's architecture (ResNet-50 224 px + BERT-base) in bf16 with channels_last,
 #    eager (naive / shipped / ceiling) with its MFU.
 step seed-eager 150 "${big_tt[@]}"

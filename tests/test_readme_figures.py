@@ -93,6 +93,20 @@ def _p50(batch: int):
     return get
 
 
+def _device_p50(batch: int, backend: str):
+    """A GPU row's device-resident p50 (CUDA events, inputs already on the GPU)."""
+    def get(rec: dict, row: dict) -> list[float]:
+        return [next(r["device_resident"]["p50_ms"] for r in rec["rows"] if r["fusion"] == _plain(row["fusion"])
+                     and r["backend"] == backend and r["batch_size"] == batch and r["status"] == "ok")]
+    return get
+
+
+def _gpu_check(key: str, scale: float = 1.0):
+    def get(rec: dict, row: dict) -> list[float]:
+        return [rec["checks"][_plain(row["fusion"])][key] * scale]
+    return get
+
+
 def _key(loop: str, row: dict) -> str:
     scope = _scope(row)
     return loop if scope == "off" else f"{loop}+{scope}"
@@ -151,7 +165,16 @@ COLUMNS = {
         "GPU busy in it": lambda rec, row: [rec["step_profile"]["gpu_busy_ms"],
                                             rec["step_profile"]["gpu_busy_share"] * 100],
     },
-    "latency": {f"p50 bs {b}": _p50(b) for b in (1, 2, 4, 8, 16, 32)},
+    "latency": {**{f"p50 bs {b}": _p50(b) for b in (1, 2, 4, 8, 16, 32)},
+                **{f"`{backend}` bs {b}": _device_p50(b, backend) for backend in ("torch", "torch-cudagraphs")
+                   for b in (1, 8, 32, 128)}},
+    "gpu_inference": {
+        "bare replay bs 1": lambda rec, row: [rec["bare_replay"][_plain(row["fusion"])]["1"]["p50_ms"]],
+        "eager / best, bs 1": _gpu_check("eager_over_best_at_smallest"),
+        "best / bare replay, bs 1": _gpu_check("best_over_bare_replay_at_smallest"),
+        "best, bs 128 (TFLOP/s)": _gpu_check("best_tflops_at_largest"),
+        "best's max CV": _gpu_check("best_cv_max", 100),
+    },
     "train_throughput": {
         "(a) naive": _samples("naive"),
         "(b) shipped": _samples("shipped"),

@@ -112,9 +112,15 @@ def _key(loop: str, row: dict) -> str:
     return loop if scope == "off" else f"{loop}+{scope}"
 
 
+def _workers(row: dict) -> str:
+    """The DataLoader workers a row names (records written since (a) and (b) run per worker count)."""
+    return f"/w{_plain(row['workers'])}" if "workers" in row else ""
+
+
 def _samples(loop: str):
     def get(rec: dict, row: dict) -> list[float]:
         key = _key(loop, row)
+        key += _workers(row) if f"{key}{_workers(row)}" in rec["samples_per_s"] else ""
         rounds = rec["samples_per_s"][key]
         return [rec["median"][key]] + ([min(rounds), max(rounds)] if len(rounds) > 1 else [])
     return get
@@ -132,6 +138,14 @@ def _per_round(top: str, num: str, den: str, scale: float = 1.0):
     def get(rec: dict, row: dict) -> list[float]:
         s = rec["samples_per_s"]
         return [rec[top] * scale] + [a / b * scale for a, b in zip(s[num], s[den], strict=True)]
+    return get
+
+
+def _ratio(name: str, scale: float = 1.0):
+    """Median and [min–max] of the rounds' own ratios, for the row's worker count (records that keep them)."""
+    def get(rec: dict, row: dict) -> list[float]:
+        r = rec["by_compile"][_scope(row)][f"{name}{_workers(row)}"]
+        return [v * scale for v in (r["median"], min(r["rounds"]), max(r["rounds"]))]
     return get
 
 
@@ -181,6 +195,8 @@ COLUMNS = {
         "(c) ceiling": _samples("ceiling"),
         "(b)/(a)": lambda rec, row: [_by_compile(rec, row)["shipped_over_naive"]],
         "(b)/(c)": lambda rec, row: [_by_compile(rec, row)["shipped_over_ceiling"] * 100],
+        "(b)/(a) per round": _ratio("shipped_over_naive"),
+        "(b)/(c) per round": _ratio("shipped_over_ceiling", 100),
         "(b)/(a) (rounds 1 / 2 / 3)": _per_round("shipped_over_naive", "shipped", "naive"),
         "(b)/(c) (rounds 1 / 2 / 3)": _per_round("shipped_over_ceiling", "shipped", "ceiling", 100),
         "compiled / eager": _compiled_over_eager,
@@ -218,11 +234,16 @@ def _label_free(recs: list[dict], cell: str) -> None:
     pass
 
 
+def _assert(holds: bool) -> None:
+    assert holds
+
+
 LABELS = {
     "fusion": _label_free,          # resolves <fusion> in the record paths and picks the latency cells
     "record": _label_free,          # the row's record itself
     "seed, bf16, H200": _label_free,  # the compile scope: a scope the record lacks fails its columns
     "JPEG files": _label_jpeg,
+    "workers": lambda recs, cell: _assert(int(_plain(cell)) in recs[0]["workers"]),
     "(b) precision": _label_precision,
     "preset": _label_preset,
 }

@@ -6,6 +6,7 @@ non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -299,19 +300,34 @@ def report(paths, out):
                    "code when loaded on the CPU].")
 @click.option("--min-seconds", type=float, default=None, help="Minimum sampling time per latency cell.")
 @click.option("--min-calls", type=int, default=None, callback=positive, help="Minimum samples per latency cell.")
+@click.option("--load/--no-load", "under_load", default=True, show_default=True,
+              help="Per fusion, a LoadGen Server search (p99 under --load-p99-ms, batching) and an Offline run.")
+@click.option("--load-p99-ms", type=float, default=None, help="The Server scenario's p99 target [default: 50].")
+@click.option("--load-seconds", type=float, default=None, help="Seconds each LoadGen run lasts at least [default: 5].")
+@click.option("--load-queries", type=int, default=None, callback=positive,
+              help="Queries each LoadGen run issues at least [default: LoadGen's rules, 1024 in Server].")
+@click.option("--load-trials", type=int, default=None, callback=positive,
+              help="Server runs of the search at most [default: 4].")
 @click.option("--out", "models_dir", default="models", show_default=True)
 @click.option("--profiles", "profiles_dir", default="profiles", show_default=True)
 @click.option("--quiet", is_flag=True)
 def compare(preset, data, device, epochs, limit_train, limit_eval, batch_sizes, backends, min_seconds, min_calls,
-            models_dir, profiles_dir, quiet):
-    """The whole study: train every fusion, export, time, trace, report. Re-runs skip finished stages."""
+            under_load, load_p99_ms, load_seconds, load_queries, load_trials, models_dir, profiles_dir, quiet):
+    """The whole study: train every fusion, export, time, trace, run under load, report. Re-runs skip finished
+    stages."""
+    from fusionprof.compare import UNDER_LOAD
     from fusionprof.compare import compare as run_compare
     from fusionprof.measure import Protocol, replace_protocol
 
+    given = {"p99_ms": load_p99_ms, "min_duration_s": load_seconds, "min_queries": load_queries,
+             "max_trials": load_trials}
+    plan = dataclasses.replace(UNDER_LOAD, **{k: v for k, v in given.items() if v is not None}) if under_load else None
+    if plan and not (plan.p99_ms > 0 and plan.min_duration_s > 0):
+        raise UserError("--load-p99-ms and --load-seconds must be above 0")
     run_compare(preset=preset, data=data, device=device, models_dir=models_dir, profiles_dir=profiles_dir,
                 epochs=epochs, limit_train=limit_train, limit_eval=limit_eval, batch_sizes=batch_sizes,
                 backends=backends, protocol=replace_protocol(Protocol(), min_seconds=min_seconds, min_calls=min_calls),
-                progress=not quiet, log=click.echo)
+                load_plan=plan, progress=not quiet, log=click.echo)
 
 
 @cli.command()

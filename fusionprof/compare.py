@@ -6,23 +6,28 @@ the tiny study. On a GPU it sweeps every backend, the launch-free ones (``torch-
 
 Stages: train every registered fusion → export each to every format a swept backend loads, where that
 backend can run (ONNX everywhere, an AOTInductor package and a TensorRT engine on a GPU) → latency sweep →
-traces (a separate run) → report. Finished stages are recorded in ``profiles/compare-<preset>-<device>.json``
+traces (a separate run) → deployment under load (per fusion, on the backend the sweep found fastest at the batching
+size: an MLPerf LoadGen Server search for the largest rate served with p99 under the target, dynamic batching on,
+and an Offline run; ``LoadPlan``) → report. Finished stages are recorded in ``profiles/compare-<preset>-<device>.json``
 (written atomically) and skipped on the next run; a killed training resumes from its last epoch.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS, Backend, backend_for_format, export_formats
 from fusionprof.checkpoint import checkpoint_path, metrics_path
 from fusionprof.config import model_config, train_config
+from fusionprof.env import NATIVE_LOW_PRECISIONS, cpu_isa
 from fusionprof.errors import UserError
 from fusionprof.export import export
 from fusionprof.latency import SweepConfig, sweep, trace_inference
 from fusionprof.latency_output import table
+from fusionprof.load import LoadConfig, load
 from fusionprof.measure import Protocol
 from fusionprof.models import fusion_names
 from fusionprof.report import write_report
@@ -30,10 +35,27 @@ from fusionprof.runtime import resolve_device
 from fusionprof.train import train
 
 
+@dataclass(frozen=True)
+class LoadPlan:
+    """What ``compare`` runs under load per fusion: short by design (the tiny study stays well inside 15 minutes on
+    two cores); ``fusionprof load`` runs longer, fuller searches."""
+
+    p99_ms: float = 50.0  # the Server scenario's latency target
+    max_batch: int = 8  # dynamic batching in both scenarios
+    batch_timeout_ms: float = 5.0
+    min_duration_s: float = 5.0  # each LoadGen run
+    min_queries: int | None = None  # None: LoadGen's rules (1024 in Server, what early stopping needs)
+    max_trials: int = 4  # Server runs of the search at most
+
+
+UNDER_LOAD = LoadPlan()
+
+
 def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu", models_dir: str = "models",
             profiles_dir: str = "profiles", epochs: int | None = None, limit_train: int | None = None,
             limit_eval: int | None = None, batch_sizes: list[int] | None = None, backends: list[str] | None = None,
-            protocol: Protocol | None = None, progress: bool = True, log=print) -> dict:
+            protocol: Protocol | None = None, load_plan: LoadPlan | None = UNDER_LOAD, progress: bool = True,
+            log=print) -> dict:
     state_path = Path(profiles_dir) / f"compare-{preset}-{device.replace(':', '')}.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"done": {}}
 
@@ -58,42 +80,75 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
                     "test_accuracy": metrics["test"]["accuracy"], "train_seconds": metrics["train_seconds"]}
         accuracy[fusion] = stage(f"train {preset}-{fusion}", run_training)
 
-    check_devices = {fmt: export_check_device(fmt, device, log) for fmt in export_formats()
-                     if wanted(backend_for_format(fmt), device, backends)}
-    for fusion in fusion_names():
-        for fmt in [f for f, where in check_devices.items() if where]:
-            checkpoint = checkpoint_path(models_dir, preset, fusion)
-
-            def run_export(checkpoint=checkpoint, fmt=fmt):
-                record = export(checkpoint, fmt, "fp32", device=check_devices[fmt], progress=progress, log=log)
-                if record["status"] != "ok":  # a wrong artifact is never timed as if it were right
-                    raise UserError(f"the {fmt} export of {checkpoint} failed verification: see "
-                                    f"{record['record_path']}")
-                return {"record": record["record_path"], "status": record["status"]}
-            stage(f"export {preset}-{fusion} {fmt}", run_export)
-
+    low = low_precisions(device, log)
+    export_stages(stage, preset, device, models_dir, backends, low, progress, log)
     sweep_cfg = SweepConfig(preset=preset, device=device, models_dir=models_dir, profiles_dir=profiles_dir,
                             protocol=protocol or Protocol())
     if batch_sizes:
         sweep_cfg.batch_sizes = batch_sizes
     sweep_cfg.backends = [b for b in sweep_cfg.backends if wanted(BACKENDS.get(b), device, backends)]
 
-    def run_sweep():
-        record = sweep(sweep_cfg, progress=progress, log=log)
-        for line in table(record.rows):
-            log(line)
-        return {"record": record.path, "rows": [{"fusion": r.fusion, "backend": r.backend, "batch_size": r.batch_size,
-                                                 "status": r.status, "p50_ms": r.host.p50_ms if r.host else None}
-                                                for r in record.rows]}
-    latency = stage(f"latency {preset} {device}", run_sweep)
+    latency = stage(f"latency {preset} {device}", lambda: run_sweep(sweep_cfg, progress, log))
+    for precision in low:  # one record per precision, each over the swept backends that run it here
+        cfg = replace(sweep_cfg, precision=precision, backends=[
+            b for b in sweep_cfg.backends if not BACKENDS.get(b).precision_problem(precision, resolve_device(device))])
+        stage(f"latency {preset} {device} {precision}", lambda cfg=cfg: run_sweep(cfg, progress, log))
     sweep_dir = Path(latency["record"]).parent
     stage(f"traces {preset} {device}", lambda: {"traces": str(trace_inference(sweep_cfg, sweep_dir))})
+    under_load = load_stages(stage, latency["rows"], sweep_cfg, load_plan, progress, log) if load_plan else {}
     report = write_report([Path(profiles_dir), Path(models_dir)], Path(profiles_dir))
     log(f"[compare] report: {report['markdown']} and {report['html']} ({len(report['plots'])} plots)")
-    summary = summarize(accuracy, latency["rows"])
+    summary = summarize(accuracy, latency["rows"], under_load, load_plan)
     for line in summary:
         log(line)
     return {"state": str(state_path), "report": report, "summary": summary}
+
+
+def run_sweep(cfg: SweepConfig, progress: bool, log) -> dict:
+    record = sweep(cfg, progress=progress, log=log)
+    for line in table(record.rows):
+        log(line)
+    return {"record": record.path, "rows": [{"fusion": r.fusion, "backend": r.backend, "batch_size": r.batch_size,
+                                             "status": r.status, "p50_ms": r.host.p50_ms if r.host else None}
+                                            for r in record.rows]}
+
+
+def low_precisions(device: str, log) -> list[str]:
+    """The low precisions swept beside fp32: on the CPU, those it computes natively (its ISA flags, recorded in
+    every record's fingerprint); each one left out is said in one line with the flags that would bring it. A GPU
+    study runs in fp32 here; ``fusionprof latency --precision`` sweeps bf16 / fp16 there."""
+    if device != "cpu":
+        return []
+    isa, chosen = cpu_isa(), []
+    for precision, flags in NATIVE_LOW_PRECISIONS.items():
+        have = [f for f in flags if isa.get(f)]
+        if have:
+            chosen.append(precision)
+            log(f"[compare] {precision}: swept beside fp32 (this CPU has {', '.join(have)})")
+        else:
+            log(f"[compare] {precision}: not swept, this CPU has none of {', '.join(flags)} (it would be emulated)")
+    return chosen
+
+
+def export_stages(stage, preset: str, device: str, models_dir: str, backends: list[str] | None, low: list[str],
+                  progress: bool, log) -> None:
+    """Every fusion exported to each format a swept backend loads, verified; and to int8 where it is swept."""
+    check_devices = {fmt: export_check_device(fmt, device, log) for fmt in export_formats()
+                     if wanted(backend_for_format(fmt), device, backends)}
+    jobs = [(fmt, "fp32") for fmt, where in check_devices.items() if where]
+    jobs += [("onnx", "int8")] if "int8" in low and check_devices.get("onnx") else []
+    for fusion in fusion_names():
+        for fmt, precision in jobs:
+            checkpoint = checkpoint_path(models_dir, preset, fusion)
+
+            def run_export(checkpoint=checkpoint, fmt=fmt, precision=precision):
+                record = export(checkpoint, fmt, precision, device=check_devices[fmt], progress=progress, log=log)
+                if record["status"] != "ok":  # a wrong artifact is never timed as if it were right
+                    raise UserError(f"the {fmt} {precision} export of {checkpoint} failed verification: see "
+                                    f"{record['record_path']}")
+                return {"record": record["record_path"], "status": record["status"],
+                        "accuracy": record["accuracy"]["exported_accuracy"]}
+            stage(f"export {preset}-{fusion} {fmt}" + ("" if precision == "fp32" else f" {precision}"), run_export)
 
 
 def wanted(backend: type[Backend], device: str, backends: list[str] | None) -> bool:
@@ -120,7 +175,40 @@ def export_check_device(fmt: str, device: str, log=print) -> str | None:
     return "cpu"
 
 
-OUTPUT_KEYS = ("metrics", "checkpoint", "record", "traces")
+def fastest_backend(rows: list[dict], fusion: str, batch: int) -> str | None:
+    """The backend with the lowest right p50 for ``fusion`` at the largest swept batch up to ``batch``."""
+    ok = [r for r in rows if r["fusion"] == fusion and r["status"] == "ok"]
+    sizes = [r["batch_size"] for r in ok if r["batch_size"] <= batch] or [r["batch_size"] for r in ok]
+    at = [r for r in ok if r["batch_size"] == max(sizes, default=None)]
+    return min(at, key=lambda r: r["p50_ms"])["backend"] if at else None
+
+
+def load_stages(stage, rows: list[dict], sweep_cfg: SweepConfig, plan: LoadPlan, progress: bool, log) -> dict:
+    """One stage per fusion under load, on the backend the sweep found fastest at the plan's batching size."""
+    done = {}
+    for fusion in fusion_names():
+        backend = fastest_backend(rows, fusion, plan.max_batch)
+        if backend is None:
+            log(f"[compare] load {sweep_cfg.preset}-{fusion}: skipped, no backend timed right in the sweep")
+            continue
+        base = LoadConfig(fusion=fusion, backend=backend, scenario="server", find_max_qps=True,
+                          preset=sweep_cfg.preset, precision=sweep_cfg.precision, device=sweep_cfg.device,
+                          models_dir=sweep_cfg.models_dir, profiles_dir=sweep_cfg.profiles_dir, **asdict(plan))
+        done[fusion] = stage(f"load {sweep_cfg.preset}-{fusion} {backend}",
+                             lambda base=base: run_under_load(base, progress, log))
+    return done
+
+
+def run_under_load(base: LoadConfig, progress: bool, log) -> dict:
+    """The Server search and the Offline run of one fusion: their records and headline figures."""
+    server = load(base, progress=progress, log=log)
+    offline = load(replace(base, scenario="offline", find_max_qps=False), progress=progress, log=log)
+    run = offline.runs[0]
+    return {"server_record": server.path, "max_qps": server.max_qps, "offline_record": offline.path,
+            "offline_samples_per_s": run.samples_per_s if run.valid else None, "backend": base.backend}
+
+
+OUTPUT_KEYS = ("metrics", "checkpoint", "record", "traces", "server_record", "offline_record")
 
 
 def _outputs_exist(result: dict) -> bool:
@@ -128,18 +216,27 @@ def _outputs_exist(result: dict) -> bool:
     return all(Path(result[k]).exists() for k in OUTPUT_KEYS if k in result)
 
 
-def summarize(accuracy: dict[str, dict], rows: list[dict]) -> list[str]:
-    """The terminal's closing table: per fusion, accuracy, training time and the best p50 at both batch ends."""
+def summarize(accuracy: dict[str, dict], rows: list[dict], under_load: dict[str, dict] | None = None,
+              plan: LoadPlan | None = None) -> list[str]:
+    """The terminal's closing table: per fusion, accuracy, training time, the best p50 at both batch ends and, when
+    the study ran under load, the largest Server rate with p99 under the target and the Offline rate."""
     ok = [r for r in rows if r["status"] == "ok"]
     sizes = sorted({r["batch_size"] for r in ok})
     ends = sorted({sizes[0], sizes[-1]}) if sizes else []
-    lines = [f"{'fusion':<11}{'test acc':>9}{'train s':>9}" + "".join(f"{f'best p50, batch {b}':>30}" for b in ends)]
+    under_load = under_load or {}
+    load_heads = [f"max QPS, p99 ≤ {plan.p99_ms:g} ms", "offline samples/s"] if under_load and plan else []
+    lines = [f"{'fusion':<11}{'test acc':>9}{'train s':>9}" + "".join(f"{f'best p50, batch {b}':>30}" for b in ends)
+             + "".join(f"{h:>24}" for h in load_heads)]
     for fusion, acc in accuracy.items():
         cells = []
         for b in ends:
             candidates = [r for r in ok if r["fusion"] == fusion and r["batch_size"] == b]
             best = min(candidates, key=lambda r: r["p50_ms"], default=None)
             cells.append(f"{best['p50_ms']:.2f} ms ({best['backend']})" if best else "–")
+        got = under_load.get(fusion, {})
+        loaded = [f"{got['max_qps']:.1f}" if got.get("max_qps") else "none VALID" if got else "–",
+                  f"{got['offline_samples_per_s']:.1f}" if got.get("offline_samples_per_s") else "–"] \
+            if load_heads else []
         lines.append(f"{fusion:<11}{acc['test_accuracy']:>9.1%}{acc['train_seconds']:>9.0f}"
-                     + "".join(f"{c:>30}" for c in cells))
+                     + "".join(f"{c:>30}" for c in cells) + "".join(f"{c:>24}" for c in loaded))
     return lines

@@ -29,6 +29,8 @@ def _cpu_model() -> str:
 # The instruction-set extensions that decide how fast a CPU runs fp32, bf16 and int8 (a record from an AVX2-only
 # CPU and one from a Xeon with AMX explain their difference themselves).
 CPU_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+# The low precisions a CPU computes natively, and the flags that make it so (without them they are emulated).
+NATIVE_LOW_PRECISIONS = {"bf16": ("avx512_bf16", "amx_bf16"), "int8": ("avx512_vnni", "avx_vnni", "amx_int8")}
 
 
 def cpu_isa(cpuinfo: str | None = None) -> dict[str, bool]:

@@ -103,12 +103,17 @@ def test_pareto_front():
 def test_compare_runs_every_stage_then_skips_them(tmp_path, small_data):
     args = ["compare", "--data", small_data, "--epochs", "1", "--limit-train", "12", "--limit-eval", "6",
             "--batch-sizes", "1,2", "--backends", "torch,onnxruntime", "--out", tmp_path / "m", "--profiles",
-            tmp_path / "p", "--quiet", *QUICK]
+            tmp_path / "p", "--quiet", "--load-seconds", "0.2", "--load-queries", "64", "--load-trials", "1", *QUICK]
     code, out = run_cli(*args)
     assert code == 0, out
     for stage in ("train tiny-early", "train tiny-bottleneck", "export tiny-mid onnx", "latency tiny cpu",
-                  "traces tiny cpu"):
-        assert f"[compare] {stage} ..." in out
+                  "traces tiny cpu", "load tiny-mid"):
+        assert f"[compare] {stage}" in out
+    for scenario in ("server", "offline"):  # under load, every fusion on its fastest backend at batch ≤ 8
+        written = sorted((tmp_path / "p").glob(f"*/load-{scenario}-tiny-*.json"))
+        assert len(written) == 4, written
+        assert all(json.loads(w.read_text())["max_batch"] == 8 for w in written)
+    assert "max QPS, p99 ≤ 50 ms" in out and "offline samples/s" in out
     md = (tmp_path / "p" / "report.md").read_text()
     for fusion in ("early", "mid", "late", "bottleneck"):
         assert f"| tiny | {fusion} |" in md
@@ -116,11 +121,11 @@ def test_compare_runs_every_stage_then_skips_them(tmp_path, small_data):
     assert list((tmp_path / "p" / "traces").glob("train-tiny-mid/*.pt.trace.json"))
     code, again = run_cli(*args)
     assert code == 0, again
-    assert again.count("done before, skipped") == 4 + 4 + 2 and "[compare] report:" in again
+    assert again.count("done before, skipped") == 4 + 4 + 2 + 4 and "[compare] report:" in again
     (tmp_path / "m" / "tiny-late" / "checkpoint.pt").unlink()  # an output gone: that stage runs again
     code, third = run_cli(*args)
     assert code == 0, third
-    assert "[compare] train tiny-late ..." in third and third.count("done before, skipped") == 4 + 4 + 2 - 1
+    assert "[compare] train tiny-late ..." in third and third.count("done before, skipped") == 4 + 4 + 2 + 4 - 1
 
 
 def test_compare_verifies_onnx_on_the_cpu_when_onnxruntime_cannot_run_on_the_gpu(monkeypatch):
@@ -151,3 +156,35 @@ def test_each_machines_pareto_plot_takes_its_own_training_accuracy():
     assert pareto_accuracy(train, "vm (AMD EPYC)") == {("tiny", "early"): 0.98, ("tiny", "mid"): 0.95}
     assert pareto_accuracy(train, "vm (NVIDIA H200)") == {("tiny", "early"): 0.97, ("tiny", "mid"): 0.95}
     assert pareto_accuracy(train, "elsewhere (L4)") == {("tiny", "early"): 0.97, ("tiny", "mid"): 0.95}
+
+
+@pytest.mark.parametrize(("flags", "swept"), [((), []), (("avx512_bf16",), ["bf16"]),
+                                              (("amx_bf16", "amx_int8"), ["bf16", "int8"]), (("avx_vnni",), ["int8"])])
+def test_compare_sweeps_the_low_precisions_the_cpu_has_natively(monkeypatch, flags, swept):
+    from fusionprof import compare as compare_module
+    from fusionprof.env import CPU_ISA_FLAGS
+
+    monkeypatch.setattr(compare_module, "cpu_isa", lambda: {f: f in flags for f in CPU_ISA_FLAGS})
+    said = []
+    assert compare_module.low_precisions("cpu", said.append) == swept
+    assert len(said) == 2  # one line per low precision: swept with the flags that bring it, or why not
+    for line in said:
+        precision = line.split()[1].rstrip(":")
+        assert ("swept beside fp32" in line) == (precision in swept), line
+    assert compare_module.low_precisions("cuda:0", said.append) == [] and len(said) == 2
+
+
+def test_compare_puts_each_fusion_under_load_on_its_fastest_backend_at_the_batching_size():
+    from fusionprof.compare import LoadPlan, fastest_backend, summarize
+
+    def row(fusion, backend, batch, p50, status="ok"):
+        return {"fusion": fusion, "backend": backend, "batch_size": batch, "p50_ms": p50, "status": status}
+    rows = [row("mid", "torch", 8, 20.0), row("mid", "onnxruntime", 8, 12.0), row("mid", "openvino", 8, 5.0, "WRONG"),
+            row("mid", "onnxruntime", 16, 40.0), row("mid", "torch", 16, 30.0), row("late", "torch", 4, 3.0),
+            row("late", "onnxruntime", 32, 1.0)]
+    assert fastest_backend(rows, "mid", 8) == "onnxruntime"  # the wrong one is never chosen, nor batch 16's best
+    assert fastest_backend(rows, "late", 8) == "torch"  # the largest swept batch up to 8
+    assert fastest_backend(rows, "early", 8) is None
+    lines = summarize({"mid": {"test_accuracy": 0.9, "train_seconds": 60}}, rows,
+                      {"mid": {"max_qps": 123.4, "offline_samples_per_s": 456.7}}, LoadPlan())
+    assert "max QPS, p99 ≤ 50 ms" in lines[0] and "123.4" in lines[1] and "456.7" in lines[1]

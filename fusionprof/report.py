@@ -396,6 +396,49 @@ def pareto_accuracy(train: list[dict], machine: str) -> dict[tuple[str, str], fl
     return accuracy
 
 
+def precision_section(rec: Records) -> list[tuple]:
+    """Per machine and device, every precision swept side by side: per fusion the best p50 at batch 1 and 8 (each
+    with its backend) and the test accuracy in that precision (the export gate's, else a training run's)."""
+    blocks: list[tuple] = [("h2", "Precisions side by side")]
+    tables = []
+    for machine, cells in _latency_rows(rec).items():
+        for preset, device in sorted({(c.preset, c.device) for c in cells}):
+            mine = [c for c in cells if (c.preset, c.device) == (preset, device)]
+            precisions = sorted({c.precision for c in mine}, key=lambda p: (p != "fp32", p))
+            if len(precisions) < 2:
+                continue
+            rows = []
+            for fusion in sorted({c.row.fusion for c in mine}):
+                for precision in precisions:
+                    best = [_best(mine, fusion, precision, b) for b in (1, 8)]
+                    if best != ["–", "–"]:
+                        rows.append([fusion, precision, *best, _accuracy_in(rec, machine, preset, fusion, precision)])
+            tables += [("h3", f"{machine} · {preset} · {device}"),
+                       ("table", ["fusion", "precision", "best p50 bs 1", "best p50 bs 8", "test accuracy"], rows)]
+    if not tables:
+        return blocks + [("p", "One precision per machine so far. On a CPU with native bf16 or int8 (AVX512-BF16, "
+                               "VNNI, AMX), `fusionprof compare` sweeps them beside fp32.")]
+    return blocks + tables
+
+
+def _best(cells: list[SweepCell], fusion: str, precision: str, batch: int) -> str:
+    at = [c.row for c in cells if (c.row.fusion, c.precision, c.row.batch_size) == (fusion, precision, batch)]
+    best = min(at, key=lambda r: r.host.p50_ms, default=None)
+    return f"{best.host.p50_ms:.2f} ms ({best.backend})" if best else "–"
+
+
+def _accuracy_in(rec: Records, machine: str, preset: str, fusion: str, precision: str) -> str:
+    """The test accuracy of ``fusion`` in ``precision``: a passed export's (this machine's first), else a training
+    run's evaluated in that precision."""
+    exports = sorted((r for r in rec.export if (r.get("preset"), r["fusion"], r.get("precision"), r.get("status"))
+                      == (preset, fusion, precision, "ok")), key=lambda r: machine_name(r["environment"]) != machine)
+    if exports:
+        return f"{exports[0]['accuracy']['exported_accuracy']:.2%} ({exports[0]['format']} export)"
+    trained = [r for r in rec.train if (r["preset"], r["fusion"]) == (preset, fusion)
+               and r.get("train_config", {}).get("precision") == precision]
+    return f"{trained[0]['test']['accuracy']:.2%} (training run)" if trained else "–"
+
+
 def memory_section(rec: Records, out_dir: Path) -> list[tuple]:
     blocks: list[tuple] = [("h2", "Peak memory vs batch size")]
     on_cuda = [s for s in sweeps(rec) if any("cuda_max_allocated_mib" in r.peak_memory for r in s.rows)]
@@ -544,9 +587,9 @@ def write_report(paths: list[Path], out: Path) -> dict:
                            ("p", f"{rec.files} records from {len(machines)} machine(s): " + "; ".join(machines)
                             if rec.files else "No records found: run `fusionprof compare` (the whole study), or "
                                               "`fusionprof train`, `fusionprof export` and `fusionprof latency`.")]
-    blocks += training_section(rec) + export_section(rec) + latency_section(rec, plots) + \
-        pareto_section(rec, plots) + memory_section(rec, plots) + load_section(rec.load, out, rec.latency) + \
-        cross_machine_section(rec)
+    blocks += training_section(rec) + export_section(rec) + latency_section(rec, plots) + precision_section(rec)
+    blocks += pareto_section(rec, plots) + memory_section(rec, plots) + load_section(rec.load, out, rec.latency)
+    blocks += cross_machine_section(rec)
     md, page = to_markdown(blocks), to_html(blocks, "fusionprof report")
     atomic_write(out / "report.md", lambda tmp: tmp.write_text(md))
     atomic_write(out / "report.html", lambda tmp: tmp.write_text(page))

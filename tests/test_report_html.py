@@ -161,3 +161,16 @@ def test_log_axes_print_plain_numbers():
     plt.close(fig)
     assert ax.get_yscale() == "log" and labels == ["100", "200", "500"]
     assert [plain_number(v) for v in (600, 2.5, 0.02, 12000)] == ["600", "2.5", "0.02", "12,000"]
+
+
+def test_the_report_puts_each_machines_precisions_side_by_side_with_their_accuracy():
+    """The committed records hold an fp32 and an int8 sweep of tiny/mid on one CPU, and mid's int8 export."""
+    from fusionprof.report import find_records, precision_section
+
+    blocks = precision_section(find_records([ROOT / "profiles"]))
+    tables = [b for b in blocks if b[0] == "table"]
+    assert tables, blocks
+    rows = {(r[0], r[1]): r for t in tables for r in t[2]}
+    assert ("mid", "fp32") in rows and ("mid", "int8") in rows
+    assert rows[("mid", "int8")][4].endswith("(onnx export)") and "%" in rows[("mid", "int8")][4]
+    assert all(r[2] != "–" or r[3] != "–" for r in rows.values())  # no row without a figure

@@ -32,7 +32,6 @@ from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import write_json
 from fusionprof.config import model_config
 from fusionprof.env import fingerprint, machine_name
-from fusionprof.export import pt2_name
 from fusionprof.latency import SweepConfig, sweep
 from fusionprof.measure import Protocol, sample_cuda_events, summarize
 from fusionprof.models import build_model, forward_flops, fusion_names
@@ -51,10 +50,15 @@ def timed_on_device(call, device, protocol: Protocol) -> dict:
     return summarize(sample_cuda_events(call, device, protocol))
 
 
+def on_device(model, batch: int, seq_len: int, dtype, device) -> list[torch.Tensor]:
+    """Example inputs on the GPU, images in the precision's dtype (the model's weights are cast to it)."""
+    images, ids, mask = (t.to(device) for t in example_inputs(model.cfg, batch, seq_len))
+    return [images.to(dtype), ids, mask]
+
+
 def bare_replay(model, batch: int, seq_len: int, dtype, device, protocol: Protocol) -> dict:
     """The model's own kernels captured once and replayed: what launch-free inference of this model costs."""
-    inputs = [t.to(device) for t in example_inputs(model.cfg, batch, seq_len)]
-    inputs[0] = inputs[0].to(dtype)
+    inputs = on_device(model, batch, seq_len, dtype, device)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side), torch.inference_mode():
@@ -68,8 +72,7 @@ def bare_replay(model, batch: int, seq_len: int, dtype, device, protocol: Protoc
 
 
 def compiled_mode(model, mode: str, batch: int, seq_len: int, dtype, device, protocol: Protocol) -> dict:
-    inputs = [t.to(device) for t in example_inputs(model.cfg, batch, seq_len)]
-    inputs[0] = inputs[0].to(dtype)
+    inputs = on_device(model, batch, seq_len, dtype, device)
     torch._dynamo.reset()
     compiled = torch.compile(model, mode=mode)
     start = time.perf_counter()
@@ -115,13 +118,12 @@ def checks(rows: list[dict], reference: dict, batch_sizes: list[int]) -> dict:
 
 def eager_cast(model, batch: int, seq_len: int, dtype, device, protocol: Protocol) -> dict:
     """The eager model with its weights cast to the dtype (the ``torch`` backend autocasts over fp32 weights)."""
-    inputs = [t.to(device) for t in example_inputs(model.cfg, batch, seq_len)]
-    inputs[0] = inputs[0].to(dtype)
+    inputs = on_device(model, batch, seq_len, dtype, device)
     with torch.inference_mode():
         return timed_on_device(lambda: model(*inputs), device, protocol)
 
 
-def aoti_uncaptured(path: Path, cfg, batch_sizes: list[int], seq_len: int, dtype, device, protocol) -> dict:
+def aoti_uncaptured(path: str, cfg, batch_sizes: list[int], seq_len: int, dtype, device, protocol) -> dict:
     """The .pt2 package's own call, no CUDA graph around it: what the aoti backend's replay saves."""
     runner = torch._inductor.aoti_load_package(str(path), device_index=device.index or 0)
     out = {}
@@ -200,8 +202,9 @@ def main() -> None:
     for fusion in filter(None, args.aoti_fusions.split(",")):
         add(sweep(SweepConfig(fusions=[fusion], backends=["aoti"], **common), log=print))
         save(f"aoti {fusion}")
-        package = Path(args.out) / env["host"] / "pt2" / f"{args.preset}-{fusion}" / pt2_name(args.precision, "cuda")
-        if package.exists():
+        package = next((r["backend_info"]["package"] for r in rows if (r["fusion"], r["backend"]) == (fusion, "aoti")
+                        and "package" in r.get("backend_info", {})), None)  # the sweep's own, where it built one
+        if package:
             record["aoti_uncaptured"][fusion] = aoti_uncaptured(package, model_config(args.preset), batch_sizes,
                                                                 seq_len, dtype, device, protocol)
             save(f"aoti {fusion} uncaptured")

@@ -80,7 +80,7 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
                     "test_accuracy": metrics["test"]["accuracy"], "train_seconds": metrics["train_seconds"]}
         accuracy[fusion] = stage(f"train {preset}-{fusion}", run_training)
 
-    low = low_precisions(device, log)
+    low, dev = low_precisions(device, log), resolve_device(device)
     export_stages(stage, preset, device, models_dir, backends, low, progress, log)
     sweep_cfg = SweepConfig(preset=preset, device=device, models_dir=models_dir, profiles_dir=profiles_dir,
                             protocol=protocol or Protocol())
@@ -90,8 +90,8 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
 
     latency = stage(f"latency {preset} {device}", lambda: run_sweep(sweep_cfg, progress, log))
     for precision in low:  # one record per precision, each over the swept backends that run it here
-        cfg = replace(sweep_cfg, precision=precision, backends=[
-            b for b in sweep_cfg.backends if not BACKENDS.get(b).precision_problem(precision, resolve_device(device))])
+        runs_it = [b for b in sweep_cfg.backends if not BACKENDS.get(b).precision_problem(precision, dev)]
+        cfg = replace(sweep_cfg, precision=precision, backends=runs_it)
         stage(f"latency {preset} {device} {precision}", lambda cfg=cfg: run_sweep(cfg, progress, log))
     sweep_dir = Path(latency["record"]).parent
     stage(f"traces {preset} {device}", lambda: {"traces": str(trace_inference(sweep_cfg, sweep_dir))})
@@ -175,12 +175,17 @@ def export_check_device(fmt: str, device: str, log=print) -> str | None:
     return "cpu"
 
 
+def best_row(rows: list[dict], fusion: str, batch: int) -> dict | None:
+    """The right (parity-passed) row with the lowest p50 for ``fusion`` at ``batch``, or None."""
+    at = [r for r in rows if r["fusion"] == fusion and r["batch_size"] == batch and r["status"] == "ok"]
+    return min(at, key=lambda r: r["p50_ms"], default=None)
+
+
 def fastest_backend(rows: list[dict], fusion: str, batch: int) -> str | None:
     """The backend with the lowest right p50 for ``fusion`` at the largest swept batch up to ``batch``."""
-    ok = [r for r in rows if r["fusion"] == fusion and r["status"] == "ok"]
-    sizes = [r["batch_size"] for r in ok if r["batch_size"] <= batch] or [r["batch_size"] for r in ok]
-    at = [r for r in ok if r["batch_size"] == max(sizes, default=None)]
-    return min(at, key=lambda r: r["p50_ms"])["backend"] if at else None
+    sizes = [r["batch_size"] for r in rows if r["fusion"] == fusion and r["status"] == "ok"]
+    best = best_row(rows, fusion, max([b for b in sizes if b <= batch] or sizes, default=0))
+    return best["backend"] if best else None
 
 
 def load_stages(stage, rows: list[dict], sweep_cfg: SweepConfig, plan: LoadPlan, progress: bool, log) -> dict:
@@ -228,11 +233,8 @@ def summarize(accuracy: dict[str, dict], rows: list[dict], under_load: dict[str,
     lines = [f"{'fusion':<11}{'test acc':>9}{'train s':>9}" + "".join(f"{f'best p50, batch {b}':>30}" for b in ends)
              + "".join(f"{h:>24}" for h in load_heads)]
     for fusion, acc in accuracy.items():
-        cells = []
-        for b in ends:
-            candidates = [r for r in ok if r["fusion"] == fusion and r["batch_size"] == b]
-            best = min(candidates, key=lambda r: r["p50_ms"], default=None)
-            cells.append(f"{best['p50_ms']:.2f} ms ({best['backend']})" if best else "–")
+        best = [best_row(ok, fusion, b) for b in ends]
+        cells = [f"{r['p50_ms']:.2f} ms ({r['backend']})" if r else "–" for r in best]
         got = under_load.get(fusion, {})
         loaded = [f"{got['max_qps']:.1f}" if got.get("max_qps") else "none VALID" if got else "–",
                   f"{got['offline_samples_per_s']:.1f}" if got.get("offline_samples_per_s") else "–"] \

@@ -234,8 +234,8 @@ def _label_free(recs: list[dict], cell: str) -> None:
     pass
 
 
-def _assert(holds: bool) -> None:
-    assert holds
+def _label_workers(recs: list[dict], cell: str) -> None:
+    assert int(_plain(cell)) in recs[0]["workers"]
 
 
 LABELS = {
@@ -243,7 +243,7 @@ LABELS = {
     "record": _label_free,          # the row's record itself
     "seed, bf16, H200": _label_free,  # the compile scope: a scope the record lacks fails its columns
     "JPEG files": _label_jpeg,
-    "workers": lambda recs, cell: _assert(int(_plain(cell)) in recs[0]["workers"]),
+    "workers": _label_workers,
     "(b) precision": _label_precision,
     "preset": _label_preset,
 }

@@ -208,6 +208,11 @@ def export(checkpoint, fmt, precision, out, device, max_batch, quiet):
     click.echo(f"test accuracy ({acc['pairs']} pairs): checkpoint {acc['checkpoint_accuracy']:.2%}, "
                f"exported {acc['exported_accuracy']:.2%}  (|Δ| {acc['abs_difference']:.2%} ≤ {acc['tolerance']:.1%}: "
                f"{'ok' if acc['passed'] else 'FAILED'})")
+    openvino = record.get("onnx", {}).get("openvino")
+    if openvino and "accuracy" in openvino.get("nncf", {}):
+        click.echo(f"NNCF's IR on openvino: test accuracy {openvino['nncf']['accuracy']['exported_accuracy']:.2%}")
+    if openvino:
+        click.echo(f"openvino runs int8 from {openvino['loads']}: {openvino['why']}")
     if not record["passed"]:
         raise UserError(f"the exported model failed verification; marked failed in {record['record_path']}")
     click.echo(f"wrote {record['record_path']} (status ok)")

@@ -26,7 +26,7 @@ from torch import nn
 
 from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import write_json
-from fusionprof.backends import Artifacts, backend_for_format
+from fusionprof.backends import BACKENDS, Artifacts, backend_for_format, create_backend
 from fusionprof.backends.base import INPUT_NAMES, OUTPUT_NAMES
 from fusionprof.backends.trt import build_engine, optimization_profile, tensorrt_status
 from fusionprof.checkpoint import checkpoint_hash, load_model, with_run_tokenizer
@@ -36,11 +36,12 @@ from fusionprof.data.text import build_tokenizer
 from fusionprof.env import fingerprint
 from fusionprof.errors import UserError, first_line
 from fusionprof.evaluate import evaluate_split, to_inputs
+from fusionprof.measure import Protocol, sample_calls, summarize
 from fusionprof.metrics import itm_metrics, predict
 from fusionprof.models import FusionModel
 from fusionprof.models.model import InferenceGraph, example_inputs
 from fusionprof.pt2 import build_pt2, dynamic_shapes
-from fusionprof.quantize import Feeds, calibration_sample, quantize_onnx
+from fusionprof.quantize import Feeds, calibration_sample, quantize_nncf, quantize_onnx
 from fusionprof.runtime import resolve_device
 
 # |exported - torch fp32| <= atol + rtol * |torch fp32|, per logit (numpy.allclose semantics). bf16 keeps 8 bits of
@@ -54,6 +55,7 @@ TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-3}, "fp16": {"atol": 2e-2, "rtol
 # pairs): logits within tolerance can still cross 0 for a pair or two that sit on the decision boundary.
 ACCURACY_TOLERANCE = {"fp32": 0.002, "fp16": 0.01, "bf16": 0.01, "int8": 0.01}
 PARITY_SHAPES = [(1, 5), (3, 11), (8, None)]  # (batch, sequence length; None = the model's maximum)
+CPU = torch.device("cpu")
 
 
 def onnx_name(precision: str) -> str:
@@ -194,10 +196,33 @@ def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Pa
     record["parity"] = parity(model, backend, precision, largest_batch=max(max_batch, cfg.batch_size))
     record["accuracy"] = _accuracy(model, cfg, backend, Path(checkpoint), precision, progress)
     record["passed"] = record["parity"]["passed"] and record["accuracy"]["passed"]
+    if precision == "int8" and artifacts.ir is not None:  # NNCF's IR, kept for openvino: the same accuracy gate
+        _gate_ir(record["onnx"]["openvino"], artifacts, model, cfg, Path(checkpoint), progress)
     record["status"] = "ok" if record["passed"] else "failed"
     write_json(path, record)
     record["record_path"] = str(path)
     return record
+
+
+def int8_choice(nncf_passed: bool, p50_ms: dict[str, float]) -> tuple[str, str]:
+    """Which int8 model ``openvino`` loads ("nncf" or "qdq"), and why: NNCF's IR only if it passed the gate and its
+    p50 was lower; on a tie, the QDQ graph that onnxruntime runs too."""
+    if not nncf_passed:
+        return "qdq", "NNCF's IR failed the int8 parity gate"
+    if p50_ms["nncf"] >= p50_ms["qdq"]:
+        return "qdq", f"the QDQ graph ran at least as fast on openvino at batch {CHOICE_BATCH}"
+    return "nncf", f"NNCF's IR passed parity and ran faster on openvino at batch {CHOICE_BATCH}"
+
+
+def _gate_ir(openvino: dict, artifacts: Artifacts, model: FusionModel, cfg, checkpoint: Path, progress: bool) -> None:
+    """NNCF's IR on the test split through ``openvino``: one that loses more accuracy than int8's tolerance is
+    dropped, and openvino loads the QDQ graph (which passed its own gates) instead."""
+    backend = create_backend("openvino", artifacts, CPU, "int8")
+    openvino["nncf"]["accuracy"] = _accuracy(model, cfg, backend, checkpoint, "int8", progress)
+    if not openvino["nncf"]["accuracy"]["passed"]:
+        _drop_ir(artifacts.ir)
+        artifacts.ir = None
+        openvino["loads"], openvino["why"] = "qdq", "NNCF's IR failed the accuracy gate"
 
 
 def checkpoint_calibration(checkpoint: Path, model: FusionModel, cfg) -> Callable[[], tuple[list[Feeds], dict]]:
@@ -229,7 +254,7 @@ def build_artifacts(fmt: str, model: FusionModel, out: Path, precision: str, dev
         log(f"quantized {record['onnx']['path']} ({record['onnx']['size_mib']:.1f} MiB, calibrated on "
             f"{record['onnx']['calibration']['pairs']} {record['onnx']['calibration']['split']} pairs); in int8: "
             f"{record['onnx']['int8_ops']}")
-        return Artifacts(model, onnx=out / onnx_name(precision))
+        return int8_artifacts(model, out / onnx_name(precision))
     record["onnx"] = export_onnx(model, out / onnx_name(precision), precision)
     log(f"exported {record['onnx']['path']} ({record['onnx']['size_mib']:.1f} MiB, "
         f"{record['onnx']['export_seconds']:.1f} s); axes {record['onnx']['axes']}")
@@ -243,18 +268,70 @@ def build_artifacts(fmt: str, model: FusionModel, out: Path, precision: str, dev
 
 def export_int8_onnx(model: FusionModel, path: Path, calibration: list[Feeds], calibration_source: dict) -> dict:
     """The int8 graph at ``path``: the fp32 ONNX, verified for parity (fp32 tolerances), then statically quantized
-    on the calibration sample; the record says what was quantized and what stayed in float."""
+    on the calibration sample; the record says what was quantized and what stayed in float. For ``openvino``, NNCF's
+    IR of the same fp32 graph beside it, where it earns its place (``openvino_int8``)."""
     with tempfile.TemporaryDirectory() as tmp:
         source = export_onnx(model, Path(tmp) / onnx_name("fp32"))
-        fp32 = backend_for_format("onnx")(Artifacts(model, onnx=Path(source["path"])), torch.device("cpu"), "fp32")
+        fp32 = backend_for_format("onnx")(Artifacts(model, onnx=Path(source["path"])), CPU, "fp32")
         source_parity = parity(model, fp32, "fp32")
         if not source_parity["passed"]:
             raise UserError("the fp32 ONNX to quantize fails parity with the PyTorch model")
         quantized = quantize_onnx(Path(source["path"]), path, calibration)
+        openvino = openvino_int8(model, Path(source["path"]), path, calibration)
     return {"path": str(path), "precision": "int8", "quantized_from": {"opset": source["opset"],
             "export_seconds": source["export_seconds"], "size_mib": source["size_mib"], "parity": source_parity},
             "calibration": calibration_source, **quantized, "size_mib": path.stat().st_size / 2**20,
-            "axes": check_onnx(path)}
+            "axes": check_onnx(path), "openvino": openvino}
+
+
+# The short A/B that picks openvino's int8 model: alternating rounds, each a few hundred ms of calls at batch 8.
+CHOICE_BATCH, CHOICE_ROUNDS = 8, 3
+CHOICE_PROTOCOL = Protocol(warmup_seconds=0.2, warmup_calls=3, min_seconds=0.5, min_calls=10, max_seconds=5.0)
+
+
+def nncf_ir_path(int8_onnx: Path) -> Path:
+    """Where NNCF's IR of an int8 export lives: beside its QDQ ONNX, and only while ``openvino`` is to load it."""
+    return Path(int8_onnx).with_suffix(".nncf.xml")
+
+
+def int8_artifacts(model: FusionModel, int8_onnx: Path) -> Artifacts:
+    """An int8 export as the backends load it: the QDQ ONNX, and NNCF's IR beside it if the export kept one."""
+    ir = nncf_ir_path(int8_onnx)
+    return Artifacts(model, onnx=Path(int8_onnx), ir=ir if ir.exists() else None)
+
+
+def _drop_ir(ir: Path) -> None:
+    ir.unlink(missing_ok=True)
+    ir.with_suffix(".bin").unlink(missing_ok=True)
+
+
+def openvino_int8(model: FusionModel, source: Path, qdq: Path, calibration: list[Feeds]) -> dict:
+    """NNCF's int8 IR of the fp32 graph ``source``, calibrated on the same sample, written beside the QDQ graph
+    ``qdq`` and kept only if it passes the int8 parity gate on ``openvino`` and runs faster there than the QDQ graph
+    (p50 at batch 8, timed in alternating rounds); the record says which of the two ``openvino`` loads, and why.
+    (``export`` also holds a kept IR to the accuracy gate.)"""
+    ok, reason = BACKENDS.get("openvino").available(CPU)
+    if not ok:
+        return {"loads": "qdq", "why": f"openvino is unavailable here: {reason}"}
+    ir = nncf_ir_path(qdq)
+    nncf = {"path": str(ir), **quantize_nncf(source, ir, calibration)}
+    backends = {"qdq": create_backend("openvino", Artifacts(model, onnx=qdq), CPU, "int8"),
+                "nncf": create_backend("openvino", Artifacts(model, onnx=qdq, ir=ir), CPU, "int8")}
+    checks = {name: parity(model, backend, "int8") for name, backend in backends.items()}
+    inputs = example_inputs(model.cfg, CHOICE_BATCH, model.cfg.max_text_len)
+    rounds: dict[str, list[float]] = {name: [] for name in backends}
+    for _ in range(CHOICE_ROUNDS):
+        for name, backend in backends.items():
+            samples = sample_calls(lambda backend=backend: backend.run(*inputs), lambda: None, CHOICE_PROTOCOL)
+            rounds[name].append(summarize(samples)["p50_ms"])
+    p50 = {name: float(np.median(values)) for name, values in rounds.items()}
+    loads, why = int8_choice(checks["nncf"]["passed"], p50)
+    if loads == "qdq":
+        _drop_ir(ir)
+    return {"loads": loads, "why": why,
+            "nncf": {**nncf, "backend": backends["nncf"].describe(), "parity": checks["nncf"]},
+            "qdq": {"path": str(qdq), "backend": backends["qdq"].describe(), "parity": checks["qdq"]},
+            "p50_ms": {"batch": CHOICE_BATCH, "rounds": rounds, "median": p50}}
 
 
 def _accuracy(model, cfg, backend, checkpoint: Path, precision: str, progress: bool) -> dict:
@@ -264,14 +341,14 @@ def _accuracy(model, cfg, backend, checkpoint: Path, precision: str, progress: b
     test = splits["test"]
     # the checkpoint in the export's precision, where the backend runs (fp16 autocast needs a GPU): the gate then
     # measures what exporting changed, not what the precision changed
-    device = backend.device if backend.device.type == "cuda" else torch.device("cpu")
+    device = backend.device if backend.device.type == "cuda" else CPU
     # (int8 is no autocast precision: the quantized graph is held against the fp32 checkpoint)
     float_reference = precision == "int8" or (precision == "fp16" and device.type != "cuda")
     reference_precision = "fp32" if float_reference else precision
     reference = evaluate_split(model.to(device), test, cfg.seed, cfg.batch_size, device, reference_precision)
     model.cpu()
     batches = test.batches(test.pairs(cfg.seed), cfg.batch_size)
-    logits, labels = predict(lambda b: backend.run(*to_inputs(b, torch.device("cpu"))[0]), batches)
+    logits, labels = predict(lambda b: backend.run(*to_inputs(b, CPU)[0]), batches)
     exported = itm_metrics(logits, labels, "test")
     delta = abs(exported["accuracy"] - reference["accuracy"])
     return {"split": "test", "pairs": exported["pairs"], "checkpoint_precision": reference_precision,

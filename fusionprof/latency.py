@@ -36,6 +36,7 @@ from fusionprof.export import (
     checkpoint_calibration,
     export_int8_onnx,
     export_onnx,
+    int8_artifacts,
     onnx_name,
     parity,
     plan_name,
@@ -111,6 +112,8 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
                 artifacts.failed[artifact] = str(e)
                 continue
         setattr(artifacts, artifact, path)
+        if artifact == "onnx" and cfg.precision == "int8":  # and NNCF's IR beside it, where the export kept one
+            artifacts.ir = int8_artifacts(artifacts.model, path).ir
     return artifacts, source
 
 

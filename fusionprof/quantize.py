@@ -5,6 +5,10 @@ activations for the ops that carry the FLOPs (convolutions, and matmuls whose se
 other op (LayerNorm, Softmax, GELU, the attention's activation × activation matmuls, the residual adds) stays in
 float, and the record says which by counting the graph's nodes. The calibration sample is a fixed, seeded draw of
 the validation split's pairs: the test split, on which the export gate measures accuracy, is never read here.
+
+For OpenVINO, the same fp32 graph is also quantized by NNCF (``nncf.quantize``, its transformer preset: SmoothQuant,
+then fast bias correction), on the same calibration sample, into an OpenVINO IR; ``export.py`` gates both and keeps
+for the ``openvino`` backend whichever of the two runs faster there.
 """
 
 from __future__ import annotations
@@ -93,4 +97,41 @@ def ops_by_precision(path: Path) -> dict[str, dict[str, int]]:
         # dequantized int8 (a bias may be absent): the others read and write float
         quantized = node.op_type in QUANTIZED_OP_TYPES and all(name in dequantized for name in node.input if name)
         (int8 if quantized else stays_float)[node.op_type] += 1
+    return {"int8_ops": dict(sorted(int8.items())), "float_ops": dict(sorted(stays_float.items()))}
+
+
+def quantize_nncf(source: Path, path: Path, calibration: list[Feeds]) -> dict:
+    """Write the int8 OpenVINO IR of the fp32 ONNX ``source`` to ``path`` (``.xml``, weights in the ``.bin`` beside
+    it), quantized by NNCF's post-training quantization on ``calibration``; return what was quantized."""
+    import nncf
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(source))
+    types = {p.get_any_name(): p.get_element_type().to_dtype() for p in model.inputs}
+    dataset = nncf.Dataset([{k: v.astype(types[k]) for k, v in feeds.items()} for feeds in calibration])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    # subset_size counts the dataset's items: here batches of the calibration sample, every one of them
+    quantized = nncf.quantize(model, dataset, subset_size=len(calibration), model_type=nncf.ModelType.TRANSFORMER)
+    seconds = time.perf_counter() - start
+    ov.save_model(quantized, str(path), compress_to_fp16=False)
+    return {"quantize_seconds": seconds, "format": "OpenVINO IR (FakeQuantize)", "tool": f"nncf {nncf.__version__}",
+            "preset": "transformer (SmoothQuant, fast bias correction)", **ir_ops_by_precision(quantized)}
+
+
+# Ops that carry the FLOPs or the numerics a reader asks about: each is counted as int8 or as float.
+_IR_OPS = ("Convolution", "MatMul", "MVN", "Softmax", "Erf", "Gelu")
+
+
+def ir_ops_by_precision(model) -> dict[str, dict[str, int]]:
+    """An OpenVINO model's ops of ``_IR_OPS``: those that read a FakeQuantize output run in int8, the others in
+    float."""
+    int8, stays_float = Counter(), Counter()
+    for op in model.get_ordered_ops():
+        kind = op.get_type_name()
+        if kind not in _IR_OPS:
+            continue
+        quantized = any(i.get_source_output().get_node().get_type_name() == "FakeQuantize" for i in op.inputs())
+        (int8 if quantized else stays_float)[kind] += 1
     return {"int8_ops": dict(sorted(int8.items())), "float_ops": dict(sorted(stays_float.items()))}

@@ -45,6 +45,7 @@ class Artifacts:
     onnx: Path | None = None
     plan: Path | None = None
     pt2: Path | None = None  # an AOTInductor package, for one device type and precision
+    ir: Path | None = None  # an OpenVINO IR: int8 from NNCF, which ``openvino`` loads instead of the int8 ONNX
     failed: dict[str, str] = field(default_factory=dict)  # artifact → why it could not be built here
 
 

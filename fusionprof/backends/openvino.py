@@ -1,8 +1,10 @@
 """``openvino``: the exported ONNX model compiled by OpenVINO's CPU plugin, the runtime built for Intel's CPUs.
 
 It reads the same ONNX as onnxruntime: the fp32 graph (in bf16 through the ``INFERENCE_PRECISION_HINT`` where the
-CPU has native bf16), or the quantized int8 graph (``quantize.py``), whose QDQ pairs OpenVINO folds into int8
-kernels. The hint is always set: left alone, OpenVINO runs an fp32 graph in bf16 on a CPU with AMX or AVX512-BF16.
+CPU has native bf16), or in int8 the quantized graph: NNCF's OpenVINO IR (``Artifacts.ir``) where the int8 export
+kept it (it passed the gates and ran faster here than the QDQ graph), else onnxruntime's QDQ ONNX, whose QDQ pairs
+OpenVINO folds into int8 kernels. The hint is always set: left alone, OpenVINO runs an fp32 graph in bf16 on a CPU
+with AMX or AVX512-BF16.
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ class OpenVino(Backend):
         super().__init__(artifacts, device, precision)
         import openvino as ov
 
-        path = require(artifacts.onnx, "ONNX model", "fusionprof export --fmt onnx")
+        if precision == "int8" and artifacts.ir is not None:
+            path = require(artifacts.ir, "OpenVINO IR", "fusionprof export --precision int8")
+        else:
+            path = require(artifacts.onnx, "ONNX model", "fusionprof export --fmt onnx")
+        self.path = path
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": _HINT[precision], "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": torch.get_num_threads()}  # the same threads as the torch backends
@@ -68,6 +74,6 @@ class OpenVino(Backend):
     def describe(self):
         import openvino as ov
 
-        return {**super().describe(), "openvino": ov.get_version(),
+        return {**super().describe(), "openvino": ov.get_version(), "model": self.path.name,
                 "inference_precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
                 "inference_threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS"))}

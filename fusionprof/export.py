@@ -314,7 +314,11 @@ def openvino_int8(model: FusionModel, source: Path, qdq: Path, calibration: list
     if not ok:
         return {"loads": "qdq", "why": f"openvino is unavailable here: {reason}"}
     ir = nncf_ir_path(qdq)
-    nncf = {"path": str(ir), **quantize_nncf(source, ir, calibration)}
+    try:
+        nncf = {"path": str(ir), **quantize_nncf(source, ir, calibration)}
+    except Exception as e:  # NNCF's own errors on a graph it cannot quantize: the QDQ graph still serves openvino
+        _drop_ir(ir)
+        return {"loads": "qdq", "why": f"NNCF could not quantize the graph ({first_line(e)})"}
     backends = {"qdq": create_backend("openvino", Artifacts(model, onnx=qdq), CPU, "int8"),
                 "nncf": create_backend("openvino", Artifacts(model, onnx=qdq, ir=ir), CPU, "int8")}
     checks = {name: parity(model, backend, "int8") for name, backend in backends.items()}

@@ -1,5 +1,7 @@
 import importlib.util
 import os
+import subprocess
+import sys
 
 # Nothing in the tests may reach the network. huggingface_hub reads these when it is first imported, so they are
 # set here, before anything imports transformers.
@@ -31,6 +33,65 @@ def isolated_cache(tmp_path_factory, monkeypatch):
 def small_data(tmp_path_factory):
     """A small embedded dataset (COCO layout) shared by the tests that only read it."""
     return write_synth(tmp_path_factory.mktemp("data") / "small", SMALL, size=64, seed=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_mid(tmp_path_factory, small_data):
+    """One epoch of tiny mid on the small set, trained once for the session: (checkpoint path, metrics). The export,
+    low-precision and backend tests read it; what they export goes to their own folders, except `pt2_export`'s."""
+    from fusionprof.config import train_config
+    from fusionprof.train import train
+
+    out = tmp_path_factory.mktemp("trained")
+    cfg = train_config("tiny", data=str(small_data), epochs=1, batch_size=16, models_dir=str(out / "m"),
+                       profiles_dir=str(out / "p"))
+    with pytest.MonkeyPatch.context() as mp:  # the tests' cache folder (session fixtures come before isolated_cache)
+        mp.setenv("FUSIONPROF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        metrics = train(cfg, model_config("tiny", fusion="mid"), progress=False, log=lambda s: None)
+    return out / "m" / "tiny-mid" / "checkpoint.pt", metrics
+
+
+@pytest.fixture(scope="session")
+def pt2_build(trained_mid, tmp_path_factory):
+    """`fusionprof export --fmt pt2` of `trained_mid` into its run folder, started now in a process of its own and
+    waited for by `pt2_export`. Compiling the package keeps one core busy for most of a minute: test_backends starts
+    it before its ONNX exports, which keep the other core busy. Yields (process, file of its output)."""
+    log = tmp_path_factory.mktemp("pt2-build") / "output.txt"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "FUSIONPROF_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "fusionprof", "export", "--checkpoint", str(trained_mid[0]),
+                                 "--fmt", "pt2", "--quiet"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    yield proc, log
+    if proc.poll() is None:  # the session ended early
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def pt2_export(pt2_build):
+    """The pt2 export of `trained_mid`, run once for the session: (exit code, output). test_export checks what the
+    command did and that the latency sweep reuses the package; test_backends runs the package against eager."""
+    proc, log = pt2_build
+    proc.wait(timeout=900)
+    return proc.returncode, log.read_text()
+
+
+@pytest.fixture(scope="session")
+def untrained_onnx(tmp_path_factory, tokenizer):
+    """One untrained tiny model per fusion method (seed 0), exported to ONNX once for the session: {fusion:
+    Artifacts}. test_backends runs every ONNX backend on all of them, test_lowprec openvino on mid's."""
+    from fusionprof.backends import Artifacts
+    from fusionprof.export import export_onnx
+    from fusionprof.models import build_model, fusion_names
+
+    out = {}
+    for fusion in fusion_names():
+        torch.manual_seed(0)
+        model = build_model(model_config("tiny", fusion=fusion, vocab_size=len(tokenizer))).eval()
+        path = tmp_path_factory.mktemp(f"onnx-{fusion}") / "model.onnx"
+        export_onnx(model, path)
+        out[fusion] = Artifacts(model, onnx=path)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,8 @@
 """Every backend in the registry against the eager model, on every fusion method, at several batch sizes."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,29 +10,34 @@ import torch
 from fusionprof.backends import Artifacts, backend_for_format, backend_names, create_backend, export_formats
 from fusionprof.backends.base import BACKENDS, EXPORT_FORMATS
 from fusionprof.backends.trt import INSTALL_HINT, optimization_profile
+from fusionprof.checkpoint import load_model
 from fusionprof.errors import UserError
-from fusionprof.export import TOLERANCES, export_onnx
-from fusionprof.models import build_model, fusion_names
+from fusionprof.export import TOLERANCES, record_name
+from fusionprof.models import fusion_names
 from fusionprof.models.model import example_inputs
-from fusionprof.pt2 import build_pt2
 from fusionprof.runtime import INFERENCE_PRECISIONS, PRECISIONS, native_bf16
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, tokenizer):
-    """One untrained tiny model per fusion method, exported to ONNX once for the whole module."""
-    from fusionprof.config import model_config
+def _runs_a_pt2(item) -> bool:
+    """Whether a collected test runs a backend that loads an AOTInductor package."""
+    name = getattr(item, "callspec", None) and item.callspec.params.get("name")
+    return name in backend_names() and BACKENDS.get(name).artifact == "pt2" and BACKENDS.get(name).available(CPU)[0]
 
-    out = {}
-    for fusion in fusion_names():
-        torch.manual_seed(0)
-        model = build_model(model_config("tiny", fusion=fusion, vocab_size=len(tokenizer))).eval()
-        path = tmp_path_factory.mktemp(fusion) / "model.onnx"
-        export_onnx(model, path)
-        out[fusion] = Artifacts(model, onnx=path)
-    return out
+
+@pytest.fixture(scope="module")
+def artifacts(request):
+    """One untrained tiny model per fusion method, exported to ONNX once for the session (conftest.py).
+
+    When this run checks a backend that loads a .pt2, its package is compiled first, in a process of its own: on a
+    2-core CPU the compile and these exports (one core each) overlap. It is waited for here, at the latest."""
+    build = None
+    if any(_runs_a_pt2(item) for item in request.session.items if item.module is request.module):
+        build, _ = request.getfixturevalue("pt2_build")
+    yield request.getfixturevalue("untrained_onnx")  # after the build started
+    if build is not None:
+        build.wait()  # nothing of it outlives this module's tests
 
 
 @pytest.mark.parametrize("name", backend_names())
@@ -78,17 +86,14 @@ def test_a_graph_backend_refuses_bf16_in_one_line(artifacts):
 
 
 @pytest.fixture(scope="module")
-def compiled_export(artifacts, tmp_path_factory):
-    """An AOTInductor package of one fusion's model, built on first use (about a minute on 2 cores)."""
-    built = {}
-
-    def get(fusion: str) -> Artifacts:
-        if fusion not in built:
-            path = tmp_path_factory.mktemp(f"{fusion}-pt2") / "model.cpu.fp32.pt2"
-            build_pt2(artifacts[fusion].model, path, "fp32", CPU)
-            built[fusion] = Artifacts(artifacts[fusion].model, pt2=path)
-        return built[fusion]
-    return get
+def compiled_export(trained_mid, pt2_export):
+    """By fusion, an AOTInductor package and the model it was compiled from: the session's trained mid run and what
+    `fusionprof export --fmt pt2` built of it (conftest.py; about a minute on 2 cores, shared with test_export)."""
+    code, out = pt2_export
+    assert code == 0, out
+    checkpoint = trained_mid[0]
+    record = json.loads((checkpoint.parent / record_name("pt2", "fp32", "cpu")).read_text())
+    return {"mid": Artifacts(load_model(checkpoint)[0], pt2=Path(record["pt2"]["path"]))}
 
 
 def backend_cases():
@@ -101,11 +106,12 @@ def backend_cases():
 
 
 @pytest.mark.parametrize("name,fusion", list(backend_cases()))
-def test_backend_matches_eager(name, fusion, artifacts, compiled_export):
+def test_backend_matches_eager(name, fusion, artifacts, request):
     ok, reason = BACKENDS.get(name).available(CPU)
     if not ok:
         pytest.skip(f"{name} unavailable here: {reason}")
-    art = compiled_export(fusion) if BACKENDS.get(name).artifact == "pt2" else artifacts[fusion]
+    pt2 = BACKENDS.get(name).artifact == "pt2"
+    art = request.getfixturevalue("compiled_export")[fusion] if pt2 else artifacts[fusion]
     backend = create_backend(name, art, CPU)
     tol = TOLERANCES["fp32"]
     for batch in (1, 3, 8):  # three batch sizes through one artifact: the batch axis is dynamic

@@ -9,18 +9,14 @@ from click.testing import CliRunner
 import fusionprof.export
 from fusionprof.checkpoint import checkpoint_hash, load_checkpoint
 from fusionprof.cli import cli
-from fusionprof.config import model_config, train_config
-from fusionprof.train import train
 
-pytestmark = pytest.mark.slow  # the module's checkpoint is trained for real
+pytestmark = pytest.mark.slow  # the checkpoint is trained for real
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, small_data):
-    out = tmp_path_factory.mktemp("run")
-    cfg = train_config("tiny", data=str(small_data), epochs=1, batch_size=16, models_dir=str(out / "m"),
-                       profiles_dir=str(out / "p"))
-    metrics = train(cfg, model_config("tiny", fusion="bottleneck"), progress=False, log=lambda s: None)
-    return out / "m" / "tiny-bottleneck" / "checkpoint.pt", metrics
+
+@pytest.fixture
+def checkpoint(trained_mid):
+    """The session's trained tiny mid run (conftest.py): (checkpoint path, metrics)."""
+    return trained_mid
 
 
 def export_cli(*args):
@@ -66,24 +62,25 @@ def test_export_errors_are_one_line(checkpoint, tmp_path):
 
 def test_a_checkpoint_whose_weights_are_another_fusion(checkpoint, tmp_path):
     ckpt = load_checkpoint(checkpoint[0])
-    ckpt["model_config"]["fusion"] = "mid"  # a bottleneck state dict under a mid config
+    ckpt["model_config"]["fusion"] = "bottleneck"  # a mid state dict under a bottleneck config
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     code, out = export_cli("--checkpoint", tmp_path / "checkpoint.pt")
-    assert code == 1 and "its weights do not fit the mid model its config describes" in out
+    assert code == 1 and "its weights do not fit the bottleneck model its config describes" in out
     assert len(out.strip().splitlines()) == 1 and "Traceback" not in out
 
 
-def test_pt2_export_is_verified_and_the_sweep_runs_it_without_rebuilding(checkpoint, tmp_path):
-    """`export --fmt pt2` into the run's folder; then `latency` times that very package beside eager torch."""
+def test_pt2_export_is_verified_and_the_sweep_runs_it_without_rebuilding(checkpoint, pt2_export, tmp_path):
+    """`export --fmt pt2` into the run's folder (run once, by the pt2_export fixture: test_backends runs the same
+    package); then `latency` times that very package beside eager torch."""
     path, metrics = checkpoint
-    code, out = export_cli("--checkpoint", path, "--fmt", "pt2")
+    code, out = pt2_export
     assert code == 0, out
     record = json.loads((path.parent / "export.pt2.cpu.fp32.json").read_text())
     assert record["status"] == "ok" and record["format"] == "pt2" and record["checkpoint_hash"] == checkpoint_hash(path)
     assert record["pt2"]["path"] == str(path.parent / "model.cpu.fp32.pt2") and record["pt2"]["seconds"]["compile"] > 0
     assert record["backend"]["backend"] == "aoti" and all(r["within"] for r in record["parity"]["shapes"])
     assert record["accuracy"]["checkpoint_accuracy"] == pytest.approx(metrics["test"]["accuracy"])
-    result = CliRunner().invoke(cli, ["latency", "--fusion", "bottleneck", "--backends", "torch,aoti",
+    result = CliRunner().invoke(cli, ["latency", "--fusion", "mid", "--backends", "torch,aoti",
                                       "--batch-sizes", "1,8", "--models", str(path.parent.parent),
                                       "--out", str(tmp_path), "--quiet", "--min-seconds", "0.05", "--min-calls", "5",
                                       "--warmup-seconds", "0", "--warmup-calls", "1"])

@@ -15,10 +15,10 @@ import fusionprof.export
 from fusionprof.backends import Artifacts, backend_names, create_backend
 from fusionprof.backends.base import BACKENDS
 from fusionprof.cli import cli
-from fusionprof.config import model_config, train_config
+from fusionprof.config import model_config
 from fusionprof.data.synth import write_synth
 from fusionprof.errors import UserError
-from fusionprof.export import TOLERANCES, export_onnx, parity
+from fusionprof.export import TOLERANCES, parity
 from fusionprof.models import build_model
 from fusionprof.quantize import calibration_sample
 
@@ -65,22 +65,20 @@ def test_the_torch_backends_refuse_int8_in_one_line(tokenizer):
             create_backend(name, Artifacts(model), CPU, "int8")
 
 
-@pytest.mark.slow  # an ONNX export: about a minute on 2 busy cores (test_backends checks every fusion's, shared)
-def test_openvino_matches_the_eager_model_at_fp32_tolerances(tmp_path, tokenizer):
+@pytest.mark.slow  # the session's ONNX exports of the untrained models (shared with test_backends)
+def test_openvino_matches_the_eager_model_at_fp32_tolerances(untrained_onnx):
     ok, reason = BACKENDS.get("openvino").available(CPU)
     if not ok:
         pytest.skip(reason)
-    torch.manual_seed(0)
-    model = build_model(model_config("tiny", fusion="mid", vocab_size=len(tokenizer))).eval()
-    export_onnx(model, tmp_path / "model.onnx")
-    backend = create_backend("openvino", Artifacts(model, onnx=tmp_path / "model.onnx"), CPU, "fp32")
-    checked = parity(model, backend, "fp32")
+    art = untrained_onnx["mid"]  # untrained tiny mid (seed 0) and its ONNX export, shared with test_backends
+    backend = create_backend("openvino", art, CPU, "fp32")
+    checked = parity(art.model, backend, "fp32")
     assert checked["passed"] and checked["tolerance"] == TOLERANCES["fp32"], checked
     assert checked["decision_agreement"] == 1.0
     info = backend.describe()
     assert info["inference_precision"] == "f32" and info["inference_threads"] == torch.get_num_threads()
     with pytest.raises(UserError, match=r"^backend openvino is unavailable: the openvino backend runs on the CPU"):
-        create_backend("openvino", Artifacts(model, onnx=tmp_path / "model.onnx"), torch.device("cuda", 0), "fp32")
+        create_backend("openvino", art, torch.device("cuda", 0), "fp32")
 
 
 @pytest.mark.slow  # exports, quantizes and times two backends
@@ -100,15 +98,10 @@ def test_latency_int8_sweeps_the_backends_that_run_it(tmp_path, small_data, monk
     assert (tmp_path / path.parent.name / "onnx" / "tiny-mid" / "model.int8.onnx").exists()
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, small_data):
-    out = tmp_path_factory.mktemp("run")
-    cfg = train_config("tiny", data=str(small_data), epochs=1, batch_size=16, models_dir=str(out / "m"),
-                       profiles_dir=str(out / "p"))
-    from fusionprof.train import train
-
-    train(cfg, model_config("tiny", fusion="mid"), progress=False, log=lambda s: None)
-    return out / "m" / "tiny-mid" / "checkpoint.pt"
+@pytest.fixture
+def checkpoint(trained_mid):
+    """The session's tiny mid run, one epoch on the small set (conftest.py)."""
+    return trained_mid[0]
 
 
 def export_cli(*args):

@@ -27,8 +27,8 @@ class AOTInductor(Backend):
     compiles = True  # its export compiles the model ahead of time: a minute or two per model on a 2-core CPU
     cuda_graphs = True  # on a GPU, replay each shape's call as a CUDA graph (False: the package's call as it is)
 
-    def __init__(self, artifacts, device, precision):
-        super().__init__(artifacts, device, precision)
+    def __init__(self, artifacts, device, precision, **options):
+        super().__init__(artifacts, device, precision, **options)
         path = require(artifacts.pt2, "AOTInductor package", f"fusionprof export --fmt pt2 --precision {precision}")
         self.dtype = DTYPES[precision]
         try:

@@ -56,14 +56,16 @@ class Backend(ABC):
     precisions: dict[str, tuple[str, ...]] = AUTOCAST_PRECISIONS  # device type → the precisions it runs there
     compiles: bool = False  # builds code when loaded or exported (minutes per model on a 2-core CPU)
 
-    def __init__(self, artifacts: Artifacts, device: torch.device, precision: str):
+    def __init__(self, artifacts: Artifacts, device: torch.device, precision: str, *, serving: bool = False):
+        """``serving``: the backend runs behind a server's own threads (LoadGen's, the batcher's) on the same cores,
+        so a runtime whose threads busy-wait between calls (onnxruntime's pool) is told not to."""
         ok, reason = self.available(device)
         if not ok:
             raise UserError(f"backend {self.registered_name} is unavailable: {reason}")
         problem = self.precision_problem(precision, device)
         if problem:
             raise UserError(problem)
-        self.device, self.precision = device, precision
+        self.device, self.precision, self.serving = device, precision, serving
 
     @classmethod
     def precision_problem(cls, precision: str, device: torch.device) -> str | None:
@@ -116,8 +118,9 @@ def export_formats() -> list[str]:
     return [fmt for fmt, artifact in EXPORT_FORMATS.items() if artifact in loaded]
 
 
-def create_backend(name: str, artifacts: Artifacts, device: torch.device, precision: str = "fp32") -> Backend:
-    return BACKENDS.get(name)(artifacts, device, precision)
+def create_backend(name: str, artifacts: Artifacts, device: torch.device, precision: str = "fp32",
+                   serving: bool = False) -> Backend:
+    return BACKENDS.get(name)(artifacts, device, precision, serving=serving)
 
 
 def inductor_status() -> tuple[bool, str]:

@@ -30,8 +30,8 @@ class OpenVino(Backend):
     precisions: ClassVar[dict[str, tuple[str, ...]]] = {
         "cpu": ("fp32", "bf16", "int8") if native_bf16(torch.device("cpu")) else ("fp32", "int8")}
 
-    def __init__(self, artifacts, device, precision):
-        super().__init__(artifacts, device, precision)
+    def __init__(self, artifacts, device, precision, **options):
+        super().__init__(artifacts, device, precision, **options)
         import openvino as ov
 
         if precision == "int8" and artifacts.ir is not None:

@@ -18,17 +18,20 @@ class OnnxRuntime(Backend):
     artifact = "onnx"
     precisions = QUANTIZED_GRAPH_PRECISIONS  # int8 on the CPU: the quantized graph's QDQ ops run as int8 kernels
 
-    def __init__(self, artifacts, device, precision):
-        super().__init__(artifacts, device, precision)
+    def __init__(self, artifacts, device, precision, **options):
+        super().__init__(artifacts, device, precision, **options)
         import onnxruntime as ort
 
         path = require(artifacts.onnx, "ONNX model", "fusionprof export --fmt onnx")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # the same threads as the torch backends
+        settings = ort.SessionOptions()
+        settings.intra_op_num_threads = torch.get_num_threads()  # the same threads as the torch backends
+        if self.serving:  # spinning pool threads would take the cores the server's own threads need
+            settings.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            settings.add_session_config_entry("session.inter_op.allow_spinning", "0")
         provider = PROVIDERS[device.type]
         provider_options = [{"device_id": device.index or 0}] if device.type == "cuda" else [{}]
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=[provider],
+            self.session = ort.InferenceSession(str(path), settings, providers=[provider],
                                                 provider_options=provider_options)
         except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
             raise UserError(f"{path}: onnxruntime cannot load it ({first_line(e)})") from None
@@ -80,7 +83,15 @@ class OnnxRuntime(Backend):
         import onnxruntime as ort
 
         return {**super().describe(), "onnxruntime": ort.__version__, "provider": self.provider,
-                "intra_op_threads": self.session.get_session_options().intra_op_num_threads}
+                "intra_op_threads": self.session.get_session_options().intra_op_num_threads,
+                "spin_wait": self._spins()}
+
+    def _spins(self) -> bool:
+        """Whether the session's pool threads busy-wait between calls (onnxruntime's default), as the session has it."""
+        try:
+            return self.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") != "0"
+        except Exception:  # onnxruntime raises when the entry was never set: its default, spinning
+            return True
 
 
 def _np_dtype(t: torch.Tensor):

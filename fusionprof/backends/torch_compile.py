@@ -11,8 +11,8 @@ class TorchCompile(TorchEager):
     label = "torch.compile (inductor)"
     compiles = True
 
-    def __init__(self, artifacts, device, precision):
-        super().__init__(artifacts, device, precision)
+    def __init__(self, artifacts, device, precision, **options):
+        super().__init__(artifacts, device, precision, **options)
         # Dynamo's recompile budget is per code object, shared by every model built from these classes: after the
         # limit it silently runs eager. A fresh cache per backend keeps each model's compiled graphs its own.
         torch._dynamo.reset()

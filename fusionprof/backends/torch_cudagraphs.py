@@ -27,8 +27,8 @@ class TorchCudaGraphs(Backend):
     label = "PyTorch + CUDA graphs"
     precisions: ClassVar[dict[str, tuple[str, ...]]] = {"cuda": AUTOCAST_PRECISIONS["cuda"]}  # CUDA only
 
-    def __init__(self, artifacts, device, precision):
-        super().__init__(artifacts, device, precision)
+    def __init__(self, artifacts, device, precision, **options):
+        super().__init__(artifacts, device, precision, **options)
         self.dtype = DTYPES[precision]
         self.model = copy.deepcopy(artifacts.model).eval().to(device=device, dtype=self.dtype,
                                                                memory_format=torch.channels_last)

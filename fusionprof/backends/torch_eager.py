@@ -12,8 +12,8 @@ from fusionprof.runtime import autocast
 class TorchEager(Backend):
     label = "PyTorch eager"
 
-    def __init__(self, artifacts, device, precision):
-        super().__init__(artifacts, device, precision)
+    def __init__(self, artifacts, device, precision, **options):
+        super().__init__(artifacts, device, precision, **options)
         self.model = copy.deepcopy(artifacts.model).to(device).eval()  # the artifacts' model stays on the CPU
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)

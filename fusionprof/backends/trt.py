@@ -88,8 +88,8 @@ class TensorRT(Backend):
     artifact = "plan"
     precisions: ClassVar[dict[str, tuple[str, ...]]] = {"cuda": GRAPH_PRECISIONS["cuda"]}  # CUDA only
 
-    def __init__(self, artifacts, device, precision):
-        super().__init__(artifacts, device, precision)
+    def __init__(self, artifacts, device, precision, **options):
+        super().__init__(artifacts, device, precision, **options)
         import tensorrt as trt
 
         path = require(artifacts.plan, "TensorRT engine", "fusionprof export --fmt trt")

@@ -98,8 +98,12 @@ def compiled_export(trained_mid, pt2_export):
 
 def backend_cases():
     """Every backend on every fusion, except that a backend that compiles (a minute or two per model here) is checked
-    on mid, the fusion with the most kinds of op (cross-attention, 2-D positions), in the slow suite."""
-    for name in backend_names():
+    on mid, the fusion with the most kinds of op (cross-attention, 2-D positions), in the slow suite. Those come last,
+    and the one that loads a .pt2 last of all: its package compiles in a process of its own meanwhile (`artifacts`)."""
+    def order(name):
+        return BACKENDS.get(name).compiles, BACKENDS.get(name).artifact == "pt2"
+
+    for name in sorted(backend_names(), key=order):
         compiles = BACKENDS.get(name).compiles
         yield from (pytest.param(name, fusion, marks=[pytest.mark.slow] if compiles else [])
                     for fusion in fusion_names() if not compiles or fusion == "mid")

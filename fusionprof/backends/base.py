@@ -120,7 +120,10 @@ def export_formats() -> list[str]:
 
 def create_backend(name: str, artifacts: Artifacts, device: torch.device, precision: str = "fp32",
                    serving: bool = False) -> Backend:
-    return BACKENDS.get(name)(artifacts, device, precision, serving=serving)
+    """A backend, loaded. ``serving`` reaches it only when set: one written as ``__init__(artifacts, device,
+    precision)`` still loads everywhere but behind ``fusionprof load``."""
+    backend = BACKENDS.get(name)
+    return backend(artifacts, device, precision, serving=True) if serving else backend(artifacts, device, precision)
 
 
 def inductor_status() -> tuple[bool, str]:

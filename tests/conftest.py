@@ -26,7 +26,7 @@ NO_CUDA_64 = "--device cuda:64: " + ("only " if torch.cuda.is_available() else "
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Every test writes derived data (image caches, the embedded dataset) under one temporary folder."""
-    monkeypatch.setenv("FUSIONPROF_CACHE", str(tests_cache(tmp_path_factory)))
+    monkeypatch.setenv("FUSIONPROF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture(scope="session")
@@ -46,64 +46,34 @@ def trained_mid(tmp_path_factory, small_data):
     cfg = train_config("tiny", data=str(small_data), epochs=1, batch_size=16, models_dir=str(out / "m"),
                        profiles_dir=str(out / "p"))
     with pytest.MonkeyPatch.context() as mp:  # the tests' cache folder (session fixtures come before isolated_cache)
-        mp.setenv("FUSIONPROF_CACHE", str(tests_cache(tmp_path_factory)))
+        mp.setenv("FUSIONPROF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
         metrics = train(cfg, model_config("tiny", fusion="mid"), progress=False, log=lambda s: None)
     return out / "m" / "tiny-mid" / "checkpoint.pt", metrics
 
 
-class Started:
-    """A `fusionprof` command in a process of its own, started now and read later. An export keeps one core busy
-    (tracing and compiling run on one thread): on a 2-core machine it runs beside the tests that keep the other
-    busy instead of before or after them. Its output (stdout and stderr) goes to ``log``."""
-
-    def __init__(self, tmp_path_factory, *args):
-        self.log = tmp_path_factory.mktemp("started") / "output.txt"
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", "FUSIONPROF_CACHE": str(tests_cache(tmp_path_factory))}
-        with self.log.open("w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "fusionprof", *map(str, args)], stdout=out,
-                                         stderr=subprocess.STDOUT, env=env)
-
-    def result(self, timeout: float = 900) -> tuple[int, str]:
-        """Waits for the command: (exit code, output)."""
-        self.proc.wait(timeout=timeout)
-        return self.proc.returncode, self.log.read_text()
-
-    def finish(self) -> None:
-        """Waits for it: nothing it does may run on into the tests after its module's (timings among them)."""
-        self.proc.wait(timeout=900)
-
-    def kill(self) -> None:
-        """Ends it if it still runs (a session cut short)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def tests_cache(tmp_path_factory):
-    """The cache folder every test writes derived data to (``isolated_cache``)."""
-    return tmp_path_factory.getbasetemp() / "cache"
-
-
-def selected(request, name: str) -> bool:
-    """Whether this session runs the test ``name`` of the requesting module."""
-    return any(item.originalname == name and item.module is request.module for item in request.session.items)
-
-
 @pytest.fixture(scope="session")
 def pt2_build(trained_mid, tmp_path_factory):
-    """`fusionprof export --fmt pt2` of `trained_mid` into its run folder, started now (`Started`) and waited for by
-    `pt2_export`: compiling the package keeps one core busy for most of a minute. test_backends starts it before its
-    ONNX exports and its torch-compile check, which keep the other core busy."""
-    build = Started(tmp_path_factory, "export", "--checkpoint", trained_mid[0], "--fmt", "pt2", "--quiet")
-    yield build
-    build.kill()
+    """`fusionprof export --fmt pt2` of `trained_mid` into its run folder, started now in a process of its own and
+    waited for by `pt2_export`. Compiling the package keeps one core busy for most of a minute: test_backends starts
+    it before its ONNX exports, which keep the other core busy. Yields (process, file of its output)."""
+    log = tmp_path_factory.mktemp("pt2-build") / "output.txt"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "FUSIONPROF_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "fusionprof", "export", "--checkpoint", str(trained_mid[0]),
+                                 "--fmt", "pt2", "--quiet"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    yield proc, log
+    if proc.poll() is None:  # the session ended early
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="session")
 def pt2_export(pt2_build):
     """The pt2 export of `trained_mid`, run once for the session: (exit code, output). test_export checks what the
     command did and that the latency sweep reuses the package; test_backends runs the package against eager."""
-    return pt2_build.result()
+    proc, log = pt2_build
+    proc.wait(timeout=900)
+    return proc.returncode, log.read_text()
 
 
 @pytest.fixture(scope="session")

@@ -34,10 +34,10 @@ def artifacts(request):
     2-core CPU the compile and these exports (one core each) overlap. It is waited for here, at the latest."""
     build = None
     if any(_runs_a_pt2(item) for item in request.session.items if item.module is request.module):
-        build = request.getfixturevalue("pt2_build")
+        build, _ = request.getfixturevalue("pt2_build")
     yield request.getfixturevalue("untrained_onnx")  # after the build started
     if build is not None:
-        build.finish()  # nothing of it outlives this module's tests
+        build.wait()  # nothing of it outlives this module's tests
 
 
 @pytest.mark.parametrize("name", backend_names())

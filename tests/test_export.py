@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import Started, selected
 
 import fusionprof.export
 from fusionprof.checkpoint import checkpoint_hash, load_checkpoint
@@ -20,38 +19,14 @@ def checkpoint(trained_mid):
     return trained_mid
 
 
-@pytest.fixture(scope="module", autouse=True)
-def onnx_export(request, tmp_path_factory):
-    """`fusionprof export` (ONNX) of the session's mid run, started as this module's first test starts (`Started`:
-    it keeps one core busy, beside the failing-gate export on the other); (run, its --out folder), or None when its
-    test is not run."""
-    if not selected(request, "test_export_onnx_verifies_parity_and_accuracy"):
-        yield None
-        return
-    out = tmp_path_factory.mktemp("onnx-export")
-    run = Started(tmp_path_factory, "export", "--checkpoint", request.getfixturevalue("trained_mid")[0], "--out", out,
-                  "--quiet")
-    yield run, out
-    run.finish()
-
-
 def export_cli(*args):
     result = CliRunner().invoke(cli, ["export", *map(str, args), "--quiet"])
     return result.exit_code, result.output
 
 
-def test_a_failed_gate_marks_the_artifact_failed(checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setitem(fusionprof.export.TOLERANCES, "fp32", {"atol": 0.0, "rtol": 0.0})  # nothing passes
-    code, out = export_cli("--checkpoint", checkpoint[0], "--out", tmp_path)
-    assert code == 1 and "OUT OF TOLERANCE" in out
-    assert out.strip().splitlines()[-1].startswith("Error: the exported model failed verification; marked failed")
-    assert json.loads((tmp_path / "export.json").read_text())["status"] == "failed"
-
-
-def test_export_onnx_verifies_parity_and_accuracy(checkpoint, onnx_export):
+def test_export_onnx_verifies_parity_and_accuracy(checkpoint, tmp_path):
     path, metrics = checkpoint
-    run, tmp_path = onnx_export
-    code, out = run.result()  # `fusionprof export --checkpoint CHECKPOINT --out TMP_PATH --quiet`
+    code, out = export_cli("--checkpoint", path, "--out", tmp_path)
     assert code == 0, out
     record = json.loads((tmp_path / "export.json").read_text())
     assert record["status"] == "ok" and record["passed"] and (tmp_path / "model.onnx").exists()
@@ -64,6 +39,14 @@ def test_export_onnx_verifies_parity_and_accuracy(checkpoint, onnx_export):
     assert acc["exported_accuracy"] == pytest.approx(acc["checkpoint_accuracy"], abs=0.002)
     assert record["backend"]["provider"] == "CPUExecutionProvider"
     assert "parity batch  8" in out and "status ok" in out
+
+
+def test_a_failed_gate_marks_the_artifact_failed(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(fusionprof.export.TOLERANCES, "fp32", {"atol": 0.0, "rtol": 0.0})  # nothing passes
+    code, out = export_cli("--checkpoint", checkpoint[0], "--out", tmp_path)
+    assert code == 1 and "OUT OF TOLERANCE" in out
+    assert out.strip().splitlines()[-1].startswith("Error: the exported model failed verification; marked failed")
+    assert json.loads((tmp_path / "export.json").read_text())["status"] == "failed"
 
 
 def test_export_errors_are_one_line(checkpoint, tmp_path):

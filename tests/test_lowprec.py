@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import Started, selected
 
 import fusionprof.data
 import fusionprof.data.images
@@ -105,30 +104,14 @@ def checkpoint(trained_mid):
     return trained_mid[0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def int8_export(request, tmp_path_factory):
-    """`fusionprof export --precision int8` of the session's mid run, started as this module's first test starts
-    (`Started`: it keeps one core busy for half a minute, beside the int8 latency sweep); (run, its --out folder),
-    or None when its test is not run."""
-    if not selected(request, "test_int8_export_is_calibrated_on_val_and_gated_against_fp32"):
-        yield None
-        return
-    out = tmp_path_factory.mktemp("int8-export")
-    run = Started(tmp_path_factory, "export", "--checkpoint", request.getfixturevalue("trained_mid")[0],
-                  "--precision", "int8", "--out", out, "--quiet")
-    yield run, out
-    run.finish()
-
-
 def export_cli(*args):
     result = CliRunner().invoke(cli, ["export", *map(str, args), "--quiet"])
     return result.exit_code, result.output
 
 
 @pytest.mark.slow  # trains a checkpoint
-def test_int8_export_is_calibrated_on_val_and_gated_against_fp32(int8_export):
-    run, tmp_path = int8_export
-    code, out = run.result()  # `fusionprof export --checkpoint CHECKPOINT --precision int8 --out TMP_PATH --quiet`
+def test_int8_export_is_calibrated_on_val_and_gated_against_fp32(checkpoint, tmp_path):
+    code, out = export_cli("--checkpoint", checkpoint, "--precision", "int8", "--out", tmp_path)
     record = json.loads((tmp_path / "export.onnx.int8.json").read_text())
     # one epoch on 48 images sits near chance, and 64 test pairs make one flipped pair 1.6 points: the gate may
     # fail this model (the trained tiny mid one passes, 97.75% both); what is checked is what the gate weighed

@@ -54,20 +54,17 @@ def test_a_new_fusion_file_gets_every_registry_parametrised_check(throwaway_fusi
     tests = Path(__file__).parent
     script = "import sys, pytest, throwaway_fusion; sys.exit(pytest.main(sys.argv[1:]))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(throwaway_fusion), os.environ.get("PYTHONPATH", "")])}
-    # The CLI's help in a second interpreter, started first: it spends its seconds importing, beside the pytest run.
-    help_run = subprocess.Popen([sys.executable, "-c", "import throwaway_fusion\nfrom fusionprof.cli import cli\ncli()",
-                                 "train", "--help"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                text=True)
     run = subprocess.run([sys.executable, "-c", script, "-v", "-p", "no:cacheprovider", "-k", THROWAWAY,
                           str(tests / "test_models.py"), str(tests / "test_features.py")],
                          env=env, capture_output=True, text=True, timeout=300)
-    help_text = help_run.communicate(timeout=120)[0]
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     passed = {m[1] for m in re.finditer(r"::(\w+)\[([^\]]*)\] PASSED", run.stdout) if THROWAWAY in m[2].split("-")}
     assert passed == {"test_output_shape", "test_loss_falls_on_a_fixed_batch",
                       "test_gradients_reach_the_encoders_unless_frozen", "test_padding_does_not_change_the_prediction",
                       "test_flops_and_parameters_are_counted", "test_cached_features_give_the_encoders_logits"}, \
         run.stdout[-3000:]
+    help_text = subprocess.run([sys.executable, "-c", "import throwaway_fusion\nfrom fusionprof.cli import cli\ncli()",
+                                "train", "--help"], env=env, capture_output=True, text=True, timeout=120).stdout
     assert f"{THROWAWAY}|" in help_text or f"|{THROWAWAY}" in help_text, help_text  # --fusion offers it
 
 

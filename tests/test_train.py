@@ -209,14 +209,10 @@ def test_evaluate_errors(tmp_path):
 
 
 def test_python_dash_m_and_help():
-    """python -m fusionprof runs a command and prints help (two fresh interpreters, started together: each spends its
-    seconds importing, on one core); the other help pages in-process."""
-    runs = [(expected, subprocess.Popen([sys.executable, "-m", "fusionprof", *args], stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True))
-            for args, expected in ((["train", "--help"], "--freeze-encoders"), (["env"], "torch"))]
-    for expected, proc in runs:
-        stdout, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 0 and expected in stdout, stderr
+    """python -m fusionprof runs a command and prints help (two fresh interpreters); the other help pages in-process."""
+    for args, expected in ((["train", "--help"], "--freeze-encoders"), (["env"], "torch")):
+        out = subprocess.run([sys.executable, "-m", "fusionprof", *args], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and expected in out.stdout, out.stderr
     for args in (["--help"], ["data", "synth", "--help"]):
         code, out = run_cli(*args)
         assert code == 0 and out.startswith("Usage: "), out

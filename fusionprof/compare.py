@@ -9,12 +9,14 @@ backend can run (ONNX everywhere, an AOTInductor package and a TensorRT engine o
 traces (a separate run) → deployment under load (per fusion, on the backend the sweep found fastest at the batching
 size: an MLPerf LoadGen Server search for the largest rate served with p99 under the target, dynamic batching on,
 and an Offline run; ``LoadPlan``) → report. Finished stages are recorded in ``profiles/compare-<preset>-<device>.json``
-(written atomically) and skipped on the next run; a killed training resumes from its last epoch.
+(written atomically, each with its wall time, ``stage_seconds``) and skipped on the next run; a killed training resumes
+from its last epoch. The closing lines say where the study's time went.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -64,9 +66,12 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
             log(f"[compare] {name}: done before, skipped")
             return state["done"][name]
         log(f"[compare] {name} ...")
+        start = time.perf_counter()
         result = run()
-        state["done"][name] = result
+        seconds = time.perf_counter() - start
+        state["done"][name] = {**result, "stage_seconds": round(seconds, 1)}
         write_json(state_path, state)
+        log(f"[compare] {name}: {seconds:.0f} s")
         return result
 
     accuracy = {}
@@ -101,7 +106,25 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
     summary = summarize(accuracy, latency["rows"], under_load, load_plan)
     for line in summary:
         log(line)
+    log(time_spent(state["done"]))
     return {"state": str(state_path), "report": report, "summary": summary}
+
+
+def time_spent(done: dict[str, dict]) -> str:
+    """One line: the study's wall time by kind of stage (train, export, latency, …), over every stage on record,
+    those a previous run finished included; stages recorded before timings were kept are counted as unknown."""
+    kinds: dict[str, float] = {}
+    untimed = 0
+    for name, result in done.items():
+        if "stage_seconds" not in result:
+            untimed += 1
+            continue
+        kind = name.split()[0]
+        kinds[kind] = kinds.get(kind, 0.0) + result["stage_seconds"]
+    parts = ", ".join(f"{kind} {seconds:.0f} s" for kind, seconds in kinds.items())
+    total = sum(kinds.values())
+    return (f"[compare] time by stage: {parts} (total {total / 60:.1f} min)"
+            + (f"; {untimed} stage(s) without a recorded time" if untimed else ""))
 
 
 def run_sweep(cfg: SweepConfig, progress: bool, log) -> dict:

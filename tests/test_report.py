@@ -119,6 +119,9 @@ def test_compare_runs_every_stage_then_skips_them(tmp_path, small_data):
     for fusion in ("early", "mid", "late", "bottleneck"):
         assert f"| tiny | {fusion} |" in md
     assert "best p50, batch 1" in out and (tmp_path / "p" / "report.html").exists()
+    state = json.loads((tmp_path / "p" / "compare-tiny-cpu.json").read_text())["done"]
+    assert all(done["stage_seconds"] > 0 for done in state.values())
+    assert "[compare] time by stage: train " in out and ", load " in out
     assert list((tmp_path / "p" / "traces").glob("train-tiny-mid/*.pt.trace.json"))
     code, again = run_cli(*args)
     assert code == 0, again
@@ -127,6 +130,15 @@ def test_compare_runs_every_stage_then_skips_them(tmp_path, small_data):
     code, third = run_cli(*args)
     assert code == 0, third
     assert "[compare] train tiny-late ..." in third and third.count("done before, skipped") == 4 + 4 + 2 + 4 - 1
+
+
+def test_compare_says_where_its_time_went():
+    from fusionprof.compare import time_spent
+
+    done = {"train tiny-early": {"stage_seconds": 100.4}, "train tiny-mid": {"stage_seconds": 20.0},
+            "latency tiny cpu": {"stage_seconds": 59.6}, "traces tiny cpu": {}}
+    assert time_spent(done) == ("[compare] time by stage: train 120 s, latency 60 s (total 3.0 min); "
+                                "1 stage(s) without a recorded time")
 
 
 def test_compare_verifies_onnx_on_the_cpu_when_onnxruntime_cannot_run_on_the_gpu(monkeypatch):

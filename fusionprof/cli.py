@@ -373,9 +373,9 @@ def env(as_json):
 @click.option("--max-trials", type=int, default=8, show_default=True, callback=positive,
               help="--find-max-qps: LoadGen runs at most.")
 @click.option("--threads", type=int, default=None, callback=positive, help="torch / onnxruntime intra-op threads.")
-@click.option("--spin-wait/--no-spin-wait", default=False, show_default=True,
-              help="Let onnxruntime's threads busy-wait between calls (the latency sweep's setting); off, they "
-                   "sleep and leave the cores to LoadGen's and the batcher's threads.")
+@click.option("--spin-wait/--no-spin-wait", default=True, show_default=True,
+              help="onnxruntime's pool threads busy-wait between calls (its default, and the latency sweep's); "
+                   "--no-spin-wait: they sleep, for a machine whose cores other work needs.")
 @click.option("--accuracy", is_flag=True, help="LoadGen's accuracy mode, checked against the backend's accuracy.")
 @click.option("--models", "models_dir", default="models", show_default=True, help="Where checkpoints are looked for.")
 @click.option("--out", "profiles_dir", default="profiles", show_default=True, help="Results go to OUT/<host>/.")

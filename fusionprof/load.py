@@ -69,7 +69,7 @@ class LoadConfig:
     min_queries: int | None = None  # None: SERVER_MIN_QUERIES in Server (early stopping needs them), else 100
     max_trials: int = 8  # find-max: LoadGen runs at most
     threads: int | None = None  # torch / onnxruntime intra-op threads (None: torch's default)
-    spin_wait: bool = False  # onnxruntime's pool threads busy-wait between calls (off: they leave the cores to the SUT)
+    spin_wait: bool = True  # onnxruntime's pool threads busy-wait between calls (off: they sleep, for shared cores)
     accuracy: bool = False
     models_dir: str = "models"
     profiles_dir: str = "profiles"
@@ -268,7 +268,7 @@ def load(cfg: LoadConfig, progress: bool = True, log=print) -> LoadRecord:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     artifacts, source = load_artifacts(cfg, out_dir, log)
-    backend = create_backend(cfg.backend, artifacts, device, cfg.precision, serving=not cfg.spin_wait)
+    backend = create_backend(cfg.backend, artifacts, device, cfg.precision, sleep_when_idle=not cfg.spin_wait)
     library, tcfg = test_library(cfg.preset, artifacts.model.cfg, source, progress)
     batch_s = seconds_per_batch(backend.run, library, cfg.max_batch)
     log(f"{cfg.fusion}/{cfg.backend}/{cfg.precision}: {len(library)} test pairs; a batch of {cfg.max_batch} takes "

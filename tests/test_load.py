@@ -263,16 +263,18 @@ def test_accuracy_mode_equals_the_checkpoints_accuracy(tmp_path, small_data):
     assert acc["answered"] == acc["pairs"] > 0
     assert acc["matches"] and acc["loadgen_accuracy"] == acc["backend_accuracy"] and "equal" in out
     assert record["model"]["weights"] == "trained" and record["runs"][0]["validity"] == "accuracy"
+    assert record["config"]["spin_wait"] is True and record["backend_info"]["spin_wait"] is True  # the default
     # the server finds a rate on the same checkpoint, and every trial keeps LoadGen's logs
     code, out = run_cli("load", "--fusion", "early", "--backend", "onnxruntime", "--scenario", "server",
                         "--find-max-qps", "--p99-ms", "200", "--max-batch", "4", "--batch-timeout-ms", "2",
-                        "--min-duration", "1", "--min-queries", "40", "--models", models, "--out", profiles, "--quiet")
+                        "--min-duration", "1", "--min-queries", "40", "--no-spin-wait", "--models", models,
+                        "--out", profiles, "--quiet")
     assert code == 0, out
     [path] = profiles.glob("*/load-server-tiny-early-onnxruntime-fp32-*.json")
     record = json.loads(path.read_text())
     assert record["kind"] == "load" and record["schema_version"] == SCHEMA_VERSION
     assert record["environment"]["host"] == path.parent.name and record["batching"] == "batch≤4 wait≤2ms"
-    # under load onnxruntime's pool threads sleep between calls, as the session itself says
+    # with --no-spin-wait onnxruntime's pool threads sleep between calls, as the session itself says
     assert record["config"]["spin_wait"] is False and record["backend_info"]["spin_wait"] is False
     for run in record["runs"]:
         assert (path.with_suffix("") / run["logs"].split(path.stem + "/")[1] / "mlperf_log_detail.txt").exists()

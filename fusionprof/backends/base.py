@@ -56,16 +56,18 @@ class Backend(ABC):
     precisions: dict[str, tuple[str, ...]] = AUTOCAST_PRECISIONS  # device type → the precisions it runs there
     compiles: bool = False  # builds code when loaded or exported (minutes per model on a 2-core CPU)
 
-    def __init__(self, artifacts: Artifacts, device: torch.device, precision: str, *, serving: bool = False):
-        """``serving``: the backend runs behind a server's own threads (LoadGen's, the batcher's) on the same cores,
-        so a runtime whose threads busy-wait between calls (onnxruntime's pool) is told not to."""
+    def __init__(self, artifacts: Artifacts, device: torch.device, precision: str, *,
+                 sleep_when_idle: bool = False):
+        """``sleep_when_idle``: a runtime whose pool threads busy-wait between calls (onnxruntime's) lets them sleep
+        instead, for cores other work needs (``fusionprof load --no-spin-wait``). On a quiet machine spinning
+        served more (``profiles/vm/load-server-tiny-mid-onnxruntime-*``), so it is not the default."""
         ok, reason = self.available(device)
         if not ok:
             raise UserError(f"backend {self.registered_name} is unavailable: {reason}")
         problem = self.precision_problem(precision, device)
         if problem:
             raise UserError(problem)
-        self.device, self.precision, self.serving = device, precision, serving
+        self.device, self.precision, self.sleep_when_idle = device, precision, sleep_when_idle
 
     @classmethod
     def precision_problem(cls, precision: str, device: torch.device) -> str | None:
@@ -119,11 +121,13 @@ def export_formats() -> list[str]:
 
 
 def create_backend(name: str, artifacts: Artifacts, device: torch.device, precision: str = "fp32",
-                   serving: bool = False) -> Backend:
-    """A backend, loaded. ``serving`` reaches it only when set: one written as ``__init__(artifacts, device,
-    precision)`` still loads everywhere but behind ``fusionprof load``."""
+                   sleep_when_idle: bool = False) -> Backend:
+    """A backend, loaded. ``sleep_when_idle`` reaches it only when set: one written as ``__init__(artifacts, device,
+    precision)`` still loads everywhere but behind ``fusionprof load --no-spin-wait``."""
     backend = BACKENDS.get(name)
-    return backend(artifacts, device, precision, serving=True) if serving else backend(artifacts, device, precision)
+    if sleep_when_idle:
+        return backend(artifacts, device, precision, sleep_when_idle=True)
+    return backend(artifacts, device, precision)
 
 
 def inductor_status() -> tuple[bool, str]:

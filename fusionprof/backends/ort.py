@@ -25,7 +25,7 @@ class OnnxRuntime(Backend):
         path = require(artifacts.onnx, "ONNX model", "fusionprof export --fmt onnx")
         settings = ort.SessionOptions()
         settings.intra_op_num_threads = torch.get_num_threads()  # the same threads as the torch backends
-        if self.serving:  # spinning pool threads would take the cores the server's own threads need
+        if self.sleep_when_idle:  # busy-waiting pool threads would take cores that other work needs
             settings.add_session_config_entry("session.intra_op.allow_spinning", "0")
             settings.add_session_config_entry("session.inter_op.allow_spinning", "0")
         provider = PROVIDERS[device.type]

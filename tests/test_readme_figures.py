@@ -93,11 +93,13 @@ def _p50(batch: int):
     return get
 
 
-def _device_p50(batch: int, backend: str):
-    """A GPU row's device-resident p50 (CUDA events, inputs already on the GPU)."""
+def _backend_p50(batch: int, backend: str):
+    """One backend's p50: on a GPU the device-resident one (CUDA events, inputs already on the GPU), on the CPU the
+    host's."""
     def get(rec: dict, row: dict) -> list[float]:
-        return [next(r["device_resident"]["p50_ms"] for r in rec["rows"] if r["fusion"] == _plain(row["fusion"])
-                     and r["backend"] == backend and r["batch_size"] == batch and r["status"] == "ok")]
+        [cell] = [r for r in rec["rows"] if r["fusion"] == _plain(row["fusion"]) and r["backend"] == backend
+                  and r["batch_size"] == batch and r["status"] == "ok"]
+        return [(cell.get("device_resident") or cell)["p50_ms"]]
     return get
 
 
@@ -166,6 +168,17 @@ def _cache_column(fusion: str):
     return get
 
 
+def _batching(setting: str):
+    """A Server search summary's median max QPS for one batching setting and the row's threads, and its ratio to no
+    batching with the same threads."""
+    def get(rec: dict, row: dict) -> list[float]:
+        threads = "spin" if _plain(row["threads"]).startswith("spinning") else "sleep"
+        name = f"{setting}, threads {threads}"
+        ratio = [] if setting == "no batching" else [rec["ratios"][f"{name} / no batching, threads {threads}"]]
+        return [rec["settings"][name]["median_max_qps"], *ratio]
+    return get
+
+
 COLUMNS = {
     "train": {
         "params (M)": lambda rec, row: [rec["parameters"]["total"] / 1e6],
@@ -180,8 +193,8 @@ COLUMNS = {
                                             rec["step_profile"]["gpu_busy_share"] * 100],
     },
     "latency": {**{f"p50 bs {b}": _p50(b) for b in (1, 2, 4, 8, 16, 32)},
-                **{f"`{backend}` bs {b}": _device_p50(b, backend) for backend in ("torch", "torch-cudagraphs")
-                   for b in (1, 8, 32, 128)}},
+                **{f"`{backend}` bs {b}": _backend_p50(b, backend)
+                   for backend in ("torch", "torch-cudagraphs", "onnxruntime", "openvino") for b in (1, 8, 32, 128)}},
     "gpu_inference": {
         "bare replay bs 1": lambda rec, row: [rec["bare_replay"][_plain(row["fusion"])]["1"]["p50_ms"]],
         "eager / best, bs 1": _gpu_check("eager_over_best_at_smallest"),
@@ -207,6 +220,11 @@ COLUMNS = {
             _mfu(rec, row)["achieved_gflops"] / 1000, _mfu(rec, row)["share_of_matmul"] * 100],
         "MFU": lambda rec, row: [_mfu(rec, row)["mfu_datasheet"] * 100],
         "MFU of (b)": lambda rec, row: [_mfu(rec, row)["mfu_datasheet"] * 100],
+    },
+    "load-batching": {
+        "no batching": _batching("no batching"),
+        "batches ≤ 16, 10 ms timeout": _batching("batch≤16 wait≤10ms"),
+        "batches ≤ 16, 20 ms timeout": _batching("batch≤16 wait≤20ms"),
     },
     "feature_cache": {
         **{f: _cache_column(f) for f in ("early", "late", "mid", "bottleneck")},
@@ -234,6 +252,10 @@ def _label_free(recs: list[dict], cell: str) -> None:
     pass
 
 
+def _label_threads(recs: list[dict], cell: str) -> None:
+    assert _plain(cell).split()[0] in ("spinning", "sleeping")
+
+
 def _label_workers(recs: list[dict], cell: str) -> None:
     assert int(_plain(cell)) in recs[0]["workers"]
 
@@ -244,6 +266,7 @@ LABELS = {
     "seed, bf16, H200": _label_free,  # the compile scope: a scope the record lacks fails its columns
     "JPEG files": _label_jpeg,
     "workers": _label_workers,
+    "threads": _label_threads,
     "(b) precision": _label_precision,
     "preset": _label_preset,
 }

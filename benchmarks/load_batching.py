@@ -1,0 +1,107 @@
+"""What dynamic batching buys under load: the largest Server rate with p99 under a target, batching off vs on.
+
+    python benchmarks/load_batching.py [--fusion mid] [--backend onnxruntime] [--reps 3] [--max-batch 16]
+        [--batch-timeout-ms 20] [--p99-ms 50]
+    python benchmarks/load_batching.py --summarize profiles/vm/load-server-tiny-mid-onnxruntime-fp32-*.json
+
+One ``fusionprof load --find-max-qps`` search per setting — no batching and batches up to ``--max-batch``, each with
+onnxruntime's pool threads spinning and sleeping between calls — repeated ``--reps`` times, interleaved so that a
+slow minute of a shared machine falls on every setting alike. A single search moves by ±25 % from one run to the
+next on a 2-core VM (Poisson arrivals, 10 s runs, a 10 % bisection), so the medians decide, and the ratio of
+medians is what is quoted. ``--summarize`` builds the same summary from Server records already on disk.
+
+Writes ``profiles/<host>/load-batching-<preset>-<fusion>-<backend>.json``: per setting every run's max QPS and its
+record, the median, and the ratio of each batched median to the unbatched one with the same threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fusionprof import SCHEMA_VERSION
+from fusionprof.atomic import write_json
+from fusionprof.env import fingerprint
+
+
+def setting(record: dict) -> str:
+    threads = "spin" if record["config"].get("spin_wait", True) else "sleep"
+    return f"{record['batching']}, threads {threads}"
+
+
+def summarize(paths: list[Path]) -> dict:
+    runs: dict[str, list[dict]] = {}
+    for path in paths:
+        record = json.loads(path.read_text())
+        if record.get("kind") != "load" or record.get("scenario") != "server" or not record["config"]["find_max_qps"]:
+            continue
+        runs.setdefault(setting(record), []).append({"max_qps": record["max_qps"], "record": str(path)})
+    medians = {name: statistics.median(r["max_qps"] or 0.0 for r in got) for name, got in runs.items()}
+    ratios = {}
+    for name, median in medians.items():
+        if name.startswith("no batching"):
+            continue
+        threads = name.split(", ")[-1]
+        base = medians.get(f"no batching, {threads}")
+        if base:
+            ratios[f"{name} / no batching, {threads}"] = round(median / base, 2)
+    best_batched = max((m for n, m in medians.items() if not n.startswith("no batching")), default=None)
+    best_single = max((m for n, m in medians.items() if n.startswith("no batching")), default=None)
+    if best_batched and best_single:
+        ratios["best batched / best unbatched"] = round(best_batched / best_single, 2)
+    return {"settings": {name: {"runs": got, "median_max_qps": round(medians[name], 1)} for name, got in runs.items()},
+            "ratios": ratios}
+
+
+def run_reps(args) -> list[Path]:
+    from fusionprof.load import LoadConfig, load
+
+    paths = []
+    for rep in range(args.reps):
+        for spin in (True, False):
+            for max_batch, timeout in ((1, 0.0), (args.max_batch, args.batch_timeout_ms)):
+                cfg = LoadConfig(fusion=args.fusion, backend=args.backend, scenario="server", find_max_qps=True,
+                                 p99_ms=args.p99_ms, max_batch=max_batch, batch_timeout_ms=timeout, spin_wait=spin,
+                                 preset=args.preset, profiles_dir=args.out)
+                record = load(cfg, progress=False, log=lambda line: None)
+                print(f"rep {rep + 1}: batch≤{max_batch} wait≤{timeout:g}ms, threads {'spin' if spin else 'sleep'}: "
+                      f"{record.max_qps} QPS ({record.path}); load average {os.getloadavg()[0]:.2f}")
+                paths.append(Path(record.path))
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fusion", default="mid")
+    parser.add_argument("--backend", default="onnxruntime")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--batch-timeout-ms", type=float, default=20.0)
+    parser.add_argument("--p99-ms", type=float, default=50.0)
+    parser.add_argument("--summarize", nargs="+", type=Path, help="Server records on disk instead of new runs.")
+    parser.add_argument("--out", default="profiles")
+    args = parser.parse_args()
+    env = fingerprint()
+    print(f"{env['cpu_model']}, {env['cpu_logical_cores']} logical cores; load average {os.getloadavg()[0]:.2f}")
+    paths = args.summarize or run_reps(args)
+    summary = summarize(sorted(paths))
+    for name, got in summary["settings"].items():
+        print(f"{name:<40} median {got['median_max_qps']:7.1f} QPS  runs "
+              + ", ".join(f"{r['max_qps']:.1f}" if r["max_qps"] else "none VALID" for r in got["runs"]))
+    for name, ratio in summary["ratios"].items():
+        print(f"{name}: {ratio:.2f}×")
+    first = json.loads(paths[0].read_text())
+    path = Path(args.out) / env["host"] / f"load-batching-{first['preset']}-{first['fusion']}-{first['backend']}.json"
+    write_json(path, {"schema_version": SCHEMA_VERSION, "kind": "load-batching",
+                      "created": datetime.now(timezone.utc).isoformat(), "p99_target_ms": first["p99_target_ms"],
+                      "environment": first["environment"] if args.summarize else env, **summary})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -305,6 +305,9 @@ def report(paths, out):
                    "code when loaded on the CPU].")
 @click.option("--min-seconds", type=float, default=None, help="Minimum sampling time per latency cell.")
 @click.option("--min-calls", type=int, default=None, callback=positive, help="Minimum samples per latency cell.")
+@click.option("--precisions", default=None, callback=csv_list(),
+              help="fp32 and the low precisions to sweep on the CPU, e.g. fp32,int8 [default: fp32 and those this "
+                   "CPU computes natively (bf16: AVX512-BF16 / AMX-BF16; int8: VNNI / AMX-INT8)].")
 @click.option("--load/--no-load", "under_load", default=True, show_default=True,
               help="Per fusion, a LoadGen Server search (p99 under --load-p99-ms, batching) and an Offline run.")
 @click.option("--load-p99-ms", type=float, default=None, help="The Server scenario's p99 target [default: 50].")
@@ -317,7 +320,8 @@ def report(paths, out):
 @click.option("--profiles", "profiles_dir", default="profiles", show_default=True)
 @click.option("--quiet", is_flag=True)
 def compare(preset, data, device, epochs, limit_train, limit_eval, batch_sizes, backends, min_seconds, min_calls,
-            under_load, load_p99_ms, load_seconds, load_queries, load_trials, models_dir, profiles_dir, quiet):
+            precisions, under_load, load_p99_ms, load_seconds, load_queries, load_trials, models_dir, profiles_dir,
+            quiet):
     """The whole study: train every fusion, export, time, trace, run under load, report. Re-runs skip finished
     stages."""
     from fusionprof.compare import UNDER_LOAD
@@ -332,7 +336,7 @@ def compare(preset, data, device, epochs, limit_train, limit_eval, batch_sizes, 
     run_compare(preset=preset, data=data, device=device, models_dir=models_dir, profiles_dir=profiles_dir,
                 epochs=epochs, limit_train=limit_train, limit_eval=limit_eval, batch_sizes=batch_sizes,
                 backends=backends, protocol=replace_protocol(Protocol(), min_seconds=min_seconds, min_calls=min_calls),
-                load_plan=plan, progress=not quiet, log=click.echo)
+                load_plan=plan, precisions=precisions, progress=not quiet, log=click.echo)
 
 
 @cli.command()

@@ -104,7 +104,8 @@ def test_pareto_front():
 def test_compare_runs_every_stage_then_skips_them(tmp_path, small_data):
     args = ["compare", "--data", small_data, "--epochs", "1", "--limit-train", "12", "--limit-eval", "6",
             "--batch-sizes", "1,2", "--backends", "torch,onnxruntime", "--out", tmp_path / "m", "--profiles",
-            tmp_path / "p", "--quiet", "--load-seconds", "0.2", "--load-queries", "64", "--load-trials", "1", *QUICK]
+            tmp_path / "p", "--quiet", "--load-seconds", "0.2", "--load-queries", "64", "--load-trials", "1",
+            "--precisions", "fp32", *QUICK]  # fp32 only: the same stages on every CPU, whatever its flags
     code, out = run_cli(*args)
     assert code == 0, out
     for stage in ("train tiny-early", "train tiny-bottleneck", "export tiny-mid onnx", "latency tiny cpu",
@@ -185,6 +186,33 @@ def test_compare_sweeps_the_low_precisions_the_cpu_has_natively(monkeypatch, fla
         precision = line.split()[1].rstrip(":")
         assert ("swept beside fp32" in line) == (precision in swept), line
     assert compare_module.low_precisions("cuda:0", said.append) == [] and len(said) == 2
+
+
+def test_compare_sweeps_the_precisions_asked_for_whatever_the_flags(monkeypatch):
+    from fusionprof import compare as compare_module
+    from fusionprof.env import CPU_ISA_FLAGS
+    from fusionprof.errors import UserError
+
+    monkeypatch.setattr(compare_module, "cpu_isa", lambda: {f: f == "avx2" for f in CPU_ISA_FLAGS})
+    said = []
+    assert compare_module.chosen_low_precisions(["fp32"], "cpu", said.append) == [] and said == []
+    assert compare_module.chosen_low_precisions(["int8", "fp32", "bf16"], "cpu", said.append) == ["bf16", "int8"]
+    assert said == ["[compare] bf16: swept beside fp32 as asked (this CPU has none of avx512_bf16, amx_bf16)",
+                    "[compare] int8: swept beside fp32 as asked (this CPU has none of avx512_vnni, avx_vnni, amx_int8)"]
+    for wrong in (["int8"], ["fp32", "fp16"], ["fp32", "int4"]):
+        with pytest.raises(UserError, match="fp32 is the study's reference"):
+            compare_module.chosen_low_precisions(wrong, "cpu", said.append)
+    with pytest.raises(UserError, match="compare sweeps low precisions on the CPU"):
+        compare_module.chosen_low_precisions(["fp32", "bf16"], "cuda:0", said.append)
+    # the default names the flag it lacks and how to sweep the precision anyway
+    compare_module.low_precisions("cpu", said.append)
+    assert "--precisions fp32,int8 sweeps it" in said[-1] and "AVX2 runs it without VNNI" in said[-1]
+
+
+def test_a_wrong_precision_list_is_refused_before_anything_is_trained(tmp_path):
+    code, out = run_cli("compare", "--precisions", "int8", "--out", tmp_path / "m", "--profiles", tmp_path / "p")
+    assert code == 1 and "Error: --precisions int8: fp32 and any of bf16, int8" in out
+    assert not (tmp_path / "m").exists() and not (tmp_path / "p").exists()
 
 
 def test_compare_puts_each_fusion_under_load_on_its_fastest_backend_at_the_batching_size():

@@ -196,9 +196,12 @@ def export_stages(stage, preset: str, device: str, models_dir: str, backends: li
 
             def run_export(checkpoint=checkpoint, fmt=fmt, precision=precision):
                 record = export(checkpoint, fmt, precision, device=check_devices[fmt], progress=progress, log=log)
-                if record["status"] != "ok":  # a wrong artifact is never timed as if it were right
+                if record["status"] != "ok" and precision == "fp32":  # a wrong artifact is never timed as right
                     raise UserError(f"the {fmt} {precision} export of {checkpoint} failed verification: see "
                                     f"{record['record_path']}")
+                if record["status"] != "ok":  # a quantized model may lose too much: a result, not a broken study
+                    log(f"[compare] the {precision} export of {checkpoint} failed its gate ({record['record_path']}); "
+                        f"the {precision} sweep checks its own build's parity, and the report shows the failure")
                 return {"record": record["record_path"], "status": record["status"],
                         "accuracy": record["accuracy"]["exported_accuracy"]}
             stage(f"export {preset}-{fusion} {fmt}" + ("" if precision == "fp32" else f" {precision}"), run_export)

@@ -209,6 +209,29 @@ def test_compare_sweeps_the_precisions_asked_for_whatever_the_flags(monkeypatch)
     assert "--precisions fp32,int8 sweeps it" in said[-1] and "AVX2 runs it without VNNI" in said[-1]
 
 
+def test_a_failed_int8_gate_is_a_result_and_a_failed_fp32_export_stops_the_study(monkeypatch):
+    from fusionprof import compare as compare_module
+    from fusionprof.errors import UserError
+
+    def export(checkpoint, fmt, precision, **kw):
+        return {"status": "failed", "record_path": f"{checkpoint}.{precision}.json",
+                "accuracy": {"exported_accuracy": 0.5}}
+    monkeypatch.setattr(compare_module, "export", export)
+    monkeypatch.setattr(compare_module, "fusion_names", lambda: ["mid"])
+    done, said = {}, []
+
+    def stage(name, run):
+        done[name] = run()
+        return done[name]
+    with pytest.raises(UserError, match=r"onnx fp32 export of .* failed verification"):
+        compare_module.export_stages(stage, "tiny", "cpu", "m", ["onnxruntime"], ["int8"], False, said.append)
+    monkeypatch.setattr(compare_module, "export", lambda c, f, p, **kw: {**export(c, f, p), "status": "ok"}
+                        if p == "fp32" else export(c, f, p))
+    compare_module.export_stages(stage, "tiny", "cpu", "m", ["onnxruntime"], ["int8"], False, said.append)
+    assert done["export tiny-mid onnx int8"]["status"] == "failed" and done["export tiny-mid onnx"]["status"] == "ok"
+    assert "the int8 export of m/tiny-mid/checkpoint.pt failed its gate" in said[-1]
+
+
 def test_a_wrong_precision_list_is_refused_before_anything_is_trained(tmp_path):
     code, out = run_cli("compare", "--precisions", "int8", "--out", tmp_path / "m", "--profiles", tmp_path / "p")
     assert code == 1 and "Error: --precisions int8: fp32 and any of bf16, int8" in out

@@ -166,7 +166,7 @@ CPU_PRECISIONS = ("fp32", *NATIVE_LOW_PRECISIONS)
 
 def chosen_low_precisions(precisions: list[str], device: str, log) -> list[str]:
     """``--precisions``: fp32 (the study's reference: exports and the load stage use it) and the low precisions
-    asked for, swept on the CPU whatever its flags; a precision it lacks the flags for is said to be emulated."""
+    asked for, swept on the CPU whatever its flags; one line each says which of the precision's flags it has."""
     unknown = [p for p in precisions if p not in CPU_PRECISIONS]
     if unknown or "fp32" not in precisions:
         raise UserError(f"--precisions {','.join(precisions)}: fp32 and any of {', '.join(CPU_PRECISIONS[1:])} "

@@ -33,13 +33,25 @@ def setting(record: dict) -> str:
     return f"{record['batching']}, threads {threads}"
 
 
+IDENTITY = ("preset", "fusion", "backend", "precision", "device", "p99_target_ms")
+
+
 def summarize(paths: list[Path]) -> dict:
+    """The find-max Server searches among ``paths``, by setting; they must all search for one model and target
+    (medians across fusions or targets would mean nothing)."""
     runs: dict[str, list[dict]] = {}
+    identity, environment = None, None
     for path in paths:
         record = json.loads(path.read_text())
         if record.get("kind") != "load" or record.get("scenario") != "server" or not record["config"]["find_max_qps"]:
             continue
+        this = {k: record[k] for k in IDENTITY}
+        if identity not in (None, this):
+            raise SystemExit(f"{path} searches for {this}, the others for {identity}: summarize one at a time")
+        identity, environment = this, environment or record["environment"]
         runs.setdefault(setting(record), []).append({"max_qps": record["max_qps"], "record": str(path)})
+    if identity is None:
+        raise SystemExit("no find-max Server search among the records given")
     medians = {name: statistics.median(r["max_qps"] or 0.0 for r in got) for name, got in runs.items()}
     ratios = {}
     for name, median in medians.items():
@@ -53,8 +65,8 @@ def summarize(paths: list[Path]) -> dict:
     best_single = max((m for n, m in medians.items() if n.startswith("no batching")), default=None)
     if best_batched and best_single:
         ratios["best batched / best unbatched"] = round(best_batched / best_single, 2)
-    return {"settings": {name: {"runs": got, "median_max_qps": round(medians[name], 1)} for name, got in runs.items()},
-            "ratios": ratios}
+    return {**identity, "environment": environment, "ratios": ratios,
+            "settings": {name: {"runs": got, "median_max_qps": round(medians[name], 1)} for name, got in runs.items()}}
 
 
 def run_reps(args) -> list[Path]:
@@ -95,11 +107,10 @@ def main() -> None:
               + ", ".join(f"{r['max_qps']:.1f}" if r["max_qps"] else "none VALID" for r in got["runs"]))
     for name, ratio in summary["ratios"].items():
         print(f"{name}: {ratio:.2f}×")
-    first = json.loads(paths[0].read_text())
-    path = Path(args.out) / env["host"] / f"load-batching-{first['preset']}-{first['fusion']}-{first['backend']}.json"
+    name = f"load-batching-{summary['preset']}-{summary['fusion']}-{summary['backend']}.json"
+    path = Path(args.out) / summary["environment"]["host"] / name
     write_json(path, {"schema_version": SCHEMA_VERSION, "kind": "load-batching",
-                      "created": datetime.now(timezone.utc).isoformat(), "p99_target_ms": first["p99_target_ms"],
-                      "environment": first["environment"] if args.summarize else env, **summary})
+                      "created": datetime.now(timezone.utc).isoformat(), **summary})
     print(f"wrote {path}")
 
 

@@ -47,6 +47,7 @@ import json, sys
 from pathlib import Path
 
 from fusionprof.atomic import write_json
+from fusionprof.compare import best_row
 from fusionprof.env import cpu_isa, fingerprint
 
 out, models, preset, precisions = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4].split(",")
@@ -59,8 +60,7 @@ for path in sorted((out / env["host"]).glob(f"latency-{preset}-cpu-*.json")):
 
 
 def best_at_8(record: dict, fusion: str):
-    rows = [r for r in record["rows"] if r["fusion"] == fusion and r["batch_size"] == 8 and r["status"] == "ok"]
-    return min(rows, key=lambda r: r["p50_ms"], default=None)
+    return best_row(record["rows"], fusion, 8)
 
 
 isa = cpu_isa()

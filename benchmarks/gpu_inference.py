@@ -1,19 +1,22 @@
 """GPU inference at the hardware's pace: eager vs CUDA graphs vs AOTInductor, beside a bare CUDA-graph replay.
 
     PYTHONPATH=. python3 benchmarks/gpu_inference.py [--preset seed] [--precision bf16] [--batch-sizes 1,8,32,128]
-        [--backends torch,torch-cudagraphs] [--aoti-fusions mid] [--compile-modes reduce-overhead,max-autotune]
+        [--backends torch,torch-cudagraphs] [--more-backends torch-cudagraphs-eager,aoti] [--more-fusions mid]
+        [--compile-modes max-autotune] [--compile-batch-sizes 1]
 
 One process, so every figure shares the GPU's clocks and the same models, in this order (the record is rewritten
 after each stage, so a run cut at its time limit keeps what it measured; ``completed`` names the last stage):
 1. the latency sweep (``fusionprof.latency.sweep``, random init: latency does not depend on the weights) over
    ``--backends`` for every fusion;
 2. the reference: each fusion's model cast to the precision's dtype, captured once per batch size with a bare
-   ``torch.cuda.CUDAGraph`` and replayed, timed with CUDA events like the sweep's device-resident p50; and, for
-   ``--compile-fusion``, that cast model run eagerly (the ``torch`` backend autocasts over fp32 weights instead);
-3. ``aoti`` for ``--aoti-fusions`` (a seed-size ``.pt2`` build takes minutes), and the package's own call without
-   the CUDA graph the backend replays it in;
-4. with ``--compile-modes``, ``torch.compile(mode=...)`` of ``--compile-fusion``'s model at the smallest batch and
-   32: which implementation ``torch-cudagraphs`` should keep (eager kernels replayed, or inductor's).
+   ``torch.cuda.CUDAGraph`` and replayed (the eager kernels), timed with CUDA events like the sweep's
+   device-resident p50; and, for ``--compile-fusion``, that cast model run eagerly (the ``torch`` backend autocasts
+   over fp32 weights instead);
+3. ``--more-backends`` for ``--more-fusions`` only (a seed-size ``.pt2`` build takes minutes): the eager kernels
+   replayed through the backend, and ``aoti``, with the package's own call timed without the CUDA graph the backend
+   replays it in;
+4. with ``--compile-modes``, ``torch.compile(mode=...)`` of ``--compile-fusion``'s model at
+   ``--compile-batch-sizes``: against the kernels ``torch-cudagraphs`` replays (inductor's, default mode).
 Then issue 14's checks, computed from those numbers: the best backend at the smallest batch against eager and
 against the bare replay, its TFLOP/s at the largest batch, its CV, and aoti against torch-cudagraphs. The record
 goes to ``profiles/<host>/gpu-inference-<preset>-<precision>.json``.
@@ -143,8 +146,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--batch-sizes", default="1,8,32,128")
     parser.add_argument("--backends", default="torch,torch-cudagraphs")
-    parser.add_argument("--aoti-fusions", default="mid", help="fusions also swept through aoti ('' for none)")
+    parser.add_argument("--more-backends", default="torch-cudagraphs-eager,aoti",
+                        help="backends swept for --more-fusions only ('' for none)")
+    parser.add_argument("--more-fusions", default="mid")
     parser.add_argument("--compile-modes", default="", help="e.g. reduce-overhead,max-autotune")
+    parser.add_argument("--compile-batch-sizes", default="1")
     parser.add_argument("--compile-fusion", default="mid")
     parser.add_argument("--min-seconds", type=float, default=0.5)
     parser.add_argument("--out", default="profiles")
@@ -199,9 +205,10 @@ def main() -> None:
         else:
             del model
     save("bare replay")
-    for fusion in filter(None, args.aoti_fusions.split(",")):
-        add(sweep(SweepConfig(fusions=[fusion], backends=["aoti"], **common), log=print))
-        save(f"aoti {fusion}")
+    more = [b for b in args.more_backends.split(",") if b]
+    for fusion in filter(None, args.more_fusions.split(",") if more else []):
+        add(sweep(SweepConfig(fusions=[fusion], backends=more, **common), log=print))
+        save(f"{'+'.join(more)} {fusion}")
         package = next((r["backend_info"]["package"] for r in rows if (r["fusion"], r["backend"]) == (fusion, "aoti")
                         and "package" in r.get("backend_info", {})), None)  # the sweep's own, where it built one
         if package:
@@ -212,7 +219,7 @@ def main() -> None:
         model = models.get(args.compile_fusion) or random_model(args.preset, args.compile_fusion).to(
             device=device, dtype=dtype, memory_format=torch.channels_last)
         timed = record["compile_modes"][mode] = {}
-        for b in (min(batch_sizes), 32):
+        for b in (int(b) for b in args.compile_batch_sizes.split(",")):
             timed[b] = compiled_mode(model, mode, b, seq_len, dtype, device, protocol)
             print(f"torch.compile mode={mode} {args.compile_fusion}: bs {b} p50 {timed[b]['p50_ms']:.3f} ms "
                   f"(compile {timed[b]['compile_seconds']:.0f} s)", flush=True)

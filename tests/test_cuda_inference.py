@@ -33,21 +33,27 @@ def assert_matches_eager(backend, model, shapes=((1, 5), (3, 11), (8, 24))):
         np.testing.assert_allclose(backend.run(images, ids, mask), expected, **BF16)
 
 
-def test_cuda_graphs_need_a_gpu_and_say_so():
-    ok, reason = BACKENDS.get("torch-cudagraphs").available(torch.device("cpu"))
+GRAPHS = {"torch-cudagraphs": "inductor", "torch-cudagraphs-eager": "eager"}  # backend → the kernels it replays
+
+
+@pytest.mark.parametrize("name", GRAPHS)
+def test_cuda_graphs_need_a_gpu_and_say_so(name):
+    ok, reason = BACKENDS.get(name).available(torch.device("cpu"))
     assert not ok and reason == "CUDA graphs need a CUDA device"
-    with pytest.raises(UserError, match=r"^backend torch-cudagraphs is unavailable: CUDA graphs need a CUDA device$"):
-        create_backend("torch-cudagraphs", Artifacts(tiny()), torch.device("cpu"), "bf16")
+    with pytest.raises(UserError, match=rf"^backend {name} is unavailable: CUDA graphs need a CUDA device$"):
+        create_backend(name, Artifacts(tiny()), torch.device("cpu"), "bf16")
 
 
 @CUDA
-def test_cuda_graph_replay_matches_eager_and_captures_once_per_shape():
+@pytest.mark.parametrize("name", GRAPHS)
+def test_cuda_graph_replay_matches_eager_and_captures_once_per_shape(name):
     model = tiny()
-    backend = create_backend("torch-cudagraphs", Artifacts(model), torch.device("cuda", 0), "bf16")
+    backend = create_backend(name, Artifacts(model), torch.device("cuda", 0), "bf16")
     assert_matches_eager(backend, model)
     assert_matches_eager(backend, model, shapes=((3, 11),))  # a shape seen before replays its graph
     info = backend.describe()
     assert info["graphs"] == 3 and set(info["capture_seconds"]) == {"1x5", "3x11", "8x24"}
+    assert info["kernels"].startswith(GRAPHS[name])
 
 
 @CUDA

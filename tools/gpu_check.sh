@@ -71,15 +71,15 @@ sweep=(--backends torch --batch-sizes 1,8,32 --min-seconds 0.5)
 ((quick)) && sweep=(--backends torch --batch-sizes 1,8 --min-seconds 0.1 --min-calls 5)
 
 # 1. Issue 14: inference at the hardware's pace. The seed preset (random init) in bf16 at batch 1, 8, 32, 128
-#    through eager torch and torch-cudagraphs for every fusion and aoti for mid, beside a bare torch.cuda.CUDAGraph
-#    replay of the same models in the same process; then torch.compile's modes (FP_COMPILE_MODES, default
-#    reduce-overhead,max-autotune) on mid at batch 1 and 32: which implementation torch-cudagraphs should keep.
-#    The record is rewritten after every stage, so a step cut at its limit keeps what it measured; it prints the
-#    issue's checks. FP_AOTI=mid,early,... widens the aoti sweep.
+#    through eager torch and torch-cudagraphs (inductor's kernels replayed) for every fusion, beside a bare
+#    torch.cuda.CUDAGraph replay of the same models (the eager kernels) in the same process; then, for mid
+#    (FP_MORE_FUSIONS), torch-cudagraphs-eager and aoti (FP_MORE_BACKENDS); then torch.compile's modes
+#    (FP_COMPILE_MODES, default max-autotune) on mid at batch 1 (FP_COMPILE_BATCHES). The record is rewritten after
+#    every stage, so a step cut at its limit keeps what it measured; it prints the issue's checks.
 gi=("$py" benchmarks/gpu_inference.py --device "$device" --preset "$big" --out "$work/profiles")
-step gpu-inference 440 "${gi[@]}" --aoti-fusions "${FP_AOTI-mid}" \
-  --compile-modes "${FP_COMPILE_MODES-reduce-overhead,max-autotune}" \
-  $( ((quick)) && echo --batch-sizes 1,8 --min-seconds 0.1)
+step gpu-inference 540 "${gi[@]}" --more-backends "${FP_MORE_BACKENDS-torch-cudagraphs-eager,aoti}" \
+  --more-fusions "${FP_MORE_FUSIONS-mid}" --compile-modes "${FP_COMPILE_MODES-max-autotune}" \
+  --compile-batch-sizes "${FP_COMPILE_BATCHES-1}" $( ((quick)) && echo --batch-sizes 1,8 --min-seconds 0.1)
 # 1b. The CUDA tests (training in fp32, bf16 and fp16 on the GPU; CUDA-graph replay and a .pt2 against eager);
 #    test_train.py and test_cuda_inference.py only: the others need pycocotools, which that machine's python lacks.
 step cuda-tests 260 "$py" -m pytest -q -x tests/test_train.py tests/test_cuda_inference.py -k "${FP_TESTS_K:-cuda or aoti}" -p no:cacheprovider

@@ -1,7 +1,7 @@
 """GPU inference at the hardware's pace: eager vs CUDA graphs vs AOTInductor, beside a bare CUDA-graph replay.
 
     PYTHONPATH=. python3 benchmarks/gpu_inference.py [--preset seed] [--precision bf16] [--batch-sizes 1,8,32,128]
-        [--backends torch,torch-cudagraphs] [--more-backends torch-cudagraphs-eager,aoti] [--more-fusions mid]
+        [--backends torch,torch-cudagraphs] [--more-backends torch-cudagraphs-inductor,aoti] [--more-fusions mid]
         [--compile-modes max-autotune] [--compile-batch-sizes 1]
 
 One process, so every figure shares the GPU's clocks and the same models, in this order (the record is rewritten
@@ -12,11 +12,11 @@ after each stage, so a run cut at its time limit keeps what it measured; ``compl
    ``torch.cuda.CUDAGraph`` and replayed (the eager kernels), timed with CUDA events like the sweep's
    device-resident p50; and, for ``--compile-fusion``, that cast model run eagerly (the ``torch`` backend autocasts
    over fp32 weights instead);
-3. ``--more-backends`` for ``--more-fusions`` only (a seed-size ``.pt2`` build takes minutes): the eager kernels
-   replayed through the backend, and ``aoti``, with the package's own call timed without the CUDA graph the backend
-   replays it in;
+3. ``--more-backends`` for ``--more-fusions`` only (each takes minutes to compile a seed model): inductor's
+   kernels replayed (``torch-cudagraphs-inductor``), and ``aoti``, whose package call is also timed without the
+   CUDA graph the backend replays it in;
 4. with ``--compile-modes``, ``torch.compile(mode=...)`` of ``--compile-fusion``'s model at
-   ``--compile-batch-sizes``: against the kernels ``torch-cudagraphs`` replays (inductor's, default mode).
+   ``--compile-batch-sizes``: beside the kernels ``torch-cudagraphs-inductor`` replays (inductor's, default mode).
 Then issue 14's checks, computed from those numbers: the best backend at the smallest batch against eager and
 against the bare replay, its TFLOP/s at the largest batch, its CV, and aoti against torch-cudagraphs. The record
 goes to ``profiles/<host>/gpu-inference-<preset>-<precision>.json``.
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--batch-sizes", default="1,8,32,128")
     parser.add_argument("--backends", default="torch,torch-cudagraphs")
-    parser.add_argument("--more-backends", default="torch-cudagraphs-eager,aoti",
+    parser.add_argument("--more-backends", default="torch-cudagraphs-inductor,aoti",
                         help="backends swept for --more-fusions only ('' for none)")
     parser.add_argument("--more-fusions", default="mid")
     parser.add_argument("--compile-modes", default="", help="e.g. reduce-overhead,max-autotune")

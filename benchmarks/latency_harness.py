@@ -140,7 +140,7 @@ def bare_openvino(backend, artifacts, inputs, device, threads):
 
 
 BARE = {"torch": bare_module, "torch-compile": bare_module, "onnxruntime": bare_onnxruntime, "aoti": bare_aoti,
-        "torch-cudagraphs": bare_cudagraphs, "torch-cudagraphs-eager": bare_cudagraphs, "tensorrt": bare_tensorrt,
+        "torch-cudagraphs": bare_cudagraphs, "torch-cudagraphs-inductor": bare_cudagraphs, "tensorrt": bare_tensorrt,
         "openvino": bare_openvino}
 
 

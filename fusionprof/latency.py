@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS, EAGER, Artifacts, Backend, backend_names, create_backend
 from fusionprof.backends.trt import build_engine, optimization_profile
 from fusionprof.checkpoint import checkpoint_hash, find_checkpoint, load_model
@@ -239,6 +240,10 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> LatencyRecord:
     start = matmul_rate(device, matmul_dtype)
     log(f"yardstick: a {start['n']}² {start['dtype']} matmul on {device} runs at {start['gflops']:.0f} GFLOP/s")
     rows: list[LatencyRow] = []
+    config = {**to_dict(cfg), "protocol": cfg.protocol.to_dict()}
+    began = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    partial_path = out_dir / f"latency-{cfg.preset}-{device.type}-{cfg.precision}-{began}{PARTIAL_SUFFIX}"
+    peak = datasheet_tflops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
     bar = tqdm(total=len(cfg.fusions) * len(cfg.backends) * len(cfg.batch_sizes), desc="latency",
                disable=not progress)
     for fusion in cfg.fusions:
@@ -262,16 +267,30 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> LatencyRecord:
                 bar.update(len(cfg.batch_sizes) - len(measured))
                 measured = [LatencyRow(fusion, name, f"failed: {e}")]
             rows += measured
+            rate_against(rows, start["gflops"], peak)
+            save_partial(partial_path, LatencyRecord(began, env, config, {"start": start}, rows))
     bar.close()
     reference = yardstick(start, matmul_rate(device, matmul_dtype))
     log(f"yardstick at the end: {reference['end']['gflops']:.0f} GFLOP/s ({reference['drift']:+.1%} from the start)")
-    peak = datasheet_tflops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
     rate_against(rows, reference["gflops"], peak)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    record = LatencyRecord(created=stamp, environment=env, config={**to_dict(cfg), "protocol": cfg.protocol.to_dict()},
-                           reference_matmul=reference, rows=rows)
+    record = LatencyRecord(created=stamp, environment=env, config=config, reference_matmul=reference, rows=rows)
     write_record(record, out_dir / f"latency-{cfg.preset}-{device.type}-{cfg.precision}-{stamp}.json")
+    partial_path.unlink(missing_ok=True)
     return record
+
+
+# A sweep cut short (a time limit, a crash in a runtime) keeps the rows it measured: after each backend they are
+# written here, a record of its own kind (the report and `recommend` read finished sweeps only), deleted when the
+# sweep's record is written.
+PARTIAL_SUFFIX = ".partial.json"
+PARTIAL_KIND = "latency_partial"
+
+
+def save_partial(path: Path, record: LatencyRecord) -> None:
+    write_json(path, {**record.to_dict(), "kind": PARTIAL_KIND,
+                      "note": "an unfinished sweep: the rows measured before it stopped, rated against the yardstick "
+                              "measured at its start"})
 
 
 def rate_against(rows: list[LatencyRow], yardstick_gflops: float, peak_tflops: float | None) -> None:

@@ -18,8 +18,9 @@ from fusionprof.checkpoint import find_checkpoint
 from fusionprof.cli import cli
 from fusionprof.compare import summarize as compare_summary
 from fusionprof.errors import UserError
-from fusionprof.latency import SweepConfig
+from fusionprof.latency import PARTIAL_KIND, PARTIAL_SUFFIX, SweepConfig, sweep
 from fusionprof.latency_output import CSV_COLUMNS
+from fusionprof.measure import Protocol
 from fusionprof.models import fusion_names
 from fusionprof.records import PARITY_FAILED, LatencyRecord
 from fusionprof.report import find_records
@@ -214,3 +215,33 @@ def test_a_backend_that_cannot_load_is_a_failed_row_and_the_sweep_goes_on(tmp_pa
     assert [(r["backend"], r["status"]) for r in rows] == [
         ("cannot-load", "failed: no engine for this model: run `fusionprof export --fmt trt` first"),
         ("torch", "ok"), ("torch", "ok")]
+
+
+class Crashes(TorchEager):
+    """A runtime that dies mid-sweep with an error of its own (as inductor or a driver can), not a UserError."""
+
+    registered_name = "crashes"
+    label = "raises RuntimeError"
+
+    def run_on_device(self, images, input_ids, attention_mask):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_sweep_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    monkeypatch.setitem(BACKENDS._members, "crashes", Crashes)
+    cfg = SweepConfig(fusions=["early", "late"], backends=["torch", "crashes"], batch_sizes=[1, 2],
+                      models_dir=str(tmp_path / "none"), profiles_dir=str(tmp_path), protocol=Protocol(
+                          warmup_seconds=0, warmup_calls=1, min_seconds=0.05, min_calls=5))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        sweep(cfg, progress=False, log=lambda *_: None)
+    [partial] = tmp_path.glob(f"*/latency-tiny-cpu-fp32-*{PARTIAL_SUFFIX}")
+    kept = json.loads(partial.read_text())
+    assert kept["kind"] == PARTIAL_KIND and "unfinished" in kept["note"]
+    assert [(r["fusion"], r["backend"], r["batch_size"], r["status"]) for r in kept["rows"]] == [
+        ("early", "torch", 1, "ok"), ("early", "torch", 2, "ok")]  # measured before the crash, with their samples
+    assert all(len(r["samples_ms"]) == r["n"] >= 5 and r["share_of_matmul_yardstick"] > 0 for r in kept["rows"])
+    assert not find_records([tmp_path]).latency  # the report reads finished sweeps only
+    # a finished sweep leaves its record and no partial one
+    sweep(SweepConfig(**{**cfg.__dict__, "backends": ["torch"], "fusions": ["early"]}), progress=False,
+          log=lambda *_: None)
+    assert len(find_records([tmp_path]).latency) == 1 and len(list(tmp_path.glob(f"*/*{PARTIAL_SUFFIX}"))) == 1

@@ -17,8 +17,9 @@
 # 74 s, seed-regions 300 s (169 s of it compiling), seed-profile 30 s, compare > 150 s (cut in its latency stage),
 # the whole model alone (--compile off,model, now inside seed-cudagraphs) 174 s (78 s compiling; with 600 images,
 # whose shorter last batch is a second, dynamic-shape compile, it was cut twice after 205 s: inductor's cache starts
-# empty), latency 46 s, feature-cache > 42 s: the whole list needs more than one 10-minute command. Split it with
-# FP_STEPS.
+# empty), latency 46 s, feature-cache > 42 s, gpu-inference 237 s (eager and torch-cudagraphs, one compile mode), and
+# > 540 s when torch-cudagraphs compiled with dynamic shapes (2.7-3.7 min per seed model): the whole list needs
+# more than one 10-minute command. Split it with FP_STEPS.
 # Dry run without a GPU (checks the script, not the GPU):
 #   FP_BIG=tiny FP_IMAGES=100 FP_QUICK=1 tools/gpu_check.sh /tmp/gpu-dry cpu
 set -uo pipefail
@@ -71,13 +72,13 @@ sweep=(--backends torch --batch-sizes 1,8,32 --min-seconds 0.5)
 ((quick)) && sweep=(--backends torch --batch-sizes 1,8 --min-seconds 0.1 --min-calls 5)
 
 # 1. Issue 14: inference at the hardware's pace. The seed preset (random init) in bf16 at batch 1, 8, 32, 128
-#    through eager torch and torch-cudagraphs (inductor's kernels replayed) for every fusion, beside a bare
-#    torch.cuda.CUDAGraph replay of the same models (the eager kernels) in the same process; then, for mid
-#    (FP_MORE_FUSIONS), torch-cudagraphs-eager and aoti (FP_MORE_BACKENDS); then torch.compile's modes
+#    through eager torch and torch-cudagraphs (the eager kernels replayed) for every fusion, beside a bare
+#    torch.cuda.CUDAGraph replay of the same models in the same process; then, for mid (FP_MORE_FUSIONS),
+#    torch-cudagraphs-inductor and aoti (FP_MORE_BACKENDS); then torch.compile's modes
 #    (FP_COMPILE_MODES, default max-autotune) on mid at batch 1 (FP_COMPILE_BATCHES). The record is rewritten after
 #    every stage, so a step cut at its limit keeps what it measured; it prints the issue's checks.
 gi=("$py" benchmarks/gpu_inference.py --device "$device" --preset "$big" --out "$work/profiles")
-step gpu-inference 540 "${gi[@]}" --more-backends "${FP_MORE_BACKENDS-torch-cudagraphs-eager,aoti}" \
+step gpu-inference 540 "${gi[@]}" --more-backends "${FP_MORE_BACKENDS-torch-cudagraphs-inductor,aoti}" \
   --more-fusions "${FP_MORE_FUSIONS-mid}" --compile-modes "${FP_COMPILE_MODES-max-autotune}" \
   --compile-batch-sizes "${FP_COMPILE_BATCHES-1}" $( ((quick)) && echo --batch-sizes 1,8 --min-seconds 0.1)
 # 1b. The CUDA tests (training in fp32, bf16 and fp16 on the GPU; CUDA-graph replay and a .pt2 against eager);

@@ -8,13 +8,15 @@ warmed up on a side stream and captured into a graph that shares one memory pool
 copies its inputs into that graph's static buffers and replays it with one launch. The capture happens on the first
 call of a shape (``capture_seconds`` in ``describe()``): the protocol's warm-up pays for it, never a timed sample.
 
-Which kernels the graph replays (``kernels``):
-- ``torch-cudagraphs``: inductor's (``torch.compile``, dynamic batch and caption length, so one compile serves every
-  batch but 1, which PyTorch specializes), fused: on an H200 ``torch.compile(mode="reduce-overhead")`` — the same
-  idea — ran 1.23× faster than replaying the eager kernels at batch 1 and 32
-  (``profiles/h200/gpu-inference-seed-bf16.json``). The compile (tens of seconds per model on the seed preset) is
-  paid in the first call of a shape, counted in ``capture_seconds``.
-- ``torch-cudagraphs-eager``: the eager kernels as PyTorch launches them; a shape captures in about 0.1 s.
+Which kernels the graphs replay (``kernels``):
+- ``torch-cudagraphs``: the eager kernels as PyTorch launches them; a shape captures in about 0.1 s.
+- ``torch-cudagraphs-inductor``: inductor's fused kernels (``torch.compile``, static shapes: each new shape is
+  compiled, then captured). On an H200 ``torch.compile(mode="reduce-overhead")`` — the same idea — ran 1.23×
+  faster than replaying the eager kernels at batch 1 and 32, after 18–23 s of compiling per shape
+  (``profiles/h200/gpu-inference-seed-bf16.json``). Compiled with dynamic shapes instead, one seed model took
+  2.7–3.7 minutes to reach its first replay on an H200 (``profiles/h200/inductor-dynamic-compile-cut.txt``). It is
+  not the default: as a sweep backend, with its parity check, it has not been measured yet. The compile is paid in
+  the first call of a shape, counted in ``capture_seconds``.
 """
 
 from __future__ import annotations
@@ -33,10 +35,9 @@ from fusionprof.runtime import DTYPES
 
 @register_backend("torch-cudagraphs")
 class TorchCudaGraphs(Backend):
-    label = "PyTorch + CUDA graphs (inductor)"
+    label = "PyTorch + CUDA graphs"
     precisions: ClassVar[dict[str, tuple[str, ...]]] = {"cuda": AUTOCAST_PRECISIONS["cuda"]}  # CUDA only
-    kernels = "inductor"  # what the graphs replay: "inductor" (torch.compile's) or "eager"
-    compiles = True
+    kernels = "eager"  # what the graphs replay: "eager" (PyTorch's own kernels) or "inductor" (torch.compile's)
 
     def __init__(self, artifacts, device, precision, **options):
         super().__init__(artifacts, device, precision, **options)
@@ -47,7 +48,7 @@ class TorchCudaGraphs(Backend):
             # Dynamo's recompile budget is per code object, shared by every model built from these classes: a fresh
             # cache per backend keeps each model's compiled graphs its own (as torch-compile does).
             torch._dynamo.reset()
-            self.model = torch.compile(self.model, dynamic=True)
+            self.model = torch.compile(self.model, dynamic=False)
         self.graphs = ShapeGraphs(self.model, device, self.dtype)
 
     @classmethod
@@ -72,12 +73,12 @@ class TorchCudaGraphs(Backend):
 
     def describe(self):
         return {**super().describe(), "weights": f"cast to {self.precision}",
-                "kernels": "inductor (torch.compile, dynamic=True)" if self.kernels == "inductor" else "eager",
+                "kernels": "inductor (torch.compile, static shapes)" if self.kernels == "inductor" else "eager",
                 **self.graphs.describe()}
 
 
-@register_backend("torch-cudagraphs-eager")
-class TorchCudaGraphsEager(TorchCudaGraphs):
-    label = "PyTorch + CUDA graphs (eager kernels)"
-    kernels = "eager"
-    compiles = False
+@register_backend("torch-cudagraphs-inductor")
+class TorchCudaGraphsInductor(TorchCudaGraphs):
+    label = "PyTorch + CUDA graphs (inductor)"
+    kernels = "inductor"
+    compiles = True

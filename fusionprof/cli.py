@@ -251,9 +251,11 @@ def csv_list(kind=str):
 @click.option("--trace", is_flag=True, help="Also record torch profiler traces, in a separate short run.")
 @click.option("--models", "models_dir", default="models", show_default=True, help="Where checkpoints are looked for.")
 @click.option("--out", "profiles_dir", default="profiles", show_default=True, help="Results go to OUT/<host>/.")
+@click.option("--resume", is_flag=True, help="Continue the newest unfinished sweep with these settings on this "
+              "machine (OUT/<host>/latency-*.partial.json): its rows are kept, the rest measured.")
 @click.option("--quiet", is_flag=True)
 def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, threads, min_seconds, min_calls,
-            warmup_seconds, warmup_calls, trace, models_dir, profiles_dir, quiet):
+            warmup_seconds, warmup_calls, trace, models_dir, profiles_dir, resume, quiet):
     """Inference latency of fusions × backends × batch sizes, with one timing protocol."""
     from fusionprof.latency import SweepConfig, sweep
     from fusionprof.latency_output import table
@@ -268,7 +270,7 @@ def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, 
     cfg = SweepConfig(preset=preset, fusions=names, backends=backends or backend_names(), batch_sizes=batch_sizes,
                       device=device, precision=precision, seq_len=seq_len, threads=threads, models_dir=models_dir,
                       profiles_dir=profiles_dir, protocol=protocol)
-    record = sweep(cfg, progress=not quiet, log=click.echo)
+    record = sweep(cfg, progress=not quiet, log=click.echo, resume=resume)
     for line in table(record.rows):
         click.echo(line)
     click.echo(f"wrote {record.path} and {Path(record.path).with_suffix('.csv')}")

@@ -229,7 +229,10 @@ def _check(cfg: SweepConfig) -> torch.device:
     return device
 
 
-def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> LatencyRecord:
+def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = False) -> LatencyRecord:
+    """Every (fusion, backend, batch size) cell of ``cfg``: one record, written when the sweep ends, and the rows so
+    far after every backend (``PARTIAL_SUFFIX``). ``resume``: continue the newest unfinished sweep with these
+    settings on this machine, keeping its rows and measuring only the (fusion, backend) pairs it had not reached."""
     device = _check(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -239,18 +242,35 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> LatencyRecord:
     matmul_dtype = cfg.precision if cfg.precision in DTYPES else "fp32"
     start = matmul_rate(device, matmul_dtype)
     log(f"yardstick: a {start['n']}² {start['dtype']} matmul on {device} runs at {start['gflops']:.0f} GFLOP/s")
-    rows: list[LatencyRow] = []
     config = {**to_dict(cfg), "protocol": cfg.protocol.to_dict()}
-    began = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    partial_path = out_dir / f"latency-{cfg.preset}-{device.type}-{cfg.precision}-{began}{PARTIAL_SUFFIX}"
+    found = find_partial(out_dir, config, env) if resume else None
+    if found:
+        partial_path, kept = found
+        began, rows = kept.created, list(kept.rows)
+        log(f"resuming {partial_path}: {len(rows)} rows kept, "
+            f"{len(cfg.fusions) * len(cfg.backends) - len({(r.fusion, r.backend) for r in rows})} (fusion, backend) "
+            "pairs to go")
+    else:
+        if resume:
+            log(f"nothing to resume under {out_dir} with these settings on this machine: a new sweep")
+        rows: list[LatencyRow] = []
+        began = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        partial_path = out_dir / f"latency-{cfg.preset}-{device.type}-{cfg.precision}-{began}{PARTIAL_SUFFIX}"
+    done = {(r.fusion, r.backend) for r in rows}
     peak = datasheet_tflops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
     bar = tqdm(total=len(cfg.fusions) * len(cfg.backends) * len(cfg.batch_sizes), desc="latency",
                disable=not progress)
     for fusion in cfg.fusions:
+        if all((fusion, name) in done for name in cfg.backends):  # resumed: measured before
+            bar.update(len(cfg.backends) * len(cfg.batch_sizes))
+            continue
         artifacts, source = load_artifacts(cfg, fusion, out_dir, log)
         seq_len = cfg.seq_len or artifacts.model.cfg.max_text_len
         cell = Cell(fusion, seq_len, forward_flops(artifacts.model, seq_len)["total"], source)
         for name in cfg.backends:
+            if (fusion, name) in done:
+                bar.update(len(cfg.batch_sizes))
+                continue
             reason = _not_runnable(name, device, cfg.precision)
             failure = artifacts.failed.get(BACKENDS.get(name).artifact)
             if reason or failure:
@@ -274,6 +294,8 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> LatencyRecord:
     log(f"yardstick at the end: {reference['end']['gflops']:.0f} GFLOP/s ({reference['drift']:+.1%} from the start)")
     rate_against(rows, reference["gflops"], peak)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    if found:  # the record says which rows a process before this one measured
+        config = {**config, "resumed": {"partial": str(partial_path), "rows_kept": len(kept.rows)}}
     record = LatencyRecord(created=stamp, environment=env, config=config, reference_matmul=reference, rows=rows)
     write_record(record, out_dir / f"latency-{cfg.preset}-{device.type}-{cfg.precision}-{stamp}.json")
     partial_path.unlink(missing_ok=True)
@@ -285,6 +307,27 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print) -> LatencyRecord:
 # sweep's record is written.
 PARTIAL_SUFFIX = ".partial.json"
 PARTIAL_KIND = "latency_partial"
+
+
+# What makes two runs one machine for a resumed sweep (not its thread settings or the free memory).
+MACHINE_KEYS = ("host", "cpu_model", "cpu_logical_cores", "gpus", "cuda_driver", "versions")
+
+
+def find_partial(out_dir: Path, config: dict, env: dict) -> tuple[Path, LatencyRecord] | None:
+    """The newest unfinished sweep under ``out_dir`` with exactly these settings, on this machine."""
+    found = []
+    for path in out_dir.glob(f"latency-*{PARTIAL_SUFFIX}"):
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # written atomically, so never half a file: whatever else it is, it is not ours
+        if isinstance(d, dict) and d.get("kind") == PARTIAL_KIND and d.get("config") == config and all(
+                d.get("environment", {}).get(k) == env.get(k) for k in MACHINE_KEYS):
+            found.append((d["created"], path, d))
+    if not found:
+        return None
+    _, path, d = max(found)
+    return path, LatencyRecord.from_dict(d, path)
 
 
 def save_partial(path: Path, record: LatencyRecord) -> None:

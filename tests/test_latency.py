@@ -241,7 +241,24 @@ def test_a_sweep_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
         ("early", "torch", 1, "ok"), ("early", "torch", 2, "ok")]  # measured before the crash, with their samples
     assert all(len(r["samples_ms"]) == r["n"] >= 5 and r["share_of_matmul_yardstick"] > 0 for r in kept["rows"])
     assert not find_records([tmp_path]).latency  # the report reads finished sweeps only
-    # a finished sweep leaves its record and no partial one
-    sweep(SweepConfig(**{**cfg.__dict__, "backends": ["torch"], "fusions": ["early"]}), progress=False,
-          log=lambda *_: None)
-    assert len(find_records([tmp_path]).latency) == 1 and len(list(tmp_path.glob(f"*/*{PARTIAL_SUFFIX}"))) == 1
+
+    # other settings resume nothing: a new sweep, which leaves its record and no partial file of its own
+    said = []
+    other = sweep(SweepConfig(**{**cfg.__dict__, "backends": ["torch"], "fusions": ["early"]}), progress=False,
+                  log=said.append, resume=True)
+    assert any(line.startswith("nothing to resume") for line in said) and "resumed" not in other.config
+    assert len(find_records([tmp_path]).latency) == 1 and list(tmp_path.glob(f"*/*{PARTIAL_SUFFIX}")) == [partial]
+
+    # the runtime fixed, --resume keeps the rows measured before and measures only what the crash left
+    monkeypatch.setattr(Crashes, "run_on_device", TorchEager.run_on_device)
+    said.clear()
+    record = sweep(cfg, progress=False, log=said.append, resume=True)
+    assert said[1] == f"resuming {partial}: 2 rows kept, 3 (fusion, backend) pairs to go"
+    assert [(r.fusion, r.backend, r.batch_size) for r in record.rows] == [
+        (f, b, n) for f in ("early", "late") for b in ("torch", "crashes") for n in (1, 2)]
+    assert [r.to_dict()["samples_ms"] for r in record.rows[:2]] == [r["samples_ms"] for r in kept["rows"]]
+    assert record.config["resumed"] == {"partial": str(partial), "rows_kept": 2}
+    assert not partial.exists() and len(find_records([tmp_path]).latency) == 2
+    code, out = run_cli("latency", "--fusion", "early", "--backends", "torch", "--batch-sizes", "1", "--resume",
+                        "--models", tmp_path / "none", "--out", tmp_path / "cli", "--quiet", *QUICK)
+    assert code == 0 and "nothing to resume under" in out, out

@@ -30,6 +30,7 @@ import torch
 from fusionprof.backends.base import AUTOCAST_PRECISIONS, Backend, inductor_status, register_backend
 from fusionprof.backends.graphs import ShapeGraphs
 from fusionprof.errors import UserError, first_line
+from fusionprof.models.model import allow_recompiles
 from fusionprof.runtime import DTYPES
 
 
@@ -48,6 +49,7 @@ class TorchCudaGraphs(Backend):
             # Dynamo's recompile budget is per code object, shared by every model built from these classes: a fresh
             # cache per backend keeps each model's compiled graphs its own (as torch-compile does).
             torch._dynamo.reset()
+            allow_recompiles()  # one compile per shape: past Dynamo's limit of 8 the graphs would replay eager kernels
             self.model = torch.compile(self.model, dynamic=False)
         self.graphs = ShapeGraphs(self.model, device, self.dtype)
 

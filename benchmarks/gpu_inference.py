@@ -92,7 +92,8 @@ def compiled_mode(model, mode: str, batch: int, seq_len: int, dtype, device, pro
 
 def checks(rows: list[dict], reference: dict, batch_sizes: list[int]) -> dict:
     """Issue 14's targets, from the device-resident p50s of the record."""
-    # Rows that failed parity are timed all the same: they enter these checks, and "parity" says which passed
+    # Rows that failed parity are timed all the same: they enter the ratios, and "parity" says which passed; the
+    # best backend is one that passed
     ok = [r for r in rows if r.get("device_resident")]
     passed = {(r["fusion"], r["backend"]): r["status"] == "ok" for r in ok}
     p50 = {(r["fusion"], r["backend"], r["batch_size"]): r["device_resident"]["p50_ms"] for r in ok}
@@ -100,10 +101,10 @@ def checks(rows: list[dict], reference: dict, batch_sizes: list[int]) -> dict:
     out = {}
     for fusion in sorted({r["fusion"] for r in ok}):
         at = {b: {k[1]: v for k, v in p50.items() if k[0] == fusion and k[2] == b} for b in batch_sizes}
-        best = min((at[smallest].get(b, float("inf")), b) for b in at[smallest] if b != "torch")[1] \
-            if len(at[smallest]) > 1 else None
-        if best is None:
+        candidates = [(p, b) for b, p in at[smallest].items() if b != "torch" and passed[(fusion, b)]]
+        if not candidates:
             continue
+        best = min(candidates)[1]
         row_large = next((r for r in ok if (r["fusion"], r["backend"], r["batch_size"]) == (fusion, best, largest)),
                          None)
         out[fusion] = {
@@ -205,10 +206,12 @@ def main() -> None:
         else:
             del model
     save("bare replay")
-    more = [b for b in args.more_backends.split(",") if b]
-    for fusion in filter(None, args.more_fusions.split(",") if more else []):
-        add(sweep(SweepConfig(fusions=[fusion], backends=more, **common), log=print))
-        save(f"{'+'.join(more)} {fusion}")
+    # One sweep per (backend, fusion), saved after each: minutes of compiling apiece, so a cut keeps the rest
+    for backend in filter(None, args.more_backends.split(",")):
+        for fusion in filter(None, args.more_fusions.split(",")):
+            add(sweep(SweepConfig(fusions=[fusion], backends=[backend], **common), log=print))
+            save(f"{backend} {fusion}")
+    for fusion in filter(None, args.more_fusions.split(",")):
         package = next((r["backend_info"]["package"] for r in rows if (r["fusion"], r["backend"]) == (fusion, "aoti")
                         and "package" in r.get("backend_info", {})), None)  # the sweep's own, where it built one
         if package:

@@ -1,0 +1,42 @@
+"""benchmarks/gpu_inference.py's checks (issue 14's targets), on rows shaped as a GPU sweep writes them: the script
+runs only on a lent GPU, so its arithmetic is checked here, before a lease depends on it."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("gpu_inference", Path(__file__).parents[1] / "benchmarks" /
+                                              "gpu_inference.py")
+gpu_inference = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_inference)
+
+
+def row(fusion, backend, batch, p50, cv=0.01, status="ok", gflops=None):
+    return {"fusion": fusion, "backend": backend, "batch_size": batch, "status": status,
+            "device_resident": {"p50_ms": p50, "cv": cv}, "device_resident_gflops": gflops or batch * 1e3 / p50}
+
+
+def test_checks_pick_the_best_launch_free_backend_that_passed_parity_per_fusion():
+    rows = [row("mid", "torch", 1, 12.0), row("mid", "torch", 128, 17.0),
+            row("mid", "torch-cudagraphs", 1, 1.8, cv=0.02), row("mid", "torch-cudagraphs", 128, 12.0),
+            row("mid", "torch-cudagraphs-inductor", 1, 1.5, cv=0.03),
+            row("mid", "torch-cudagraphs-inductor", 128, 10.0, cv=0.04, gflops=160e3),
+            row("mid", "aoti", 1, 1.4, status="failed: parity"), row("mid", "aoti", 128, 10.5, status="failed: parity"),
+            {"fusion": "mid", "backend": "tensorrt", "batch_size": None, "status": "unavailable: no GPU"},
+            row("early", "torch", 1, 10.0), row("early", "torch", 128, 15.0),
+            row("early", "torch-cudagraphs", 1, 1.6), row("early", "torch-cudagraphs", 128, 11.0, gflops=150e3)]
+    bare = {"mid": {1: {"p50_ms": 1.84}, 128: {"p50_ms": 12.2}}, "early": {1: {"p50_ms": 1.62}, 128: {"p50_ms": 11}}}
+    found = gpu_inference.checks(rows, bare, [1, 128])
+    mid, early = found["mid"], found["early"]
+    assert mid["best_backend"] == "torch-cudagraphs-inductor" and early["best_backend"] == "torch-cudagraphs"
+    assert mid["eager_over_best_at_smallest"] == pytest.approx(12.0 / 1.5)
+    assert mid["best_over_bare_replay_at_smallest"] == pytest.approx(1.5 / 1.84)
+    assert mid["best_tflops_at_largest"] == pytest.approx(160) and early["best_tflops_at_largest"] == pytest.approx(150)
+    assert mid["best_cv_max"] == pytest.approx(0.04)  # the worst cell of the best backend, every batch size
+    # aoti, the fastest at batch 1 but wrong, is not the best; it is still compared with torch-cudagraphs at each
+    # batch it was timed, and "parity" says which backends passed
+    assert mid["aoti_over_cudagraphs"] == {1: pytest.approx(1.4 / 1.8), 128: pytest.approx(10.5 / 12.0)}
+    assert mid["parity"] == {"torch": True, "torch-cudagraphs": True, "torch-cudagraphs-inductor": True,
+                             "aoti": False}
+    assert early["aoti_over_cudagraphs"] == {} and set(found) == {"mid", "early"}

@@ -1,4 +1,4 @@
-"""``torch-cudagraphs``: the model captured once per input shape as a CUDA graph and replayed; inductor's kernels.
+"""``torch-cudagraphs`` and ``torch-cudagraphs-inductor``: the model captured once per input shape as a CUDA graph.
 
 An eager forward of the seed model launches thousands of small kernels one by one from Python; at small batches the
 GPU waits on those launches, not on the math (an H100 spent 8–13× longer per batch-1 call eagerly than replaying

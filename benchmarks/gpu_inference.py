@@ -2,10 +2,12 @@
 
     PYTHONPATH=. python3 benchmarks/gpu_inference.py [--preset seed] [--precision bf16] [--batch-sizes 1,8,32,128]
         [--backends torch,torch-cudagraphs] [--more-backends torch-cudagraphs-inductor,aoti] [--more-fusions mid]
-        [--compile-modes max-autotune] [--compile-batch-sizes 1]
+        [--compile-modes max-autotune] [--compile-batch-sizes 1] [--resume]
 
 One process, so every figure shares the GPU's clocks and the same models, in this order (the record is rewritten
-after each stage, so a run cut at its time limit keeps what it measured; ``completed`` names the last stage):
+after each stage, so a run cut at its time limit keeps what it measured; ``stages`` lists those done, and
+``--resume`` on the same machine with the same settings runs only the rest, in a second process: a lease split over
+two calls, the second with inductor's caches warm):
 1. the latency sweep (``fusionprof.latency.sweep``, random init: latency does not depend on the weights) over
    ``--backends`` for every fusion;
 2. the reference: each fusion's model cast to the precision's dtype, captured once per batch size with a bare
@@ -25,6 +27,7 @@ goes to ``profiles/<host>/gpu-inference-<preset>-<precision>.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -35,7 +38,7 @@ from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import write_json
 from fusionprof.config import model_config
 from fusionprof.env import fingerprint, machine_name
-from fusionprof.latency import SweepConfig, sweep
+from fusionprof.latency import MACHINE_KEYS, SweepConfig, sweep
 from fusionprof.measure import Protocol, sample_cuda_events, summarize
 from fusionprof.models import build_model, forward_flops, fusion_names
 from fusionprof.models.model import example_inputs
@@ -140,6 +143,28 @@ def aoti_uncaptured(path: str, cfg, batch_sizes: list[int], seq_len: int, dtype,
     return out
 
 
+# What must match for --resume to continue a record: the settings every figure in it depends on.
+SAME_SETTINGS = ("preset", "precision", "device", "batch_sizes", "backends", "min_seconds")
+
+
+def earlier_record(path: Path, args, env: dict) -> tuple[dict, list[dict]] | None:
+    """The record at ``path`` if it was made with the same settings on this machine: (record with its batch-size keys
+    back as numbers, the rows of the sweeps it lists). None, with the reason printed, otherwise."""
+    if not path.exists():
+        print(f"nothing to resume at {path}: a new record", flush=True)
+        return None
+    record = json.loads(path.read_text())
+    if any(record["args"].get(k) != getattr(args, k) for k in SAME_SETTINGS) or any(
+            record["environment"].get(k) != env.get(k) for k in MACHINE_KEYS):
+        print(f"not resuming {path}: other settings or another machine; a new record", flush=True)
+        return None
+    record.setdefault("stages", [])
+    for stage in ("bare_replay", "eager_weights_cast", "aoti_uncaptured", "compile_modes"):  # JSON keys are strings
+        record[stage] = {name: {int(b): v for b, v in by_batch.items()} for name, by_batch in record[stage].items()}
+    rows = [r for sweep_path in record["sweeps"] for r in json.loads(Path(sweep_path).read_text())["rows"]]
+    return record, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="seed")
@@ -155,6 +180,9 @@ def main() -> None:
     parser.add_argument("--compile-fusion", default="mid")
     parser.add_argument("--min-seconds", type=float, default=0.5)
     parser.add_argument("--out", default="profiles")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue this machine's record of the same settings: its finished stages are kept "
+                             "(a lease split over two calls, or a call cut at its limit)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     if device.type != "cuda":
@@ -168,8 +196,13 @@ def main() -> None:
     path = Path(args.out) / env["host"] / f"gpu-inference-{args.preset}-{args.precision}.json"
     record = {"schema_version": SCHEMA_VERSION, "kind": "gpu_inference", "args": vars(args), "sweeps": [],
               "bare_replay": {}, "eager_weights_cast": {}, "aoti_uncaptured": {}, "compile_modes": {},
-              "checks": {}, "environment": env}
+              "checks": {}, "stages": [], "environment": env}
     rows: list[dict] = []
+    if args.resume and (before := earlier_record(path, args, env)):
+        record, rows = before
+        record["args"] = vars(args)
+        print(f"resuming {path}: stages done: {', '.join(record['stages'])}", flush=True)
+    done = set(record["stages"])
 
     def save(stage: str) -> None:  # after every stage: a run cut short at its time limit keeps what it measured
         if record["bare_replay"]:
@@ -177,6 +210,7 @@ def main() -> None:
             record["median_best_over_bare"] = statistics.median(
                 c["best_over_bare_replay_at_smallest"] for c in found.values()) if found else None
         record["completed"] = stage
+        record["stages"].append(stage)
         write_json(path, record)
         print(f"{machine_name(env)}: wrote {path} ({stage})", flush=True)
 
@@ -184,10 +218,12 @@ def main() -> None:
         record["sweeps"].append(rec.path)
         rows.extend(r.to_dict() for r in rec.rows)
 
-    add(sweep(SweepConfig(fusions=fusion_names(), backends=args.backends.split(","), **common), log=print))
-    save("sweep")
+    if "sweep" not in done:  # a sweep cut before continues from its partial rows
+        add(sweep(SweepConfig(fusions=fusion_names(), backends=args.backends.split(","), **common), log=print,
+                  resume=args.resume))
+        save("sweep")
     models = {}
-    for fusion in fusion_names():
+    for fusion in fusion_names() if "bare replay" not in done else []:
         model = random_model(args.preset, fusion)
         flops = forward_flops(model, seq_len)["total"]  # counted in fp32 on the CPU, before the cast
         model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
@@ -205,24 +241,29 @@ def main() -> None:
                 f"bs {b} p50 {v['p50_ms']:.3f} ms" for b, v in record["eager_weights_cast"][fusion].items()))
         else:
             del model
-    save("bare replay")
+    if "bare replay" not in done:
+        save("bare replay")
     # One sweep per (backend, fusion), saved after each: minutes of compiling apiece, so a cut keeps the rest
     for backend in filter(None, args.more_backends.split(",")):
         for fusion in filter(None, args.more_fusions.split(",")):
-            add(sweep(SweepConfig(fusions=[fusion], backends=[backend], **common), log=print))
-            save(f"{backend} {fusion}")
+            if f"{backend} {fusion}" not in done:
+                add(sweep(SweepConfig(fusions=[fusion], backends=[backend], **common), log=print))
+                save(f"{backend} {fusion}")
     for fusion in filter(None, args.more_fusions.split(",")):
         package = next((r["backend_info"]["package"] for r in rows if (r["fusion"], r["backend"]) == (fusion, "aoti")
                         and "package" in r.get("backend_info", {})), None)  # the sweep's own, where it built one
-        if package:
+        if package and f"aoti {fusion} uncaptured" not in done:
             record["aoti_uncaptured"][fusion] = aoti_uncaptured(package, model_config(args.preset), batch_sizes,
                                                                 seq_len, dtype, device, protocol)
             save(f"aoti {fusion} uncaptured")
     for mode in filter(None, args.compile_modes.split(",")):
+        pending = [int(b) for b in args.compile_batch_sizes.split(",") if f"compile {mode} bs {b}" not in done]
+        if not pending:
+            continue
         model = models.get(args.compile_fusion) or random_model(args.preset, args.compile_fusion).to(
             device=device, dtype=dtype, memory_format=torch.channels_last)
-        timed = record["compile_modes"][mode] = {}
-        for b in (int(b) for b in args.compile_batch_sizes.split(",")):
+        timed = record["compile_modes"].setdefault(mode, {})
+        for b in pending:
             timed[b] = compiled_mode(model, mode, b, seq_len, dtype, device, protocol)
             print(f"torch.compile mode={mode} {args.compile_fusion}: bs {b} p50 {timed[b]['p50_ms']:.3f} ms "
                   f"(compile {timed[b]['compile_seconds']:.0f} s)", flush=True)

@@ -1,7 +1,9 @@
 """benchmarks/gpu_inference.py's checks (issue 14's targets), on rows shaped as a GPU sweep writes them: the script
 runs only on a lent GPU, so its arithmetic is checked here, before a lease depends on it."""
 
+import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,26 @@ def test_checks_pick_the_best_launch_free_backend_that_passed_parity_per_fusion(
     assert mid["parity"] == {"torch": True, "torch-cudagraphs": True, "torch-cudagraphs-inductor": True,
                              "aoti": False}
     assert early["aoti_over_cudagraphs"] == {} and set(found) == {"mid", "early"}
+
+
+def test_resume_continues_a_record_of_the_same_settings_on_the_same_machine(tmp_path):
+    env = {"host": "vm", "cpu_model": "Xeon", "cpu_logical_cores": 16, "gpus": [{"name": "NVIDIA H200"}],
+           "cuda_driver": "580", "versions": {"torch": "2.11.0"}, "torch_threads": 16}
+    settings = {"preset": "seed", "precision": "bf16", "device": "cuda:0", "batch_sizes": "1,128",
+                "backends": "torch,torch-cudagraphs", "min_seconds": 0.5}
+    sweep_file = tmp_path / "latency-seed-cuda-bf16.json"
+    sweep_file.write_text(json.dumps({"rows": [row("mid", "torch", 1, 12.0)]}))
+    path = tmp_path / "gpu-inference-seed-bf16.json"
+    path.write_text(json.dumps({
+        "args": {**settings, "more_fusions": "mid"}, "environment": {**env, "torch_threads": 8},
+        "sweeps": [str(sweep_file)], "stages": ["sweep", "bare replay"], "bare_replay": {"mid": {"1": {"p50_ms": 1.8}}},
+        "eager_weights_cast": {}, "aoti_uncaptured": {}, "compile_modes": {"max-autotune": {"1": {"p50_ms": 1.4}}}}))
+    args = argparse.Namespace(**settings, more_fusions="mid,early")  # more stages may be asked for than before
+    record, rows = gpu_inference.earlier_record(path, args, env)
+    assert record["stages"] == ["sweep", "bare replay"] and rows == [row("mid", "torch", 1, 12.0)]
+    assert record["bare_replay"] == {"mid": {1: {"p50_ms": 1.8}}}  # batch sizes back as numbers, as checks() reads
+    assert record["compile_modes"]["max-autotune"][1]["p50_ms"] == 1.4
+    # other settings, or another machine: a new record
+    assert gpu_inference.earlier_record(path, argparse.Namespace(**{**settings, "min_seconds": 1.0}), env) is None
+    assert gpu_inference.earlier_record(path, args, {**env, "gpus": [{"name": "NVIDIA H100"}]}) is None
+    assert gpu_inference.earlier_record(tmp_path / "none.json", args, env) is None

@@ -34,7 +34,9 @@ steps=${FP_STEPS:-gpu-inference,cuda-tests,seed-eager,seed-cudagraphs,seed-regio
 #                                 also: latency, tiny-compile, tiny-cudagraphs
 deadline=$((SECONDS + ${FP_DEADLINE:-540}))
 work=${FP_WORK:-/tmp/fusionprof-gpu-check}
-rm -rf "$work" && mkdir -p "$work/profiles"
+resume=${FP_RESUME:-0}            # 1: a second call on the same warm machine continues the first's gpu-inference
+((resume)) || rm -rf "$work"
+mkdir -p "$work/profiles"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 FUSIONPROF_CACHE="$work/cache"
 : > "$out/steps.txt"; : > "$out/log.txt"
 
@@ -76,11 +78,14 @@ sweep=(--backends torch --batch-sizes 1,8,32 --min-seconds 0.5)
 #    torch.cuda.CUDAGraph replay of the same models in the same process; then, for mid (FP_MORE_FUSIONS),
 #    torch-cudagraphs-inductor and aoti (FP_MORE_BACKENDS); then torch.compile's modes
 #    (FP_COMPILE_MODES, default max-autotune) on mid at batch 1 (FP_COMPILE_BATCHES). The record is rewritten after
-#    every stage, so a step cut at its limit keeps what it measured; it prints the checks.
+#    every stage, so a step cut at its limit keeps what it measured; it prints the checks. It needs more
+#    than one 10-minute call: FP_RESUME=1 in a second call on the same warm machine keeps the first's stages (and
+#    inductor's caches) and runs the rest, into the same record.
 gi=("$py" benchmarks/gpu_inference.py --device "$device" --preset "$big" --out "$work/profiles")
 step gpu-inference 540 "${gi[@]}" --more-backends "${FP_MORE_BACKENDS-torch-cudagraphs-inductor,aoti}" \
   --more-fusions "${FP_MORE_FUSIONS-mid}" --compile-modes "${FP_COMPILE_MODES-max-autotune}" \
-  --compile-batch-sizes "${FP_COMPILE_BATCHES-1}" $( ((quick)) && echo --batch-sizes 1,8 --min-seconds 0.1)
+  --compile-batch-sizes "${FP_COMPILE_BATCHES-1}" $( ((quick)) && echo --batch-sizes 1,8 --min-seconds 0.1) \
+  $( ((resume)) && echo --resume)
 # 1b. The CUDA tests (training in fp32, bf16 and fp16 on the GPU; CUDA-graph replay and a .pt2 against eager);
 #    test_train.py and test_cuda_inference.py only: the others need pycocotools, which that machine's python lacks.
 step cuda-tests 260 "$py" -m pytest -q -x tests/test_train.py tests/test_cuda_inference.py -k "${FP_TESTS_K:-cuda or aoti}" -p no:cacheprovider

@@ -130,7 +130,8 @@ def time_spent(done: dict[str, dict]) -> str:
 
 
 def run_sweep(cfg: SweepConfig, progress: bool, log) -> dict:
-    record = sweep(cfg, progress=progress, log=log)
+    # like training, a sweep that a killed study left unfinished continues from its partial rows
+    record = sweep(cfg, progress=progress, log=log, resume=True)
     for line in table(record.rows):
         log(line)
     return {"record": record.path, "rows": [{"fusion": r.fusion, "backend": r.backend, "batch_size": r.batch_size,

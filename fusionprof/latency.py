@@ -243,19 +243,9 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
     start = matmul_rate(device, matmul_dtype)
     log(f"yardstick: a {start['n']}² {start['dtype']} matmul on {device} runs at {start['gflops']:.0f} GFLOP/s")
     config = {**to_dict(cfg), "protocol": cfg.protocol.to_dict()}
-    found = find_partial(out_dir, config, env) if resume else None
-    if found:
-        partial_path, kept = found
-        began, rows = kept.created, list(kept.rows)
-        log(f"resuming {partial_path}: {len(rows)} rows kept, "
-            f"{len(cfg.fusions) * len(cfg.backends) - len({(r.fusion, r.backend) for r in rows})} (fusion, backend) "
-            "pairs to go")
-    else:
-        if resume:
-            log(f"nothing to resume under {out_dir} with these settings on this machine: a new sweep")
-        rows: list[LatencyRow] = []
-        began = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        partial_path = out_dir / f"latency-{cfg.preset}-{device.type}-{cfg.precision}-{began}{PARTIAL_SUFFIX}"
+    stem = f"latency-{cfg.preset}-{device.type}-{cfg.precision}"
+    partial_path, began, rows = _begin(out_dir, stem, config, env, resume, log)
+    kept = len(rows)
     done = {(r.fusion, r.backend) for r in rows}
     peak = datasheet_tflops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
     bar = tqdm(total=len(cfg.fusions) * len(cfg.backends) * len(cfg.batch_sizes), desc="latency",
@@ -294,10 +284,10 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
     log(f"yardstick at the end: {reference['end']['gflops']:.0f} GFLOP/s ({reference['drift']:+.1%} from the start)")
     rate_against(rows, reference["gflops"], peak)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    if found:  # the record says which rows a process before this one measured
-        config = {**config, "resumed": {"partial": str(partial_path), "rows_kept": len(kept.rows)}}
+    if kept:  # the record says which rows a process before this one measured
+        config = {**config, "resumed": {"partial": str(partial_path), "rows_kept": kept}}
     record = LatencyRecord(created=stamp, environment=env, config=config, reference_matmul=reference, rows=rows)
-    write_record(record, out_dir / f"latency-{cfg.preset}-{device.type}-{cfg.precision}-{stamp}.json")
+    write_record(record, out_dir / f"{stem}-{stamp}.json")
     partial_path.unlink(missing_ok=True)
     return record
 
@@ -307,6 +297,21 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
 # sweep's record is written.
 PARTIAL_SUFFIX = ".partial.json"
 PARTIAL_KIND = "latency_partial"
+
+
+def _begin(out_dir: Path, stem: str, config: dict, env: dict, resume: bool, log) -> tuple[Path, str, list[LatencyRow]]:
+    """Where this sweep keeps its rows so far, when it began, and its rows so far: none, or with ``resume`` those of
+    the newest unfinished sweep with these settings on this machine."""
+    found = find_partial(out_dir, config, env) if resume else None
+    if found:
+        path, record = found
+        pairs = len(config["fusions"]) * len(config["backends"]) - len({(r.fusion, r.backend) for r in record.rows})
+        log(f"resuming {path}: {len(record.rows)} rows kept, {pairs} (fusion, backend) pairs to go")
+        return path, record.created, list(record.rows)
+    if resume:
+        log(f"nothing to resume under {out_dir} with these settings on this machine: a new sweep")
+    began = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return out_dir / f"{stem}-{began}{PARTIAL_SUFFIX}", began, []
 
 
 # What makes two runs one machine for a resumed sweep (not its thread settings or the free memory).

@@ -60,7 +60,16 @@ from fusionprof.models.model import example_inputs
 from fusionprof.profiling import run_profiled, trace_dir
 from fusionprof.pt2 import build_pt2
 from fusionprof.quantize import calibration_sample
-from fusionprof.records import DEVICE_TIMING, HOST_TIMING, PARITY_FAILED, LatencyRecord, LatencyRow, Timing
+from fusionprof.records import (
+    DEVICE_TIMING,
+    HOST_TIMING,
+    PARITY_FAILED,
+    PARTIAL_KIND,
+    PARTIAL_SUFFIX,
+    LatencyRecord,
+    LatencyRow,
+    Timing,
+)
 from fusionprof.runtime import DTYPES, INFERENCE_PRECISIONS, check_precision, resolve_device
 
 
@@ -290,13 +299,6 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
     write_record(record, out_dir / f"{stem}-{stamp}.json")
     partial_path.unlink(missing_ok=True)
     return record
-
-
-# A sweep cut short (a time limit, a crash in a runtime) keeps the rows it measured: after each backend they are
-# written here, a record of its own kind (the report and `recommend` read finished sweeps only), deleted when the
-# sweep's record is written.
-PARTIAL_SUFFIX = ".partial.json"
-PARTIAL_KIND = "latency_partial"
 
 
 def _begin(out_dir: Path, stem: str, config: dict, env: dict, resume: bool, log) -> tuple[Path, str, list[LatencyRow]]:

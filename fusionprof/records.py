@@ -144,6 +144,13 @@ class LatencyRow:
         return row
 
 
+# A sweep cut short (a time limit, a crash in a runtime) keeps the rows it measured: after each backend they are
+# written to a file of this suffix beside its record-to-be, a record of its own kind (the report names it, never plots
+# it; `recommend` reads finished sweeps only), deleted when the sweep's record is written.
+PARTIAL_SUFFIX = ".partial.json"
+PARTIAL_KIND = "latency_partial"
+
+
 @dataclass
 class LatencyRecord:
     """One sweep on one machine: every row, and what it ran on and with."""

@@ -23,7 +23,7 @@ from fusionprof.errors import UserError
 from fusionprof.figures import batch_axis, plain_axis, pyplot, save_figure, slug
 from fusionprof.load_report import load_section
 from fusionprof.loadgen import LoadRecord
-from fusionprof.records import LatencyRecord, LatencyRow, check_schema
+from fusionprof.records import PARTIAL_KIND, LatencyRecord, LatencyRow, check_schema
 
 KINDS = ("train", "export", "latency", "load")
 SKIP_DIRS = {"traces", "tensorboard", "onnx", "report"}
@@ -37,6 +37,7 @@ class Records:
     latency: list[LatencyRecord] = field(default_factory=list)
     load: list[LoadRecord] = field(default_factory=list)
     files: int = 0
+    unfinished: list[str] = field(default_factory=list)  # latency sweeps cut short: their partial files
 
     def machines(self) -> list[str]:
         envs = [r["environment"] for r in self.train + self.export] + [r.environment for r in self.latency + self.load]
@@ -116,6 +117,9 @@ def find_records(paths: list[Path]) -> Records:
             record = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"{path}: not a readable JSON record ({str(e).splitlines()[0]})") from None
+        if isinstance(record, dict) and record.get("kind") == PARTIAL_KIND:
+            out.unfinished.append(str(path))  # named in the report, never plotted: its sweep did not finish
+            continue
         if not isinstance(record, dict) or record.get("kind") not in KINDS:
             continue  # some other JSON (a tokenizer config, a manifest, LoadGen's log): not ours to report
         check_schema(record, path)
@@ -587,6 +591,10 @@ def write_report(paths: list[Path], out: Path) -> dict:
                            ("p", f"{rec.files} records from {len(machines)} machine(s): " + "; ".join(machines)
                             if rec.files else "No records found: run `fusionprof compare` (the whole study), or "
                                               "`fusionprof train`, `fusionprof export` and `fusionprof latency`.")]
+    if rec.unfinished:
+        blocks.append(("p", f"Not reported: {len(rec.unfinished)} latency sweep(s) cut short, their rows so far in "
+                            + ", ".join(f"`{p}`" for p in rec.unfinished)
+                            + " (`fusionprof latency ... --resume` with the same settings finishes one)."))
     blocks += training_section(rec) + export_section(rec) + latency_section(rec, plots) + precision_section(rec)
     blocks += pareto_section(rec, plots) + memory_section(rec, plots) + load_section(rec.load, out, rec.latency)
     blocks += cross_machine_section(rec)

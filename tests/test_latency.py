@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,12 +19,12 @@ from fusionprof.checkpoint import find_checkpoint
 from fusionprof.cli import cli
 from fusionprof.compare import summarize as compare_summary
 from fusionprof.errors import UserError
-from fusionprof.latency import PARTIAL_KIND, PARTIAL_SUFFIX, SweepConfig, sweep
+from fusionprof.latency import SweepConfig, sweep
 from fusionprof.latency_output import CSV_COLUMNS
 from fusionprof.measure import Protocol
 from fusionprof.models import fusion_names
-from fusionprof.records import PARITY_FAILED, LatencyRecord
-from fusionprof.report import find_records
+from fusionprof.records import PARITY_FAILED, PARTIAL_KIND, PARTIAL_SUFFIX, LatencyRecord
+from fusionprof.report import find_records, write_report
 
 QUICK = ["--min-seconds", "0.05", "--min-calls", "5", "--warmup-seconds", "0", "--warmup-calls", "1"]
 
@@ -240,7 +241,10 @@ def test_a_sweep_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     assert [(r["fusion"], r["backend"], r["batch_size"], r["status"]) for r in kept["rows"]] == [
         ("early", "torch", 1, "ok"), ("early", "torch", 2, "ok")]  # measured before the crash, with their samples
     assert all(len(r["samples_ms"]) == r["n"] >= 5 and r["share_of_matmul_yardstick"] > 0 for r in kept["rows"])
-    assert not find_records([tmp_path]).latency  # the report reads finished sweeps only
+    found = find_records([tmp_path])  # the report plots finished sweeps only, and names the unfinished one
+    assert not found.latency and found.unfinished == [str(partial)]
+    report = write_report([tmp_path], tmp_path / "report")
+    assert f"1 latency sweep(s) cut short, their rows so far in `{partial}`" in Path(report["markdown"]).read_text()
 
     # other settings resume nothing: a new sweep, which leaves its record and no partial file of its own
     said = []

@@ -106,6 +106,8 @@ def data_synth(out, n_train, n_val, n_test, size, seed):
 @click.option("--batch-size", type=int, default=None, callback=positive)
 @click.option("--lr", type=float, default=None, help="Learning rate of the fusion head.")
 @click.option("--encoder-lr", type=float, default=None, help="Learning rate of the encoders.")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
+              help="Optimizer steps of linear warm-up before the cosine decay [default: the preset's].")
 @click.option("--grad-accum", type=int, default=None, callback=positive, help="Micro-batches per optimizer step.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", *PRECISIONS]), default="auto", show_default=True,

@@ -71,14 +71,16 @@ def test_only_train_runs_under_torchrun(monkeypatch):
 @pytest.fixture(scope="module")
 def learnable_data(tmp_path_factory):
     """Enough data that three short epochs learn the task, so the two runs' accuracies mean something."""
-    return write_synth(tmp_path_factory.mktemp("data") / "ddp", {"train": 600, "val": 100, "test": 100}, size=64,
+    return write_synth(tmp_path_factory.mktemp("data") / "ddp", {"train": 400, "val": 100, "test": 100}, size=64,
                        seed=2, progress=False)
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, learnable_data):
-    common = ["--fusion", "early", "--data", learnable_data, "--epochs", "3", "--batch-size", "32",
-              "--out", tmp_path / "models", "--profiles", tmp_path / "profiles", "--quiet"]
+    # test_modalities' schedule: a short warm-up at twice the preset's rate learns the task in three short epochs
+    common = ["--fusion", "early", "--data", learnable_data, "--epochs", "3", "--batch-size", "32", "--lr", "2e-3",
+              "--encoder-lr", "2e-3", "--warmup-steps", "20", "--out", tmp_path / "models", "--profiles",
+              tmp_path / "profiles", "--quiet"]
     # The one process gets every core (torchrun's workers get one thread each, as torchrun itself would set).
     one_env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
     one = subprocess.run(fusionprof_train(*common, "--run-name", "one"), env=one_env, capture_output=True, text=True,
@@ -98,11 +100,11 @@ def test_two_processes_match_one(tmp_path, learnable_data):
     assert runs["one"]["distributed"]["world_size"] == 1
     # Evaluation was sharded over the ranks and gathered: every test pair counted once.
     assert runs["two"]["test"]["pairs"] == runs["one"]["test"]["pairs"] == 400
-    # Same global batches, same schedule: the two runs learn alike (one process alone reaches ~90 % here).
+    # Same global batches, same schedule: the two runs learn alike (one process alone reaches ~86 % here).
     assert runs["one"]["test"]["accuracy"] > 0.75
     assert abs(runs["two"]["test"]["accuracy"] - runs["one"]["test"]["accuracy"]) < 0.06
     ckpt = load_checkpoint(tmp_path / "models" / "two" / "checkpoint.pt")
-    assert ckpt["world_size"] == 2 and len(ckpt["rank_rng"]) == 2 and ckpt["scheduler"]["last_epoch"] == 3 * 2400 // 32
+    assert ckpt["world_size"] == 2 and len(ckpt["rank_rng"]) == 2 and ckpt["scheduler"]["last_epoch"] == 3 * 1600 // 32
 
 
 @pytest.mark.slow

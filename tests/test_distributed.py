@@ -98,6 +98,7 @@ def test_two_processes_match_one(tmp_path, learnable_data):
     assert sorted(p.name for p in (tmp_path / "models" / "two").iterdir()) == ["checkpoint.pt", "tokenizer"]
     assert runs["two"]["distributed"] == {"world_size": 2, "backend": "gloo", "batch_per_process": 16}
     assert runs["one"]["distributed"]["world_size"] == 1
+    assert runs["one"]["train_config"]["warmup_steps"] == runs["two"]["train_config"]["warmup_steps"] == 20
     # Evaluation was sharded over the ranks and gathered: every test pair counted once.
     assert runs["two"]["test"]["pairs"] == runs["one"]["test"]["pairs"] == 400
     # Same global batches, same schedule: the two runs learn alike (one process alone reaches ~86 % here).

@@ -38,26 +38,24 @@ from fusionprof.runtime import DTYPES
 class TorchCudaGraphs(Backend):
     label = "PyTorch + CUDA graphs"
     precisions: ClassVar[dict[str, tuple[str, ...]]] = {"cuda": AUTOCAST_PRECISIONS["cuda"]}  # CUDA only
-    kernels = "eager"  # what the graphs replay: "eager" (PyTorch's own kernels) or "inductor" (torch.compile's)
+    kernels = "eager"  # what the graphs replay, as describe() says it
 
     def __init__(self, artifacts, device, precision, **options):
         super().__init__(artifacts, device, precision, **options)
         self.dtype = DTYPES[precision]
-        self.model = copy.deepcopy(artifacts.model).eval().to(device=device, dtype=self.dtype,
-                                                               memory_format=torch.channels_last)
-        if self.kernels == "inductor":
-            # Dynamo's recompile budget is per code object, shared by every model built from these classes: a fresh
-            # cache per backend keeps each model's compiled graphs its own (as torch-compile does).
-            torch._dynamo.reset()
-            allow_recompiles()  # one compile per shape: past Dynamo's limit of 8 the graphs would replay eager kernels
-            self.model = torch.compile(self.model, dynamic=False)
+        self.model = self.forward_of(copy.deepcopy(artifacts.model).eval().to(
+            device=device, dtype=self.dtype, memory_format=torch.channels_last))
         self.graphs = ShapeGraphs(self.model, device, self.dtype)
+
+    def forward_of(self, model):
+        """What each shape's graph captures: here the model as it is, its eager kernels."""
+        return model
 
     @classmethod
     def available(cls, device):
         if device.type != "cuda":
             return False, "CUDA graphs need a CUDA device"
-        return inductor_status() if cls.kernels == "inductor" else (True, "")
+        return True, ""
 
     def run(self, images, input_ids, attention_mask) -> np.ndarray:
         # host tensors straight into the static buffers: the same copies as every backend, none more
@@ -74,13 +72,24 @@ class TorchCudaGraphs(Backend):
                             f"({type(e).__name__}: {first_line(e)})") from None
 
     def describe(self):
-        return {**super().describe(), "weights": f"cast to {self.precision}",
-                "kernels": "inductor (torch.compile, static shapes)" if self.kernels == "inductor" else "eager",
+        return {**super().describe(), "weights": f"cast to {self.precision}", "kernels": self.kernels,
                 **self.graphs.describe()}
 
 
 @register_backend("torch-cudagraphs-inductor")
 class TorchCudaGraphsInductor(TorchCudaGraphs):
     label = "PyTorch + CUDA graphs (inductor)"
-    kernels = "inductor"
+    kernels = "inductor (torch.compile, static shapes)"
     compiles = True
+
+    def forward_of(self, model):
+        # Dynamo's recompile budget is per code object, shared by every model built from these classes: a fresh
+        # cache per backend keeps each model's compiled graphs its own (as torch-compile does).
+        torch._dynamo.reset()
+        allow_recompiles()  # one compile per shape: past Dynamo's limit of 8 the graphs would replay eager kernels
+        return torch.compile(model, dynamic=False)
+
+    @classmethod
+    def available(cls, device):
+        ok, reason = super().available(device)
+        return inductor_status() if ok else (ok, reason)

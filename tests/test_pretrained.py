@@ -1,6 +1,11 @@
 """The seed preset's real loading paths, exercised with local files the tests write (no network)."""
 
+import http.server
 import json
+import os
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -82,3 +87,39 @@ def test_an_empty_hub_tokenizer_is_not_taken_for_a_real_one():
     """Offline, transformers 5 hands back a vocabulary-less tokenizer for an uncached name: that is an error."""
     with pytest.raises(UserError, match=r"cannot load the tokenizer of 'bert-base-uncased' \(no vocabulary found"):
         build_tokenizer(model_config("seed"))
+
+
+def test_random_init_asks_the_hub_for_nothing(tmp_path):
+    """A random-init seed model (latency sweeps, int8 calibration) never asks the hub for its tokenizer: on a machine
+    online, with an empty cache, the hub — here a local server counting requests — sees none, and the shipped
+    vocabulary stands in. (Before, offline, each of the tokenizer's files cost a minute of retries.)"""
+    seen = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if "bert-base-uncased" in self.path:  # huggingface_hub's own calls (e.g. at import) are not ours
+                seen.append(self.path)
+            self.send_error(404)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HOME=str(tmp_path / "hf"))
+    code = ("from fusionprof.config import model_config; from fusionprof.data.text import build_tokenizer; "
+            "print(len(build_tokenizer(model_config('seed', pretrained=False))))")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        asked, seen[:] = list(seen), []
+        online = subprocess.run([sys.executable, "-c", code.replace("pretrained=False", "pretrained=True")],
+                                env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0 and asked == [], (done.stderr, asked)
+    assert "using the shipped vocabulary" in done.stdout and int(done.stdout.split()[-1]) == len(
+        build_tokenizer(model_config("tiny")))
+    assert online.returncode != 0 and seen, online.stderr  # the control: a pretrained model asks (and is refused)

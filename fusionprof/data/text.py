@@ -28,19 +28,21 @@ def tiny_vocabulary() -> list[str]:
 def build_tokenizer(cfg: ModelConfig, log: Callable[[str], None] = print) -> PreTrainedTokenizerBase:
     """The model's WordPiece tokenizer: ``cfg.tokenizer``, else the text model's, else the shipped vocabulary.
 
-    With random-init encoders (``--pretrained none``) a tokenizer that cannot be loaded offline falls back to
-    the shipped vocabulary: the architecture and its cost stay the same, only the word pieces differ.
+    With random-init encoders (``--pretrained none``) nothing is downloaded: the tokenizer is read from a folder or
+    the local hub cache, else the shipped vocabulary stands in (the architecture and its cost stay the same, only the
+    word pieces differ). Asking the hub would only cost time, and offline a minute of retries per file.
     """
     name = cfg.tokenizer or (str(TINY_TOKENIZER) if cfg.text_model == "config" else cfg.text_model)
     try:
-        tokenizer = BertTokenizerFast.from_pretrained(name)
+        tokenizer = BertTokenizerFast.from_pretrained(name, local_files_only=not cfg.pretrained)
         if len(tokenizer) <= len(SPECIAL_TOKENS):
             # transformers 5, offline and with nothing cached, returns a tokenizer without a vocabulary
             raise OSError(f"no vocabulary found for {name!r}")
         return tokenizer
     except (OSError, ValueError) as e:
         if not cfg.pretrained:
-            log(f"note: tokenizer {name!r} is not available offline; using the shipped vocabulary")
+            log(f"note: tokenizer {name!r} is not on this machine (random-init encoders download nothing); "
+                f"using the shipped vocabulary")
             return BertTokenizerFast.from_pretrained(TINY_TOKENIZER)
         raise UserError(f"cannot load the tokenizer of {name!r} ({str(e).splitlines()[0]}); {OFFLINE_HINT}") from None
 

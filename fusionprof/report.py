@@ -401,44 +401,62 @@ def pareto_accuracy(train: list[dict], machine: str) -> dict[tuple[str, str], fl
 
 
 def precision_section(rec: Records) -> list[tuple]:
-    """Per machine and device, every precision swept side by side: per fusion the best p50 at batch 1 and 8 (each
-    with its backend) and the test accuracy in that precision (the export gate's, else a training run's)."""
+    """Per machine and device, each precision's newest sweep side by side: per fusion the best p50 at batch 1 and 8
+    (each with its backend) and the test accuracy in that precision of the models that sweep ran (their export
+    gate's, else their training run's). Never a best over sweeps of different days or models."""
     blocks: list[tuple] = [("h2", "Precisions side by side")]
     tables = []
-    for machine, cells in _latency_rows(rec).items():
-        for preset, device in sorted({(c.preset, c.device) for c in cells}):
-            mine = [c for c in cells if (c.preset, c.device) == (preset, device)]
-            precisions = sorted({c.precision for c in mine}, key=lambda p: (p != "fp32", p))
-            if len(precisions) < 2:
-                continue
-            rows = []
-            for fusion in sorted({c.row.fusion for c in mine}):
-                for precision in precisions:
-                    best = [_best(mine, fusion, precision, b) for b in (1, 8)]
-                    if best != ["–", "–"]:
-                        rows.append([fusion, precision, *best, _accuracy_in(rec, machine, preset, fusion, precision)])
-            tables += [("h3", f"{machine} · {preset} · {device}"),
-                       ("table", ["fusion", "precision", "best p50 bs 1", "best p50 bs 8", "test accuracy"], rows)]
+    for (machine, preset, device), by_precision in sorted(_newest_sweeps(rec).items()):
+        if len(by_precision) < 2:
+            continue
+        precisions = sorted(by_precision, key=lambda p: (p != "fp32", p))
+        rows = []
+        for fusion in sorted({r.fusion for s in by_precision.values() for r in s.rows}):
+            for precision in precisions:
+                sweep = by_precision[precision]
+                best = [_best(sweep, fusion, b) for b in (1, 8)]
+                if best != ["–", "–"]:
+                    checkpoint = Path(sweep.config["models_dir"]) / f"{preset}-{fusion}" / "checkpoint.pt"
+                    rows.append([fusion, precision, *best, _accuracy_in(rec, checkpoint, precision)])
+        cited = ", ".join(f"`{by_precision[p].path}`" for p in precisions)
+        tables += [("h3", f"{machine} · {preset} · {device}"),
+                   ("table", ["fusion", "precision", "best p50 bs 1", "best p50 bs 8", "test accuracy"], rows),
+                   ("p", f"Records: {cited}")]
     if not tables:
         return blocks + [("p", "One precision per machine so far. On a CPU with native bf16 or int8 (AVX512-BF16, "
                                "VNNI, AMX), `fusionprof compare` sweeps them beside fp32.")]
-    return blocks + tables
+    return blocks + [("p", "Each precision's newest sweep on that machine; accuracy is that of the models the sweep "
+                           "ran, in that precision (– for random-init models).")] + tables
 
 
-def _best(cells: list[SweepCell], fusion: str, precision: str, batch: int) -> str:
-    at = [c.row for c in cells if (c.row.fusion, c.precision, c.row.batch_size) == (fusion, precision, batch)]
+def _newest_sweeps(rec: Records) -> dict[tuple[str, str, str], dict[str, LatencyRecord]]:
+    """(machine, preset, device) → precision → the newest latency record."""
+    out: dict[tuple[str, str, str], dict[str, LatencyRecord]] = defaultdict(dict)
+    for sweep in sorted(rec.latency, key=lambda s: s.created):
+        cfg = sweep.config
+        out[(machine_name(sweep.environment), cfg["preset"], cfg["device"])][cfg["precision"]] = sweep
+    return out
+
+
+def _best(sweep: LatencyRecord, fusion: str, batch: int) -> str:
+    at = [r for r in sweep.rows if r.ok and (r.fusion, r.batch_size) == (fusion, batch)]
     best = min(at, key=lambda r: r.host.p50_ms, default=None)
     return f"{best.host.p50_ms:.2f} ms ({best.backend})" if best else "–"
 
 
-def _accuracy_in(rec: Records, machine: str, preset: str, fusion: str, precision: str) -> str:
-    """The test accuracy of ``fusion`` in ``precision``: a passed export's (this machine's first), else a training
-    run's evaluated in that precision."""
-    exports = sorted((r for r in rec.export if (r.get("preset"), r["fusion"], r.get("precision"), r.get("status"))
-                      == (preset, fusion, precision, "ok")), key=lambda r: machine_name(r["environment"]) != machine)
+def _accuracy_in(rec: Records, checkpoint: Path, precision: str) -> str:
+    """The test accuracy of ``checkpoint``'s model in ``precision``: its passed ONNX export's (else another format's),
+    else its training run's when that ran in ``precision``."""
+    exports = sorted((r for r in rec.export if Path(r.get("checkpoint", "")) == checkpoint
+                      and (r.get("precision"), r.get("status")) == (precision, "ok")),
+                     key=lambda r: r["format"] != "onnx")
     if exports:
-        return f"{exports[0]['accuracy']['exported_accuracy']:.2%} ({exports[0]['format']} export)"
-    trained = [r for r in rec.train if (r["preset"], r["fusion"]) == (preset, fusion)
+        export = exports[0]
+        nncf = export.get("onnx", {}).get("openvino", {})
+        ir = f"; openvino runs NNCF's IR: {nncf['nncf']['accuracy']['exported_accuracy']:.2%}" \
+            if nncf.get("loads") == "nncf" else ""
+        return f"{export['accuracy']['exported_accuracy']:.2%} ({export['format']} export{ir})"
+    trained = [r for r in rec.train if Path(r.get("checkpoint", "")) == checkpoint
                and r.get("train_config", {}).get("precision") == precision]
     return f"{trained[0]['test']['accuracy']:.2%} (training run)" if trained else "–"
 

@@ -14,7 +14,9 @@
 #    to OUT/<host>/cpu-lowprec-check.json and printed. The report (OUT/report.md) shows the same side by side.
 #
 # FP_PRECISIONS=int8,bf16 overrides the precisions found in the CPU's flags (a dry run on any CPU, emulated);
-# FP_PRESET=tiny FP_QUICK=1 makes the latency step small (dry runs). Takes about an hour on 2 cores.
+# FP_PRESET=tiny FP_QUICK=1 makes the latency step small (dry runs); FP_STEPS=latency,accuracy,check picks steps
+# (FP_STEPS=latency,check with FP_SINCE=<the first run's UTC start, 20261202T0030> re-times fp32 after the low
+# precisions and checks again: fp32's best is taken over every fp32 sweep since FP_SINCE). About an hour on 2 cores.
 set -euo pipefail
 out=${1:-profiles}
 preset=${FP_PRESET:-seed}
@@ -22,6 +24,8 @@ work=${FP_WORK:-/tmp/fusionprof-cpu-lowprec}
 py=${PYTHON:-python}
 timing=(--min-seconds 2)
 ((${FP_QUICK:-0})) && timing=(--min-seconds 0.2 --min-calls 5)
+steps=${FP_STEPS:-latency,accuracy,check}
+since=${FP_SINCE:-$(date -u +%Y%m%dT%H%M%S)}
 mkdir -p "$work" "$out"
 
 "$py" -m fusionprof env
@@ -32,17 +36,22 @@ print(','.join(p for p, flags in NATIVE_LOW_PRECISIONS.items() if any(isa.get(f)
 echo "== low precisions to check: ${precisions:-none (this CPU computes none natively: the check does not apply)}"
 [[ -n "$precisions" ]] || exit 0
 
-echo "== 1. latency, $preset preset, random init: fp32 and $precisions"
-for precision in fp32 ${precisions//,/ }; do
-  "$py" -m fusionprof latency --preset "$preset" --precision "$precision" --batch-sizes 1,8 \
-    --backends onnxruntime,openvino,torch --threads 2 "${timing[@]}" --models "$work/untrained" --out "$out" --quiet
-done
-echo "== 2. accuracy: the tiny study, trained"
-epochs=(); ((${FP_QUICK:-0})) && epochs=(--epochs 1 --limit-train 200 --limit-eval 100 --no-load)
-"$py" -m fusionprof compare "${epochs[@]}" --precisions "fp32,$precisions" --out "$work/models" --profiles "$out" \
-  --quiet
+if [[ ,$steps, == *,latency,* ]]; then
+  echo "== 1. latency, $preset preset, random init: fp32 and $precisions"
+  for precision in fp32 ${precisions//,/ }; do
+    "$py" -m fusionprof latency --preset "$preset" --precision "$precision" --batch-sizes 1,8 \
+      --backends onnxruntime,openvino,torch --threads 2 "${timing[@]}" --models "$work/untrained" --out "$out" --quiet
+  done
+fi
+if [[ ,$steps, == *,accuracy,* ]]; then
+  echo "== 2. accuracy: the tiny study, trained"
+  epochs=(); ((${FP_QUICK:-0})) && epochs=(--epochs 1 --limit-train 200 --limit-eval 100 --no-load)
+  "$py" -m fusionprof compare "${epochs[@]}" --precisions "fp32,$precisions" --out "$work/models" --profiles "$out" \
+    --quiet
+fi
+[[ ,$steps, == *,check,* ]] || exit 0
 echo "== 3. the check"
-"$py" - "$out" "$work/models" "$preset" "$precisions" <<'PY'
+"$py" - "$out" "$work/models" "$preset" "$precisions" "$since" <<'PY'
 import json, sys
 from pathlib import Path
 
@@ -51,16 +60,39 @@ from fusionprof.compare import best_row
 from fusionprof.env import cpu_isa, fingerprint
 
 out, models, preset, precisions = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4].split(",")
+since = sys.argv[5]
 env = fingerprint()
-latest = {}  # precision → this host's newest latency record of step 1 (random init; not compare's sweep)
+sweeps = {}  # precision → this host's step-1 records (random init; not compare's sweeps) since the check started
 for path in sorted((out / env["host"]).glob(f"latency-{preset}-cpu-*.json")):
     record = json.loads(path.read_text())
-    if Path(record["config"]["models_dir"]) == models.parent / "untrained":
-        latest[record["config"]["precision"]] = (path, record)
+    if (Path(record["config"]["models_dir"]) == models.parent / "untrained" and record["created"] >= since
+            and record["environment"].get("cpu_isa") == cpu_isa()):
+        sweeps.setdefault(record["config"]["precision"], []).append((path, record))
 
 
-def best_at_8(record: dict, fusion: str):
-    return best_row(record["rows"], fusion, 8)
+def best_at_8(precision: str, fusion: str):
+    """The fastest backend at batch 8 over ``precision``'s sweeps: fp32's best over every fp32 run (before and after
+    the low precisions, the figure least kind to them), a low precision's from its newest run."""
+    runs = sweeps.get(precision, [])
+    runs = runs if precision == "fp32" else runs[-1:]
+    rows = [(path, row) for path, record in runs if (row := best_row(record["rows"], fusion, 8))]
+    path, row = min(rows, key=lambda pr: pr[1]["p50_ms"], default=(None, None))
+    return row and {"backend": row["backend"], "p50_ms": row["p50_ms"], "record": str(path)}
+
+
+def int8_accuracy(fusion: str, backend: str | None):
+    """The int8 export gate of ``fusion``, for the model ``backend`` runs: NNCF's IR where openvino loads it, else
+    the QDQ graph."""
+    path = models / f"tiny-{fusion}" / "export.onnx.int8.json"
+    if not path.exists():
+        return None
+    exported = json.loads(path.read_text())
+    gate, model = {**exported["accuracy"], "status": exported["status"]}, "QDQ ONNX"
+    chosen = exported.get("onnx", {}).get("openvino", {})
+    if backend == "openvino" and chosen.get("loads") == "nncf":
+        gate, model = {**chosen["nncf"]["accuracy"], "status": "ok"}, "NNCF IR"
+    return {"model": model, **{k: gate[k] for k in ("status", "checkpoint_accuracy", "exported_accuracy",
+                                                    "abs_difference")}}
 
 
 isa = cpu_isa()
@@ -69,29 +101,21 @@ target = (2.0 if any(isa.get(f) for f in ("amx_int8", "amx_bf16", "avx512_vnni",
           else 1.3 if isa.get("avx512_bf16") else None)
 checks = {"cpu_model": env["cpu_model"], "cpu_isa": isa, "target_speedup_at_batch_8": target, "fusions": {}}
 for fusion in ("early", "mid", "late", "bottleneck"):
-    fp32 = best_at_8(latest["fp32"][1], fusion)
-    low = [(p, best_at_8(latest[p][1], fusion)) for p in precisions if p in latest]
-    low = [(p, r) for p, r in low if r]
-    precision, best = min(low, key=lambda pr: pr[1]["p50_ms"], default=(None, None))
-    int8 = models / f"tiny-{fusion}" / "export.onnx.int8.json"
-    exported = json.loads(int8.read_text()) if int8.exists() else None
-    gate = exported and {**exported["accuracy"], "status": exported["status"]}
-    checks["fusions"][fusion] = {
-        "fp32": {"backend": fp32["backend"], "p50_ms": fp32["p50_ms"]} if fp32 else None,
-        "best_low": {"precision": precision, "backend": best["backend"], "p50_ms": best["p50_ms"]} if best else None,
-        "speedup": fp32["p50_ms"] / best["p50_ms"] if fp32 and best else None,
-        "int8_export": gate and {k: gate[k] for k in ("status", "checkpoint_accuracy", "exported_accuracy",
-                                                        "abs_difference")},
-    }
-    c = checks["fusions"][fusion]
-    speed = f"{c['speedup']:.2f}x ({precision} on {best['backend']})" if c["speedup"] else "n/a"
-    acc = (f"int8 test accuracy {gate['exported_accuracy']:.2%} vs fp32 {gate['checkpoint_accuracy']:.2%} "
-           f"(export {gate['status']})" if gate else "no int8 export")
+    fp32 = best_at_8("fp32", fusion)
+    low = [(p, best) for p in precisions if (best := best_at_8(p, fusion))]
+    precision, best = min(low, key=lambda pb: pb[1]["p50_ms"], default=(None, None))
+    speedup = fp32["p50_ms"] / best["p50_ms"] if fp32 and best else None
+    accuracy = int8_accuracy(fusion, best and best["backend"] if precision == "int8" else None)
+    checks["fusions"][fusion] = {"fp32": fp32, "best_low": best and {"precision": precision, **best},
+                                 "speedup": speedup, "int8_export": accuracy}
+    speed = f"{speedup:.2f}x ({precision} on {best['backend']})" if speedup else "n/a"
+    acc = (f"int8 test accuracy ({accuracy['model']}) {accuracy['exported_accuracy']:.2%} vs fp32 "
+           f"{accuracy['checkpoint_accuracy']:.2%} (export {accuracy['status']})" if accuracy else "no int8 export")
     verdict = ("no target for this CPU" if target is None
-               else f"{'meets' if c['speedup'] and c['speedup'] >= target else 'misses'} the {target:g}x target")
+               else f"{'meets' if speedup and speedup >= target else 'misses'} the {target:g}x target")
     print(f"{fusion:<11} batch 8: best low precision {speed} vs best fp32 ({fp32 and fp32['backend']}): {verdict}; "
           f"{acc}")
-checks["records"] = {p: str(path) for p, (path, _) in latest.items()}
+checks["records"] = {p: [str(path) for path, _ in runs] for p, runs in sweeps.items()}
 path = out / env["host"] / f"cpu-lowprec-check-{preset}.json"
 write_json(path, checks)
 print(f"wrote {path}")

@@ -177,3 +177,12 @@ class LatencyRecord:
                        path=None if path is None else str(path))
         except (KeyError, TypeError) as e:
             raise UserError(f"{path}: not a complete latency record ({type(e).__name__}: {e})") from None
+
+
+def int8_gate_of(record: dict, backend: str) -> tuple[dict, str]:
+    """The accuracy gate of the int8 model ``backend`` runs, from an int8 export record, and that model's name:
+    NNCF's IR where ``openvino`` loads it, else the QDQ graph (the record's own gate)."""
+    openvino = record.get("onnx", {}).get("openvino", {})
+    if backend == "openvino" and openvino.get("loads") == "nncf":
+        return openvino["nncf"]["accuracy"], "NNCF IR"
+    return record["accuracy"], "QDQ ONNX"

@@ -23,7 +23,7 @@ from fusionprof.errors import UserError
 from fusionprof.figures import batch_axis, plain_axis, pyplot, save_figure, slug
 from fusionprof.load_report import load_section
 from fusionprof.loadgen import LoadRecord
-from fusionprof.records import PARTIAL_KIND, LatencyRecord, LatencyRow, check_schema
+from fusionprof.records import PARTIAL_KIND, LatencyRecord, LatencyRow, check_schema, int8_gate_of
 
 KINDS = ("train", "export", "latency", "load")
 SKIP_DIRS = {"traces", "tensorboard", "onnx", "report"}
@@ -452,10 +452,9 @@ def _accuracy_in(rec: Records, checkpoint: Path, precision: str) -> str:
                      key=lambda r: r["format"] != "onnx")
     if exports:
         export = exports[0]
-        nncf = export.get("onnx", {}).get("openvino", {})
-        ir = f"; openvino runs NNCF's IR: {nncf['nncf']['accuracy']['exported_accuracy']:.2%}" \
-            if nncf.get("loads") == "nncf" else ""
-        return f"{export['accuracy']['exported_accuracy']:.2%} ({export['format']} export{ir})"
+        ir, model = int8_gate_of(export, "openvino") if precision == "int8" else (None, "")
+        also = f"; openvino runs NNCF's IR: {ir['exported_accuracy']:.2%}" if model == "NNCF IR" else ""
+        return f"{export['accuracy']['exported_accuracy']:.2%} ({export['format']} export{also})"
     trained = [r for r in rec.train if Path(r.get("checkpoint", "")) == checkpoint
                and r.get("train_config", {}).get("precision") == precision]
     return f"{trained[0]['test']['accuracy']:.2%} (training run)" if trained else "–"

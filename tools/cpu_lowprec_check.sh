@@ -58,6 +58,7 @@ from pathlib import Path
 from fusionprof.atomic import write_json
 from fusionprof.compare import best_row
 from fusionprof.env import cpu_isa, fingerprint
+from fusionprof.records import int8_gate_of
 
 out, models, preset, precisions = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4].split(",")
 since = sys.argv[5]
@@ -87,12 +88,9 @@ def int8_accuracy(fusion: str, backend: str | None):
     if not path.exists():
         return None
     exported = json.loads(path.read_text())
-    gate, model = {**exported["accuracy"], "status": exported["status"]}, "QDQ ONNX"
-    chosen = exported.get("onnx", {}).get("openvino", {})
-    if backend == "openvino" and chosen.get("loads") == "nncf":
-        gate, model = {**chosen["nncf"]["accuracy"], "status": "ok"}, "NNCF IR"
-    return {"model": model, **{k: gate[k] for k in ("status", "checkpoint_accuracy", "exported_accuracy",
-                                                    "abs_difference")}}
+    gate, model = int8_gate_of(exported, backend)
+    return {"model": model, "status": exported["status"],
+            **{k: gate[k] for k in ("checkpoint_accuracy", "exported_accuracy", "abs_difference")}}
 
 
 isa = cpu_isa()

@@ -98,7 +98,20 @@ def fingerprint() -> dict:
     }
 
 
+# The extension that most decides a CPU's speed in the records' precisions, best first: a CPU machine's label names
+# it, so that two CPUs sold (or virtualised) under one model name are two machines in a report, never one.
+ISA_TIERS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512_vnni", "AVX512-VNNI"),
+             ("avx_vnni", "AVX-VNNI"), ("avx512f", "AVX512"), ("avx2", "AVX2"))
+
+
+def isa_tier(isa: dict[str, bool] | None) -> str | None:
+    """The best of ``ISA_TIERS`` a CPU has; None if its record predates ``cpu_isa`` (or it has none of them)."""
+    return next((tier for flag, tier in ISA_TIERS if (isa or {}).get(flag)), None)
+
+
 def machine_name(fp: dict) -> str:
-    """A short label for tables and plots: host plus the accelerator (or CPU) it ran on."""
-    device = fp["gpus"][0]["name"] if fp.get("gpus") else fp.get("cpu_model", "cpu")
-    return f"{fp.get('host', '?')} ({device})"
+    """A short label for tables and plots: host plus the accelerator it ran on, or the CPU and its ISA tier."""
+    if fp.get("gpus"):
+        return f"{fp.get('host', '?')} ({fp['gpus'][0]['name']})"
+    tier = isa_tier(fp.get("cpu_isa"))
+    return f"{fp.get('host', '?')} ({fp.get('cpu_model', 'cpu')}{f', {tier}' if tier else ''})"

@@ -1,6 +1,6 @@
 """The environment fingerprint: what makes two CPUs' records different is in the record."""
 
-from fusionprof.env import CPU_ISA_FLAGS, cpu_isa, fingerprint
+from fusionprof.env import CPU_ISA_FLAGS, cpu_isa, fingerprint, machine_name
 
 XEON_AMX = """processor\t: 0
 model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
@@ -19,3 +19,17 @@ def test_isa_flags_are_read_from_the_kernel():
 def test_the_fingerprint_carries_this_cpus_flags():
     fp = fingerprint()
     assert fp["cpu_isa"] == cpu_isa() and set(fp["cpu_isa"]) == set(CPU_ISA_FLAGS)
+
+
+def test_a_cpu_machines_label_names_its_isa_tier():
+    """Two CPUs under one model name (this project's AVX2 and AVX512-BF16 EPYCs) are two machines in a report."""
+    avx2 = {"host": "vm", "cpu_model": "AMD EPYC", "gpus": [], "cpu_isa": cpu_isa(EPYC_AVX2)}
+    assert machine_name(avx2) == "vm (AMD EPYC, AVX2)"
+    amx = {"host": "vm", "cpu_model": "Intel Xeon", "gpus": [], "cpu_isa": cpu_isa(XEON_AMX)}
+    assert machine_name(amx) == "vm (Intel Xeon, AMX)"
+    bf16 = cpu_isa("flags\t: avx2 avx512f avx512_bf16 avx512_vnni")
+    assert machine_name({"host": "vm", "cpu_model": "AMD EPYC", "cpu_isa": bf16}) == "vm (AMD EPYC, AVX512-BF16)"
+    assert machine_name({"host": "vm", "cpu_model": "AMD EPYC"}) == "vm (AMD EPYC)"  # a record from before cpu_isa
+    gpu = {"host": "vm", "cpu_model": "Intel(R) Xeon(R) Processor", "cpu_isa": cpu_isa(XEON_AMX),
+           "gpus": [{"name": "NVIDIA H200"}]}
+    assert machine_name(gpu) == "vm (NVIDIA H200)"  # a GPU machine is named by its GPU

@@ -7,6 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from fusionprof.cli import cli
+from fusionprof.env import machine_name
 from fusionprof.records import LatencyRecord
 from fusionprof.report import pareto_accuracy, pareto_front
 
@@ -28,7 +29,8 @@ def two_machines(tmp_path_factory):
     assert code == 0, out
     [path] = list((root / "here").glob("*/latency-*.json"))
     record = json.loads(path.read_text())
-    record["environment"] = {**record["environment"], "host": "gpu-box", "cpu_model": "Other CPU"}
+    record["environment"] = {**record["environment"], "host": "gpu-box", "cpu_model": "Other CPU",
+                             "cpu_isa": {"avx2": True}}
     for row in record["rows"]:
         if row["status"] == "ok":
             for key in ("p50_ms", "p90_ms", "mean_ms"):
@@ -45,17 +47,17 @@ def test_two_machines_merge_into_one_report(two_machines, tmp_path):
     assert "2 records from 2 machine(s)" in out
     md = (tmp_path / "report.md").read_text()
     here = json.loads(next((two_machines / "here").glob("*/latency-*.json")).read_text())["environment"]
-    first = f"{here['host']} ({here['cpu_model']})"
-    assert f"p50 ms: {first}" in md and "p50 ms: gpu-box (Other CPU)" in md
-    assert f"ratio gpu-box (Other CPU) / {first}" in md
+    first = machine_name(here)  # host, CPU model and ISA tier
+    assert f"p50 ms: {first}" in md and "p50 ms: gpu-box (Other CPU, AVX2)" in md
+    assert f"ratio gpu-box (Other CPU, AVX2) / {first}" in md
     ratios = [line.split("|")[-2].strip() for line in md.splitlines() if line.startswith("| tiny | fp32 |")]
     assert len(ratios) == 2 * 2 * 2 and all(r == "2.00" for r in ratios)
     pngs = {p.name for p in (tmp_path / "report").glob("*.png")}  # one sweep per plot: each named after its sweep
     stamp = json.loads(next((two_machines / "there").glob("*.json")).read_text())["created"].lower()
-    there = {f"{metric}-gpu-box-other-cpu-tiny-cpu-fp32-{stamp}.png" for metric in ("latency", "throughput")}
+    there = {f"{metric}-gpu-box-other-cpu-avx2-tiny-cpu-fp32-{stamp}.png" for metric in ("latency", "throughput")}
     assert there <= pngs and len(pngs) == 4
     html = (tmp_path / "report.html").read_text()
-    assert "<table>" in html and "gpu-box (Other CPU)" in html and f"report/{min(there)}" in html
+    assert "<table>" in html and "gpu-box (Other CPU, AVX2)" in html and f"report/{min(there)}" in html
     assert "No training records yet: run `fusionprof train" in md  # empty sections say what to run
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import tempfile
 import time
@@ -76,6 +77,17 @@ def record_name(fmt: str, precision: str, device_type: str = "cpu") -> str:
     if fmt == "pt2":
         return f"export.pt2.{device_type}.{precision}.json"
     return "export.json" if (fmt, precision) == ("onnx", "fp32") else f"export.{fmt}.{precision}.json"
+
+
+def verified_export(checkpoint: Path, folder: Path, fmt: str, precision: str, device_type: str = "cpu") -> dict | None:
+    """The record of the ``fmt`` / ``precision`` export in ``folder`` if its verification passed for this very
+    checkpoint (its hash, not its path: a run that went on after its export has a new checkpoint); else None."""
+    path = Path(folder) / record_name(fmt, precision, device_type)
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    ok = record.get("status") == "ok" and record.get("checkpoint_hash") == checkpoint_hash(checkpoint)
+    return record if ok else None
 
 
 def export_onnx(model: FusionModel, path: Path, precision: str = "fp32", opset: int = 18) -> dict:
@@ -186,8 +198,9 @@ def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Pa
               "format": fmt, "precision": precision, "environment": fingerprint(), "model_config": to_dict(model.cfg)}
     try:  # the accuracy gate runs at the training batch: a TensorRT profile must cover it too
         calibration = checkpoint_calibration(checkpoint, model, cfg)
+        fp32 = verified_fp32_onnx(Path(checkpoint), out) if precision == "int8" else None
         artifacts = build_artifacts(fmt, model, out, precision, torch_device, max(max_batch, cfg.batch_size),
-                                    record, log, calibration)
+                                    record, log, calibration, fp32)
     except UserError as e:  # the artifact could not be built: a failed record with the reason, not a gap
         write_json(path, {**record, "passed": False, "status": "failed", "failure": str(e)})
         raise UserError(f"{e} (marked failed in {path})") from None
@@ -225,6 +238,16 @@ def _gate_ir(openvino: dict, artifacts: Artifacts, model: FusionModel, cfg, chec
         openvino["loads"], openvino["why"] = "qdq", "NNCF's IR failed the accuracy gate"
 
 
+def verified_fp32_onnx(checkpoint: Path, out: Path) -> dict | None:
+    """The fp32 ONNX of this checkpoint that an int8 export quantizes instead of exporting its own: one whose export
+    passed its gates for this very checkpoint, in ``out`` or else beside the checkpoint. Its record's ``onnx``."""
+    for folder in dict.fromkeys([Path(out), checkpoint.parent]):
+        path = folder / onnx_name("fp32")
+        if path.exists() and (record := verified_export(checkpoint, folder, "onnx", "fp32")) is not None:
+            return {**record["onnx"], "path": str(path), "reused": str(folder / record_name("onnx", "fp32"))}
+    return None
+
+
 def checkpoint_calibration(checkpoint: Path, model: FusionModel, cfg) -> Callable[[], tuple[list[Feeds], dict]]:
     """The int8 calibration sample of a checkpoint: its own data's validation split, through its own tokenizer."""
     model_cfg = with_run_tokenizer(model.cfg, Path(checkpoint).parent)
@@ -237,10 +260,11 @@ def profile_batches(max_batch: int) -> list[int]:
 
 
 def build_artifacts(fmt: str, model: FusionModel, out: Path, precision: str, device: torch.device, max_batch: int,
-                    record: dict, log=print, calibration: Callable[[], tuple[list[Feeds], dict]] | None = None
-                    ) -> Artifacts:
+                    record: dict, log=print, calibration: Callable[[], tuple[list[Feeds], dict]] | None = None,
+                    fp32_onnx: dict | None = None) -> Artifacts:
     """Write the ``fmt`` artifact (and the ONNX a TensorRT engine is built from) into ``out``; what was written
-    goes into ``record``. int8 needs ``calibration``: the validation sample the quantizer calibrates on."""
+    goes into ``record``. int8 needs ``calibration``: the validation sample the quantizer calibrates on; it
+    quantizes ``fp32_onnx`` where given (``verified_fp32_onnx``), else an fp32 export of its own."""
     if fmt == "pt2":
         record["pt2"] = build_pt2(model, out / pt2_name(precision, device.type), precision, device)
         log(f"built {record['pt2']['path']} ({record['pt2']['size_mib']:.1f} MiB, "
@@ -250,7 +274,7 @@ def build_artifacts(fmt: str, model: FusionModel, out: Path, precision: str, dev
         if fmt != "onnx" or calibration is None:
             raise UserError(f"--fmt {fmt} --precision int8: int8 is a quantized ONNX (--fmt onnx), from calibration "
                             "data")
-        record["onnx"] = export_int8_onnx(model, out / onnx_name(precision), *calibration())
+        record["onnx"] = export_int8_onnx(model, out / onnx_name(precision), *calibration(), fp32_onnx)
         log(f"quantized {record['onnx']['path']} ({record['onnx']['size_mib']:.1f} MiB, calibrated on "
             f"{record['onnx']['calibration']['pairs']} {record['onnx']['calibration']['split']} pairs); in int8: "
             f"{record['onnx']['int8_ops']}")
@@ -266,20 +290,24 @@ def build_artifacts(fmt: str, model: FusionModel, out: Path, precision: str, dev
     return artifacts
 
 
-def export_int8_onnx(model: FusionModel, path: Path, calibration: list[Feeds], calibration_source: dict) -> dict:
-    """The int8 graph at ``path``: the fp32 ONNX, verified for parity (fp32 tolerances), then statically quantized
-    on the calibration sample; the record says what was quantized and what stayed in float. For ``openvino``, NNCF's
-    IR of the same fp32 graph beside it, where it earns its place (``openvino_int8``)."""
+def export_int8_onnx(model: FusionModel, path: Path, calibration: list[Feeds], calibration_source: dict,
+                     fp32_onnx: dict | None = None) -> dict:
+    """The int8 graph at ``path``: the fp32 ONNX (``fp32_onnx``: a verified export of this model and where its
+    record is, else one exported now), checked for parity (fp32 tolerances), then statically quantized on the
+    calibration sample; the record says what was quantized and what stayed in float. For ``openvino``, NNCF's IR of
+    the same fp32 graph beside it, where it earns its place (``openvino_int8``)."""
     with tempfile.TemporaryDirectory() as tmp:
-        source = export_onnx(model, Path(tmp) / onnx_name("fp32"))
+        # a reused export passed its own parity and accuracy gates; its parity is checked again below all the same
+        source = fp32_onnx or export_onnx(model, Path(tmp) / onnx_name("fp32"))
         fp32 = backend_for_format("onnx")(Artifacts(model, onnx=Path(source["path"])), CPU, "fp32")
         source_parity = parity(model, fp32, "fp32")
         if not source_parity["passed"]:
             raise UserError("the fp32 ONNX to quantize fails parity with the PyTorch model")
         quantized = quantize_onnx(Path(source["path"]), path, calibration)
         openvino = openvino_int8(model, Path(source["path"]), path, calibration)
-    return {"path": str(path), "precision": "int8", "quantized_from": {"opset": source["opset"],
-            "export_seconds": source["export_seconds"], "size_mib": source["size_mib"], "parity": source_parity},
+    kept = ("opset", "export_seconds", "size_mib") + (("path", "reused") if fp32_onnx else ())
+    return {"path": str(path), "precision": "int8",
+            "quantized_from": {**{k: source[k] for k in kept}, "parity": source_parity},
             "calibration": calibration_source, **quantized, "size_mib": path.stat().st_size / 2**20,
             "axes": check_onnx(path), "openvino": openvino}
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS, EAGER, Artifacts, Backend, backend_names, create_backend
 from fusionprof.backends.trt import build_engine, optimization_profile
-from fusionprof.checkpoint import checkpoint_hash, find_checkpoint, load_model
+from fusionprof.checkpoint import find_checkpoint, load_model
 from fusionprof.config import model_config, to_dict
 from fusionprof.env import fingerprint
 from fusionprof.errors import UserError
@@ -43,7 +43,8 @@ from fusionprof.export import (
     plan_name,
     profile_batches,
     pt2_name,
-    record_name,
+    verified_export,
+    verified_fp32_onnx,
 )
 from fusionprof.latency_output import write_record
 from fusionprof.measure import (
@@ -112,12 +113,14 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
     for artifact in _exports_needed(cfg, device):
         name = ARTIFACT_NAMES[artifact](cfg.precision, device.type)
         path = checkpoint.parent / name if checkpoint else None
-        if not (path and path.exists() and _export_ok(checkpoint, artifact, cfg.precision, device.type)):
+        # a checkpoint's own export is reused only if its verification passed, for this very checkpoint
+        if not (path and path.exists() and verified_export(checkpoint, checkpoint.parent, ARTIFACT_FORMATS[artifact],
+                                                           cfg.precision, device.type)):
             path = work_dir / artifact / f"{cfg.preset}-{fusion}" / name
         if not path.exists():
             log(f"exporting {cfg.preset}/{fusion} to {path}")
             try:
-                _export(artifact, artifacts, path, cfg, device, calibration)
+                _export(artifact, artifacts, path, cfg, device, calibration, checkpoint)
             except UserError as e:  # e.g. an AOTInductor build that crashed its process: that backend's rows say so
                 artifacts.failed[artifact] = str(e)
                 continue
@@ -134,7 +137,7 @@ ARTIFACT_FORMATS = {"onnx": "onnx", "plan": "trt", "pt2": "pt2"}
 
 
 def _export(artifact: str, artifacts: Artifacts, path: Path, cfg: SweepConfig, device: torch.device,
-            calibration) -> None:
+            calibration, checkpoint: Path | None) -> None:
     model, precision = artifacts.model, cfg.precision
     if artifact == "pt2":
         build_pt2(model, path, precision, device)
@@ -144,7 +147,8 @@ def _export(artifact: str, artifacts: Artifacts, path: Path, cfg: SweepConfig, d
         build_engine(artifacts.onnx, path, optimization_profile(profile_batches(max(cfg.batch_sizes)),
                                                                 [1, model.cfg.max_text_len], model.cfg.image_size))
     elif precision == "int8":  # quantized on a validation sample: the checkpoint's data, else the embedded set's
-        export_int8_onnx(model, path, *calibration())
+        fp32 = verified_fp32_onnx(checkpoint, checkpoint.parent) if checkpoint else None  # quantized, not redone
+        export_int8_onnx(model, path, *calibration(), fp32)
     else:
         export_onnx(model, path, precision)
 
@@ -155,15 +159,6 @@ def _exports_needed(cfg: SweepConfig, device: torch.device) -> list[str]:
     loaded = {BACKENDS.get(name).artifact for name in cfg.backends if not _not_runnable(name, device, cfg.precision)}
     loaded |= {"onnx"} if "plan" in loaded else set()
     return [artifact for artifact in ARTIFACT_NAMES if artifact in loaded]
-
-
-def _export_ok(checkpoint: Path, artifact: str, precision: str, device_type: str) -> bool:
-    """A checkpoint's own export is reused only if its verification passed, for this very checkpoint."""
-    path = checkpoint.parent / record_name(ARTIFACT_FORMATS[artifact], precision, device_type)
-    if not path.exists():
-        return False
-    record = json.loads(path.read_text())
-    return record.get("status") == "ok" and record.get("checkpoint_hash") == checkpoint_hash(checkpoint)
 
 
 # --------------------------------------------------------------------------- scenario: what to call, how often

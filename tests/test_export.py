@@ -9,6 +9,7 @@ from click.testing import CliRunner
 import fusionprof.export
 from fusionprof.checkpoint import checkpoint_hash, load_checkpoint
 from fusionprof.cli import cli
+from fusionprof.export import verified_export
 
 pytestmark = pytest.mark.slow  # the checkpoint is trained for real
 
@@ -95,12 +96,11 @@ def test_pt2_export_is_verified_and_the_sweep_runs_it_without_rebuilding(checkpo
 
 def test_an_export_of_another_checkpoint_is_not_reused(checkpoint, tmp_path):
     """The sweep reuses a run's export only while its record's checkpoint hash is the checkpoint's."""
-    from fusionprof.latency import _export_ok
-
     copy = tmp_path / "checkpoint.pt"
     copy.write_bytes(checkpoint[0].read_bytes())
     (tmp_path / "export.json").write_text(json.dumps({"status": "ok", "checkpoint_hash": checkpoint_hash(copy)}))
-    assert _export_ok(copy, "onnx", "fp32", "cpu")
+    assert verified_export(copy, tmp_path, "onnx", "fp32")
+    assert not verified_export(copy, tmp_path, "onnx", "fp16")  # no such export
     copy.write_bytes(copy.read_bytes() + b"retrained")  # the run went on after its export
-    assert not _export_ok(copy, "onnx", "fp32", "cpu")
+    assert not verified_export(copy, tmp_path, "onnx", "fp32")
 

@@ -111,6 +111,8 @@ def export_cli(*args):
 
 @pytest.mark.slow  # trains a checkpoint
 def test_int8_export_is_calibrated_on_val_and_gated_against_fp32(checkpoint, tmp_path):
+    code, out = export_cli("--checkpoint", checkpoint, "--out", tmp_path)  # fp32 first: int8 quantizes that graph
+    assert code == 0, out
     code, out = export_cli("--checkpoint", checkpoint, "--precision", "int8", "--out", tmp_path)
     record = json.loads((tmp_path / "export.onnx.int8.json").read_text())
     # one epoch on 48 images sits near chance, and 64 test pairs make one flipped pair 1.6 points: the gate may
@@ -119,6 +121,10 @@ def test_int8_export_is_calibrated_on_val_and_gated_against_fp32(checkpoint, tmp
     assert record["precision"] == "int8" and (tmp_path / "model.int8.onnx").exists()
     onnx = record["onnx"]
     assert onnx["calibration"]["split"] == "val" and onnx["quantized_from"]["parity"]["passed"]
+    fp32 = json.loads((tmp_path / "export.json").read_text())["onnx"]  # the verified fp32 export, not a new one
+    source = {k: fp32[k] for k in ("opset", "export_seconds", "size_mib", "path")}
+    assert onnx["quantized_from"] == {**source, "reused": str(tmp_path / "export.json"),
+                                      "parity": onnx["quantized_from"]["parity"]}
     assert {"Conv", "MatMul"} <= set(onnx["int8_ops"]) and "LayerNormalization" in onnx["float_ops"]
     assert "Softmax" in onnx["float_ops"] and "Softmax" not in onnx["int8_ops"]
     assert record["parity"]["tolerance"] == TOLERANCES["int8"] and record["parity"]["decision_agreement"] >= 0.9
@@ -136,3 +142,4 @@ def test_a_quantized_export_that_loses_more_than_the_tolerance_is_marked_failed(
     assert out.strip().splitlines()[-1].startswith("Error: the exported model failed verification; marked failed")
     record = json.loads((tmp_path / "export.onnx.int8.json").read_text())
     assert record["status"] == "failed" and not record["parity"]["passed"] and not record["accuracy"]["passed"]
+    assert "reused" not in record["onnx"]["quantized_from"]  # no fp32 export of this checkpoint: one of its own

@@ -200,7 +200,7 @@ def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Pa
         calibration = checkpoint_calibration(checkpoint, model, cfg)
         fp32 = verified_fp32_onnx(Path(checkpoint), out) if precision == "int8" else None
         artifacts = build_artifacts(fmt, model, out, precision, torch_device, max(max_batch, cfg.batch_size),
-                                    record, log, calibration, fp32)
+                                    record, log, calibration, fp32, progress)
     except UserError as e:  # the artifact could not be built: a failed record with the reason, not a gap
         write_json(path, {**record, "passed": False, "status": "failed", "failure": str(e)})
         raise UserError(f"{e} (marked failed in {path})") from None
@@ -261,10 +261,11 @@ def profile_batches(max_batch: int) -> list[int]:
 
 def build_artifacts(fmt: str, model: FusionModel, out: Path, precision: str, device: torch.device, max_batch: int,
                     record: dict, log=print, calibration: Callable[[], tuple[list[Feeds], dict]] | None = None,
-                    fp32_onnx: dict | None = None) -> Artifacts:
+                    fp32_onnx: dict | None = None, progress: bool = False) -> Artifacts:
     """Write the ``fmt`` artifact (and the ONNX a TensorRT engine is built from) into ``out``; what was written
     goes into ``record``. int8 needs ``calibration``: the validation sample the quantizer calibrates on; it
-    quantizes ``fp32_onnx`` where given (``verified_fp32_onnx``), else an fp32 export of its own."""
+    quantizes ``fp32_onnx`` where given (``verified_fp32_onnx``), else an fp32 export of its own; ``progress``
+    shows the quantizer's progress bars."""
     if fmt == "pt2":
         record["pt2"] = build_pt2(model, out / pt2_name(precision, device.type), precision, device)
         log(f"built {record['pt2']['path']} ({record['pt2']['size_mib']:.1f} MiB, "
@@ -274,7 +275,7 @@ def build_artifacts(fmt: str, model: FusionModel, out: Path, precision: str, dev
         if fmt != "onnx" or calibration is None:
             raise UserError(f"--fmt {fmt} --precision int8: int8 is a quantized ONNX (--fmt onnx), from calibration "
                             "data")
-        record["onnx"] = export_int8_onnx(model, out / onnx_name(precision), *calibration(), fp32_onnx)
+        record["onnx"] = export_int8_onnx(model, out / onnx_name(precision), *calibration(), fp32_onnx, progress)
         log(f"quantized {record['onnx']['path']} ({record['onnx']['size_mib']:.1f} MiB, calibrated on "
             f"{record['onnx']['calibration']['pairs']} {record['onnx']['calibration']['split']} pairs); in int8: "
             f"{record['onnx']['int8_ops']}")
@@ -291,7 +292,7 @@ def build_artifacts(fmt: str, model: FusionModel, out: Path, precision: str, dev
 
 
 def export_int8_onnx(model: FusionModel, path: Path, calibration: list[Feeds], calibration_source: dict,
-                     fp32_onnx: dict | None = None) -> dict:
+                     fp32_onnx: dict | None = None, progress: bool = False) -> dict:
     """The int8 graph at ``path``: the fp32 ONNX (``fp32_onnx``: a verified export of this model and where its
     record is, else one exported now), checked for parity (fp32 tolerances), then statically quantized on the
     calibration sample; the record says what was quantized and what stayed in float. For ``openvino``, NNCF's IR of
@@ -304,7 +305,7 @@ def export_int8_onnx(model: FusionModel, path: Path, calibration: list[Feeds], c
         if not source_parity["passed"]:
             raise UserError("the fp32 ONNX to quantize fails parity with the PyTorch model")
         quantized = quantize_onnx(Path(source["path"]), path, calibration)
-        openvino = openvino_int8(model, Path(source["path"]), path, calibration)
+        openvino = openvino_int8(model, Path(source["path"]), path, calibration, progress)
     kept = ("opset", "export_seconds", "size_mib") + (("path", "reused") if fp32_onnx else ())
     return {"path": str(path), "precision": "int8",
             "quantized_from": {**{k: source[k] for k in kept}, "parity": source_parity},
@@ -333,7 +334,8 @@ def _drop_ir(ir: Path) -> None:
     ir.with_suffix(".bin").unlink(missing_ok=True)
 
 
-def openvino_int8(model: FusionModel, source: Path, qdq: Path, calibration: list[Feeds]) -> dict:
+def openvino_int8(model: FusionModel, source: Path, qdq: Path, calibration: list[Feeds], progress: bool = False
+                  ) -> dict:
     """NNCF's int8 IR of the fp32 graph ``source``, calibrated on the same sample, written beside the QDQ graph
     ``qdq`` and kept only if it passes the int8 parity gate on ``openvino`` and runs faster there than the QDQ graph
     (p50 at batch 8, timed in alternating rounds); the record says which of the two ``openvino`` loads, and why.
@@ -343,7 +345,7 @@ def openvino_int8(model: FusionModel, source: Path, qdq: Path, calibration: list
         return {"loads": "qdq", "why": f"openvino is unavailable here: {reason}"}
     ir = nncf_ir_path(qdq)
     try:
-        nncf = {"path": str(ir), **quantize_nncf(source, ir, calibration)}
+        nncf = {"path": str(ir), **quantize_nncf(source, ir, calibration, progress)}
     except Exception as e:  # NNCF's own errors on a graph it cannot quantize: the QDQ graph still serves openvino
         _drop_ir(ir)
         return {"loads": "qdq", "why": f"NNCF could not quantize the graph ({first_line(e)})"}

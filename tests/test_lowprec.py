@@ -2,6 +2,7 @@
 the openvino backend against the eager model; int8 refused by the torch backends and swept by the graph ones."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from fusionprof.data.synth import write_synth
 from fusionprof.errors import UserError
 from fusionprof.export import TOLERANCES, parity
 from fusionprof.models import build_model
-from fusionprof.quantize import calibration_sample
+from fusionprof.quantize import _without_preprocessing_advice, calibration_sample
 
 CPU = torch.device("cpu")
 QUICK = ["--min-seconds", "0.05", "--min-calls", "5", "--warmup-seconds", "0", "--warmup-calls", "1"]
@@ -53,6 +54,16 @@ def test_calibration_reads_the_validation_split_only(tmp_path, tokenizer, images
     assert source["split"] == "val" and source["pairs"] == 16 and [len(f["images"]) for f in feeds] == [8, 8]
     again, _ = calibration_sample(cfg, str(data), seed=0, pairs=16, batch_size=8)  # a fixed, seeded sample
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(feeds, again, strict=True) for k in a)
+
+
+def test_onnxruntimes_preprocessing_advice_is_left_out_and_other_warnings_are_not(caplog):
+    """quantize_static logs "Please consider pre-processing before quantization" on the root logger, twice a graph."""
+    with caplog.at_level(logging.WARNING), _without_preprocessing_advice():
+        logging.warning("Please consider to run pre-processing before quantization. Refer to example: …")
+        logging.warning("a calibration tensor has no range")
+    assert [r.getMessage() for r in caplog.records] == ["a calibration tensor has no range"]
+    logging.warning("Please consider pre-processing before quantization.")  # outside the export: as logged
+    assert len(caplog.records) == 2
 
 
 def test_the_torch_backends_refuse_int8_in_one_line(tokenizer):

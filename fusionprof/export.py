@@ -83,10 +83,12 @@ def verified_export(checkpoint: Path, folder: Path, fmt: str, precision: str, de
     """The record of the ``fmt`` / ``precision`` export in ``folder`` if its verification passed for this very
     checkpoint (its hash, not its path: a run that went on after its export has a new checkpoint); else None."""
     path = Path(folder) / record_name(fmt, precision, device_type)
-    if not path.exists():
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # none, or not one we wrote whole: export afresh
         return None
-    record = json.loads(path.read_text())
-    ok = record.get("status") == "ok" and record.get("checkpoint_hash") == checkpoint_hash(checkpoint)
+    ok = (isinstance(record, dict) and record.get("status") == "ok"
+          and record.get("checkpoint_hash") == checkpoint_hash(checkpoint))
     return record if ok else None
 
 
@@ -293,24 +295,33 @@ def build_artifacts(fmt: str, model: FusionModel, out: Path, precision: str, dev
 
 def export_int8_onnx(model: FusionModel, path: Path, calibration: list[Feeds], calibration_source: dict,
                      fp32_onnx: dict | None = None, progress: bool = False) -> dict:
-    """The int8 graph at ``path``: the fp32 ONNX (``fp32_onnx``: a verified export of this model and where its
-    record is, else one exported now), checked for parity (fp32 tolerances), then statically quantized on the
-    calibration sample; the record says what was quantized and what stayed in float. For ``openvino``, NNCF's IR of
-    the same fp32 graph beside it, where it earns its place (``openvino_int8``)."""
+    """The int8 graph at ``path``: the fp32 ONNX, checked for parity (fp32 tolerances), then statically quantized
+    on the calibration sample; the record says what was quantized and what stayed in float. For ``openvino``, NNCF's
+    IR of the same fp32 graph beside it, where it earns its place (``openvino_int8``).
+
+    ``fp32_onnx`` (``path``, and ``reused``: where it comes from) is an fp32 export of this model already on disk:
+    quantized as it is if it holds parity now, else an fp32 export is made afresh."""
     with tempfile.TemporaryDirectory() as tmp:
-        # a reused export passed its own parity and accuracy gates; its parity is checked again below all the same
-        source = fp32_onnx or export_onnx(model, Path(tmp) / onnx_name("fp32"))
-        fp32 = backend_for_format("onnx")(Artifacts(model, onnx=Path(source["path"])), CPU, "fp32")
-        source_parity = parity(model, fp32, "fp32")
-        if not source_parity["passed"]:
-            raise UserError("the fp32 ONNX to quantize fails parity with the PyTorch model")
+        source, source_parity = fp32_onnx, None
+        if source is not None:
+            source_parity = _fp32_parity(model, Path(source["path"]))
+            source = source if source_parity["passed"] else None
+        if source is None:
+            source = export_onnx(model, Path(tmp) / onnx_name("fp32"))
+            source_parity = _fp32_parity(model, Path(source["path"]))
+            if not source_parity["passed"]:
+                raise UserError("the fp32 ONNX to quantize fails parity with the PyTorch model")
         quantized = quantize_onnx(Path(source["path"]), path, calibration)
         openvino = openvino_int8(model, Path(source["path"]), path, calibration, progress)
-    kept = ("opset", "export_seconds", "size_mib") + (("path", "reused") if fp32_onnx else ())
+    kept = ("opset", "export_seconds", "size_mib") + (("path", "reused") if "reused" in source else ())
     return {"path": str(path), "precision": "int8",
-            "quantized_from": {**{k: source[k] for k in kept}, "parity": source_parity},
+            "quantized_from": {**{k: source[k] for k in kept if k in source}, "parity": source_parity},
             "calibration": calibration_source, **quantized, "size_mib": path.stat().st_size / 2**20,
             "axes": check_onnx(path), "openvino": openvino}
+
+
+def _fp32_parity(model: FusionModel, onnx: Path) -> dict:
+    return parity(model, backend_for_format("onnx")(Artifacts(model, onnx=onnx), CPU, "fp32"), "fp32")
 
 
 # The short A/B that picks openvino's int8 model: alternating rounds, each a few hundred ms of calls at batch 8.

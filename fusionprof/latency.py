@@ -147,10 +147,19 @@ def _export(artifact: str, artifacts: Artifacts, path: Path, cfg: SweepConfig, d
         build_engine(artifacts.onnx, path, optimization_profile(profile_batches(max(cfg.batch_sizes)),
                                                                 [1, model.cfg.max_text_len], model.cfg.image_size))
     elif precision == "int8":  # quantized on a validation sample: the checkpoint's data, else the embedded set's
-        fp32 = verified_fp32_onnx(checkpoint, checkpoint.parent) if checkpoint else None  # quantized, not redone
-        export_int8_onnx(model, path, *calibration(), fp32)
+        export_int8_onnx(model, path, *calibration(), _fp32_to_quantize(checkpoint, path))
     else:
         export_onnx(model, path, precision)
+
+
+def _fp32_to_quantize(checkpoint: Path | None, int8_path: Path) -> dict | None:
+    """The fp32 ONNX an int8 export of this sweep's model quantizes rather than exporting its own (only if it holds
+    parity with the model now): the checkpoint's verified export, else the one an earlier fp32 sweep wrote beside
+    ``int8_path`` (of the same checkpoint, or of the same seeded random init)."""
+    if checkpoint is not None and (verified := verified_fp32_onnx(checkpoint, checkpoint.parent)) is not None:
+        return verified
+    swept = int8_path.with_name(onnx_name("fp32"))
+    return {"path": str(swept), "reused": "an earlier fp32 sweep's export"} if swept.exists() else None
 
 
 def _exports_needed(cfg: SweepConfig, device: torch.device) -> list[str]:

@@ -103,4 +103,6 @@ def test_an_export_of_another_checkpoint_is_not_reused(checkpoint, tmp_path):
     assert not verified_export(copy, tmp_path, "onnx", "fp16")  # no such export
     copy.write_bytes(copy.read_bytes() + b"retrained")  # the run went on after its export
     assert not verified_export(copy, tmp_path, "onnx", "fp32")
+    (tmp_path / "export.json").write_text('{"status": "ok", "checkpoint_')  # cut short: exported afresh, no error
+    assert verified_export(copy, tmp_path, "onnx", "fp32") is None
 

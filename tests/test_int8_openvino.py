@@ -22,7 +22,7 @@ def test_openvino_loads_nncfs_ir_only_when_it_passed_and_ran_faster():
 
 
 @pytest.mark.slow  # an ONNX export, two quantizations and four openvino compilations: about a minute
-def test_the_int8_export_keeps_the_model_openvino_chose(tmp_path, tokenizer, small_data, capsys):
+def test_the_int8_export_keeps_the_model_openvino_chose(tmp_path, tokenizer, small_data, capsys, untrained_onnx):
     if not BACKENDS.get("openvino").available(CPU)[0]:
         pytest.skip("openvino is unavailable here")
     torch.manual_seed(0)
@@ -30,8 +30,11 @@ def test_the_int8_export_keeps_the_model_openvino_chose(tmp_path, tokenizer, sma
     feeds, source = calibration_sample(model.cfg, str(small_data), seed=0, pairs=32, batch_size=16)
     path = tmp_path / "model.int8.onnx"
     capsys.readouterr()
-    openvino = export_int8_onnx(model, path, feeds, source)["openvino"]  # progress off: NNCF's bars are not shown
-    assert "Statistics collection" not in capsys.readouterr().out
+    another = {"path": str(untrained_onnx["early"].onnx), "reused": "an fp32 export of another model"}
+    record = export_int8_onnx(model, path, feeds, source, another)  # fails parity: mid is exported afresh
+    assert "reused" not in record["quantized_from"] and record["quantized_from"]["parity"]["passed"]
+    assert "Statistics collection" not in capsys.readouterr().out  # progress off: NNCF's bars are not shown
+    openvino = record["openvino"]
 
     nncf = openvino["nncf"]  # its parity was measured on the IR itself, compiled by openvino
     assert nncf["backend"]["model"] == "model.int8.nncf.xml" and openvino["qdq"]["backend"]["model"] == path.name

@@ -401,12 +401,13 @@ def pareto_accuracy(train: list[dict], machine: str) -> dict[tuple[str, str], fl
 
 
 def precision_section(rec: Records) -> list[tuple]:
-    """Per machine and device, each precision's newest sweep side by side: per fusion the best p50 at batch 1 and 8
-    (each with its backend) and the test accuracy in that precision of the models that sweep ran (their export
-    gate's, else their training run's). Never a best over sweeps of different days or models."""
+    """Per machine, device and set of models, one sweep per precision side by side (``_study_sweeps``): per fusion
+    the best p50 at batch 1 and 8 (each with its backend) and the test accuracy in that precision of the models that
+    sweep ran (their export gate's, else their training run's). Never a best over sweeps of different days or
+    models."""
     blocks: list[tuple] = [("h2", "Precisions side by side")]
     tables = []
-    for (machine, preset, device), by_precision in sorted(_newest_sweeps(rec).items()):
+    for (machine, preset, device, models), by_precision in sorted(_study_sweeps(rec).items()):
         if len(by_precision) < 2:
             continue
         precisions = sorted(by_precision, key=lambda p: (p != "fp32", p))
@@ -419,23 +420,33 @@ def precision_section(rec: Records) -> list[tuple]:
                     checkpoint = Path(sweep.config["models_dir"]) / f"{preset}-{fusion}" / "checkpoint.pt"
                     rows.append([fusion, precision, *best, _accuracy_in(rec, checkpoint, precision)])
         cited = ", ".join(f"`{by_precision[p].path}`" for p in precisions)
-        tables += [("h3", f"{machine} · {preset} · {device}"),
+        tables += [("h3", f"{machine} · {preset} · {device} · {models}"),
                    ("table", ["fusion", "precision", "best p50 bs 1", "best p50 bs 8", "test accuracy"], rows),
                    ("p", f"Records: {cited}")]
     if not tables:
         return blocks + [("p", "One precision per machine so far. On a CPU with native bf16 or int8 (AVX512-BF16, "
                                "VNNI, AMX), `fusionprof compare` sweeps them beside fp32.")]
-    return blocks + [("p", "Each precision's newest sweep on that machine; accuracy is that of the models the sweep "
-                           "ran, in that precision (– for random-init models).")] + tables
+    return blocks + [("p", "Per machine and set of models (the folder of their checkpoints, or random init), each "
+                           "precision's sweep that timed the most fusions, the newest of those; accuracy is that "
+                           "of the models the sweep ran, in that precision (– for random-init models).")] + tables
 
 
-def _newest_sweeps(rec: Records) -> dict[tuple[str, str, str], dict[str, LatencyRecord]]:
-    """(machine, preset, device) → precision → the newest latency record."""
-    out: dict[tuple[str, str, str], dict[str, LatencyRecord]] = defaultdict(dict)
-    for sweep in sorted(rec.latency, key=lambda s: s.created):
+def _study_sweeps(rec: Records) -> dict[tuple[str, str, str, str], dict[str, LatencyRecord]]:
+    """(machine, preset, device, models) → precision → one latency record: of the sweeps of those models in that
+    precision, the one that timed the most fusions, the newest of those (a later sweep of one fusion and two
+    backends does not stand in for the study's)."""
+    out: dict[tuple[str, str, str, str], dict[str, LatencyRecord]] = defaultdict(dict)
+    for sweep in sorted(rec.latency, key=lambda s: (len({r.fusion for r in s.rows if r.ok}), s.created)):
         cfg = sweep.config
-        out[(machine_name(sweep.environment), cfg["preset"], cfg["device"])][cfg["precision"]] = sweep
+        study = (machine_name(sweep.environment), cfg["preset"], cfg["device"], _models_of(sweep))
+        out[study][cfg["precision"]] = sweep
     return out
+
+
+def _models_of(sweep: LatencyRecord) -> str:
+    """Which models a sweep timed: the folder that holds their runs' checkpoints, else random init."""
+    runs = {Path(r.model["checkpoint"]).parent.parent for r in sweep.rows if (r.model or {}).get("checkpoint")}
+    return f"models in {min(runs)}" if runs else "random init"
 
 
 def _best(sweep: LatencyRecord, fusion: str, batch: int) -> str:

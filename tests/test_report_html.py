@@ -181,3 +181,24 @@ def test_the_report_puts_each_machines_precisions_side_by_side_with_their_accura
     assert ("mid", "fp32") in rows and ("mid", "int8") in rows
     assert "(onnx export" in rows[("mid", "int8")][4] and "%" in rows[("mid", "int8")][4]
     assert all(r[2] != "–" or r[3] != "–" for r in rows.values())  # no row without a figure
+
+
+def test_a_later_sweep_of_fewer_fusions_does_not_stand_in_for_the_studys(tmp_path):
+    """A later fp32 sweep of one fusion on the same models (an aoti check, say) leaves the study's fp32 sweep in the
+    precision table; a sweep of other models is a table of its own."""
+    from fusionprof.report import find_records, precision_section
+
+    vm = ROOT / "profiles" / "vm"
+    full = json.loads((vm / "latency-tiny-cpu-fp32-20261202T012114Z.json").read_text())
+    partial = {**full, "created": "20261203T000000Z", "rows": [r for r in full["rows"] if r["fusion"] == "mid"]}
+    elsewhere = {**partial, "rows": [{**r, "model": {"weights": "trained", "checkpoint": "/x/models/tiny-mid/c.pt"}}
+                                     for r in partial["rows"]]}
+    for name, record in (("full", full), ("partial", partial), ("elsewhere", elsewhere)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    shutil.copy(vm / "latency-tiny-cpu-bf16-20261202T012358Z.json", tmp_path / "bf16.json")
+    blocks = precision_section(find_records([tmp_path]))
+    [heading] = [b[1] for b in blocks if b[0] == "h3"]  # the other models have fp32 only: no table
+    assert heading.endswith("· tiny · cpu · models in /tmp/fusionprof-cpu-lowprec/models")
+    [table] = [b for b in blocks if b[0] == "table"]
+    assert {r[0] for r in table[2] if r[1] == "fp32"} == {"bottleneck", "early", "late", "mid"}
+    assert [b[1] for b in blocks if b[0] == "p"][-1].startswith(f"Records: `{tmp_path / 'full.json'}`")

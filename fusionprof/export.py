@@ -9,11 +9,8 @@ error, an AOTInductor build that crashes its process) gets a failed record with 
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
-import logging
 import tempfile
 import time
 import warnings
@@ -30,6 +27,7 @@ from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS, Artifacts, backend_for_format, create_backend
 from fusionprof.backends.base import INPUT_NAMES, OUTPUT_NAMES
 from fusionprof.backends.trt import build_engine, optimization_profile, tensorrt_status
+from fusionprof.chatter import quieted
 from fusionprof.checkpoint import checkpoint_hash, load_model, with_run_tokenizer
 from fusionprof.config import to_dict
 from fusionprof.data import prepare_data
@@ -103,7 +101,8 @@ def export_onnx(model: FusionModel, path: Path, precision: str = "fp32", opset: 
         graph, images = graph.half(), images.half()
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter():
+    # the exporter narrates every stage on stdout and onnxscript logs each skipped fold: keep ours readable
+    with warnings.catch_warnings(), torch.no_grad(), quieted("onnxscript"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(graph, (images, ids, mask), dynamo=True, input_names=list(INPUT_NAMES),
                                     output_names=list(OUTPUT_NAMES), dynamic_shapes=dynamic_shapes(),
@@ -114,19 +113,6 @@ def export_onnx(model: FusionModel, path: Path, precision: str = "fp32", opset: 
     axes = check_onnx(path)
     return {"path": str(path), "precision": precision, "opset": opset, "export_seconds": seconds,
             "size_mib": sum(p.stat().st_size for p in path.parent.glob(path.name + "*")) / 2**20, "axes": axes}
-
-
-@contextlib.contextmanager
-def _quiet_exporter():
-    """The exporter narrates every stage on stdout and onnxscript logs each skipped fold: keep ours readable."""
-    logger = logging.getLogger("onnxscript")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 def _weight_bytes(model: nn.Module) -> int:

@@ -14,7 +14,6 @@ for the ``openvino`` backend whichever of the two runs faster there.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import time
 from collections import Counter
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusionprof.chatter import quieted
 from fusionprof.config import ModelConfig
 from fusionprof.data import prepare_data
 from fusionprof.data.text import build_tokenizer
@@ -61,7 +61,7 @@ def quantize_onnx(source: Path, path: Path, calibration: list[Feeds]) -> dict:
     """Write the int8 QDQ graph of ``source`` to ``path``, calibrated (min / max) on ``calibration``; return what was
     quantized and what stayed in float."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -75,22 +75,16 @@ def quantize_onnx(source: Path, path: Path, calibration: list[Feeds]) -> dict:
     calibration = [{k: v.astype(input_types[k]) for k, v in feeds.items()} for feeds in calibration]
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with _without_preprocessing_advice():
-        _quantize_static(source, path, Reader())
-    return {"quantize_seconds": time.perf_counter() - start, "format": "QDQ", "weights": "int8, per channel",
-            "activations": "uint8, per tensor, min/max calibration", **ops_by_precision(path)}
-
-
-def _quantize_static(source: Path, path: Path, reader) -> None:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
     # uint8 activations × int8 weights (U8S8): what x86 multiplies fastest without VNNI (AVX2's VPMADDUBSW); on
     # this project's AVX2 EPYC S8S8 ran no faster than fp32, U8S8 1.8x faster at batch 8
-    quantize_static(str(source), str(path), reader, quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    # attention's Q·Kᵀ and P·V have no weight: quantizing both activations costs accuracy for little
-                    extra_options={"MatMulConstBOnly": True})
+    with _without_preprocessing_advice():
+        quantize_static(str(source), str(path), Reader(), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        # attention's Q·Kᵀ and P·V have no weight: quantizing both inputs costs accuracy for little
+                        extra_options={"MatMulConstBOnly": True})
+    return {"quantize_seconds": time.perf_counter() - start, "format": "QDQ", "weights": "int8, per channel",
+            "activations": "uint8, per tensor, min/max calibration", **ops_by_precision(path)}
 
 
 def _advice(record: logging.LogRecord) -> bool:
@@ -141,28 +135,15 @@ def quantize_nncf(source: Path, path: Path, calibration: list[Feeds], progress: 
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     # subset_size counts the dataset's items: here batches of the calibration sample, every one of them
-    bars = contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO())
-    with _without_cuda_probe_warning(), bars:
+    # NNCF asks whether the model is a PyTorch one by importing nncf.torch, which makes PyTorch's CUDA build warn on
+    # a machine with no CUDA runtime: noise here, where the model is OpenVINO's. Its progress bars go to stdout.
+    with quieted("torch.utils.cpp_extension", stdout=not progress):
         quantized = nncf.quantize(model, dataset, subset_size=len(calibration),
                                   model_type=nncf.ModelType.TRANSFORMER)
     seconds = time.perf_counter() - start
     ov.save_model(quantized, str(path), compress_to_fp16=False)
     return {"quantize_seconds": seconds, "format": "OpenVINO IR (FakeQuantize)", "tool": f"nncf {nncf.__version__}",
             "preset": "transformer (SmoothQuant, fast bias correction)", **ir_ops_by_precision(quantized)}
-
-
-@contextlib.contextmanager
-def _without_cuda_probe_warning():
-    """NNCF asks whether the model is a PyTorch one by importing ``nncf.torch``, whose import makes PyTorch's CUDA
-    build warn on a machine with no CUDA runtime ("No CUDA runtime is found"): the model here is OpenVINO's, so that
-    warning is noise and is left out."""
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 # Ops that carry the FLOPs or the numerics a reader asks about: each is counted as int8 or as float.

@@ -111,16 +111,17 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
     artifacts = Artifacts(model)
     device = resolve_device(cfg.device)
     for artifact in _exports_needed(cfg, device):
-        name = ARTIFACT_NAMES[artifact](cfg.precision, device.type)
+        precision = graph_precision(artifact, cfg.precision)
+        name = ARTIFACT_NAMES[artifact](precision, device.type)
         path = checkpoint.parent / name if checkpoint else None
         # a checkpoint's own export is reused only if its verification passed, for this very checkpoint
         if not (path and path.exists() and verified_export(checkpoint, checkpoint.parent, ARTIFACT_FORMATS[artifact],
-                                                           cfg.precision, device.type)):
+                                                           precision, device.type)):
             path = work_dir / artifact / f"{cfg.preset}-{fusion}" / name
         if not path.exists():
             log(f"exporting {cfg.preset}/{fusion} to {path}")
             try:
-                _export(artifact, artifacts, path, cfg, device, calibration, checkpoint)
+                _export(artifact, artifacts, path, precision, cfg, device, calibration, checkpoint)
             except UserError as e:  # e.g. an AOTInductor build that crashed its process: that backend's rows say so
                 artifacts.failed[artifact] = str(e)
                 continue
@@ -136,9 +137,17 @@ ARTIFACT_NAMES = {"onnx": lambda precision, device_type: onnx_name(precision),
 ARTIFACT_FORMATS = {"onnx": "onnx", "plan": "trt", "pt2": "pt2"}
 
 
-def _export(artifact: str, artifacts: Artifacts, path: Path, cfg: SweepConfig, device: torch.device,
+def graph_precision(artifact: str, precision: str) -> str:
+    """The precision of the artifact a sweep in ``precision`` loads. A bf16 sweep's ONNX is the fp32 graph: no
+    runtime here loads a bf16 ONNX (``openvino`` computes the fp32 graph in bf16 through its inference hint), so the
+    fp32 export is loaded, the checkpoint's verified one or an fp32 sweep's, not exported again under another name.
+    The sweep checks its parity with bf16's tolerances all the same."""
+    return "fp32" if artifact == "onnx" and precision == "bf16" else precision
+
+
+def _export(artifact: str, artifacts: Artifacts, path: Path, precision: str, cfg: SweepConfig, device: torch.device,
             calibration, checkpoint: Path | None) -> None:
-    model, precision = artifacts.model, cfg.precision
+    model = artifacts.model
     if artifact == "pt2":
         build_pt2(model, path, precision, device)
     elif artifact == "plan":  # from the ONNX, over every batch the sweep times and its caption length

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import fusionprof.data
 import fusionprof.data.images
 import fusionprof.export
+import fusionprof.latency
 from fusionprof.backends import Artifacts, backend_names, create_backend
 from fusionprof.backends.base import BACKENDS
 from fusionprof.cli import cli
@@ -22,6 +23,7 @@ from fusionprof.errors import UserError
 from fusionprof.export import TOLERANCES, parity
 from fusionprof.models import build_model
 from fusionprof.quantize import _without_preprocessing_advice, calibration_sample
+from fusionprof.runtime import native_bf16
 
 CPU = torch.device("cpu")
 QUICK = ["--min-seconds", "0.05", "--min-calls", "5", "--warmup-seconds", "0", "--warmup-calls", "1"]
@@ -116,6 +118,25 @@ def test_latency_int8_sweeps_the_backends_that_run_it(tmp_path, small_data, monk
     assert (tmp_path / path.parent.name / "onnx" / "tiny-mid" / "model.int8.onnx").exists()
 
 
+
+@pytest.mark.slow  # exports once and times two backends
+@pytest.mark.skipif(not native_bf16(CPU), reason="openvino runs bf16 only where the CPU computes it (AVX512-BF16, AMX)")
+def test_a_bf16_sweep_loads_the_fp32_graph_instead_of_exporting_it_again(tmp_path, monkeypatch):
+    sweep = ["latency", "--fusion", "early", "--models", str(tmp_path / "none"), "--out", str(tmp_path), "--quiet",
+             "--batch-sizes", "1", *QUICK]
+    result = CliRunner().invoke(cli, [*sweep, "--backends", "onnxruntime"])  # fp32 first
+    assert result.exit_code == 0, result.output
+    exported = []
+    monkeypatch.setattr(fusionprof.latency, "export_onnx", lambda *a, **k: exported.append(a))
+    result = CliRunner().invoke(cli, [*sweep, "--backends", "openvino", "--precision", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert exported == []  # the fp32 sweep's graph of the same seeded model, computed in bf16 by openvino
+    [path] = list(tmp_path.glob("*/latency-tiny-cpu-bf16-*.json"))
+    [row] = json.loads(path.read_text())["rows"]
+    assert (row["status"], row["parity_passed"]) == ("ok", True)
+    assert (row["backend_info"]["model"], row["backend_info"]["inference_precision"]) == ("model.onnx", "bf16")
+    assert not list(tmp_path.rglob("model.bf16.onnx"))
+
 @pytest.fixture
 def checkpoint(trained_mid):
     """The session's tiny mid run, one epoch on the small set (conftest.py)."""
@@ -149,6 +170,7 @@ def test_int8_export_is_calibrated_on_val_and_gated_against_fp32(checkpoint, tmp
     acc = record["accuracy"]
     assert acc["checkpoint_precision"] == "fp32" and acc["tolerance"] == 0.01
     assert record["passed"] == (record["parity"]["passed"] and acc["abs_difference"] <= 0.01)
+
 
 
 @pytest.mark.slow  # trains a checkpoint

@@ -25,7 +25,7 @@ from torch import nn
 from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS, Artifacts, backend_for_format, create_backend
-from fusionprof.backends.base import INPUT_NAMES, OUTPUT_NAMES
+from fusionprof.backends.base import INPUT_NAMES, OUTPUT_NAMES, Backend
 from fusionprof.backends.trt import build_engine, optimization_profile, tensorrt_status
 from fusionprof.chatter import quieted
 from fusionprof.checkpoint import checkpoint_hash, load_model, with_run_tokenizer
@@ -195,10 +195,11 @@ def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Pa
     backend = verifier(artifacts, torch_device, precision)
     record["backend"] = backend.describe()
     record["parity"] = parity(model, backend, precision, largest_batch=max(max_batch, cfg.batch_size))
-    record["accuracy"] = _accuracy(model, cfg, backend, Path(checkpoint), precision, progress)
+    gate = AccuracyGate(model, cfg, Path(checkpoint), progress)
+    record["accuracy"] = gate(backend, precision)
     record["passed"] = record["parity"]["passed"] and record["accuracy"]["passed"]
     if precision == "int8" and artifacts.ir is not None:  # NNCF's IR, kept for openvino: the same accuracy gate
-        _gate_ir(record["onnx"]["openvino"], artifacts, model, cfg, Path(checkpoint), progress)
+        _gate_ir(record["onnx"]["openvino"], artifacts, gate)
     record["status"] = "ok" if record["passed"] else "failed"
     write_json(path, record)
     record["record_path"] = str(path)
@@ -215,11 +216,10 @@ def int8_choice(nncf_passed: bool, p50_ms: dict[str, float]) -> tuple[str, str]:
     return "nncf", f"NNCF's IR passed parity and ran faster on openvino at batch {CHOICE_BATCH}"
 
 
-def _gate_ir(openvino: dict, artifacts: Artifacts, model: FusionModel, cfg, checkpoint: Path, progress: bool) -> None:
+def _gate_ir(openvino: dict, artifacts: Artifacts, gate: AccuracyGate) -> None:
     """NNCF's IR on the test split through ``openvino``: one that loses more accuracy than int8's tolerance is
     dropped, and openvino loads the QDQ graph (which passed its own gates) instead."""
-    backend = create_backend("openvino", artifacts, CPU, "int8")
-    openvino["nncf"]["accuracy"] = _accuracy(model, cfg, backend, checkpoint, "int8", progress)
+    openvino["nncf"]["accuracy"] = gate(create_backend("openvino", artifacts, CPU, "int8"), "int8")
     if not openvino["nncf"]["accuracy"]["passed"]:
         _drop_ir(artifacts.ir)
         artifacts.ir = None
@@ -365,25 +365,40 @@ def openvino_int8(model: FusionModel, source: Path, qdq: Path, calibration: list
             "p50_ms": {"batch": CHOICE_BATCH, "rounds": rounds, "median": p50}}
 
 
-def _accuracy(model, cfg, backend, checkpoint: Path, precision: str, progress: bool) -> dict:
-    tokenizer = build_tokenizer(with_run_tokenizer(model.cfg, checkpoint.parent))
-    splits, _ = prepare_data(cfg.data, tokenizer, model.cfg.image_size, model.cfg.max_text_len, cfg.seed,
-                             limit_eval=cfg.limit_eval, splits=("test",), progress=progress)
-    test = splits["test"]
-    # the checkpoint in the export's precision, where the backend runs (fp16 autocast needs a GPU): the gate then
-    # measures what exporting changed, not what the precision changed
-    device = backend.device if backend.device.type == "cuda" else CPU
-    # (int8 is no autocast precision: the quantized graph is held against the fp32 checkpoint)
-    float_reference = precision == "int8" or (precision == "fp16" and device.type != "cuda")
-    reference_precision = "fp32" if float_reference else precision
-    reference = evaluate_split(model.to(device), test, cfg.seed, cfg.batch_size, device, reference_precision)
-    model.cpu()
-    batches = test.batches(test.pairs(cfg.seed), cfg.batch_size)
-    logits, labels = predict(lambda b: backend.run(*to_inputs(b, CPU)[0]), batches)
-    exported = itm_metrics(logits, labels, "test")
-    delta = abs(exported["accuracy"] - reference["accuracy"])
-    return {"split": "test", "pairs": exported["pairs"], "checkpoint_precision": reference_precision,
-            "checkpoint_accuracy": reference["accuracy"],
-            "exported_accuracy": exported["accuracy"], "checkpoint_auc": reference["auc"],
-            "exported_auc": exported["auc"], "abs_difference": delta, "tolerance": ACCURACY_TOLERANCE[precision],
-            "passed": delta <= ACCURACY_TOLERANCE[precision]}
+class AccuracyGate:
+    """The accuracy gate on the test split for the exports of one checkpoint: the split is prepared, and the
+    checkpoint's reference accuracy computed, once however many artifacts are held to it (an int8 export holds two,
+    the QDQ graph and NNCF's IR)."""
+
+    def __init__(self, model: FusionModel, cfg, checkpoint: Path, progress: bool):
+        tokenizer = build_tokenizer(with_run_tokenizer(model.cfg, checkpoint.parent))
+        splits, _ = prepare_data(cfg.data, tokenizer, model.cfg.image_size, model.cfg.max_text_len, cfg.seed,
+                                 limit_eval=cfg.limit_eval, splits=("test",), progress=progress)
+        self.model, self.cfg, self.test = model, cfg, splits["test"]
+        self._references: dict[tuple[torch.device, str], dict] = {}
+
+    def reference(self, device: torch.device, precision: str) -> dict:
+        """The checkpoint's test metrics on ``device`` in ``precision`` (evaluated once)."""
+        if (device, precision) not in self._references:
+            self._references[device, precision] = evaluate_split(self.model.to(device), self.test, self.cfg.seed,
+                                                                 self.cfg.batch_size, device, precision)
+            self.model.cpu()
+        return self._references[device, precision]
+
+    def __call__(self, backend: Backend, precision: str) -> dict:
+        # the checkpoint in the export's precision, where the backend runs (fp16 autocast needs a GPU): the gate then
+        # measures what exporting changed, not what the precision changed
+        device = backend.device if backend.device.type == "cuda" else CPU
+        # (int8 is no autocast precision: the quantized graph is held against the fp32 checkpoint)
+        float_reference = precision == "int8" or (precision == "fp16" and device.type != "cuda")
+        reference_precision = "fp32" if float_reference else precision
+        reference = self.reference(device, reference_precision)
+        batches = self.test.batches(self.test.pairs(self.cfg.seed), self.cfg.batch_size)
+        logits, labels = predict(lambda b: backend.run(*to_inputs(b, CPU)[0]), batches)
+        exported = itm_metrics(logits, labels, "test")
+        delta = abs(exported["accuracy"] - reference["accuracy"])
+        return {"split": "test", "pairs": exported["pairs"], "checkpoint_precision": reference_precision,
+                "checkpoint_accuracy": reference["accuracy"],
+                "exported_accuracy": exported["accuracy"], "checkpoint_auc": reference["auc"],
+                "exported_auc": exported["auc"], "abs_difference": delta, "tolerance": ACCURACY_TOLERANCE[precision],
+                "passed": delta <= ACCURACY_TOLERANCE[precision]}

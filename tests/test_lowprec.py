@@ -16,11 +16,12 @@ import fusionprof.export
 import fusionprof.latency
 from fusionprof.backends import Artifacts, backend_names, create_backend
 from fusionprof.backends.base import BACKENDS
+from fusionprof.checkpoint import load_model
 from fusionprof.cli import cli
 from fusionprof.config import model_config
 from fusionprof.data.synth import write_synth
 from fusionprof.errors import UserError
-from fusionprof.export import TOLERANCES, parity
+from fusionprof.export import TOLERANCES, AccuracyGate, parity
 from fusionprof.models import build_model
 from fusionprof.quantize import _without_preprocessing_advice, calibration_sample
 from fusionprof.runtime import native_bf16
@@ -171,6 +172,18 @@ def test_int8_export_is_calibrated_on_val_and_gated_against_fp32(checkpoint, tmp
     assert acc["checkpoint_precision"] == "fp32" and acc["tolerance"] == 0.01
     assert record["passed"] == (record["parity"]["passed"] and acc["abs_difference"] <= 0.01)
 
+
+
+@pytest.mark.slow  # trains a checkpoint
+def test_the_accuracy_gate_evaluates_the_checkpoint_once_for_all_it_gates(checkpoint, monkeypatch):
+    model, cfg = load_model(checkpoint)
+    evaluated, evaluate = [], fusionprof.export.evaluate_split
+    monkeypatch.setattr(fusionprof.export, "evaluate_split", lambda *a: evaluated.append(a[-1]) or evaluate(*a))
+    gate = AccuracyGate(model, cfg, checkpoint, progress=False)
+    eager = create_backend("torch", Artifacts(model), CPU, "fp32")
+    first, second = gate(eager, "fp32"), gate(eager, "fp32")  # e.g. an int8 export's QDQ graph and NNCF's IR
+    assert evaluated == ["fp32"] and first == second
+    assert first["exported_accuracy"] == first["checkpoint_accuracy"] and first["passed"]  # the model it was
 
 
 @pytest.mark.slow  # trains a checkpoint

@@ -417,8 +417,7 @@ def precision_section(rec: Records) -> list[tuple]:
                 sweep = by_precision[precision]
                 best = [_best(sweep, fusion, b) for b in (1, 8)]
                 if best != ["–", "–"]:
-                    checkpoint = Path(sweep.config["models_dir"]) / f"{preset}-{fusion}" / "checkpoint.pt"
-                    rows.append([fusion, precision, *best, _accuracy_in(rec, checkpoint, precision)])
+                    rows.append([fusion, precision, *best, _accuracy_in(rec, _checkpoint_of(sweep, fusion), precision)])
         cited = ", ".join(f"`{by_precision[p].path}`" for p in precisions)
         tables += [("h3", f"{machine} · {preset} · {device} · {models}"),
                    ("table", ["fusion", "precision", "best p50 bs 1", "best p50 bs 8", "test accuracy"], rows),
@@ -449,15 +448,23 @@ def _models_of(sweep: LatencyRecord) -> str:
     return f"models in {min(runs)}" if runs else "random init"
 
 
+def _checkpoint_of(sweep: LatencyRecord, fusion: str) -> Path | None:
+    """The checkpoint a sweep timed for ``fusion``, as its rows name it (under any run name); None: random init."""
+    return next((Path(r.model["checkpoint"]) for r in sweep.rows
+                 if r.fusion == fusion and (r.model or {}).get("checkpoint")), None)
+
+
 def _best(sweep: LatencyRecord, fusion: str, batch: int) -> str:
     at = [r for r in sweep.rows if r.ok and (r.fusion, r.batch_size) == (fusion, batch)]
     best = min(at, key=lambda r: r.host.p50_ms, default=None)
     return f"{best.host.p50_ms:.2f} ms ({best.backend})" if best else "–"
 
 
-def _accuracy_in(rec: Records, checkpoint: Path, precision: str) -> str:
+def _accuracy_in(rec: Records, checkpoint: Path | None, precision: str) -> str:
     """The test accuracy of ``checkpoint``'s model in ``precision``: its passed ONNX export's (else another format's),
-    else its training run's when that ran in ``precision``."""
+    else its training run's when that ran in ``precision``; – for a random-init model (no checkpoint)."""
+    if checkpoint is None:
+        return "–"
     exports = sorted((r for r in rec.export if Path(r.get("checkpoint", "")) == checkpoint
                       and (r.get("precision"), r.get("status")) == (precision, "ok")),
                      key=lambda r: r["format"] != "onnx")

@@ -202,3 +202,27 @@ def test_a_later_sweep_of_fewer_fusions_does_not_stand_in_for_the_studys(tmp_pat
     [table] = [b for b in blocks if b[0] == "table"]
     assert {r[0] for r in table[2] if r[1] == "fp32"} == {"bottleneck", "early", "late", "mid"}
     assert [b[1] for b in blocks if b[0] == "p"][-1].startswith(f"Records: `{tmp_path / 'full.json'}`")
+
+
+def test_the_precision_table_takes_accuracy_from_the_checkpoint_each_sweep_timed(tmp_path):
+    """Checkpoints under a run name (``models/tiny-mid-r2/``, which the sweep finds as mid's newest run) keep their
+    export's accuracy in the table: it is read from the checkpoint the rows name, not guessed from the fusion."""
+    from fusionprof.report import find_records, precision_section
+
+    vm = ROOT / "profiles" / "vm"
+    renamed = "/x/models/tiny-{}-r2/checkpoint.pt"
+    for precision, name in (("fp32", "latency-tiny-cpu-fp32-20261202T012114Z.json"),
+                            ("int8", "latency-tiny-cpu-int8-20261202T012608Z.json")):
+        record = json.loads((vm / name).read_text())
+        record["config"]["models_dir"] = "/x/models"
+        for row in record["rows"]:
+            row["model"] = {"weights": "trained", "checkpoint": renamed.format(row["fusion"])}
+        (tmp_path / f"{precision}.json").write_text(json.dumps(record))
+    export = json.loads((vm / "export-tiny-mid-onnx-int8-20261202.json").read_text())
+    export["checkpoint"] = renamed.format("mid")
+    export["accuracy"]["exported_accuracy"] = 0.9321
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    [table] = [b for b in precision_section(find_records([tmp_path])) if b[0] == "table"]
+    rows = {(r[0], r[1]): r for r in table[2]}
+    assert rows[("mid", "int8")][4].startswith("93.21% (onnx export")
+    assert rows[("early", "int8")][4] == "–"  # no export record of that checkpoint here, no training run

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -18,8 +19,11 @@ from fusionprof.backends import backend_names, export_formats
 from fusionprof.config import PRESETS, model_config, train_config
 from fusionprof.distributed import launched_by_torchrun, process_rank
 from fusionprof.errors import UserError
+from fusionprof.measure import Protocol
 from fusionprof.models import fusion_names
 from fusionprof.runtime import INFERENCE_PRECISIONS, PRECISIONS
+
+PROTOCOL = Protocol()  # the timing protocol's defaults, shown in --help
 
 
 class Group(click.Group):
@@ -54,6 +58,26 @@ def positive(ctx, param, value):
     if value is not None and value < 1:
         raise click.BadParameter(f"must be at least 1, got {value}")
     return value
+
+
+def number_in(low: float, high: float = math.inf, *, low_open: bool = False):
+    """A callback that holds a float option to [low, high] (or (low, high] with ``low_open``), finite: a negative
+    time, a learning rate of 0 or a NaN is refused in one line, not run."""
+    def check(ctx, param, value):
+        if value is None:
+            return value
+        if not math.isfinite(value):
+            raise click.BadParameter(f"must be a finite number, got {value}")
+        if not (low < value if low_open else low <= value) or not value <= high:
+            bounds = (f"above {low:g}" if low_open else f"at least {low:g}") if high == math.inf else \
+                f"between {low:g} and {high:g}"
+            raise click.BadParameter(f"must be {bounds}, got {value}")
+        return value
+    return check
+
+
+seconds = number_in(0)  # a time or duration: 0 or more
+above_zero = number_in(0, low_open=True)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,8 +128,8 @@ def data_synth(out, n_train, n_val, n_test, size, seed):
               help="COCO folder or Karpathy dataset_coco.json [default: the embedded dataset].")
 @click.option("--epochs", type=int, default=None, callback=positive)
 @click.option("--batch-size", type=int, default=None, callback=positive)
-@click.option("--lr", type=float, default=None, help="Learning rate of the fusion head.")
-@click.option("--encoder-lr", type=float, default=None, help="Learning rate of the encoders.")
+@click.option("--lr", type=float, default=None, callback=above_zero, help="Learning rate of the fusion head.")
+@click.option("--encoder-lr", type=float, default=None, callback=above_zero, help="Learning rate of the encoders.")
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
               help="Optimizer steps of linear warm-up before the cosine decay [default: the preset's].")
 @click.option("--grad-accum", type=int, default=None, callback=positive, help="Micro-batches per optimizer step.")
@@ -246,10 +270,14 @@ def csv_list(kind=str):
               help="int8: the quantized ONNX, for the backends that run it.")
 @click.option("--seq-len", type=int, default=None, callback=positive, help="Caption length [default: the preset's].")
 @click.option("--threads", type=int, default=None, callback=positive, help="torch / onnxruntime intra-op threads.")
-@click.option("--min-seconds", type=float, default=None, help="Minimum sampling time per cell.")
-@click.option("--min-calls", type=int, default=None, callback=positive, help="Minimum samples per cell.")
-@click.option("--warmup-seconds", type=float, default=None)
-@click.option("--warmup-calls", type=int, default=None, callback=positive)
+@click.option("--min-seconds", type=float, default=None, callback=seconds,
+              help=f"Minimum sampling time per cell [default: {PROTOCOL.min_seconds:g} s].")
+@click.option("--min-calls", type=int, default=None, callback=positive,
+              help=f"Minimum samples per cell [default: {PROTOCOL.min_calls}].")
+@click.option("--warmup-seconds", type=float, default=None, callback=seconds,
+              help=f"Warm-up time per cell, before sampling [default: {PROTOCOL.warmup_seconds:g} s].")
+@click.option("--warmup-calls", type=int, default=None, callback=positive,
+              help=f"Warm-up calls per cell, at least [default: {PROTOCOL.warmup_calls}].")
 @click.option("--trace", is_flag=True, help="Also record torch profiler traces, in a separate short run.")
 @click.option("--models", "models_dir", default="models", show_default=True, help="Where checkpoints are looked for.")
 @click.option("--out", "profiles_dir", default="profiles", show_default=True, help="Results go to OUT/<host>/.")
@@ -307,8 +335,10 @@ def report(paths, out):
 @click.option("--backends", default=None, callback=csv_list(),
               help=f"Latency backends, from {', '.join(backend_names())} [default: all, less those that compile "
                    "code when loaded on the CPU].")
-@click.option("--min-seconds", type=float, default=None, help="Minimum sampling time per latency cell.")
-@click.option("--min-calls", type=int, default=None, callback=positive, help="Minimum samples per latency cell.")
+@click.option("--min-seconds", type=float, default=None, callback=seconds,
+              help=f"Minimum sampling time per latency cell [default: {PROTOCOL.min_seconds:g} s].")
+@click.option("--min-calls", type=int, default=None, callback=positive,
+              help=f"Minimum samples per latency cell [default: {PROTOCOL.min_calls}].")
 @click.option("--precisions", default=None, callback=csv_list(),
               help="fp32 and the low precisions to sweep on the CPU, e.g. fp32,int8 [default: fp32 and those this "
                    "CPU computes natively (bf16: AVX512-BF16 / AMX-BF16; int8: VNNI / AMX-INT8)].")
@@ -415,7 +445,8 @@ def load(fusion, backend, scenario, qps, find_max_qps, quiet, **options):
 @cli.command()
 @click.option("--p99-ms", type=float, required=True, help="The p99 latency target.")
 @click.option("--qps", type=float, default=None, help="The request rate it must serve.")
-@click.option("--min-accuracy", type=float, default=None, help="Least test accuracy (0-1).")
+@click.option("--min-accuracy", type=float, default=None, callback=number_in(0, 1),
+              help="Least test accuracy, a fraction (0.95 for 95 %).")
 @click.option("--device", default=None, help="Only choices measured on this device (cpu, cuda:N).")
 @click.option("--profiles", "profiles_dir", default="profiles", show_default=True, help="Where records are read.")
 def recommend(p99_ms, qps, min_accuracy, device, profiles_dir):

@@ -156,9 +156,11 @@ def test_latency_uses_trained_checkpoints_under_any_run_name(tmp_path, small_dat
     (["--fusion", "mid,fancy"], f"unknown fusion 'fancy'; choose from all, {', '.join(fusion_names())}"),
     (["--batch-sizes", "1,x"], "'1,x' is not a comma-separated list of int"),
     (["--batch-sizes", "0,4"], "--batch-sizes must be whole numbers of at least 1"),
+    (["--min-seconds", "-1"], "Invalid value for '--min-seconds': must be at least 0, got -1.0"),
+    (["--warmup-seconds", "nan"], "Invalid value for '--warmup-seconds': must be a finite number, got nan"),
 ])
 def test_latency_errors_are_one_line(args, message, tmp_path):
-    code, out = run_cli("latency", *args, "--out", tmp_path, "--quiet", *QUICK)
+    code, out = run_cli("latency", *QUICK, *args, "--out", tmp_path, "--quiet")  # args after QUICK: they stand
     assert code != 0 and message in out.strip().splitlines()[-1] and "Traceback" not in out
 
 

@@ -236,6 +236,9 @@ def test_recommend_says_plainly_when_nothing_qualifies(records, tmp_path):
     assert code == 0 and "no load record can answer p99 ≤ 50 ms at 100 QPS" in out
     code, out = run_cli("recommend", "--p99-ms", "50", "--qps", "100", "--min-accuracy", "0.99", "--profiles", records)
     assert "none has a recorded test accuracy ≥ 0.99" in out
+    code, out = run_cli("recommend", "--p99-ms", "50", "--min-accuracy", "95", "--profiles", records)  # a percentage
+    assert code != 0 and out.strip().splitlines()[-1] == ("Error: Invalid value for '--min-accuracy': must be between "
+                                                          "0 and 1, got 95.0")
     code, out = run_cli("recommend", "--p99-ms", "50", "--qps", "100", "--device", "cuda:0", "--profiles", records)
     assert "no measured choice meets p99 ≤ 50 ms at 100 QPS on cuda:0" in out
     code, out = run_cli("recommend", "--p99-ms", "50", "--qps", "100", "--profiles", records)

@@ -141,6 +141,8 @@ def test_existing_run_needs_resume_or_fresh(tmp_path, small_data):
 @pytest.mark.parametrize("args,message", [
     (["--fusion", "fancy"], "Invalid value for '--fusion': 'fancy' is not one of"),
     (["--fusion", "mid", "--batch-size", "0"], "Invalid value for '--batch-size': must be at least 1, got 0"),
+    (["--fusion", "mid", "--lr", "0"], "Invalid value for '--lr': must be above 0, got 0.0"),
+    (["--fusion", "mid", "--encoder-lr", "inf"], "Invalid value for '--encoder-lr': must be a finite number, got inf"),
     (["--fusion", "mid", "--device", "cuda:64"], NO_CUDA_64),
     (["--fusion", "mid", "--device", "tpu"], "--device tpu: "),
     (["--fusion", "mid", "--precision", "fp16"], "--precision fp16 needs a CUDA device"),

@@ -278,6 +278,8 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
             continue
         artifacts, source = load_artifacts(cfg, fusion, out_dir, log)
         seq_len = cfg.seq_len or artifacts.model.cfg.max_text_len
+        if seq_len > (positions := artifacts.model.text_encoder.max_positions):  # before any row: no partial file
+            raise UserError(f"--seq-len {seq_len}: the {cfg.preset} text encoder reads at most {positions} tokens")
         cell = Cell(fusion, seq_len, forward_flops(artifacts.model, seq_len)["total"], source)
         for name in cfg.backends:
             if (fusion, name) in done:

@@ -158,10 +158,13 @@ def test_latency_uses_trained_checkpoints_under_any_run_name(tmp_path, small_dat
     (["--batch-sizes", "0,4"], "--batch-sizes must be whole numbers of at least 1"),
     (["--min-seconds", "-1"], "Invalid value for '--min-seconds': must be at least 0, got -1.0"),
     (["--warmup-seconds", "nan"], "Invalid value for '--warmup-seconds': must be a finite number, got nan"),
+    (["--fusion", "early", "--backends", "torch", "--seq-len", "1000"],
+     "--seq-len 1000: the tiny text encoder reads at most 512 tokens"),
 ])
 def test_latency_errors_are_one_line(args, message, tmp_path):
     code, out = run_cli("latency", *QUICK, *args, "--out", tmp_path, "--quiet")  # args after QUICK: they stand
     assert code != 0 and message in out.strip().splitlines()[-1] and "Traceback" not in out
+    assert not list(tmp_path.rglob("latency-*"))  # no record, not even an unfinished one
 
 
 @pytest.mark.slow

@@ -93,6 +93,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.bert = _bert(cfg)
         self.out_dim = self.bert.config.hidden_size
+        self.max_positions = self.bert.config.max_position_embeddings  # the longest caption it can read
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -269,7 +269,8 @@ def csv_list(kind=str):
 @click.option("--precision", type=click.Choice(INFERENCE_PRECISIONS), default="fp32", show_default=True,
               help="int8: the quantized ONNX, for the backends that run it.")
 @click.option("--seq-len", type=int, default=None, callback=positive, help="Caption length [default: the preset's].")
-@click.option("--threads", type=int, default=None, callback=positive, help="torch / onnxruntime intra-op threads.")
+@click.option("--threads", type=int, default=None, callback=positive,
+              help="Intra-op threads of every backend (torch, onnxruntime, openvino) [default: torch's].")
 @click.option("--min-seconds", type=float, default=None, callback=seconds,
               help=f"Minimum sampling time per cell [default: {PROTOCOL.min_seconds:g} s].")
 @click.option("--min-calls", type=int, default=None, callback=positive,
@@ -410,7 +411,8 @@ def env(as_json):
               help="Queries each run issues at least [default: 1024 in server (what early stopping needs), else 100].")
 @click.option("--max-trials", type=int, default=8, show_default=True, callback=positive,
               help="--find-max-qps: LoadGen runs at most.")
-@click.option("--threads", type=int, default=None, callback=positive, help="torch / onnxruntime intra-op threads.")
+@click.option("--threads", type=int, default=None, callback=positive,
+              help="Intra-op threads of every backend (torch, onnxruntime, openvino) [default: torch's].")
 @click.option("--spin-wait/--no-spin-wait", default=True, show_default=True,
               help="onnxruntime's pool threads busy-wait between calls (its default, and the latency sweep's); "
                    "--no-spin-wait: they sleep, for a machine whose cores other work needs.")

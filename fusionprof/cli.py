@@ -19,7 +19,7 @@ from fusionprof.backends import backend_names, export_formats
 from fusionprof.config import PRESETS, model_config, train_config
 from fusionprof.distributed import launched_by_torchrun, process_rank
 from fusionprof.errors import UserError
-from fusionprof.measure import Protocol
+from fusionprof.measure import Protocol, replace_protocol
 from fusionprof.models import fusion_names
 from fusionprof.runtime import INFERENCE_PRECISIONS, PRECISIONS
 
@@ -290,7 +290,6 @@ def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, 
     """Inference latency of fusions × backends × batch sizes, with one timing protocol."""
     from fusionprof.latency import SweepConfig, sweep
     from fusionprof.latency_output import table
-    from fusionprof.measure import Protocol, replace_protocol
 
     names = fusion_names() if fusions == "all" else csv_list()(None, None, fusions)
     unknown = sorted(set(names) - set(fusion_names()))
@@ -345,8 +344,10 @@ def report(paths, out):
                    "CPU computes natively (bf16: AVX512-BF16 / AMX-BF16; int8: VNNI / AMX-INT8)].")
 @click.option("--load/--no-load", "under_load", default=True, show_default=True,
               help="Per fusion, a LoadGen Server search (p99 under --load-p99-ms, batching) and an Offline run.")
-@click.option("--load-p99-ms", type=float, default=None, help="The Server scenario's p99 target [default: 50].")
-@click.option("--load-seconds", type=float, default=None, help="Seconds each LoadGen run lasts at least [default: 5].")
+@click.option("--load-p99-ms", type=float, default=None, callback=above_zero,
+              help="The Server scenario's p99 target [default: 50].")
+@click.option("--load-seconds", type=float, default=None, callback=above_zero,
+              help="Seconds each LoadGen run lasts at least [default: 5].")
 @click.option("--load-queries", type=int, default=None, callback=positive,
               help="Queries each LoadGen run issues at least [default: LoadGen's rules, 1024 in Server].")
 @click.option("--load-trials", type=int, default=None, callback=positive,
@@ -361,13 +362,10 @@ def compare(preset, data, device, epochs, limit_train, limit_eval, batch_sizes, 
     stages."""
     from fusionprof.compare import UNDER_LOAD
     from fusionprof.compare import compare as run_compare
-    from fusionprof.measure import Protocol, replace_protocol
 
     given = {"p99_ms": load_p99_ms, "min_duration_s": load_seconds, "min_queries": load_queries,
              "max_trials": load_trials}
     plan = dataclasses.replace(UNDER_LOAD, **{k: v for k, v in given.items() if v is not None}) if under_load else None
-    if plan and not (plan.p99_ms > 0 and plan.min_duration_s > 0):
-        raise UserError("--load-p99-ms and --load-seconds must be above 0")
     run_compare(preset=preset, data=data, device=device, models_dir=models_dir, profiles_dir=profiles_dir,
                 epochs=epochs, limit_train=limit_train, limit_eval=limit_eval, batch_sizes=batch_sizes,
                 backends=backends, protocol=replace_protocol(Protocol(), min_seconds=min_seconds, min_calls=min_calls),
@@ -445,8 +443,8 @@ def load(fusion, backend, scenario, qps, find_max_qps, quiet, **options):
 
 
 @cli.command()
-@click.option("--p99-ms", type=float, required=True, help="The p99 latency target.")
-@click.option("--qps", type=float, default=None, help="The request rate it must serve.")
+@click.option("--p99-ms", type=float, required=True, callback=above_zero, help="The p99 latency target.")
+@click.option("--qps", type=float, default=None, callback=above_zero, help="The request rate it must serve.")
 @click.option("--min-accuracy", type=float, default=None, callback=number_in(0, 1),
               help="Least test accuracy, a fraction (0.95 for 95 %).")
 @click.option("--device", default=None, help="Only choices measured on this device (cpu, cuda:N).")
@@ -455,8 +453,6 @@ def recommend(p99_ms, qps, min_accuracy, device, profiles_dir):
     """Which fusion, backend, precision and batching meet a latency target, from the records on disk."""
     from fusionprof.recommend import recommend as choose
 
-    if not p99_ms > 0 or (qps is not None and not qps > 0):
-        raise UserError("--p99-ms and --qps must be above 0")
     result = choose(profiles_dir, p99_ms, qps, min_accuracy, device)
     click.echo(result.message)
     for title, choices in (("meets the targets, cheapest first", result.chosen), ("Pareto front", result.front)):

@@ -417,7 +417,8 @@ def precision_section(rec: Records) -> list[tuple]:
                 sweep = by_precision[precision]
                 best = [_best(sweep, fusion, b) for b in (1, 8)]
                 if best != ["–", "–"]:
-                    rows.append([fusion, precision, *best, _accuracy_in(rec, _checkpoint_of(sweep, fusion), precision)])
+                    checkpoint = _checkpoints(sweep).get(fusion)
+                    rows.append([fusion, precision, *best, _accuracy_in(rec, checkpoint, precision)])
         cited = ", ".join(f"`{by_precision[p].path}`" for p in precisions)
         tables += [("h3", f"{machine} · {preset} · {device} · {models}"),
                    ("table", ["fusion", "precision", "best p50 bs 1", "best p50 bs 8", "test accuracy"], rows),
@@ -444,14 +445,14 @@ def _study_sweeps(rec: Records) -> dict[tuple[str, str, str, str], dict[str, Lat
 
 def _models_of(sweep: LatencyRecord) -> str:
     """Which models a sweep timed: the folder that holds their runs' checkpoints, else random init."""
-    runs = {Path(r.model["checkpoint"]).parent.parent for r in sweep.rows if (r.model or {}).get("checkpoint")}
+    runs = {checkpoint.parent.parent for checkpoint in _checkpoints(sweep).values()}
     return f"models in {min(runs)}" if runs else "random init"
 
 
-def _checkpoint_of(sweep: LatencyRecord, fusion: str) -> Path | None:
-    """The checkpoint a sweep timed for ``fusion``, as its rows name it (under any run name); None: random init."""
-    return next((Path(r.model["checkpoint"]) for r in sweep.rows
-                 if r.fusion == fusion and (r.model or {}).get("checkpoint")), None)
+def _checkpoints(sweep: LatencyRecord) -> dict[str, Path]:
+    """fusion → the checkpoint a sweep timed, as its rows name it (under any run name); random-init fusions have
+    none."""
+    return {r.fusion: Path(r.model["checkpoint"]) for r in sweep.rows if (r.model or {}).get("checkpoint")}
 
 
 def _best(sweep: LatencyRecord, fusion: str, batch: int) -> str:

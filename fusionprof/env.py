@@ -12,7 +12,7 @@ import psutil
 import torch
 
 _PACKAGES = ("torch", "torchvision", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu",
-             "tensorrt", "numpy", "fusionprof")
+             "openvino", "nncf", "tensorrt", "numpy", "fusionprof")
 
 
 def _cpu_model() -> str:

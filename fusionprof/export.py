@@ -54,6 +54,7 @@ TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-3}, "fp16": {"atol": 2e-2, "rtol
 # pairs): logits within tolerance can still cross 0 for a pair or two that sit on the decision boundary.
 ACCURACY_TOLERANCE = {"fp32": 0.002, "fp16": 0.01, "bf16": 0.01, "int8": 0.01}
 PARITY_SHAPES = [(1, 5), (3, 11), (8, None)]  # (batch, sequence length; None = the model's maximum)
+PARITY_MAX_BATCH = max(batch for batch, _ in PARITY_SHAPES)
 CPU = torch.device("cpu")
 
 
@@ -142,7 +143,7 @@ def parity(reference: FusionModel, backend, precision: str, largest_batch: int =
     be timed or evaluated) at full caption length."""
     tol = TOLERANCES[precision]
     rows, ok, agree = [], True, []
-    shapes = PARITY_SHAPES + ([(largest_batch, None)] if largest_batch > max(b for b, _ in PARITY_SHAPES) else [])
+    shapes = PARITY_SHAPES + ([(largest_batch, None)] if largest_batch > PARITY_MAX_BATCH else [])
     for batch, seq in shapes:
         seq = seq or reference.cfg.max_text_len
         images, ids, mask = example_inputs(reference.cfg, batch, seq)
@@ -243,7 +244,9 @@ def checkpoint_calibration(checkpoint: Path, model: FusionModel, cfg) -> Callabl
 
 
 def profile_batches(max_batch: int) -> list[int]:
-    """The batch sizes a TensorRT profile is built over: powers of two up to ``max_batch``, and ``max_batch``."""
+    """The batch sizes a TensorRT profile is built over: powers of two up to ``max_batch``, and ``max_batch``; at
+    least up to the largest batch ``parity`` checks, or an engine for small batches could never pass it."""
+    max_batch = max(max_batch, PARITY_MAX_BATCH)
     return sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch} | {max_batch})
 
 

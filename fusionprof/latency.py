@@ -29,10 +29,10 @@ from tqdm import tqdm
 from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS, EAGER, Artifacts, Backend, backend_names, create_backend
 from fusionprof.backends.trt import build_engine, optimization_profile
-from fusionprof.checkpoint import find_checkpoint, load_model
+from fusionprof.checkpoint import checkpoint_hash, find_checkpoint, load_model
 from fusionprof.config import model_config, to_dict
 from fusionprof.env import fingerprint
-from fusionprof.errors import UserError
+from fusionprof.errors import UserError, first_line
 from fusionprof.export import (
     checkpoint_calibration,
     export_int8_onnx,
@@ -62,6 +62,7 @@ from fusionprof.profiling import run_profiled, trace_dir
 from fusionprof.pt2 import build_pt2
 from fusionprof.quantize import calibration_sample
 from fusionprof.records import (
+    CPU_TIMING,
     DEVICE_TIMING,
     HOST_TIMING,
     PARITY_FAILED,
@@ -110,6 +111,7 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
         calibration = partial(calibration_sample, mcfg, None, 0)  # the embedded dataset's validation split
     artifacts = Artifacts(model)
     device = resolve_device(cfg.device)
+    weights = {"checkpoint_hash": checkpoint_hash(checkpoint)} if checkpoint else {"weights": "untrained, seed 0"}
     for artifact in _exports_needed(cfg, device):
         precision = graph_precision(artifact, cfg.precision)
         name = ARTIFACT_NAMES[artifact](precision, device.type)
@@ -118,17 +120,40 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
         if not (path and path.exists() and verified_export(checkpoint, checkpoint.parent, ARTIFACT_FORMATS[artifact],
                                                            precision, device.type)):
             path = work_dir / artifact / f"{cfg.preset}-{fusion}" / name
-        if not path.exists():
-            log(f"exporting {cfg.preset}/{fusion} to {path}")
-            try:
-                _export(artifact, artifacts, path, precision, cfg, device, calibration, checkpoint)
-            except UserError as e:  # e.g. an AOTInductor build that crashed its process: that backend's rows say so
-                artifacts.failed[artifact] = str(e)
-                continue
+            made_from = {**weights, **({"profile_batches": _plan_batches(cfg)} if artifact == "plan" else {})}
+            if path.exists() and _made_from(path) != made_from:  # an earlier sweep's, of other weights or shapes
+                log(f"{path} was made from another model or for other batch sizes: exporting it again")
+                path.unlink()
+            if not path.exists():
+                log(f"exporting {cfg.preset}/{fusion} to {path}")
+                try:
+                    _export(artifact, artifacts, path, precision, cfg, device, calibration, checkpoint)
+                except UserError as e:  # e.g. an AOTInductor build that crashed its process: that backend's rows say
+                    artifacts.failed[artifact] = str(e)
+                    continue
+                write_json(_made_from_path(path), made_from)
         setattr(artifacts, artifact, path)
         if artifact == "onnx" and cfg.precision == "int8":  # and NNCF's IR beside it, where the export kept one
             artifacts.ir = int8_artifacts(artifacts.model, path).ir
     return artifacts, source
+
+
+def _made_from_path(export: Path) -> Path:
+    return export.with_name(f"{export.name}.made-from.json")
+
+
+def _made_from(export: Path) -> dict | None:
+    """What a sweep's own export was made from (the weights, and a TensorRT plan's batch sizes), as it wrote beside
+    it; None for an export without that note (written by an older fusionprof, or not by a sweep)."""
+    try:
+        return json.loads(_made_from_path(export).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _plan_batches(cfg: SweepConfig) -> list[int]:
+    """The batch sizes a sweep's TensorRT engine is built over: every batch it times (and parity checks)."""
+    return profile_batches(max(cfg.batch_sizes))
 
 
 # What each artifact is called on disk, and the export format (and so the record) it comes from.
@@ -153,8 +178,8 @@ def _export(artifact: str, artifacts: Artifacts, path: Path, precision: str, cfg
     elif artifact == "plan":  # from the ONNX, over every batch the sweep times and its caption length
         if artifacts.onnx is None:
             raise UserError(f"no ONNX to build a TensorRT engine from ({artifacts.failed.get('onnx')})")
-        build_engine(artifacts.onnx, path, optimization_profile(profile_batches(max(cfg.batch_sizes)),
-                                                                [1, model.cfg.max_text_len], model.cfg.image_size))
+        build_engine(artifacts.onnx, path, optimization_profile(_plan_batches(cfg), [1, model.cfg.max_text_len],
+                                                                model.cfg.image_size))
     elif precision == "int8":  # quantized on a validation sample: the checkpoint's data, else the embedded set's
         export_int8_onnx(model, path, *calibration(), _fp32_to_quantize(checkpoint, path))
     else:
@@ -221,12 +246,15 @@ def measure_cell(backend: Backend, model: FusionModel, batch_size: int, seq_len:
     images, ids, mask = example_inputs(model.cfg, batch_size, seq_len)
     with peak_memory(backend.device) as peak:
         host = Timing.of(sample_calls(lambda: backend.run(images, ids, mask), backend.synchronize, protocol),
-                         HOST_TIMING)
+                         HOST_TIMING if backend.device.type == "cuda" else CPU_TIMING)
         device_resident = None
         if backend.device.type == "cuda":
             on_device = [t.to(backend.device) for t in (images, ids, mask)]
             device_resident = Timing.of(sample_cuda_events(lambda: backend.run_on_device(*on_device),
                                                            backend.device, protocol), DEVICE_TIMING)
+    if backend.device.type == "cuda" and backend.cuda_memory_unseen:  # a figure that would flatter it: none at all
+        peak.pop("cuda_max_allocated_mib", None)
+        peak["cuda_memory"] = f"not measured: {backend.cuda_memory_unseen}"
     return host, device_resident, peak
 
 
@@ -297,9 +325,14 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
                     bar.set_postfix_str(f"{fusion}/{name}/bs{row.batch_size}")
                     measured.append(row)
                     bar.update(1)
-            except UserError as e:  # it cannot load or run what it was given here: its row says why, the sweep goes on
+            except (UserError, torch.OutOfMemoryError) as e:  # it cannot load or run this here: a row says why (at
+                # which batch, after the batches it did run, which stay) and the sweep goes on
                 bar.update(len(cfg.batch_sizes) - len(measured))
-                measured = [LatencyRow(fusion, name, f"failed: {e}")]
+                at = cfg.batch_sizes[len(measured)] if measured else None
+                why = f"out of memory ({first_line(e)})" if isinstance(e, torch.OutOfMemoryError) else str(e)
+                measured.append(LatencyRow(fusion, name, f"failed: {why}", batch_size=at))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             rows += measured
             rate_against(rows, start["gflops"], peak)
             save_partial(partial_path, LatencyRecord(began, env, config, {"start": start}, rows))
@@ -331,8 +364,10 @@ def _begin(out_dir: Path, stem: str, config: dict, env: dict, resume: bool, log)
     return out_dir / f"{stem}-{began}{PARTIAL_SUFFIX}", began, []
 
 
-# What makes two runs one machine for a resumed sweep (not its thread settings or the free memory).
-MACHINE_KEYS = ("host", "cpu_model", "cpu_logical_cores", "gpus", "cuda_driver", "versions")
+# What two runs must share for one to resume the other's sweep: the machine, its software and the threads the rows
+# ran with (rows timed on 1 thread and on 2 are not one sweep), not the free memory.
+MACHINE_KEYS = ("host", "cpu_model", "cpu_logical_cores", "gpus", "cuda_driver", "versions", "torch_threads",
+                "cpu_affinity", "omp_num_threads")
 
 
 def find_partial(out_dir: Path, config: dict, env: dict) -> tuple[Path, LatencyRecord] | None:
@@ -360,7 +395,7 @@ def save_partial(path: Path, record: LatencyRecord) -> None:
 
 def rate_against(rows: list[LatencyRow], yardstick_gflops: float, peak_tflops: float | None) -> None:
     """Each timed row's achieved rate as a share of the yardstick and, on a known GPU in bf16 / fp16, of the
-    datasheet peak (MFU), from the device-resident p50 there (the GPU's own rate, no copies)."""
+    datasheet peak (MFU), from the device-resident mean there (the GPU's own rate, no copies)."""
     for row in rows:
         if row.host is None:
             continue

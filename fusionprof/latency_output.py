@@ -38,7 +38,7 @@ def table(rows: list[LatencyRow]) -> list[str]:
              f"{'samples/s':>11}{'GFLOP/s':>9}"]
     for r in rows:
         if r.host is None:
-            lines.append(f"{r.fusion:<11}{r.backend:<15}{'':>4}  {r.status}")
+            lines.append(f"{r.fusion:<11}{r.backend:<15}{r.batch_size or '':>4}  {r.status}")
             continue
         t = r.host
         p99 = "–" if t.p99_ms is None else f"{t.p99_ms:.2f}"
@@ -48,8 +48,9 @@ def table(rows: list[LatencyRow]) -> list[str]:
                      f"{t.cv:>7.1%}{r.throughput_samples_per_s:>11.1f}{r.achieved_gflops:>9.1f}{warn}")
     timed = [r for r in rows if r.host is not None]
     if any(r.host.p99_ms is None for r in timed):
-        lines.append(f"– p99 needs at least {P99_MIN_SAMPLES} samples (--min-calls {P99_MIN_SAMPLES}); "
-                     "samples/s and GFLOP/s are from p50")
+        lines.append(f"– p99 needs at least {P99_MIN_SAMPLES} samples (--min-calls {P99_MIN_SAMPLES})")
+    if timed:
+        lines.append("samples/s and GFLOP/s: batch / mean latency, calls one after another")
     if any(r.host.cv_warning for r in timed):
         lines.append(f"! CV above {CV_WARNING:.0%}: noisy measurement (another process, frequency scaling, thermal)")
     if any(r.above_yardstick for r in timed):

@@ -28,7 +28,9 @@ class Protocol:
     warmup_calls: int = 5
     min_seconds: float = 2.0
     min_calls: int = 20
-    max_seconds: float = 30.0  # stop sampling here even if min_calls is not reached (very slow calls)
+    # Caps: sampling stops at the first reached, even short of min_calls (very slow calls); a cap below its minimum
+    # (--min-seconds 60) gives way to it
+    max_seconds: float = 30.0
     max_calls: int = 5000
 
     def to_dict(self) -> dict:
@@ -49,12 +51,14 @@ def sample(timed_call: Callable[[], float], protocol: Protocol) -> list[float]:
         timed_call()
         n += 1
     samples: list[float] = []
+    max_calls = max(protocol.max_calls, protocol.min_calls)
+    max_seconds = max(protocol.max_seconds, protocol.min_seconds)
     begin = time.perf_counter()
     while True:
         samples.append(timed_call())
         elapsed = time.perf_counter() - begin
         enough = len(samples) >= protocol.min_calls and elapsed >= protocol.min_seconds
-        if enough or len(samples) >= protocol.max_calls or elapsed >= protocol.max_seconds:
+        if enough or len(samples) >= max_calls or elapsed >= max_seconds:
             return samples
 
 

@@ -21,6 +21,7 @@ from fusionprof.errors import UserError
 from fusionprof.measure import CV_WARNING, P99_MIN_SAMPLES, p99_note, summarize
 
 HOST_TIMING = "host→device copy + run + device→host copy"
+CPU_TIMING = "host clock around the call (on the CPU: no copies)"
 DEVICE_TIMING = "CUDA events, inputs and outputs on the device"
 PARITY_FAILED = "failed: parity"
 
@@ -90,7 +91,7 @@ class LatencyRow:
     load_seconds: float | None = None
     seq_len: int | None = None
     flops_per_sample: float | None = None
-    share_of_matmul_yardstick: float | None = None  # achieved GFLOP/s (from p50) / the sweep's matmul yardstick
+    share_of_matmul_yardstick: float | None = None  # achieved GFLOP/s / the sweep's matmul yardstick
     mfu: float | None = None  # achieved / the datasheet's tensor-core peak: a known GPU in bf16 / fp16 only
     parity_passed: bool | None = None
     peak_memory: dict = field(default_factory=dict)
@@ -104,7 +105,9 @@ class LatencyRow:
 
     @property
     def throughput_samples_per_s(self) -> float:
-        return self.batch_size / (self.host.p50_ms / 1e3)
+        """Sequential calls' throughput: batch / mean latency (the median would leave out the slow calls that the
+        calls' rate pays for too)."""
+        return self.batch_size / (self.host.mean_ms / 1e3)
 
     @property
     def achieved_gflops(self) -> float:
@@ -116,10 +119,10 @@ class LatencyRow:
         return self.share_of_matmul_yardstick is not None and self.share_of_matmul_yardstick > 1
 
     def device_resident_gflops(self) -> float | None:
-        """Achieved GFLOP/s of the device-resident p50 (no copies): what the GPU itself sustains."""
+        """Achieved GFLOP/s of the device-resident mean (no copies): what the GPU itself sustains."""
         if self.device_resident is None:
             return None
-        return self.flops_per_sample * self.batch_size / (self.device_resident.p50_ms / 1e3) / 1e9
+        return self.flops_per_sample * self.batch_size / (self.device_resident.mean_ms / 1e3) / 1e9
 
     def to_dict(self) -> dict:
         head = {"fusion": self.fusion, "backend": self.backend, "batch_size": self.batch_size, "status": self.status}

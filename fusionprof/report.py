@@ -346,13 +346,13 @@ def latency_section(rec: Records, out_dir: Path) -> list[tuple]:
         return blocks + [("p", "No latency records yet: run `fusionprof latency` on each machine.")]
     blocks.append(("p", "One sweep (one `fusionprof latency` record) per heading: its plots never mix in the cells "
                         "of another sweep. Whiskers run from p90 to p99 (p99 only from 100 samples up, else to "
-                        "p90); samples/s is batch / p50."))
+                        "p90); samples/s is batch / mean latency (sequential calls)."))
     colors = _backend_colors(rec)
     for sweep in sweeps(rec):
         blocks += [("h3", sweep.title), ("p", f"Record: `{sweep.record.path}`")]
         if sweep.rows:
             for metric, label in (("latency", "p50 latency (ms) vs batch size"),
-                                  ("throughput", "samples/s (batch / p50) vs batch size")):
+                                  ("throughput", "samples/s (batch / mean latency) vs batch size")):
                 png = plot_vs_batch(sweep, metric, colors, out_dir)
                 blocks.append(("img", f"report/{png.name}", f"{label}, one line per backend — {sweep.title}"))
         not_shown: dict[tuple[str, str], int] = defaultdict(int)

@@ -185,5 +185,6 @@ def test_a_tensorrt_profile_covers_the_evaluation_batch():
     batches = profile_batches(max(32, eval_batch))
     assert batches[-1] == eval_batch == 64 and batches[0] == 1
     assert profile_batches(48) == [1, 2, 4, 8, 16, 32, 48]  # not a power of two: still the largest
+    assert profile_batches(2) == [1, 2, 4, 8]  # a sweep of small batches: still every batch parity checks
     smallest, _, largest = optimization_profile(batches, [1, 24], 64)["images"]
     assert smallest[0] == 1 and largest[0] == eval_batch

@@ -53,7 +53,7 @@ def test_resume_continues_a_record_of_the_same_settings_on_the_same_machine(tmp_
     sweep_file.write_text(json.dumps({"rows": [row("mid", "torch", 1, 12.0)]}))
     path = tmp_path / "gpu-inference-seed-bf16.json"
     path.write_text(json.dumps({
-        "args": {**settings, "more_fusions": "mid"}, "environment": {**env, "torch_threads": 8},
+        "args": {**settings, "more_fusions": "mid"}, "environment": env,
         "sweeps": [str(sweep_file)], "stages": ["sweep", "bare replay"], "bare_replay": {"mid": {"1": {"p50_ms": 1.8}}},
         "eager_weights_cast": {}, "aoti_uncaptured": {}, "compile_modes": {"max-autotune": {"1": {"p50_ms": 1.4}}}}))
     args = argparse.Namespace(**settings, more_fusions="mid,early")  # more stages may be asked for than before
@@ -64,4 +64,5 @@ def test_resume_continues_a_record_of_the_same_settings_on_the_same_machine(tmp_
     # other settings, or another machine: a new record
     assert gpu_inference.earlier_record(path, argparse.Namespace(**{**settings, "min_seconds": 1.0}), env) is None
     assert gpu_inference.earlier_record(path, args, {**env, "gpus": [{"name": "NVIDIA H100"}]}) is None
+    assert gpu_inference.earlier_record(path, args, {**env, "torch_threads": 8}) is None  # rows of other threads
     assert gpu_inference.earlier_record(tmp_path / "none.json", args, env) is None

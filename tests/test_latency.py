@@ -23,7 +23,7 @@ from fusionprof.latency import SweepConfig, sweep
 from fusionprof.latency_output import CSV_COLUMNS
 from fusionprof.measure import Protocol
 from fusionprof.models import fusion_names
-from fusionprof.records import PARITY_FAILED, PARTIAL_KIND, PARTIAL_SUFFIX, LatencyRecord
+from fusionprof.records import CPU_TIMING, PARITY_FAILED, PARTIAL_KIND, PARTIAL_SUFFIX, LatencyRecord
 from fusionprof.report import find_records, write_report
 
 QUICK = ["--min-seconds", "0.05", "--min-calls", "5", "--warmup-seconds", "0", "--warmup-calls", "1"]
@@ -52,12 +52,12 @@ def test_latency_sweep_writes_self_describing_records(tmp_path):
         assert len(r["samples_ms"]) == r["n"] >= 5
         assert r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["max_ms"]
         assert r["p99_ms"] is None and "p99 needs at least 100 samples" in r["p99_note"]  # n < 100: no p99
-        assert r["throughput_samples_per_s"] == pytest.approx(r["batch_size"] / (r["p50_ms"] / 1e3))  # from p50
+        assert r["throughput_samples_per_s"] == pytest.approx(r["batch_size"] / (r["mean_ms"] / 1e3))  # from the mean
         assert r["achieved_gflops"] == pytest.approx(r["flops_per_sample"] * r["throughput_samples_per_s"] / 1e9)
         assert r["share_of_matmul_yardstick"] == pytest.approx(r["achieved_gflops"] / yardstick["gflops"])
         assert r["above_yardstick"] == (r["share_of_matmul_yardstick"] > 1) and r["mfu"] is None  # no MFU on a CPU
         assert r["parity_passed"] and r["model"]["weights"].startswith("untrained")
-        assert r["first_call_batch_size"] == 1 and r["load_seconds"] > 0 and "copy" in r["timing"]
+        assert r["first_call_batch_size"] == 1 and r["load_seconds"] > 0 and r["timing"] == CPU_TIMING
     for fusion, backend in {(r["fusion"], r["backend"]) for r in ok}:  # one first call per fresh backend, timed once
         assert len({r["first_call_of_fresh_backend_ms"] for r in ok if (r["fusion"], r["backend"]) == (fusion, backend)
                     }) == 1
@@ -271,3 +271,67 @@ def test_a_sweep_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     code, out = run_cli("latency", "--fusion", "early", "--backends", "torch", "--batch-sizes", "1", "--resume",
                         "--models", tmp_path / "none", "--out", tmp_path / "cli", "--quiet", *QUICK)
     assert code == 0 and "nothing to resume under" in out, out
+
+
+class FailsAtBatch2(TorchEager):
+    """A backend that runs batch 1 and fails at batch 2 (an engine profile too small, memory, a capture)."""
+
+    registered_name = "fails-at-2"
+    label = "fails at batch 2"
+    error = UserError("batch 2 is outside this engine's optimization profile")
+
+    def run_on_device(self, images, input_ids, attention_mask):
+        if images.shape[0] == 2:
+            raise self.error
+        return super().run_on_device(images, input_ids, attention_mask)
+
+
+@pytest.mark.parametrize("error,status", [
+    (UserError("batch 2 is outside this engine's optimization profile"),
+     "failed: batch 2 is outside this engine's optimization profile"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     "failed: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")])
+def test_a_backend_failing_at_one_batch_keeps_the_batches_it_ran(error, status, tmp_path, monkeypatch):
+    monkeypatch.setitem(BACKENDS._members, FailsAtBatch2.registered_name, FailsAtBatch2)
+    monkeypatch.setattr(FailsAtBatch2, "error", error)
+    monkeypatch.setattr("fusionprof.latency.parity", lambda *a, **k: {"passed": True})  # parity runs batch 3 and 8
+    cfg = SweepConfig(fusions=["early"], backends=["fails-at-2", "torch"], batch_sizes=[1, 2, 4],
+                      models_dir=str(tmp_path / "none"), profiles_dir=str(tmp_path), protocol=Protocol(
+                          warmup_seconds=0, warmup_calls=1, min_seconds=0.02, min_calls=3))
+    record = sweep(cfg, progress=False, log=lambda *_: None)
+    assert [(r.backend, r.batch_size, r.status) for r in record.rows] == [
+        ("fails-at-2", 1, "ok"), ("fails-at-2", 2, status),  # batch 1's timing stays, the failure says where
+        ("torch", 1, "ok"), ("torch", 2, "ok"), ("torch", 4, "ok")]
+    assert record.rows[0].host.n >= 3 and record.rows[1].host is None
+
+
+def test_a_sweeps_own_export_is_made_again_for_other_weights(tmp_path, trained_mid):
+    """An untrained model's ONNX, left by an earlier sweep, is not what a trained checkpoint's sweep times."""
+    from fusionprof.backends import create_backend
+    from fusionprof.export import parity
+    from fusionprof.latency import load_artifacts
+
+    models = tmp_path / "models" / "tiny-mid"
+    models.mkdir(parents=True)
+    (models / "checkpoint.pt").write_bytes(trained_mid[0].read_bytes())  # the checkpoint alone: no verified export
+    said = []
+    cfg = SweepConfig(fusions=["mid"], backends=["onnxruntime"], models_dir=str(tmp_path / "none"))
+    untrained, _ = load_artifacts(cfg, "mid", tmp_path / "work", said.append)
+    cfg.models_dir = str(tmp_path / "models")
+    trained, source = load_artifacts(cfg, "mid", tmp_path / "work", said.append)
+    assert trained.onnx == untrained.onnx and source["weights"] == "trained"
+    assert said[1] == f"{trained.onnx} was made from another model or for other batch sizes: exporting it again"
+    backend = create_backend("onnxruntime", trained, torch.device("cpu"))
+    assert parity(trained.model, backend, "fp32")["passed"]  # before: the untrained graph, and parity failed
+    said.clear()
+    assert load_artifacts(cfg, "mid", tmp_path / "work", said.append)[0].onnx == trained.onnx and not said  # kept
+
+
+def test_a_sweep_on_other_threads_is_not_resumed(tmp_path):
+    from fusionprof.env import fingerprint
+    from fusionprof.latency import find_partial, save_partial
+
+    env, config = fingerprint(), {"fusions": ["mid"], "backends": ["torch"]}
+    save_partial(tmp_path / f"latency-tiny-cpu-fp32-1{PARTIAL_SUFFIX}", LatencyRecord("1", env, config, {}, []))
+    assert find_partial(tmp_path, config, env) is not None
+    assert find_partial(tmp_path, config, {**env, "torch_threads": env["torch_threads"] + 1}) is None

@@ -53,6 +53,15 @@ def test_max_calls_caps_a_fast_call():
     assert len(samples) == 50
 
 
+def test_a_minimum_asked_for_outlasts_a_lower_cap():
+    """--min-seconds 60 samples for 60 s though the cap is 30 s; --min-calls above max_calls gets its calls."""
+    _, call, sync = counting()
+    start = time.perf_counter()
+    samples = sample_calls(call, sync, Protocol(warmup_seconds=0, warmup_calls=1, min_seconds=0.05, min_calls=80,
+                                                max_seconds=0.01, max_calls=40))
+    assert time.perf_counter() - start >= 0.05 and len(samples) >= 80
+
+
 def test_one_loop_serves_every_clock():
     """``sample`` is the loop both the host timer and the CUDA-event timer go through: it keeps what it is told."""
     told = iter(range(1, 1000))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from fusionprof.backends.base import AUTOCAST_PRECISIONS, Backend, inductor_status, register_backend, require
-from fusionprof.backends.graphs import ShapeGraphs
+from fusionprof.backends.graphs import MEMORY_UNSEEN, ShapeGraphs
 from fusionprof.errors import UserError, first_line
 from fusionprof.runtime import DTYPES
 
@@ -26,6 +26,7 @@ class AOTInductor(Backend):
     precisions = AUTOCAST_PRECISIONS  # weights cast to the dtype at export: fp16 on a GPU only, like autocast
     compiles = True  # its export compiles the model ahead of time: a minute or two per model on a 2-core CPU
     cuda_graphs = True  # on a GPU, replay each shape's call as a CUDA graph (False: the package's call as it is)
+    cuda_memory_unseen = MEMORY_UNSEEN  # its calls replayed as graphs
 
     def __init__(self, artifacts, device, precision, **options):
         super().__init__(artifacts, device, precision, **options)

@@ -7,7 +7,8 @@ includes the host→device input copy and the device→host output copy, the sam
 
 Each backend class describes itself (timm-style: the entry carries its defaults), so no module outside this
 package tests a backend's name: ``artifact`` (what it loads besides the PyTorch model), ``precisions`` (per
-device type), ``label`` (its name in tables) and ``compiles`` (it builds code at load time: slow on a small CPU).
+device type), ``label`` (its name in tables), ``compiles`` (it builds code at load time: slow on a small CPU) and
+``cuda_memory_unseen`` (why torch's allocator does not see its GPU memory, where it does not).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class Backend(ABC):
     artifact: str | None = None  # the ``Artifacts`` field it loads besides the model: None, "onnx", "plan", "pt2"
     precisions: dict[str, tuple[str, ...]] = AUTOCAST_PRECISIONS  # device type → the precisions it runs there
     compiles: bool = False  # builds code when loaded or exported (minutes per model on a 2-core CPU)
+    # On CUDA, why torch.cuda.max_memory_allocated does not measure what this backend's cells use; None: it does
+    cuda_memory_unseen: str | None = None
 
     def __init__(self, artifacts: Artifacts, device: torch.device, precision: str, *,
                  sleep_when_idle: bool = False):

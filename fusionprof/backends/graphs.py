@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import torch
 
 WARMUP_CALLS = 3  # calls on a side stream before capture
+# Why torch.cuda.max_memory_allocated does not measure a cell replayed here (``Backend.cuda_memory_unseen``)
+MEMORY_UNSEEN = ("a CUDA graph's memory pool is allocated when a shape is captured (parity captures most shapes "
+                 "before a cell's peak is reset); a replay allocates nothing")
 
 
 @dataclass

@@ -16,6 +16,7 @@ _TORCH_DTYPE = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16
 class OnnxRuntime(Backend):
     label = "ONNX Runtime"
     artifact = "onnx"
+    cuda_memory_unseen = "onnxruntime allocates from its own CUDA arena"
     precisions = QUANTIZED_GRAPH_PRECISIONS  # int8 on the CPU: the quantized graph's QDQ ops run as int8 kernels
 
     def __init__(self, artifacts, device, precision, **options):

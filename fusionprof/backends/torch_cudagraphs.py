@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fusionprof.backends.base import AUTOCAST_PRECISIONS, Backend, inductor_status, register_backend
-from fusionprof.backends.graphs import ShapeGraphs
+from fusionprof.backends.graphs import MEMORY_UNSEEN, ShapeGraphs
 from fusionprof.errors import UserError, first_line
 from fusionprof.models.model import allow_recompiles
 from fusionprof.runtime import DTYPES
@@ -39,6 +39,7 @@ class TorchCudaGraphs(Backend):
     label = "PyTorch + CUDA graphs"
     precisions: ClassVar[dict[str, tuple[str, ...]]] = {"cuda": AUTOCAST_PRECISIONS["cuda"]}  # CUDA only
     kernels = "eager"  # what the graphs replay, as describe() says it
+    cuda_memory_unseen = MEMORY_UNSEEN
 
     def __init__(self, artifacts, device, precision, **options):
         super().__init__(artifacts, device, precision, **options)

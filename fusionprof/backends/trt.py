@@ -86,6 +86,7 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: dict[str, tuple], wo
 class TensorRT(Backend):
     label = "TensorRT"
     artifact = "plan"
+    cuda_memory_unseen = "TensorRT allocates its engine's and context's memory itself"
     precisions: ClassVar[dict[str, tuple[str, ...]]] = {"cuda": GRAPH_PRECISIONS["cuda"]}  # CUDA only
 
     def __init__(self, artifacts, device, precision, **options):

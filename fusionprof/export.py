@@ -53,6 +53,10 @@ TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-3}, "fp16": {"atol": 2e-2, "rtol
 # The exported model's test accuracy may differ from the checkpoint's (fp32 for int8) by at most this (fraction of
 # pairs): logits within tolerance can still cross 0 for a pair or two that sit on the decision boundary.
 ACCURACY_TOLERANCE = {"fp32": 0.002, "fp16": 0.01, "bf16": 0.01, "int8": 0.01}
+# fp32 on a GPU: cuDNN convolutions run in TF32 by default in PyTorch (as in TensorRT and onnxruntime's CUDA provider),
+# 10 bits of mantissa to fp32's 23: a logit of the tiny model moved by up to 2.2e-4 when its convolutions' operands
+# were rounded to TF32, past fp32's tolerance. Parity on CUDA in fp32 is held to this instead, and says so.
+TF32_TOLERANCE = {"atol": 1e-3, "rtol": 1e-2}
 PARITY_SHAPES = [(1, 5), (3, 11), (8, None)]  # (batch, sequence length; None = the model's maximum)
 PARITY_MAX_BATCH = max(batch for batch, _ in PARITY_SHAPES)
 CPU = torch.device("cpu")
@@ -141,7 +145,9 @@ def parity(reference: FusionModel, backend, precision: str, largest_batch: int =
     """Max abs / rel error of the backend's logits against the eager fp32 model, and how often their match decisions
     (the logit's sign) agree, per input shape: the fixed shapes, and ``largest_batch`` (the largest batch that will
     be timed or evaluated) at full caption length."""
-    tol = TOLERANCES[precision]
+    tf32 = precision == "fp32" and getattr(backend, "device", CPU).type == "cuda"
+    tol = {**TF32_TOLERANCE, "why": "fp32 on CUDA: TF32 convolutions, the runtimes' default"} if tf32 \
+        else TOLERANCES[precision]
     rows, ok, agree = [], True, []
     shapes = PARITY_SHAPES + ([(largest_batch, None)] if largest_batch > PARITY_MAX_BATCH else [])
     for batch, seq in shapes:
@@ -185,22 +191,26 @@ def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Pa
     record = {"schema_version": SCHEMA_VERSION, "kind": "export", "checkpoint": str(checkpoint),
               "checkpoint_hash": checkpoint_hash(checkpoint), "fusion": model.cfg.fusion, "preset": cfg.preset,
               "format": fmt, "precision": precision, "environment": fingerprint(), "model_config": to_dict(model.cfg)}
+    # From here until its gates have run, the artifact on disk is not the verified one: an earlier "ok" record
+    # beside it must not vouch for it (a process killed mid-way leaves "building", which nothing reuses)
+    write_json(path, {**record, "passed": False, "status": "building"})
     try:  # the accuracy gate runs at the training batch: a TensorRT profile must cover it too
-        calibration = checkpoint_calibration(checkpoint, model, cfg)
         fp32 = verified_fp32_onnx(Path(checkpoint), out) if precision == "int8" else None
+        calibration = checkpoint_calibration(checkpoint, model, cfg)
         artifacts = build_artifacts(fmt, model, out, precision, torch_device, max(max_batch, cfg.batch_size),
                                     record, log, calibration, fp32, progress)
-    except UserError as e:  # the artifact could not be built: a failed record with the reason, not a gap
-        write_json(path, {**record, "passed": False, "status": "failed", "failure": str(e)})
-        raise UserError(f"{e} (marked failed in {path})") from None
-    backend = verifier(artifacts, torch_device, precision)
-    record["backend"] = backend.describe()
-    record["parity"] = parity(model, backend, precision, largest_batch=max(max_batch, cfg.batch_size))
-    gate = AccuracyGate(model, cfg, Path(checkpoint), progress)
-    record["accuracy"] = gate(backend, precision)
-    record["passed"] = record["parity"]["passed"] and record["accuracy"]["passed"]
-    if precision == "int8" and artifacts.ir is not None:  # NNCF's IR, kept for openvino: the same accuracy gate
-        _gate_ir(record["onnx"]["openvino"], artifacts, gate)
+        backend = verifier(artifacts, torch_device, precision)
+        record["parity"] = parity(model, backend, precision, largest_batch=max(max_batch, cfg.batch_size))
+        gate = AccuracyGate(model, cfg, Path(checkpoint), progress)
+        record["accuracy"] = gate(backend, precision)
+        record["backend"] = backend.describe()  # after its calls: e.g. whether aoti's calls could be captured
+        record["passed"] = record["parity"]["passed"] and record["accuracy"]["passed"]
+        if precision == "int8" and artifacts.ir is not None:  # NNCF's IR, kept for openvino: the same accuracy gate
+            _gate_ir(record["onnx"]["openvino"], artifacts, gate)
+    except Exception as e:  # not built, or not checkable: a failed record with the reason, not a gap or a traceback
+        why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {first_line(e)}"
+        write_json(path, {**record, "passed": False, "status": "failed", "failure": why})
+        raise UserError(f"{why} (marked failed in {path})") from None
     record["status"] = "ok" if record["passed"] else "failed"
     write_json(path, record)
     record["record_path"] = str(path)
@@ -404,4 +414,5 @@ class AccuracyGate:
                 "checkpoint_accuracy": reference["accuracy"],
                 "exported_accuracy": exported["accuracy"], "checkpoint_auc": reference["auc"],
                 "exported_auc": exported["auc"], "abs_difference": delta, "tolerance": ACCURACY_TOLERANCE[precision],
-                "passed": delta <= ACCURACY_TOLERANCE[precision]}
+                # in pairs, not fractions: 4 of 2000 pairs is 0.2 % exactly, which as floats is 0.0020000000000000018
+                "passed": round(delta * exported["pairs"]) <= round(ACCURACY_TOLERANCE[precision] * exported["pairs"])}

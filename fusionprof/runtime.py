@@ -18,6 +18,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device ``name`` asks for, checked; a GPU becomes the process's current device, as runtimes that take no
+    device argument (CUDA graph capture, TensorRT's execution, cuDNN's handles) use the current one."""
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -28,6 +30,7 @@ def resolve_device(name: str) -> torch.device:
         index = device.index or 0
         if index >= torch.cuda.device_count():
             raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        torch.cuda.set_device(index)
         return torch.device("cuda", index)
     if device.type != "cpu":
         raise UserError(f"--device {name}: only cpu and cuda:N are supported")

@@ -40,6 +40,42 @@ def test_export_onnx_verifies_parity_and_accuracy(checkpoint, tmp_path):
     assert acc["exported_accuracy"] == pytest.approx(acc["checkpoint_accuracy"], abs=0.002)
     assert record["backend"]["provider"] == "CPUExecutionProvider"
     assert "parity batch  8" in out and "status ok" in out
+    assert verified_export(path, tmp_path, "onnx", "fp32") is not None
+
+    # exported again over it, and the checks die on an error of their own: the old "ok" must not vouch for the new file
+    def gone(*args, **kwargs):
+        raise RuntimeError("the test split's images are gone")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fusionprof.export, "AccuracyGate", gone)
+        code, out = export_cli("--checkpoint", path, "--out", tmp_path)
+    assert code == 1 and out.strip().splitlines()[-1] == (
+        f"Error: RuntimeError: the test split's images are gone (marked failed in {tmp_path / 'export.json'})")
+    record = json.loads((tmp_path / "export.json").read_text())
+    assert record["status"] == "failed" and "images are gone" in record["failure"]
+    assert verified_export(path, tmp_path, "onnx", "fp32") is None
+
+
+def test_fp32_parity_on_a_gpu_is_held_to_tf32s_tolerance():
+    """cuDNN convolutions run in TF32 by default: fp32 on CUDA gets TF32's tolerance, and says so; the CPU does not."""
+    from fusionprof.config import model_config
+    from fusionprof.export import TF32_TOLERANCE, TOLERANCES, parity
+    from fusionprof.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny", fusion="early", vocab_size=1000)).eval()
+
+    class Off:  # the model's logits moved by 5e-4, as TF32 rounding moves them
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def run(self, images, ids, mask):
+            with torch.no_grad():
+                return model(images, ids, mask).float().numpy() + 5e-4
+
+    on_gpu, on_cpu = parity(model, Off("cuda:0"), "fp32"), parity(model, Off("cpu"), "fp32")
+    assert on_gpu["passed"] and on_gpu["tolerance"]["atol"] == TF32_TOLERANCE["atol"] and "TF32" in on_gpu[
+        "tolerance"]["why"]
+    assert not on_cpu["passed"] and on_cpu["tolerance"] == TOLERANCES["fp32"]
 
 
 def test_a_failed_gate_marks_the_artifact_failed(checkpoint, tmp_path, monkeypatch):

@@ -32,14 +32,18 @@ class AOTInductor(Backend):
         super().__init__(artifacts, device, precision, **options)
         path = require(artifacts.pt2, "AOTInductor package", f"fusionprof export --fmt pt2 --precision {precision}")
         self.dtype = DTYPES[precision]
+        captured = device.type == "cuda" and self.cuda_graphs
         try:
-            self.runner = torch._inductor.aoti_load_package(str(path), device_index=device.index or 0
+            # single-threaded: the package's runtime then skips the CUDA event it queries and records per call
+            # between its model instances, which a stream being captured refuses ("operation not permitted when
+            # stream is capturing"); PyTorch added the flag for capturing packages in CUDA graphs
+            self.runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=captured,
+                                                            device_index=device.index or 0
                                                             if device.type == "cuda" else -1)
         except Exception as e:  # a package for another device, torch version or a truncated file
             raise UserError(f"{path}: AOTInductor cannot load it ({first_line(e)})") from None
         self.path = path
-        self.graphs = ShapeGraphs(self._call, device, self.dtype) if device.type == "cuda" and self.cuda_graphs \
-            else None
+        self.graphs = ShapeGraphs(self._call, device, self.dtype) if captured else None
         self.uncaptured = None if self.graphs else "not on a GPU" if device.type != "cuda" else "switched off"
 
     @classmethod

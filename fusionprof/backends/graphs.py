@@ -49,13 +49,17 @@ class ShapeGraphs:
                 self.forward(*inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
+        # torch.cuda.graph captures on a stream of the current device: on cuda:1 with cuda:0 current it would
+        # capture nothing of the model's work
+        with torch.cuda.device(self.device), torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
             output = self.forward(*inputs)
         torch.cuda.synchronize(self.device)
         self.capture_seconds[f"{images.shape[0]}x{input_ids.shape[1]}"] = time.perf_counter() - start
         return _Captured(graph, inputs, output)
 
     def __call__(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The logits, in the graph's own output buffer: the next replay of this shape (or of another, whose graph
+        shares the pool) overwrites it, so copy what is to be kept (``Backend.run`` copies it to the host)."""
         shape = (images.shape[0], input_ids.shape[1])
         if shape not in self.graphs:
             self.graphs[shape] = self._capture(images, input_ids, attention_mask)

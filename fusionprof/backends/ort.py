@@ -68,8 +68,10 @@ class OnnxRuntime(Backend):
             return torch.from_numpy(self.run(images, input_ids, attention_mask))
         # CUDA: IO binding on torch-owned device memory, so no copy leaves the GPU.
         binding = self.session.io_binding()
-        for name, tensor in self._cast((images, input_ids, attention_mask)).items():
-            tensor = tensor.contiguous()
+        # ORT reads the bound memory by address only: these tensors (copies where an input was cast or channels-last)
+        # must live until the run returns, or torch's allocator may hand their memory to the next one
+        bound = {name: t.contiguous() for name, t in self._cast((images, input_ids, attention_mask)).items()}
+        for name, tensor in bound.items():
             binding.bind_input(name, "cuda", self.device.index or 0, _np_dtype(tensor), list(tensor.shape),
                                tensor.data_ptr())
         out_dtype = torch.float16 if self.session.get_outputs()[0].type == "tensor(float16)" else torch.float32

@@ -122,15 +122,21 @@ class TensorRT(Backend):
                 raise UserError(f"{self.path}: input {name} of shape {tuple(tensor.shape)} is outside the engine's "
                                 f"optimization profile {self.profile_range(name)}: export it again with a larger "
                                 "--max-batch")
-            self.context.set_tensor_address(name, tensor.data_ptr())
+            self._check(self.context.set_tensor_address(name, tensor.data_ptr()), f"binding input {name}")
         logits = torch.empty(tuple(self.context.get_tensor_shape(OUTPUT_NAMES[0])), dtype=self.dtypes["logits"],
                              device=self.device)
-        self.context.set_tensor_address(OUTPUT_NAMES[0], logits.data_ptr())
+        self._check(self.context.set_tensor_address(OUTPUT_NAMES[0], logits.data_ptr()), "binding the logits")
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)  # inputs written on torch's stream are ready
-        self.context.execute_async_v3(self.stream.cuda_stream)
+        self._check(self.context.execute_async_v3(self.stream.cuda_stream), "enqueueing the engine")
         current.wait_stream(self.stream)
         return logits
+
+    def _check(self, ok: bool, what: str) -> None:
+        """TensorRT reports failures by returning False (and logging): timing a call that enqueued nothing, or
+        returning logits it never wrote, would be worse than stopping."""
+        if not ok:
+            raise UserError(f"{self.path}: TensorRT failed {what} (its log above says why)")
 
     def describe(self):
         import tensorrt as trt

@@ -31,8 +31,11 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def predict(forward: Callable[[Batch], torch.Tensor | np.ndarray], batches: Iterable[Batch]) -> tuple[np.ndarray, ...]:
-    """(logits, labels) over every batch, in order; ``forward`` maps a host Batch to host logits."""
-    logits, labels = [], []
+    """(logits, labels) over every batch, in order; ``forward`` maps a host Batch to host logits.
+
+    No batches give two empty arrays: under DDP a rank whose shard of a small split is empty still joins the gather.
+    """
+    logits, labels = [np.empty(0, np.float32)], [np.empty(0, np.float32)]
     for batch in batches:
         logits.append(np.asarray(forward(batch), dtype=np.float32).reshape(-1))
         labels.append(batch.labels.numpy())

@@ -469,18 +469,24 @@ def log_scalars(writer: SummaryWriter, record: dict) -> None:
 
 
 def training_flops(model: FusionModel, cfg: TrainConfig, seq_len: float, samples_per_s: float,
-                   device: torch.device) -> dict:
+                   device: torch.device, world_size: int = 1) -> dict:
     """What a training sample costs and the rate the run achieved: the forward counted at the epoch's mean caption
     length; ×3 for what trains (the backward costs about two forwards), ×1 for frozen encoders, nothing for
-    encoders read from the feature cache. MFU against the datasheet peak on a known GPU in bf16 / fp16."""
+    encoders read from the feature cache. MFU against the datasheet peak on a known GPU in bf16 / fp16.
+
+    ``samples_per_s`` is the whole run's rate, so ``achieved_tflops`` is all ``world_size`` processes together;
+    the MFU divides each process's share by one GPU's peak (``datasheet_tflops``), not the sum by one GPU's.
+    """
     f = forward_flops(model, seq_len=round(seq_len))
     encoders = f["image_encoder"] + f["text_encoder"]
     head = f["total"] - encoders
     per_sample = 3 * head + (0 if cfg.cache_features else 1 if model.cfg.freeze_encoders else 3) * encoders
     achieved = per_sample * samples_per_s / 1e12
+    per_process = achieved / world_size
     peak = datasheet_tflops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
     return {"seq_len": seq_len, "forward_flops": f, "gflop_per_sample": per_sample / 1e9,
-            "achieved_tflops": achieved, "datasheet_tflops": peak, "mfu": achieved / peak if peak else None}
+            "achieved_tflops": achieved, "achieved_tflops_per_process": per_process, "datasheet_tflops": peak,
+            "mfu": per_process / peak if peak else None}
 
 
 def steady_samples_per_s(history: list[dict], pairs: int) -> float | None:
@@ -509,7 +515,7 @@ def build_metrics(run: str, cfg: TrainConfig, model_cfg: ModelConfig, model: Fus
         "train_seconds": train_seconds, "epochs": cfg.epochs, "train_samples_per_s": samples_per_s,
         "first_epoch_seconds": history[0]["epoch_seconds"], "steady_samples_per_s": steady,
         # the sustained rate where there is one: a first epoch's compile or cache build is not training speed
-        "train_flops": training_flops(model, cfg, mean_length, steady or samples_per_s, device),
+        "train_flops": training_flops(model, cfg, mean_length, steady or samples_per_s, device, d.world_size),
         "feature_cache": feature_cache,
         "distributed": {"world_size": d.world_size, "backend": d.backend, "batch_per_process": rank_batch},
         "peak_memory": peak_memory_mib(device),

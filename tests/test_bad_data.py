@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from fusionprof.cli import cli
+from fusionprof.data.coco import load_splits
 
 
 @pytest.fixture
@@ -25,6 +26,10 @@ def damaged(small_data, tmp_path):
     ann_path = root / "annotations" / "captions_train.json"
     ann = json.loads(ann_path.read_text())
     ann["annotations"][20]["caption"] = "   "  # empty caption
+    ann["images"].append({"id": [1], "file_name": "listed.jpg"})  # an id no dict can key on
+    ann["images"].append({"id": 10_000, "file_name": "nul\x00byte.jpg"})  # a name no file can have
+    ann["annotations"].append({"id": 10_000, "image_id": 10_000, "caption": "a caption of a nameless file"})
+    ann["annotations"].append({"id": 10_001, "image_id": {"id": 0}, "caption": "an image id that is an object"})
     ann_path.write_text(json.dumps(ann))
     return root
 
@@ -41,15 +46,30 @@ def test_damaged_files_are_skipped_counted_and_reported(damaged, tmp_path):
     assert result.exit_code == 0, result.output
     out = result.output
     assert "[train] skipped: 1 × missing image" in out
-    assert "[train] skipped: 2 × unreadable image" in out
+    assert "[train] skipped: 3 × unreadable image" in out  # two damaged files and the name with a NUL byte
     assert "[train] skipped: 1 × empty caption" in out
+    assert "[train] skipped: 2 × malformed entry" in out
     for kind in ("grayscale", "cmyk", "format mismatch"):
         assert f"[train] converted to RGB: 1 × {kind}" in out
-    assert "4 data entries skipped" in out
+    assert "7 data entries skipped" in out
     summary = json.loads((tmp_path / "p" / "tiny-early" / "metrics.json").read_text())["data_summary"]["train"]
-    assert summary["skipped"] == {"empty_caption": 1, "missing_image": 1, "unreadable_image": 2}
+    assert summary["skipped"] == {"empty_caption": 1, "missing_image": 1, "unreadable_image": 3,
+                                  "malformed_entry": 2}
     assert summary["converted"] == {"grayscale": 1, "cmyk": 1, "format_mismatch": 1}
     assert summary["images"] == 48 - 3 and summary["captions"] == 2 * 45 - 1
+
+
+def test_malformed_karpathy_entries_are_skipped_and_counted(small_data, tmp_path):
+    files = sorted((small_data / "train").glob("*.jpg"))[:4]
+    entries = [{"filepath": "train", "filename": f.name, "split": "train", "cocoid": i,
+                "sentences": [{"raw": f"a caption {i}"}]} for i, f in enumerate(files)]
+    entries[1].update(filename="gone.jpg", cocoid="not a number")  # looked up by id when the file is missing
+    entries[2].update(split=["train"])  # a split name no dict can key on
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": entries}))
+    (tmp_path / "train").symlink_to(small_data / "train")
+    splits, _ = load_splits(tmp_path)
+    assert [p.name for p in splits["train"].image_paths] == [files[0].name, files[3].name]
+    assert splits["train"].report.skipped == {"malformed_entry": 2}
 
 
 @pytest.mark.parametrize("damage,message", [
@@ -62,6 +82,9 @@ def test_damaged_files_are_skipped_counted_and_reported(damaged, tmp_path):
     (lambda root: [p.unlink() for p in (root / "train").glob("*.jpg")],
      "split 'train' has 0 usable image(s) with captions (skipped: {'missing_image': 48}"),
     (lambda root: shutil.rmtree(root / "annotations"), "no captions found; expected dataset_coco.json"),
+    (lambda root: (root / "annotations" / "captions_train.json").write_text(
+        json.dumps({"images": [{"id": [i], "file_name": f"{i}.jpg"} for i in range(3)], "annotations": []})),
+     "split 'train' has 0 usable image(s) with captions (skipped: {'malformed_entry': 3}"),
 ])
 def test_unusable_data_is_a_one_line_error(damage, message, small_data, tmp_path):
     root = tmp_path / "broken"

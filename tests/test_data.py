@@ -154,6 +154,24 @@ def test_load_rgb_repairs_and_counts(tmp_path):
     assert load_rgb(tmp_path / "png.jpg", 8)[0, 0].tolist() == [0, 0, 255]
 
 
+def test_wide_grayscale_is_rescaled_not_clipped(tmp_path):
+    """16-bit PNGs span 0–65535 and float images [0, 1]: convert("RGB") alone clips both (near white, black)."""
+    from PIL import Image
+
+    from fusionprof.data.report import DataReport
+
+    levels = np.array([[0, 15000], [30000, 60000]], dtype=np.uint16).repeat(4, 0).repeat(4, 1)
+    Image.fromarray(levels).save(tmp_path / "deep.png")  # written as a 16-bit PNG, read back as I;16
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "float.tiff")
+    with Image.open(tmp_path / "deep.png") as img:
+        assert img.mode == "I;16"
+    report = DataReport()
+    deep = load_rgb(tmp_path / "deep.png", 8, report)
+    assert deep[::4, ::4, 0].tolist() == [[0, 58], [117, 233]] and (deep == deep[..., :1]).all()  # value / 257
+    assert (load_rgb(tmp_path / "float.tiff", 8, report) == 128).all()
+    assert dict(report.converted) == {"grayscale": 2}
+
+
 def test_roc_auc_matches_pairwise_counting():
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 5, size=60).astype(float)  # many ties

@@ -15,10 +15,14 @@ from click.testing import CliRunner
 from torch.distributed.run import get_args_parser
 from torch.utils.data import DistributedSampler
 
+import fusionprof.evaluate
 from fusionprof.checkpoint import load_checkpoint
 from fusionprof.cli import cli
+from fusionprof.data import prepare_data
 from fusionprof.data.itm import PairBatches, make_pairs
 from fusionprof.data.synth import write_synth
+from fusionprof.distributed import SINGLE, Dist
+from fusionprof.models import build_model
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -68,6 +72,28 @@ def test_only_train_runs_under_torchrun(monkeypatch):
     assert "'latency' runs in one process; only 'train' runs under torchrun" in result.output
 
 
+def test_a_rank_without_evaluation_batches_still_joins_the_gather(monkeypatch, small_data, tiny_cfg, tokenizer):
+    """A split of one global batch under 2 processes: rank 1's shard is empty, yet both ranks return the
+    one-process metrics (the gather is simulated in process: each rank's part as it hands it over)."""
+    model = build_model(tiny_cfg("early"))
+    split = prepare_data(small_data, tokenizer, model.cfg.image_size, model.cfg.max_text_len, splits=("val",),
+                         limit_eval=4, progress=False)[0]["val"]
+    batch_size = len(split.pairs(0).caption)  # the whole split is one batch
+    parts = {}
+
+    def gather(d, obj):
+        parts[d.rank] = obj
+        return [parts.get(rank, obj) for rank in range(d.world_size)]
+
+    monkeypatch.setattr(fusionprof.evaluate, "all_gather_objects", gather)
+    alone = fusionprof.evaluate.evaluate_split(model, split, 0, batch_size, torch.device("cpu"), d=SINGLE)
+    ranks = {rank: fusionprof.evaluate.evaluate_split(model, split, 0, batch_size, torch.device("cpu"),
+                                                      d=Dist(rank, 2))
+             for rank in (0, 1, 0)}  # rank 0 again, now that rank 1's part is in
+    assert len(parts[1][0]) == len(parts[1][1]) == 0
+    assert ranks[0] == ranks[1] == alone and alone["pairs"] == batch_size
+
+
 @pytest.fixture(scope="module")
 def learnable_data(tmp_path_factory):
     """Enough data that three short epochs learn the task, so the two runs' accuracies mean something."""
@@ -98,6 +124,8 @@ def test_two_processes_match_one(tmp_path, learnable_data):
     assert sorted(p.name for p in (tmp_path / "models" / "two").iterdir()) == ["checkpoint.pt", "tokenizer"]
     assert runs["two"]["distributed"] == {"world_size": 2, "backend": "gloo", "batch_per_process": 16}
     assert runs["one"]["distributed"]["world_size"] == 1
+    flops = runs["two"]["train_flops"]  # the run's rate is both processes'; each process did half of it
+    assert flops["achieved_tflops_per_process"] == pytest.approx(flops["achieved_tflops"] / 2)
     assert runs["one"]["train_config"]["warmup_steps"] == runs["two"]["train_config"]["warmup_steps"] == 20
     # Evaluation was sharded over the ranks and gathered: every test pair counted once.
     assert runs["two"]["test"]["pairs"] == runs["one"]["test"]["pairs"] == 400

@@ -144,6 +144,21 @@ def test_pooling_ignores_padding(kind):
     torch.testing.assert_close(pool(x, mask), pool(garbage, mask))
 
 
+@pytest.mark.parametrize("kind", sorted(POOLS))
+def test_pooling_runs_under_bf16_autocast_and_ignores_padding(kind):
+    """--precision bf16 (what auto picks on a bf16 CPU): the attention pool's mask fill must fit in bf16."""
+    torch.manual_seed(0)
+    pool = make_pool(kind, 16)
+    x = torch.randn(2, 6, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    garbage = x.clone()
+    garbage[mask == 0] = 1e4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        clean, dirty = pool(x, mask), pool(garbage, mask)
+    assert torch.isfinite(clean).all()
+    torch.testing.assert_close(clean, dirty)
+
+
 def test_masked_mean_is_the_mean_of_real_tokens():
     x = torch.arange(12, dtype=torch.float32).view(1, 4, 3)
     mask = torch.tensor([[1, 1, 0, 0]])

@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 from conftest import NO_CUDA_64
 
+from fusionprof.atomic import write_json
 from fusionprof.checkpoint import load_checkpoint, load_model
 from fusionprof.cli import cli
 from fusionprof.config import model_config, train_config
@@ -26,7 +27,7 @@ from fusionprof.evaluate import to_inputs
 from fusionprof.measure import datasheet_tflops
 from fusionprof.models import build_model
 from fusionprof.runtime import autocast
-from fusionprof.train import make_optimizer, train
+from fusionprof.train import make_optimizer, train, training_flops
 
 QUICK = ["--epochs", "2", "--batch-size", "16", "--quiet"]
 
@@ -178,6 +179,17 @@ def test_mfu_needs_a_known_gpu_and_a_tensor_core_precision():
     assert datasheet_tflops("NVIDIA H200", "fp32") is None and datasheet_tflops("Some GPU", "bf16") is None
 
 
+def test_mfu_under_ddp_divides_each_process_share_by_one_gpu_peak(monkeypatch):
+    """samples/s is the whole run's: against one GPU's peak it would count every GPU's work as one GPU's."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
+    model = build_model(model_config("tiny", fusion="late", vocab_size=len(build_tokenizer(model_config("tiny")))))
+    cfg = train_config("tiny", precision="bf16")
+    one, two = (training_flops(model, cfg, 8, 1000.0, torch.device("cuda"), world_size=n) for n in (1, 2))
+    assert one["achieved_tflops"] == two["achieved_tflops"] == 2 * two["achieved_tflops_per_process"]
+    assert two["datasheet_tflops"] == 989.4
+    assert two["mfu"] == pytest.approx(two["achieved_tflops"] / (2 * 989.4)) and one["mfu"] == 2 * two["mfu"]
+
+
 def test_compile_scopes_and_the_flag_old_checkpoints_stored():
     assert train_config("tiny").compile == "off"
     assert [train_config("tiny", compile=flag).compile for flag in (True, False)] == ["model", "off"]
@@ -277,6 +289,16 @@ def test_sigkilled_run_resumes(tmp_path, small_data):
     assert final["epoch"] == 3 and [h["epoch"] for h in final["history"]] == [1, 2, 3]
     assert re.findall(r"^epoch (\d)/3 ", result.stdout, re.M) == [str(e) for e in range(done + 1, 4)]  # the rest
     assert not list(ckpt.parent.glob(".*.tmp"))  # no temporary files left to confuse anyone
+
+
+def test_atomic_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
+    """An OS crash (not only a killed process) must leave the old file or the whole new one."""
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda *a: events.append("replace") or replace(*a))
+    write_json(tmp_path / "record.json", {"a": 1})
+    assert events == (["fsync", "replace", "fsync"] if os.name == "posix" else ["fsync", "replace"])
+    assert json.loads((tmp_path / "record.json").read_text()) == {"a": 1} and not list(tmp_path.glob(".*.tmp"))
 
 
 @pytest.mark.slow

@@ -89,6 +89,11 @@ def _build_split(name: str, entries: list[tuple[Path, list[str]]], report: DataR
     return CaptionSplit(name, paths, captions, np.asarray(owner, dtype=np.int64), report)
 
 
+def _is_id(value) -> bool:
+    """An id a dict can key on: a JSON list or object in its place is a malformed entry, not a crash."""
+    return isinstance(value, int | str)
+
+
 def read_coco_captions(json_path: Path, image_dir: Path, split: str) -> CaptionSplit:
     """A COCO captions file (``images`` + ``annotations``) into a split."""
     data = _read_json(json_path)
@@ -96,14 +101,14 @@ def read_coco_captions(json_path: Path, image_dir: Path, split: str) -> CaptionS
     if not isinstance(images, list) or not isinstance(annotations, list):
         raise UserError(f"{json_path}: not a COCO captions file (needs 'images' and 'annotations' lists)")
     report = DataReport()
-    by_id: dict[int, tuple[Path, list[str]]] = {}
+    by_id: dict[int | str, tuple[Path, list[str]]] = {}
     for k, img in enumerate(images):
-        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+        if not isinstance(img, dict) or not _is_id(img.get("id")) or not isinstance(img.get("file_name"), str):
             report.skip("malformed_entry", f"{json_path.name}: images[{k}]")
             continue
         by_id[img["id"]] = (image_dir / img["file_name"], [])
     for k, ann in enumerate(annotations):
-        if not isinstance(ann, dict) or ann.get("image_id") not in by_id:
+        if not isinstance(ann, dict) or not _is_id(ann.get("image_id")) or ann["image_id"] not in by_id:
             report.skip("malformed_entry", f"{json_path.name}: annotations[{k}]")
             continue
         by_id[ann["image_id"]][1].append(ann.get("caption"))
@@ -133,7 +138,7 @@ def read_karpathy(json_path: Path, root: Path) -> dict[str, CaptionSplit]:
             split = {"restval": "train"}.get(img["split"], img["split"])
             texts = [s.get("raw") for s in img["sentences"]]
             path = _karpathy_image(root, img)
-        except (KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError, ValueError):  # ValueError: a cocoid that is not a number
             report["train"].skip("malformed_entry", f"{json_path.name}: images[{k}]")
             continue
         if split in entries:

@@ -19,11 +19,12 @@ from tqdm import tqdm
 from fusionprof.atomic import atomic_write, write_json
 from fusionprof.data.report import DataReport
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: 16-bit and float grayscale rescaled to 8 bits, where 1 clipped them
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _EXPECTED_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
-_GRAYSCALE_MODES = {"1", "L", "I", "I;16", "F"}
+_WIDE_GRAYSCALE_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}  # more than 8 bits: rescaled, not clipped
+_GRAYSCALE_MODES = {"1", "L"} | _WIDE_GRAYSCALE_MODES
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
@@ -54,6 +55,8 @@ def load_rgb(path: Path, size: int, report: DataReport | None = None) -> np.ndar
                 elif img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
                     report.convert("alpha", path.name)
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when much larger than needed
+            if img.mode in _WIDE_GRAYSCALE_MODES:
+                img = _wide_to_8bit(img)
             rgb = img.convert("RGB").resize((size, size), Image.BILINEAR)
             return np.asarray(rgb, dtype=np.uint8)
     except FileNotFoundError:
@@ -62,13 +65,28 @@ def load_rgb(path: Path, size: int, report: DataReport | None = None) -> np.ndar
         raise BadImage("unreadable_image") from None
 
 
+def _wide_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit or float grayscale → 8-bit "L", scaled by the mode's range: ``convert("RGB")`` clips instead (a
+    0–60000 PNG comes out nearly white, a float image in [0, 1] black).
+
+    I;16 and I span 0–65535 (I is how older Pillows open a 16-bit PNG; wider values clip). F in [0, 1] is taken
+    as such; any other float range is stretched from its minimum to its maximum.
+    """
+    x = np.nan_to_num(np.asarray(img, dtype=np.float32))
+    lo, hi = 0.0, 65535.0
+    if img.mode == "F":
+        lo, hi = (0.0, 1.0) if x.size == 0 or (x.min() >= 0 and x.max() <= 1) else (float(x.min()), float(x.max()))
+    scaled = (x - lo) * (255 / max(hi - lo, 1e-12))
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))  # uint8 [H, W]: mode L
+
+
 def _key(paths: list[Path], size: int) -> str:
     h = hashlib.sha1(f"v{CACHE_VERSION}|{size}".encode())
     for p in paths:
         try:
             st = p.stat()
             h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL byte in the name, which load_rgb then skips as unreadable
             h.update(f"{p}|missing\n".encode())
     return h.hexdigest()[:20]
 

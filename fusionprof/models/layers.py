@@ -32,7 +32,10 @@ class AttnPool(nn.Module):
         self.score = nn.Linear(dim, 1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        score = self.score(x).squeeze(-1).masked_fill(mask == 0, torch.finfo(x.dtype).min)
+        score = self.score(x).squeeze(-1)
+        # the fill in the score's own dtype: under bf16/fp16 autocast it is narrower than x's, and fp32's minimum
+        # does not fit. Finite, not -inf, so an all-padding row gives a uniform average instead of NaN.
+        score = score.masked_fill(mask == 0, torch.finfo(score.dtype).min)
         return (score.softmax(-1).unsqueeze(-1) * x).sum(1)
 
 

@@ -14,6 +14,7 @@ keeps LoadGen's own logs in the folder of the same name beside it.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from fusionprof.loadgen import (
     LoadRecord,
     LoadRun,
     LoadSettings,
+    check_above_zero,
     find_max_qps,
     read_accuracy_log,
     run_loadgen,
@@ -79,17 +81,17 @@ def check(cfg: LoadConfig) -> torch.device:
     """Every option checked before anything loads: a bad one is a one-line error."""
     if cfg.scenario not in SCENARIOS:
         raise UserError(f"unknown scenario {cfg.scenario!r}; choose from {', '.join(SCENARIOS)}")
-    bad_qps = [q for q in cfg.qps if not q > 0]
-    if bad_qps:
-        raise UserError(f"--qps must be above 0, got {bad_qps[0]:g}")
-    if not cfg.p99_ms > 0:
-        raise UserError(f"--p99-ms must be above 0, got {cfg.p99_ms:g}")
+    for qps in cfg.qps:
+        check_above_zero("--qps", qps)
+    check_above_zero("--p99-ms", cfg.p99_ms)
     if cfg.max_batch < 1:
         raise UserError(f"--max-batch must be at least 1, got {cfg.max_batch}")
-    if cfg.batch_timeout_ms < 0:
-        raise UserError(f"--batch-timeout-ms must be 0 or more, got {cfg.batch_timeout_ms:g}")
-    if not cfg.min_duration_s > 0:
-        raise UserError(f"--min-duration must be above 0 seconds, got {cfg.min_duration_s:g}")
+    if not 0 <= cfg.batch_timeout_ms < math.inf:
+        raise UserError(f"--batch-timeout-ms must be 0 or more and finite, got {cfg.batch_timeout_ms:g}")
+    check_above_zero("--min-duration", cfg.min_duration_s)
+    if cfg.scenario == "single-stream" and cfg.max_batch > 1:  # one query in flight: a batch of it never fills
+        raise UserError(f"--max-batch {cfg.max_batch} with --scenario single-stream would only add "
+                        "--batch-timeout-ms to every query (one is in flight at a time): leave --max-batch at 1")
     if cfg.scenario == "server" and not cfg.accuracy and bool(cfg.qps) == cfg.find_max_qps:
         raise UserError("--scenario server needs --qps Q,... or --find-max-qps (one of the two)")
     if cfg.scenario != "server" and (cfg.qps or cfg.find_max_qps):
@@ -244,7 +246,9 @@ def accuracy_check(cfg: LoadConfig, sut: BatchingSUT, library: SampleLibrary, ba
               "backend_accuracy": accuracy(reference, labels), "eval_batch_size": tcfg.batch_size,
               "decisions_differing": int(((logged > 0) != (reference > 0)).sum()),
               "max_abs_logit_difference": float(np.abs(logged - reference).max()) if answered.all() else None}
-    result["matches"] = result["loadgen_accuracy"] == result["backend_accuracy"]
+    # every query answered, each with the backend's own decision: equal accuracies alone could hide swapped answers
+    result["matches"] = (result["answered"] == result["pairs"] and result["decisions_differing"] == 0
+                         and result["loadgen_accuracy"] == result["backend_accuracy"])
     return run, result
 
 

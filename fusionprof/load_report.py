@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fusionprof.env import machine_name
 from fusionprof.figures import pyplot, save_figure, slug
-from fusionprof.loadgen import LoadRecord, LoadRun
+from fusionprof.loadgen import LoadRecord, LoadRun, device_label
 from fusionprof.records import LatencyRecord
 
 PLOT_DIR = "report"  # the plots' folder under the report's folder, as report.py writes its own
@@ -38,13 +38,17 @@ def _verdict(run: LoadRun) -> str:
     return "VALID" if run.valid else "INVALID: " + "; ".join(run.invalid_reasons or ["no reason given"])
 
 
+LABEL = "backend (batching, threads)"  # the header over ``_label``
+
+
 def _label(r: LoadRecord) -> str:
-    return f"{r.backend} {r.precision} ({r.batching})"
+    """What tells two runs of one model apart: backend, precision, batching, and how the backend's threads ran."""
+    return f"{r.backend} {r.precision} ({r.serving})"
 
 
 def load_section(records: list[LoadRecord], out_dir: Path, latency: list[LatencyRecord] = ()) -> list[tuple]:
     """Server runs (p99 vs offered rate), the largest VALID rate per fusion, Offline samples/s beside the latency
-    sweep's best throughput. Plots go to ``out_dir / "report"``."""
+    sweep's best throughput, SingleStream's percentiles. Plots go to ``out_dir / "report"``."""
     blocks: list[tuple] = [("h2", "Load scenarios (MLPerf LoadGen)")]
     if not records:
         return blocks + [("p", "No load records: run `fusionprof load --fusion F --backend B --scenario server "
@@ -63,6 +67,9 @@ def load_section(records: list[LoadRecord], out_dir: Path, latency: list[Latency
         if offline:
             blocks += _offline_blocks(machine, offline, [x for x in latency
                                                          if machine_name(x.environment) == machine], out_dir)
+        single = [r for r in recs if r.scenario == "single-stream" and not r.accuracy]
+        if single:
+            blocks += _single_stream_blocks(machine, single)
         checked = [r for r in recs if r.accuracy]
         if checked:
             blocks.append(("table", ["machine", "preset/fusion", "backend", "LoadGen accuracy", "backend accuracy",
@@ -80,12 +87,12 @@ def _server_blocks(machine: str, records: list[LoadRecord], out_dir: Path) -> li
     best = [[machine, f"{r.preset}/{r.fusion}", _label(r), _ms(r.p99_target_ms),
              "none VALID" if r.max_qps is None else f"{r.max_qps:g}", str(len(r.runs)), Path(r.path or "").name]
             for r in records if r.config.get("find_max_qps")]
-    blocks = [("table", ["machine", "preset/fusion", "backend (batching)", "offered QPS", "p99 target ms",
+    blocks = [("table", ["machine", "preset/fusion", LABEL, "offered QPS", "p99 target ms",
                          "LoadGen", "p50 ms", "p99 ms", "record"], rows)]
     if best:
         blocks += [("p", f"The largest offered rate LoadGen called VALID (p99 within the target), by bisection — "
                          f"{machine}"),
-                   ("table", ["machine", "preset/fusion", "backend (batching)", "p99 target ms", "max VALID QPS",
+                   ("table", ["machine", "preset/fusion", LABEL, "p99 target ms", "max VALID QPS",
                               "trials", "record"], best)]
         png = plot_max_qps(machine, [r for r in records if r.config.get("find_max_qps")], out_dir)
         blocks.append(("img", f"{PLOT_DIR}/{png.name}", f"max VALID Server QPS under the p99 target — {machine}"))
@@ -96,23 +103,43 @@ def _server_blocks(machine: str, records: list[LoadRecord], out_dir: Path) -> li
 
 def _offline_blocks(machine: str, records: list[LoadRecord], latency: list[LatencyRecord],
                     out_dir: Path) -> list[tuple]:
-    sweep = {}  # (preset, fusion, backend, precision) → the best sequential throughput over batch sizes
-    for rec in latency:
-        for row in rec.rows:
-            if row.status == "ok" and row.throughput_samples_per_s:
-                key = (rec.config.get("preset"), row.fusion, row.backend, rec.config.get("precision"))
-                sweep[key] = max(sweep.get(key, 0.0), row.throughput_samples_per_s)
     rows = []
     for r in records:
         run = r.runs[0]
         rate = run.samples_per_s
         rows.append([machine, f"{r.preset}/{r.fusion}", _label(r), "INVALID" if rate is None else f"{rate:.1f}",
-                     _verdict(run), _ms(sweep.get((r.preset, r.fusion, r.backend, r.precision))),
-                     Path(r.path or "").name])
+                     _verdict(run), sweep_best(r, latency), Path(r.path or "").name])
     png = plot_offline(machine, records, out_dir)
-    return [("table", ["machine", "preset/fusion", "backend (batching)", "Offline samples/s", "LoadGen",
-                       "latency sweep best samples/s", "record"], rows),
+    return [("table", ["machine", "preset/fusion", LABEL, "Offline samples/s", "LoadGen",
+                       "latency sweep best samples/s (batch ≤ max batch)", "record"], rows),
+            ("p", "The latency sweep's column: the best sequential samples/s (batch / mean latency) of the same "
+                  "preset, fusion, backend and precision on the same machine and device, over batch sizes up to the "
+                  "load run's max batch (a batch the batcher never forms is no comparison), with the batch size."),
             ("img", f"{PLOT_DIR}/{png.name}", f"Offline samples/s — {machine}")]
+
+
+def sweep_best(r: LoadRecord, latency: list[LatencyRecord]) -> str:
+    """The best sequential samples/s that latency sweeps of ``r``'s machine, device, preset, precision, fusion and
+    backend timed at a batch the batcher could form (≤ ``r.max_batch``), with its batch size; – where none did."""
+    cells = [row for rec in latency
+             if machine_name(rec.environment) == machine_name(r.environment)
+             and device_label(rec.config.get("device", "cpu")) == device_label(r.device)
+             and (rec.config.get("preset"), rec.config.get("precision")) == (r.preset, r.precision)
+             for row in rec.rows
+             if row.status == "ok" and (row.fusion, row.backend) == (r.fusion, r.backend)
+             and row.batch_size is not None and row.batch_size <= r.max_batch and row.throughput_samples_per_s]
+    best = max(cells, key=lambda row: row.throughput_samples_per_s, default=None)
+    return "–" if best is None else f"{best.throughput_samples_per_s:.1f} (batch {best.batch_size})"
+
+
+def _single_stream_blocks(machine: str, records: list[LoadRecord]) -> list[tuple]:
+    """One query in flight at a time: LoadGen's percentiles and queries/s per run."""
+    rows = [[machine, f"{r.preset}/{r.fusion}", _label(r), _ms(run.p50_ms), _ms(run.p90_ms), _ms(run.p99_ms),
+             "–" if run.samples_per_s is None else f"{run.samples_per_s:.1f}", _verdict(run), Path(r.path or "").name]
+            for r in records for run in r.runs]
+    return [("p", f"SingleStream: one query at a time, the next sent when the last is answered — {machine}"),
+            ("table", ["machine", "preset/fusion", LABEL, "p50 ms", "p90 ms", "p99 ms", "QPS",
+                       "LoadGen", "record"], rows)]
 
 
 # --------------------------------------------------------------------------- plots

@@ -12,12 +12,13 @@ arrived for more, runs them as one batch and completes each sample with its logi
 from __future__ import annotations
 
 import json
+import math
 import sys
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -54,16 +55,25 @@ class LoadSettings:
     accuracy: bool = False  # AccuracyOnly: every sample once, every response logged
 
     def check(self) -> None:
-        """One-line errors for settings LoadGen would misread or reject later."""
+        """One-line errors for settings LoadGen would misread or reject later (an infinite one overflows LoadGen's
+        integer nanoseconds)."""
         if self.scenario not in SCENARIOS:
             raise UserError(f"unknown scenario {self.scenario!r}; choose from {', '.join(SCENARIOS)}")
-        if self.scenario == "server" and not self.accuracy:
-            if self.target_qps is None or not self.target_qps > 0:
-                raise UserError(f"--qps must be above 0, got {self.target_qps}")
-            if self.p99_ms is None or not self.p99_ms > 0:
-                raise UserError(f"--p99-ms must be above 0, got {self.p99_ms}")
-        if not self.min_duration_s > 0:
-            raise UserError(f"--min-duration must be above 0 seconds, got {self.min_duration_s}")
+        server = self.scenario == "server" and not self.accuracy  # LoadGen needs a rate and a target to judge
+        for option, value, required in (("--qps", self.target_qps, server), ("--p99-ms", self.p99_ms, server),
+                                        ("--min-duration", self.min_duration_s, True),
+                                        ("offline's expected rate", self.expected_qps, False),
+                                        ("single-stream's expected latency", self.expected_latency_ms, False)):
+            if required or value is not None:
+                check_above_zero(option, value)
+
+
+def check_above_zero(option: str, value: float | None) -> None:
+    """A one-line error unless ``value`` is a finite number above 0."""
+    if value is None or not value > 0:
+        raise UserError(f"{option} must be above 0, got {'nothing' if value is None else f'{value:g}'}")
+    if not math.isfinite(value):
+        raise UserError(f"{option} must be a finite number, got {value:g}")
 
 
 def test_settings(s: LoadSettings) -> lg.TestSettings:
@@ -95,8 +105,8 @@ class BatchingSUT:
                  timeout_ms: float = 0.0):
         if max_batch < 1:
             raise UserError(f"--max-batch must be at least 1, got {max_batch}")
-        if timeout_ms < 0:
-            raise UserError(f"--batch-timeout-ms must be 0 or more, got {timeout_ms}")
+        if not 0 <= timeout_ms < math.inf:  # NaN too
+            raise UserError(f"--batch-timeout-ms must be 0 or more and finite, got {timeout_ms:g}")
         self.run, self.inputs = run, inputs
         self.max_batch, self.timeout_s = max_batch, timeout_ms / 1e3
         self.queue: deque = deque()  # (LoadGen's response id, sample index, arrival time)
@@ -139,7 +149,7 @@ class BatchingSUT:
             if not self.queue:
                 return None
             deadline = self.queue[0][2] + self.timeout_s  # the oldest sample waits at most timeout_ms
-            while len(self.queue) < self.max_batch and not self.stopping:
+            while len(self.queue) < self.max_batch and not self.stopping and self.error is None:
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
@@ -147,7 +157,14 @@ class BatchingSUT:
             return [self.queue.popleft() for _ in range(min(self.max_batch, len(self.queue)))]
 
     def _serve(self) -> None:
-        while (batch := self._next_batch()) is not None:
+        while True:
+            try:
+                batch = self._next_batch()
+            except BaseException as e:  # the batcher itself failed: kept, and from now on no batch waits to fill,
+                self.error = self.error or e  # so every query is still answered and LoadGen does not hang
+                continue
+            if batch is None:
+                return
             ids, indices, _ = zip(*batch, strict=True)
             try:
                 logits = np.ascontiguousarray(self.run(*self.inputs(np.asarray(indices))), np.float32).reshape(-1)
@@ -194,6 +211,16 @@ class LoadRun:
         return self.figure("result_50.00_percentile_latency_ns", 1e-6)
 
     @property
+    def p90_ms(self) -> float | None:
+        return self.figure("result_90.00_percentile_latency_ns", 1e-6)
+
+    @property
+    def p99_target_ms(self) -> float | None:
+        """Server: the p99 target LoadGen judged this run against, as it logged it (None where it did not)."""
+        ns = self.settings.get("target_latency_ns")
+        return ns * 1e-6 if ns else None
+
+    @property
     def samples_per_s(self) -> float | None:
         """Offline: LoadGen's samples/s. Server: completed samples/s. Single-stream: queries/s."""
         for key in ("result_samples_per_second", "result_completed_samples_per_sec",
@@ -205,7 +232,7 @@ class LoadRun:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["batch_sizes"] = {str(k): v for k, v in sorted(self.batch_sizes.items())}
-        d.update(p50_ms=self.p50_ms, p99_ms=self.p99_ms, samples_per_s=self.samples_per_s)
+        d.update(p50_ms=self.p50_ms, p90_ms=self.p90_ms, p99_ms=self.p99_ms, samples_per_s=self.samples_per_s)
         return d
 
 
@@ -345,6 +372,12 @@ class LoadRecord:
     def batching(self) -> str:
         return "no batching" if self.max_batch == 1 else f"batch≤{self.max_batch} wait≤{self.batch_timeout_ms:g}ms"
 
+    @property
+    def serving(self) -> str:
+        """The batching and how the backend's threads ran: what tells two runs of one backend apart."""
+        threads = threads_label(self.backend_info)
+        return f"{self.batching}, {threads}" if threads else self.batching
+
     def to_dict(self) -> dict:
         d = {"schema_version": SCHEMA_VERSION, "kind": self.kind}
         d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("runs", "path")})
@@ -354,11 +387,39 @@ class LoadRecord:
 
     @classmethod
     def from_dict(cls, d: dict, path: object = None) -> LoadRecord:
+        """The record ``d``; one missing a field, or a run of it missing one, is a one-line error naming the file."""
         names = {f.name for f in fields(cls)} - {"runs", "path"}
-        record = cls(**{k: v for k, v in d.items() if k in names}, path=str(path) if path else None)
         run_fields = {f.name for f in fields(LoadRun)}
-        for run in d.get("runs", []):
-            run = {k: v for k, v in run.items() if k in run_fields}
-            run["batch_sizes"] = {int(k): v for k, v in run.get("batch_sizes", {}).items()}
-            record.runs.append(LoadRun(**run))
+        try:
+            _require(d, cls, path, "it")
+            record = cls(**{k: v for k, v in d.items() if k in names}, path=str(path) if path else None)
+            for i, run in enumerate(d.get("runs", [])):
+                _require(run, LoadRun, path, f"its run {i}")
+                run = {k: v for k, v in run.items() if k in run_fields}
+                run["batch_sizes"] = {int(k): v for k, v in run.get("batch_sizes", {}).items()}
+                record.runs.append(LoadRun(**run))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"{path}: not a complete load record ({type(e).__name__}: {e})") from None
         return record
+
+
+def _require(d: dict, cls: type, path: object, what: str) -> None:
+    """A one-line error naming the file and the first field of ``cls`` without a default that ``d`` lacks."""
+    for f in fields(cls):
+        if f.init and f.default is MISSING and f.default_factory is MISSING and f.name not in d:
+            raise UserError(f"{path}: not a complete load record: {what} has no {f.name!r}")
+
+
+def device_label(name: str) -> str:
+    """A device as records of every kind can be compared by: ``cpu``, else with its index (``cuda`` → ``cuda:0``)."""
+    return name if name == "cpu" or ":" in name else f"{name}:0"
+
+
+def threads_label(backend_info: dict) -> str:
+    """How a backend's threads ran, as it described itself: whether they spin or sleep between calls (where the
+    runtime says: onnxruntime's pool spins by default) and how many (its own pool's where it has one, else torch's)."""
+    spin = backend_info.get("spin_wait")
+    threads = next((backend_info[k] for k in ("intra_op_threads", "inference_threads", "torch_threads")
+                    if backend_info.get(k)), None)
+    return ", ".join(([] if spin is None else ["spin-wait" if spin else "sleeping threads"])
+                     + ([f"{threads} thread{'s' if threads != 1 else ''}"] if threads else []))

@@ -1,11 +1,15 @@
 """``fusionprof recommend``: which (fusion, backend, precision, batching) to ship for a p99 target, from records.
 
 Reads what is on disk, measures nothing: latency records (batch-1 rows with status ok and a p99: one request at a
-time, no load), load records (each Server run LoadGen called VALID: p99 under an offered Poisson rate) and training
-records (test accuracy per preset and fusion). A choice qualifies when its p99 is within the target (under at
-least ``--qps`` when given: only load records answer that) and its accuracy is at least ``--min-accuracy``.
-Qualifying choices come cheapest first: with a rate, the most headroom (the largest VALID rate over the asked one);
-without, the lowest p99. The Pareto front (accuracy up, p99 down) is the set they were chosen from.
+time, no load), load records (each Server run LoadGen called VALID against a p99 target no looser than the asked one:
+p99 under an offered Poisson rate), and export and training records (the test accuracy of the model a record timed,
+in its precision, as ``records.model_accuracy`` finds it; unknown for a random-init model). A choice qualifies when its
+p99 is within the target (under at least ``--qps`` when given: only load records answer that) and its accuracy is
+known and at least ``--min-accuracy``. A choice is a machine, device, model, backend, precision, batching and how the
+backend's threads ran (spin-wait or sleep, how many); of several records of one choice the best counts (the largest
+VALID rate, else the lowest p99). Qualifying choices come cheapest first: with a rate, the most headroom (the largest
+VALID rate over the asked one); without, the lowest p99. The Pareto front (accuracy up, and the quantity they are
+ranked by: rate up with ``--qps``, else p99 down) is the set they were chosen from.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusionprof.env import machine_name
-from fusionprof.loadgen import LoadRecord
-from fusionprof.records import check_schema
+from fusionprof.loadgen import LoadRecord, device_label, threads_label
+from fusionprof.records import check_schema, model_accuracy
 
 SKIP_DIRS = {"traces", "tensorboard", "onnx", "report"}
 SEQUENTIAL = "none (batch 1, one request at a time)"
@@ -32,24 +36,26 @@ class Choice:
     fusion: str
     backend: str
     precision: str
-    batching: str
+    batching: str  # how requests reach the backend, and how its threads run (spin-wait or sleep, how many)
     p99_ms: float
     max_qps: float | None  # the largest VALID Server rate with p99 within the target (None: no load record)
     source: str  # the record the latency figure came from
-    accuracy: float | None = None
-    accuracy_source: str | None = None
+    checkpoint: str | None = None  # the model it timed (None: random init)
+    accuracy: float | None = None  # that model's test accuracy in ``precision`` (None: unknown)
+    accuracy_source: str | None = None  # what measured it, and the record
 
     def key(self) -> tuple:
-        return self.machine, self.device, self.preset, self.fusion, self.backend, self.precision, self.batching
+        return (self.machine, self.device, self.preset, self.fusion, self.backend, self.precision, self.batching,
+                self.checkpoint)
 
-
-def _device(name: str) -> str:
-    return name if name == "cpu" or ":" in name else f"{name}:0"
+    def rank(self) -> tuple:
+        """Best first: the largest VALID rate (load records), then the lowest p99."""
+        return -(self.max_qps or 0.0), self.p99_ms
 
 
 def read_records(profiles_dir: Path) -> dict[str, list[tuple[dict, Path]]]:
-    """Every training, latency and load record under ``profiles_dir``, by kind."""
-    out: dict[str, list[tuple[dict, Path]]] = {"train": [], "latency": [], "load": []}
+    """Every training, export, latency and load record under ``profiles_dir``, by kind."""
+    out: dict[str, list[tuple[dict, Path]]] = {"train": [], "export": [], "latency": [], "load": []}
     for path in sorted(profiles_dir.rglob("*.json")):
         if SKIP_DIRS & set(path.relative_to(profiles_dir).parts[:-1]):
             continue
@@ -71,35 +77,47 @@ def latency_choices(records: list[tuple[dict, Path]], p99_ms: float) -> list[Cho
         for row in record.get("rows", []):
             if row.get("status") == "ok" and row.get("batch_size") == 1 and row.get("p99_ms") is not None \
                     and row["p99_ms"] <= p99_ms:
-                choices.append(Choice(machine_name(record["environment"]), _device(cfg.get("device", "cpu")),
+                threads = threads_label(row.get("backend_info") or {})
+                serving = f"{SEQUENTIAL}, {threads}" if threads else SEQUENTIAL
+                choices.append(Choice(machine_name(record["environment"]), device_label(cfg.get("device", "cpu")),
                                       cfg.get("preset", "?"), row["fusion"], row["backend"],
-                                      cfg.get("precision", "fp32"), SEQUENTIAL, row["p99_ms"], None, str(path)))
+                                      cfg.get("precision", "fp32"), serving, row["p99_ms"], None, str(path),
+                                      (row.get("model") or {}).get("checkpoint")))
     return choices
 
 
-def load_choices(records: list[tuple[dict, Path]], p99_ms: float, qps: float | None) -> list[Choice]:
-    """Per load record, its VALID Server run at the largest offered rate with p99 within the target (and at
-    least ``qps``)."""
-    choices = []
+def load_choices(records: list[tuple[dict, Path]], p99_ms: float, qps: float | None,
+                 device: str | None = None) -> tuple[list[Choice], int]:
+    """Per load record (of ``device``, if given), its VALID Server run at the largest offered rate (at least ``qps``)
+    that LoadGen judged against a p99 target within the asked one (VALID at a looser target says nothing of this
+    one); and how many VALID runs measured a p99 within the target but were judged against a looser one."""
+    choices, loose = [], 0
     for raw, path in records:
         record = LoadRecord.from_dict(raw, path)
+        if device and device_label(record.device) != device_label(device):
+            continue
         runs = [run for run in record.runs if record.scenario == "server" and not run.accuracy and run.valid
                 and run.p99_ms <= p99_ms and (qps is None or run.settings["target_qps"] >= qps)]
-        if runs:
-            best = max(runs, key=lambda run: run.settings["target_qps"])
-            choices.append(Choice(machine_name(record.environment), _device(record.device), record.preset,
-                                  record.fusion, record.backend, record.precision, record.batching, best.p99_ms,
-                                  best.settings["target_qps"], str(path)))
-    return choices
+        judged = [run for run in runs if (run.p99_target_ms or record.p99_target_ms or float("inf")) <= p99_ms]
+        loose += len(runs) - len(judged)
+        if judged:
+            best = max(judged, key=lambda run: run.settings["target_qps"])
+            choices.append(Choice(machine_name(record.environment), device_label(record.device), record.preset,
+                                  record.fusion, record.backend, record.precision, record.serving, best.p99_ms,
+                                  best.settings["target_qps"], str(path), (record.model or {}).get("checkpoint")))
+    return choices, loose
 
 
-def pareto_front(choices: list[Choice]) -> list[Choice]:
-    """The choices no other beats on both accuracy (up) and p99 (down); unknown accuracy counts as lowest."""
-    def acc(c: Choice) -> float:
-        return c.accuracy if c.accuracy is not None else -1.0
-    return [c for c in choices
-            if not any(acc(o) >= acc(c) and o.p99_ms <= c.p99_ms and (acc(o) > acc(c) or o.p99_ms < c.p99_ms)
-                       for o in choices)]
+def pareto_front(choices: list[Choice], by_rate: bool) -> list[Choice]:
+    """The choices no other beats on both accuracy (up) and what they are ranked by: the VALID rate (up) with
+    ``by_rate``, else p99 (down). Unknown accuracy counts as lowest."""
+    def score(c: Choice) -> tuple[float, float]:
+        return (c.accuracy if c.accuracy is not None else -1.0,
+                (c.max_qps or 0.0) if by_rate else -c.p99_ms)
+
+    def beats(o: Choice, c: Choice) -> bool:
+        return all(a >= b for a, b in zip(score(o), score(c), strict=True)) and score(o) != score(c)
+    return [c for c in choices if not any(beats(o, c) for o in choices)]
 
 
 @dataclass
@@ -113,26 +131,31 @@ class Recommendation:
 def recommend(profiles_dir: str | Path, p99_ms: float, qps: float | None = None, min_accuracy: float | None = None,
               device: str | None = None) -> Recommendation:
     profiles_dir = Path(profiles_dir)
-    records = read_records(profiles_dir) if profiles_dir.is_dir() else {"train": [], "latency": [], "load": []}
-    candidates = load_choices(records["load"], p99_ms, qps)
+    records = read_records(profiles_dir) if profiles_dir.is_dir() else \
+        {"train": [], "export": [], "latency": [], "load": []}
+    candidates, loose = load_choices(records["load"], p99_ms, qps, device)
     if qps is None:
         candidates += latency_choices(records["latency"], p99_ms)
     if device:
-        candidates = [c for c in candidates if c.device == _device(device)]
-    # one figure per choice: the newest record's (files are read in name order, and names end in their time stamp)
-    candidates = list({c.key(): c for c in candidates}.values())
-    accuracy = {(r["preset"], r["fusion"]): (r["test"]["accuracy"], str(p)) for r, p in records["train"]
-                if r.get("test")}
+        candidates = [c for c in candidates if c.device == device_label(device)]
+    # one figure per choice: its best record's (the largest VALID rate, else the lowest p99), not the newest file's
+    best: dict[tuple, Choice] = {}
+    for c in sorted(candidates, key=Choice.rank):
+        best.setdefault(c.key(), c)
+    candidates = list(best.values())
+    train, export = ([{**r, "_file": str(p)} for r, p in records[kind]] for kind in ("train", "export"))
     for c in candidates:
-        c.accuracy, c.accuracy_source = accuracy.get((c.preset, c.fusion), (None, None))
+        found = model_accuracy(train, export, c.checkpoint, c.precision, c.backend)
+        if found:
+            c.accuracy, c.accuracy_source = found[0], f"{found[1]}: {found[2]['_file']}"
     chosen = [c for c in candidates if min_accuracy is None or (c.accuracy is not None and c.accuracy >= min_accuracy)]
-    chosen.sort(key=lambda c: (-(c.max_qps or 0.0), c.p99_ms) if qps else (c.p99_ms, -(c.accuracy or 0.0)))
+    chosen.sort(key=Choice.rank if qps else lambda c: (c.p99_ms, -(c.accuracy or 0.0)))
     considered = sum(len(v) for v in records.values())
-    return Recommendation(chosen, pareto_front(candidates), considered,
-                          _message(chosen, candidates, records, p99_ms, qps, min_accuracy, device))
+    return Recommendation(chosen, pareto_front(candidates, by_rate=bool(qps)), considered,
+                          _message(chosen, candidates, records, p99_ms, qps, min_accuracy, device, loose))
 
 
-def _message(chosen, candidates, records, p99_ms, qps, min_accuracy, device) -> str:
+def _message(chosen, candidates, records, p99_ms, qps, min_accuracy, device, loose) -> str:
     target = f"p99 ≤ {p99_ms:g} ms" + (f" at {qps:g} QPS" if qps else "") + (f" on {device}" if device else "")
     make = (f"fusionprof load --fusion mid --backend onnxruntime --scenario server --find-max-qps --p99-ms {p99_ms:g}"
             + (f" --device {device}" if device else ""))
@@ -145,7 +168,11 @@ def _message(chosen, candidates, records, p99_ms, qps, min_accuracy, device) -> 
     if not records["load"] and not records["latency"]:
         return f"no latency or load record under the profiles folder can answer {target}. Run `{make}`"
     if candidates and min_accuracy is not None:
-        return (f"{len(candidates)} measured choice(s) meet {target}, but none has a recorded test accuracy ≥ "
-                f"{min_accuracy:g} (train with `fusionprof train --fusion F`)")
+        return (f"{len(candidates)} measured choice(s) meet {target}, but none timed a model with a recorded test "
+                f"accuracy ≥ {min_accuracy:g} in its precision (train with `fusionprof train --fusion F`, export with "
+                "`fusionprof export`, and time the trained model)")
+    if loose:
+        return (f"no measured choice meets {target}: {loose} VALID run(s) measured a p99 within it, but LoadGen judged "
+                f"them against a looser p99 target. Run `{make}`")
     return (f"no measured choice meets {target} ({sum(len(v) for v in records.values())} records read). Measure "
             f"more: `{make}`")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from fusionprof import SCHEMA_VERSION
@@ -189,3 +190,25 @@ def int8_gate_of(record: dict, backend: str) -> tuple[dict, str]:
     if backend == "openvino" and openvino.get("loads") == "nncf":
         return openvino["nncf"]["accuracy"], "NNCF IR"
     return record["accuracy"], "QDQ ONNX"
+
+
+def model_accuracy(train: list[dict], export: list[dict], checkpoint: str | Path | None, precision: str,
+                   backend: str | None = None) -> tuple[float, str, dict] | None:
+    """The test accuracy of ``checkpoint``'s model in ``precision``, what measured it, and the record that says so:
+    its passed export's gate in that precision (ONNX's first, else another format's; at int8 the gate of the model
+    ``backend`` loads, NNCF's IR on openvino), else its training run's when that ran in ``precision``. None for a
+    random-init model (no checkpoint) or one no record measured in ``precision``: never another model's or precision's
+    figure. Records are dicts as ``find_records`` keeps them (``_file``: where each was read)."""
+    if not checkpoint:
+        return None
+    checkpoint = Path(checkpoint)
+    exports = sorted((r for r in export if Path(r.get("checkpoint") or "") == checkpoint
+                      and (r.get("precision"), r.get("status")) == (precision, "ok")),
+                     key=lambda r: r["format"] != "onnx")
+    if exports:
+        gate, model = int8_gate_of(exports[0], backend or "") if precision == "int8" else (exports[0]["accuracy"], "")
+        how = "NNCF IR of the int8 export" if model == "NNCF IR" else f"{exports[0]['format']} export"
+        return gate["exported_accuracy"], how, exports[0]
+    trained = [r for r in train if Path(r.get("checkpoint") or "") == checkpoint
+               and r.get("train_config", {}).get("precision") == precision]
+    return (trained[0]["test"]["accuracy"], "training run", trained[0]) if trained else None

@@ -23,7 +23,14 @@ from fusionprof.errors import UserError
 from fusionprof.figures import batch_axis, plain_axis, pyplot, save_figure, slug
 from fusionprof.load_report import load_section
 from fusionprof.loadgen import LoadRecord
-from fusionprof.records import PARTIAL_KIND, LatencyRecord, LatencyRow, check_schema, int8_gate_of
+from fusionprof.records import (
+    PARTIAL_KIND,
+    LatencyRecord,
+    LatencyRow,
+    check_schema,
+    int8_gate_of,
+    model_accuracy,
+)
 
 KINDS = ("train", "export", "latency", "load")
 SKIP_DIRS = {"traces", "tensorboard", "onnx", "report"}
@@ -345,8 +352,8 @@ def latency_section(rec: Records, out_dir: Path) -> list[tuple]:
     if not rec.latency:
         return blocks + [("p", "No latency records yet: run `fusionprof latency` on each machine.")]
     blocks.append(("p", "One sweep (one `fusionprof latency` record) per heading: its plots never mix in the cells "
-                        "of another sweep. Whiskers run from p90 to p99 (p99 only from 100 samples up, else to "
-                        "p90); samples/s is batch / mean latency (sequential calls)."))
+                        "of another sweep. A point is the p50; its whisker runs up to the p99 (to the p90 below 100 "
+                        "samples, where there is no p99); samples/s is batch / mean latency (sequential calls)."))
     colors = _backend_colors(rec)
     for sweep in sweeps(rec):
         blocks += [("h3", sweep.title), ("p", f"Record: `{sweep.record.path}`")]
@@ -373,30 +380,34 @@ def _backend_colors(rec: Records) -> dict[str, str]:
 
 def pareto_section(rec: Records, out_dir: Path) -> list[tuple]:
     blocks: list[tuple] = [("h2", "Accuracy vs latency (Pareto front)")]
-    if not rec.train or not rec.latency:
-        return blocks + [("p", "Needs both training records (`fusionprof train`) and latency records "
-                               "(`fusionprof latency`) of the same preset.")]
+    if not rec.latency:
+        return blocks + [("p", "Needs latency records (`fusionprof latency`) of trained models, and their export "
+                               "(`fusionprof export`) or training (`fusionprof train`) records.")]
     colors = _backend_colors(rec)
     plotted = []
     for sweep in sweeps(rec):
-        png = plot_pareto(sweep, pareto_accuracy(rec.train, sweep.machine), colors, out_dir)
+        png = plot_pareto(sweep, row_accuracy(rec, sweep), colors, out_dir)
         if png:
             plotted.append(("img", f"report/{png.name}", f"test accuracy vs p50 latency, batch 1 and the largest "
                                                          f"batch — {sweep.title}"))
     if not plotted:
-        return blocks + [("p", "No latency sweep has a preset with training records.")]
-    return blocks + [("p", "Test accuracy from the machine's own training run where it has one, else another "
-                           "machine's (latency does not depend on the weights, accuracy not on the machine). Colour "
-                           "is the backend, the marker the fusion; the line joins the points no other point beats "
-                           "on both.")] + plotted
+        return blocks + [("p", "No latency sweep timed a model whose accuracy in the sweep's precision is on record "
+                               "(its export's gate, or its training run in that precision): a random-init sweep "
+                               "has none.")]
+    return blocks + [("p", "Test accuracy of the model each point timed, in the sweep's precision: its export's "
+                           "accuracy gate (at int8 that of the model the backend runs), else its training run's where "
+                           "that ran in the same precision; points of random-init models, or of models with no such "
+                           "record, are left out. Colour is the backend, the marker the fusion; the line joins the "
+                           "points no other point beats on both.")] + plotted
 
 
-def pareto_accuracy(train: list[dict], machine: str) -> dict[tuple[str, str], float]:
-    """Test accuracy per (preset, fusion) to plot against ``machine``'s latencies: that machine's own training run
-    where it has one, else another machine's (latency does not depend on the weights, accuracy not on the machine)."""
-    accuracy: dict[tuple[str, str], float] = {}
-    for r in sorted(train, key=lambda r: machine_name(r["environment"]) != machine):  # this machine's first
-        accuracy.setdefault((r["preset"], r["fusion"]), r["test"]["accuracy"])
+def row_accuracy(rec: Records, sweep: Sweep) -> Callable[[LatencyRow], float | None]:
+    """The test accuracy a sweep's row is plotted at: that of the model it timed, in the sweep's precision, as the
+    backend runs it (``model_accuracy``); None for a random-init model or one without such a record."""
+    def accuracy(row: LatencyRow) -> float | None:
+        found = model_accuracy(rec.train, rec.export, (row.model or {}).get("checkpoint"), sweep.precision,
+                               row.backend)
+        return None if found is None else found[0]
     return accuracy
 
 
@@ -462,21 +473,16 @@ def _best(sweep: LatencyRecord, fusion: str, batch: int) -> str:
 
 
 def _accuracy_in(rec: Records, checkpoint: Path | None, precision: str) -> str:
-    """The test accuracy of ``checkpoint``'s model in ``precision``: its passed ONNX export's (else another format's),
-    else its training run's when that ran in ``precision``; – for a random-init model (no checkpoint)."""
-    if checkpoint is None:
+    """``model_accuracy`` as a table cell, whatever the backend: – where it is unknown; at int8, NNCF's IR's beside the
+    QDQ graph's where openvino runs the IR."""
+    found = model_accuracy(rec.train, rec.export, checkpoint, precision)
+    if found is None:
         return "–"
-    exports = sorted((r for r in rec.export if Path(r.get("checkpoint", "")) == checkpoint
-                      and (r.get("precision"), r.get("status")) == (precision, "ok")),
-                     key=lambda r: r["format"] != "onnx")
-    if exports:
-        export = exports[0]
-        ir, model = int8_gate_of(export, "openvino") if precision == "int8" else (None, "")
-        also = f"; openvino runs NNCF's IR: {ir['exported_accuracy']:.2%}" if model == "NNCF IR" else ""
-        return f"{export['accuracy']['exported_accuracy']:.2%} ({export['format']} export{also})"
-    trained = [r for r in rec.train if Path(r.get("checkpoint", "")) == checkpoint
-               and r.get("train_config", {}).get("precision") == precision]
-    return f"{trained[0]['test']['accuracy']:.2%} (training run)" if trained else "–"
+    accuracy, how, record = found
+    ir, model = int8_gate_of(record, "openvino") if record.get("kind") == "export" and precision == "int8" \
+        else (None, "")
+    also = f"; openvino runs NNCF's IR: {ir['exported_accuracy']:.2%}" if model == "NNCF IR" else ""
+    return f"{accuracy:.2%} ({how}{also})"
 
 
 def memory_section(rec: Records, out_dir: Path) -> list[tuple]:
@@ -525,8 +531,8 @@ def cross_machine_section(rec: Records) -> list[tuple]:
 
 
 def plot_vs_batch(sweep: Sweep, metric: str, colors: dict[str, str], out_dir: Path) -> Path:
-    """One sweep: a panel per (preset, fusion), a line per backend; latency with p90–p99 whiskers (to p90 only
-    where a cell has too few samples for a p99). One legend for the figure, plain tick numbers."""
+    """One sweep: a panel per (preset, fusion), a line per backend; latency as the p50 with a whisker up to the p99
+    (to the p90 where a cell has too few samples for a p99). One legend for the figure, plain tick numbers."""
     plt = pyplot()
     rows = [r for r in sweep.rows if metric != "memory" or "cuda_max_allocated_mib" in r.peak_memory]
     fusions = sorted({r.fusion for r in rows})
@@ -538,9 +544,9 @@ def plot_vs_batch(sweep: Sweep, metric: str, colors: dict[str, str], out_dir: Pa
             rs = sorted((r for r in rows if (r.fusion, r.backend) == (fusion, backend)), key=lambda r: r.batch_size)
             x, y = [r.batch_size for r in rs], [values(r) for r in rs]
             if metric == "latency":
-                ax.errorbar(x, y, yerr=[[max(0.0, r.host.p50_ms - r.host.p90_ms) for r in rs],
-                                        [(r.host.p99_ms or r.host.p90_ms) - r.host.p50_ms for r in rs]], marker="o",
-                            ms=3, capsize=2, color=colors[backend], label=backend)
+                upper = [(r.host.p99_ms or r.host.p90_ms) - r.host.p50_ms for r in rs]  # p50 up to p99 (or p90)
+                ax.errorbar(x, y, yerr=[[0.0] * len(rs), upper], marker="o", ms=3, capsize=2, color=colors[backend],
+                            label=backend)
             else:
                 ax.plot(x, y, marker="o", ms=3, color=colors[backend], label=backend)
         batch_axis(ax, [r.batch_size for r in rows])
@@ -577,13 +583,16 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 MARKERS = "osD^vP*X"
 
 
-def plot_pareto(sweep: Sweep, accuracy: dict, colors: dict[str, str], out_dir: Path) -> Path | None:
-    """One sweep: accuracy against p50 at batch 1 and the sweep's largest batch. Colour is the backend and the
-    marker the fusion, named in legends beside the panels: no label is written on a point, so none overlaps."""
+def plot_pareto(sweep: Sweep, accuracy: Callable[[LatencyRow], float | None], colors: dict[str, str],
+                out_dir: Path) -> Path | None:
+    """One sweep: accuracy (``accuracy(row)``; rows without one are left out) against p50 at batch 1 and the sweep's
+    largest batch. Colour is the backend and the marker the fusion, named in legends beside the panels: no label is
+    written on a point, so none overlaps."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import PercentFormatter
 
-    rows = [r for r in sweep.rows if (sweep.preset, r.fusion) in accuracy]
+    scored = [(r, acc) for r in sweep.rows if (acc := accuracy(r)) is not None]
+    rows = [r for r, _ in scored]
     if not rows:
         return None
     plt = pyplot()
@@ -594,7 +603,7 @@ def plot_pareto(sweep: Sweep, accuracy: dict, colors: dict[str, str], out_dir: P
     latencies = [r.host.p50_ms for r in rows if r.batch_size in (1, largest)]
     log = max(latencies) / min(latencies) >= 5  # one scale for both panels
     for ax, batch in zip(axes.flat, sorted({1, largest}), strict=False):
-        points = [(r.host.p50_ms, accuracy[(sweep.preset, r.fusion)], r) for r in rows if r.batch_size == batch]
+        points = [(r.host.p50_ms, acc, r) for r, acc in scored if r.batch_size == batch]
         for latency, acc, r in points:
             ax.scatter(latency, acc, s=40, color=colors[r.backend], marker=marker[r.fusion], zorder=3)
         front = pareto_front([(p[0], p[1]) for p in points])

@@ -3,7 +3,9 @@ time, LoadGen's INVALID verdict kept as a verdict, one-line errors, accuracy mod
 and recommendations from hand-written records."""
 
 import json
+import math
 import os
+import threading
 import time
 
 import numpy as np
@@ -12,6 +14,7 @@ from click.testing import CliRunner
 
 from fusionprof import SCHEMA_VERSION
 from fusionprof.cli import cli
+from fusionprof.errors import UserError
 from fusionprof.loadgen import BatchingSUT, LoadSettings, find_max_qps, next_rate, run_loadgen
 from fusionprof.recommend import recommend
 
@@ -105,6 +108,42 @@ def test_backend_errors_surface_after_the_run(tmp_path):
                                           min_query_count=5), tmp_path)
 
 
+def test_a_batcher_error_surfaces_instead_of_hanging_loadgen(tmp_path):
+    """The worker's own wait failing (an infinite timeout overflows the clock) is raised after the run: every query
+    was still answered, so LoadGen finished. Run in a thread: a hang fails the test instead of stopping the suite."""
+    outcome = {}
+
+    def attempt():
+        with BatchingSUT(lambda x: np.zeros(len(x), np.float32), sample_inputs, max_batch=4) as sut:
+            sut.timeout_s = float("inf")  # past the constructor's check: what any failure in the batcher does
+            try:
+                run_loadgen(sut, 16, LoadSettings("server", target_qps=100, p99_ms=50, min_duration_s=0.3,
+                                                  min_query_count=10), tmp_path)
+            except OverflowError as e:
+                outcome["error"] = e
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "LoadGen hung after the batcher's worker failed"
+    assert isinstance(outcome.get("error"), OverflowError)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(scenario="server", target_qps=10, p99_ms=math.inf), "--p99-ms must be a finite number, got inf"),
+    (dict(scenario="server", target_qps=math.inf, p99_ms=50), "--qps must be a finite number, got inf"),
+    (dict(scenario="offline", min_duration_s=math.inf), "--min-duration must be a finite number, got inf"),
+    (dict(scenario="server", target_qps=math.nan, p99_ms=50), "--qps must be above 0, got nan"),
+    (dict(scenario="server", target_qps=10), "--p99-ms must be above 0, got nothing"),
+])
+def test_settings_must_be_finite(settings, message):
+    with pytest.raises(UserError) as error:
+        LoadSettings(**settings).check()
+    assert str(error.value) == message
+    with pytest.raises(UserError, match="--batch-timeout-ms must be 0 or more and finite, got inf"):
+        BatchingSUT(lambda x: x, sample_inputs, max_batch=4, timeout_ms=math.inf)
+
+
 def test_bisection_converges_on_the_largest_valid_rate():
     assert next_rate(100.0, None) == 200.0 and next_rate(100.0, 200.0) == 150.0 and next_rate(95.0, 100.0) is None
     capacity = 137.0
@@ -140,6 +179,13 @@ MID_ORT = ["--fusion", "mid", "--backend", "onnxruntime"]
     (["--fusion", "mid", "--backend", "nope", "--scenario", "offline"], "unknown backend 'nope'"),
     (["--fusion", "nope", "--backend", "onnxruntime", "--scenario", "offline"], "unknown fusion 'nope'"),
     ([*MID_ORT, "--scenario", "offline", "--device", "cuda:64"], "--device cuda:64"),
+    ([*MID_ORT, "--scenario", "server", "--qps", "inf"], "--qps must be a finite number, got inf"),
+    ([*MID_ORT, "--scenario", "server", "--qps", "10", "--p99-ms", "inf"], "--p99-ms must be a finite number, got inf"),
+    ([*MID_ORT, "--scenario", "offline", "--min-duration", "inf"], "--min-duration must be a finite number, got inf"),
+    ([*MID_ORT, "--scenario", "offline", "--batch-timeout-ms", "inf"],
+     "--batch-timeout-ms must be 0 or more and finite, got inf"),
+    ([*MID_ORT, "--scenario", "single-stream", "--max-batch", "4", "--batch-timeout-ms", "2"],
+     "--max-batch 4 with --scenario single-stream would only add --batch-timeout-ms to every query"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, args, message):
     code, out = run_cli("load", *args, "--out", tmp_path)
@@ -172,11 +218,24 @@ def _server_run(qps, valid, p99_ms):
                         "VALID" if valid else "INVALID"}, "batch_sizes": {"1": 10}, "logs": "x"}
 
 
-def _load_record(fusion, max_batch, runs, backend="onnxruntime", scenario="server", max_qps=None):
+def _checkpoint(fusion):
+    return f"/m/tiny-{fusion}/checkpoint.pt"
+
+
+def _load_record(fusion, max_batch, runs, backend="onnxruntime", scenario="server", max_qps=None, precision="fp32",
+                 backend_info=None, p99_target_ms=50.0, trained=True):
     return {"schema_version": SCHEMA_VERSION, "kind": "load", "created": "t", "preset": "tiny", "fusion": fusion,
-            "backend": backend, "precision": "fp32", "device": "cpu", "scenario": scenario, "max_batch": max_batch,
-            "batch_timeout_ms": 2.0, "p99_target_ms": 50.0, "model": {}, "backend_info": {},
-            "environment": _env(), "config": {"find_max_qps": max_qps is not None}, "runs": runs, "max_qps": max_qps}
+            "backend": backend, "precision": precision, "device": "cpu", "scenario": scenario, "max_batch": max_batch,
+            "batch_timeout_ms": 2.0, "p99_target_ms": p99_target_ms,
+            "model": {"weights": "trained", "checkpoint": _checkpoint(fusion)} if trained else {"weights": "untrained"},
+            "backend_info": backend_info or {}, "environment": _env(),
+            "config": {"find_max_qps": max_qps is not None}, "runs": runs, "max_qps": max_qps}
+
+
+def _train_record(fusion, accuracy, precision="fp32"):
+    return {"schema_version": SCHEMA_VERSION, "kind": "train", "preset": "tiny", "fusion": fusion,
+            "checkpoint": _checkpoint(fusion), "train_config": {"precision": precision}, "environment": _env(),
+            "test": {"accuracy": accuracy}}
 
 
 def _write(folder, name, record):
@@ -189,8 +248,7 @@ def _write(folder, name, record):
 @pytest.fixture
 def records(tmp_path):
     for fusion, acc in (("mid", 0.97), ("late", 0.91)):
-        _write(tmp_path, f"tiny-{fusion}/metrics.json", {"schema_version": SCHEMA_VERSION, "kind": "train",
-               "preset": "tiny", "fusion": fusion, "environment": _env(), "test": {"accuracy": acc}})
+        _write(tmp_path, f"tiny-{fusion}/metrics.json", _train_record(fusion, acc))
     _write(tmp_path, "box/load-server-mid-1.json", _load_record("mid", 1, [
         _server_run(40, True, 20.0), _server_run(80, False, 90.0)]))
     _write(tmp_path, "box/load-server-mid-8.json", _load_record("mid", 8, [
@@ -205,7 +263,8 @@ def records(tmp_path):
         "config": {"preset": "tiny", "device": "cpu", "precision": "fp32"},
         "rows": [{"fusion": "mid", "backend": "torch", "batch_size": 1, "status": "ok", "p50_ms": 4, "p90_ms": 5,
                   "p99_ms": 6.0},
-                 {"fusion": "mid", "backend": "torch", "batch_size": 8, "status": "ok", "p99_ms": 2.0},
+                 {"fusion": "mid", "backend": "torch", "batch_size": 8, "status": "ok", "p99_ms": 2.0,
+                  "model": {"checkpoint": _checkpoint("mid")}},
                  {"fusion": "late", "backend": "tensorrt", "batch_size": 1, "status": "unavailable: no GPU"},
                  {"fusion": "late", "backend": "torch", "batch_size": 1, "status": "ok", "p99_ms": None}]})
     return tmp_path
@@ -217,6 +276,7 @@ def test_recommend_picks_the_most_headroom_that_meets_the_targets(records):
     assert (best.fusion, best.batching) == ("mid", "batch≤8 wait≤2ms")
     assert best.max_qps == 160 and best.p99_ms == 45.0 and best.accuracy == 0.97
     assert best.source.endswith("load-server-mid-8.json") and best.accuracy_source.endswith("tiny-mid/metrics.json")
+    assert best.accuracy_source.startswith("training run: ")
     result = recommend(records, p99_ms=50, qps=100)  # without the accuracy floor late's headroom wins
     assert [c.fusion for c in result.chosen] == ["late", "mid"] and result.chosen[0].max_qps == 300
     assert {c.fusion for c in result.front} == {"mid", "late"}
@@ -235,7 +295,7 @@ def test_recommend_says_plainly_when_nothing_qualifies(records, tmp_path):
     code, out = run_cli("recommend", "--p99-ms", "50", "--qps", "100", "--profiles", tmp_path / "empty")
     assert code == 0 and "no load record can answer p99 ≤ 50 ms at 100 QPS" in out
     code, out = run_cli("recommend", "--p99-ms", "50", "--qps", "100", "--min-accuracy", "0.99", "--profiles", records)
-    assert "none has a recorded test accuracy ≥ 0.99" in out
+    assert "none timed a model with a recorded test accuracy ≥ 0.99 in its precision" in out
     code, out = run_cli("recommend", "--p99-ms", "50", "--min-accuracy", "95", "--profiles", records)  # a percentage
     assert code != 0 and out.strip().splitlines()[-1] == ("Error: Invalid value for '--min-accuracy': must be between "
                                                           "0 and 1, got 95.0")
@@ -243,6 +303,78 @@ def test_recommend_says_plainly_when_nothing_qualifies(records, tmp_path):
     assert "no measured choice meets p99 ≤ 50 ms at 100 QPS on cuda:0" in out
     code, out = run_cli("recommend", "--p99-ms", "50", "--qps", "100", "--profiles", records)
     assert code == 0 and "late on onnxruntime" in out and "Pareto front" in out and "load-server-late-1.json" in out
+
+
+def test_recommend_keeps_each_threading_apart_and_its_best_run(tmp_path):
+    """Spinning and sleeping onnxruntime threads, or another thread count, are other choices, each named; of two
+    records of one choice the larger VALID rate counts, not the newer file (names sort by their time stamp)."""
+    _write(tmp_path, "tiny-mid/metrics.json", _train_record("mid", 0.97))
+    spin, sleep = {"intra_op_threads": 2, "spin_wait": True}, {"intra_op_threads": 2, "spin_wait": False}
+    one_thread = {**spin, "intra_op_threads": 1}
+    for stamp, info, qps, p99 in (("201407Z", spin, 655.6, 38.81), ("202009Z", sleep, 520.6, 32.45),
+                                  ("203000Z", spin, 480.0, 30.0), ("204000Z", one_thread, 300, 20)):
+        _write(tmp_path, f"box/load-server-mid-{stamp}.json",
+               _load_record("mid", 16, [_server_run(qps, True, p99)], backend_info=info, max_qps=qps))
+    result = recommend(tmp_path, p99_ms=50, qps=200)
+    assert [(c.batching, c.max_qps) for c in result.chosen] == [
+        ("batch≤16 wait≤2ms, spin-wait, 2 threads", 655.6), ("batch≤16 wait≤2ms, sleeping threads, 2 threads", 520.6),
+        ("batch≤16 wait≤2ms, spin-wait, 1 thread", 300)]
+    assert result.chosen[0].source.endswith("201407Z.json") and result.chosen[0].p99_ms == pytest.approx(38.81)
+    code, out = run_cli("recommend", "--p99-ms", "50", "--qps", "200", "--profiles", tmp_path)
+    assert code == 0 and "(fp32, batching: batch≤16 wait≤2ms, spin-wait, 2 threads)" in out.splitlines()[0]
+    assert "[batch≤16 wait≤2ms, sleeping threads, 2 threads]" in out
+
+
+def test_recommends_the_accuracy_of_the_model_it_timed_in_its_precision(tmp_path):
+    """An int8 model is held to its own export gate (0.98 here), not its fp32 training run's 0.9805; openvino's int8
+    to the gate of the NNCF IR it runs; a random-init model's accuracy is unknown, and unknown never passes."""
+    _write(tmp_path, "tiny-early/metrics.json", _train_record("early", 0.9805))
+    gate = {"exported_accuracy": 0.98}
+    _write(tmp_path, "box/export-int8.json", {
+        "schema_version": SCHEMA_VERSION, "kind": "export", "checkpoint": _checkpoint("early"), "fusion": "early",
+        "format": "onnx", "precision": "int8", "status": "ok", "accuracy": gate, "environment": _env(),
+        "onnx": {"openvino": {"loads": "nncf", "nncf": {"accuracy": {"exported_accuracy": 0.9805}}}}})
+    row = {"fusion": "early", "batch_size": 1, "status": "ok", "model": {"checkpoint": _checkpoint("early")}}
+    for precision, rows in (("int8", [{**row, "backend": "onnxruntime", "p99_ms": 1.26},
+                                      {**row, "backend": "openvino", "p99_ms": 4.07}]),
+                            ("fp32", [{**row, "backend": "onnxruntime", "p99_ms": 3.36},
+                                      {**row, "backend": "torch", "p99_ms": 0.5, "model": {}}])):  # random init
+        _write(tmp_path, f"box/latency-{precision}.json", {
+            "schema_version": SCHEMA_VERSION, "kind": "latency", "environment": _env(),
+            "config": {"preset": "tiny", "device": "cpu", "precision": precision}, "rows": rows})
+    result = recommend(tmp_path, p99_ms=5, min_accuracy=0.9802)
+    assert [(c.backend, c.precision, c.accuracy) for c in result.chosen] == [("onnxruntime", "fp32", 0.9805),
+                                                                              ("openvino", "int8", 0.9805)]
+    assert result.chosen[1].accuracy_source == f"NNCF IR of the int8 export: {tmp_path / 'box/export-int8.json'}"
+    every = {(c.backend, c.precision): c.accuracy for c in recommend(tmp_path, p99_ms=5).chosen}
+    assert every == {("torch", "fp32"): None, ("onnxruntime", "int8"): 0.98, ("onnxruntime", "fp32"): 0.9805,
+                     ("openvino", "int8"): 0.9805}
+
+
+def test_recommend_counts_only_runs_loadgen_judged_at_the_asked_target(tmp_path):
+    """A run VALID against a 100 ms target says nothing of 50 ms, whatever p99 it measured; a run's own logged target
+    (LoadGen's effective setting) is the one it was judged at."""
+    loose = _load_record("mid", 8, [_server_run(300, True, 30.0)], p99_target_ms=100.0, max_qps=300)
+    _write(tmp_path, "box/load-server-mid-loose.json", loose)
+    result = recommend(tmp_path, p99_ms=50, qps=100)
+    assert result.chosen == [] and "1 VALID run(s) measured a p99 within it, but LoadGen judged them against a " \
+                                   "looser p99 target" in result.message
+    judged = {**_server_run(200, True, 30.0), "settings": {"target_qps": 200, "target_latency_ns": 40_000_000}}
+    _write(tmp_path, "box/load-server-mid-judged.json",
+           _load_record("mid", 8, [judged], p99_target_ms=100.0, max_qps=200, backend="openvino"))
+    assert [(c.backend, c.max_qps) for c in recommend(tmp_path, p99_ms=50, qps=100).chosen] == [("openvino", 200)]
+    assert recommend(tmp_path, p99_ms=35, qps=100).chosen == []
+
+
+def test_recommends_a_pareto_front_of_what_it_ranks_by(tmp_path):
+    """With a rate, the front is accuracy against the VALID rate: a choice serving more at the same accuracy beats
+    one with a lower p99 at a lower rate (without a rate the lower p99 wins)."""
+    for fusion in ("mid", "late"):
+        _write(tmp_path, f"tiny-{fusion}/metrics.json", _train_record(fusion, 0.97))
+    _write(tmp_path, "box/load-server-mid.json", _load_record("mid", 8, [_server_run(160, True, 20.0)], max_qps=160))
+    _write(tmp_path, "box/load-server-late.json", _load_record("late", 8, [_server_run(300, True, 45.0)], max_qps=300))
+    assert [c.fusion for c in recommend(tmp_path, p99_ms=50, qps=100).front] == ["late"]
+    assert [c.fusion for c in recommend(tmp_path, p99_ms=50).front] == ["mid"]
 
 
 # --------------------------------------------------------------------------- a trained checkpoint, end to end
@@ -282,6 +414,50 @@ def test_accuracy_mode_equals_the_checkpoints_accuracy(tmp_path, small_data):
     for run in record["runs"]:
         assert (path.with_suffix("") / run["logs"].split(path.stem + "/")[1] / "mlperf_log_detail.txt").exists()
         assert (run["p99_ms"] is None) == (not run["valid"])
+
+
+def _timed_row(fusion, backend, batch, mean_ms):
+    timing = dict(n=100, p50_ms=mean_ms, p90_ms=mean_ms, p99_ms=mean_ms, mean_ms=mean_ms, std_ms=0.0, cv=0.0,
+                  min_ms=mean_ms, max_ms=mean_ms, samples_ms=[mean_ms], timing="host")
+    return {"fusion": fusion, "backend": backend, "batch_size": batch, "status": "ok", **timing}
+
+
+def test_load_section_compares_offline_with_batches_the_batcher_forms_and_names_threads(tmp_path):
+    """Offline at max batch 8 is set beside the sweep's best at batch ≤ 8 of that machine and device (not batch 32's,
+    nor another machine's); labels say spin or sleep and threads; SingleStream runs get their own table."""
+    from fusionprof.load_report import load_section
+    from fusionprof.loadgen import LoadRecord
+    from fusionprof.records import LatencyRecord
+
+    spin = {"intra_op_threads": 2, "spin_wait": True}
+    offline = {**_server_run(None, True, 0), "scenario": "offline",
+               "loadgen": {"result_samples_per_second": 900.0, "result_validity": "VALID"}}
+    single = {**_server_run(None, True, 0), "scenario": "single-stream",
+              "loadgen": {"result_50.00_percentile_latency_ns": 2e6, "result_90.00_percentile_latency_ns": 3e6,
+                          "result_99.00_percentile_latency_ns": 4.5e6, "result_qps_without_loadgen_overhead": 480.0,
+                          "result_validity": "VALID"}}
+    loads = [LoadRecord.from_dict(_load_record("mid", 8, [offline], scenario="offline", backend_info=spin), "o.json"),
+             LoadRecord.from_dict(_load_record("mid", 1, [single], scenario="single-stream",
+                                               backend_info={**spin, "spin_wait": False}), "s.json")]
+
+    def sweep(host, device, rows):
+        return LatencyRecord.from_dict({
+            "schema_version": SCHEMA_VERSION, "kind": "latency", "created": "t", "environment": _env(host),
+            "config": {"preset": "tiny", "device": device, "precision": "fp32"}, "reference_matmul": {},
+            "rows": rows})
+    latency = [sweep("box", "cpu", [_timed_row("mid", "onnxruntime", 4, 8.0), _timed_row("mid", "onnxruntime", 8, 10.0),
+                                    _timed_row("mid", "onnxruntime", 32, 20.0), _timed_row("mid", "torch", 8, 5.0)]),
+               sweep("box", "cuda:0", [_timed_row("mid", "onnxruntime", 8, 1.0)]),
+               sweep("other", "cpu", [_timed_row("mid", "onnxruntime", 8, 2.0)])]
+    tables = [b for b in load_section(loads, tmp_path, latency) if b[0] == "table"]
+    [offline_row] = tables[0][2]
+    assert offline_row[2] == "onnxruntime fp32 (batch≤8 wait≤2ms, spin-wait, 2 threads)"
+    assert offline_row[3] == "900.0" and offline_row[5] == "800.0 (batch 8)"  # 8 / 10 ms; batch 32 ran 1600/s
+    [single_row] = tables[1][2]
+    assert tables[1][1][3:7] == ["p50 ms", "p90 ms", "p99 ms", "QPS"]
+    assert single_row[0] == "box (Test CPU)" and single_row[2] == "onnxruntime fp32 (no batching, sleeping threads, " \
+                                                                  "2 threads)"
+    assert single_row[3:8] == ["2.00", "3.00", "4.50", "480.0", "VALID"]
 
 
 def test_load_section_reports_invalid_runs_as_invalid(records, tmp_path):

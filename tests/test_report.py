@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 from fusionprof.cli import cli
 from fusionprof.env import machine_name
-from fusionprof.records import LatencyRecord
-from fusionprof.report import pareto_accuracy, pareto_front
+from fusionprof.records import LatencyRecord, LatencyRow
+from fusionprof.report import Records, Sweep, pareto_front, row_accuracy
 
 QUICK = ["--min-seconds", "0.05", "--min-calls", "5"]
 
@@ -163,15 +163,40 @@ def test_compare_verifies_onnx_on_the_cpu_when_onnxruntime_cannot_run_on_the_gpu
     assert compare_module.export_check_device("trt", "cpu", said.append) is None and len(said) == 1  # no GPU
 
 
-def test_each_machines_pareto_plot_takes_its_own_training_accuracy():
-    def run(host, gpu, fusion, accuracy):
-        env = {"host": host, "gpus": [{"name": gpu}] if gpu else [], "cpu_model": "AMD EPYC"}
-        return {"preset": "tiny", "fusion": fusion, "test": {"accuracy": accuracy}, "environment": env}
-    train = [run("vm", "NVIDIA H200", "early", 0.97), run("vm", "NVIDIA H200", "mid", 0.95),
-             run("vm", None, "early", 0.98)]
-    assert pareto_accuracy(train, "vm (AMD EPYC)") == {("tiny", "early"): 0.98, ("tiny", "mid"): 0.95}
-    assert pareto_accuracy(train, "vm (NVIDIA H200)") == {("tiny", "early"): 0.97, ("tiny", "mid"): 0.95}
-    assert pareto_accuracy(train, "elsewhere (L4)") == {("tiny", "early"): 0.97, ("tiny", "mid"): 0.95}
+def test_a_pareto_point_takes_the_accuracy_of_the_model_it_timed_in_its_precision():
+    """An int8 sweep's points are at their int8 gate's accuracy (openvino's at its NNCF IR's), not the fp32 training
+    run's; a model with no record in that precision, or a random-init one, is no point (never another's figure)."""
+    def ckpt(fusion):
+        return f"/m/tiny-{fusion}/checkpoint.pt"
+    train = [{"kind": "train", "checkpoint": ckpt(f), "train_config": {"precision": "fp32"},
+              "test": {"accuracy": 0.9805}} for f in ("early", "mid")]
+    export = [{"kind": "export", "checkpoint": ckpt("early"), "format": "onnx", "precision": "int8", "status": "ok",
+               "accuracy": {"exported_accuracy": 0.98},
+               "onnx": {"openvino": {"loads": "nncf", "nncf": {"accuracy": {"exported_accuracy": 0.9790}}}}}]
+    rows = [LatencyRow("early", "onnxruntime", "ok", model={"checkpoint": ckpt("early")}),
+            LatencyRow("early", "openvino", "ok", model={"checkpoint": ckpt("early")}),
+            LatencyRow("mid", "onnxruntime", "ok", model={"checkpoint": ckpt("mid")}),  # no int8 record of mid
+            LatencyRow("late", "onnxruntime", "ok", model={})]  # random init
+    for precision, expected in (("int8", [0.98, 0.9790, None, None]), ("fp32", [0.9805, 0.9805, 0.9805, None])):
+        sweep = Sweep("vm", LatencyRecord("t", {}, {"preset": "tiny", "precision": precision}, {}, rows))
+        accuracy = row_accuracy(Records(train=train, export=export), sweep)
+        assert [accuracy(r) for r in rows] == expected
+
+
+def test_a_load_record_missing_a_field_is_a_one_line_error(tmp_path):
+    from fusionprof import SCHEMA_VERSION
+
+    run = {"scenario": "server", "accuracy": False, "valid": True, "validity": "VALID", "invalid_reasons": [],
+           "loadgen": {}, "batch_sizes": {"1": 3}, "logs": "x"}  # no settings
+    record = {"schema_version": SCHEMA_VERSION, "kind": "load", "created": "t", "preset": "tiny", "fusion": "mid",
+              "backend": "onnxruntime", "precision": "fp32", "device": "cpu", "scenario": "server", "max_batch": 1,
+              "batch_timeout_ms": 0.0, "p99_target_ms": 50.0, "model": {}, "backend_info": {},
+              "environment": {"host": "box"}, "config": {}, "runs": [run]}
+    path = tmp_path / "in" / "load-server-tiny-mid.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(record))
+    code, out = run_cli("report", tmp_path / "in", "--out", tmp_path / "out")
+    assert code == 1 and out == f"Error: {path}: not a complete load record: its run 0 has no 'settings'\n"
 
 
 @pytest.mark.parametrize(("flags", "swept"), [((), []), (("avx512_bf16",), ["bf16"]),

@@ -201,8 +201,12 @@ def run_scenario(cfg: LoadConfig, sut: BatchingSUT, library: SampleLibrary, batc
     """The LoadGen runs one performance-mode ``fusionprof load`` makes, and the find-max winner (or None)."""
     rate = cfg.max_batch / batch_s  # the backend's rate on full batches, back to back
 
-    def server(qps: float) -> LoadRun:
-        run = run_loadgen(sut, len(library), _settings(cfg, target_qps=qps), log_dir / f"server-{qps:.6g}qps")
+    def server(qps: float, min_queries: int | None = None) -> LoadRun:
+        settings = _settings(cfg, target_qps=qps)
+        if min_queries:  # find-max: LoadGen asked for more queries to decide this rate
+            settings.min_query_count = max(settings.min_query_count, min_queries)
+        folder = f"server-{qps:.6g}qps" + (f"-{settings.min_query_count}queries" if min_queries else "")
+        run = run_loadgen(sut, len(library), settings, log_dir / folder)
         log(f"server {qps:8.1f} QPS offered: {describe(run)}")
         return run
 

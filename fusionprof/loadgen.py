@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import threading
 import time
@@ -39,6 +40,7 @@ GIL_SWITCH_INTERVAL_S = 0.0002
 # LoadGen's early stopping calls a Server p99 VALID only after about 460 queries all under the target (more when
 # some are over it): fewer queries than this per run can never be VALID, whatever the latency.
 SERVER_MIN_QUERIES = 1024
+DECIDE_AT_MOST = 4  # find-max reruns a rate LoadGen could not decide with at most this many times the queries
 
 
 @dataclass
@@ -322,9 +324,30 @@ def next_rate(valid_below: float, invalid_above: float | None, tolerance: float 
     return (valid_below + invalid_above) / 2
 
 
-def find_max_qps(trial: Callable[[float], LoadRun], first_qps: float, max_trials: int = 8,
+def queries_to_decide(run: LoadRun) -> int | None:
+    """How many queries a run needs for LoadGen to decide, when its only failing check is early stopping (latency
+    within the target, duration and query count met, but too few queries to be sure of the percentile): LoadGen's
+    own "would need to run at least N more queries", added to those it ran. None for any other run, and for one
+    that would need more than ``DECIDE_AT_MOST`` times the queries it ran (a p99 that close to the target is as
+    good as over it, and the run would take minutes)."""
+    results = run.loadgen
+    undecided = run.valid is False and results.get("early_stopping_met") is False and all(
+        results.get(k) is True for k in ("result_perf_constraints_met", "result_min_duration_met",
+                                         "result_min_queries_met"))
+    more = re.search(r"at least (\d+) more queries", str(results.get("early_stopping_result", "")))
+    ran = int(results.get("result_query_count") or 0)
+    if not (undecided and more and ran) or ran + int(more.group(1)) > DECIDE_AT_MOST * ran:
+        return None
+    return ran + int(more.group(1))
+
+
+def find_max_qps(trial: Callable[..., LoadRun], first_qps: float, max_trials: int = 8,
                  tolerance: float = 0.1) -> tuple[LoadRun | None, list[LoadRun]]:
-    """Bisect the offered rate: the VALID run at the largest rate tried (None if none was), and every trial."""
+    """Bisect the offered rate: the VALID run at the largest rate tried (None if none was), and every trial.
+
+    ``trial(qps, min_queries=None)`` runs LoadGen once. A run LoadGen could not decide (early stopping wanted more
+    queries, every other check met) is no upper bound: that rate runs once more with the queries LoadGen asked for
+    (within ``max_trials``), and only that run's verdict counts."""
     runs: list[LoadRun] = []
     best: LoadRun | None = None
     valid_below, invalid_above = 0.0, None
@@ -332,6 +355,9 @@ def find_max_qps(trial: Callable[[float], LoadRun], first_qps: float, max_trials
     while qps is not None and len(runs) < max_trials:
         run = trial(qps)
         runs.append(run)
+        if (needed := queries_to_decide(run)) is not None and len(runs) < max_trials:
+            run = trial(qps, min_queries=needed)
+            runs.append(run)
         if run.valid:
             valid_below, best = qps, run
         else:

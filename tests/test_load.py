@@ -150,13 +150,39 @@ def test_bisection_converges_on_the_largest_valid_rate():
 
     class Verdict:
         def __init__(self, qps):
-            self.valid, self.settings = qps <= capacity, {"target_qps": qps}
+            self.valid, self.settings, self.loadgen = qps <= capacity, {"target_qps": qps}, {}
 
     best, runs = find_max_qps(Verdict, first_qps=50.0, max_trials=12, tolerance=0.05)
     assert best.settings["target_qps"] <= capacity < min(r.settings["target_qps"] for r in runs if not r.valid)
     assert best.settings["target_qps"] >= 0.95 * capacity * 0.95
     best, runs = find_max_qps(lambda qps: Verdict(qps * 1e6), first_qps=50.0, max_trials=4)
     assert best is None and len(runs) == 4  # nothing VALID: it halves, then gives up
+
+
+def test_a_rate_loadgen_could_not_decide_runs_again_with_the_queries_it_asked_for():
+    """INVALID only because early stopping wanted more queries (13 of 1900 over the target, p99 within it): no upper
+    bound. The rate runs again with LoadGen's count; a hopeless one (more than 4× the queries) does not."""
+    capacity, calls = 150.0, []
+
+    class Run:
+        def __init__(self, qps, min_queries=None):
+            calls.append((qps, min_queries))
+            undecided = qps <= capacity * 1.3 and min_queries is None and qps > capacity
+            self.settings, self.valid = {"target_qps": qps}, qps <= capacity * 1.3 and not undecided
+            self.loadgen = {"result_perf_constraints_met": qps <= capacity * 1.3, "result_min_duration_met": True,
+                            "result_min_queries_met": True, "early_stopping_met": self.valid,
+                            "result_query_count": 1900, "early_stopping_result":
+                            " * Run unsuccessful.  * Processed 1900 queries.  * Would need to run at least "
+                            f"{509 if qps <= capacity * 1.3 else 24564} more queries,  with the run being successful"}
+
+    best, runs = find_max_qps(Run, first_qps=180.0, max_trials=3)
+    assert calls[:2] == [(180.0, None), (180.0, 2409)] and runs[1].valid  # decided, VALID: the search goes up
+    assert best.settings["target_qps"] == 180.0 and calls[2] == (360.0, None) and len(runs) == 3
+    from fusionprof.loadgen import queries_to_decide
+    assert queries_to_decide(runs[0]) == 2409 and queries_to_decide(runs[1]) is None
+    assert queries_to_decide(runs[2]) is None  # over the target: INVALID, whatever more queries would say
+    runs[0].loadgen["early_stopping_result"] = " * Would need to run at least 24564 more queries"
+    assert queries_to_decide(runs[0]) is None  # 14× the queries it ran: as good as over the target
 
 
 def run_cli(*args):

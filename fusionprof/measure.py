@@ -28,8 +28,8 @@ class Protocol:
     warmup_calls: int = 5
     min_seconds: float = 2.0
     min_calls: int = 20
-    # Caps: sampling stops at the first reached, even short of min_calls (very slow calls); a cap below its minimum
-    # (--min-seconds 60) gives way to it
+    # Caps, each guarding against the other minimum running away: max_seconds ends slow calls short of min_calls,
+    # max_calls ends fast ones short of min_seconds. A cap below its own minimum (--min-seconds 60) gives way to it.
     max_seconds: float = 30.0
     max_calls: int = 5000
 

@@ -407,15 +407,17 @@ def micro_step(model: nn.Module, opt: Optimization, batches: Iterator[Batch], cf
                last_micro_batch: bool = True, no_sync: Callable | None = None) -> torch.Tensor:
     """One micro-batch: fetch it, then ``train_step``; the optimizer steps on the last micro-batch."""
     with record_function("data"):  # waiting for the loader + the host→device copy
-        inputs, labels = to_inputs(next(batches), device)
+        batch = next(batches)
+        inputs, labels = to_inputs(batch, device)
+        image_index = None if batch.image_index is None else batch.image_index.to(device, non_blocking=True)
     # Under DDP, the gradients of accumulated micro-batches are reduced once, with the last one.
     accumulate = no_sync() if no_sync is not None and not last_micro_batch else contextlib.nullcontext()
     with accumulate:
-        return train_step(model, opt, inputs, labels, cfg, last_micro_batch)
+        return train_step(model, opt, inputs, labels, cfg, last_micro_batch, image_index)
 
 
 def train_step(model: nn.Module, opt: Optimization, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor,
-               cfg: TrainConfig, step_optimizer: bool = True) -> torch.Tensor:
+               cfg: TrainConfig, step_optimizer: bool = True, image_index: torch.Tensor | None = None) -> torch.Tensor:
     """Forward, loss (ITM + ``align_weight`` × ITC), backward; then, on the last micro-batch, the optimizer step.
 
     Returns the loss on the device: reading it is left to the caller, so a step never waits for the device.
@@ -423,7 +425,7 @@ def train_step(model: nn.Module, opt: Optimization, inputs: tuple[torch.Tensor, 
     if cfg.compile == "cudagraphs":  # a new iteration: the graphs may overwrite the previous step's outputs
         torch.compiler.cudagraph_mark_step_begin()
     with autocast(labels.device, cfg.precision):
-        logits, align_loss = model(*inputs, labels) if cfg.align_weight else (model(*inputs), 0.0)
+        logits, align_loss = model(*inputs, labels, image_index) if cfg.align_weight else (model(*inputs), 0.0)
     with record_function("loss"):
         loss = F.binary_cross_entropy_with_logits(logits.float(), labels) + cfg.align_weight * align_loss
     with record_function("backward"):

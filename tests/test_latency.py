@@ -305,8 +305,11 @@ def test_a_backend_failing_at_one_batch_keeps_the_batches_it_ran(error, status, 
     assert record.rows[0].host.n >= 3 and record.rows[1].host is None
 
 
-def test_a_sweeps_own_export_is_made_again_for_other_weights(tmp_path, trained_mid):
+def test_a_sweeps_own_export_is_made_again_for_other_weights(tmp_path, trained_mid, untrained_onnx):
     """An untrained model's ONNX, left by an earlier sweep, is not what a trained checkpoint's sweep times."""
+    import shutil
+
+    from fusionprof.atomic import write_json
     from fusionprof.backends import create_backend
     from fusionprof.export import parity
     from fusionprof.latency import load_artifacts
@@ -314,17 +317,19 @@ def test_a_sweeps_own_export_is_made_again_for_other_weights(tmp_path, trained_m
     models = tmp_path / "models" / "tiny-mid"
     models.mkdir(parents=True)
     (models / "checkpoint.pt").write_bytes(trained_mid[0].read_bytes())  # the checkpoint alone: no verified export
+    left = tmp_path / "work" / "onnx" / "tiny-mid" / "model.onnx"  # as an untrained sweep left it, with its note
+    left.parent.mkdir(parents=True)
+    shutil.copy(untrained_onnx["mid"].onnx, left)
+    write_json(left.with_name("model.onnx.made-from.json"), {"weights": "untrained, seed 0"})
     said = []
-    cfg = SweepConfig(fusions=["mid"], backends=["onnxruntime"], models_dir=str(tmp_path / "none"))
-    untrained, _ = load_artifacts(cfg, "mid", tmp_path / "work", said.append)
-    cfg.models_dir = str(tmp_path / "models")
+    cfg = SweepConfig(fusions=["mid"], backends=["onnxruntime"], models_dir=str(tmp_path / "models"))
     trained, source = load_artifacts(cfg, "mid", tmp_path / "work", said.append)
-    assert trained.onnx == untrained.onnx and source["weights"] == "trained"
-    assert said[1] == f"{trained.onnx} was made from another model or for other batch sizes: exporting it again"
+    assert trained.onnx == left and source["weights"] == "trained"
+    assert said[0] == f"{left} was made from another model or for other batch sizes: exporting it again"
     backend = create_backend("onnxruntime", trained, torch.device("cpu"))
     assert parity(trained.model, backend, "fp32")["passed"]  # before: the untrained graph, and parity failed
     said.clear()
-    assert load_artifacts(cfg, "mid", tmp_path / "work", said.append)[0].onnx == trained.onnx and not said  # kept
+    assert load_artifacts(cfg, "mid", tmp_path / "work", said.append)[0].onnx == left and not said  # kept now
 
 
 def test_a_sweep_on_other_threads_is_not_resumed(tmp_path):

@@ -54,12 +54,16 @@ def test_max_calls_caps_a_fast_call():
 
 
 def test_a_minimum_asked_for_outlasts_a_lower_cap():
-    """--min-seconds 60 samples for 60 s though the cap is 30 s; --min-calls above max_calls gets its calls."""
+    """--min-seconds 60 samples for 60 s though the time cap is 30 s; --min-calls above max_calls gets its calls.
+    (Each cap still guards the other minimum: max_calls ends a run of fast calls short of min_seconds.)"""
     _, call, sync = counting()
     start = time.perf_counter()
-    samples = sample_calls(call, sync, Protocol(warmup_seconds=0, warmup_calls=1, min_seconds=0.05, min_calls=80,
-                                                max_seconds=0.01, max_calls=40))
-    assert time.perf_counter() - start >= 0.05 and len(samples) >= 80
+    samples = sample_calls(lambda: (call(), time.sleep(0.001)), sync, Protocol(
+        warmup_seconds=0, warmup_calls=1, min_seconds=0.05, min_calls=3, max_seconds=0.01))
+    assert time.perf_counter() - start >= 0.05 and len(samples) >= 3
+    samples = sample_calls(call, sync, Protocol(warmup_seconds=0, warmup_calls=1, min_seconds=0, min_calls=80,
+                                                max_calls=40))
+    assert len(samples) == 80
 
 
 def test_one_loop_serves_every_clock():

@@ -186,3 +186,28 @@ def test_flops_and_parameters_are_counted(fusion, tiny_cfg):
     assert flops["total"] >= flops["image_encoder"] + flops["text_encoder"] + flops["fusion"] > 0
     assert flops["image_encoder"] > flops["text_encoder"]  # the ResNet dominates the tiny preset
     assert params["total"] >= params["image_encoder"] + params["text_encoder"] + params["fusion"]
+
+
+def test_the_contrastive_loss_never_contrasts_two_captions_of_one_image():
+    """Pairs 0 and 1 are two captions of one image: neither is the other's negative (COCO has five an image)."""
+    from fusionprof.models.layers import masked_mean
+    from fusionprof.models.model import Alignment
+
+    torch.manual_seed(0)
+    align = Alignment(8, 8, 4)
+    image_map, text = torch.randn(4, 8, 2, 2), torch.randn(4, 3, 8)
+    image_map[1] = image_map[0]
+    mask, labels = torch.ones(4, 3, dtype=torch.long), torch.tensor([1.0, 1.0, 1.0, 0.0])
+    with torch.no_grad():
+        image = F.normalize(align.image_proj(image_map.mean((2, 3))), dim=-1)
+        words = F.normalize(align.text_proj(masked_mean(text, mask)), dim=-1)
+        sim = align.log_scale.exp() * image @ words.T
+    allowed = {0: [0, 2], 1: [1, 2], 2: [0, 1, 2]}  # each positive against the positives of other images
+    expected = sum((sim[i, cols].logsumexp(0) - sim[i, i]) + (sim[cols, i].logsumexp(0) - sim[i, i])
+                   for i, cols in allowed.items()) / (2 * 3)
+    with torch.no_grad():
+        together = align(image_map, text, mask, labels, torch.tensor([7, 7, 9, 9]))
+        apart = align(image_map, text, mask, labels, torch.tensor([7, 8, 9, 9]))  # as before: all contrasted
+        unkeyed = align(image_map, text, mask, labels)
+    assert together == pytest.approx(float(expected), rel=1e-5)
+    assert apart == pytest.approx(float(unkeyed), rel=1e-6) and abs(float(together) - float(apart)) > 1e-3

@@ -62,13 +62,17 @@ class Batch:
     text: torch.Tensor  # int64 token ids [B, L], or float32 cached token states [B, L, D]
     attention_mask: torch.Tensor  # int64 [B, L]
     labels: torch.Tensor  # float32 [B]
+    image_index: torch.Tensor | None = None  # int64 [B]: which image each pair shows (the contrastive loss's key)
+
+    def _map(self, f) -> Batch:
+        return Batch(*(None if t is None else f(t)
+                       for t in (self.image, self.text, self.attention_mask, self.labels, self.image_index)))
 
     def pin_memory(self) -> Batch:
-        return Batch(*(t.pin_memory() for t in (self.image, self.text, self.attention_mask, self.labels)))
+        return self._map(torch.Tensor.pin_memory)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
-        return Batch(*(t.to(device, non_blocking=non_blocking)
-                       for t in (self.image, self.text, self.attention_mask, self.labels)))
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
 
 class PairBatches(Dataset):
@@ -95,6 +99,7 @@ class PairBatches(Dataset):
             text=self.text[caption, :length],
             attention_mask=mask[:, :length],
             labels=torch.from_numpy(self.pairs.label[sel]),
+            image_index=torch.from_numpy(self.pairs.image[sel]),
         )
 
     def mean_length(self) -> float:

@@ -32,8 +32,10 @@ class Alignment(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(self, image_map: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
+                labels: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
         """Symmetric InfoNCE over the batch's positive pairs: row i's match is column i, among positives only.
+        Given ``image_index``, two positives of one image are no negatives of each other (COCO has five captions an
+        image): those off-diagonal pairs leave both softmaxes.
 
         Written with masks rather than by selecting the positives, so it never waits on the device for a count
         and every parameter is in the graph even when a batch has no positives (DDP then reduces all of them).
@@ -43,6 +45,9 @@ class Alignment(nn.Module):
         words = F.normalize(self.text_proj(masked_mean(text, text_mask).float()), dim=-1)
         sim = self.log_scale.exp().clamp(max=100) * image @ words.T
         pair = positive[:, None] & positive[None, :]
+        if image_index is not None:
+            eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+            pair &= (image_index[:, None] != image_index[None, :]) | eye
         sim = sim.masked_fill(~pair, -1e4)  # finite: the rows of negatives stay finite and get weight 0 below
         diagonal = sim.diagonal()
         per_row = (sim.logsumexp(1) - diagonal) + (sim.logsumexp(0) - diagonal)
@@ -85,19 +90,22 @@ class FusionModel(nn.Module):
         return image_map, text
 
     def fuse(self, image_map: torch.Tensor, text: torch.Tensor, attention_mask: torch.Tensor,
-             labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             labels: torch.Tensor | None = None,
+             image_index: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The fusion head on encoder outputs (computed now, or read from a feature cache)."""
         with record_function("fusion"):
             logits = self.fusion(image_map, text, attention_mask)
         if labels is None:
             return logits
         with record_function("align"):
-            return logits, self.align(image_map, text, attention_mask, labels)
+            return logits, self.align(image_map, text, attention_mask, labels, image_index)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """ITM logits; given ``labels`` (training), also the alignment loss over the batch's positive pairs."""
-        return self.fuse(*self.encode(images, input_ids, attention_mask), attention_mask, labels)
+                labels: torch.Tensor | None = None,
+                image_index: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """ITM logits; given ``labels`` (training), also the alignment loss over the batch's positive pairs (and
+        ``image_index``: which image each pair shows)."""
+        return self.fuse(*self.encode(images, input_ids, attention_mask), attention_mask, labels, image_index)
 
 
 class FusionHead(nn.Module):
@@ -108,8 +116,9 @@ class FusionHead(nn.Module):
         self.model = model
 
     def forward(self, image_map: torch.Tensor, text: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return self.model.fuse(image_map, text, attention_mask, labels)
+                labels: torch.Tensor | None = None,
+                image_index: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.model.fuse(image_map, text, attention_mask, labels, image_index)
 
 
 def build_model(cfg: ModelConfig) -> FusionModel:

@@ -162,7 +162,7 @@ class BatchingSUT:
         while True:
             try:
                 batch = self._next_batch()
-            except BaseException as e:  # the batcher itself failed: kept, and from now on no batch waits to fill,
+            except Exception as e:  # the batcher itself failed: kept, and from now on no batch waits to fill,
                 self.error = self.error or e  # so every query is still answered and LoadGen does not hang
                 continue
             if batch is None:

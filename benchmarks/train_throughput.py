@@ -128,8 +128,10 @@ def loop_forever(loader):
 
 def run_ceiling(mcfg, cfg, device, split, pairs, order) -> float:
     model, opt = fresh_model(mcfg, cfg, device, cfg.seed)
-    epoch = [(*to_inputs(b, device), b.image_index.to(device))  # all in memory
-             for b in split.batches(pairs, cfg.batch_size, order)]
+    epoch = []  # all in memory, on the device
+    for batch in split.batches(pairs, cfg.batch_size, order):
+        batch = batch.to(device)
+        epoch.append((*to_inputs(batch, device), batch.image_index))
     position = iter(range(10**9))
 
     def step():

@@ -112,9 +112,20 @@ def find_checkpoint(models_dir: str | Path, preset: str, fusion: str) -> Path | 
 
 def checkpoint_hash(checkpoint: str | Path) -> str:
     """A digest of the checkpoint file: an export records it, and an export whose checkpoint has changed since
-    (retrained, resumed, replaced) is never reused as if it were the checkpoint's."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(checkpoint, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    (retrained, resumed, replaced) is never reused as if it were the checkpoint's.
+
+    Computed once per version of the file (its path, size and modification time): a sweep asks for it for every
+    artifact of every fusion, and a seed checkpoint with its optimizer state is over a gigabyte."""
+    path = Path(checkpoint).resolve()
+    stat = path.stat()
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+_HASHES: dict[tuple[Path, int, int], str] = {}

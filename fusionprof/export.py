@@ -145,7 +145,7 @@ def parity(reference: FusionModel, backend, precision: str, largest_batch: int =
     """Max abs / rel error of the backend's logits against the eager fp32 model, and how often their match decisions
     (the logit's sign) agree, per input shape: the fixed shapes, and ``largest_batch`` (the largest batch that will
     be timed or evaluated) at full caption length."""
-    tf32 = precision == "fp32" and getattr(backend, "device", CPU).type == "cuda"
+    tf32 = precision == "fp32" and backend.device.type == "cuda"
     tol = {**TF32_TOLERANCE, "why": "fp32 on CUDA: TF32 convolutions, the runtimes' default"} if tf32 \
         else TOLERANCES[precision]
     rows, ok, agree = [], True, []

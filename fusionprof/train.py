@@ -406,14 +406,13 @@ def epoch_pairs(split: SplitData, seed: int, epoch: int) -> tuple[Pairs, np.ndar
 def micro_step(model: nn.Module, opt: Optimization, batches: Iterator[Batch], cfg: TrainConfig, device: torch.device,
                last_micro_batch: bool = True, no_sync: Callable | None = None) -> torch.Tensor:
     """One micro-batch: fetch it, then ``train_step``; the optimizer steps on the last micro-batch."""
-    with record_function("data"):  # waiting for the loader + the host→device copy
-        batch = next(batches)
-        inputs, labels = to_inputs(batch, device)
-        image_index = None if batch.image_index is None else batch.image_index.to(device, non_blocking=True)
+    with record_function("data"):  # waiting for the loader + the host→device copy (of every field, once)
+        batch = next(batches).to(device, non_blocking=device.type == "cuda")
+        inputs, labels = to_inputs(batch, device)  # on the device already: only the images' normalisation is left
     # Under DDP, the gradients of accumulated micro-batches are reduced once, with the last one.
     accumulate = no_sync() if no_sync is not None and not last_micro_batch else contextlib.nullcontext()
     with accumulate:
-        return train_step(model, opt, inputs, labels, cfg, last_micro_batch, image_index)
+        return train_step(model, opt, inputs, labels, cfg, last_micro_batch, batch.image_index)
 
 
 def train_step(model: nn.Module, opt: Optimization, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor,

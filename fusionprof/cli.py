@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from fusionprof import __version__
 from fusionprof.backends import backend_names, export_formats
@@ -176,7 +177,10 @@ def train(fusion, preset, text_pool, pretrained, image_weights, text_model, free
                         text_model=text_model, freeze_encoders=freeze_encoders or None,
                         pretrained=False if pretrained == "none" else None)
     tcfg = train_config(preset, compile=compile_, **options)
-    metrics = run_training(tcfg, mcfg, resume=resume, fresh=fresh, progress=not quiet, log=click.echo)
+    ctx = click.get_current_context()
+    asked = {"compile" if name == "compile_" else name for name in ctx.params
+             if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    metrics = run_training(tcfg, mcfg, resume=resume, fresh=fresh, progress=not quiet, log=click.echo, asked=asked)
     skipped = metrics["skipped_total"]
     if process_rank() != 0:  # under torchrun, rank 0 speaks for all
         return

@@ -21,7 +21,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from itertools import chain, cycle
 from pathlib import Path
@@ -89,10 +89,13 @@ from fusionprof.runtime import (
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh: bool = False,
           progress: bool = True, log: Callable[[str], None] = print,
-          on_epoch_end: Callable[[int], None] | None = None) -> dict:
+          on_epoch_end: Callable[[int], None] | None = None, asked: Collection[str] = ()) -> dict:
     """Train one fusion model; returns the metrics record (also written to ``profiles/<run>/metrics.json``).
 
     One process, or one of ``torchrun``'s: then only rank 0 logs and writes, and every rank returns the record.
+    ``asked``: the config fields the user set (the CLI's explicit options). A resumed run keeps its own settings,
+    so one of these that differs from the run's is refused, unless it says only how the run is carried out
+    (``RESUME_MAY_CHANGE``).
     """
     if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.grad_accum < 1:
         raise UserError("--batch-size, --epochs and --grad-accum must be at least 1")
@@ -106,17 +109,18 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh:
             raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must split evenly over "
                             f"{d.world_size} processes")
         return _train(cfg, model_cfg, d, device, resume, fresh, progress and d.is_main,
-                      log if d.is_main else _quiet, on_epoch_end)
+                      log if d.is_main else _quiet, on_epoch_end, asked)
     finally:
         teardown(d)
 
 
 def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.device, resume: bool, fresh: bool,
-           progress: bool, log: Callable[[str], None], on_epoch_end: Callable[[int], None] | None) -> dict:
+           progress: bool, log: Callable[[str], None], on_epoch_end: Callable[[int], None] | None,
+           asked: Collection[str]) -> dict:
     """The spine: set up → resume → epochs → test → record."""
     run = run_name(cfg.preset, model_cfg.fusion, cfg.run)
     ckpt_path = Path(cfg.models_dir) / run / CHECKPOINT
-    ckpt, cfg, model_cfg = resume_or_start(ckpt_path, cfg, model_cfg, d, resume, fresh, log)
+    ckpt, cfg, model_cfg = resume_or_start(ckpt_path, cfg, model_cfg, d, resume, fresh, log, asked)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     data, data_source, model_cfg = prepare_run_data(cfg, model_cfg, ckpt_path.parent, d, ckpt is None, progress, log)
     raw_model = build_model(model_cfg).to(device)
@@ -177,10 +181,19 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
 # --- set up and resume ------------------------------------------------------------------------------------------
 
 
+# On --resume the run keeps the settings it was started with. These say where and how it is carried out, not what
+# is trained, so the caller's win: always for the device and the workers, and when asked for the others.
+RESUME_TAKES = ("device", "workers")
+RESUME_MAY_CHANGE = ("profile", "compile", "image_cache", "profiles_dir")
+OPTION_NAMES = {"models_dir": "--out", "profiles_dir": "--profiles", "run": "--run-name"}
+
+
 def resume_or_start(ckpt_path: Path, cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, resume: bool, fresh: bool,
-                    log: Callable[[str], None]) -> tuple[dict | None, TrainConfig, ModelConfig]:
+                    log: Callable[[str], None], asked: Collection[str] = ()
+                    ) -> tuple[dict | None, TrainConfig, ModelConfig]:
     """The run's checkpoint and the configs it was written with when resuming; (None, the given configs) when
-    starting. A checkpoint that exists is never overwritten by accident."""
+    starting. A checkpoint that exists is never overwritten by accident, and a setting the user asked for is never
+    silently dropped: one that would change what the run trains is refused (see ``train``)."""
     _check_same_view(d, ckpt_path)
     model_cfg = dataclasses.replace(model_cfg)  # filled in later (vocabulary, tokenizer): keep the caller's
     if not ckpt_path.exists() or fresh:
@@ -193,9 +206,33 @@ def resume_or_start(ckpt_path: Path, cfg: TrainConfig, model_cfg: ModelConfig, d
     if (saved.fusion, ckpt["train_config"]["preset"]) != (model_cfg.fusion, cfg.preset):
         raise UserError(f"{ckpt_path} is a {ckpt['train_config']['preset']}/{saved.fusion} run, not "
                         f"{cfg.preset}/{model_cfg.fusion}")
-    cfg = from_dict(TrainConfig, {**ckpt["train_config"], "device": cfg.device, "workers": cfg.workers})
-    log(f"resuming {ckpt_path.parent.name} after epoch {ckpt['epoch']}/{cfg.epochs}")
+    run_cfg = from_dict(TrainConfig, ckpt["train_config"])
+    changed = [name for name in asked if name in RESUME_MAY_CHANGE and getattr(cfg, name) != getattr(run_cfg, name)]
+    refused = _differences(asked, cfg, run_cfg, set(RESUME_TAKES) | set(RESUME_MAY_CHANGE)) + _differences(
+        asked, model_cfg, saved, {"fusion", "tokenizer", "vocab_size"})
+    if refused:
+        raise UserError(f"--resume continues {ckpt_path.parent.name} as it was started, and these differ from it: "
+                        f"{'; '.join(refused)}. Leave them out, or start over with --fresh or a new --run-name")
+    cfg = dataclasses.replace(run_cfg, **{name: getattr(cfg, name) for name in (*RESUME_TAKES, *changed)})
+    now = ", ".join(f"{_option(name)} {getattr(cfg, name)}" for name in changed)
+    log(f"resuming {ckpt_path.parent.name} after epoch {ckpt['epoch']}/{cfg.epochs}" + (f" (now {now})" if now else ""))
     return ckpt, cfg, saved
+
+
+def _differences(asked: Collection[str], given: object, run: object, free: set[str]) -> list[str]:
+    """'--option given (the run's: value)' for each asked field of ``given`` that is not ``run``'s."""
+    out = []
+    for name in sorted(set(asked) & {f.name for f in dataclasses.fields(run)} - free):
+        a, b = getattr(given, name), getattr(run, name)
+        if name in ("data", "image_weights") and a is not None and b is not None:
+            a, b = str(Path(a).resolve()), str(Path(b).resolve())  # one file, however it is spelt
+        if a != b:
+            out.append(f"{_option(name)} {getattr(given, name)} (the run's: {getattr(run, name)})")
+    return out
+
+
+def _option(name: str) -> str:
+    return OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
 
 
 def _check_same_view(d: Dist, ckpt_path: Path) -> None:

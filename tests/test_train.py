@@ -139,6 +139,24 @@ def test_existing_run_needs_resume_or_fresh(tmp_path, small_data):
     assert code == 1 and "is a tiny/late run, not tiny/mid" in out
 
 
+@pytest.mark.slow
+def test_resume_refuses_a_setting_it_would_otherwise_drop(tmp_path, small_data, monkeypatch):
+    """--resume continues the run as it was started: an option that would change what it trains is a one-line error
+    naming it, never silently ignored; the same command resumes, and how the run is carried out may change."""
+    args = ["train", "--fusion", "late", "--data", small_data, "--out", tmp_path / "m", "--profiles",
+            tmp_path / "p", "--epochs", "1", "--limit-train", "8", "--quiet"]
+    assert run_cli(*args)[0] == 0
+    code, out = run_cli(*args, "--resume", "--epochs", "2", "--lr", "0.01", "--text-pool", "attn")
+    assert code == 1 and out.count("\n") == 1, out
+    assert ("--resume continues tiny-late as it was started, and these differ from it: --epochs 2 (the run's: 1); "
+            "--lr 0.01 (the run's: 0.001); --text-pool attn (the run's: mean). Leave them out, or start over") in out
+    assert load_checkpoint(tmp_path / "m" / "tiny-late" / "checkpoint.pt")["train_config"]["epochs"] == 1
+    monkeypatch.chdir(small_data.parent)  # the same dataset spelt another way is the same dataset
+    code, out = run_cli(*args[:3], "--data", small_data.name, *args[5:], "--resume", "--no-image-cache")
+    assert code == 0 and "resuming tiny-late after epoch 1/1 (now --image-cache False)" in out, out
+    assert json.loads((tmp_path / "p" / "tiny-late" / "metrics.json").read_text())["train_config"]["image_cache"] is False
+
+
 @pytest.mark.parametrize("args,message", [
     (["--fusion", "fancy"], "Invalid value for '--fusion': 'fancy' is not one of"),
     (["--fusion", "mid", "--batch-size", "0"], "Invalid value for '--batch-size': must be at least 1, got 0"),

@@ -208,7 +208,8 @@ def resume_or_start(ckpt_path: Path, cfg: TrainConfig, model_cfg: ModelConfig, d
                         f"{cfg.preset}/{model_cfg.fusion}")
     run_cfg = from_dict(TrainConfig, ckpt["train_config"])
     changed = [name for name in asked if name in RESUME_MAY_CHANGE and getattr(cfg, name) != getattr(run_cfg, name)]
-    refused = _differences(asked, cfg, run_cfg, set(RESUME_TAKES) | set(RESUME_MAY_CHANGE)) + _differences(
+    where = {"run", "models_dir"}  # they found the checkpoint, however they are spelt
+    refused = _differences(asked, cfg, run_cfg, {*RESUME_TAKES, *RESUME_MAY_CHANGE, *where}) + _differences(
         asked, model_cfg, saved, {"fusion", "tokenizer", "vocab_size"})
     if refused:
         raise UserError(f"--resume continues {ckpt_path.parent.name} as it was started, and these differ from it: "

@@ -152,9 +152,11 @@ def test_resume_refuses_a_setting_it_would_otherwise_drop(tmp_path, small_data, 
             "--lr 0.01 (the run's: 0.001); --text-pool attn (the run's: mean). Leave them out, or start over") in out
     assert load_checkpoint(tmp_path / "m" / "tiny-late" / "checkpoint.pt")["train_config"]["epochs"] == 1
     monkeypatch.chdir(small_data.parent)  # the same dataset spelt another way is the same dataset
-    code, out = run_cli(*args[:3], "--data", small_data.name, *args[5:], "--resume", "--no-image-cache")
+    code, out = run_cli(*args[:3], "--data", small_data.name, *args[5:], "--resume", "--no-image-cache",
+                        "--run-name", "tiny-late", "--out", os.path.relpath(tmp_path / "m"))
     assert code == 0 and "resuming tiny-late after epoch 1/1 (now --image-cache False)" in out, out
-    assert json.loads((tmp_path / "p" / "tiny-late" / "metrics.json").read_text())["train_config"]["image_cache"] is False
+    metrics = json.loads((tmp_path / "p" / "tiny-late" / "metrics.json").read_text())
+    assert metrics["train_config"]["image_cache"] is False
 
 
 @pytest.mark.parametrize("args,message", [

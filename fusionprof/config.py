@@ -56,6 +56,7 @@ class ModelConfig:
 class TrainConfig:
     preset: str = "tiny"
     data: str | None = None  # None: the embedded synthetic dataset, created on first use
+    data_layout: str | None = None  # the layout found under data when the run started (data.coco.LAYOUTS)
     run: str | None = None
     epochs: int = 4
     batch_size: int = 64

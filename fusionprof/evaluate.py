@@ -55,6 +55,12 @@ def evaluate_split(model: nn.Module, split: SplitData, seed: int, batch_size: in
     return {**itm_metrics(logits, labels, split.name), "precision": precision}
 
 
+def _same_data(asked: str | None, trained: str | None) -> bool:
+    """Whether ``--data`` is the run's own dataset (then read in the layout it was trained on; another dataset is
+    read in the layout found there)."""
+    return asked is None or (trained is not None and Path(asked).resolve() == Path(trained).resolve())
+
+
 def evaluate(checkpoint: str | Path, split: str = "test", data: str | None = None, device: str = "cpu",
              batch_size: int | None = None, precision: str | None = None, progress: bool = True) -> dict:
     """A checkpoint's metrics on ``split``, in ``precision`` (None: the precision it was trained in)."""
@@ -70,6 +76,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", data: str | None = Non
     tokenizer = build_tokenizer(with_run_tokenizer(model.cfg, Path(checkpoint).parent))
     limit = cfg.limit_train if split == "train" else cfg.limit_eval
     splits, source = prepare_data(data or cfg.data, tokenizer, model.cfg.image_size, model.cfg.max_text_len,
-                                  cfg.seed, limit_train=limit, limit_eval=limit, splits=(split,), progress=progress)
+                                  cfg.seed, limit_train=limit, limit_eval=limit, splits=(split,), progress=progress,
+                                  layout=cfg.data_layout if _same_data(data, cfg.data) else None)
     result = evaluate_split(model, splits[split], cfg.seed, batch_size or cfg.batch_size, torch_device, precision)
     return {**result, "checkpoint": str(checkpoint), "data": source, "fusion": model.cfg.fusion}

@@ -250,7 +250,7 @@ def verified_fp32_onnx(checkpoint: Path, out: Path) -> dict | None:
 def checkpoint_calibration(checkpoint: Path, model: FusionModel, cfg) -> Callable[[], tuple[list[Feeds], dict]]:
     """The int8 calibration sample of a checkpoint: its own data's validation split, through its own tokenizer."""
     model_cfg = with_run_tokenizer(model.cfg, Path(checkpoint).parent)
-    return partial(calibration_sample, model_cfg, cfg.data, cfg.seed, cfg.limit_eval)
+    return partial(calibration_sample, model_cfg, cfg.data, cfg.seed, cfg.limit_eval, layout=cfg.data_layout)
 
 
 def profile_batches(max_batch: int) -> list[int]:
@@ -386,7 +386,8 @@ class AccuracyGate:
     def __init__(self, model: FusionModel, cfg, checkpoint: Path, progress: bool):
         tokenizer = build_tokenizer(with_run_tokenizer(model.cfg, checkpoint.parent))
         splits, _ = prepare_data(cfg.data, tokenizer, model.cfg.image_size, model.cfg.max_text_len, cfg.seed,
-                                 limit_eval=cfg.limit_eval, splits=("test",), progress=progress)
+                                 limit_eval=cfg.limit_eval, splits=("test",), progress=progress,
+                                 layout=cfg.data_layout)
         self.model, self.cfg, self.test = model, cfg, splits["test"]
         self._references: dict[tuple[torch.device, str], dict] = {}
 

@@ -169,7 +169,8 @@ def test_library(preset: str, model_cfg: ModelConfig, source: dict,
         tcfg = train_config(preset)  # an untrained model: the preset's dataset and seed
     tokenizer = build_tokenizer(model_cfg, log=lambda s: None)
     splits, _ = prepare_data(tcfg.data, tokenizer, model_cfg.image_size, model_cfg.max_text_len, tcfg.seed,
-                             limit_eval=tcfg.limit_eval, splits=("test",), progress=progress)
+                             limit_eval=tcfg.limit_eval, splits=("test",), progress=progress,
+                             layout=tcfg.data_layout)
     return SampleLibrary(splits["test"], tcfg.seed), tcfg
 
 

@@ -38,12 +38,14 @@ Feeds = dict[str, np.ndarray]
 
 
 def calibration_sample(model_cfg: ModelConfig, data: str | None, seed: int, limit: int | None = None,
-                       pairs: int = CALIBRATION_PAIRS, batch_size: int = CALIBRATION_BATCH) -> tuple[list[Feeds], dict]:
+                       pairs: int = CALIBRATION_PAIRS, batch_size: int = CALIBRATION_BATCH,
+                       layout: str | None = None) -> tuple[list[Feeds], dict]:
     """The calibration inputs (ONNX feeds, host numpy) from ``pairs`` pairs of the validation split, drawn with
-    ``seed``; and where they came from. ``data`` None: the embedded dataset. Only the validation split is read."""
+    ``seed``; and where they came from. ``data`` None: the embedded dataset; ``layout``: the run's (None: the one
+    found). Only the validation split is read."""
     tokenizer = build_tokenizer(model_cfg)
     splits, source = prepare_data(data, tokenizer, model_cfg.image_size, model_cfg.max_text_len, seed,
-                                  limit_eval=limit, splits=(CALIBRATION_SPLIT,), progress=False)
+                                  limit_eval=limit, splits=(CALIBRATION_SPLIT,), progress=False, layout=layout)
     split = splits[CALIBRATION_SPLIT]
     all_pairs = split.pairs(seed)
     rng = np.random.default_rng([seed, 8])  # 8: int8's own stream, apart from the pairs' negatives

@@ -48,7 +48,8 @@ from fusionprof.checkpoint import (
     with_run_tokenizer,
 )
 from fusionprof.config import ModelConfig, TrainConfig, from_dict, to_dict
-from fusionprof.data import SplitData, prepare_data
+from fusionprof.data import SplitData, default_data_dir, prepare_data
+from fusionprof.data.coco import find_layout
 from fusionprof.data.itm import Batch, Pairs, loader
 from fusionprof.data.text import build_tokenizer
 from fusionprof.distributed import (
@@ -248,13 +249,15 @@ def _check_same_view(d: Dist, ckpt_path: Path) -> None:
 def prepare_run_data(cfg: TrainConfig, model_cfg: ModelConfig, run_dir: Path, d: Dist, new_run: bool,
                      progress: bool, log: Callable[[str], None]) -> tuple[dict[str, SplitData], str, ModelConfig]:
     """The tokenized splits and where they came from; a new run keeps its tokenizer beside its checkpoint, so the
-    checkpoint needs nothing from outside."""
+    checkpoint needs nothing from outside, and records the dataset's layout in ``cfg``, so what reads the run later
+    reads the splits it was trained on."""
     with local_first(d):  # one process per node writes the data caches, its peers then read them
         tokenizer = build_tokenizer(with_run_tokenizer(model_cfg, run_dir), log)
         model_cfg.vocab_size = max(model_cfg.vocab_size, len(tokenizer))
+        cfg.data_layout = cfg.data_layout or find_layout(cfg.data or default_data_dir(progress))
         data, data_source = prepare_data(cfg.data, tokenizer, model_cfg.image_size, model_cfg.max_text_len,
                                          cfg.seed, image_cache=cfg.image_cache, limit_train=cfg.limit_train,
-                                         limit_eval=cfg.limit_eval, progress=progress)
+                                         limit_eval=cfg.limit_eval, progress=progress, layout=cfg.data_layout)
     for name, split in data.items():
         for line in split.report.lines(name):
             log(line)

@@ -1,5 +1,7 @@
 import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -164,3 +166,26 @@ def throwaway_fusion(tmp_path):
         yield folder
     finally:
         del FUSIONS._members[THROWAWAY]
+
+
+def write_coco_file(path, images, captions):
+    """A COCO captions file: ``images`` file names, ``captions`` (image index, text) pairs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "images": [{"id": i, "file_name": f} for i, f in enumerate(images)],
+        "annotations": [{"id": k, "image_id": i, "caption": c} for k, (i, c) in enumerate(captions)],
+    }))
+
+
+def write_coco2017(small_data, root):
+    """A COCO-2017 folder of the small set's train images (val2017 = the same files: only the layout matters)."""
+    (root / "train2017").mkdir(parents=True)
+    (root / "val2017").mkdir()
+    files = sorted(p.name for p in (small_data / "train").glob("*.jpg"))
+    for f in files:
+        shutil.copy(small_data / "train" / f, root / "train2017" / f)
+        shutil.copy(small_data / "train" / f, root / "val2017" / f)
+    caps = [(i, f"caption {i} {k}") for i in range(len(files)) for k in range(5)]
+    write_coco_file(root / "annotations" / "captions_train2017.json", files, caps)
+    write_coco_file(root / "annotations" / "captions_val2017.json", files, caps)
+    return root

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import write_coco2017
 from pycocotools.coco import COCO
 
 from fusionprof.data import prepare_data
@@ -97,31 +98,31 @@ def test_image_cache_equals_decoding_and_is_keyed(small_data, tmp_path):
     assert ImageCache(copied, 32, progress=False).path != before
 
 
-def _coco_file(path, images, captions):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        "images": [{"id": i, "file_name": f} for i, f in enumerate(images)],
-        "annotations": [{"id": k, "image_id": i, "caption": c} for k, (i, c) in enumerate(captions)],
-    }))
-
-
 def test_coco2017_layout_holds_out_val_from_train(small_data, tmp_path):
-    root = tmp_path / "coco"
-    (root / "train2017").mkdir(parents=True)
-    (root / "val2017").mkdir()
-    train_files = sorted(p.name for p in (small_data / "train").glob("*.jpg"))
-    for f in train_files:
-        shutil.copy(small_data / "train" / f, root / "train2017" / f)
-        shutil.copy(small_data / "train" / f, root / "val2017" / f)
-    caps = [(i, f"caption {i} {k}") for i in range(len(train_files)) for k in range(5)]
-    _coco_file(root / "annotations" / "captions_train2017.json", train_files, caps)
-    _coco_file(root / "annotations" / "captions_val2017.json", train_files, caps)
+    root = write_coco2017(small_data, tmp_path / "coco")
+    train_files = sorted(p.name for p in (root / "train2017").glob("*.jpg"))
     splits, layout = load_splits(root, seed=0)
     assert layout == "coco2017"
     train, val = set(splits["train"].image_paths), set(splits["val"].image_paths)
     assert len(val) == len(train_files) // 10 and not train & val
     assert len(splits["test"].image_paths) == len(train_files)
     assert all(p.parent.name == "val2017" for p in splits["test"].image_paths)
+
+
+def test_a_layout_asked_for_is_read_even_where_another_would_be_found_first(small_data, tmp_path):
+    """A COCO-2017 folder that gains Karpathy's file is found as Karpathy's (looked for first), but a run trained on
+    its 2017 splits asks for those, and gets them; a layout whose files are gone is one line naming the file."""
+    root = write_coco2017(small_data, tmp_path / "coco")
+    files = sorted((root / "val2017").glob("*.jpg"))[:4]
+    (root / "dataset_coco.json").write_text(json.dumps({"images": [
+        {"filepath": "val2017", "filename": f.name, "split": s, "cocoid": i, "sentences": [{"raw": f"a caption {i}"}]}
+        for i, (f, s) in enumerate(zip(files, ["train", "val", "test", "test"], strict=True))]}))
+    assert load_splits(root)[1] == "karpathy"
+    splits, layout = load_splits(root, layout="coco2017")
+    assert layout == "coco2017" and len(splits["test"].image_paths) == 48  # val2017, not Karpathy's 2 test images
+    (root / "annotations" / "captions_val2017.json").unlink()
+    with pytest.raises(UserError, match=r"the run used its coco2017 layout, and .*captions_val2017.json is not there"):
+        load_splits(root, layout="coco2017")
 
 
 def test_karpathy_layout_merges_restval_into_train(small_data, tmp_path):

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import NO_CUDA_64
+from conftest import NO_CUDA_64, write_coco2017
 
 from fusionprof.atomic import write_json
 from fusionprof.checkpoint import load_checkpoint, load_model
@@ -157,6 +157,29 @@ def test_resume_refuses_a_setting_it_would_otherwise_drop(tmp_path, small_data, 
     assert code == 0 and "resuming tiny-late after epoch 1/1 (now --image-cache False)" in out, out
     metrics = json.loads((tmp_path / "p" / "tiny-late" / "metrics.json").read_text())
     assert metrics["train_config"]["image_cache"] is False
+
+
+@pytest.mark.slow
+def test_a_run_is_evaluated_on_the_splits_it_was_trained_on(tmp_path, small_data):
+    """The run records its dataset's layout; when the folder later gains Karpathy's file (which is looked for first,
+    and whose test images COCO 2017 spreads over train2017), evaluation still reads the 2017 test split."""
+    root = write_coco2017(small_data, tmp_path / "coco")
+    code, out = run_cli("train", "--fusion", "early", "--data", root, "--out", tmp_path / "m", "--profiles",
+                        tmp_path / "p", "--epochs", "1", "--limit-train", "8", "--batch-size", "16", "--quiet")
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "p" / "tiny-early" / "metrics.json").read_text())
+    assert metrics["train_config"]["data_layout"] == "coco2017" and metrics["data"].endswith("(coco2017)")
+    assert metrics["test"]["pairs"] == 480  # val2017: 48 images, 5 captions each, a negative for each
+    files = sorted((root / "val2017").glob("*.jpg"))[:4]
+    (root / "dataset_coco.json").write_text(json.dumps({"images": [
+        {"filepath": "val2017", "filename": f.name, "split": s, "cocoid": i, "sentences": [{"raw": f"a caption {i}"}]}
+        for i, (f, s) in enumerate(zip(files, ["train", "val", "test", "test"], strict=True))]}))
+    checkpoint = tmp_path / "m" / "tiny-early" / "checkpoint.pt"
+    for data in ([], ["--data", root]):
+        code, out = run_cli("evaluate", "--checkpoint", checkpoint, *data)
+        assert code == 0 and "early on test (480 pairs, " in out and f"{metrics['test']['accuracy']:.2%}" in out, out
+    code, out = run_cli("evaluate", "--checkpoint", checkpoint, "--data", root / "dataset_coco.json")
+    assert code == 0 and "early on test (4 pairs, " in out, out  # another dataset: its own layout
 
 
 @pytest.mark.parametrize("args,message", [

@@ -84,10 +84,12 @@ def _prepare_split(split: CaptionSplit, source: str, tokenizer, image_size: int,
 
 def prepare_data(data: str | Path | None, tokenizer, image_size: int, max_len: int, seed: int = 0,
                  image_cache: bool = True, limit_train: int | None = None, limit_eval: int | None = None,
-                 splits: tuple[str, ...] = SPLITS, progress: bool = True) -> tuple[dict[str, SplitData], str]:
-    """The requested splits, ready to batch, and the dataset's location (the embedded one if ``data`` is None)."""
+                 splits: tuple[str, ...] = SPLITS, progress: bool = True,
+                 layout: str | None = None) -> tuple[dict[str, SplitData], str]:
+    """The requested splits, ready to batch, and the dataset's location and layout (the embedded dataset if ``data``
+    is None). ``layout``: the one a run was trained on (``TrainConfig.data_layout``); None: the one found."""
     root = Path(data) if data else default_data_dir(progress)
-    captions, layout = load_splits(root, seed)
+    captions, layout = load_splits(root, seed, layout)
     out = {}
     for name in splits:
         limit = limit_train if name == "train" else limit_eval

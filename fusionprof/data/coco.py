@@ -1,6 +1,7 @@
 """Reading COCO-style caption datasets into splits of (image file, captions).
 
-Three layouts, tried in this order under ``root``:
+Three layouts, tried in this order under ``root`` (a run records the one it found, ``TrainConfig.data_layout``,
+and everything that reads the run afterwards asks for that one):
 
 1. Karpathy ``dataset_coco.json`` (train = train + restval; val; test). Images are found at
    ``root/<filepath>/<filename>``, or by COCO id in ``train2017/`` / ``val2017/`` when only the 2017
@@ -156,24 +157,53 @@ def _holdout(split: CaptionSplit, n: int, seed: int) -> tuple[CaptionSplit, Capt
     return split.keep_images(~held), val
 
 
-def load_splits(root: str | Path, seed: int = 0) -> tuple[dict[str, CaptionSplit], str]:
-    """All three splits under ``root`` and the name of the layout found."""
+LAYOUTS = ("karpathy", "coco-splits", "coco2017")  # in the order they are looked for
+
+
+def _layout_files(root: Path, layout: str) -> list[Path]:
+    """The caption files that make ``root`` a dataset of ``layout``."""
+    if layout == "karpathy":
+        return [root] if root.is_file() else [root / KARPATHY_FILE]
+    ann = root / "annotations"
+    if layout == "coco-splits":
+        return [ann / f"captions_{s}.json" for s in SPLITS]
+    if layout == "coco2017":
+        return [ann / "captions_train2017.json", ann / "captions_val2017.json"]
+    raise UserError(f"unknown dataset layout {layout!r}; one of {', '.join(LAYOUTS)}")
+
+
+def find_layout(root: str | Path) -> str:
+    """The layout of the dataset at ``root``: the first of ``LAYOUTS`` whose caption files are all there."""
     root = Path(root)
     if root.is_file() and root.name.endswith(".json"):
-        return read_karpathy(root, root.parent), "karpathy"
+        return "karpathy"
     if not root.is_dir():
         raise UserError(f"--data {root}: no such directory")
-    if (root / KARPATHY_FILE).exists():
-        return read_karpathy(root / KARPATHY_FILE, root), "karpathy"
-    ann = root / "annotations"
-    if all((ann / f"captions_{s}.json").exists() for s in SPLITS):
-        return {s: read_coco_captions(ann / f"captions_{s}.json", root / s, s) for s in SPLITS}, "coco-splits"
-    if (ann / "captions_train2017.json").exists() and (ann / "captions_val2017.json").exists():
-        train = read_coco_captions(ann / "captions_train2017.json", root / "train2017", "train")
-        test = read_coco_captions(ann / "captions_val2017.json", root / "val2017", "test")
-        n_val = min(COCO2017_VAL_HOLDOUT, len(train.image_paths) // 10)
-        train, val = _holdout(train, n_val, seed)
-        return {"train": train, "val": val, "test": test}, "coco2017"
+    for layout in LAYOUTS:
+        if all(f.exists() for f in _layout_files(root, layout)):
+            return layout
     raise UserError(
         f"--data {root}: no captions found; expected {KARPATHY_FILE}, annotations/captions_{{train,val,test}}.json"
         " or annotations/captions_{train,val}2017.json")
+
+
+def load_splits(root: str | Path, seed: int = 0, layout: str | None = None) -> tuple[dict[str, CaptionSplit], str]:
+    """All three splits under ``root`` and the name of their layout: ``layout`` (a run reads the splits it was
+    trained on, even after a folder gains a file that another layout would look for first), else the one found."""
+    root = Path(root)
+    if layout is None:
+        layout = find_layout(root)
+    missing = [f for f in _layout_files(root, layout) if not f.exists()]
+    if missing:
+        raise UserError(f"--data {root}: the run used its {layout} layout, and {missing[0]} is not there")
+    if layout == "karpathy":
+        file = root if root.is_file() else root / KARPATHY_FILE
+        return read_karpathy(file, file.parent), layout
+    ann = root / "annotations"
+    if layout == "coco-splits":
+        return {s: read_coco_captions(ann / f"captions_{s}.json", root / s, s) for s in SPLITS}, layout
+    train = read_coco_captions(ann / "captions_train2017.json", root / "train2017", "train")
+    test = read_coco_captions(ann / "captions_val2017.json", root / "val2017", "test")
+    n_val = min(COCO2017_VAL_HOLDOUT, len(train.image_paths) // 10)
+    train, val = _holdout(train, n_val, seed)
+    return {"train": train, "val": val, "test": test}, layout

@@ -42,13 +42,16 @@ def table(rows: list[LatencyRow]) -> list[str]:
             continue
         t = r.host
         p99 = "–" if t.p99_ms is None else f"{t.p99_ms:.2f}"
+        cv = "–" if t.cv is None else f"{t.cv:.1%}"
         warn = (" !" if t.cv_warning else "") + (" ^" if r.above_yardstick else "") + (
             "" if r.ok else f" WRONG: {r.status}")
         lines.append(f"{r.fusion:<11}{r.backend:<15}{r.batch_size:>4}{t.p50_ms:>10.2f}{t.p90_ms:>10.2f}{p99:>10}"
-                     f"{t.cv:>7.1%}{r.throughput_samples_per_s:>11.1f}{r.achieved_gflops:>9.1f}{warn}")
+                     f"{cv:>7}{r.throughput_samples_per_s:>11.1f}{r.achieved_gflops:>9.1f}{warn}")
     timed = [r for r in rows if r.host is not None]
     if any(r.host.p99_ms is None for r in timed):
-        lines.append(f"– p99 needs at least {P99_MIN_SAMPLES} samples (--min-calls {P99_MIN_SAMPLES})")
+        one = any(r.host.cv is None for r in timed)
+        lines.append(f"– p99 needs at least {P99_MIN_SAMPLES} samples (--min-calls {P99_MIN_SAMPLES})"
+                     + ("; CV at least 2 (one call ran past the protocol's time cap)" if one else ""))
     if timed:
         lines.append("samples/s and GFLOP/s: batch / mean latency, calls one after another")
     if any(r.host.cv_warning for r in timed):

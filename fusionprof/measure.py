@@ -123,14 +123,16 @@ def summarize(samples_ms: list[float]) -> dict:
     """p50 / p90 / p99 / mean / std / CV / min / max of latency samples (ms).
 
     p99 is None below ``P99_MIN_SAMPLES`` samples, with the reason in ``p99_note``: from fewer it is the largest
-    sample or two, not a percentile."""
+    sample or two, not a percentile. std and CV are None from one sample (one call that ran past the time cap):
+    its spread is unknown, not zero, and a CV of 0 would pass for the steadiest cell of a sweep."""
     x = np.asarray(samples_ms, dtype=np.float64)
     mean = float(x.mean())
-    std = float(x.std(ddof=1)) if len(x) > 1 else 0.0
+    std = float(x.std(ddof=1)) if len(x) > 1 else None
     note = p99_note(len(x))
     return {"n": len(x), "p50_ms": float(np.percentile(x, 50)), "p90_ms": float(np.percentile(x, 90)),
             "p99_ms": None if note else float(np.percentile(x, 99)), "p99_note": note, "mean_ms": mean, "std_ms": std,
-            "cv": std / mean if mean > 0 else math.nan, "min_ms": float(x.min()), "max_ms": float(x.max())}
+            "cv": None if std is None else std / mean if mean > 0 else math.nan,
+            "min_ms": float(x.min()), "max_ms": float(x.max())}
 
 
 # The yardstick's matmul side per device type: 8192² keeps a GPU's tensor cores busy (a 2048² bf16 matmul timed

@@ -49,8 +49,8 @@ class Timing:
     p90_ms: float
     p99_ms: float | None
     mean_ms: float
-    std_ms: float
-    cv: float
+    std_ms: float | None  # None from one sample: no spread to measure
+    cv: float | None
     min_ms: float
     max_ms: float
     samples_ms: list[float]
@@ -63,7 +63,8 @@ class Timing:
 
     @property
     def cv_warning(self) -> bool:
-        return self.cv > CV_WARNING
+        """A CV above the warning line; a single sample (CV unknown) is marked apart, not as steady or noisy."""
+        return self.cv is not None and self.cv > CV_WARNING
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -71,6 +72,8 @@ class Timing:
     @classmethod
     def from_dict(cls, d: dict) -> Timing:
         timing = cls(**_known(cls, d))
+        if timing.n < 2:  # written before the rule: a CV of 0 from one sample
+            timing.std_ms = timing.cv = None
         if timing.n < P99_MIN_SAMPLES and timing.p99_ms is not None:  # written before the rule: not a p99
             timing.p99_ms = None
             timing.p99_note = p99_note(timing.n)

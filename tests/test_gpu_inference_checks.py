@@ -27,7 +27,8 @@ def test_checks_pick_the_best_launch_free_backend_that_passed_parity_per_fusion(
             row("mid", "aoti", 1, 1.4, status="failed: parity"), row("mid", "aoti", 128, 10.5, status="failed: parity"),
             {"fusion": "mid", "backend": "tensorrt", "batch_size": None, "status": "unavailable: no GPU"},
             row("early", "torch", 1, 10.0), row("early", "torch", 128, 15.0),
-            row("early", "torch-cudagraphs", 1, 1.6), row("early", "torch-cudagraphs", 128, 11.0, gflops=150e3)]
+            row("early", "torch-cudagraphs", 1, 1.6),
+            row("early", "torch-cudagraphs", 128, 11.0, cv=None, gflops=150e3)]
     bare = {"mid": {1: {"p50_ms": 1.84}, 128: {"p50_ms": 12.2}}, "early": {1: {"p50_ms": 1.62}, 128: {"p50_ms": 11}}}
     found = gpu_inference.checks(rows, bare, [1, 128])
     mid, early = found["mid"], found["early"]
@@ -36,6 +37,7 @@ def test_checks_pick_the_best_launch_free_backend_that_passed_parity_per_fusion(
     assert mid["best_over_bare_replay_at_smallest"] == pytest.approx(1.5 / 1.84)
     assert mid["best_tflops_at_largest"] == pytest.approx(160) and early["best_tflops_at_largest"] == pytest.approx(150)
     assert mid["best_cv_max"] == pytest.approx(0.04)  # the worst cell of the best backend, every batch size
+    assert early["best_cv_max"] is None  # one cell of one sample: its spread unknown, no CV bar passed
     # aoti, the fastest at batch 1 but wrong, is not the best; it is still compared with torch-cudagraphs at each
     # batch it was timed, and "parity" says which backends passed
     assert mid["aoti_over_cudagraphs"] == {1: pytest.approx(1.4 / 1.8), 128: pytest.approx(10.5 / 12.0)}

@@ -105,7 +105,8 @@ def test_summary_statistics():
     assert s["p99_ms"] == pytest.approx(99.01) and s["mean_ms"] == pytest.approx(50.5)
     assert s["std_ms"] == pytest.approx(np.std(samples, ddof=1)) and s["cv"] == pytest.approx(s["std_ms"] / 50.5)
     assert (s["min_ms"], s["max_ms"]) == (1.0, 100.0)
-    assert summarize([2.0])["std_ms"] == 0.0
+    one = summarize([2.0])  # one call past the time cap: its spread is unknown, not zero
+    assert (one["std_ms"], one["cv"], one["p50_ms"], one["p99_ms"]) == (None, None, 2.0, None)
 
 
 def test_the_yardstick_is_the_faster_of_its_start_and_end():
@@ -114,6 +115,23 @@ def test_the_yardstick_is_the_faster_of_its_start_and_end():
     start = {"n": 2048, "dtype": "fp32", "timing": "host clock", "gflops": 100.0}
     y = yardstick(start, {**start, "gflops": 90.0})
     assert y["gflops"] == 100.0 and y["drift"] == pytest.approx(-0.10) and y["end"]["gflops"] == 90.0
+
+
+def test_a_single_sample_has_no_spread_rather_than_none_at_all():
+    """One call past the time cap: its CV is unknown, so the table shows a dash and says why, the cell is neither
+    steady nor noisy, and a record written before the rule (CV 0 from one sample) reads the same."""
+    from fusionprof.latency_output import table
+    from fusionprof.records import HOST_TIMING, LatencyRow, Timing
+
+    one = Timing.of([40_000.0], HOST_TIMING)
+    assert one.cv is None and not one.cv_warning and one.to_dict()["std_ms"] is None
+    old = Timing.from_dict({**one.to_dict(), "std_ms": 0.0, "cv": 0.0})
+    assert (old.std_ms, old.cv) == (None, None)
+    lines = table([LatencyRow("mid", "torch", "ok", 8, one, flops_per_sample=1e9),
+                   LatencyRow("mid", "torch", "ok", 16, Timing.of([10.0, 30.0], HOST_TIMING), flops_per_sample=1e9)])
+    assert lines[1].split()[6] == "–" and lines[2].split()[6] == "70.7%"  # CV of 10, 30: 14.14 / 20
+    assert any("CV at least 2 (one call ran past the protocol's time cap)" in line for line in lines)
+    assert lines[2].endswith(" !") and not lines[1].endswith(" !")
 
 
 def test_a_cell_faster_than_the_yardstick_is_flagged():

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 import fusionprof.export
 from fusionprof.checkpoint import checkpoint_hash, load_checkpoint
 from fusionprof.cli import cli
-from fusionprof.export import verified_export
+from fusionprof.export import verified_export, within_tolerance
 
 pytestmark = pytest.mark.slow  # the checkpoint is trained for real
 
@@ -142,3 +142,14 @@ def test_an_export_of_another_checkpoint_is_not_reused(checkpoint, tmp_path):
     (tmp_path / "export.json").write_text('{"status": "ok", "checkpoint_')  # cut short: exported afresh, no error
     assert verified_export(copy, tmp_path, "onnx", "fp32") is None
 
+
+@pytest.mark.parametrize("wrong,pairs,tolerance,passed", [
+    (4, 2000, 0.002, True),  # exactly at the tolerance, which as a fraction of floats reads just above it
+    (5, 2000, 0.002, False),
+    (0, 64, 0.01, True),
+    (1, 64, 0.01, False),  # one pair is 1.6 %: the allowance of 0.64 pairs is none, not one
+    (1, 100, 0.01, True),
+])
+def test_the_accuracy_gate_counts_pairs(wrong, pairs, tolerance, passed):
+    reference, exported = 0.9, 0.9 - wrong / pairs  # as the gate gets them: two accuracies, each a fraction
+    assert within_tolerance(abs(exported - reference), pairs, tolerance) is passed

@@ -10,8 +10,9 @@ CPU also each native low precision, at batch 1 and 8) → traces (a separate run
 on the backend the sweep found fastest at the batching size: an MLPerf LoadGen Server search for the largest rate
 served with p99 under the target, dynamic batching on, and an Offline run; ``LoadPlan``) → report. Finished stages
 are recorded in ``profiles/compare-<preset>-<device>.json`` (written atomically, each with its wall time,
-``stage_seconds``) and skipped on the next run; a killed training resumes from its last epoch. The closing lines say
-where the study's time went.
+``stage_seconds``, and the settings and weights it was made with) and skipped on the next run that asks for the
+same; a killed training resumes from its last epoch, and a run trained otherwise than the study asks is refused.
+The closing lines say where the study's time went.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS, Backend, backend_for_format, export_formats
-from fusionprof.checkpoint import checkpoint_path, metrics_path
+from fusionprof.checkpoint import checkpoint_hash, checkpoint_path, metrics_path
 from fusionprof.config import model_config, train_config
 from fusionprof.env import NATIVE_LOW_PRECISIONS, cpu_isa
 from fusionprof.errors import UserError
@@ -35,7 +36,7 @@ from fusionprof.measure import Protocol
 from fusionprof.models import fusion_names
 from fusionprof.report import write_report
 from fusionprof.runtime import resolve_device
-from fusionprof.train import train
+from fusionprof.train import OtherSettings, train
 
 
 @dataclass(frozen=True)
@@ -62,31 +63,29 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
     # what is swept beside fp32 is settled (and a wrong --precisions refused) before anything is trained
     low = low_precisions(device, log) if precisions is None else chosen_low_precisions(precisions, device, log)
     state_path = Path(profiles_dir) / f"compare-{preset}-{device.replace(':', '')}.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"done": {}}
 
-    def stage(name: str, run):
-        if name in state["done"] and _outputs_exist(state["done"][name]):
-            log(f"[compare] {name}: done before, skipped")
-            return state["done"][name]
-        log(f"[compare] {name} ...")
-        start = time.perf_counter()
-        result = run()
-        seconds = time.perf_counter() - start
-        state["done"][name] = {**result, "stage_seconds": round(seconds, 1)}
-        write_json(state_path, state)
-        log(f"[compare] {name}: {seconds:.0f} s")
-        return result
-
+    stage = Stages(state_path, log)
     accuracy = {}
+    study = {"data": data, "epochs": train_config(preset, epochs=epochs).epochs, "limit_train": limit_train,
+             "limit_eval": limit_eval}  # what the study trains: a checkpoint made otherwise is not the study's
     for fusion in fusion_names():
         def run_training(fusion=fusion):
             cfg = train_config(preset, data=data, device=device, epochs=epochs, limit_train=limit_train,
                                limit_eval=limit_eval, models_dir=models_dir, profiles_dir=profiles_dir,
                                profile=True)
-            metrics = train(cfg, model_config(preset, fusion=fusion), resume=True, progress=progress, log=log)
+            try:
+                metrics = train(cfg, model_config(preset, fusion=fusion), resume=True, progress=progress, log=log,
+                                asked=study)
+            except OtherSettings as e:
+                raise UserError(f"{e.checkpoint.parent} was trained otherwise than this study asks "
+                                f"({'; '.join(e.differences)}): give the study another --out, or move that run "
+                                "away") from None
             return {"metrics": str(metrics_path(profiles_dir, metrics["run"])), "checkpoint": metrics["checkpoint"],
                     "test_accuracy": metrics["test"]["accuracy"], "train_seconds": metrics["train_seconds"]}
-        accuracy[fusion] = stage(f"train {preset}-{fusion}", run_training)
+        accuracy[fusion] = stage(f"train {preset}-{fusion}", run_training, {**study, "preset": preset})
+
+    def trained() -> dict[str, str]:  # what every later stage depends on: the weights it reads
+        return {f: checkpoint_hash(accuracy[f]["checkpoint"]) for f in fusion_names()}
 
     dev = resolve_device(device)
     export_stages(stage, preset, device, models_dir, backends, low, progress, log)
@@ -96,19 +95,51 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
         sweep_cfg.batch_sizes = batch_sizes
     sweep_cfg.backends = [b for b in sweep_cfg.backends if wanted(BACKENDS.get(b), device, backends)]
 
-    latency = stage(f"latency {preset} {device}", lambda: run_sweep(sweep_cfg, progress, log))
+    latency = stage(f"latency {preset} {device}", lambda: run_sweep(sweep_cfg, progress, log),
+                    {"sweep": asdict(sweep_cfg), "weights": trained()})
     for cfg in low_precision_sweeps(sweep_cfg, low, dev, sizes_asked=bool(batch_sizes)):  # one record each
-        stage(f"latency {preset} {device} {cfg.precision}", lambda cfg=cfg: run_sweep(cfg, progress, log))
+        stage(f"latency {preset} {device} {cfg.precision}", lambda cfg=cfg: run_sweep(cfg, progress, log),
+              {"sweep": asdict(cfg), "weights": trained()})
     sweep_dir = Path(latency["record"]).parent
-    stage(f"traces {preset} {device}", lambda: {"traces": str(trace_inference(sweep_cfg, sweep_dir))})
+    stage(f"traces {preset} {device}", lambda: {"traces": str(trace_inference(sweep_cfg, sweep_dir))},
+          {"sweep": asdict(sweep_cfg), "weights": trained()})
     under_load = load_stages(stage, latency["rows"], sweep_cfg, load_plan, progress, log) if load_plan else {}
     report = write_report([Path(profiles_dir), Path(models_dir)], Path(profiles_dir))
     log(f"[compare] report: {report['markdown']} and {report['html']} ({len(report['plots'])} plots)")
     summary = summarize(accuracy, latency["rows"], under_load, load_plan)
     for line in summary:
         log(line)
-    log(time_spent(state["done"]))
+    log(time_spent(stage.done))
     return {"state": str(state_path), "report": report, "summary": summary}
+
+
+class Stages:
+    """The study's stages, each run once: a stage is skipped while its outputs exist and it was made with the
+    settings it is asked for now (what it ran with, and the weights it read); one made otherwise runs again, and one
+    line says what changed. The state file is rewritten atomically after every stage."""
+
+    def __init__(self, path: Path, log):
+        self.path, self.log = path, log
+        self.done: dict[str, dict] = json.loads(path.read_text())["done"] if path.exists() else {}
+
+    def __call__(self, name: str, run, settings: dict) -> dict:
+        settings = json.loads(json.dumps(settings, default=str))  # as the state file holds them
+        before = self.done.get(name)
+        if before is not None and _outputs_exist(before):
+            changed = sorted(k for k in {*settings, *before.get("settings", settings)}
+                             if before.get("settings", settings).get(k) != settings.get(k))
+            if not changed:  # (a stage recorded before settings were kept counts as made with these)
+                self.log(f"[compare] {name}: done before, skipped")
+                return before
+            self.log(f"[compare] {name}: made before with other {', '.join(changed)}, running again")
+        self.log(f"[compare] {name} ...")
+        start = time.perf_counter()
+        result = run()
+        seconds = time.perf_counter() - start
+        self.done[name] = {**result, "stage_seconds": round(seconds, 1), "settings": settings}
+        write_json(self.path, {"done": self.done})
+        self.log(f"[compare] {name}: {seconds:.0f} s")
+        return result
 
 
 # The batch sizes a low precision is timed at beside fp32: those the report's precision table compares (one request,
@@ -218,7 +249,8 @@ def export_stages(stage, preset: str, device: str, models_dir: str, backends: li
                         f"the {precision} sweep checks its own build's parity, and the report shows the failure")
                 return {"record": record["record_path"], "status": record["status"],
                         "accuracy": record["accuracy"]["exported_accuracy"]}
-            stage(f"export {preset}-{fusion} {fmt}" + ("" if precision == "fp32" else f" {precision}"), run_export)
+            stage(f"export {preset}-{fusion} {fmt}" + ("" if precision == "fp32" else f" {precision}"), run_export,
+                  {"device": check_devices[fmt], "weights": checkpoint_hash(checkpoint)})
 
 
 def wanted(backend: type[Backend], device: str, backends: list[str] | None) -> bool:
@@ -270,7 +302,9 @@ def load_stages(stage, rows: list[dict], sweep_cfg: SweepConfig, plan: LoadPlan,
                           preset=sweep_cfg.preset, precision=sweep_cfg.precision, device=sweep_cfg.device,
                           models_dir=sweep_cfg.models_dir, profiles_dir=sweep_cfg.profiles_dir, **asdict(plan))
         done[fusion] = stage(f"load {sweep_cfg.preset}-{fusion} {backend}",
-                             lambda base=base: run_under_load(base, progress, log))
+                             lambda base=base: run_under_load(base, progress, log),
+                             {"load": asdict(base), "weights": checkpoint_hash(checkpoint_path(
+                                 sweep_cfg.models_dir, sweep_cfg.preset, fusion))})
     return done
 
 

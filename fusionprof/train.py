@@ -213,12 +213,20 @@ def resume_or_start(ckpt_path: Path, cfg: TrainConfig, model_cfg: ModelConfig, d
     refused = _differences(asked, cfg, run_cfg, {*RESUME_TAKES, *RESUME_MAY_CHANGE, *where}) + _differences(
         asked, model_cfg, saved, {"fusion", "tokenizer", "vocab_size"})
     if refused:
-        raise UserError(f"--resume continues {ckpt_path.parent.name} as it was started, and these differ from it: "
-                        f"{'; '.join(refused)}. Leave them out, or start over with --fresh or a new --run-name")
+        raise OtherSettings(ckpt_path, refused)
     cfg = dataclasses.replace(run_cfg, **{name: getattr(cfg, name) for name in (*RESUME_TAKES, *changed)})
     now = ", ".join(f"{_option(name)} {getattr(cfg, name)}" for name in changed)
     log(f"resuming {ckpt_path.parent.name} after epoch {ckpt['epoch']}/{cfg.epochs}" + (f" (now {now})" if now else ""))
     return ckpt, cfg, saved
+
+
+class OtherSettings(UserError):
+    """--resume of a run started with other settings than those asked for; ``differences`` names each one."""
+
+    def __init__(self, checkpoint: Path, differences: list[str]):
+        self.checkpoint, self.differences = checkpoint, differences
+        super().__init__(f"--resume continues {checkpoint.parent.name} as it was started, and these differ from it: "
+                         f"{'; '.join(differences)}. Leave them out, or start over with --fresh or a new --run-name")
 
 
 def _differences(asked: Collection[str], given: object, run: object, free: set[str]) -> list[str]:

@@ -129,10 +129,39 @@ def test_compare_runs_every_stage_then_skips_them(tmp_path, small_data):
     code, again = run_cli(*args)
     assert code == 0, again
     assert again.count("done before, skipped") == 4 + 4 + 2 + 4 and "[compare] report:" in again
-    (tmp_path / "m" / "tiny-late" / "checkpoint.pt").unlink()  # an output gone: that stage runs again
-    code, third = run_cli(*args)
+    (tmp_path / "m" / "tiny-late" / "checkpoint.pt").unlink()  # an output gone: that stage runs again, and so
+    code, third = run_cli(*args)  # does every stage that read its weights: late's export and load, the sweep, traces
     assert code == 0, third
-    assert "[compare] train tiny-late ..." in third and third.count("done before, skipped") == 4 + 4 + 2 + 4 - 1
+    assert "[compare] train tiny-late ..." in third and third.count("done before, skipped") == 3 + 3 + 3, third
+    for stage in ("export tiny-late onnx", "latency tiny cpu", "traces tiny cpu"):
+        assert f"[compare] {stage}: made before with other weights, running again" in third
+    code, fourth = run_cli(*args[:4], "2", *args[5:])  # --epochs 2: not the study the checkpoints were trained for
+    assert code == 1 and fourth.count("\n") == len(fourth.splitlines()) and fourth.splitlines()[-1] == (
+        f"Error: {tmp_path / 'm' / 'tiny-early'} was trained otherwise than this study asks (--epochs 2 (the run's: "
+        "1)): give the study another --out, or move that run away"), fourth
+
+
+def test_a_stage_is_skipped_only_when_made_with_what_is_asked_now(tmp_path):
+    """Settings or weights changed since a stage ran (--batch-sizes, a retrained checkpoint): it runs again, and one
+    line says what changed; the same settings skip it; a state written before settings were kept skips it too."""
+    from fusionprof.compare import Stages
+
+    said, runs = [], []
+    path = tmp_path / "compare-tiny-cpu.json"
+    run = lambda: runs.append(1) or {"record": str(path)}  # noqa: E731 (an output that exists)
+    stage = Stages(path, said.append)
+    stage("latency tiny cpu", run, {"sweep": {"batch_sizes": [1, 2]}, "weights": {"mid": "a"}})
+    again = Stages(path, said.append)  # the next `compare`, from the state file
+    again("latency tiny cpu", run, {"sweep": {"batch_sizes": [1, 2]}, "weights": {"mid": "a"}})
+    assert len(runs) == 1 and said[-1] == "[compare] latency tiny cpu: done before, skipped"
+    again("latency tiny cpu", run, {"sweep": {"batch_sizes": [1, 64]}, "weights": {"mid": "b"}})
+    assert len(runs) == 2 and "[compare] latency tiny cpu: made before with other sweep, weights, running again" in said
+    state = json.loads(path.read_text())
+    assert state["done"]["latency tiny cpu"]["settings"]["sweep"]["batch_sizes"] == [1, 64]
+    del state["done"]["latency tiny cpu"]["settings"]
+    path.write_text(json.dumps(state))
+    Stages(path, said.append)("latency tiny cpu", run, {"sweep": {"batch_sizes": [8]}})
+    assert len(runs) == 2 and said[-1].endswith("done before, skipped")
 
 
 def test_compare_says_where_its_time_went():

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS, Backend, backend_for_format, export_formats
 from fusionprof.checkpoint import checkpoint_hash, checkpoint_path, metrics_path
-from fusionprof.config import model_config, train_config
+from fusionprof.config import ModelConfig, TrainConfig, model_config, train_config
 from fusionprof.env import NATIVE_LOW_PRECISIONS, cpu_isa
 from fusionprof.errors import UserError
 from fusionprof.export import export
@@ -66,8 +66,11 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
 
     stage = Stages(state_path, log)
     accuracy = {}
-    study = {"data": data, "epochs": train_config(preset, epochs=epochs).epochs, "limit_train": limit_train,
-             "limit_eval": limit_eval}  # what the study trains: a checkpoint made otherwise is not the study's
+    # what the study trains: every training setting is the preset's but these; a checkpoint made otherwise is not
+    # the study's, and a train stage is made again when these change
+    study = {"data": data and str(Path(data).resolve()), "epochs": train_config(preset, epochs=epochs).epochs,
+             "limit_train": limit_train, "limit_eval": limit_eval}
+    every_setting = {f.name for f in fields(TrainConfig)} | {f.name for f in fields(ModelConfig)}
     for fusion in fusion_names():
         def run_training(fusion=fusion):
             cfg = train_config(preset, data=data, device=device, epochs=epochs, limit_train=limit_train,
@@ -75,12 +78,13 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
                                profile=True)
             try:
                 metrics = train(cfg, model_config(preset, fusion=fusion), resume=True, progress=progress, log=log,
-                                asked=study)
+                                asked=every_setting)
             except OtherSettings as e:
                 raise UserError(f"{e.checkpoint.parent} was trained otherwise than this study asks "
                                 f"({'; '.join(e.differences)}): give the study another --out, or move that run "
                                 "away") from None
             return {"metrics": str(metrics_path(profiles_dir, metrics["run"])), "checkpoint": metrics["checkpoint"],
+                    "weights": checkpoint_hash(metrics["checkpoint"]),
                     "test_accuracy": metrics["test"]["accuracy"], "train_seconds": metrics["train_seconds"]}
         accuracy[fusion] = stage(f"train {preset}-{fusion}", run_training, {**study, "preset": preset})
 
@@ -96,13 +100,13 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
     sweep_cfg.backends = [b for b in sweep_cfg.backends if wanted(BACKENDS.get(b), device, backends)]
 
     latency = stage(f"latency {preset} {device}", lambda: run_sweep(sweep_cfg, progress, log),
-                    {"sweep": asdict(sweep_cfg), "weights": trained()})
+                    {"sweep": _settings(sweep_cfg), "weights": trained()})
     for cfg in low_precision_sweeps(sweep_cfg, low, dev, sizes_asked=bool(batch_sizes)):  # one record each
         stage(f"latency {preset} {device} {cfg.precision}", lambda cfg=cfg: run_sweep(cfg, progress, log),
-              {"sweep": asdict(cfg), "weights": trained()})
+              {"sweep": _settings(cfg), "weights": trained()})
     sweep_dir = Path(latency["record"]).parent
     stage(f"traces {preset} {device}", lambda: {"traces": str(trace_inference(sweep_cfg, sweep_dir))},
-          {"sweep": asdict(sweep_cfg), "weights": trained()})
+          {"sweep": _settings(sweep_cfg), "weights": trained()})
     under_load = load_stages(stage, latency["rows"], sweep_cfg, load_plan, progress, log) if load_plan else {}
     report = write_report([Path(profiles_dir), Path(models_dir)], Path(profiles_dir))
     log(f"[compare] report: {report['markdown']} and {report['html']} ({len(report['plots'])} plots)")
@@ -114,9 +118,10 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
 
 
 class Stages:
-    """The study's stages, each run once: a stage is skipped while its outputs exist and it was made with the
-    settings it is asked for now (what it ran with, and the weights it read); one made otherwise runs again, and one
-    line says what changed. The state file is rewritten atomically after every stage."""
+    """The study's stages, each run once: a stage is skipped while its outputs stand (none gone, a checkpoint it
+    trained not replaced since) and it was made with the settings it is asked for now (what it ran with, and the
+    weights it read); otherwise it runs again, and one line says why. The state file is rewritten atomically after
+    every stage."""
 
     def __init__(self, path: Path, log):
         self.path, self.log = path, log
@@ -125,13 +130,12 @@ class Stages:
     def __call__(self, name: str, run, settings: dict) -> dict:
         settings = json.loads(json.dumps(settings, default=str))  # as the state file holds them
         before = self.done.get(name)
-        if before is not None and _outputs_exist(before):
-            changed = sorted(k for k in {*settings, *before.get("settings", settings)}
-                             if before.get("settings", settings).get(k) != settings.get(k))
-            if not changed:  # (a stage recorded before settings were kept counts as made with these)
+        if before is not None:
+            why = _outputs_changed(before) or _settings_changed(before, settings)
+            if why is None:
                 self.log(f"[compare] {name}: done before, skipped")
                 return before
-            self.log(f"[compare] {name}: made before with other {', '.join(changed)}, running again")
+            self.log(f"[compare] {name}: {why}, running again")
         self.log(f"[compare] {name} ...")
         start = time.perf_counter()
         result = run()
@@ -140,6 +144,18 @@ class Stages:
         write_json(self.path, {"done": self.done})
         self.log(f"[compare] {name}: {seconds:.0f} s")
         return result
+
+
+def _settings_changed(before: dict, settings: dict) -> str | None:
+    if "settings" not in before:
+        return "made by a fusionprof that did not record its settings"
+    changed = sorted(k for k in {*settings, *before["settings"]} if before["settings"].get(k) != settings.get(k))
+    return f"made before with other {', '.join(changed)}" if changed else None
+
+
+def _settings(cfg) -> dict:
+    """A stage's config as its settings: the folders resolved (``models`` and ``./models`` are one folder)."""
+    return {k: str(Path(v).resolve()) if k in ("models_dir", "profiles_dir") else v for k, v in asdict(cfg).items()}
 
 
 # The batch sizes a low precision is timed at beside fp32: those the report's precision table compares (one request,
@@ -303,7 +319,7 @@ def load_stages(stage, rows: list[dict], sweep_cfg: SweepConfig, plan: LoadPlan,
                           models_dir=sweep_cfg.models_dir, profiles_dir=sweep_cfg.profiles_dir, **asdict(plan))
         done[fusion] = stage(f"load {sweep_cfg.preset}-{fusion} {backend}",
                              lambda base=base: run_under_load(base, progress, log),
-                             {"load": asdict(base), "weights": checkpoint_hash(checkpoint_path(
+                             {"load": _settings(base), "weights": checkpoint_hash(checkpoint_path(
                                  sweep_cfg.models_dir, sweep_cfg.preset, fusion))})
     return done
 
@@ -320,9 +336,15 @@ def run_under_load(base: LoadConfig, progress: bool, log) -> dict:
 OUTPUT_KEYS = ("metrics", "checkpoint", "record", "traces", "server_record", "offline_record")
 
 
-def _outputs_exist(result: dict) -> bool:
-    """A stage counts as done only while what it wrote is still there (a fresh clone has no checkpoints)."""
-    return all(Path(result[k]).exists() for k in OUTPUT_KEYS if k in result)
+def _outputs_changed(result: dict) -> str | None:
+    """Why what a stage wrote no longer stands (a fresh clone has no checkpoints; a run may be retrained by hand),
+    or None."""
+    for key in OUTPUT_KEYS:
+        if key in result and not Path(result[key]).exists():
+            return f"{result[key]} is gone"
+    if "weights" in result and checkpoint_hash(result["checkpoint"]) != result["weights"]:
+        return f"{result['checkpoint']} has been replaced since"
+    return None
 
 
 def summarize(accuracy: dict[str, dict], rows: list[dict], under_load: dict[str, dict] | None = None,

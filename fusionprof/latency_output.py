@@ -49,9 +49,9 @@ def table(rows: list[LatencyRow]) -> list[str]:
                      f"{cv:>7}{r.throughput_samples_per_s:>11.1f}{r.achieved_gflops:>9.1f}{warn}")
     timed = [r for r in rows if r.host is not None]
     if any(r.host.p99_ms is None for r in timed):
-        one = any(r.host.cv is None for r in timed)
+        one = "; CV needs at least 2 (a cell of one call: --min-calls 1, or a call past the time cap)"
         lines.append(f"– p99 needs at least {P99_MIN_SAMPLES} samples (--min-calls {P99_MIN_SAMPLES})"
-                     + ("; CV at least 2 (one call ran past the protocol's time cap)" if one else ""))
+                     + (one if any(r.host.cv is None for r in timed) else ""))
     if timed:
         lines.append("samples/s and GFLOP/s: batch / mean latency, calls one after another")
     if any(r.host.cv_warning for r in timed):

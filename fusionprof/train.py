@@ -103,25 +103,25 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh:
     if cfg.cache_features and not model_cfg.freeze_encoders:
         raise UserError("--cache-features needs --freeze-encoders: trained encoders change their features every step")
     device = resolve_device(cfg.device)
-    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))  # records say which
+    precision = resolve_precision(cfg.precision, device)  # "auto" made concrete: records say which
     d, device = setup(device)
     try:
         if cfg.batch_size % d.world_size:
             raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must split evenly over "
                             f"{d.world_size} processes")
-        return _train(cfg, model_cfg, d, device, resume, fresh, progress and d.is_main,
+        return _train(cfg, model_cfg, d, device, precision, resume, fresh, progress and d.is_main,
                       log if d.is_main else _quiet, on_epoch_end, asked)
     finally:
         teardown(d)
 
 
-def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.device, resume: bool, fresh: bool,
-           progress: bool, log: Callable[[str], None], on_epoch_end: Callable[[int], None] | None,
+def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.device, precision: str, resume: bool,
+           fresh: bool, progress: bool, log: Callable[[str], None], on_epoch_end: Callable[[int], None] | None,
            asked: Collection[str]) -> dict:
     """The spine: set up → resume → epochs → test → record."""
     run = run_name(cfg.preset, model_cfg.fusion, cfg.run)
     ckpt_path = Path(cfg.models_dir) / run / CHECKPOINT
-    ckpt, cfg, model_cfg = resume_or_start(ckpt_path, cfg, model_cfg, d, resume, fresh, log, asked)
+    ckpt, cfg, model_cfg = resume_or_start(ckpt_path, cfg, model_cfg, d, resume, fresh, log, asked, precision)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     data, data_source, model_cfg = prepare_run_data(cfg, model_cfg, ckpt_path.parent, d, ckpt is None, progress, log)
     raw_model = build_model(model_cfg).to(device)
@@ -185,18 +185,21 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
 # On --resume the run keeps the settings it was started with. These say where and how it is carried out, not what
 # is trained, so the caller's win: always for the device and the workers, and when asked for the others.
 RESUME_TAKES = ("device", "workers")
+DERIVED = ("data_layout",)  # found when the run started, never asked for
 RESUME_MAY_CHANGE = ("profile", "compile", "image_cache", "profiles_dir")
 OPTION_NAMES = {"models_dir": "--out", "profiles_dir": "--profiles", "run": "--run-name"}
 
 
 def resume_or_start(ckpt_path: Path, cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, resume: bool, fresh: bool,
-                    log: Callable[[str], None], asked: Collection[str] = ()
+                    log: Callable[[str], None], asked: Collection[str] = (), precision: str | None = None
                     ) -> tuple[dict | None, TrainConfig, ModelConfig]:
-    """The run's checkpoint and the configs it was written with when resuming; (None, the given configs) when
-    starting. A checkpoint that exists is never overwritten by accident, and a setting the user asked for is never
-    silently dropped: one that would change what the run trains is refused (see ``train``)."""
+    """The run's checkpoint and the configs it was written with when resuming; (None, the given configs, in
+    ``precision``: ``cfg``'s made concrete) when starting. A checkpoint that exists is never overwritten by accident,
+    and a setting the user asked for is never silently dropped: one that would change what the run trains is refused
+    (see ``train``)."""
     _check_same_view(d, ckpt_path)
     model_cfg = dataclasses.replace(model_cfg)  # filled in later (vocabulary, tokenizer): keep the caller's
+    asked_precision, cfg = cfg.precision, dataclasses.replace(cfg, precision=precision or cfg.precision)
     if not ckpt_path.exists() or fresh:
         return None, cfg, model_cfg
     if not resume:
@@ -210,8 +213,9 @@ def resume_or_start(ckpt_path: Path, cfg: TrainConfig, model_cfg: ModelConfig, d
     run_cfg = from_dict(TrainConfig, ckpt["train_config"])
     changed = [name for name in asked if name in RESUME_MAY_CHANGE and getattr(cfg, name) != getattr(run_cfg, name)]
     where = {"run", "models_dir"}  # they found the checkpoint, however they are spelt
-    refused = _differences(asked, cfg, run_cfg, {*RESUME_TAKES, *RESUME_MAY_CHANGE, *where}) + _differences(
-        asked, model_cfg, saved, {"fusion", "tokenizer", "vocab_size"})
+    shown = {"precision": f"auto ({cfg.precision} here)"} if asked_precision == "auto" else {}
+    refused = _differences(asked, cfg, run_cfg, {*RESUME_TAKES, *RESUME_MAY_CHANGE, *where, *DERIVED}, shown) + \
+        _differences(asked, model_cfg, saved, {"fusion", "tokenizer", "vocab_size"})
     if refused:
         raise OtherSettings(ckpt_path, refused)
     cfg = dataclasses.replace(run_cfg, **{name: getattr(cfg, name) for name in (*RESUME_TAKES, *changed)})
@@ -229,15 +233,18 @@ class OtherSettings(UserError):
                          f"{'; '.join(differences)}. Leave them out, or start over with --fresh or a new --run-name")
 
 
-def _differences(asked: Collection[str], given: object, run: object, free: set[str]) -> list[str]:
-    """'--option given (the run's: value)' for each asked field of ``given`` that is not ``run``'s."""
+def _differences(asked: Collection[str], given: object, run: object, free: set[str],
+                 shown: dict[str, str] | None = None) -> list[str]:
+    """'--option given (the run's: value)' for each asked field of ``given`` that is not ``run``'s; ``shown``: how
+    to print a given value that is not the one typed (``auto``)."""
     out = []
     for name in sorted(set(asked) & {f.name for f in dataclasses.fields(run)} - free):
         a, b = getattr(given, name), getattr(run, name)
         if name in ("data", "image_weights") and a is not None and b is not None:
             a, b = str(Path(a).resolve()), str(Path(b).resolve())  # one file, however it is spelt
         if a != b:
-            out.append(f"{_option(name)} {getattr(given, name)} (the run's: {getattr(run, name)})")
+            out.append(f"{_option(name)} {(shown or {}).get(name, getattr(given, name))} "
+                       f"(the run's: {getattr(run, name)})")
     return out
 
 
@@ -266,6 +273,9 @@ def prepare_run_data(cfg: TrainConfig, model_cfg: ModelConfig, run_dir: Path, d:
         data, data_source = prepare_data(cfg.data, tokenizer, model_cfg.image_size, model_cfg.max_text_len,
                                          cfg.seed, image_cache=cfg.image_cache, limit_train=cfg.limit_train,
                                          limit_eval=cfg.limit_eval, progress=progress, layout=cfg.data_layout)
+    if len(layouts := set(all_gather_objects(d, cfg.data_layout))) > 1:
+        raise UserError(f"the processes found different dataset layouts under {cfg.data or 'the embedded dataset'} "
+                        f"({', '.join(sorted(layouts))}): every node needs the same copy of the dataset")
     for name, split in data.items():
         for line in split.report.lines(name):
             log(line)

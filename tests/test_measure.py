@@ -130,7 +130,8 @@ def test_a_single_sample_has_no_spread_rather_than_none_at_all():
     lines = table([LatencyRow("mid", "torch", "ok", 8, one, flops_per_sample=1e9),
                    LatencyRow("mid", "torch", "ok", 16, Timing.of([10.0, 30.0], HOST_TIMING), flops_per_sample=1e9)])
     assert lines[1].split()[6] == "–" and lines[2].split()[6] == "70.7%"  # CV of 10, 30: 14.14 / 20
-    assert any("CV at least 2 (one call ran past the protocol's time cap)" in line for line in lines)
+    assert any("CV needs at least 2 (a cell of one call: --min-calls 1, or a call past the time cap)" in line
+               for line in lines)
     assert lines[2].endswith(" !") and not lines[1].endswith(" !")
 
 

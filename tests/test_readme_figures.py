@@ -105,7 +105,8 @@ def _backend_p50(batch: int, backend: str):
 
 def _gpu_check(key: str, scale: float = 1.0):
     def get(rec: dict, row: dict) -> list[float]:
-        return [rec["checks"][_plain(row["fusion"])][key] * scale]
+        value = rec["checks"][_plain(row["fusion"])][key]
+        return [] if value is None else [value * scale]  # None (e.g. a CV of one sample): no figure to print
     return get
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from fusionprof.checkpoint import checkpoint_hash
 from fusionprof.cli import cli
 from fusionprof.env import machine_name
 from fusionprof.models import fusion_names
@@ -146,7 +147,7 @@ def test_compare_runs_every_stage_then_skips_them(tmp_path, small_data):
 
 def test_a_stage_is_skipped_only_when_made_with_what_is_asked_now(tmp_path):
     """Settings or weights changed since a stage ran (--batch-sizes, a retrained checkpoint): it runs again, and one
-    line says what changed; the same settings skip it; a state written before settings were kept skips it too."""
+    line says what changed; the same settings skip it; a state written before settings were kept runs it again."""
     from fusionprof.compare import Stages
 
     said, runs = [], []
@@ -161,10 +162,21 @@ def test_a_stage_is_skipped_only_when_made_with_what_is_asked_now(tmp_path):
     assert len(runs) == 2 and "[compare] latency tiny cpu: made before with other sweep, weights, running again" in said
     state = json.loads(path.read_text())
     assert state["done"]["latency tiny cpu"]["settings"]["sweep"]["batch_sizes"] == [1, 64]
-    del state["done"]["latency tiny cpu"]["settings"]
+    del state["done"]["latency tiny cpu"]["settings"]  # a state file of an older fusionprof: settings unknown
     path.write_text(json.dumps(state))
-    Stages(path, said.append)("latency tiny cpu", run, {"sweep": {"batch_sizes": [8]}})
-    assert len(runs) == 2 and said[-1].endswith("done before, skipped")
+    Stages(path, said.append)("latency tiny cpu", run, {"sweep": {"batch_sizes": [1, 64]}, "weights": {"mid": "b"}})
+    assert len(runs) == 3 and said[-3] == ("[compare] latency tiny cpu: made by a fusionprof that did not record its "
+                                           "settings, running again")
+    # a trained checkpoint replaced since its stage ran (retrained by hand): the stage runs again
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(b"weights")
+    trained = lambda: runs.append(1) or {"checkpoint": str(checkpoint), "weights": checkpoint_hash(checkpoint)}  # noqa: E731
+    stage("train tiny-mid", trained, {"epochs": 3})
+    stage("train tiny-mid", trained, {"epochs": 3})
+    assert len(runs) == 4 and said[-1] == "[compare] train tiny-mid: done before, skipped"
+    checkpoint.write_bytes(b"other weights")
+    stage("train tiny-mid", trained, {"epochs": 3})
+    assert len(runs) == 5 and f"[compare] train tiny-mid: {checkpoint} has been replaced since, running again" in said
 
 
 def test_compare_says_where_its_time_went():

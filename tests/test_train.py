@@ -151,6 +151,12 @@ def test_resume_refuses_a_setting_it_would_otherwise_drop(tmp_path, small_data, 
     assert ("--resume continues tiny-late as it was started, and these differ from it: --epochs 2 (the run's: 1); "
             "--lr 0.01 (the run's: 0.001); --text-pool attn (the run's: mean). Leave them out, or start over") in out
     assert load_checkpoint(tmp_path / "m" / "tiny-late" / "checkpoint.pt")["train_config"]["epochs"] == 1
+    run_precision = load_checkpoint(tmp_path / "m" / "tiny-late" / "checkpoint.pt")["train_config"]["precision"]
+    other = "fp32" if run_precision == "bf16" else "bf16"
+    code, out = run_cli(*args, "--resume", "--precision", other)  # what was typed is what the message says
+    assert code == 1 and f"--precision {other} (the run's: {run_precision})" in out, out
+    code, out = run_cli(*args, "--resume", "--precision", "auto")  # auto resolves as it did when the run started
+    assert code == 0 and "resuming tiny-late after epoch 1/1\n" in out, out
     monkeypatch.chdir(small_data.parent)  # the same dataset spelt another way is the same dataset
     code, out = run_cli(*args[:3], "--data", small_data.name, *args[5:], "--resume", "--no-image-cache",
                         "--run-name", "tiny-late", "--out", os.path.relpath(tmp_path / "m"))

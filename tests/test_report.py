@@ -280,14 +280,19 @@ def test_compare_sweeps_the_precisions_asked_for_whatever_the_flags(monkeypatch)
     assert "--precisions fp32,int8 sweeps it" in said[-1] and "AVX2 runs it without VNNI" in said[-1]
 
 
-def test_low_precisions_are_timed_at_the_batches_the_precision_table_compares():
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_low_precisions_are_timed_at_the_batches_the_precision_table_compares(monkeypatch, native_bf16):
     from fusionprof import compare as compare_module
+    from fusionprof.backends.openvino import OpenVino
     from fusionprof.latency import SweepConfig
 
+    # openvino runs bf16 only on a CPU that computes it (AVX512-BF16, AMX): both kinds of CPU, whichever this is
+    monkeypatch.setitem(OpenVino.precisions, "cpu", ("fp32", "bf16", "int8") if native_bf16 else ("fp32", "int8"))
     fp32 = SweepConfig(preset="tiny", backends=["torch", "onnxruntime", "openvino"])
     assert fp32.batch_sizes == [1, 2, 4, 8, 16, 32]
     bf16, int8 = compare_module.low_precision_sweeps(fp32, ["bf16", "int8"], torch.device("cpu"), sizes_asked=False)
-    assert (bf16.precision, bf16.batch_sizes, bf16.backends) == ("bf16", [1, 8], ["torch", "openvino"])
+    assert (bf16.precision, bf16.batch_sizes, bf16.backends) == (
+        "bf16", [1, 8], ["torch", "openvino"] if native_bf16 else ["torch"])
     assert (int8.precision, int8.batch_sizes, int8.backends) == ("int8", [1, 8], ["onnxruntime", "openvino"])
     assert fp32.precision == "fp32" and fp32.batch_sizes == [1, 2, 4, 8, 16, 32]  # fp32's sweep is left as it was
     # `--batch-sizes` names the sizes of every precision; sizes without 1 or 8 keep fp32's rather than none
@@ -299,7 +304,7 @@ def test_low_precisions_are_timed_at_the_batches_the_precision_table_compares():
     assert large.batch_sizes == [32, 64]
 
 
-def test_a_failed_int8_gate_is_a_result_and_a_failed_fp32_export_stops_the_study(monkeypatch):
+def test_a_failed_int8_gate_is_a_result_and_a_failed_fp32_export_stops_the_study(monkeypatch, tmp_path):
     from fusionprof import compare as compare_module
     from fusionprof.errors import UserError
 
@@ -308,9 +313,13 @@ def test_a_failed_int8_gate_is_a_result_and_a_failed_fp32_export_stops_the_study
                 "accuracy": {"exported_accuracy": 0.5}}
     monkeypatch.setattr(compare_module, "export", export)
     monkeypatch.setattr(compare_module, "fusion_names", lambda: ["mid"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m" / "tiny-mid").mkdir(parents=True)
+    (tmp_path / "m" / "tiny-mid" / "checkpoint.pt").write_bytes(b"weights")  # what an export stage's settings hash
     done, said = {}, []
 
-    def stage(name, run):
+    def stage(name, run, settings):
+        assert settings["weights"] == checkpoint_hash("m/tiny-mid/checkpoint.pt")
         done[name] = run()
         return done[name]
     with pytest.raises(UserError, match=r"onnx fp32 export of .* failed verification"):

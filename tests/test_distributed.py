@@ -118,7 +118,7 @@ def test_two_processes_match_one(tmp_path, learnable_data, learned_early):
     assert runs["one"]["train_config"]["warmup_steps"] == runs["two"]["train_config"]["warmup_steps"] == 20
     # Evaluation was sharded over the ranks and gathered: every test pair counted once.
     assert runs["two"]["test"]["pairs"] == runs["one"]["test"]["pairs"] == 600
-    # Same global batches, same schedule: the two runs learn alike (on this data one process reached 81.7 %, two 79.3 %).
+    # Same global batches, same schedule: the two runs learn alike (one process reached 81.7 % here, two 79.3 %).
     assert runs["one"]["test"]["accuracy"] > 0.75
     assert abs(runs["two"]["test"]["accuracy"] - runs["one"]["test"]["accuracy"]) < 0.06
     ckpt = load_checkpoint(tmp_path / "models" / "two" / "checkpoint.pt")

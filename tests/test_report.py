@@ -131,12 +131,13 @@ def test_compare_runs_every_stage_then_skips_them(tmp_path, small_data):
     code, again = run_cli(*args)
     assert code == 0, again
     assert again.count("done before, skipped") == 4 + 4 + 2 + 4 and "[compare] report:" in again
-    (tmp_path / "m" / "tiny-late" / "checkpoint.pt").unlink()  # an output gone: that stage runs again, and so
-    code, third = run_cli(*args)  # does every stage that read its weights: late's export and load, the sweep, traces
-    assert code == 0, third
-    assert "[compare] train tiny-late ..." in third and third.count("done before, skipped") == 3 + 3 + 3, third
-    for stage in ("export tiny-late onnx", "latency tiny cpu", "traces tiny cpu"):
-        assert f"[compare] {stage}: made before with other weights, running again" in third
+    # Every stage recorded the weights it read (the checkpoints as they are now), so one retrained since runs it again
+    # (that rerun, and a checkpoint gone: test_a_stage_is_skipped_only_when_made_with_what_is_asked_now)
+    hashes = {f: checkpoint_hash(tmp_path / "m" / f"tiny-{f}" / "checkpoint.pt") for f in fusion_names()}
+    for name, done in json.loads((tmp_path / "p" / "compare-tiny-cpu.json").read_text())["done"].items():
+        kind, subject = name.split()[:2]
+        read = done["weights"] if kind == "train" else done["settings"]["weights"]
+        assert read == (hashes if kind in ("latency", "traces") else hashes[subject.split("-", 1)[1]]), name
     code, fourth = run_cli(*args[:4], "2", *args[5:])  # --epochs 2: not the study the checkpoints were trained for
     first = fusion_names()[0]
     assert code == 1 and fourth.splitlines()[-1] == (
@@ -177,6 +178,9 @@ def test_a_stage_is_skipped_only_when_made_with_what_is_asked_now(tmp_path):
     checkpoint.write_bytes(b"other weights")
     stage("train tiny-mid", trained, {"epochs": 3})
     assert len(runs) == 5 and f"[compare] train tiny-mid: {checkpoint} has been replaced since, running again" in said
+    checkpoint.unlink()
+    stage("train tiny-mid", lambda: runs.append(1) or {"checkpoint": str(checkpoint)}, {"epochs": 3})
+    assert len(runs) == 6 and f"[compare] train tiny-mid: {checkpoint} is gone, running again" in said
 
 
 def test_compare_says_where_its_time_went():

@@ -109,6 +109,25 @@ def pt2_export(pt2_build):
 
 
 @pytest.fixture(scope="session")
+def int8_export(trained_mid, tmp_path_factory):
+    """`fusionprof export` of `trained_mid` in fp32, then in int8 (which quantizes that fp32 graph), into a folder of
+    their own, once for the session: (exit code and output of the int8 export, the folder). test_lowprec checks the
+    QDQ graph and its gates, test_int8_openvino NNCF's IR and openvino's choice."""
+    from click.testing import CliRunner
+
+    from fusionprof.cli import cli
+
+    out = tmp_path_factory.mktemp("int8-export")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUSIONPROF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        for precision in ("fp32", "int8"):
+            result = CliRunner().invoke(cli, ["export", "--checkpoint", str(trained_mid[0]), "--precision", precision,
+                                              "--out", str(out), "--quiet"])
+            assert precision == "int8" or result.exit_code == 0, result.output
+    return result.exit_code, result.output, out
+
+
+@pytest.fixture(scope="session")
 def untrained_onnx(tmp_path_factory, tokenizer):
     """One untrained tiny model per fusion method (seed 0), exported to ONNX once for the session: {fusion:
     Artifacts}. test_backends runs every ONNX backend on all of them, test_lowprec openvino on mid's."""

@@ -3,6 +3,7 @@ the openvino backend against the eager model; int8 refused by the torch backends
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import fusionprof.export
 import fusionprof.latency
 from fusionprof.backends import Artifacts, backend_names, create_backend
 from fusionprof.backends.base import BACKENDS
-from fusionprof.checkpoint import load_model
+from fusionprof.checkpoint import checkpoint_hash, load_model
 from fusionprof.cli import cli
 from fusionprof.config import model_config
 from fusionprof.data.synth import write_synth
@@ -149,21 +150,19 @@ def export_cli(*args):
     return result.exit_code, result.output
 
 
-@pytest.mark.slow  # trains a checkpoint
-def test_int8_export_is_calibrated_on_val_and_gated_against_fp32(checkpoint, tmp_path):
-    code, out = export_cli("--checkpoint", checkpoint, "--out", tmp_path)  # fp32 first: int8 quantizes that graph
-    assert code == 0, out
-    code, out = export_cli("--checkpoint", checkpoint, "--precision", "int8", "--out", tmp_path)
-    record = json.loads((tmp_path / "export.onnx.int8.json").read_text())
+@pytest.mark.slow  # trains a checkpoint, exports and quantizes it
+def test_int8_export_is_calibrated_on_val_and_gated_against_fp32(int8_export):
+    code, out, folder = int8_export  # fp32 first: int8 quantizes that graph
+    record = json.loads((folder / "export.onnx.int8.json").read_text())
     # one epoch on 48 images sits near chance, and 64 test pairs make one flipped pair 1.6 points: the gate may
     # fail this model (the trained tiny mid one passes, 97.75% both); what is checked is what the gate weighed
     assert (code == 0) == record["passed"] == (record["status"] == "ok"), out
-    assert record["precision"] == "int8" and (tmp_path / "model.int8.onnx").exists()
+    assert record["precision"] == "int8" and (folder / "model.int8.onnx").exists()
     onnx = record["onnx"]
     assert onnx["calibration"]["split"] == "val" and onnx["quantized_from"]["parity"]["passed"]
-    fp32 = json.loads((tmp_path / "export.json").read_text())["onnx"]  # the verified fp32 export, not a new one
+    fp32 = json.loads((folder / "export.json").read_text())["onnx"]  # the verified fp32 export, not a new one
     source = {k: fp32[k] for k in ("opset", "export_seconds", "size_mib", "path")}
-    assert onnx["quantized_from"] == {**source, "reused": str(tmp_path / "export.json"),
+    assert onnx["quantized_from"] == {**source, "reused": str(folder / "export.json"),
                                       "parity": onnx["quantized_from"]["parity"]}
     assert {"Conv", "MatMul"} <= set(onnx["int8_ops"]) and "LayerNormalization" in onnx["float_ops"]
     assert "Softmax" in onnx["float_ops"] and "Softmax" not in onnx["int8_ops"]
@@ -171,7 +170,6 @@ def test_int8_export_is_calibrated_on_val_and_gated_against_fp32(checkpoint, tmp
     acc = record["accuracy"]
     assert acc["checkpoint_precision"] == "fp32" and acc["tolerance"] == 0.01
     assert record["passed"] == (record["parity"]["passed"] and acc["abs_difference"] <= 0.01)
-
 
 
 @pytest.mark.slow  # trains a checkpoint
@@ -187,12 +185,19 @@ def test_the_accuracy_gate_evaluates_the_checkpoint_once_for_all_it_gates(checkp
 
 
 @pytest.mark.slow  # trains a checkpoint
-def test_a_quantized_export_that_loses_more_than_the_tolerance_is_marked_failed(checkpoint, tmp_path, monkeypatch):
+def test_a_quantized_export_that_loses_more_than_the_tolerance_is_marked_failed(checkpoint, tmp_path, monkeypatch,
+                                                                               untrained_onnx):
     monkeypatch.setitem(fusionprof.export.TOLERANCES, "int8", {"max_abs": 0.0, "decision_agreement": 1.0})
     monkeypatch.setitem(fusionprof.export.ACCURACY_TOLERANCE, "int8", -1.0)  # no accuracy is close enough
+    # an fp32 export that claims this checkpoint but is another model's graph (replaced by hand): it fails parity,
+    # and the graph quantized is an export of the checkpoint's own
+    shutil.copy(untrained_onnx["early"].onnx, tmp_path / "model.onnx")
+    (tmp_path / "export.json").write_text(json.dumps({"status": "ok", "checkpoint_hash": checkpoint_hash(checkpoint),
+                                                      "onnx": {"opset": 18, "export_seconds": 1.0, "size_mib": 1.0}}))
+    assert fusionprof.export.verified_fp32_onnx(checkpoint, tmp_path)["reused"]  # offered to the int8 export
     code, out = export_cli("--checkpoint", checkpoint, "--precision", "int8", "--out", tmp_path)
     assert code == 1 and "OUT OF TOLERANCE" in out and "FAILED" in out
     assert out.strip().splitlines()[-1].startswith("Error: the exported model failed verification; marked failed")
     record = json.loads((tmp_path / "export.onnx.int8.json").read_text())
     assert record["status"] == "failed" and not record["parity"]["passed"] and not record["accuracy"]["passed"]
-    assert "reused" not in record["onnx"]["quantized_from"]  # no fp32 export of this checkpoint: one of its own
+    assert "reused" not in record["onnx"]["quantized_from"] and record["onnx"]["quantized_from"]["parity"]["passed"]

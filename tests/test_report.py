@@ -23,9 +23,10 @@ def run_cli(*args):
 
 @pytest.fixture(scope="module")
 def two_machines(tmp_path_factory):
-    """A real latency sweep, and the same file as if measured on a second, twice-as-slow machine."""
+    """A real latency sweep, and the same file as if measured on a second, twice-as-slow machine (eager torch only:
+    what is merged is the same for every backend, and an ONNX backend would first export each model)."""
     root = tmp_path_factory.mktemp("results")
-    code, out = run_cli("latency", "--fusion", "early,late", "--backends", "torch,onnxruntime", "--batch-sizes", "1,4",
+    code, out = run_cli("latency", "--fusion", "early,late", "--backends", "torch", "--batch-sizes", "1,4",
                         "--models", root / "none", "--out", root / "here", "--quiet", *QUICK,
                         "--warmup-seconds", "0", "--warmup-calls", "1")  # what is timed is not what is checked here
     assert code == 0, out
@@ -53,7 +54,7 @@ def test_two_machines_merge_into_one_report(two_machines, tmp_path):
     assert f"p50 ms: {first}" in md and "p50 ms: gpu-box (Other CPU, AVX2)" in md
     assert f"ratio gpu-box (Other CPU, AVX2) / {first}" in md
     ratios = [line.split("|")[-2].strip() for line in md.splitlines() if line.startswith("| tiny | fp32 |")]
-    assert len(ratios) == 2 * 2 * 2 and all(r == "2.00" for r in ratios)
+    assert len(ratios) == 2 * 2 and all(r == "2.00" for r in ratios)  # fusions × batch sizes
     pngs = {p.name for p in (tmp_path / "report").glob("*.png")}  # one sweep per plot: each named after its sweep
     stamp = json.loads(next((two_machines / "there").glob("*.json")).read_text())["created"].lower()
     there = {f"{metric}-gpu-box-other-cpu-avx2-tiny-cpu-fp32-{stamp}.png" for metric in ("latency", "throughput")}

@@ -35,11 +35,11 @@ def blank(modality):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("blanked", [None, "image", "text"])
-def test_one_modality_alone_stays_at_chance(blanked, learnable_data, learned_early, tmp_path, monkeypatch):
+def test_one_modality_alone_stays_at_chance(blanked, learnable_data, tmp_path, monkeypatch, request):
     # One budget for all three (conftest's LEARNS): with both modalities it learns the task, so one alone at chance
     # is the data, not too short a run. Both modalities: the session's run of it (test_distributed's one process).
     if blanked is None:
-        metrics = json.loads((learned_early / "one" / "metrics.json").read_text())
+        metrics = json.loads((request.getfixturevalue("learned_early") / "one" / "metrics.json").read_text())
     else:
         monkeypatch.setattr(fusionprof.train, "prepare_data", blank(blanked))
         settings = {k: v for k, v in LEARNS.items() if k != "fusion"}

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 
 # Nothing in the tests may reach the network. huggingface_hub reads these when it is first imported, so they are
 # set here, before anything imports transformers.
@@ -37,25 +38,38 @@ def small_data(tmp_path_factory):
     return write_synth(tmp_path_factory.mktemp("data") / "small", SMALL, size=64, seed=1, progress=False)
 
 
+@contextmanager
+def session_cache(tmp_path_factory):
+    """The tests' cache folder, for a session fixture (session fixtures come before `isolated_cache`)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUSIONPROF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        yield
+
+
+def train_once(tmp_path_factory, folder: str, data, fusion: str, **settings) -> tuple[object, dict]:
+    """Train tiny ``fusion`` on ``data`` in this process, into a new folder named after ``folder``: (that folder,
+    metrics). ``settings`` are TrainConfig fields."""
+    from fusionprof.config import train_config
+    from fusionprof.train import train
+
+    out = tmp_path_factory.mktemp(folder)
+    cfg = train_config("tiny", data=str(data), models_dir=str(out / "m"), profiles_dir=str(out / "p"), **settings)
+    with session_cache(tmp_path_factory):
+        return out, train(cfg, model_config("tiny", fusion=fusion), progress=False, log=lambda s: None)
+
+
 @pytest.fixture(scope="session")
 def trained_mid(tmp_path_factory, small_data):
     """One epoch of tiny mid on the small set, trained once for the session: (checkpoint path, metrics). The export,
     low-precision and backend tests read it; what they export goes to their own folders, except `pt2_export`'s."""
-    from fusionprof.config import train_config
-    from fusionprof.train import train
-
-    out = tmp_path_factory.mktemp("trained")
-    cfg = train_config("tiny", data=str(small_data), epochs=1, batch_size=16, models_dir=str(out / "m"),
-                       profiles_dir=str(out / "p"))
-    with pytest.MonkeyPatch.context() as mp:  # the tests' cache folder (session fixtures come before isolated_cache)
-        mp.setenv("FUSIONPROF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        metrics = train(cfg, model_config("tiny", fusion="mid"), progress=False, log=lambda s: None)
+    out, metrics = train_once(tmp_path_factory, "trained", small_data, "mid", epochs=1, batch_size=16)
     return out / "m" / "tiny-mid" / "checkpoint.pt", metrics
 
 
-# Three short epochs on `learnable_data` learn the embedded task (82–86 % over four other seed / data draws, 81.7 % on
-# this one): a 20-step warm-up at twice the preset's rate (the preset's 100-step warm-up needed five, in 1.7× the time).
-LEARNS = {"fusion": "early", "epochs": 3, "batch_size": 32, "lr": 2e-3, "encoder_lr": 2e-3, "warmup_steps": 20}
+# Three short epochs of tiny early on `learnable_data` learn the embedded task (82–86 % over four other seed / data
+# draws, 81.7 % on this one): a 20-step warm-up at twice the preset's rate (the preset's 100-step warm-up needed five,
+# in 1.7× the time). TrainConfig fields.
+LEARNS = {"epochs": 3, "batch_size": 32, "lr": 2e-3, "encoder_lr": 2e-3, "warmup_steps": 20}
 
 
 @pytest.fixture(scope="session")
@@ -68,19 +82,8 @@ def learnable_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def learned_early(tmp_path_factory, learnable_data):
     """tiny early trained once for the session on `learnable_data` with `LEARNS`, in one process with every core:
-    test_modalities' run with both modalities, and test_distributed's one-process run. Its profiles folder (run
-    "one": metrics.json, TensorBoard events)."""
-    from fusionprof.config import train_config
-    from fusionprof.train import train
-
-    out = tmp_path_factory.mktemp("learned")
-    settings = {k: v for k, v in LEARNS.items() if k != "fusion"}
-    cfg = train_config("tiny", data=str(learnable_data), run="one", models_dir=str(out / "models"),
-                       profiles_dir=str(out / "profiles"), **settings)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FUSIONPROF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        train(cfg, model_config("tiny", fusion=LEARNS["fusion"]), progress=False, log=lambda s: None)
-    return out / "profiles"
+    test_modalities' run with both modalities, and test_distributed's one-process run. Its metrics."""
+    return train_once(tmp_path_factory, "learned", learnable_data, "early", run="one", **LEARNS)[1]
 
 
 @pytest.fixture(scope="session")
@@ -118,13 +121,12 @@ def int8_export(trained_mid, tmp_path_factory):
     from fusionprof.cli import cli
 
     out = tmp_path_factory.mktemp("int8-export")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FUSIONPROF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        for precision in ("fp32", "int8"):
-            result = CliRunner().invoke(cli, ["export", "--checkpoint", str(trained_mid[0]), "--precision", precision,
-                                              "--out", str(out), "--quiet"])
-            assert precision == "int8" or result.exit_code == 0, result.output
-    return result.exit_code, result.output, out
+    export = ["export", "--checkpoint", str(trained_mid[0]), "--out", str(out), "--quiet", "--precision"]
+    with session_cache(tmp_path_factory):
+        fp32 = CliRunner().invoke(cli, [*export, "fp32"])
+        assert fp32.exit_code == 0, fp32.output
+        int8 = CliRunner().invoke(cli, [*export, "int8"])  # its gate may fail: the tests check what it weighed
+    return int8.exit_code, int8.output, out
 
 
 @pytest.fixture(scope="session")

@@ -98,7 +98,7 @@ def test_a_rank_without_evaluation_batches_still_joins_the_gather(monkeypatch, s
 def test_two_processes_match_one(tmp_path, learnable_data, learned_early):
     """torchrun's two processes (one thread each, as torchrun sets) against the session's one-process run of the same
     settings on the same data (conftest's LEARNS, `learned_early`, every core)."""
-    settings = [a for k, v in LEARNS.items() for a in (f"--{k.replace('_', '-')}", v)]
+    settings = ["--fusion", "early", *(a for k, v in LEARNS.items() for a in (f"--{k.replace('_', '-')}", v))]
     two = subprocess.run(fusionprof_train(*settings, "--data", learnable_data, "--run-name", "two", "--out",
                                           tmp_path / "models", "--profiles", tmp_path / "profiles", "--quiet",
                                           launcher=TORCHRUN), env=ENV, capture_output=True, text=True, timeout=600)
@@ -106,7 +106,7 @@ def test_two_processes_match_one(tmp_path, learnable_data, learned_early):
     assert two.stdout.count("wrote ") == 1 and two.stdout.count("test: accuracy") == 1  # rank 0 speaks
     assert "2 processes (gloo) × 16 = global batch 32" in two.stdout
 
-    runs = {"one": json.loads((learned_early / "one" / "metrics.json").read_text()),
+    runs = {"one": learned_early,
             "two": json.loads((tmp_path / "profiles" / "two" / "metrics.json").read_text())}
     assert [p.parent.name for p in (tmp_path / "profiles").rglob("metrics.json")] == ["two"]
     assert len(list((tmp_path / "profiles" / "tensorboard" / "two").glob("events.*"))) == 1

@@ -11,7 +11,7 @@ from fusionprof.cli import cli
 from fusionprof.env import machine_name
 from fusionprof.models import fusion_names
 from fusionprof.records import LatencyRecord, LatencyRow
-from fusionprof.report import Records, Sweep, pareto_front, row_accuracy
+from fusionprof.report import Records, Sweep, build_seconds, pareto_front, row_accuracy
 
 QUICK = ["--min-seconds", "0.05", "--min-calls", "5"]
 
@@ -98,6 +98,20 @@ def test_committed_records_load_through_their_types():
             if row.host is not None and row.host.n < 100:
                 assert row.host.p99_ms is None and written["p99_ms"] is None
         assert LatencyRecord.from_dict(record.to_dict(), path) == record
+
+
+def test_an_exports_build_time_counts_what_it_made():
+    """The report's "build (s)": an int8 export's quantizations (and the fp32 graph made for it, never one reused
+    that has a row of its own), a .pt2's export and compile, an ONNX export."""
+    assert build_seconds({"export_seconds": 9.5}) == 9.5
+    assert build_seconds({"seconds": {"export": 5.0, "compile": 28.5}}) == 33.5
+    qdq = {"quantize_seconds": 2.0, "quantized_from": {"export_seconds": 10.0}}
+    assert build_seconds(qdq) == 12.0  # openvino not installed: the QDQ graph, and its fp32 source made for it
+    reused = {**qdq, "quantized_from": {"export_seconds": 10.0, "reused": "/m/export.json"}}
+    assert build_seconds(reused) == 2.0
+    nncf = {**reused, "openvino": {"loads": "qdq", "nncf": {"quantize_seconds": 6.0}}}  # made, then not kept
+    assert build_seconds(nncf) == 8.0
+    assert build_seconds({}) is None
 
 
 def test_pareto_front():

@@ -1,7 +1,7 @@
 """What dynamic batching buys under load: the largest Server rate with p99 under a target, batching off vs on.
 
     python benchmarks/load_batching.py [--fusion mid] [--backend onnxruntime] [--reps 3] [--max-batch 16]
-        [--batch-timeout-ms 20] [--p99-ms 50]
+        [--batch-timeout-ms 20] [--p99-ms 50] [--contend 1]
     python benchmarks/load_batching.py --summarize profiles/vm/load-server-tiny-mid-onnxruntime-fp32-*.json
 
 One ``fusionprof load --find-max-qps`` search per setting — no batching and batches up to ``--max-batch``, each with
@@ -9,6 +9,10 @@ onnxruntime's pool threads spinning and sleeping between calls — repeated ``--
 slow minute of a shared machine falls on every setting alike. A single search moves by ±25 % from one run to the
 next on a 2-core VM (Poisson arrivals, 10 s runs, a 10 % bisection), so the medians decide, and the ratio of
 medians is what is quoted. ``--summarize`` builds the same summary from Server records already on disk.
+
+``--contend N`` runs N busy-looping processes beside every search (a noisy neighbour, each taking a core when it
+can), the case that ``--no-spin-wait`` is for: spinning pool threads then compete with the neighbour for the cores.
+The summary records N and its file name ends in ``-contended<N>``.
 
 Writes ``profiles/<host>/load-batching-<preset>-<fusion>-<backend>.json``: per setting every run's max QPS and its
 record, the median, and the ratio of each batched median to the unbatched one with the same threads.
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -69,6 +75,25 @@ def summarize(paths: list[Path]) -> dict:
             "settings": {name: {"runs": got, "median_max_qps": round(medians[name], 1)} for name, got in runs.items()}}
 
 
+def _busy() -> None:
+    while True:
+        pass
+
+
+@contextmanager
+def neighbours(n: int):
+    """``n`` processes that burn a core each until the block ends."""
+    procs = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(n)]
+    for proc in procs:
+        proc.start()
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.join()
+
+
 def run_reps(args) -> list[Path]:
     from fusionprof.load import LoadConfig, load
 
@@ -79,7 +104,8 @@ def run_reps(args) -> list[Path]:
                 cfg = LoadConfig(fusion=args.fusion, backend=args.backend, scenario="server", find_max_qps=True,
                                  p99_ms=args.p99_ms, max_batch=max_batch, batch_timeout_ms=timeout, spin_wait=spin,
                                  preset=args.preset, profiles_dir=args.out)
-                record = load(cfg, progress=False, log=lambda line: None)
+                with neighbours(args.contend):
+                    record = load(cfg, progress=False, log=lambda line: None)
                 print(f"rep {rep + 1}: batch≤{max_batch} wait≤{timeout:g}ms, threads {'spin' if spin else 'sleep'}: "
                       f"{record.max_qps} QPS ({record.path}); load average {os.getloadavg()[0]:.2f}")
                 paths.append(Path(record.path))
@@ -95,6 +121,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--batch-timeout-ms", type=float, default=20.0)
     parser.add_argument("--p99-ms", type=float, default=50.0)
+    parser.add_argument("--contend", type=int, default=0, help="Busy-looping processes beside every search.")
     parser.add_argument("--summarize", nargs="+", type=Path, help="Server records on disk instead of new runs.")
     parser.add_argument("--out", default="profiles")
     args = parser.parse_args()
@@ -107,10 +134,12 @@ def main() -> None:
               + ", ".join(f"{r['max_qps']:.1f}" if r["max_qps"] else "none VALID" for r in got["runs"]))
     for name, ratio in summary["ratios"].items():
         print(f"{name}: {ratio:.2f}×")
-    name = f"load-batching-{summary['preset']}-{summary['fusion']}-{summary['backend']}.json"
+    contended = f"-contended{args.contend}" if args.contend else ""
+    name = f"load-batching-{summary['preset']}-{summary['fusion']}-{summary['backend']}{contended}.json"
     path = Path(args.out) / summary["environment"]["host"] / name
     write_json(path, {"schema_version": SCHEMA_VERSION, "kind": "load-batching",
-                      "created": datetime.now(timezone.utc).isoformat(), **summary})
+                      "created": datetime.now(timezone.utc).isoformat(), "contending_processes": args.contend,
+                      **summary})
     print(f"wrote {path}")
 
 

@@ -172,7 +172,7 @@ def compare(name: str, artifacts: Artifacts, device: torch.device, args) -> Comp
     result = Comparison(name, bare=what, order="ABBA" * args.repeats)
     for side in result.order:
         if side == "A":
-            host, _, _ = measure_cell(backend, artifacts.model, args.batch_size, seq_len, protocol)
+            host, *_ = measure_cell(backend, artifacts.model, args.batch_size, seq_len, protocol)
             result.fusionprof_p50_ms.append(host.p50_ms)
         else:
             result.bare_p50_ms.append(bare_p50(call, args.seconds))

@@ -12,7 +12,8 @@ medians is what is quoted. ``--summarize`` builds the same summary from Server r
 
 ``--contend N`` runs N busy-looping processes beside every search (a noisy neighbour, each taking a core when it
 can), the case that ``--no-spin-wait`` is for: spinning pool threads then compete with the neighbour for the cores.
-The summary records N and its file name ends in ``-contended<N>``.
+The summary records N and its file name ends in ``-contended<N>``; every search's record says how many cores other
+processes took during it (``contention``), and the summary lists that beside each search's rate.
 
 Writes ``profiles/<host>/load-batching-<preset>-<fusion>-<backend>.json``: per setting every run's max QPS and its
 record, the median, and the ratio of each batched median to the unbatched one with the same threads.
@@ -29,9 +30,10 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fusionprof import SCHEMA_VERSION
+from fusionprof import SCHEMA_VERSION, contention
 from fusionprof.atomic import write_json
 from fusionprof.env import fingerprint
+from fusionprof.loadgen import LoadRecord
 
 
 def setting(record: dict) -> str:
@@ -47,6 +49,7 @@ def summarize(paths: list[Path]) -> dict:
     (medians across fusions or targets would mean nothing)."""
     runs: dict[str, list[dict]] = {}
     identity, environment = None, None
+    neighbour: dict[bool, Path] = {}  # busy or not → a record that was
     for path in paths:
         record = json.loads(path.read_text())
         if record.get("kind") != "load" or record.get("scenario") != "server" or not record["config"]["find_max_qps"]:
@@ -55,7 +58,15 @@ def summarize(paths: list[Path]) -> dict:
         if identity not in (None, this):
             raise SystemExit(f"{path} searches for {this}, the others for {identity}: summarize one at a time")
         identity, environment = this, environment or record["environment"]
-        runs.setdefault(setting(record), []).append({"max_qps": record["max_qps"], "record": str(path)})
+        load = LoadRecord.from_dict(record, path).contention
+        others = load.get("other_processes_cores")  # None: written before searches were watched
+        if others is not None:
+            neighbour.setdefault(contention.busy(load), path)
+            if len(neighbour) > 1:
+                raise SystemExit(f"{neighbour[True]} ran beside a busy neighbour, {neighbour[False]} did not: "
+                                 "summarize quiet and contended searches apart")
+        runs.setdefault(setting(record), []).append({"max_qps": record["max_qps"], "record": str(path),
+                                                     "other_processes_cores": others})
     if identity is None:
         raise SystemExit("no find-max Server search among the records given")
     medians = {name: statistics.median(r["max_qps"] or 0.0 for r in got) for name, got in runs.items()}
@@ -73,6 +84,12 @@ def summarize(paths: list[Path]) -> dict:
         ratios["best batched / best unbatched"] = round(best_batched / best_single, 2)
     return {**identity, "environment": environment, "ratios": ratios,
             "settings": {name: {"runs": got, "median_max_qps": round(medians[name], 1)} for name, got in runs.items()}}
+
+
+def _others(runs: list[dict]) -> str:
+    """The other processes' CPU use during each search, where its record says (``contention``)."""
+    cores = [r["other_processes_cores"] for r in runs if r.get("other_processes_cores") is not None]
+    return f"  (other processes: {', '.join(f'{c:.2f}' for c in cores)} cores)" if cores else ""
 
 
 def _busy() -> None:
@@ -131,7 +148,8 @@ def main() -> None:
     summary = summarize(sorted(paths))
     for name, got in summary["settings"].items():
         print(f"{name:<40} median {got['median_max_qps']:7.1f} QPS  runs "
-              + ", ".join(f"{r['max_qps']:.1f}" if r["max_qps"] else "none VALID" for r in got["runs"]))
+              + ", ".join(f"{r['max_qps']:.1f}" if r["max_qps"] else "none VALID" for r in got["runs"])
+              + _others(got["runs"]))
     for name, ratio in summary["ratios"].items():
         print(f"{name}: {ratio:.2f}×")
     contended = f"-contended{args.contend}" if args.contend else ""

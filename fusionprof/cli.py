@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from fusionprof import __version__
+from fusionprof import __version__, contention
 from fusionprof.backends import backend_names, export_formats
 from fusionprof.config import PRESETS, model_config, train_config
 from fusionprof.distributed import launched_by_torchrun, process_rank
@@ -441,6 +441,9 @@ def load(fusion, backend, scenario, qps, find_max_qps, quiet, **options):
     elif cfg.find_max_qps:
         click.echo(f"max VALID server rate with p99 ≤ {cfg.p99_ms:g} ms: "
                    + (f"{record.max_qps:.1f} QPS" if record.max_qps else "none (every trial was INVALID)"))
+    if contention.busy(record.contention):
+        click.echo(f"measured beside a busy neighbour ({contention.describe(record.contention)} on average): a "
+                   "quiet machine serves more")
     click.echo(f"wrote {record.path}")
     if record.accuracy and not record.accuracy["matches"]:
         raise UserError("LoadGen's answers do not reproduce the backend's accuracy: the SUT answered wrong queries")
@@ -465,8 +468,9 @@ def recommend(p99_ms, qps, min_accuracy, device, profiles_dir):
         for c in choices:
             acc = "acc —" if c.accuracy is None else f"acc {c.accuracy:.2%} ({c.accuracy_source})"
             rate = f"  max {c.max_qps:g} QPS" if c.max_qps else ""
+            busy = "  (measured beside a busy neighbour)" if c.busy_neighbour else ""
             click.echo(f"  {c.preset}/{c.fusion} {c.backend} {c.precision} [{c.batching}] {c.device} on {c.machine}: "
-                       f"p99 {c.p99_ms:.2f} ms{rate}  {acc}  ← {c.source}")
+                       f"p99 {c.p99_ms:.2f} ms{rate}  {acc}{busy}  ← {c.source}")
 
 
 def main() -> None:

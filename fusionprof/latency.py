@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from fusionprof import contention
 from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS, EAGER, Artifacts, Backend, backend_names, create_backend
 from fusionprof.backends.trt import build_engine, optimization_profile
@@ -232,19 +233,22 @@ def measure_backend(name: str, artifacts: Artifacts, device: torch.device, cfg: 
     # tolerances stated per precision; the largest batch timed is among the shapes checked
     passed = parity(artifacts.model, backend, cfg.precision, largest_batch=max(cfg.batch_sizes))["passed"]
     for batch_size in cfg.batch_sizes:
-        host, device_resident, peak = measure_cell(backend, artifacts.model, batch_size, cell.seq_len, cfg.protocol)
+        host, device_resident, peak, others = measure_cell(backend, artifacts.model, batch_size, cell.seq_len,
+                                                           cfg.protocol)
         row = LatencyRow(cell.fusion, name, "ok" if passed else PARITY_FAILED, batch_size, host, device_resident,
                          first_call_of_fresh_backend_ms=first_call_ms, first_call_batch_size=first_batch,
                          load_seconds=load_seconds, seq_len=cell.seq_len, flops_per_sample=cell.flops_per_sample,
-                         parity_passed=passed, peak_memory=peak, model=cell.model, backend_info=backend.describe())
+                         parity_passed=passed, peak_memory=peak, contention=others, model=cell.model,
+                         backend_info=backend.describe())
         yield row
 
 
 def measure_cell(backend: Backend, model: FusionModel, batch_size: int, seq_len: int,
-                 protocol: Protocol) -> tuple[Timing, Timing | None, dict]:
-    """One (backend, batch size) cell: copy-inclusive samples, device-resident samples on CUDA, peak memory."""
+                 protocol: Protocol) -> tuple[Timing, Timing | None, dict, dict]:
+    """One (backend, batch size) cell: copy-inclusive samples, device-resident samples on CUDA, peak memory, and
+    what other processes took of the CPUs meanwhile (``contention.watch``)."""
     images, ids, mask = example_inputs(model.cfg, batch_size, seq_len)
-    with peak_memory(backend.device) as peak:
+    with peak_memory(backend.device) as peak, contention.watch() as others:
         host = Timing.of(sample_calls(lambda: backend.run(images, ids, mask), backend.synchronize, protocol),
                          HOST_TIMING if backend.device.type == "cuda" else CPU_TIMING)
         device_resident = None
@@ -255,7 +259,7 @@ def measure_cell(backend: Backend, model: FusionModel, batch_size: int, seq_len:
     if backend.device.type == "cuda" and backend.cuda_memory_unseen:  # a figure that would flatter it: none at all
         peak.pop("cuda_max_allocated_mib", None)
         peak["cuda_memory"] = f"not measured: {backend.cuda_memory_unseen}"
-    return host, device_resident, peak
+    return host, device_resident, peak, others
 
 
 def _not_runnable(name: str, device: torch.device, precision: str) -> str | None:

@@ -6,13 +6,15 @@ import csv
 from pathlib import Path
 
 from fusionprof.atomic import atomic_write, write_json
+from fusionprof.contention import describe
 from fusionprof.measure import CV_WARNING, P99_MIN_SAMPLES
 from fusionprof.records import LatencyRecord, LatencyRow
 
 CSV_COLUMNS = ["fusion", "backend", "batch_size", "status", "parity_passed", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
                "std_ms", "cv", "n", "throughput_samples_per_s", "achieved_gflops", "share_of_matmul_yardstick",
                "above_yardstick", "mfu",
-               "first_call_of_fresh_backend_ms", "first_call_batch_size", "load_seconds", "cv_warning"]
+               "first_call_of_fresh_backend_ms", "first_call_batch_size", "load_seconds", "cv_warning",
+               "other_processes_cores", "steal_share"]
 
 
 def write_record(record: LatencyRecord, path: Path) -> None:
@@ -28,7 +30,7 @@ def write_csv(path: Path, rows: list[LatencyRow]) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(r.to_dict() for r in rows)
+            writer.writerows({**r.contention, **r.to_dict()} for r in rows)
     atomic_write(path, write)
 
 
@@ -44,6 +46,7 @@ def table(rows: list[LatencyRow]) -> list[str]:
         p99 = "–" if t.p99_ms is None else f"{t.p99_ms:.2f}"
         cv = "–" if t.cv is None else f"{t.cv:.1%}"
         warn = (" !" if t.cv_warning else "") + (" ^" if r.above_yardstick else "") + (
+            " +" if r.beside_busy_neighbour else "") + (
             "" if r.ok else f" WRONG: {r.status}")
         lines.append(f"{r.fusion:<11}{r.backend:<15}{r.batch_size:>4}{t.p50_ms:>10.2f}{t.p90_ms:>10.2f}{p99:>10}"
                      f"{cv:>7}{r.throughput_samples_per_s:>11.1f}{r.achieved_gflops:>9.1f}{warn}")
@@ -56,6 +59,11 @@ def table(rows: list[LatencyRow]) -> list[str]:
         lines.append("samples/s and GFLOP/s: batch / mean latency, calls one after another")
     if any(r.host.cv_warning for r in timed):
         lines.append(f"! CV above {CV_WARNING:.0%}: noisy measurement (another process, frequency scaling, thermal)")
+    if any(r.beside_busy_neighbour for r in timed):
+        busy = [r for r in timed if r.beside_busy_neighbour]
+        worst = max(busy, key=lambda r: r.contention["other_processes_cores"])
+        lines.append(f"+ other processes were busy while that cell was timed (worst: {describe(worst.contention)}, "
+                     f"{worst.fusion}/{worst.backend} batch {worst.batch_size}): slower than on a quiet machine")
     if any(r.above_yardstick for r in timed):
         lines.append("^ faster than the sweep's matmul yardstick (measured at its start and end): for that cell the "
                      "yardstick is no peak")

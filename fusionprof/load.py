@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusionprof import contention
 from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS, Artifacts, Backend, create_backend
 from fusionprof.checkpoint import load_checkpoint, metrics_path, with_run_tokenizer
@@ -226,13 +227,14 @@ def run_scenario(cfg: LoadConfig, sut: BatchingSUT, library: SampleLibrary, batc
 
 
 def describe(run: LoadRun) -> str:
-    """One line: VALID with its figures, or INVALID with LoadGen's reasons and no figure."""
+    """One line: VALID with its figures, or INVALID with LoadGen's reasons and no figure; and a busy neighbour."""
+    neighbour = f"  [busy neighbour: {contention.describe(run.contention)}]" if contention.busy(run.contention) else ""
     if not run.valid:
-        return "INVALID (" + "; ".join(run.invalid_reasons or ["LoadGen gave no reason"]) + ")"
+        return "INVALID (" + "; ".join(run.invalid_reasons or ["LoadGen gave no reason"]) + ")" + neighbour
     batches = sum(run.batch_sizes.values())
     mean_batch = sum(k * v for k, v in run.batch_sizes.items()) / max(batches, 1)
     latency = "" if run.scenario == "offline" else f"p50 {run.p50_ms:.2f} ms  p99 {run.p99_ms:.2f} ms  "
-    return f"VALID  {latency}{run.samples_per_s:.1f} samples/s  (mean batch {mean_batch:.2f})"
+    return f"VALID  {latency}{run.samples_per_s:.1f} samples/s  (mean batch {mean_batch:.2f}){neighbour}"
 
 
 def accuracy_check(cfg: LoadConfig, sut: BatchingSUT, library: SampleLibrary, backend: Backend, tcfg: TrainConfig,

@@ -11,6 +11,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from fusionprof import contention
 from fusionprof.env import machine_name
 from fusionprof.figures import pyplot, save_figure, slug
 from fusionprof.loadgen import LoadRecord, LoadRun, device_label
@@ -32,6 +33,16 @@ def find_load_records(paths: list[Path]) -> list[LoadRecord]:
 
 def _ms(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}"
+
+
+OTHERS = "other processes (cores)"
+
+
+def _others(load: dict) -> str:
+    """Other processes' CPU use in cores, (busy) when it is a busy neighbour's; – where it was not watched."""
+    if not load or load.get("other_processes_cores") is None:
+        return "–"
+    return f"{load['other_processes_cores']:.2f}" + (" (busy)" if contention.busy(load) else "")
 
 
 def _verdict(run: LoadRun) -> str:
@@ -82,18 +93,27 @@ def load_section(records: list[LoadRecord], out_dir: Path, latency: list[Latency
 
 def _server_blocks(machine: str, records: list[LoadRecord], out_dir: Path) -> list[tuple]:
     rows = [[machine, f"{r.preset}/{r.fusion}", _label(r), f"{run.settings.get('target_qps', 0):g}",
-             _ms(r.p99_target_ms), _verdict(run), _ms(run.p50_ms), _ms(run.p99_ms), Path(r.path or "").name]
+             _ms(r.p99_target_ms), _verdict(run), _ms(run.p50_ms), _ms(run.p99_ms), _others(run.contention),
+             Path(r.path or "").name]
             for r in records for run in sorted(r.runs, key=lambda run: run.settings.get("target_qps", 0))]
     best = [[machine, f"{r.preset}/{r.fusion}", _label(r), _ms(r.p99_target_ms),
-             "none VALID" if r.max_qps is None else f"{r.max_qps:g}", str(len(r.runs)), Path(r.path or "").name]
+             "none VALID" if r.max_qps is None else f"{r.max_qps:g}", str(len(r.runs)), _others(r.contention),
+             Path(r.path or "").name]
             for r in records if r.config.get("find_max_qps")]
     blocks = [("table", ["machine", "preset/fusion", LABEL, "offered QPS", "p99 target ms",
-                         "LoadGen", "p50 ms", "p99 ms", "record"], rows)]
+                         "LoadGen", "p50 ms", "p99 ms", OTHERS, "record"], rows)]
     if best:
         blocks += [("p", f"The largest offered rate LoadGen called VALID (p99 within the target), by bisection — "
                          f"{machine}"),
                    ("table", ["machine", "preset/fusion", LABEL, "p99 target ms", "max VALID QPS",
-                              "trials", "record"], best)]
+                              "trials", OTHERS, "record"], best)]
+    if any(r.contention for r in records):
+        blocks.append(("p", f"{OTHERS}: the cores that processes other than fusionprof kept busy during the run, on "
+                            "average (over all its trials for a search), from the kernel's counters; (busy) marks "
+                            f"{contention.BUSY_CORES:g} cores or more, or {contention.STOLEN_SHARE:.0%} of the CPUs' "
+                            "time stolen by the hypervisor: measured beside a busy neighbour, that rate is lower than "
+                            "a quiet machine's. – : a record written before this was watched."))
+    if best:
         png = plot_max_qps(machine, [r for r in records if r.config.get("find_max_qps")], out_dir)
         blocks.append(("img", f"{PLOT_DIR}/{png.name}", f"max VALID Server QPS under the p99 target — {machine}"))
     png = plot_p99_vs_qps(machine, records, out_dir)

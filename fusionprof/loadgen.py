@@ -26,7 +26,7 @@ from typing import ClassVar
 import mlperf_loadgen as lg
 import numpy as np
 
-from fusionprof import SCHEMA_VERSION
+from fusionprof import SCHEMA_VERSION, contention
 from fusionprof.errors import UserError
 
 SCENARIOS = {"server": lg.TestScenario.Server, "offline": lg.TestScenario.Offline,
@@ -198,6 +198,7 @@ class LoadRun:
     logs: str  # the folder that holds LoadGen's summary and detail logs
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    contention: dict = field(default_factory=dict)  # other processes' CPU use during the run (``contention.watch``)
 
     def figure(self, key: str, scale: float = 1.0) -> float | None:
         """A LoadGen result field (``scale``d), or None when the run is not VALID: an INVALID run has no figures."""
@@ -249,7 +250,8 @@ def run_loadgen(sut: BatchingSUT, n_samples: int, settings: LoadSettings, log_di
     qsl = lg.ConstructQSL(n_samples, n_samples, lambda indices: None, lambda indices: None)
     sut.batch_sizes.clear()
     try:
-        lg.StartTestWithLogSettings(sut.handle, qsl, test_settings(settings), log_settings)
+        with contention.watch() as others:
+            lg.StartTestWithLogSettings(sut.handle, qsl, test_settings(settings), log_settings)
     finally:
         lg.DestroyQSL(qsl)
     if sut.error is not None:
@@ -257,7 +259,9 @@ def run_loadgen(sut: BatchingSUT, n_samples: int, settings: LoadSettings, log_di
     (log_dir / "mlperf_log_trace.json").unlink(missing_ok=True)  # empty with tracing off
     if not settings.accuracy:
         (log_dir / ACCURACY_LOG).unlink(missing_ok=True)  # empty outside accuracy mode
-    return parse_logs(log_dir, settings, dict(sut.batch_sizes))
+    run = parse_logs(log_dir, settings, dict(sut.batch_sizes))
+    run.contention = others
+    return run
 
 
 def read_detail(path: Path) -> tuple[dict, list[str], list[str]]:
@@ -403,6 +407,11 @@ class LoadRecord:
         """The batching and how the backend's threads ran: what tells two runs of one backend apart."""
         threads = threads_label(self.backend_info)
         return f"{self.batching}, {threads}" if threads else self.batching
+
+    @property
+    def contention(self) -> dict:
+        """What other processes took of the CPUs over all its LoadGen runs (empty: written before it was watched)."""
+        return contention.combine([run.contention for run in self.runs])
 
     def to_dict(self) -> dict:
         d = {"schema_version": SCHEMA_VERSION, "kind": self.kind}

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusionprof import contention
 from fusionprof.env import machine_name
 from fusionprof.loadgen import LoadRecord, device_label, threads_label
 from fusionprof.records import check_schema, model_accuracy
@@ -43,6 +44,7 @@ class Choice:
     checkpoint: str | None = None  # the model it timed (None: random init)
     accuracy: float | None = None  # that model's test accuracy in ``precision`` (None: unknown)
     accuracy_source: str | None = None  # what measured it, and the record
+    busy_neighbour: bool = False  # other processes kept the CPUs busy while it was measured: a quiet machine does more
 
     def key(self) -> tuple:
         return (self.machine, self.device, self.preset, self.fusion, self.backend, self.precision, self.batching,
@@ -82,7 +84,8 @@ def latency_choices(records: list[tuple[dict, Path]], p99_ms: float) -> list[Cho
                 choices.append(Choice(machine_name(record["environment"]), device_label(cfg.get("device", "cpu")),
                                       cfg.get("preset", "?"), row["fusion"], row["backend"],
                                       cfg.get("precision", "fp32"), serving, row["p99_ms"], None, str(path),
-                                      (row.get("model") or {}).get("checkpoint")))
+                                      (row.get("model") or {}).get("checkpoint"),
+                                      busy_neighbour=contention.busy(row.get("contention"))))
     return choices
 
 
@@ -104,7 +107,8 @@ def load_choices(records: list[tuple[dict, Path]], p99_ms: float, qps: float | N
             best = max(judged, key=lambda run: run.settings["target_qps"])
             choices.append(Choice(machine_name(record.environment), device_label(record.device), record.preset,
                                   record.fusion, record.backend, record.precision, record.serving, best.p99_ms,
-                                  best.settings["target_qps"], str(path), (record.model or {}).get("checkpoint")))
+                                  best.settings["target_qps"], str(path), (record.model or {}).get("checkpoint"),
+                                  busy_neighbour=contention.busy(best.contention)))
     return choices, loose
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from fusionprof import SCHEMA_VERSION
+from fusionprof import SCHEMA_VERSION, contention
 from fusionprof.errors import UserError
 from fusionprof.measure import CV_WARNING, P99_MIN_SAMPLES, p99_note, summarize
 
@@ -99,6 +99,7 @@ class LatencyRow:
     mfu: float | None = None  # achieved / the datasheet's tensor-core peak: a known GPU in bf16 / fp16 only
     parity_passed: bool | None = None
     peak_memory: dict = field(default_factory=dict)
+    contention: dict = field(default_factory=dict)  # other processes' CPU use while timed (empty: not watched)
     model: dict = field(default_factory=dict)  # which weights: trained (and the checkpoint) or untrained
     backend_info: dict = field(default_factory=dict)
 
@@ -112,6 +113,11 @@ class LatencyRow:
         """Sequential calls' throughput: batch / mean latency (the median would leave out the slow calls that the
         calls' rate pays for too)."""
         return self.batch_size / (self.host.mean_ms / 1e3)
+
+    @property
+    def beside_busy_neighbour(self) -> bool:
+        """Other processes kept a share of the CPUs busy while this cell was timed (flagged, not hidden)."""
+        return contention.busy(self.contention)
 
     @property
     def achieved_gflops(self) -> float:

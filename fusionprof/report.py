@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from fusionprof import contention
 from fusionprof.atomic import atomic_write
 from fusionprof.env import machine_name
 from fusionprof.errors import UserError
@@ -372,6 +373,13 @@ def latency_section(rec: Records, out_dir: Path) -> list[tuple]:
     colors = _backend_colors(rec)
     for sweep in sweeps(rec):
         blocks += [("h3", sweep.title), ("p", f"Record: `{sweep.record.path}`")]
+        if busy := [r for r in sweep.record.rows if r.host is not None and r.beside_busy_neighbour]:
+            worst = max(busy, key=lambda r: r.contention["other_processes_cores"])
+            blocks.append(("p", f"Timed beside a busy neighbour: {len(busy)} of "
+                                f"{sum(r.host is not None for r in sweep.record.rows)} cells (other processes took the "
+                                f"CPUs while they were timed; worst {worst.fusion}/{worst.backend} batch "
+                                f"{worst.batch_size}: {contention.describe(worst.contention)}). Their figures are "
+                                "slower than a quiet machine's."))
         if sweep.rows:
             for metric, label in (("latency", "p50 latency (ms) vs batch size"),
                                   ("throughput", "samples/s (batch / mean latency) vs batch size")):

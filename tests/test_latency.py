@@ -58,6 +58,8 @@ def test_latency_sweep_writes_self_describing_records(tmp_path):
         assert r["above_yardstick"] == (r["share_of_matmul_yardstick"] > 1) and r["mfu"] is None  # no MFU on a CPU
         assert r["parity_passed"] and r["model"]["weights"].startswith("untrained")
         assert r["first_call_batch_size"] == 1 and r["load_seconds"] > 0 and r["timing"] == CPU_TIMING
+        # what other processes took of the CPUs while it was timed (test_contention: beside a busy one)
+        assert r["contention"]["seconds"] >= 0.05 and r["contention"]["other_processes_cores"] >= 0
     for fusion, backend in {(r["fusion"], r["backend"]) for r in ok}:  # one first call per fresh backend, timed once
         assert len({r["first_call_of_fresh_backend_ms"] for r in ok if (r["fusion"], r["backend"]) == (fusion, backend)
                     }) == 1

@@ -1,0 +1,73 @@
+"""What the rest of the machine did while a figure was measured: a busy neighbour, in the record beside the figure.
+
+A latency or a LoadGen rate measured while another process kept a core busy (a build, a second benchmark, another
+tenant's job) is a different number from the same measurement on a quiet machine, and on a shared machine nothing
+else in the record says so. ``watch`` reads the kernel's CPU counters around a block: every CPU's busy time less this
+process's own (all its threads: the backend's pool, LoadGen's, the batcher's) is what *other* processes took, in
+cores on average over the block; on a VM, the time the hypervisor gave to other guests (``steal``) is a neighbour
+too. Child processes count as others until they are reaped, so a neighbour a benchmark starts itself is seen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psutil
+
+# Other processes busy on this many cores on average, or this share of every core's time stolen, and a figure is
+# marked as measured beside a busy neighbour (an idle Linux box shows ~0.01 cores of daemons and kernel threads).
+BUSY_CORES = 0.25
+STOLEN_SHARE = 0.05
+
+
+def _busy_seconds(t) -> float:
+    """All CPUs' busy time; ``steal`` apart (it is time this machine did not get) and ``guest`` inside ``user``."""
+    return sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq"))
+
+
+@contextmanager
+def watch() -> Iterator[dict]:
+    """The machine's load over the block, in the dict this yields (filled on exit): ``seconds`` (wall),
+    ``other_processes_cores`` (busy cores not this process's, on average), ``steal_share`` (share of all cores' time
+    the hypervisor stole; 0 on bare metal) and ``cores`` (logical CPUs counted)."""
+    me = psutil.Process()
+    out: dict = {}
+    wall0, cpu0, own0 = time.perf_counter(), psutil.cpu_times(), me.cpu_times()
+    try:
+        yield out
+    finally:
+        wall, cpu, own = time.perf_counter() - wall0, psutil.cpu_times(), me.cpu_times()
+        cores = psutil.cpu_count() or 1
+        mine = (own.user - own0.user) + (own.system - own0.system)
+        others = max(0.0, _busy_seconds(cpu) - _busy_seconds(cpu0) - mine)
+        stolen = getattr(cpu, "steal", 0.0) - getattr(cpu0, "steal", 0.0)
+        out.update(seconds=round(wall, 3), other_processes_cores=round(others / wall, 2) if wall > 0 else None,
+                   steal_share=round(stolen / (wall * cores), 3) if wall > 0 else None, cores=cores)
+
+
+def busy(load: dict | None) -> bool:
+    """Whether ``load`` (what ``watch`` measured; empty in records written before it) saw a busy neighbour."""
+    load = load or {}
+    return (load.get("other_processes_cores") or 0) >= BUSY_CORES or (load.get("steal_share") or 0) >= STOLEN_SHARE
+
+
+def describe(load: dict | None) -> str:
+    """``"others 1.02 cores, 0.4 % stolen"``; empty for a record written before the machine's load was watched."""
+    if not load or load.get("other_processes_cores") is None:
+        return ""
+    return f"others {load['other_processes_cores']:.2f} cores, {load['steal_share']:.1%} stolen"
+
+
+def combine(loads: list[dict]) -> dict:
+    """Several blocks' loads as one (wall-time weighted): a find-max search's runs, a sweep's cells. Empty when none
+    of them was watched."""
+    loads = [x for x in loads if x and x.get("seconds") and x.get("other_processes_cores") is not None]
+    if not loads:
+        return {}
+    seconds = sum(x["seconds"] for x in loads)
+    return {"seconds": round(seconds, 3),
+            "other_processes_cores": round(sum(x["other_processes_cores"] * x["seconds"] for x in loads) / seconds, 2),
+            "steal_share": round(sum(x["steal_share"] * x["seconds"] for x in loads) / seconds, 3),
+            "cores": loads[0]["cores"]}

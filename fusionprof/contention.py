@@ -5,14 +5,15 @@ tenant's job) is a different number from the same measurement on a quiet machine
 else in the record says so. ``watch`` reads the kernel's CPU counters around a block: every CPU's busy time less this
 process's own (all its threads: the backend's pool, LoadGen's, the batcher's) is what *other* processes took, in
 cores on average over the block; on a VM, the time the hypervisor gave to other guests (``steal``) is a neighbour
-too. Child processes count as others until they are reaped, so a neighbour a benchmark starts itself is seen.
+too. By default child processes count as others (a neighbour a benchmark starts itself is seen); ``watch(tree)``
+counts a whole process tree as ours instead: a training run's DataLoader workers, and under torchrun every local rank.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import psutil
 
@@ -27,20 +28,45 @@ def _busy_seconds(t) -> float:
     return sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq"))
 
 
-@contextmanager
-def watch() -> Iterator[dict]:
-    """The machine's load over the block, in the dict this yields (filled on exit): ``seconds`` (wall),
-    ``other_processes_cores`` (busy cores not this process's, on average), ``steal_share`` (share of all cores' time
-    the hypervisor stole; 0 on bare metal) and ``cores`` (logical CPUs counted)."""
+def _seconds(process: psutil.Process, reaped: bool) -> float:
+    """A process's CPU time (all its threads), with its reaped children's when ``reaped``."""
+    t = process.cpu_times()
+    return t.user + t.system + (t.children_user + t.children_system if reaped else 0.0)
+
+
+def _ours(tree: psutil.Process | None) -> tuple[float, dict[int, float]]:
+    """CPU seconds of this process (``tree`` None), or of ``tree``'s root and reaped children, and of each live
+    descendant of it (a descendant reaped during the block is in its parent's reaped time by the end)."""
+    if tree is None:
+        return _seconds(psutil.Process(), reaped=False), {}
+    live = {}
+    for child in tree.children(recursive=True):
+        with suppress(psutil.Error):  # ended between listing and reading
+            live[child.pid] = _seconds(child, reaped=True)
+    return _seconds(tree, reaped=True), live
+
+
+def tree_of_this_run(torchrun: bool) -> psutil.Process:
+    """The process tree a run's CPU time is spent in: under torchrun its agent's (every local rank and their workers),
+    else this process's (its DataLoader workers)."""
     me = psutil.Process()
+    return (me.parent() or me) if torchrun else me
+
+
+@contextmanager
+def watch(tree: psutil.Process | None = None) -> Iterator[dict]:
+    """The machine's load over the block, in the dict this yields (filled on exit): ``seconds`` (wall),
+    ``other_processes_cores`` (busy cores not ours, on average: ours is this process's threads, or the whole of
+    ``tree``), ``steal_share`` (share of all cores' time the hypervisor stole; 0 on bare metal) and ``cores``."""
     out: dict = {}
-    wall0, cpu0, own0 = time.perf_counter(), psutil.cpu_times(), me.cpu_times()
+    wall0, cpu0, (root0, live0) = time.perf_counter(), psutil.cpu_times(), _ours(tree)
     try:
         yield out
     finally:
-        wall, cpu, own = time.perf_counter() - wall0, psutil.cpu_times(), me.cpu_times()
+        wall, cpu, (root, live) = time.perf_counter() - wall0, psutil.cpu_times(), _ours(tree)
         cores = psutil.cpu_count() or 1
-        mine = (own.user - own0.user) + (own.system - own0.system)
+        mine = root - root0 + sum(t - live0.get(pid, 0.0) for pid, t in live.items()) \
+            - sum(t for pid, t in live0.items() if pid not in live)  # reaped: whole lifetime in root's, less before
         others = max(0.0, _busy_seconds(cpu) - _busy_seconds(cpu0) - mine)
         stolen = getattr(cpu, "steal", 0.0) - getattr(cpu0, "steal", 0.0)
         out.update(seconds=round(wall, 3), other_processes_cores=round(others / wall, 2) if wall > 0 else None,

@@ -256,6 +256,11 @@ def training_section(rec: Records) -> list[tuple]:
              *(get(r) or "–" for _, _, get in optional), _memory(r), f"{r['test']['accuracy']:.1%}",
              _fmt(r["test"]["auc"], 3), r["test"]["pairs"]] for r in train]
     blocks += [("table", header, rows), ("p", _training_note(train, optional))]
+    if busy := [r for r in train if contention.busy(r.get("contention"))]:
+        blocks.append(("p", "Trained beside a busy neighbour (other processes took the CPUs during its epochs; its "
+                            "samples/s are lower than a quiet machine's): " + "; ".join(
+                                f"{machine_name(r['environment'])} {r['preset']}/{r['fusion']} "
+                                f"({contention.describe(r['contention'])})" for r in busy) + "."))
     return blocks + step_share_blocks(train)
 
 

@@ -36,7 +36,7 @@ from torch.utils.data import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from fusionprof import SCHEMA_VERSION
+from fusionprof import SCHEMA_VERSION, contention
 from fusionprof.atomic import write_json
 from fusionprof.checkpoint import (
     CHECKPOINT,
@@ -149,14 +149,16 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
     log(describe_run(run, raw_model, data["train"], cfg, device, d))
     writer = SummaryWriter(str(Path(cfg.profiles_dir) / "tensorboard" / run)) if d.is_main else None
 
+    ours = contention.tree_of_this_run(torchrun=d.enabled)  # DataLoader workers and local ranks are no neighbours
     for epoch in range(start_epoch, cfg.epochs):
-        loss, seconds = run_epoch(model, opt, data["train"], epoch, cfg, d, device, progress, no_sync)
+        with contention.watch(ours) as others:
+            loss, seconds = run_epoch(model, opt, data["train"], epoch, cfg, d, device, progress, no_sync)
         train_seconds += seconds
         broadcast_buffers(d, raw_model)  # BatchNorm statistics of rank 0 everywhere: all ranks evaluate one model
         val = evaluate_split(net, data["val"], cfg.seed, cfg.batch_size, device, cfg.precision, d)
         history.append({"epoch": epoch + 1, "loss": loss, "val_accuracy": val["accuracy"], "val_auc": val["auc"],
                         "epoch_seconds": seconds, "samples_per_s": pairs_per_epoch(data["train"]) / seconds,
-                        "lr": opt.scheduler.get_last_lr()[-1]})
+                        "lr": opt.scheduler.get_last_lr()[-1], "contention": others})
         log(describe_epoch(history[-1], cfg.epochs))
         rank_rng = all_gather_objects(d, rng_state(device))
         if d.is_main:
@@ -517,8 +519,10 @@ def describe_run(run: str, model: FusionModel, split: SplitData, cfg: TrainConfi
 
 
 def describe_epoch(record: dict, epochs: int) -> str:
+    load = record.get("contention")
     return (f"epoch {record['epoch']}/{epochs}  loss {record['loss']:.4f}  val acc {record['val_accuracy']:.1%}  "
-            f"auc {record['val_auc']:.3f}  {record['samples_per_s']:.0f} samples/s  {record['epoch_seconds']:.1f} s")
+            f"auc {record['val_auc']:.3f}  {record['samples_per_s']:.0f} samples/s  {record['epoch_seconds']:.1f} s"
+            + (f"  [busy neighbour: {contention.describe(load)}]" if contention.busy(load) else ""))
 
 
 def log_scalars(writer: SummaryWriter, record: dict) -> None:
@@ -573,6 +577,7 @@ def build_metrics(run: str, cfg: TrainConfig, model_cfg: ModelConfig, model: Fus
         "flops_seq_len": model_cfg.max_text_len, "step_breakdown": step_profile and step_profile["ranges"],
         "step_profile": step_profile and step_profile["step"],
         "train_seconds": train_seconds, "epochs": cfg.epochs, "train_samples_per_s": samples_per_s,
+        "contention": contention.combine([h.get("contention") or {} for h in history]),  # beside other processes?
         "first_epoch_seconds": history[0]["epoch_seconds"], "steady_samples_per_s": steady,
         # the sustained rate where there is one: a first epoch's compile or cache build is not training speed
         "train_flops": training_flops(model, cfg, mean_length, steady or samples_per_s, device, d.world_size),

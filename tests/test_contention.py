@@ -8,6 +8,7 @@ import sys
 import time
 from contextlib import contextmanager
 
+import psutil
 import pytest
 import torch
 from click.testing import CliRunner
@@ -15,15 +16,17 @@ from test_load import QUICK, SleepingBackend, _load_record, _server_run, sample_
 
 from fusionprof import contention
 from fusionprof.cli import cli
+from fusionprof.config import model_config, train_config
 from fusionprof.load import describe
 from fusionprof.load_report import OTHERS, load_section
 from fusionprof.loadgen import BatchingSUT, LoadRecord, LoadSettings, run_loadgen
 from fusionprof.report import write_report
+from fusionprof.train import train
 
 
 @contextmanager
 def busy_process():
-    """Another process spinning on a core for as long as the block runs."""
+    """Another process spinning on a core for as long as the block runs (our child)."""
     proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)  # up and spinning
@@ -31,6 +34,20 @@ def busy_process():
     finally:
         proc.kill()
         proc.wait()
+
+
+@contextmanager
+def stranger_process():
+    """A spinning process that is no descendant of ours (a shell starts it and exits: it is handed to init)."""
+    started = subprocess.run(["sh", "-c", f"'{sys.executable}' -c 'while True: pass' >/dev/null 2>&1 & echo $!"],
+                             capture_output=True, text=True, check=True)
+    stranger = psutil.Process(int(started.stdout))
+    try:
+        time.sleep(0.3)
+        assert stranger.pid not in {p.pid for p in psutil.Process().children(recursive=True)}
+        yield stranger
+    finally:
+        stranger.kill()
 
 
 def test_watch_counts_other_processes_and_not_our_own_threads():
@@ -110,3 +127,30 @@ def test_recommend_says_a_choice_was_measured_beside_a_busy_neighbour(tmp_path):
     late = [line for line in result.output.splitlines() if "tiny/late" in line]
     assert mid and late and all("(measured beside a busy neighbour)" in line for line in mid)
     assert not any("neighbour" in line for line in late)
+
+
+def test_a_process_tree_counts_its_children_as_its_own():
+    """A training run's DataLoader workers (and torchrun's other local ranks) are the run's work, not a neighbour's."""
+    with busy_process():
+        with contention.watch() as process:
+            time.sleep(1.0)
+        with contention.watch(contention.tree_of_this_run(torchrun=False)) as tree:
+            time.sleep(1.0)
+    assert process["other_processes_cores"] >= 0.6 and tree["other_processes_cores"] < 0.3
+    with contention.watch(contention.tree_of_this_run(torchrun=False)) as reaped:  # a child that ends in the block
+        subprocess.run([sys.executable, "-c", "import time\nend = time.time() + 1\nwhile time.time() < end: pass"],
+                       check=True)
+    assert reaped["other_processes_cores"] < 0.3
+
+
+def test_training_beside_a_busy_process_says_so(tmp_path, small_data):
+    cfg = train_config("tiny", data=str(small_data), epochs=1, batch_size=16, workers=1,
+                       models_dir=str(tmp_path / "models"), profiles_dir=str(tmp_path / "profiles"))
+    said = []
+    with stranger_process():  # not our child: a run's own children are its own
+        metrics = train(cfg, model_config("tiny", fusion="late"), progress=False, log=said.append)
+    [epoch] = metrics["history"]
+    assert epoch["contention"]["other_processes_cores"] >= 0.4 and contention.busy(metrics["contention"])
+    assert any(line.startswith("epoch 1/1") and "[busy neighbour: others " in line for line in said)
+    write_report([tmp_path / "profiles"], tmp_path / "report")
+    assert "Trained beside a busy neighbour" in (tmp_path / "report" / "report.md").read_text()

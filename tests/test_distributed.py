@@ -17,6 +17,7 @@ from torch.distributed.run import get_args_parser
 from torch.utils.data import DistributedSampler
 
 import fusionprof.evaluate
+from fusionprof import contention
 from fusionprof.checkpoint import load_checkpoint
 from fusionprof.cli import cli
 from fusionprof.data import prepare_data
@@ -113,6 +114,8 @@ def test_two_processes_match_one(tmp_path, learnable_data, learned_early):
     assert sorted(p.name for p in (tmp_path / "models" / "two").iterdir()) == ["checkpoint.pt", "tokenizer"]
     assert runs["two"]["distributed"] == {"world_size": 2, "backend": "gloo", "batch_per_process": 16}
     assert runs["one"]["distributed"]["world_size"] == 1
+    # each rank spins a core: the other rank is torchrun's child like this one, counted as the run's, no neighbour
+    assert runs["two"]["contention"]["other_processes_cores"] < contention.BUSY_CORES
     flops = runs["two"]["train_flops"]  # the run's rate is both processes'; each process did half of it
     assert flops["achieved_tflops_per_process"] == pytest.approx(flops["achieved_tflops"] / 2)
     assert runs["one"]["train_config"]["warmup_steps"] == runs["two"]["train_config"]["warmup_steps"] == 20

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from fusionprof import contention
 from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS, Backend, backend_for_format, export_formats
 from fusionprof.checkpoint import checkpoint_hash, checkpoint_path, metrics_path
@@ -85,7 +86,8 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
                                 "away") from None
             return {"metrics": str(metrics_path(profiles_dir, metrics["run"])), "checkpoint": metrics["checkpoint"],
                     "weights": checkpoint_hash(metrics["checkpoint"]),
-                    "test_accuracy": metrics["test"]["accuracy"], "train_seconds": metrics["train_seconds"]}
+                    "test_accuracy": metrics["test"]["accuracy"], "train_seconds": metrics["train_seconds"],
+                    "contention": metrics["contention"]}
         accuracy[fusion] = stage(f"train {preset}-{fusion}", run_training, {**study, "preset": preset})
 
     def trained() -> dict[str, str]:  # what every later stage depends on: the weights it reads
@@ -195,8 +197,8 @@ def run_sweep(cfg: SweepConfig, progress: bool, log) -> dict:
     for line in table(record.rows):
         log(line)
     return {"record": record.path, "rows": [{"fusion": r.fusion, "backend": r.backend, "batch_size": r.batch_size,
-                                             "status": r.status, "p50_ms": r.host.p50_ms if r.host else None}
-                                            for r in record.rows]}
+                                             "status": r.status, "p50_ms": r.host.p50_ms if r.host else None,
+                                             "contention": r.contention} for r in record.rows]}
 
 
 def low_precisions(device: str, log) -> list[str]:
@@ -330,7 +332,8 @@ def run_under_load(base: LoadConfig, progress: bool, log) -> dict:
     offline = load(replace(base, scenario="offline", find_max_qps=False), progress=progress, log=log)
     run = offline.runs[0]
     return {"server_record": server.path, "max_qps": server.max_qps, "offline_record": offline.path,
-            "offline_samples_per_s": run.samples_per_s if run.valid else None, "backend": base.backend}
+            "offline_samples_per_s": run.samples_per_s if run.valid else None, "backend": base.backend,
+            "contention": contention.combine([server.contention, offline.contention])}
 
 
 OUTPUT_KEYS = ("metrics", "checkpoint", "record", "traces", "server_record", "offline_record")
@@ -358,13 +361,26 @@ def summarize(accuracy: dict[str, dict], rows: list[dict], under_load: dict[str,
     load_heads = [f"max QPS, p99 ≤ {plan.p99_ms:g} ms", "offline samples/s"] if under_load and plan else []
     lines = [f"{'fusion':<11}{'test acc':>9}{'train s':>9}" + "".join(f"{f'best p50, batch {b}':>30}" for b in ends)
              + "".join(f"{h:>24}" for h in load_heads)]
+
+    marked = []
+
+    def busy(result: dict | None) -> str:  # a figure measured beside a busy neighbour (older stages: not watched)
+        if contention.busy((result or {}).get("contention")):
+            marked.append(result)
+            return " +"
+        return ""
+
     for fusion, acc in accuracy.items():
         best = [best_row(ok, fusion, b) for b in ends]
-        cells = [f"{r['p50_ms']:.2f} ms ({r['backend']})" if r else "–" for r in best]
+        cells = [f"{r['p50_ms']:.2f} ms ({r['backend']}){busy(r)}" if r else "–" for r in best]
         got = under_load.get(fusion, {})
-        loaded = [f"{got['max_qps']:.1f}" if got.get("max_qps") else "none VALID" if got else "–",
-                  f"{got['offline_samples_per_s']:.1f}" if got.get("offline_samples_per_s") else "–"] \
+        loaded = [(f"{got['max_qps']:.1f}" if got.get("max_qps") else "none VALID" if got else "–") + busy(got),
+                  (f"{got['offline_samples_per_s']:.1f}" if got.get("offline_samples_per_s") else "–") + busy(got)] \
             if load_heads else []
-        lines.append(f"{fusion:<11}{acc['test_accuracy']:>9.1%}{acc['train_seconds']:>9.0f}"
+        train_s = f"{acc['train_seconds']:.0f}{busy(acc)}"
+        lines.append(f"{fusion:<11}{acc['test_accuracy']:>9.1%}{train_s:>9}"
                      + "".join(f"{c:>30}" for c in cells) + "".join(f"{c:>24}" for c in loaded))
+    if marked:
+        lines.append("+ measured beside a busy neighbour (other processes took the CPUs meanwhile): slower than on a "
+                     "quiet machine; the records say how busy (contention)")
     return lines

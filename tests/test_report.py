@@ -370,3 +370,13 @@ def test_compare_puts_each_fusion_under_load_on_its_fastest_backend_at_the_batch
     lines = summarize({"mid": {"test_accuracy": 0.9, "train_seconds": 60}}, rows,
                       {"mid": {"max_qps": 123.4, "offline_samples_per_s": 456.7}}, LoadPlan())
     assert "max QPS, p99 ≤ 50 ms" in lines[0] and "123.4" in lines[1] and "456.7" in lines[1]
+    assert len(lines) == 2 and "+" not in lines[1]  # nothing was measured beside a busy neighbour
+    busy = {"seconds": 9.0, "other_processes_cores": 0.9, "steal_share": 0.0, "cores": 2}
+    quiet = {**busy, "other_processes_cores": 0.01}
+    rows[5]["contention"] = busy  # late's best at batch 4 was timed beside a busy neighbour, mid's load runs too
+    lines = summarize({"mid": {"test_accuracy": 0.9, "train_seconds": 60, "contention": quiet},
+                       "late": {"test_accuracy": 0.8, "train_seconds": 30, "contention": busy}}, rows,
+                      {"mid": {"max_qps": 123.4, "offline_samples_per_s": 456.7, "contention": busy}}, LoadPlan())
+    assert "123.4 +" in lines[1] and "456.7 +" in lines[1] and " 60 " in lines[1] and " 60 +" not in lines[1]
+    assert "3.00 ms (torch) +" in lines[2] and " 30 +" in lines[2] and "1.00 ms (onnxruntime) +" not in lines[2]
+    assert lines[3].startswith("+ measured beside a busy neighbour")

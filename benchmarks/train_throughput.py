@@ -43,7 +43,7 @@ from PIL import Image
 from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader, Dataset
 
-from fusionprof import SCHEMA_VERSION
+from fusionprof import SCHEMA_VERSION, contention
 from fusionprof.atomic import write_json
 from fusionprof.config import COMPILE_SCOPES, model_config, train_config
 from fusionprof.data import DEFAULT_SYNTH, prepare_data
@@ -263,12 +263,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         runs = plan_runs(loops, scopes, worker_counts, cfg, mcfg, device, split, caption_split, pairs, order,
                          tokenizer, out)
-        rates, first_epoch_extra, graph_skips = run_rounds(runs, args.rounds)
+        with contention.watch(contention.tree_of_this_run(torchrun=False)) as others:  # its DataLoader workers: ours
+            rates, first_epoch_extra, graph_skips = run_rounds(runs, args.rounds)
     median = {k: statistics.median(v) for k, v in rates.items()}
     env = fingerprint()
     print(f"{machine_name(env)}: {args.preset}/{args.fusion} on {device} ({precision}), {len(pairs)} pairs per "
           f"epoch from {args.images} images of {args.disk_size} px, batch {cfg.batch_size}, "
-          f"{torch.get_num_threads()} threads; median [min–max] of {args.rounds} rounds")
+          f"{torch.get_num_threads()} threads; median [min–max] of {args.rounds} rounds; beside it "
+          f"{contention.describe(others)}{' (a busy neighbour)' if contention.busy(others) else ''}")
     for k, v in rates.items():
         print(f"  {label(k):<32} {spread(v)} samples/s")
     by_scope, mfu = summarize(rates, first_epoch_extra, scopes, worker_counts, precision), {}
@@ -288,7 +290,7 @@ def main() -> None:
                       "precision": precision, "pairs_per_epoch": len(pairs), "workers": worker_counts,
                       "samples_per_s": rates, "median": median, "by_compile": by_scope,
                       "first_epoch_extra_s": first_epoch_extra, "cudagraph_skips": graph_skips,
-                      "mfu_by_compile": mfu, "environment": env})
+                      "mfu_by_compile": mfu, "contention": others, "environment": env})
     print(f"wrote {path}")
 
 

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -92,25 +90,6 @@ def _others(runs: list[dict]) -> str:
     return f"  (other processes: {', '.join(f'{c:.2f}' for c in cores)} cores)" if cores else ""
 
 
-def _busy() -> None:
-    while True:
-        pass
-
-
-@contextmanager
-def neighbours(n: int):
-    """``n`` processes that burn a core each until the block ends."""
-    procs = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(n)]
-    for proc in procs:
-        proc.start()
-    try:
-        yield
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.join()
-
-
 def run_reps(args) -> list[Path]:
     from fusionprof.load import LoadConfig, load
 
@@ -121,7 +100,7 @@ def run_reps(args) -> list[Path]:
                 cfg = LoadConfig(fusion=args.fusion, backend=args.backend, scenario="server", find_max_qps=True,
                                  p99_ms=args.p99_ms, max_batch=max_batch, batch_timeout_ms=timeout, spin_wait=spin,
                                  preset=args.preset, profiles_dir=args.out)
-                with neighbours(args.contend):
+                with contention.neighbours(args.contend):
                     record = load(cfg, progress=False, log=lambda line: None)
                 print(f"rep {rep + 1}: batch≤{max_batch} wait≤{timeout:g}ms, threads {'spin' if spin else 'sleep'}: "
                       f"{record.max_qps} QPS ({record.path}); load average {os.getloadavg()[0]:.2f}")

@@ -11,6 +11,7 @@ counts a whole process tree as ours instead: a training run's DataLoader workers
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -97,3 +98,22 @@ def combine(loads: list[dict]) -> dict:
             "other_processes_cores": round(sum(x["other_processes_cores"] * x["seconds"] for x in loads) / seconds, 2),
             "steal_share": round(sum(x["steal_share"] * x["seconds"] for x in loads) / seconds, 3),
             "cores": loads[0]["cores"]}
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+@contextmanager
+def neighbours(n: int) -> Iterator[None]:
+    """``n`` processes that spin a core each until the block ends: a busy neighbour made to order (benchmarks)."""
+    procs = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(n)]
+    for proc in procs:
+        proc.start()
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.join()

@@ -63,7 +63,8 @@ def table(rows: list[LatencyRow]) -> list[str]:
         busy = [r for r in timed if r.beside_busy_neighbour]
         worst = max(busy, key=lambda r: r.contention["other_processes_cores"])
         lines.append(f"+ other processes were busy while that cell was timed (worst: {describe(worst.contention)}, "
-                     f"{worst.fusion}/{worst.backend} batch {worst.batch_size}): slower than on a quiet machine")
+                     f"{worst.fusion}/{worst.backend} batch {worst.batch_size}): slower than on a quiet machine; "
+                     "where other work shares the cores, fewer --threads may be faster")
     if any(r.above_yardstick for r in timed):
         lines.append("^ faster than the sweep's matmul yardstick (measured at its start and end): for that cell the "
                      "yardstick is no peak")

@@ -26,14 +26,10 @@ from fusionprof.train import train
 
 @contextmanager
 def busy_process():
-    """Another process spinning on a core for as long as the block runs (our child)."""
-    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
+    """Another process spinning on a core for as long as the block runs (our child: ``contention.neighbours``)."""
+    with contention.neighbours(1):
         time.sleep(0.3)  # up and spinning
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
+        yield
 
 
 @contextmanager

@@ -180,6 +180,15 @@ def _batching(setting: str):
     return get
 
 
+def _neighbour(setting: str):
+    """A noisy-neighbour summary's median p50 of one setting, for the row's (backend, batch)."""
+    return lambda rec, row: [rec["cells"][_plain(row["backend, batch"])][setting]["median_p50_ms"]]
+
+
+def _neighbour_ratio(name: str):
+    return lambda rec, row: [rec["cells"][_plain(row["backend, batch"])]["ratios"][name]]
+
+
 COLUMNS = {
     "train": {
         "params (M)": lambda rec, row: [rec["parameters"]["total"] / 1e6],
@@ -227,6 +236,12 @@ COLUMNS = {
         "batches ≤ 16, 10 ms timeout": _batching("batch≤16 wait≤10ms"),
         "batches ≤ 16, 20 ms timeout": _batching("batch≤16 wait≤20ms"),
     },
+    "noisy-neighbour": {
+        **{name: _neighbour(name) for name in ("1 thread, quiet", "2 threads, quiet", "1 thread, 1 busy",
+                                               "2 threads, 1 busy")},
+        "2 threads: busy / quiet": _neighbour_ratio("2 threads, 1 busy / quiet"),
+        "beside it: 2 threads / 1": _neighbour_ratio("beside the neighbour: 2 threads / 1"),
+    },
     "feature_cache": {
         **{f: _cache_column(f) for f in ("early", "late", "mid", "bottleneck")},
         "one-time encoding": lambda rec, row: [r["cache_build_seconds"] for r in rec["results"].values()
@@ -261,6 +276,10 @@ def _label_workers(recs: list[dict], cell: str) -> None:
     assert int(_plain(cell)) in recs[0]["workers"]
 
 
+def _label_neighbour_cell(recs: list[dict], cell: str) -> None:
+    assert _plain(cell) in recs[0]["cells"]
+
+
 LABELS = {
     "fusion": _label_free,          # resolves <fusion> in the record paths and picks the latency cells
     "record": _label_free,          # the row's record itself
@@ -270,6 +289,7 @@ LABELS = {
     "threads": _label_threads,
     "(b) precision": _label_precision,
     "preset": _label_preset,
+    "backend, batch": _label_neighbour_cell,
 }
 
 

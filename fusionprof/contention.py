@@ -2,11 +2,12 @@
 
 A latency or a LoadGen rate measured while another process kept a core busy (a build, a second benchmark, another
 tenant's job) is a different number from the same measurement on a quiet machine, and on a shared machine nothing
-else in the record says so. ``watch`` reads the kernel's CPU counters around a block: every CPU's busy time less this
-process's own (all its threads: the backend's pool, LoadGen's, the batcher's) is what *other* processes took, in
-cores on average over the block; on a VM, the time the hypervisor gave to other guests (``steal``) is a neighbour
-too. By default child processes count as others (a neighbour a benchmark starts itself is seen); ``watch(tree)``
-counts a whole process tree as ours instead: a training run's DataLoader workers, and under torchrun every local rank.
+else in the record says so. ``watch`` reads the kernel's CPU counters around a block: the busy time of the CPUs this
+process may run on (its affinity) less this process's own (all its threads: the backend's pool, LoadGen's, the
+batcher's) is what *other* processes took, in cores on average over the block; on a VM, the time the hypervisor gave
+to other guests (``steal``) is a neighbour too. By default child processes count as others (a neighbour a benchmark
+starts itself is seen); ``watch(tree)`` counts a whole process tree as ours instead: a training run's DataLoader
+workers, and under torchrun every local rank.
 """
 
 from __future__ import annotations
@@ -22,11 +23,25 @@ import psutil
 # marked as measured beside a busy neighbour (an idle Linux box shows ~0.01 cores of daemons and kernel threads).
 BUSY_CORES = 0.25
 STOLEN_SHARE = 0.05
+# A CPU's busy time; ``steal`` is apart (time this machine did not get), ``guest`` is inside ``user``.
+BUSY_FIELDS = ("user", "nice", "system", "irq", "softirq")
 
 
-def _busy_seconds(t) -> float:
-    """All CPUs' busy time; ``steal`` apart (it is time this machine did not get) and ``guest`` inside ``user``."""
-    return sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq"))
+def _our_cpus() -> list[int] | None:
+    """The CPUs this process may run on (its affinity: a process on other CPUs is no neighbour), or None for all."""
+    try:
+        cpus = sorted(psutil.Process().cpu_affinity())
+    except (AttributeError, psutil.Error):  # no affinity on this platform
+        return None
+    return cpus if cpus and max(cpus) < len(psutil.cpu_times(percpu=True)) else None
+
+
+def _cpu_seconds(cpus: list[int] | None) -> tuple[float, float]:
+    """Busy and stolen seconds summed over ``cpus`` (all of them for None), from the kernel's counters."""
+    times = psutil.cpu_times(percpu=True)
+    times = times if cpus is None else [times[i] for i in cpus]
+    return (sum(getattr(t, name, 0.0) for t in times for name in BUSY_FIELDS),
+            sum(getattr(t, "steal", 0.0) for t in times))
 
 
 def _seconds(process: psutil.Process, reaped: bool) -> float:
@@ -60,18 +75,18 @@ def watch(tree: psutil.Process | None = None) -> Iterator[dict]:
     ``other_processes_cores`` (busy cores not ours, on average: ours is this process's threads, or the whole of
     ``tree``), ``steal_share`` (share of all cores' time the hypervisor stole; 0 on bare metal) and ``cores``."""
     out: dict = {}
-    wall0, cpu0, (root0, live0) = time.perf_counter(), psutil.cpu_times(), _ours(tree)
+    cpus = _our_cpus()
+    wall0, (busy0, stolen0), (root0, live0) = time.perf_counter(), _cpu_seconds(cpus), _ours(tree)
     try:
         yield out
     finally:
-        wall, cpu, (root, live) = time.perf_counter() - wall0, psutil.cpu_times(), _ours(tree)
-        cores = psutil.cpu_count() or 1
+        wall, (busy1, stolen1), (root, live) = time.perf_counter() - wall0, _cpu_seconds(cpus), _ours(tree)
+        cores = len(cpus) if cpus else psutil.cpu_count() or 1
         mine = root - root0 + sum(t - live0.get(pid, 0.0) for pid, t in live.items()) \
             - sum(t for pid, t in live0.items() if pid not in live)  # reaped: whole lifetime in root's, less before
-        others = max(0.0, _busy_seconds(cpu) - _busy_seconds(cpu0) - mine)
-        stolen = getattr(cpu, "steal", 0.0) - getattr(cpu0, "steal", 0.0)
+        others = max(0.0, busy1 - busy0 - mine)
         out.update(seconds=round(wall, 3), other_processes_cores=round(others / wall, 2) if wall > 0 else None,
-                   steal_share=round(stolen / (wall * cores), 3) if wall > 0 else None, cores=cores)
+                   steal_share=round((stolen1 - stolen0) / (wall * cores), 3) if wall > 0 else None, cores=cores)
 
 
 def busy(load: dict | None) -> bool:

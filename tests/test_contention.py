@@ -140,7 +140,9 @@ def test_a_process_tree_counts_its_children_as_its_own():
 
 
 def test_training_beside_a_busy_process_says_so(tmp_path, small_data):
-    cfg = train_config("tiny", data=str(small_data), epochs=1, batch_size=16, workers=1,
+    # workers=0: DataLoader workers would leave torch's SIGCHLD handler in the test process, and a later child's exit
+    # after a profiled run then killed pytest with SIGSEGV (SI_KERNEL); a run's own workers: the tree test above
+    cfg = train_config("tiny", data=str(small_data), epochs=1, batch_size=16, workers=0,
                        models_dir=str(tmp_path / "models"), profiles_dir=str(tmp_path / "profiles"))
     said = []
     with stranger_process():  # not our child: a run's own children are its own
@@ -150,3 +152,23 @@ def test_training_beside_a_busy_process_says_so(tmp_path, small_data):
     assert any(line.startswith("epoch 1/1") and "[busy neighbour: others " in line for line in said)
     write_report([tmp_path / "profiles"], tmp_path / "report")
     assert "Trained beside a busy neighbour" in (tmp_path / "report" / "report.md").read_text()
+
+
+@pytest.mark.skipif(len(psutil.Process().cpu_affinity() or []) < 2, reason="needs two CPUs to pin apart")
+def test_a_process_on_other_cpus_is_no_neighbour():
+    me = psutil.Process()
+    allowed, before = me.cpu_affinity(), {child.pid for child in me.children()}
+    try:
+        me.cpu_affinity([allowed[0]])  # this process may run on one CPU only
+        with contention.neighbours(1):
+            [spinner] = [child for child in me.children() if child.pid not in before]
+            seen = {}
+            for cpu in (allowed[1], allowed[0]):  # on the other CPU, then on ours
+                spinner.cpu_affinity([cpu])
+                time.sleep(0.2)
+                with contention.watch() as seen[cpu]:
+                    time.sleep(1.0)
+    finally:
+        me.cpu_affinity(allowed)
+    assert seen[allowed[1]]["cores"] == 1 and seen[allowed[1]]["other_processes_cores"] < 0.3
+    assert seen[allowed[0]]["other_processes_cores"] >= 0.6

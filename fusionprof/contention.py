@@ -27,21 +27,16 @@ STOLEN_SHARE = 0.05
 BUSY_FIELDS = ("user", "nice", "system", "irq", "softirq")
 
 
-def _our_cpus() -> list[int] | None:
-    """The CPUs this process may run on (its affinity: a process on other CPUs is no neighbour), or None for all."""
-    try:
-        cpus = sorted(psutil.Process().cpu_affinity())
-    except (AttributeError, psutil.Error):  # no affinity on this platform
-        return None
-    return cpus if cpus and max(cpus) < len(psutil.cpu_times(percpu=True)) else None
-
-
-def _cpu_seconds(cpus: list[int] | None) -> tuple[float, float]:
-    """Busy and stolen seconds summed over ``cpus`` (all of them for None), from the kernel's counters."""
+def _cpu_seconds() -> tuple[float, float, int]:
+    """Busy and stolen seconds summed over the CPUs this process may run on (its affinity: a process on other CPUs
+    is no neighbour; all CPUs where the platform has no affinity), and how many CPUs that is."""
     times = psutil.cpu_times(percpu=True)
-    times = times if cpus is None else [times[i] for i in cpus]
+    with suppress(AttributeError, psutil.Error):  # no affinity on this platform: every CPU
+        cpus = psutil.Process().cpu_affinity()
+        if cpus and max(cpus) < len(times):
+            times = [times[i] for i in cpus]
     return (sum(getattr(t, name, 0.0) for t in times for name in BUSY_FIELDS),
-            sum(getattr(t, "steal", 0.0) for t in times))
+            sum(getattr(t, "steal", 0.0) for t in times), len(times))
 
 
 def _seconds(process: psutil.Process, reaped: bool) -> float:
@@ -75,13 +70,11 @@ def watch(tree: psutil.Process | None = None) -> Iterator[dict]:
     ``other_processes_cores`` (busy cores not ours, on average: ours is this process's threads, or the whole of
     ``tree``), ``steal_share`` (share of all cores' time the hypervisor stole; 0 on bare metal) and ``cores``."""
     out: dict = {}
-    cpus = _our_cpus()
-    wall0, (busy0, stolen0), (root0, live0) = time.perf_counter(), _cpu_seconds(cpus), _ours(tree)
+    wall0, (busy0, stolen0, _), (root0, live0) = time.perf_counter(), _cpu_seconds(), _ours(tree)
     try:
         yield out
     finally:
-        wall, (busy1, stolen1), (root, live) = time.perf_counter() - wall0, _cpu_seconds(cpus), _ours(tree)
-        cores = len(cpus) if cpus else psutil.cpu_count() or 1
+        wall, (busy1, stolen1, cores), (root, live) = time.perf_counter() - wall0, _cpu_seconds(), _ours(tree)
         mine = root - root0 + sum(t - live0.get(pid, 0.0) for pid, t in live.items()) \
             - sum(t for pid, t in live0.items() if pid not in live)  # reaped: whole lifetime in root's, less before
         others = max(0.0, busy1 - busy0 - mine)
@@ -96,10 +89,16 @@ def busy(load: dict | None) -> bool:
 
 
 def describe(load: dict | None) -> str:
-    """``"others 1.02 cores, 0.4 % stolen"``; empty for a record written before the machine's load was watched."""
+    """``"others 1.02 cores, 0.4% stolen"``; empty for a record written before the machine's load was watched."""
     if not load or load.get("other_processes_cores") is None:
         return ""
     return f"others {load['other_processes_cores']:.2f} cores, {load['steal_share']:.1%} stolen"
+
+
+def tag(load: dict | None) -> str:
+    """What a log line ends with when it was measured beside a busy neighbour (``"  [busy neighbour: …]"``), else
+    nothing."""
+    return f"  [busy neighbour: {describe(load)}]" if busy(load) else ""
 
 
 def combine(loads: list[dict]) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 from fusionprof.atomic import atomic_write, write_json
 from fusionprof.contention import describe
 from fusionprof.measure import CV_WARNING, P99_MIN_SAMPLES
-from fusionprof.records import LatencyRecord, LatencyRow
+from fusionprof.records import LatencyRecord, LatencyRow, busy_neighbour_cells
 
 CSV_COLUMNS = ["fusion", "backend", "batch_size", "status", "parity_passed", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
                "std_ms", "cv", "n", "throughput_samples_per_s", "achieved_gflops", "share_of_matmul_yardstick",
@@ -59,9 +59,8 @@ def table(rows: list[LatencyRow]) -> list[str]:
         lines.append("samples/s and GFLOP/s: batch / mean latency, calls one after another")
     if any(r.host.cv_warning for r in timed):
         lines.append(f"! CV above {CV_WARNING:.0%}: noisy measurement (another process, frequency scaling, thermal)")
-    if any(r.beside_busy_neighbour for r in timed):
-        busy = [r for r in timed if r.beside_busy_neighbour]
-        worst = max(busy, key=lambda r: r.contention["other_processes_cores"])
+    _, worst = busy_neighbour_cells(timed)
+    if worst:
         lines.append(f"+ other processes were busy while that cell was timed (worst: {describe(worst.contention)}, "
                      f"{worst.fusion}/{worst.backend} batch {worst.batch_size}): slower than on a quiet machine; "
                      "where other work shares the cores, fewer --threads may be faster")

@@ -228,7 +228,7 @@ def run_scenario(cfg: LoadConfig, sut: BatchingSUT, library: SampleLibrary, batc
 
 def describe(run: LoadRun) -> str:
     """One line: VALID with its figures, or INVALID with LoadGen's reasons and no figure; and a busy neighbour."""
-    neighbour = f"  [busy neighbour: {contention.describe(run.contention)}]" if contention.busy(run.contention) else ""
+    neighbour = contention.tag(run.contention)
     if not run.valid:
         return "INVALID (" + "; ".join(run.invalid_reasons or ["LoadGen gave no reason"]) + ")" + neighbour
     batches = sum(run.batch_sizes.values())

@@ -157,6 +157,12 @@ class LatencyRow:
         return row
 
 
+def busy_neighbour_cells(rows: list[LatencyRow]) -> tuple[list[LatencyRow], LatencyRow | None]:
+    """The timed rows measured beside a busy neighbour, and the one where other processes took the most."""
+    busy = [r for r in rows if r.host is not None and r.beside_busy_neighbour]
+    return busy, max(busy, key=lambda r: r.contention["other_processes_cores"], default=None)
+
+
 # A sweep cut short (a time limit, a crash in a runtime) keeps the rows it measured: after each backend they are
 # written to a file of this suffix beside its record-to-be, a record of its own kind (the report names it, never plots
 # it; `recommend` reads finished sweeps only), deleted when the sweep's record is written.

@@ -28,6 +28,7 @@ from fusionprof.records import (
     PARTIAL_KIND,
     LatencyRecord,
     LatencyRow,
+    busy_neighbour_cells,
     check_schema,
     int8_gate_of,
     model_accuracy,
@@ -378,8 +379,8 @@ def latency_section(rec: Records, out_dir: Path) -> list[tuple]:
     colors = _backend_colors(rec)
     for sweep in sweeps(rec):
         blocks += [("h3", sweep.title), ("p", f"Record: `{sweep.record.path}`")]
-        if busy := [r for r in sweep.record.rows if r.host is not None and r.beside_busy_neighbour]:
-            worst = max(busy, key=lambda r: r.contention["other_processes_cores"])
+        busy, worst = busy_neighbour_cells(sweep.record.rows)
+        if worst:
             blocks.append(("p", f"Timed beside a busy neighbour: {len(busy)} of "
                                 f"{sum(r.host is not None for r in sweep.record.rows)} cells (other processes took the "
                                 f"CPUs while they were timed; worst {worst.fusion}/{worst.backend} batch "

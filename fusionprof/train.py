@@ -519,10 +519,9 @@ def describe_run(run: str, model: FusionModel, split: SplitData, cfg: TrainConfi
 
 
 def describe_epoch(record: dict, epochs: int) -> str:
-    load = record.get("contention")
     return (f"epoch {record['epoch']}/{epochs}  loss {record['loss']:.4f}  val acc {record['val_accuracy']:.1%}  "
             f"auc {record['val_auc']:.3f}  {record['samples_per_s']:.0f} samples/s  {record['epoch_seconds']:.1f} s"
-            + (f"  [busy neighbour: {contention.describe(load)}]" if contention.busy(load) else ""))
+            + contention.tag(record.get("contention")))
 
 
 def log_scalars(writer: SummaryWriter, record: dict) -> None:

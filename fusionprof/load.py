@@ -234,7 +234,10 @@ def describe(run: LoadRun) -> str:
     batches = sum(run.batch_sizes.values())
     mean_batch = sum(k * v for k, v in run.batch_sizes.items()) / max(batches, 1)
     latency = "" if run.scenario == "offline" else f"p50 {run.p50_ms:.2f} ms  p99 {run.p99_ms:.2f} ms  "
-    return f"VALID  {latency}{run.samples_per_s:.1f} samples/s  (mean batch {mean_batch:.2f}){neighbour}"
+    b = run.breakdown
+    inside = (f"; in the SUT p50 / p99: queued {b['queued_ms']['p50']:.2f} / {b['queued_ms']['p99']:.2f} ms, "
+              f"served {b['served_ms']['p50']:.2f} / {b['served_ms']['p99']:.2f} ms" if b else "")
+    return f"VALID  {latency}{run.samples_per_s:.1f} samples/s  (mean batch {mean_batch:.2f}{inside}){neighbour}"
 
 
 def accuracy_check(cfg: LoadConfig, sut: BatchingSUT, library: SampleLibrary, backend: Backend, tcfg: TrainConfig,

@@ -45,6 +45,15 @@ def _others(load: dict) -> str:
     return f"{load['other_processes_cores']:.2f}" + (" (busy)" if contention.busy(load) else "")
 
 
+INSIDE = "p99 in the SUT: queued / served ms"
+
+
+def _inside(run: LoadRun) -> str:
+    """A VALID run's p99 time in the batcher's queue and being served (– for INVALID and older runs)."""
+    b = run.breakdown
+    return f"{b['queued_ms']['p99']:.2f} / {b['served_ms']['p99']:.2f}" if run.valid and b else "–"
+
+
 def _verdict(run: LoadRun) -> str:
     return "VALID" if run.valid else "INVALID: " + "; ".join(run.invalid_reasons or ["no reason given"])
 
@@ -93,20 +102,27 @@ def load_section(records: list[LoadRecord], out_dir: Path, latency: list[Latency
 
 def _server_blocks(machine: str, records: list[LoadRecord], out_dir: Path) -> list[tuple]:
     rows = [[machine, f"{r.preset}/{r.fusion}", _label(r), f"{run.settings.get('target_qps', 0):g}",
-             _ms(r.p99_target_ms), _verdict(run), _ms(run.p50_ms), _ms(run.p99_ms), _others(run.contention),
-             Path(r.path or "").name]
+             _ms(r.p99_target_ms), _verdict(run), _ms(run.p50_ms), _ms(run.p99_ms), _inside(run),
+             _others(run.contention), Path(r.path or "").name]
             for r in records for run in sorted(r.runs, key=lambda run: run.settings.get("target_qps", 0))]
     best = [[machine, f"{r.preset}/{r.fusion}", _label(r), _ms(r.p99_target_ms),
              "none VALID" if r.max_qps is None else f"{r.max_qps:g}", str(len(r.runs)), _others(r.contention),
              Path(r.path or "").name]
             for r in records if r.config.get("find_max_qps")]
     blocks = [("table", ["machine", "preset/fusion", LABEL, "offered QPS", "p99 target ms",
-                         "LoadGen", "p50 ms", "p99 ms", OTHERS, "record"], rows)]
+                         "LoadGen", "p50 ms", "p99 ms", INSIDE, OTHERS, "record"], rows)]
     if best:
         blocks += [("p", f"The largest offered rate LoadGen called VALID (p99 within the target), by bisection — "
                          f"{machine}"),
                    ("table", ["machine", "preset/fusion", LABEL, "p99 target ms", "max VALID QPS",
                               "trials", OTHERS, "record"], best)]
+    if any(run.breakdown for r in records for run in r.runs):
+        blocks.append(("p", f"{INSIDE}: each sample's time from LoadGen handing it over until its batch was taken "
+                            "(waiting for the batch to fill, or behind the batch being served), and its batch's "
+                            "inputs gathered and run, timed by the batcher; their p99s, which do not add up to "
+                            "LoadGen's p99, but say whether a slow tail is queueing (more rate than the backend "
+                            "serves: batch more, or add a replica) or serving (a slow backend call). The rest of "
+                            "LoadGen's figure is its own issue and completion, and threads waking."))
     if any(r.contention for r in records):
         blocks.append(("p", f"{OTHERS}: the cores that processes other than fusionprof kept busy during the run, on "
                             "average (over all its trials for a search), from the kernel's counters; (busy) marks "

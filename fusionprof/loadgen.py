@@ -7,6 +7,9 @@ with a backend that does nothing.
 The batcher: LoadGen's issue thread only appends to a queue (it must never block, or LoadGen's own schedule slips);
 one worker thread takes up to ``max_batch`` queued samples, waiting at most ``timeout_ms`` after the oldest one
 arrived for more, runs them as one batch and completes each sample with its logit. ``max_batch=1`` is no batching.
+It times each sample inside itself: queued (LoadGen handed it over → its batch was taken) and served (its batch's
+inputs gathered and run), so a run says where its latency went; the rest of LoadGen's figure is LoadGen's own
+issue and completion, and threads waking.
 """
 
 from __future__ import annotations
@@ -115,6 +118,8 @@ class BatchingSUT:
         self.ready = threading.Condition()
         self.stopping = False
         self.batch_sizes: Counter = Counter()  # how many batches of each size ran
+        self.queued: list[float] = []  # per sample, seconds: handed over by LoadGen → its batch taken
+        self.served: list[float] = []  # per sample, seconds: its batch's inputs gathered and run
         self.error: BaseException | None = None
         self.handle = None
 
@@ -144,6 +149,22 @@ class BatchingSUT:
     def flush(self) -> None:
         """Nothing is held back: the worker drains the queue on its own."""
 
+    def reset(self) -> None:
+        """Forget the batches and times of the previous run (between runs, when no query is in flight)."""
+        self.batch_sizes.clear()
+        self.queued.clear()
+        self.served.clear()
+
+    def breakdown(self) -> dict:
+        """p50 / p99 of each sample's time queued, served and both together (in the SUT) since ``reset``, in ms;
+        empty when no sample ran. Percentiles of parts do not add up to the percentile of the whole."""
+        if not self.served:
+            return {}
+        queued, served = np.array(self.queued) * 1e3, np.array(self.served) * 1e3
+        return {"samples": len(served)} | {
+            name: {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
+            for name, ms in (("queued_ms", queued), ("served_ms", served), ("in_sut_ms", queued + served))}
+
     def _next_batch(self) -> list | None:
         with self.ready:
             while not self.queue and not self.stopping:
@@ -167,7 +188,8 @@ class BatchingSUT:
                 continue
             if batch is None:
                 return
-            ids, indices, _ = zip(*batch, strict=True)
+            ids, indices, arrivals = zip(*batch, strict=True)
+            taken = time.perf_counter()
             try:
                 logits = np.ascontiguousarray(self.run(*self.inputs(np.asarray(indices))), np.float32).reshape(-1)
                 if len(logits) != len(batch):
@@ -175,6 +197,8 @@ class BatchingSUT:
             except BaseException as e:  # kept and re-raised after the run: LoadGen must not hang
                 self.error = self.error or e
                 logits = np.full(len(batch), np.nan, np.float32)
+            self.served += [time.perf_counter() - taken] * len(batch)
+            self.queued += [taken - arrived for arrived in arrivals]
             self.batch_sizes[len(batch)] += 1
             base = logits.ctypes.data  # LoadGen copies the bytes (accuracy mode) before QuerySamplesComplete returns
             lg.QuerySamplesComplete([lg.QuerySampleResponse(rid, base + 4 * i, 4) for i, rid in enumerate(ids)])
@@ -199,6 +223,7 @@ class LoadRun:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     contention: dict = field(default_factory=dict)  # other processes' CPU use during the run (``contention.watch``)
+    breakdown: dict = field(default_factory=dict)  # where each sample's time went inside the SUT (``BatchingSUT``)
 
     def figure(self, key: str, scale: float = 1.0) -> float | None:
         """A LoadGen result field (``scale``d), or None when the run is not VALID: an INVALID run has no figures."""
@@ -248,7 +273,7 @@ def run_loadgen(sut: BatchingSUT, n_samples: int, settings: LoadSettings, log_di
     log_settings = lg.LogSettings()
     log_settings.log_output, log_settings.enable_trace = output, False
     qsl = lg.ConstructQSL(n_samples, n_samples, lambda indices: None, lambda indices: None)
-    sut.batch_sizes.clear()
+    sut.reset()
     try:
         with contention.watch() as others:
             lg.StartTestWithLogSettings(sut.handle, qsl, test_settings(settings), log_settings)
@@ -260,7 +285,7 @@ def run_loadgen(sut: BatchingSUT, n_samples: int, settings: LoadSettings, log_di
     if not settings.accuracy:
         (log_dir / ACCURACY_LOG).unlink(missing_ok=True)  # empty outside accuracy mode
     run = parse_logs(log_dir, settings, dict(sut.batch_sizes))
-    run.contention = others
+    run.contention, run.breakdown = others, sut.breakdown()
     return run
 
 

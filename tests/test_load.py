@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from fusionprof import SCHEMA_VERSION
 from fusionprof.cli import cli
 from fusionprof.errors import UserError
+from fusionprof.load import describe
 from fusionprof.loadgen import BatchingSUT, LoadSettings, find_max_qps, next_rate, run_loadgen
 from fusionprof.recommend import recommend
 
@@ -74,6 +75,16 @@ def test_sleeping_backend_gives_its_latency(tmp_path, scenario, settings, max_ba
     assert sum(size * n for size, n in run.batch_sizes.items()) == run.loadgen["result_query_count"]
     for name in ("mlperf_log_summary.txt", "mlperf_log_detail.txt"):
         assert (tmp_path / name).exists()
+    # the batcher's own times: a sample waits the batch timeout (or nothing), then is served in the backend's 5 ms;
+    # its whole time in the SUT is inside LoadGen's figure for it, so no percentile of it is larger
+    inside = run.breakdown
+    said = f"served {inside['served_ms']['p50']:.2f} / {inside['served_ms']['p99']:.2f} ms" in describe(run)
+    assert said == run.valid  # the CLI's line, for a VALID run only (too few Server queries for early stopping)
+    assert inside["samples"] == run.loadgen["result_query_count"]
+    assert inside["served_ms"]["p50"] == pytest.approx(SLEEP_MS, abs=0.3)
+    assert inside["queued_ms"]["p50"] == pytest.approx(timeout_ms + floor_ms / 2, abs=1.0)
+    for q, field in (("p50", "result_50.00_percentile_latency_ns"), ("p99", "result_99.00_percentile_latency_ns")):
+        assert inside["queued_ms"][q] < inside["in_sut_ms"][q] <= ms(run, field)
 
 
 def test_queueing_is_counted_and_batching_absorbs_it(tmp_path):
@@ -88,6 +99,12 @@ def test_queueing_is_counted_and_batching_absorbs_it(tmp_path):
         assert run.valid, run.invalid_reasons
         rates[max_batch] = run.samples_per_s
         assert max(run.batch_sizes) == max_batch
+        # every sample is served in one 5 ms call and all arrived at once: the one 99 % through the queue waited
+        # for the batches ahead of it, 8 times fewer of them when 8 share each
+        inside = run.breakdown
+        assert inside["served_ms"]["p50"] == pytest.approx(SLEEP_MS, abs=0.3)
+        batches_ahead = 0.99 * inside["samples"] / max_batch
+        assert inside["queued_ms"]["p99"] == pytest.approx(batches_ahead * SLEEP_MS, rel=0.15)
     assert rates[1] == pytest.approx(1e3 / SLEEP_MS, rel=0.15)
     assert rates[8] > 5 * rates[1]
 
@@ -489,6 +506,23 @@ def test_load_section_compares_offline_with_batches_the_batcher_forms_and_names_
     assert single_row[0] == "box (Test CPU)" and single_row[2] == "onnxruntime fp32 (no batching, sleeping threads, " \
                                                                   "2 threads)"
     assert single_row[3:8] == ["2.00", "3.00", "4.50", "480.0", "VALID"]
+
+
+def test_the_server_table_says_whether_a_tail_was_queueing_or_serving(tmp_path):
+    """The batcher's p99s, queued / served, for a VALID run; – for an INVALID one (no figures) and an older record."""
+    from fusionprof.load_report import INSIDE, load_section
+    from fusionprof.loadgen import LoadRecord
+
+    inside = {"samples": 100, "queued_ms": {"p50": 0.1, "p99": 31.5}, "served_ms": {"p50": 4.0, "p99": 6.25},
+              "in_sut_ms": {"p50": 4.2, "p99": 36.0}}
+    runs = [{**_server_run(40, True, 40.0), "breakdown": inside}, {**_server_run(80, False, 90.0), "breakdown": inside},
+            _server_run(20, True, 9.0)]
+    record = LoadRecord.from_dict(_load_record("mid", 8, runs, max_qps=40), tmp_path / "r.json")
+    assert record.runs[0].breakdown == inside and record.runs[2].breakdown == {}
+    blocks = load_section([record], tmp_path)
+    server = next(b for b in blocks if b[0] == "table")
+    assert [row[server[1].index(INSIDE)] for row in server[2]] == ["–", "31.50 / 6.25", "–"]  # by offered rate
+    assert any(b[0] == "p" and b[1].startswith(INSIDE) for b in blocks)
 
 
 def test_load_section_reports_invalid_runs_as_invalid(records, tmp_path):

@@ -229,15 +229,17 @@ def run_scenario(cfg: LoadConfig, sut: BatchingSUT, library: SampleLibrary, batc
 def describe(run: LoadRun) -> str:
     """One line: VALID with its figures, or INVALID with LoadGen's reasons and no figure; and a busy neighbour."""
     neighbour = contention.tag(run.contention)
-    if not run.valid:
-        return "INVALID (" + "; ".join(run.invalid_reasons or ["LoadGen gave no reason"]) + ")" + neighbour
+    b = run.breakdown
+    inside = (f"in the SUT p50 / p99: queued {b['queued_ms']['p50']:.2f} / {b['queued_ms']['p99']:.2f} ms, "
+              f"served {b['served_ms']['p50']:.2f} / {b['served_ms']['p99']:.2f} ms" if b else "")
+    if not run.valid:  # no figure; where the time went inside the SUT says why (a queue that grew: overload)
+        return ("INVALID (" + "; ".join(run.invalid_reasons or ["LoadGen gave no reason"]) + ")"
+                + (f" [{inside}]" if inside else "") + neighbour)
     batches = sum(run.batch_sizes.values())
     mean_batch = sum(k * v for k, v in run.batch_sizes.items()) / max(batches, 1)
     latency = "" if run.scenario == "offline" else f"p50 {run.p50_ms:.2f} ms  p99 {run.p99_ms:.2f} ms  "
-    b = run.breakdown
-    inside = (f"; in the SUT p50 / p99: queued {b['queued_ms']['p50']:.2f} / {b['queued_ms']['p99']:.2f} ms, "
-              f"served {b['served_ms']['p50']:.2f} / {b['served_ms']['p99']:.2f} ms" if b else "")
-    return f"VALID  {latency}{run.samples_per_s:.1f} samples/s  (mean batch {mean_batch:.2f}{inside}){neighbour}"
+    return (f"VALID  {latency}{run.samples_per_s:.1f} samples/s  (mean batch {mean_batch:.2f}"
+            f"{'; ' + inside if inside else ''}){neighbour}")
 
 
 def accuracy_check(cfg: LoadConfig, sut: BatchingSUT, library: SampleLibrary, backend: Backend, tcfg: TrainConfig,

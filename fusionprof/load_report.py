@@ -49,9 +49,10 @@ INSIDE = "p99 in the SUT: queued / served ms"
 
 
 def _inside(run: LoadRun) -> str:
-    """A VALID run's p99 time in the batcher's queue and being served (– for INVALID and older runs)."""
+    """A run's p99 time in the batcher's queue and being served, INVALID runs' too: the SUT's own times, which say
+    why (a queue that grew is overload); – for a run recorded before the batcher timed them."""
     b = run.breakdown
-    return f"{b['queued_ms']['p99']:.2f} / {b['served_ms']['p99']:.2f}" if run.valid and b else "–"
+    return f"{b['queued_ms']['p99']:.2f} / {b['served_ms']['p99']:.2f}" if b else "–"
 
 
 def _verdict(run: LoadRun) -> str:
@@ -121,8 +122,9 @@ def _server_blocks(machine: str, records: list[LoadRecord], out_dir: Path) -> li
                             "(waiting for the batch to fill, or behind the batch being served), and its batch's "
                             "inputs gathered and run, timed by the batcher; their p99s, which do not add up to "
                             "LoadGen's p99, but say whether a slow tail is queueing (more rate than the backend "
-                            "serves: batch more, or add a replica) or serving (a slow backend call). The rest of "
-                            "LoadGen's figure is its own issue and completion, and threads waking."))
+                            "serves: batch more, or add a replica) or serving (a slow backend call), for an INVALID "
+                            "run too. The rest of LoadGen's figure is its own issue and completion, and threads "
+                            "waking."))
     if any(r.contention for r in records):
         blocks.append(("p", f"{OTHERS}: the cores that processes other than fusionprof kept busy during the run, on "
                             "average (over all its trials for a search), from the kernel's counters; (busy) marks "

@@ -11,6 +11,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from fusionprof import contention
 from fusionprof.env import machine_name
 from fusionprof.figures import pyplot, save_figure, slug
@@ -183,52 +185,87 @@ def _single_stream_blocks(machine: str, records: list[LoadRecord]) -> list[tuple
 # --------------------------------------------------------------------------- plots
 
 
+def _setting(r: LoadRecord) -> str:
+    """What a plot draws as one series: the label, and whether a busy neighbour ran beside it. Repeated searches of
+    one setting (a benchmark's interleaved reps) share a colour and a legend entry instead of one each."""
+    return _label(r) + (" beside a busy neighbour" if contention.busy(r.contention) else "")
+
+
 def plot_p99_vs_qps(machine: str, records: list[LoadRecord], out_dir: Path) -> Path:
-    """One panel per (preset, fusion), one line per (backend, precision, batching): VALID runs' p99 against the
-    offered rate, INVALID rates as × on the axis, the p99 target as a dashed line."""
+    """One panel per (preset, fusion), one colour per setting (every record of it drawn as its own line): VALID
+    runs' p99 against the offered rate, INVALID rates as × on the axis, the p99 target as a dashed line. The legend
+    goes under its panel, so no number of settings hides the data."""
     plt = pyplot()
     panels = sorted({(r.preset, r.fusion) for r in records})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    settings = {key: sorted({_setting(r) for r in records if (r.preset, r.fusion) == key}) for key in panels}
+    rows = max(len(v) for v in settings.values())
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5 + 0.16 * rows), squeeze=False)
     for ax, (preset, fusion) in zip(axes.flat, panels, strict=True):
-        for r in (r for r in records if (r.preset, r.fusion) == (preset, fusion)):
+        mine = [r for r in records if (r.preset, r.fusion) == (preset, fusion)]
+        names = settings[preset, fusion]  # over 10: tab20, so no two settings share a colour
+        colour = {name: f"C{i}" if len(names) <= 10 else plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}
+        labelled = set()
+        for r in mine:
+            name = _setting(r)
             runs = sorted(r.runs, key=lambda run: run.settings.get("target_qps", 0))
             valid = [(run.settings["target_qps"], run.p99_ms) for run in runs if run.valid]
-            line = ax.plot(*zip(*valid, strict=True), marker="o", ms=3, label=_label(r))[0] if valid else None
             invalid = [run.settings.get("target_qps", 0) for run in runs if not run.valid]
-            ax.plot(invalid, [0] * len(invalid), "x", color=line.get_color() if line else None, clip_on=False,
-                    transform=ax.get_xaxis_transform(), label=None if line else f"{_label(r)}: all INVALID")
-        targets = {r.p99_target_ms for r in records if (r.preset, r.fusion) == (preset, fusion) and r.p99_target_ms}
-        for target in targets:
+            label = None if name in labelled else name  # on the first thing drawn for the setting
+            labelled.add(name)
+            if valid:
+                ax.plot(*zip(*valid, strict=True), marker="o", ms=3, color=colour[name], label=label,
+                        ls=":" if "busy" in name else "-")
+            ax.plot(invalid, [0] * len(invalid), "x", color=colour[name], clip_on=False,
+                    transform=ax.get_xaxis_transform(), label=None if valid else label)
+        for target in {r.p99_target_ms for r in mine if r.p99_target_ms}:
             ax.axhline(target, ls="--", color="grey", lw=1)
         ax.set_title(f"{preset} / {fusion}", fontsize=10)
         ax.set_xlabel("offered QPS (Poisson)")
         ax.set_ylabel("p99 ms (VALID runs)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     path = out_dir / PLOT_DIR / f"load-p99-{slug(machine)}.png"
     return save_figure(plt, fig, f"Server p99 vs offered QPS — {machine}", path)
 
 
-def _bars(plt, labels: list[str], values: list[float | None], ylabel: str, title: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 2), 3.8))
-    ax.bar(range(len(labels)), [v or 0 for v in values], color=["C0" if v else "lightgrey" for v in values])
-    for i, v in enumerate(values):
-        ax.text(i, v or 0, f"{v:.0f}" if v else "none VALID", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3, axis="y")
+def _setting_bars(plt, groups: dict[str, list[float | None]], xlabel: str, title: str, path: Path) -> Path:
+    """One horizontal bar per setting: the median of its records' figures, the line through it their range, and how
+    many records it is; a setting with no VALID figure reads "none VALID"."""
+    names = list(groups)
+    fig, ax = plt.subplots(figsize=(8.0, 1.2 + 0.32 * len(names)))
+    for i, name in enumerate(names):
+        values = sorted(v for v in groups[name] if v is not None)
+        if not values:
+            ax.text(0, i, " none VALID", va="center", fontsize=7)
+            continue
+        median = float(np.median(values))
+        ax.barh(i, median, color="C3" if "busy" in name else "C0", height=0.6)
+        if len(values) > 1:
+            ax.plot([values[0], values[-1]], [i, i], color="black", lw=1)
+        n = len(groups[name])
+        ax.text(values[-1], i, f"  {median:.0f}" + (f" (median of {n})" if n > 1 else ""), va="center", fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.margins(x=0.25)
+    ax.grid(alpha=0.3, axis="x")
     return save_figure(plt, fig, title, path)
 
 
+def _grouped(records: list[LoadRecord], name, value) -> dict[str, list[float | None]]:
+    groups: dict[str, list[float | None]] = defaultdict(list)
+    for r in sorted(records, key=lambda r: (r.preset, r.fusion, r.backend, r.max_batch, _setting(r))):
+        groups[name(r)].append(value(r))
+    return groups
+
+
 def plot_max_qps(machine: str, records: list[LoadRecord], out_dir: Path) -> Path:
-    records = sorted(records, key=lambda r: (r.preset, r.fusion, r.backend, r.max_batch))
-    return _bars(pyplot(), [f"{r.fusion} {_label(r)} p99≤{r.p99_target_ms:g}ms" for r in records],
-                 [r.max_qps for r in records], "max VALID QPS", f"max VALID Server QPS — {machine}",
-                 out_dir / PLOT_DIR / f"load-max-qps-{slug(machine)}.png")
+    groups = _grouped(records, lambda r: f"{r.fusion} {_setting(r)} p99≤{r.p99_target_ms:g}ms", lambda r: r.max_qps)
+    return _setting_bars(pyplot(), groups, "max VALID QPS (bar: median of the searches, line: their range)",
+                         f"max VALID Server QPS — {machine}", out_dir / PLOT_DIR / f"load-max-qps-{slug(machine)}.png")
 
 
 def plot_offline(machine: str, records: list[LoadRecord], out_dir: Path) -> Path:
-    records = sorted(records, key=lambda r: (r.preset, r.fusion, r.backend, r.max_batch))
-    path = out_dir / PLOT_DIR / f"load-offline-{slug(machine)}.png"
-    return _bars(pyplot(), [f"{r.fusion} {_label(r)}" for r in records], [r.runs[0].samples_per_s for r in records],
-                 "samples/s", f"Offline samples/s — {machine}", path)
+    groups = _grouped(records, lambda r: f"{r.fusion} {_setting(r)}", lambda r: r.runs[0].samples_per_s)
+    return _setting_bars(pyplot(), groups, "Offline samples/s (bar: median of the runs, line: their range)",
+                         f"Offline samples/s — {machine}", out_dir / PLOT_DIR / f"load-offline-{slug(machine)}.png")

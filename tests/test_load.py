@@ -7,6 +7,7 @@ import math
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -528,6 +529,34 @@ def test_the_server_table_says_whether_a_tail_was_queueing_or_serving(tmp_path):
     server = next(b for b in blocks if b[0] == "table")
     assert [row[server[1].index(INSIDE)] for row in server[2]] == ["–", "31.50 / 6.25", "31.50 / 6.25"]  # by rate
     assert any(b[0] == "p" and b[1].startswith(INSIDE) for b in blocks)
+
+
+def test_load_plots_draw_one_series_per_setting_however_many_searches(tmp_path):
+    """A benchmark's repeated searches of one setting are one bar (their median, their range drawn) and one legend
+    entry, a busy neighbour's searches another; 39 searches lay out without matplotlib giving up on the figure."""
+    import warnings
+
+    from fusionprof.load_report import _grouped, _setting, load_section
+    from fusionprof.loadgen import LoadRecord
+
+    loud = {"seconds": 10.0, "other_processes_cores": 0.9, "steal_share": 0.0, "cores": 2}
+    records = []
+    for i in range(13):
+        for max_batch, busy in ((1, False), (16, False), (16, True)):
+            qps = 100.0 * max_batch ** 0.5 + i
+            runs = [{**_server_run(qps, True, 30.0), **({"contention": loud} if busy else {})},
+                    _server_run(2 * qps, False, 80.0)]
+            records.append(LoadRecord.from_dict(_load_record("mid", max_batch, runs, max_qps=qps),
+                                                tmp_path / f"{i}-{max_batch}-{busy}.json"))
+    groups = _grouped(records, _setting, lambda r: r.max_qps)
+    assert list(groups) == ["onnxruntime fp32 (no batching)", "onnxruntime fp32 (batch≤16 wait≤2ms)",
+                            "onnxruntime fp32 (batch≤16 wait≤2ms) beside a busy neighbour"]
+    assert [len(v) for v in groups.values()] == [13, 13, 13] and groups["onnxruntime fp32 (no batching)"][3] == 103.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Tight layout not applied" when a legend of 39 entries filled the figure
+        images = [b[1] for b in load_section(records, tmp_path) if b[0] == "img"]
+    assert [Path(name).name for name in images] == ["load-max-qps-box-test-cpu.png", "load-p99-box-test-cpu.png"]
+    assert all((tmp_path / name).stat().st_size > 10_000 for name in images)
 
 
 def test_load_section_reports_invalid_runs_as_invalid(records, tmp_path):

@@ -514,9 +514,22 @@ def _accuracy_in(rec: Records, checkpoint: Path | None, precision: str) -> str:
     return f"{accuracy:.2%} ({how}{also})"
 
 
+def cuda_memory_unseen(backend: str) -> str | None:
+    """Why torch's allocator does not see what ``backend`` uses on CUDA (its class says), or None where it does. A
+    sweep leaves such cells' figure out; one written before that rule still has it, and the report leaves it out."""
+    from fusionprof.backends import BACKENDS
+
+    return BACKENDS.get(backend).cuda_memory_unseen if backend in BACKENDS.names() else None
+
+
+def cuda_max_allocated(row: LatencyRow) -> float | None:
+    """A cell's CUDA max allocated (MiB), None where it was not measured or measures nothing of the backend's."""
+    return None if cuda_memory_unseen(row.backend) else row.peak_memory.get("cuda_max_allocated_mib")
+
+
 def memory_section(rec: Records, out_dir: Path) -> list[tuple]:
     blocks: list[tuple] = [("h2", "Peak memory vs batch size")]
-    on_cuda = [s for s in sweeps(rec) if any("cuda_max_allocated_mib" in r.peak_memory for r in s.rows)]
+    on_cuda = [s for s in sweeps(rec) if any(cuda_max_allocated(r) is not None for r in s.rows)]
     if not on_cuda:
         return blocks + [("p", "Per-batch memory is measured on CUDA (max allocated); on the CPU the only figure is "
                                "the process's peak RSS, which does not fall back between cells. Run "
@@ -526,6 +539,10 @@ def memory_section(rec: Records, out_dir: Path) -> list[tuple]:
     for sweep in on_cuda:
         png = plot_vs_batch(sweep, "memory", colors, out_dir)
         blocks.append(("img", f"report/{png.name}", f"CUDA max allocated (MiB) vs batch size — {sweep.title}"))
+    unseen = sorted({r.backend for s in on_cuda for r in s.rows if r.ok and cuda_memory_unseen(r.backend)})
+    if unseen:
+        blocks.append(("p", "Not plotted, because torch's allocator does not see their memory: "
+                            + "; ".join(f"{b} — {cuda_memory_unseen(b)}" for b in unseen) + "."))
     return blocks
 
 
@@ -563,11 +580,11 @@ def plot_vs_batch(sweep: Sweep, metric: str, colors: dict[str, str], out_dir: Pa
     """One sweep: a panel per (preset, fusion), a line per backend; latency as the p50 with a whisker up to the p99
     (to the p90 where a cell has too few samples for a p99). One legend for the figure, plain tick numbers."""
     plt = pyplot()
-    rows = [r for r in sweep.rows if metric != "memory" or "cuda_max_allocated_mib" in r.peak_memory]
+    rows = [r for r in sweep.rows if metric != "memory" or cuda_max_allocated(r) is not None]
     fusions = sorted({r.fusion for r in rows})
     fig, axes = plt.subplots(1, len(fusions), figsize=(2.8 * len(fusions), 2.8), squeeze=False, sharey=True)
     values = {"latency": lambda r: r.host.p50_ms, "throughput": lambda r: r.throughput_samples_per_s,
-              "memory": lambda r: r.peak_memory["cuda_max_allocated_mib"]}[metric]
+              "memory": cuda_max_allocated}[metric]
     for ax, fusion in zip(axes.flat, fusions, strict=True):
         for backend in sorted({r.backend for r in rows if r.fusion == fusion}):
             rs = sorted((r for r in rows if (r.fusion, r.backend) == (fusion, backend)), key=lambda r: r.batch_size)
@@ -637,6 +654,8 @@ def plot_pareto(sweep: Sweep, accuracy: Callable[[LatencyRow], float | None], co
             ax.scatter(latency, acc, s=40, color=colors[r.backend], marker=marker[r.fusion], zorder=3)
         front = pareto_front([(p[0], p[1]) for p in points])
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, alpha=0.5, zorder=2)
+        ax.scatter([p[0] for p in front], [p[1] for p in front], s=120, facecolors="none", edgecolors="k", lw=0.8,
+                   zorder=4)  # ringed: a front of one point (one choice beats every other) shows too
         plain_axis(ax, "x", [p[0] for p in points], log=log)
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
         ax.set_xlabel("p50 latency (ms)")
@@ -647,7 +666,7 @@ def plot_pareto(sweep: Sweep, accuracy: Callable[[LatencyRow], float | None], co
     backends = sorted({r.backend for r in rows})
     legend = [Line2D([], [], ls="", marker="o", color=colors[b], label=b) for b in backends]
     legend += [Line2D([], [], ls="", marker=marker[f], color="grey", label=f) for f in fusions]
-    legend += [Line2D([], [], color="k", alpha=0.5, label="Pareto front")]
+    legend += [Line2D([], [], color="k", alpha=0.5, marker="o", ms=9, mfc="none", label="Pareto front")]
     fig.legend(handles=legend, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     return save_figure(plt, fig, f"accuracy vs latency — {sweep.title}", out_dir / f"pareto-{sweep.slug}.png")
 

@@ -226,6 +226,27 @@ def test_compare_verifies_onnx_on_the_cpu_when_onnxruntime_cannot_run_on_the_gpu
     assert compare_module.export_check_device("trt", "cpu", said.append) is None and len(said) == 1  # no GPU
 
 
+def test_memory_the_allocator_cannot_see_is_not_plotted(tmp_path):
+    """The H200 sweep of 2026-11-27 was written before the rule: its torch-cudagraphs cells carry a CUDA max allocated
+    that misses the graphs' pools (671 MiB at batch 128 beside eager's 1295). The report plots eager's, not those,
+    and says why."""
+    from pathlib import Path
+
+    from fusionprof.report import cuda_max_allocated, memory_section
+
+    path = Path(__file__).parent.parent / "profiles/h200/latency-seed-cuda-bf16-20261127T142114Z.json"
+    record = LatencyRecord.from_dict(json.loads(path.read_text()), path)
+    graphs = [r for r in record.rows if r.backend == "torch-cudagraphs" and r.ok]
+    eager = [r for r in record.rows if r.backend == "torch" and r.ok]
+    assert graphs and all("cuda_max_allocated_mib" in r.peak_memory for r in graphs)  # in the file, as written
+    assert all(cuda_max_allocated(r) is None for r in graphs)
+    assert all(cuda_max_allocated(r) == r.peak_memory["cuda_max_allocated_mib"] > 0 for r in eager)
+    blocks = memory_section(Records(latency=[record]), tmp_path)
+    assert [b[0] for b in blocks] == ["h2", "img", "p"]
+    assert blocks[2][1].startswith("Not plotted, because torch's allocator does not see their memory: "
+                                   "torch-cudagraphs — a CUDA graph's memory pool")
+
+
 def test_a_pareto_point_takes_the_accuracy_of_the_model_it_timed_in_its_precision():
     """An int8 sweep's points are at their int8 gate's accuracy (openvino's at its NNCF IR's), not the fp32 training
     run's; a model with no record in that precision, or a random-init one, is no point (never another's figure)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -49,6 +48,7 @@ from fusionprof.loadgen import (
     read_accuracy_log,
     run_loadgen,
 )
+from fusionprof.measure import Protocol, sample_calls
 from fusionprof.metrics import accuracy, predict
 from fusionprof.runtime import check_precision, resolve_device
 
@@ -175,18 +175,18 @@ def test_library(preset: str, model_cfg: ModelConfig, source: dict,
     return SampleLibrary(splits["test"], tcfg.seed), tcfg
 
 
-def seconds_per_batch(run: Callable, library: SampleLibrary, batch_size: int, calls: int = 5) -> float:
-    """The backend's median time for one batch of ``batch_size`` samples, after one warm-up call: what sizes
-    LoadGen's schedule (offline's expected rate, single-stream's expected latency, find-max's first rate)."""
+# Sizing LoadGen's schedule needs a steady median, not a full sweep: the measurement protocol, scaled down (5 calls
+# after one warm-up gave 11.3-19.5 ms for one batch of 16 in three runs on one 2-core VM)
+SIZING = Protocol(warmup_seconds=0.2, warmup_calls=3, min_seconds=0.5, min_calls=10, max_seconds=5.0)
+
+
+def seconds_per_batch(run: Callable, library: SampleLibrary, batch_size: int) -> float:
+    """The backend's median time for one batch of ``batch_size`` samples, its inputs gathered each call as the
+    batcher does: what sizes LoadGen's schedule (offline's expected rate, single-stream's expected latency, find-max's
+    first rate)."""
     indices = np.arange(min(batch_size, len(library)))
-    inputs = library.inputs(indices)
-    run(*inputs)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        run(*library.inputs(indices))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * batch_size / len(indices)
+    times_ms = sample_calls(lambda: run(*library.inputs(indices)), lambda: None, SIZING)
+    return float(np.median(times_ms)) / 1e3 * batch_size / len(indices)
 
 
 # --------------------------------------------------------------------------- the scenarios

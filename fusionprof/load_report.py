@@ -185,10 +185,13 @@ def _single_stream_blocks(machine: str, records: list[LoadRecord]) -> list[tuple
 # --------------------------------------------------------------------------- plots
 
 
+BESIDE_BUSY = " beside a busy neighbour"
+
+
 def _setting(r: LoadRecord) -> str:
     """What a plot draws as one series: the label, and whether a busy neighbour ran beside it. Repeated searches of
     one setting (a benchmark's interleaved reps) share a colour and a legend entry instead of one each."""
-    return _label(r) + (" beside a busy neighbour" if contention.busy(r.contention) else "")
+    return _label(r) + (BESIDE_BUSY if contention.busy(r.contention) else "")
 
 
 def plot_p99_vs_qps(machine: str, records: list[LoadRecord], out_dir: Path) -> Path:
@@ -214,7 +217,7 @@ def plot_p99_vs_qps(machine: str, records: list[LoadRecord], out_dir: Path) -> P
             labelled.add(name)
             if valid:
                 ax.plot(*zip(*valid, strict=True), marker="o", ms=3, color=colour[name], label=label,
-                        ls=":" if "busy" in name else "-")
+                        ls=":" if BESIDE_BUSY in name else "-")
             ax.plot(invalid, [0] * len(invalid), "x", color=colour[name], clip_on=False,
                     transform=ax.get_xaxis_transform(), label=None if valid else label)
         for target in {r.p99_target_ms for r in mine if r.p99_target_ms}:
@@ -239,7 +242,7 @@ def _setting_bars(plt, groups: dict[str, list[float | None]], xlabel: str, title
             ax.text(0, i, " none VALID", va="center", fontsize=7)
             continue
         median = float(np.median(values))
-        ax.barh(i, median, color="C3" if "busy" in name else "C0", height=0.6)
+        ax.barh(i, median, color="C3" if BESIDE_BUSY in name else "C0", height=0.6)
         if len(values) > 1:
             ax.plot([values[0], values[-1]], [i, i], color="black", lw=1)
         n = len(groups[name])

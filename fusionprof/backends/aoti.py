@@ -15,6 +15,7 @@ import torch
 
 from fusionprof.backends.base import AUTOCAST_PRECISIONS, Backend, inductor_status, register_backend, require
 from fusionprof.backends.graphs import MEMORY_UNSEEN, ShapeGraphs
+from fusionprof.chatter import quieted
 from fusionprof.errors import UserError, first_line
 from fusionprof.runtime import DTYPES
 
@@ -37,9 +38,12 @@ class AOTInductor(Backend):
             # single-threaded: the package's runtime then skips the CUDA event it queries and records per call
             # between its model instances, which a stream being captured refuses ("operation not permitted when
             # stream is capturing"); PyTorch added the flag for capturing packages in CUDA graphs
-            self.runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=captured,
-                                                            device_index=device.index or 0
-                                                            if device.type == "cuda" else -1)
+            # loading imports cpp_extension, which warns on a CUDA build of torch with no CUDA runtime (any CPU-only
+            # machine): not news to the user, and not fusionprof's to print
+            with quieted("torch.utils.cpp_extension", stdout=False):
+                self.runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=captured,
+                                                                device_index=device.index or 0
+                                                                if device.type == "cuda" else -1)
         except Exception as e:  # a package for another device, torch version or a truncated file
             raise UserError(f"{path}: AOTInductor cannot load it ({first_line(e)})") from None
         self.path = path

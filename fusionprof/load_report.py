@@ -231,9 +231,17 @@ def plot_p99_vs_qps(machine: str, records: list[LoadRecord], out_dir: Path) -> P
     return save_figure(plt, fig, f"Server p99 vs offered QPS — {machine}", path)
 
 
+def _bar_note(figures: list[float | None]) -> str:
+    """A bar's label: the median of the VALID figures, how many those are, and how many records had none."""
+    values = [v for v in figures if v is not None]
+    counts = ([f"median of {len(values)}"] if len(values) > 1 else []) + \
+        ([f"{len(figures) - len(values)} none VALID"] if len(values) < len(figures) else [])
+    return f"{np.median(values):.0f}" + (f" ({'; '.join(counts)})" if counts else "")
+
+
 def _setting_bars(plt, groups: dict[str, list[float | None]], xlabel: str, title: str, path: Path) -> Path:
-    """One horizontal bar per setting: the median of its records' figures, the line through it their range, and how
-    many records it is; a setting with no VALID figure reads "none VALID"."""
+    """One horizontal bar per setting: the median of its records' VALID figures, the line through it their range,
+    how many those are and how many records had none; a setting with no VALID figure at all reads "none VALID"."""
     names = list(groups)
     fig, ax = plt.subplots(figsize=(8.0, 1.2 + 0.32 * len(names)))
     for i, name in enumerate(names):
@@ -245,8 +253,7 @@ def _setting_bars(plt, groups: dict[str, list[float | None]], xlabel: str, title
         ax.barh(i, median, color="C3" if BESIDE_BUSY in name else "C0", height=0.6)
         if len(values) > 1:
             ax.plot([values[0], values[-1]], [i, i], color="black", lw=1)
-        n = len(groups[name])
-        ax.text(values[-1], i, f"  {median:.0f}" + (f" (median of {n})" if n > 1 else ""), va="center", fontsize=7)
+        ax.text(values[-1], i, f"  {_bar_note(groups[name])}", va="center", fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)

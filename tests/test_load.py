@@ -536,7 +536,7 @@ def test_load_plots_draw_one_series_per_setting_however_many_searches(tmp_path):
     entry, a busy neighbour's searches another; 39 searches lay out without matplotlib giving up on the figure."""
     import warnings
 
-    from fusionprof.load_report import _grouped, _setting, load_section
+    from fusionprof.load_report import _bar_note, _grouped, _setting, load_section
     from fusionprof.loadgen import LoadRecord
 
     loud = {"seconds": 10.0, "other_processes_cores": 0.9, "steal_share": 0.0, "cores": 2}
@@ -552,6 +552,8 @@ def test_load_plots_draw_one_series_per_setting_however_many_searches(tmp_path):
     assert list(groups) == ["onnxruntime fp32 (no batching)", "onnxruntime fp32 (batch≤16 wait≤2ms)",
                             "onnxruntime fp32 (batch≤16 wait≤2ms) beside a busy neighbour"]
     assert [len(v) for v in groups.values()] == [13, 13, 13] and groups["onnxruntime fp32 (no batching)"][3] == 103.0
+    assert _bar_note([300.0, None, 100.0, 200.0]) == "200 (median of 3; 1 none VALID)"  # never "median of 4"
+    assert _bar_note([250.0]) == "250"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "Tight layout not applied" when a legend of 39 entries filled the figure
         images = [b[1] for b in load_section(records, tmp_path) if b[0] == "img"]

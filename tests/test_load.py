@@ -119,9 +119,13 @@ def test_overload_is_invalid_and_has_no_figures(tmp_path):
     assert run.loadgen["result_99.00_percentile_latency_ns"] > 10e6  # LoadGen's raw figure is kept, apart
     record = run.to_dict()
     assert record["p99_ms"] is None and record["validity"] == "INVALID"
-    # the batcher's own times say why: 5 ms calls, and a queue that grew (1000 QPS into 200 a second)
+    # the batcher's own times say why: 5 ms calls, and a queue that grew (1000 QPS into 200 a second, for seconds).
+    # A served p99 of 9.6-9.8 ms was measured here with two other processes spinning on the 2 cores (one scheduler
+    # time slice on top of the call) and 12.0 ms in a CI run: the tail of the calls is the machine's, the queue's
+    # hundredfold lead is the overload's
     inside = run.breakdown
-    assert inside["served_ms"]["p99"] < 10 < 10 * SLEEP_MS < inside["queued_ms"]["p99"]
+    assert inside["served_ms"]["p50"] == pytest.approx(SLEEP_MS, abs=0.5)
+    assert inside["served_ms"]["p99"] < 4 * SLEEP_MS < 100 * SLEEP_MS < inside["queued_ms"]["p99"]
     line = describe(run)
     assert line.startswith("INVALID (") and f"[in the SUT p50 / p99: queued {inside['queued_ms']['p50']:.2f}" in line
 

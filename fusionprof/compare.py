@@ -33,7 +33,7 @@ from fusionprof.export import export
 from fusionprof.latency import SweepConfig, sweep, trace_inference
 from fusionprof.latency_output import table
 from fusionprof.load import LoadConfig, load
-from fusionprof.measure import Protocol
+from fusionprof.measure import DRIFT_WARNING, Protocol
 from fusionprof.models import fusion_names
 from fusionprof.report import write_report
 from fusionprof.runtime import resolve_device
@@ -370,9 +370,17 @@ def summarize(accuracy: dict[str, dict], rows: list[dict], under_load: dict[str,
             return " +"
         return ""
 
+    drifted = []
+
+    def moved(row: dict) -> str:  # a p50 whose level moved while it was timed (records before the check: unknown)
+        if row.get("drift_warning"):
+            drifted.append(row)
+            return " ~"
+        return ""
+
     for fusion, acc in accuracy.items():
         best = [best_row(ok, fusion, b) for b in ends]
-        cells = [f"{r['p50_ms']:.2f} ms ({r['backend']}){busy(r)}" if r else "–" for r in best]
+        cells = [f"{r['p50_ms']:.2f} ms ({r['backend']}){moved(r)}{busy(r)}" if r else "–" for r in best]
         got = under_load.get(fusion, {})
         loaded = [(f"{got['max_qps']:.1f}" if got.get("max_qps") else "none VALID" if got else "–") + busy(got),
                   (f"{got['offline_samples_per_s']:.1f}" if got.get("offline_samples_per_s") else "–") + busy(got)] \
@@ -380,6 +388,10 @@ def summarize(accuracy: dict[str, dict], rows: list[dict], under_load: dict[str,
         train_s = f"{acc['train_seconds']:.0f}{busy(acc)}"
         lines.append(f"{fusion:<11}{acc['test_accuracy']:>9.1%}{train_s:>9}"
                      + "".join(f"{c:>30}" for c in cells) + "".join(f"{c:>24}" for c in loaded))
+    if drifted:
+        lines.append(f"~ that p50 moved by more than {DRIFT_WARNING:.0%} between the first and the second half of "
+                     "its calls: the machine's pace changed while it was timed (the latency table above says how "
+                     "much)")
     if marked:
         lines.append("+ measured beside a busy neighbour (other processes took the CPUs meanwhile): slower than on a "
                      "quiet machine; the records say how busy (contention)")

@@ -7,13 +7,14 @@ from pathlib import Path
 
 from fusionprof.atomic import atomic_write, write_json
 from fusionprof.contention import describe
-from fusionprof.measure import CV_WARNING, P99_MIN_SAMPLES
-from fusionprof.records import LatencyRecord, LatencyRow, busy_neighbour_cells
+from fusionprof.measure import CV_WARNING, DRIFT_WARNING, P99_MIN_SAMPLES
+from fusionprof.records import LatencyRecord, LatencyRow, busy_neighbour_cells, drifted_cells
 
 CSV_COLUMNS = ["fusion", "backend", "batch_size", "status", "parity_passed", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
                "std_ms", "cv", "n", "throughput_samples_per_s", "achieved_gflops", "share_of_matmul_yardstick",
                "above_yardstick", "mfu",
                "first_call_of_fresh_backend_ms", "first_call_batch_size", "load_seconds", "cv_warning",
+               "drift", "drift_warning",
                "other_processes_cores", "steal_share"]
 
 
@@ -45,7 +46,8 @@ def table(rows: list[LatencyRow]) -> list[str]:
         t = r.host
         p99 = "–" if t.p99_ms is None else f"{t.p99_ms:.2f}"
         cv = "–" if t.cv is None else f"{t.cv:.1%}"
-        warn = (" !" if t.cv_warning else "") + (" ^" if r.above_yardstick else "") + (
+        warn = (" !" if t.cv_warning else "") + (" ~" if t.drift_warning else "") + (
+            " ^" if r.above_yardstick else "") + (
             " +" if r.beside_busy_neighbour else "") + (
             "" if r.ok else f" WRONG: {r.status}")
         lines.append(f"{r.fusion:<11}{r.backend:<15}{r.batch_size:>4}{t.p50_ms:>10.2f}{t.p90_ms:>10.2f}{p99:>10}"
@@ -59,6 +61,13 @@ def table(rows: list[LatencyRow]) -> list[str]:
         lines.append("samples/s and GFLOP/s: batch / mean latency, calls one after another")
     if any(r.host.cv_warning for r in timed):
         lines.append(f"! CV above {CV_WARNING:.0%}: noisy measurement (another process, frequency scaling, thermal)")
+    _, worst = drifted_cells(timed)
+    if worst:
+        first, second = worst.host.halves_p50_ms
+        lines.append(f"~ the p50 moved by more than {DRIFT_WARNING:.0%} between the first and the second half of "
+                     f"the cell's calls (largest: {worst.fusion}/{worst.backend} batch {worst.batch_size}, "
+                     f"{first:.2f} → {second:.2f} ms): the machine's pace changed while it was timed, so that p50 "
+                     "lies between two levels; time it again before trusting a smaller difference")
     _, worst = busy_neighbour_cells(timed)
     if worst:
         lines.append(f"+ other processes were busy while that cell was timed (worst: {describe(worst.contention)}, "

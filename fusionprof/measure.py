@@ -20,6 +20,11 @@ import numpy as np
 
 CV_WARNING = 0.10  # a coefficient of variation above this gets a warning in tables and records
 P99_MIN_SAMPLES = 100  # below this a "p99" is the largest sample or two: not shown
+# A cell's level can move while it is timed (on a shared VM: 13.0 ms for a second, then 8.2 ms, nothing else running):
+# its p50 then lies between two levels. The medians of the first and the second half of its calls, in call order,
+# show it; a move above DRIFT_WARNING is flagged. Halves of fewer than DRIFT_MIN_HALF calls are not compared.
+DRIFT_WARNING = 0.10
+DRIFT_MIN_HALF = 10
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,8 @@ def summarize(samples_ms: list[float]) -> dict:
 
     p99 is None below ``P99_MIN_SAMPLES`` samples, with the reason in ``p99_note``: from fewer it is the largest
     sample or two, not a percentile. std and CV are None from one sample (one call that ran past the time cap):
-    its spread is unknown, not zero, and a CV of 0 would pass for the steadiest cell of a sweep."""
+    its spread is unknown, not zero, and a CV of 0 would pass for the steadiest cell of a sweep. ``halves_p50_ms``:
+    see ``halves_p50``."""
     x = np.asarray(samples_ms, dtype=np.float64)
     mean = float(x.mean())
     std = float(x.std(ddof=1)) if len(x) > 1 else None
@@ -132,7 +138,16 @@ def summarize(samples_ms: list[float]) -> dict:
     return {"n": len(x), "p50_ms": float(np.percentile(x, 50)), "p90_ms": float(np.percentile(x, 90)),
             "p99_ms": None if note else float(np.percentile(x, 99)), "p99_note": note, "mean_ms": mean, "std_ms": std,
             "cv": None if std is None else std / mean if mean > 0 else math.nan,
-            "min_ms": float(x.min()), "max_ms": float(x.max())}
+            "min_ms": float(x.min()), "max_ms": float(x.max()), "halves_p50_ms": halves_p50(samples_ms)}
+
+
+def halves_p50(samples_ms: list[float]) -> list[float] | None:
+    """The medians of the first and the second half of the samples in call order (the middle one of an odd count
+    left out), or None below ``DRIFT_MIN_HALF`` calls a half: whether the cell's level moved while it was timed."""
+    half = len(samples_ms) // 2
+    if half < DRIFT_MIN_HALF:
+        return None
+    return [float(np.median(samples_ms[:half])), float(np.median(samples_ms[-half:]))]
 
 
 # The yardstick's matmul side per device type: 8192² keeps a GPU's tensor cores busy (a 2048² bf16 matmul timed

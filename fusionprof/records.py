@@ -13,13 +13,14 @@ Training (``metrics.json``) and export (``export.json``) records stay dicts, bui
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from fusionprof import SCHEMA_VERSION, contention
 from fusionprof.errors import UserError
-from fusionprof.measure import CV_WARNING, P99_MIN_SAMPLES, p99_note, summarize
+from fusionprof.measure import CV_WARNING, DRIFT_WARNING, P99_MIN_SAMPLES, halves_p50, p99_note, summarize
 
 HOST_TIMING = "host→device copy + run + device→host copy"
 CPU_TIMING = "host clock around the call (on the CPU: no copies)"
@@ -56,6 +57,7 @@ class Timing:
     samples_ms: list[float]
     timing: str  # what the clock covered
     p99_note: str | None = None  # why p99 is empty
+    halves_p50_ms: list[float] | None = None  # p50 of the first and the second half of the calls (None: too few)
 
     @classmethod
     def of(cls, samples_ms: list[float], timing: str) -> Timing:
@@ -66,12 +68,29 @@ class Timing:
         """A CV above the warning line; a single sample (CV unknown) is marked apart, not as steady or noisy."""
         return self.cv is not None and self.cv > CV_WARNING
 
+    @property
+    def drift(self) -> float | None:
+        """How far the cell's level moved while it was timed: the second half's p50 over the first's, less 1."""
+        if self.halves_p50_ms is None:
+            return None
+        first, second = self.halves_p50_ms
+        return second / first - 1 if first > 0 else math.nan
+
+    @property
+    def drift_warning(self) -> bool:
+        """The level moved, either way, by more than the warning line: one half's p50 over 1.1× the other's."""
+        if self.halves_p50_ms is None:
+            return False
+        return max(self.halves_p50_ms) > (1 + DRIFT_WARNING) * min(self.halves_p50_ms)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "drift": self.drift}
 
     @classmethod
     def from_dict(cls, d: dict) -> Timing:
         timing = cls(**_known(cls, d))
+        if "halves_p50_ms" not in d:  # written before halves were compared: its samples say it
+            timing.halves_p50_ms = halves_p50(timing.samples_ms)
         if timing.n < 2:  # written before the rule: a CV of 0 from one sample
             timing.std_ms = timing.cv = None
         if timing.n < P99_MIN_SAMPLES and timing.p99_ms is not None:  # written before the rule: not a p99
@@ -143,7 +162,8 @@ class LatencyRow:
         device_resident = rest.pop("device_resident")
         return {**head, "parity_passed": rest.pop("parity_passed"), **self.host.to_dict(),
                 "throughput_samples_per_s": self.throughput_samples_per_s, "achieved_gflops": self.achieved_gflops,
-                "cv_warning": self.host.cv_warning, "above_yardstick": self.above_yardstick,
+                "cv_warning": self.host.cv_warning, "drift_warning": self.host.drift_warning,
+                "above_yardstick": self.above_yardstick,
                 **({"device_resident_gflops": self.device_resident_gflops()} if device_resident else {}),
                 **({"device_resident": device_resident.to_dict()} if device_resident else {}), **rest}
 
@@ -161,6 +181,12 @@ def busy_neighbour_cells(rows: list[LatencyRow]) -> tuple[list[LatencyRow], Late
     """The timed rows measured beside a busy neighbour, and the one where other processes took the most."""
     busy = [r for r in rows if r.host is not None and r.beside_busy_neighbour]
     return busy, max(busy, key=lambda r: r.contention["other_processes_cores"], default=None)
+
+
+def drifted_cells(rows: list[LatencyRow]) -> tuple[list[LatencyRow], LatencyRow | None]:
+    """The timed rows whose p50 moved while they were timed (``Timing.drift_warning``), and the one that moved most."""
+    moved = [r for r in rows if r.host is not None and r.host.drift_warning]
+    return moved, max(moved, key=lambda r: max(r.host.halves_p50_ms) / min(r.host.halves_p50_ms), default=None)
 
 
 # A sweep cut short (a time limit, a crash in a runtime) keeps the rows it measured: after each backend they are

@@ -24,12 +24,14 @@ from fusionprof.errors import UserError
 from fusionprof.figures import batch_axis, plain_axis, pyplot, save_figure, slug
 from fusionprof.load_report import load_section
 from fusionprof.loadgen import LoadRecord
+from fusionprof.measure import DRIFT_WARNING
 from fusionprof.records import (
     PARTIAL_KIND,
     LatencyRecord,
     LatencyRow,
     busy_neighbour_cells,
     check_schema,
+    drifted_cells,
     int8_gate_of,
     model_accuracy,
 )
@@ -379,13 +381,21 @@ def latency_section(rec: Records, out_dir: Path) -> list[tuple]:
     colors = _backend_colors(rec)
     for sweep in sweeps(rec):
         blocks += [("h3", sweep.title), ("p", f"Record: `{sweep.record.path}`")]
+        timed = sum(r.host is not None for r in sweep.record.rows)
         busy, worst = busy_neighbour_cells(sweep.record.rows)
         if worst:
-            blocks.append(("p", f"Timed beside a busy neighbour: {len(busy)} of "
-                                f"{sum(r.host is not None for r in sweep.record.rows)} cells (other processes took the "
-                                f"CPUs while they were timed; worst {worst.fusion}/{worst.backend} batch "
+            blocks.append(("p", f"Timed beside a busy neighbour: {len(busy)} of {timed} cells (other processes "
+                                f"took the CPUs while they were timed; worst {worst.fusion}/{worst.backend} batch "
                                 f"{worst.batch_size}: {contention.describe(worst.contention)}). Their figures are "
                                 "slower than a quiet machine's."))
+        moved, worst = drifted_cells(sweep.record.rows)
+        if worst:
+            first, second = worst.host.halves_p50_ms
+            blocks.append(("p", f"Its pace changed while it was timed in {len(moved)} of {timed} cells: their p50 "
+                                f"moved by more than {DRIFT_WARNING:.0%} between the first and the second half of "
+                                f"their calls (largest: {worst.fusion}/{worst.backend} batch {worst.batch_size}, "
+                                f"{first:.2f} → {second:.2f} ms). Such a p50 lies between two levels: a difference "
+                                "smaller than the move is not established by that sweep."))
         if sweep.rows:
             for metric, label in (("latency", "p50 latency (ms) vs batch size"),
                                   ("throughput", "samples/s (batch / mean latency) vs batch size")):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -51,6 +52,12 @@ def test_latency_sweep_writes_self_describing_records(tmp_path):
     for r in ok:
         assert len(r["samples_ms"]) == r["n"] >= 5
         assert r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["max_ms"]
+        if r["n"] < 20:  # halves of under 10 calls are not compared
+            assert r["halves_p50_ms"] is r["drift"] is None and r["drift_warning"] is False
+        else:  # the medians of the first and last n // 2 calls, in call order
+            half = r["n"] // 2
+            assert r["halves_p50_ms"] == [np.median(r["samples_ms"][:half]), np.median(r["samples_ms"][-half:])]
+            assert r["drift_warning"] == (max(r["halves_p50_ms"]) > 1.1 * min(r["halves_p50_ms"]))
         assert r["p99_ms"] is None and "p99 needs at least 100 samples" in r["p99_note"]  # n < 100: no p99
         assert r["throughput_samples_per_s"] == pytest.approx(r["batch_size"] / (r["mean_ms"] / 1e3))  # from the mean
         assert r["achieved_gflops"] == pytest.approx(r["flops_per_sample"] * r["throughput_samples_per_s"] / 1e9)

@@ -1,5 +1,7 @@
 """The timing protocol's rules, checked with calls we can count."""
 
+import csv
+import json
 import time
 
 import numpy as np
@@ -149,3 +151,58 @@ def test_a_cell_faster_than_the_yardstick_is_flagged():
                                            for line in lines)
     rate_against([row], yardstick_gflops=1000.0, peak_tflops=989.4)  # a known GPU in bf16: MFU of the datasheet
     assert row.mfu == pytest.approx(1600 / 989_400)
+
+
+def test_a_cell_whose_pace_changed_while_timed_is_told_apart_from_a_noisy_one(tmp_path):
+    """A level shift (13 ms for half the calls, then 8 ms: measured on a shared VM with nothing else running) makes
+    a p50 between two levels; a steady cell with a few slow calls has a high CV and no such shift. The table, the
+    record, its CSV, a record written before the check, compare's summary and the report each say which is which."""
+    from fusionprof.compare import summarize as compare_summary
+    from fusionprof.latency_output import table, write_record
+    from fusionprof.records import HOST_TIMING, LatencyRecord, LatencyRow, Timing
+    from fusionprof.report import write_report
+
+    shifted = Timing.of([13.0 + 0.01 * (i % 3) for i in range(40)] + [8.0 + 0.01 * (i % 3) for i in range(41)],
+                        HOST_TIMING)
+    assert shifted.halves_p50_ms == [13.01, 8.01] and shifted.drift == pytest.approx(8.01 / 13.01 - 1)
+    assert shifted.drift_warning and shifted.cv_warning
+    spiky = Timing.of([5.0] * 36 + [9.0, 5.0, 5.0, 9.0], HOST_TIMING)  # two slow calls of 40
+    assert spiky.cv_warning and not spiky.drift_warning and spiky.drift == 0.0
+    slower = Timing.of([10.0] * 10 + [11.5] * 10, HOST_TIMING)  # either way: 15 % slower is flagged,
+    faster = Timing.of([10.0] * 10 + [9.5] * 10, HOST_TIMING)  # 5 % faster is not
+    assert slower.drift_warning and not faster.drift_warning
+    few = Timing.of([13.0] * 9 + [8.0] * 10, HOST_TIMING)  # halves of 9 calls: not compared
+    assert few.halves_p50_ms is None and few.drift is None and not few.drift_warning
+
+    rows = [LatencyRow("mid", "onnxruntime", "ok", 8, shifted, flops_per_sample=1e9),
+            LatencyRow("late", "onnxruntime", "ok", 8, spiky, flops_per_sample=1e9),
+            LatencyRow("mid", "onnxruntime", "ok", 16, few, flops_per_sample=1e9)]
+    lines = table(rows)
+    assert lines[1].endswith(" ! ~") and lines[2].endswith(" !") and not lines[3].endswith("~")
+    assert ("~ the p50 moved by more than 10% between the first and the second half of the cell's calls (largest: "
+            "mid/onnxruntime batch 8, 13.01 → 8.01 ms)") in "\n".join(lines)
+    assert not any(line.startswith("~") for line in table(rows[1:]))
+
+    record = LatencyRecord("20261203T120000Z", {"host": "vm"}, {"preset": "tiny", "device": "cpu",
+                                                                 "precision": "fp32"}, {}, rows)
+    path = tmp_path / "vm" / "latency-tiny-cpu-fp32-20261203T120000Z.json"
+    path.parent.mkdir()
+    write_record(record, path)
+    written = json.loads(path.read_text())["rows"]
+    assert written[0]["halves_p50_ms"] == [13.01, 8.01] and written[0]["drift_warning"] is True
+    assert written[1]["drift_warning"] is False and written[2]["drift"] is None
+    csv_rows = list(csv.DictReader(path.with_suffix(".csv").open()))
+    assert csv_rows[0]["drift_warning"] == "True" and float(csv_rows[0]["drift"]) == pytest.approx(-0.3843, abs=1e-4)
+    before = {k: v for k, v in written[0].items() if k not in ("halves_p50_ms", "drift", "drift_warning")}
+    assert LatencyRow.from_dict(before).host.halves_p50_ms == [13.01, 8.01]  # a record written before the check
+
+    lines = compare_summary({"mid": {"test_accuracy": 0.9, "train_seconds": 60},
+                             "late": {"test_accuracy": 0.8, "train_seconds": 30}}, written)
+    assert "8.02 ms (onnxruntime) ~" in lines[1] and lines[1].endswith(" 8.00 ms (onnxruntime)")  # batch 8, 16
+    assert lines[1].count("~") == 1 and "~" not in lines[2]
+    assert lines[-1].startswith("~ that p50 moved by more than 10%")
+
+    write_report([tmp_path], tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert ("Its pace changed while it was timed in 1 of 3 cells: their p50 moved by more than 10% between the first "
+            "and the second half of their calls (largest: mid/onnxruntime batch 8, 13.01 → 8.01 ms)") in text

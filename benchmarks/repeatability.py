@@ -1,14 +1,16 @@
 """How well a latency cell's p50 repeats from one sweep to the next, and whether the table's flags foretell it.
 
     python benchmarks/repeatability.py [--preset tiny] [--fusion all] [--backends torch,onnxruntime]
-        [--batch-sizes 1,8,32] [--runs 4] [--threads N]
+        [--batch-sizes 1,8,32] [--runs 4] [--rounds 1,3] [--threads N]
 
-The same ``fusionprof latency`` sweep ``--runs`` times, each in a fresh process, one after another. Per cell and run,
-how far its p50 lies from the median of the other runs' p50s of that cell (``miss``: |p50 / median of the others
-- 1|): what a reader would be wrong by, taking one sweep's figure for the machine's. The misses are grouped by what
-the table said of that cell in that run: nothing, ``!`` only (CV above 10 %: some slow calls) or ``~`` (its p50
-moved by over 10 % between the first and the second half of its calls: the pace changed while it was timed). If
-the flags mean what they say, ``~`` cells miss more than unflagged ones, and ``!`` alone says little about the p50.
+The same ``fusionprof latency`` sweep ``--runs`` times per ``--rounds`` setting (each a fresh process; the settings
+alternate, so a slow quarter of an hour falls on both). Per setting, cell and run, how far its p50 lies from the
+median of the other runs' p50s of that cell (``miss``: |p50 / median of the others - 1|): what a reader would be
+wrong by, taking one sweep's figure for the machine's. ``relative_miss`` is the same after dividing each run's p50s
+by that run's median miss ratio (its overall pace): what a comparison within one record is wrong by, which is what
+interleaving (``--rounds`` above 1) is for. The misses are grouped by what the table said of that cell in that run:
+nothing, ``!`` only (CV above 10 %: some slow calls) or ``~`` (its p50 moved by over 10 % between the first and the
+second half of its calls: the pace changed while it was timed).
 
 Writes ``profiles/<host>/repeatability-<preset>.json``: the summary, and every sweep's rows (without their raw
 samples, with their halves' p50s) and config.
@@ -34,13 +36,14 @@ from fusionprof.records import LatencyRecord
 GROUPS = ("none", "! only", "~")
 
 
-def sweep(args, run: int, work: Path) -> LatencyRecord:
+def sweep(args, rounds: int, run: int, work: Path) -> LatencyRecord:
     """One ``fusionprof latency`` in a child process; its record."""
-    out = work / f"run{run}"
+    out = work / f"rounds{rounds}-run{run}"
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "fusionprof", "latency", "--preset", args.preset, "--fusion", args.fusion,
-               "--backends", args.backends, "--batch-sizes", args.batch_sizes, "--models", str(work / "none"),
-               "--out", str(out), "--quiet", *(["--threads", str(args.threads)] if args.threads else [])]
+               "--backends", args.backends, "--batch-sizes", args.batch_sizes, "--rounds", str(rounds),
+               "--models", str(work / "none"), "--out", str(out), "--quiet",
+               *(["--threads", str(args.threads)] if args.threads else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -64,20 +67,39 @@ def misses(records: list[LatencyRecord]) -> list[dict]:
         for run, row in runs:
             others = statistics.median(r.host.p50_ms for i, r in runs if i != run)
             out.append({"fusion": fusion, "backend": backend, "batch_size": batch, "run": run,
-                        "p50_ms": row.host.p50_ms, "halves_p50_ms": row.host.halves_p50_ms, "cv": row.host.cv,
-                        "group": group(row), "others_median_p50_ms": others,
-                        "miss": abs(row.host.p50_ms / others - 1)})
+                        "p50_ms": row.host.p50_ms, "halves_p50_ms": row.host.halves_p50_ms,
+                        "rounds_p50_ms": row.host.rounds_p50_ms, "cv": row.host.cv, "group": group(row),
+                        "others_median_p50_ms": others, "ratio": row.host.p50_ms / others})
+    pace = {run: statistics.median(x["ratio"] for x in out if x["run"] == run) for run in range(len(records))}
+    for x in out:
+        x["run_pace"] = pace[x["run"]]
+        x["miss"] = abs(x["ratio"] - 1)
+    for x in out:  # the same against the other runs' p50s, each run's divided by its pace
+        others = statistics.median(y["p50_ms"] / y["run_pace"] for y in out if y["run"] != x["run"] and
+                                   (y["fusion"], y["backend"], y["batch_size"]) ==
+                                   (x["fusion"], x["backend"], x["batch_size"]))
+        x["relative_miss"] = abs(x["p50_ms"] / x["run_pace"] / others - 1)
     return out
+
+
+def spread(values: list[float]) -> dict:
+    m = sorted(values)
+    return {"n": len(m), "median": statistics.median(m) if m else None,
+            "p90": m[min(len(m) - 1, int(0.9 * len(m)))] if m else None, "max": max(m, default=None)}
 
 
 def summary(found: list[dict]) -> dict:
-    """Per flag group: how many (cell, run)s, and the median, p90 and largest miss."""
-    out = {}
+    """All (cell, run)s and per flag group: the median, p90 and largest miss and relative miss; each run's pace."""
+    out = {"all": {k: spread([x[k] for x in found]) for k in ("miss", "relative_miss")},
+           "run_pace": sorted({x["run"]: x["run_pace"] for x in found}.items())}
     for name in GROUPS:
-        m = sorted(x["miss"] for x in found if x["group"] == name)
-        out[name] = {"n": len(m), "median_miss": statistics.median(m) if m else None,
-                     "p90_miss": m[min(len(m) - 1, int(0.9 * len(m)))] if m else None, "max_miss": max(m, default=None)}
+        out[name] = {k: spread([x[k] for x in found if x["group"] == name]) for k in ("miss", "relative_miss")}
     return out
+
+
+def describe(s: dict) -> str:
+    return (f"{s['n']:3d} (cell, run)s, off the other runs' median by {s['median']:.1%} (median), {s['p90']:.1%} "
+            f"(p90), {s['max']:.1%} (largest)") if s["n"] else "  0 (cell, run)s"
 
 
 def main() -> None:
@@ -87,33 +109,40 @@ def main() -> None:
     parser.add_argument("--backends", default="torch,onnxruntime")
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--runs", type=int, default=4)
+    parser.add_argument("--rounds", default="1", help="Comma-separated --rounds settings, alternated run by run.")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="profiles")
     args = parser.parse_args()
     if args.runs < 3:
         raise SystemExit("--runs must be at least 3: a run's miss is against the median of the others")
+    settings = [int(r) for r in args.rounds.split(",")]
     env = fingerprint()
     print(f"{machine_name(env)}, {env['cpu_logical_cores']} logical cores; {args.preset} {args.fusion}, "
-          f"{args.backends}, batches {args.batch_sizes}; {args.runs} runs", flush=True)
+          f"{args.backends}, batches {args.batch_sizes}; {args.runs} runs of rounds {args.rounds}", flush=True)
+    records: dict[int, list[LatencyRecord]] = {r: [] for r in settings}
     with tempfile.TemporaryDirectory() as tmp:
-        records = []
         for run in range(args.runs):
-            records.append(sweep(args, run, Path(tmp)))
-            print(f"run {run + 1}/{args.runs}: {sum(r.ok for r in records[-1].rows)} cells", flush=True)
-    found = misses(records)
-    result = summary(found)
-    for name, s in result.items():
-        if s["n"]:
-            print(f"{name:>7}: {s['n']:3d} (cell, run)s, p50 off the other runs' median by {s['median_miss']:.1%} "
-                  f"(median), {s['p90_miss']:.1%} (p90), {s['max_miss']:.1%} (largest)")
-        else:
-            print(f"{name:>7}:   0 (cell, run)s")
+            for rounds in settings:
+                records[rounds].append(sweep(args, rounds, run, Path(tmp)))
+                print(f"run {run + 1}/{args.runs}, rounds {rounds}: {sum(r.ok for r in records[rounds][-1].rows)} "
+                      "cells", flush=True)
+    results = {}
+    for rounds, recs in records.items():
+        found = misses(recs)
+        result = summary(found)
+        results[rounds] = {"summary": result, "cells": found,
+                           "sweeps": [{"created": r.created, "config": r.config,
+                                       "reference_matmul": r.reference_matmul,
+                                       "rows": [{k: v for k, v in row.to_dict().items() if k != "samples_ms"}
+                                                for row in r.rows]} for r in recs]}
+        print(f"rounds {rounds}: each run's pace (median p50 over the others' medians): "
+              + ", ".join(f"{pace:.3f}" for _, pace in result["run_pace"]))
+        for name in ("all", *GROUPS):
+            print(f"  {name:>7}  p50: {describe(result[name]['miss'])}")
+            print(f"  {'':>7}  relative to its run's pace: {describe(result[name]['relative_miss'])}")
     record = {"schema_version": SCHEMA_VERSION, "kind": "repeatability",
               "created": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"), "environment": env,
-              "config": vars(args), "summary": result, "cells": found,
-              "sweeps": [{"created": r.created, "config": r.config, "reference_matmul": r.reference_matmul,
-                          "rows": [{k: v for k, v in row.to_dict().items() if k != "samples_ms"} for row in r.rows]}
-                         for r in records]}
+              "config": vars(args), "rounds": {str(r): v for r, v in results.items()}}
     path = Path(args.out) / env["host"] / f"repeatability-{args.preset}.json"
     write_json(path, record)
     print(f"wrote {path}")

@@ -283,6 +283,11 @@ def csv_list(kind=str):
               help=f"Warm-up time per cell, before sampling [default: {PROTOCOL.warmup_seconds:g} s].")
 @click.option("--warmup-calls", type=int, default=None, callback=positive,
               help=f"Warm-up calls per cell, at least [default: {PROTOCOL.warmup_calls}].")
+@click.option("--rounds", type=int, default=1, show_default=True, callback=positive,
+              help="Visits per cell: above 1, every backend is loaded first, then every cell is timed once a round "
+              "(the order reversed each round), the sampling minimums split over the rounds, each visit warmed "
+              "up anew; a change in the machine's pace then falls on every cell alike. Keeps every backend in "
+              "memory at once; not with --resume.")
 @click.option("--trace", is_flag=True, help="Also record torch profiler traces, in a separate short run.")
 @click.option("--models", "models_dir", default="models", show_default=True, help="Where checkpoints are looked for.")
 @click.option("--out", "profiles_dir", default="profiles", show_default=True, help="Results go to OUT/<host>/.")
@@ -290,7 +295,7 @@ def csv_list(kind=str):
               "machine (OUT/<host>/latency-*.partial.json): its rows are kept, the rest measured.")
 @click.option("--quiet", is_flag=True)
 def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, threads, min_seconds, min_calls,
-            warmup_seconds, warmup_calls, trace, models_dir, profiles_dir, resume, quiet):
+            warmup_seconds, warmup_calls, rounds, trace, models_dir, profiles_dir, resume, quiet):
     """Inference latency of fusions × backends × batch sizes, with one timing protocol."""
     from fusionprof.latency import SweepConfig, sweep
     from fusionprof.latency_output import table
@@ -303,7 +308,7 @@ def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, 
                                 warmup_seconds=warmup_seconds, warmup_calls=warmup_calls)
     cfg = SweepConfig(preset=preset, fusions=names, backends=backends or backend_names(), batch_sizes=batch_sizes,
                       device=device, precision=precision, seq_len=seq_len, threads=threads, models_dir=models_dir,
-                      profiles_dir=profiles_dir, protocol=protocol)
+                      profiles_dir=profiles_dir, protocol=protocol, rounds=rounds)
     record = sweep(cfg, progress=not quiet, log=click.echo, resume=resume)
     for line in table(record.rows):
         click.echo(line)

@@ -15,7 +15,9 @@ the JSON record, the CSV, the table). The record's types live in ``records``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -89,6 +92,10 @@ class SweepConfig:
     models_dir: str = "models"
     profiles_dir: str = "profiles"
     protocol: Protocol = field(default_factory=Protocol)
+    # Visits per cell. Above 1 every cell of the sweep is timed in turn, the protocol's sampling split over the
+    # rounds and the order reversed each round: a change in the machine's pace falls on every cell alike rather
+    # than on the few timed while it lasted, and each row keeps the p50 of each round.
+    rounds: int = 1
 
 
 # --------------------------------------------------------------------------- artifacts: what to load or export
@@ -218,10 +225,22 @@ class Cell:
     model: dict  # which weights
 
 
-def measure_backend(name: str, artifacts: Artifacts, device: torch.device, cfg: SweepConfig,
-                    cell: Cell) -> Iterator[LatencyRow]:
-    """One backend's rows, one per batch size: built fresh, its real first call timed before anything else runs
-    it, then checked for parity, then timed. A backend that fails parity is timed all the same; its rows say so."""
+@dataclass
+class Prepared:
+    """A backend ready to be timed: built fresh, its real first call timed before anything else ran it, checked
+    for parity (a backend that fails it is timed all the same; its rows say so)."""
+
+    name: str
+    backend: Backend
+    model: FusionModel
+    cell: Cell
+    load_seconds: float
+    first_call_ms: float
+    first_batch: int
+    passed: bool
+
+
+def prepare_backend(name: str, artifacts: Artifacts, device: torch.device, cfg: SweepConfig, cell: Cell) -> Prepared:
     start = time.perf_counter()
     backend = create_backend(name, artifacts, device, cfg.precision)
     load_seconds = time.perf_counter() - start
@@ -232,34 +251,82 @@ def measure_backend(name: str, artifacts: Artifacts, device: torch.device, cfg: 
     first_call_ms = (time.perf_counter() - start) * 1e3
     # tolerances stated per precision; the largest batch timed is among the shapes checked
     passed = parity(artifacts.model, backend, cfg.precision, largest_batch=max(cfg.batch_sizes))["passed"]
+    return Prepared(name, backend, artifacts.model, cell, load_seconds, first_call_ms, first_batch, passed)
+
+
+@dataclass
+class Visit:
+    """What one visit to a cell measured: copy-inclusive samples, device-resident ones on CUDA, peak memory, and
+    what other processes took of the CPUs meanwhile."""
+
+    host: list[float]
+    device_resident: list[float] | None
+    peak: dict
+    contention: dict
+
+
+def measure_backend(name: str, artifacts: Artifacts, device: torch.device, cfg: SweepConfig,
+                    cell: Cell) -> Iterator[LatencyRow]:
+    """One backend's rows, one per batch size, each cell timed in one visit (a sweep of one round)."""
+    prepared = prepare_backend(name, artifacts, device, cfg, cell)
     for batch_size in cfg.batch_sizes:
-        host, device_resident, peak, others = measure_cell(backend, artifacts.model, batch_size, cell.seq_len,
-                                                           cfg.protocol)
-        row = LatencyRow(cell.fusion, name, "ok" if passed else PARITY_FAILED, batch_size, host, device_resident,
-                         first_call_of_fresh_backend_ms=first_call_ms, first_call_batch_size=first_batch,
-                         load_seconds=load_seconds, seq_len=cell.seq_len, flops_per_sample=cell.flops_per_sample,
-                         parity_passed=passed, peak_memory=peak, contention=others, model=cell.model,
-                         backend_info=backend.describe())
-        yield row
+        yield row_of(prepared, batch_size, [visit_cell(prepared, batch_size, cfg.protocol)])
 
 
-def measure_cell(backend: Backend, model: FusionModel, batch_size: int, seq_len: int,
-                 protocol: Protocol) -> tuple[Timing, Timing | None, dict, dict]:
-    """One (backend, batch size) cell: copy-inclusive samples, device-resident samples on CUDA, peak memory, and
-    what other processes took of the CPUs meanwhile (``contention.watch``)."""
-    images, ids, mask = example_inputs(model.cfg, batch_size, seq_len)
+def visit_cell(prepared: Prepared, batch_size: int, protocol: Protocol) -> Visit:
+    """One visit to a (backend, batch size) cell: warm-up, then samples per ``protocol``."""
+    backend = prepared.backend
+    images, ids, mask = example_inputs(prepared.model.cfg, batch_size, prepared.cell.seq_len)
     with peak_memory(backend.device) as peak, contention.watch() as others:
-        host = Timing.of(sample_calls(lambda: backend.run(images, ids, mask), backend.synchronize, protocol),
-                         HOST_TIMING if backend.device.type == "cuda" else CPU_TIMING)
+        host = sample_calls(lambda: backend.run(images, ids, mask), backend.synchronize, protocol)
         device_resident = None
         if backend.device.type == "cuda":
             on_device = [t.to(backend.device) for t in (images, ids, mask)]
-            device_resident = Timing.of(sample_cuda_events(lambda: backend.run_on_device(*on_device),
-                                                           backend.device, protocol), DEVICE_TIMING)
+            device_resident = sample_cuda_events(lambda: backend.run_on_device(*on_device), backend.device, protocol)
+    return Visit(host, device_resident, peak, others)
+
+
+def row_of(prepared: Prepared, batch_size: int, visits: list[Visit], interleaved: bool = False) -> LatencyRow:
+    """A cell's row from its visits: their samples in call order, in an interleaved sweep the p50 of each visit
+    beside them (fewer than its rounds where the backend failed a later visit), the largest peak, and the other
+    processes' load over all of them."""
+    backend, cell = prepared.backend, prepared.cell
+
+    def timing(series: list[list[float]], clock: str) -> Timing:
+        t = Timing.of([x for s in series for x in s], clock)
+        t.rounds_p50_ms = [float(np.median(s)) for s in series] if interleaved else None
+        return t
+
+    host = timing([v.host for v in visits], HOST_TIMING if backend.device.type == "cuda" else CPU_TIMING)
+    device_resident = timing([v.device_resident for v in visits], DEVICE_TIMING) \
+        if visits[0].device_resident is not None else None
+    peak = {k: max(v.peak[k] for v in visits) for k in visits[0].peak}
+    others = visits[0].contention if len(visits) == 1 else contention.combine([v.contention for v in visits])
     if backend.device.type == "cuda" and backend.cuda_memory_unseen:  # a figure that would flatter it: none at all
         peak.pop("cuda_max_allocated_mib", None)
         peak["cuda_memory"] = f"not measured: {backend.cuda_memory_unseen}"
-    return host, device_resident, peak, others
+    return LatencyRow(cell.fusion, prepared.name, "ok" if prepared.passed else PARITY_FAILED, batch_size, host,
+                      device_resident, first_call_of_fresh_backend_ms=prepared.first_call_ms,
+                      first_call_batch_size=prepared.first_batch, load_seconds=prepared.load_seconds,
+                      seq_len=cell.seq_len, flops_per_sample=cell.flops_per_sample, parity_passed=prepared.passed,
+                      peak_memory=peak, contention=others, model=cell.model, backend_info=backend.describe())
+
+
+def round_protocol(protocol: Protocol, rounds: int) -> Protocol:
+    """One visit's share of a cell's sampling when it is timed over ``rounds`` visits; each visit warms up anew
+    (another cell ran in between)."""
+    return dataclasses.replace(protocol, min_seconds=protocol.min_seconds / rounds,
+                               min_calls=math.ceil(protocol.min_calls / rounds),
+                               max_seconds=protocol.max_seconds / rounds,
+                               max_calls=math.ceil(protocol.max_calls / rounds))
+
+
+def visit_order(cells: list, rounds: int) -> Iterator[tuple[int, object]]:
+    """(round, cell) in the order an interleaved sweep times them: every cell each round, the order reversed every
+    other round, so that over two rounds each cell's visits sit on average at the middle of the sweep's time."""
+    for r in range(rounds):
+        for cell in cells if r % 2 == 0 else reversed(cells):
+            yield r, cell
 
 
 def _not_runnable(name: str, device: torch.device, precision: str) -> str | None:
@@ -280,6 +347,8 @@ def _check(cfg: SweepConfig) -> torch.device:
         raise UserError("--batch-sizes must be whole numbers of at least 1")
     for name in cfg.backends:
         BACKENDS.get(name)  # unknown names fail here
+    if cfg.rounds < 1:
+        raise UserError("--rounds must be at least 1")
     return device
 
 
@@ -288,6 +357,9 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
     far after every backend (``PARTIAL_SUFFIX``). ``resume``: continue the newest unfinished sweep with these
     settings on this machine, keeping its rows and measuring only the (fusion, backend) pairs it had not reached."""
     device = _check(cfg)
+    if resume and cfg.rounds > 1:
+        raise UserError("--resume continues a sweep of one round: an interleaved one (--rounds) times every cell "
+                        "in every round, so it has no finished rows to keep until its last")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     env = fingerprint()
@@ -302,11 +374,12 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
     kept = len(rows)
     done = {(r.fusion, r.backend) for r in rows}
     peak = datasheet_tflops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
-    bar = tqdm(total=len(cfg.fusions) * len(cfg.backends) * len(cfg.batch_sizes), desc="latency",
-               disable=not progress)
+    per_pair = len(cfg.batch_sizes) * cfg.rounds  # progress steps: one per visit
+    bar = tqdm(total=len(cfg.fusions) * len(cfg.backends) * per_pair, desc="latency", disable=not progress)
+    interleaved: list[Prepared] = []  # rounds > 1: every backend made ready first, then timed in rounds
     for fusion in cfg.fusions:
         if all((fusion, name) in done for name in cfg.backends):  # resumed: measured before
-            bar.update(len(cfg.backends) * len(cfg.batch_sizes))
+            bar.update(len(cfg.backends) * per_pair)
             continue
         artifacts, source = load_artifacts(cfg, fusion, out_dir, log)
         seq_len = cfg.seq_len or artifacts.model.cfg.max_text_len
@@ -315,13 +388,20 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
         cell = Cell(fusion, seq_len, forward_flops(artifacts.model, seq_len)["total"], source)
         for name in cfg.backends:
             if (fusion, name) in done:
-                bar.update(len(cfg.batch_sizes))
+                bar.update(per_pair)
                 continue
             reason = _not_runnable(name, device, cfg.precision)
             failure = artifacts.failed.get(BACKENDS.get(name).artifact)
             if reason or failure:
                 rows.append(LatencyRow(fusion, name, f"unavailable: {reason}" if reason else f"failed: {failure}"))
-                bar.update(len(cfg.batch_sizes))
+                bar.update(per_pair)
+                continue
+            if cfg.rounds > 1:
+                try:
+                    interleaved.append(prepare_backend(name, artifacts, device, cfg, cell))
+                except (UserError, torch.OutOfMemoryError) as e:
+                    rows.append(LatencyRow(fusion, name, f"failed: {_failure(e, device)}"))
+                    bar.update(per_pair)
                 continue
             measured: list[LatencyRow] = []
             try:
@@ -333,13 +413,13 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
                 # which batch, after the batches it did run, which stay) and the sweep goes on
                 bar.update(len(cfg.batch_sizes) - len(measured))
                 at = cfg.batch_sizes[len(measured)] if measured else None
-                why = f"out of memory ({first_line(e)})" if isinstance(e, torch.OutOfMemoryError) else str(e)
-                measured.append(LatencyRow(fusion, name, f"failed: {why}", batch_size=at))
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                measured.append(LatencyRow(fusion, name, f"failed: {_failure(e, device)}", batch_size=at))
             rows += measured
             rate_against(rows, start["gflops"], peak)
             save_partial(partial_path, LatencyRecord(began, env, config, {"start": start}, rows))
+    if interleaved:  # in the order a sweep of one round has them: by fusion, then backend, then batch
+        rows += time_in_rounds(interleaved, cfg, bar, device)
+        rows.sort(key=lambda r: (cfg.fusions.index(r.fusion), cfg.backends.index(r.backend)))
     bar.close()
     reference = yardstick(start, matmul_rate(device, matmul_dtype))
     log(f"yardstick at the end: {reference['end']['gflops']:.0f} GFLOP/s ({reference['drift']:+.1%} from the start)")
@@ -351,6 +431,39 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
     write_record(record, out_dir / f"{stem}-{stamp}.json")
     partial_path.unlink(missing_ok=True)
     return record
+
+
+def time_in_rounds(prepared: list[Prepared], cfg: SweepConfig, bar: tqdm, device: torch.device) -> list[LatencyRow]:
+    """The rows of backends made ready beforehand, every cell visited once a round (``visit_order``). A backend
+    that fails a visit (out of memory, a shape it cannot run) is visited no more: its row says at which batch and
+    round, beside the rows of the cells it had been timed at."""
+    per_visit = round_protocol(cfg.protocol, cfg.rounds)
+    visits: dict[tuple[int, int], list[Visit]] = {}
+    failed: dict[int, LatencyRow] = {}
+    for r, (i, batch_size) in visit_order([(i, b) for i in range(len(prepared)) for b in cfg.batch_sizes],
+                                          cfg.rounds):
+        bar.update(1)
+        p = prepared[i]
+        if i in failed:
+            continue
+        bar.set_postfix_str(f"{p.cell.fusion}/{p.name}/bs{batch_size} round {r + 1}")
+        try:
+            visits.setdefault((i, batch_size), []).append(visit_cell(p, batch_size, per_visit))
+        except (UserError, torch.OutOfMemoryError) as e:
+            failed[i] = LatencyRow(p.cell.fusion, p.name, f"failed: {_failure(e, device)} (round {r + 1})",
+                                   batch_size=batch_size)
+    rows = []
+    for i, p in enumerate(prepared):
+        rows += [row_of(p, b, visits[(i, b)], interleaved=True) for b in cfg.batch_sizes if visits.get((i, b))]
+        rows += [failed[i]] if i in failed else []
+    return rows
+
+
+def _failure(e: Exception, device: torch.device) -> str:
+    """Why a backend could not load or run here, in one line (on CUDA, after giving back what it held)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return f"out of memory ({first_line(e)})" if isinstance(e, torch.OutOfMemoryError) else str(e)
 
 
 def _begin(out_dir: Path, stem: str, config: dict, env: dict, resume: bool, log) -> tuple[Path, str, list[LatencyRow]]:

@@ -58,6 +58,7 @@ class Timing:
     timing: str  # what the clock covered
     p99_note: str | None = None  # why p99 is empty
     halves_p50_ms: list[float] | None = None  # p50 of the first and the second half of the calls (None: too few)
+    rounds_p50_ms: list[float] | None = None  # an interleaved sweep's: the p50 of each visit (None: one visit)
 
     @classmethod
     def of(cls, samples_ms: list[float], timing: str) -> Timing:

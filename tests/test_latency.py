@@ -300,18 +300,26 @@ class FailsAtBatch2(TorchEager):
      "failed: batch 2 is outside this engine's optimization profile"),
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
      "failed: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")])
-def test_a_backend_failing_at_one_batch_keeps_the_batches_it_ran(error, status, tmp_path, monkeypatch):
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_a_backend_failing_at_one_batch_keeps_the_batches_it_ran(error, status, rounds, tmp_path, monkeypatch):
     monkeypatch.setitem(BACKENDS._members, FailsAtBatch2.registered_name, FailsAtBatch2)
     monkeypatch.setattr(FailsAtBatch2, "error", error)
     monkeypatch.setattr("fusionprof.latency.parity", lambda *a, **k: {"passed": True})  # parity runs batch 3 and 8
     cfg = SweepConfig(fusions=["early"], backends=["fails-at-2", "torch"], batch_sizes=[1, 2, 4],
                       models_dir=str(tmp_path / "none"), profiles_dir=str(tmp_path), protocol=Protocol(
-                          warmup_seconds=0, warmup_calls=1, min_seconds=0.02, min_calls=3))
+                          warmup_seconds=0, warmup_calls=1, min_seconds=0.02, min_calls=3), rounds=rounds)
     record = sweep(cfg, progress=False, log=lambda *_: None)
+    # batch 1's timing stays, the failure says where (and in an interleaved sweep, in which round); the other
+    # backend's cells are all timed, every round
     assert [(r.backend, r.batch_size, r.status) for r in record.rows] == [
-        ("fails-at-2", 1, "ok"), ("fails-at-2", 2, status),  # batch 1's timing stays, the failure says where
+        ("fails-at-2", 1, "ok"), ("fails-at-2", 2, status + (" (round 1)" if rounds > 1 else "")),
         ("torch", 1, "ok"), ("torch", 2, "ok"), ("torch", 4, "ok")]
-    assert record.rows[0].host.n >= 3 and record.rows[1].host is None
+    assert record.rows[1].host is None
+    if rounds == 1:
+        assert record.rows[0].host.n >= 3 and all(r.host.rounds_p50_ms is None for r in record.rows if r.host)
+    else:  # the failing backend was timed at batch 1 in round 1 only (2 calls of 3): its row says one visit
+        assert record.rows[0].host.n >= 2 and len(record.rows[0].host.rounds_p50_ms) == 1
+        assert all(len(r.host.rounds_p50_ms) == 2 and r.host.n >= 4 for r in record.rows[2:])
 
 
 def test_a_sweeps_own_export_is_made_again_for_other_weights(tmp_path, trained_mid, untrained_onnx):
@@ -339,6 +347,37 @@ def test_a_sweeps_own_export_is_made_again_for_other_weights(tmp_path, trained_m
     assert parity(trained.model, backend, "fp32")["passed"]  # before: the untrained graph, and parity failed
     said.clear()
     assert load_artifacts(cfg, "mid", tmp_path / "work", said.append)[0].onnx == left and not said  # kept now
+
+
+def test_an_interleaved_sweep_visits_every_cell_each_round(tmp_path):
+    """--rounds 3: each cell timed in three visits, the order reversed every other round, the sampling minimums
+    split over them (7 calls and 1/3 of the time each, warm-up each visit); its row keeps every sample in call
+    order and each visit's p50. A sweep that cannot be resumed says so before it measures anything."""
+    from fusionprof.latency import round_protocol, visit_order
+
+    assert list(visit_order(["a", "b"], 3)) == [(0, "a"), (0, "b"), (1, "b"), (1, "a"), (2, "a"), (2, "b")]
+    per_visit = round_protocol(Protocol(), 3)
+    assert (per_visit.min_calls, per_visit.min_seconds, per_visit.warmup_calls) == (7, 2 / 3, 5)
+
+    code, out = run_cli("latency", "--fusion", "late,early", "--backends", "onnxruntime,torch", "--batch-sizes",
+                        "1,2", "--rounds", "3", "--min-calls", "12", "--min-seconds", "0.03", "--warmup-seconds", "0",
+                        "--warmup-calls", "1", "--models", tmp_path / "none", "--out", tmp_path, "--quiet")
+    assert code == 0, out
+    [path] = tmp_path.glob("*/latency-*.json")
+    record = json.loads(path.read_text())
+    assert record["config"]["rounds"] == 3 and not list(tmp_path.glob("*/*.partial.json"))
+    assert [(r["fusion"], r["backend"], r["batch_size"]) for r in record["rows"]] == [
+        (f, b, n) for f in ("late", "early") for b in ("onnxruntime", "torch") for n in (1, 2)]  # as one round's
+    for r in record["rows"]:
+        assert r["status"] == "ok" and r["n"] >= 12 and len(r["rounds_p50_ms"]) == 3
+        assert min(r["rounds_p50_ms"]) >= r["min_ms"] and max(r["rounds_p50_ms"]) <= r["max_ms"]
+        assert r["contention"]["seconds"] > 0
+    code, out = run_cli("latency", "--fusion", "late", "--rounds", "2", "--resume", "--out", tmp_path, "--quiet")
+    assert code == 1 and out.strip().splitlines()[-1] == (
+        "Error: --resume continues a sweep of one round: an interleaved one (--rounds) times every cell in every "
+        "round, so it has no finished rows to keep until its last")
+    code, out = run_cli("latency", "--rounds", "0", "--out", tmp_path, "--quiet")
+    assert code == 2 and "--rounds" in out and "Traceback" not in out
 
 
 def test_a_sweep_on_other_threads_is_not_resumed(tmp_path):

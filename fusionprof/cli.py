@@ -348,6 +348,8 @@ def report(paths, out):
               help=f"Minimum sampling time per latency cell [default: {PROTOCOL.min_seconds:g} s].")
 @click.option("--min-calls", type=int, default=None, callback=positive,
               help=f"Minimum samples per latency cell [default: {PROTOCOL.min_calls}].")
+@click.option("--rounds", type=int, default=1, show_default=True, callback=positive,
+              help="Visits per latency cell, interleaved (see `fusionprof latency --help`).")
 @click.option("--precisions", default=None, callback=csv_list(),
               help="fp32 and the low precisions to sweep on the CPU, e.g. fp32,int8 [default: fp32 and those this "
                    "CPU computes natively (bf16: AVX512-BF16 / AMX-BF16; int8: VNNI / AMX-INT8)].")
@@ -365,8 +367,8 @@ def report(paths, out):
 @click.option("--profiles", "profiles_dir", default="profiles", show_default=True)
 @click.option("--quiet", is_flag=True)
 def compare(preset, data, device, epochs, limit_train, limit_eval, batch_sizes, backends, min_seconds, min_calls,
-            precisions, under_load, load_p99_ms, load_seconds, load_queries, load_trials, models_dir, profiles_dir,
-            quiet):
+            rounds, precisions, under_load, load_p99_ms, load_seconds, load_queries, load_trials, models_dir,
+            profiles_dir, quiet):
     """The whole study: train every fusion, export, time, trace, run under load, report. Re-runs skip finished
     stages."""
     from fusionprof.compare import UNDER_LOAD
@@ -378,7 +380,7 @@ def compare(preset, data, device, epochs, limit_train, limit_eval, batch_sizes, 
     run_compare(preset=preset, data=data, device=device, models_dir=models_dir, profiles_dir=profiles_dir,
                 epochs=epochs, limit_train=limit_train, limit_eval=limit_eval, batch_sizes=batch_sizes,
                 backends=backends, protocol=replace_protocol(Protocol(), min_seconds=min_seconds, min_calls=min_calls),
-                load_plan=plan, precisions=precisions, progress=not quiet, log=click.echo)
+                rounds=rounds, load_plan=plan, precisions=precisions, progress=not quiet, log=click.echo)
 
 
 @cli.command()

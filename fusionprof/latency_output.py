@@ -67,7 +67,8 @@ def table(rows: list[LatencyRow]) -> list[str]:
         lines.append(f"~ the p50 moved by more than {DRIFT_WARNING:.0%} between the first and the second half of "
                      f"the cell's calls (largest: {worst.fusion}/{worst.backend} batch {worst.batch_size}, "
                      f"{first:.2f} → {second:.2f} ms): the machine's pace changed while it was timed, so that p50 "
-                     "lies between two levels; time it again before trusting a smaller difference")
+                     "lies between two levels (an unflagged cell is no promise of a steadier one: --rounds 3 "
+                     "spreads such changes over every cell)")
     _, worst = busy_neighbour_cells(timed)
     if worst:
         lines.append(f"+ other processes were busy while that cell was timed (worst: {describe(worst.contention)}, "

@@ -79,8 +79,9 @@ class Timing:
 
     @property
     def drift_warning(self) -> bool:
-        """The level moved, either way, by more than the warning line: one half's p50 over 1.1× the other's."""
-        if self.halves_p50_ms is None:
+        """The level moved, either way, by more than the warning line: one half's p50 over 1.1× the other's. Not
+        for a cell of an interleaved sweep: its visits lie minutes apart by design, and its p50 spans them."""
+        if self.halves_p50_ms is None or self.rounds_p50_ms is not None:
             return False
         return max(self.halves_p50_ms) > (1 + DRIFT_WARNING) * min(self.halves_p50_ms)
 

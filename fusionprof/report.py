@@ -394,8 +394,10 @@ def latency_section(rec: Records, out_dir: Path) -> list[tuple]:
             blocks.append(("p", f"Its pace changed while it was timed in {len(moved)} of {timed} cells: their p50 "
                                 f"moved by more than {DRIFT_WARNING:.0%} between the first and the second half of "
                                 f"their calls (largest: {worst.fusion}/{worst.backend} batch {worst.batch_size}, "
-                                f"{first:.2f} → {second:.2f} ms). Such a p50 lies between two levels: a difference "
-                                "smaller than the move is not established by that sweep."))
+                                f"{first:.2f} → {second:.2f} ms). Such a p50 lies between two levels. On a shared "
+                                "machine the other cells move too, from one sweep to the next "
+                                "(`benchmarks/repeatability.py`); `fusionprof latency --rounds 3` spreads such "
+                                "changes over every cell."))
         if sweep.rows:
             for metric, label in (("latency", "p50 latency (ms) vs batch size"),
                                   ("throughput", "samples/s (batch / mean latency) vs batch size")):

@@ -171,6 +171,8 @@ def test_a_cell_whose_pace_changed_while_timed_is_told_apart_from_a_noisy_one(tm
     slower = Timing.of([10.0] * 10 + [11.5] * 10, HOST_TIMING)  # either way: 15 % slower is flagged,
     faster = Timing.of([10.0] * 10 + [9.5] * 10, HOST_TIMING)  # 5 % faster is not
     assert slower.drift_warning and not faster.drift_warning
+    interleaved = Timing.from_dict({**shifted.to_dict(), "rounds_p50_ms": [13.01, 8.01]})  # two visits, by design
+    assert interleaved.halves_p50_ms == [13.01, 8.01] and not interleaved.drift_warning  # minutes apart: not flagged
     few = Timing.of([13.0] * 9 + [8.0] * 10, HOST_TIMING)  # halves of 9 calls: not compared
     assert few.halves_p50_ms is None and few.drift is None and not few.drift_warning
 

@@ -124,9 +124,12 @@ def test_compare_runs_every_stage_then_skips_them(tmp_path, small_data):
     args = ["compare", "--data", small_data, "--epochs", "1", "--limit-train", "12", "--limit-eval", "6",
             "--batch-sizes", "1,2", "--backends", "torch,onnxruntime", "--out", tmp_path / "m", "--profiles",
             tmp_path / "p", "--quiet", "--load-seconds", "0.2", "--load-queries", "64", "--load-trials", "1",
-            "--precisions", "fp32", *QUICK]  # fp32 only: the same stages on every CPU, whatever its flags
+            "--precisions", "fp32", "--rounds", "2", *QUICK]  # fp32 only: the same stages on every CPU
     code, out = run_cli(*args)
     assert code == 0, out
+    [sweep] = (tmp_path / "p").glob("*/latency-tiny-cpu-fp32-*.json")  # interleaved, as asked
+    rows = json.loads(sweep.read_text())["rows"]
+    assert all(len(r["rounds_p50_ms"]) == 2 for r in rows if r["status"] == "ok") and len(rows) == 16
     for stage in ("train tiny-early", "train tiny-bottleneck", "export tiny-mid onnx", "latency tiny cpu",
                   "traces tiny cpu", "load tiny-mid"):
         assert f"[compare] {stage}" in out

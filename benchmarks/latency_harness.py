@@ -2,7 +2,7 @@
 
     python benchmarks/latency_harness.py [--backends torch,onnxruntime] [--fusion mid] [--batch-size 8] [--threads 2]
 
-Per backend, on one artifact, shape and thread count: A is the sweep's own timing of a cell (``measure_cell``, host
+Per backend, on one artifact, shape and thread count: A is the sweep's own timing of a cell (``visit_cell``, host
 p50); B the bare runtime (the module under ``torch.inference_mode()``, an ``onnxruntime.InferenceSession`` fed numpy,
 the loaded ``.pt2``, a TensorRT context, a hand-captured CUDA graph) in a plain ``perf_counter_ns`` loop. A, B, B, A
 (× ``--repeats``), each a fresh ``--seconds`` measurement, so drift and neighbours hit both. Reported: every p50, the
@@ -30,7 +30,7 @@ from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS, Artifacts, backend_names, create_backend
 from fusionprof.env import fingerprint, machine_name
-from fusionprof.latency import SweepConfig, load_artifacts, measure_cell
+from fusionprof.latency import Cell, Prepared, SweepConfig, load_artifacts, row_of, visit_cell
 from fusionprof.measure import Protocol, replace_protocol, sample_calls, summarize
 from fusionprof.models.model import example_inputs
 from fusionprof.runtime import resolve_device
@@ -166,14 +166,16 @@ def compare(name: str, artifacts: Artifacts, device: torch.device, args) -> Comp
         return Comparison(name, status=f"unavailable: {reason}" if not ok else f"failed: {failure}" if failure
                           else "no bare runtime for it in this harness")
     backend, seq_len = create_backend(name, artifacts, device), artifacts.model.cfg.max_text_len
-    inputs = example_inputs(artifacts.model.cfg, args.batch_size, seq_len)  # what measure_cell feeds, too
+    inputs = example_inputs(artifacts.model.cfg, args.batch_size, seq_len)  # what visit_cell feeds, too
+    prepared = Prepared(name, backend, artifacts.model, Cell(args.fusion, seq_len, 0.0, {}), load_seconds=0.0,
+                        first_call_ms=0.0, first_batch=args.batch_size, passed=True)
     call, what = BARE[name](backend, artifacts, inputs, device, args.threads)
     protocol = replace_protocol(Protocol(), warmup_seconds=WARMUP_SECONDS, min_seconds=args.seconds, max_calls=10**7)
     result = Comparison(name, bare=what, order="ABBA" * args.repeats)
     for side in result.order:
         if side == "A":
-            host, *_ = measure_cell(backend, artifacts.model, args.batch_size, seq_len, protocol)
-            result.fusionprof_p50_ms.append(host.p50_ms)
+            row = row_of(prepared, args.batch_size, [visit_cell(prepared, args.batch_size, protocol)])
+            result.fusionprof_p50_ms.append(row.host.p50_ms)
         else:
             result.bare_p50_ms.append(bare_p50(call, args.seconds))
     result.settle()

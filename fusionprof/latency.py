@@ -8,7 +8,7 @@ on CUDA the device-resident latency (CUDA events, inputs already on the GPU) is 
 Profiler traces come from a separate, short run (``trace_inference``), never from the timed one.
 
 The sweep is split the way optimum-benchmark splits one: artifacts (``load_artifacts``: what to load or export),
-scenario (``measure_backend`` / ``measure_cell``: what to call, at which shapes, how often), tracker
+scenario (``prepare_backend`` / ``visit_cell``: what to call, at which shapes, how often, in what order), tracker
 (``measure``: one sampling loop for the host clock and CUDA events, peak memory), output (``latency_output``:
 the JSON record, the CSV, the table). The record's types live in ``records``.
 """

@@ -59,6 +59,9 @@ def table(rows: list[LatencyRow]) -> list[str]:
                      + (one if any(r.host.cv is None for r in timed) else ""))
     if timed:
         lines.append("samples/s and GFLOP/s: batch / mean latency, calls one after another")
+    if visits := max((len(r.host.rounds_p50_ms or []) for r in timed), default=0):
+        lines.append(f"each cell timed in {visits} visits, one a round through the whole sweep (--rounds); its "
+                     "figures are over all of them, each visit's p50 is in the record (rounds_p50_ms)")
     if any(r.host.cv_warning for r in timed):
         lines.append(f"! CV above {CV_WARNING:.0%}: noisy measurement (another process, frequency scaling, thermal)")
     _, worst = drifted_cells(timed)

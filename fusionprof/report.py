@@ -479,16 +479,18 @@ def precision_section(rec: Records) -> list[tuple]:
         return blocks + [("p", "One precision per machine so far. On a CPU with native bf16 or int8 (AVX512-BF16, "
                                "VNNI, AMX), `fusionprof compare` sweeps them beside fp32.")]
     return blocks + [("p", "Per machine and set of models (the folder of their checkpoints, or random init), each "
-                           "precision's sweep that timed the most fusions, the newest of those; accuracy is that "
-                           "of the models the sweep ran, in that precision (– for random-init models).")] + tables
+                           "precision's sweep that timed the most fusions, then the most cells, the newest of "
+                           "those; accuracy is that of the models the sweep ran, in that precision (– for random-init "
+                           "models).")] + tables
 
 
 def _study_sweeps(rec: Records) -> dict[tuple[str, str, str, str], dict[str, LatencyRecord]]:
     """(machine, preset, device, models) → precision → one latency record: of the sweeps of those models in that
-    precision, the one that timed the most fusions, the newest of those (a later sweep of one fusion and two
-    backends does not stand in for the study's)."""
+    precision, the one that timed the most fusions, then the most cells, the newest of those (a later sweep of one
+    fusion, or of every fusion at one batch size on two backends, does not stand in for the study's)."""
     out: dict[tuple[str, str, str, str], dict[str, LatencyRecord]] = defaultdict(dict)
-    for sweep in sorted(rec.latency, key=lambda s: (len({r.fusion for r in s.rows if r.ok}), s.created)):
+    for sweep in sorted(rec.latency, key=lambda s: (len({r.fusion for r in s.rows if r.ok}), sum(r.ok for r in s.rows),
+                                                    s.created)):
         cfg = sweep.config
         study = (machine_name(sweep.environment), cfg["preset"], cfg["device"], _models_of(sweep))
         out[study][cfg["precision"]] = sweep

@@ -366,6 +366,7 @@ def test_an_interleaved_sweep_visits_every_cell_each_round(tmp_path):
     [path] = tmp_path.glob("*/latency-*.json")
     record = json.loads(path.read_text())
     assert record["config"]["rounds"] == 3 and not list(tmp_path.glob("*/*.partial.json"))
+    assert "each cell timed in 3 visits, one a round through the whole sweep (--rounds)" in out
     assert [(r["fusion"], r["backend"], r["batch_size"]) for r in record["rows"]] == [
         (f, b, n) for f in ("late", "early") for b in ("onnxruntime", "torch") for n in (1, 2)]  # as one round's
     for r in record["rows"]:

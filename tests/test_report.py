@@ -81,6 +81,21 @@ def test_unknown_schema_version_is_a_one_line_error(two_machines, tmp_path):
     assert len(out.strip().splitlines()) == 1
 
 
+def test_the_precision_table_compares_the_widest_sweep_not_the_newest():
+    """The AVX512-BF16 EPYC's seed fp32 sweeps: the study's (3 backends, batch 1 and 8, 2026-12-02) and a later
+    interleaved one of two backends at batch 1 (2026-12-03), both of every fusion. The precision table sets the
+    study's beside bf16 and int8: the later one timed fewer cells."""
+    from pathlib import Path
+
+    from fusionprof.report import _study_sweeps, find_records
+
+    rec = find_records([Path(__file__).parent.parent / "profiles" / "vm"])
+    [seed] = [by for (machine, preset, device, _), by in _study_sweeps(rec).items()
+              if machine == "vm (AMD EPYC, AVX512-BF16)" and preset == "seed" and device == "cpu"]
+    assert Path(seed["fp32"].path).name == "latency-seed-cpu-fp32-20261202T013644Z.json"
+    assert {"bf16", "int8"} <= set(seed)
+
+
 def test_committed_records_load_through_their_types():
     """Every latency record in profiles/ reads into the dataclasses and writes back what it read (a p99 kept
     from fewer than 100 samples is dropped on reading: it is not a p99)."""

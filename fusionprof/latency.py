@@ -265,14 +265,6 @@ class Visit:
     contention: dict
 
 
-def measure_backend(name: str, artifacts: Artifacts, device: torch.device, cfg: SweepConfig,
-                    cell: Cell) -> Iterator[LatencyRow]:
-    """One backend's rows, one per batch size, each cell timed in one visit (a sweep of one round)."""
-    prepared = prepare_backend(name, artifacts, device, cfg, cell)
-    for batch_size in cfg.batch_sizes:
-        yield row_of(prepared, batch_size, [visit_cell(prepared, batch_size, cfg.protocol)])
-
-
 def visit_cell(prepared: Prepared, batch_size: int, protocol: Protocol) -> Visit:
     """One visit to a (backend, batch size) cell: warm-up, then samples per ``protocol``."""
     backend = prepared.backend
@@ -396,25 +388,17 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
                 rows.append(LatencyRow(fusion, name, f"unavailable: {reason}" if reason else f"failed: {failure}"))
                 bar.update(per_pair)
                 continue
-            if cfg.rounds > 1:
-                try:
-                    interleaved.append(prepare_backend(name, artifacts, device, cfg, cell))
-                except (UserError, torch.OutOfMemoryError) as e:
-                    rows.append(LatencyRow(fusion, name, f"failed: {_failure(e, device)}"))
-                    bar.update(per_pair)
-                continue
-            measured: list[LatencyRow] = []
             try:
-                for row in measure_backend(name, artifacts, device, cfg, cell):
-                    bar.set_postfix_str(f"{fusion}/{name}/bs{row.batch_size}")
-                    measured.append(row)
-                    bar.update(1)
-            except (UserError, torch.OutOfMemoryError) as e:  # it cannot load or run this here: a row says why (at
-                # which batch, after the batches it did run, which stay) and the sweep goes on
-                bar.update(len(cfg.batch_sizes) - len(measured))
-                at = cfg.batch_sizes[len(measured)] if measured else None
-                measured.append(LatencyRow(fusion, name, f"failed: {_failure(e, device)}", batch_size=at))
-            rows += measured
+                prepared = prepare_backend(name, artifacts, device, cfg, cell)
+            except (UserError, torch.OutOfMemoryError) as e:  # it cannot load here: a row says why, the sweep goes on
+                rows.append(LatencyRow(fusion, name, f"failed: {_failure(e, device)}"))
+                bar.update(per_pair)
+                continue
+            if cfg.rounds > 1:  # timed beside every other backend, once all are ready
+                interleaved.append(prepared)
+                continue
+            rows += time_in_rounds([prepared], cfg, bar, device)
+            del prepared  # released before the next backend loads: one in memory at a time
             rate_against(rows, start["gflops"], peak)
             save_partial(partial_path, LatencyRecord(began, env, config, {"start": start}, rows))
     if interleaved:  # in the order a sweep of one round has them: by fusion, then backend, then batch
@@ -434,9 +418,9 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
 
 
 def time_in_rounds(prepared: list[Prepared], cfg: SweepConfig, bar: tqdm, device: torch.device) -> list[LatencyRow]:
-    """The rows of backends made ready beforehand, every cell visited once a round (``visit_order``). A backend
-    that fails a visit (out of memory, a shape it cannot run) is visited no more: its row says at which batch and
-    round, beside the rows of the cells it had been timed at."""
+    """The rows of backends made ready beforehand, every cell visited once a round (``visit_order``; one round:
+    each batch size in turn). A backend that fails a visit (out of memory, a shape it cannot run) is visited no
+    more: its row says at which batch (and round), beside the rows of the cells it had been timed at."""
     per_visit = round_protocol(cfg.protocol, cfg.rounds)
     visits: dict[tuple[int, int], list[Visit]] = {}
     failed: dict[int, LatencyRow] = {}
@@ -450,11 +434,13 @@ def time_in_rounds(prepared: list[Prepared], cfg: SweepConfig, bar: tqdm, device
         try:
             visits.setdefault((i, batch_size), []).append(visit_cell(p, batch_size, per_visit))
         except (UserError, torch.OutOfMemoryError) as e:
-            failed[i] = LatencyRow(p.cell.fusion, p.name, f"failed: {_failure(e, device)} (round {r + 1})",
+            which = f" (round {r + 1})" if cfg.rounds > 1 else ""
+            failed[i] = LatencyRow(p.cell.fusion, p.name, f"failed: {_failure(e, device)}{which}",
                                    batch_size=batch_size)
     rows = []
     for i, p in enumerate(prepared):
-        rows += [row_of(p, b, visits[(i, b)], interleaved=True) for b in cfg.batch_sizes if visits.get((i, b))]
+        rows += [row_of(p, b, visits[(i, b)], interleaved=cfg.rounds > 1) for b in cfg.batch_sizes
+                 if visits.get((i, b))]
         rows += [failed[i]] if i in failed else []
     return rows
 

@@ -283,21 +283,22 @@ def csv_list(kind=str):
               help=f"Warm-up time per cell, before sampling [default: {PROTOCOL.warmup_seconds:g} s].")
 @click.option("--warmup-calls", type=int, default=None, callback=positive,
               help=f"Warm-up calls per cell, at least [default: {PROTOCOL.warmup_calls}].")
-@click.option("--rounds", type=int, default=1, show_default=True, callback=positive,
+@click.option("--rounds", type=int, default=None, callback=positive,
               help="Visits per cell: above 1, every backend is loaded first, then every cell is timed once a round "
               "(the order reversed each round), the sampling minimums split over the rounds, each visit warmed "
               "up anew; a change in the machine's pace then falls on every cell alike. Keeps every backend in "
-              "memory at once; not with --resume.")
+              "memory at once [default: 3 for the tiny preset, 1 for bigger ones].")
 @click.option("--trace", is_flag=True, help="Also record torch profiler traces, in a separate short run.")
 @click.option("--models", "models_dir", default="models", show_default=True, help="Where checkpoints are looked for.")
 @click.option("--out", "profiles_dir", default="profiles", show_default=True, help="Results go to OUT/<host>/.")
 @click.option("--resume", is_flag=True, help="Continue the newest unfinished sweep with these settings on this "
-              "machine (OUT/<host>/latency-*.partial.json): its rows are kept, the rest measured.")
+              "machine (OUT/<host>/latency-*.partial.json): its rows are kept, the rest measured (an interleaved sweep "
+              "goes on from its last finished round).")
 @click.option("--quiet", is_flag=True)
 def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, threads, min_seconds, min_calls,
             warmup_seconds, warmup_calls, rounds, trace, models_dir, profiles_dir, resume, quiet):
     """Inference latency of fusions × backends × batch sizes, with one timing protocol."""
-    from fusionprof.latency import SweepConfig, sweep
+    from fusionprof.latency import SweepConfig, default_rounds, sweep
     from fusionprof.latency_output import table
 
     names = fusion_names() if fusions == "all" else csv_list()(None, None, fusions)
@@ -308,7 +309,7 @@ def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, 
                                 warmup_seconds=warmup_seconds, warmup_calls=warmup_calls)
     cfg = SweepConfig(preset=preset, fusions=names, backends=backends or backend_names(), batch_sizes=batch_sizes,
                       device=device, precision=precision, seq_len=seq_len, threads=threads, models_dir=models_dir,
-                      profiles_dir=profiles_dir, protocol=protocol, rounds=rounds)
+                      profiles_dir=profiles_dir, protocol=protocol, rounds=rounds or default_rounds(preset))
     record = sweep(cfg, progress=not quiet, log=click.echo, resume=resume)
     for line in table(record.rows):
         click.echo(line)
@@ -348,8 +349,9 @@ def report(paths, out):
               help=f"Minimum sampling time per latency cell [default: {PROTOCOL.min_seconds:g} s].")
 @click.option("--min-calls", type=int, default=None, callback=positive,
               help=f"Minimum samples per latency cell [default: {PROTOCOL.min_calls}].")
-@click.option("--rounds", type=int, default=1, show_default=True, callback=positive,
-              help="Visits per latency cell, interleaved (see `fusionprof latency --help`).")
+@click.option("--rounds", type=int, default=None, callback=positive,
+              help="Visits per latency cell, interleaved (see `fusionprof latency --help`) [default: 3 for the tiny "
+                   "preset, 1 for bigger ones].")
 @click.option("--precisions", default=None, callback=csv_list(),
               help="fp32 and the low precisions to sweep on the CPU, e.g. fp32,int8 [default: fp32 and those this "
                    "CPU computes natively (bf16: AVX512-BF16 / AMX-BF16; int8: VNNI / AMX-INT8)].")

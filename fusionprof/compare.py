@@ -30,7 +30,7 @@ from fusionprof.config import ModelConfig, TrainConfig, model_config, train_conf
 from fusionprof.env import NATIVE_LOW_PRECISIONS, cpu_isa
 from fusionprof.errors import UserError
 from fusionprof.export import export
-from fusionprof.latency import SweepConfig, sweep, trace_inference
+from fusionprof.latency import SweepConfig, default_rounds, sweep, trace_inference
 from fusionprof.latency_output import table
 from fusionprof.load import LoadConfig, load
 from fusionprof.measure import DRIFT_WARNING, Protocol
@@ -59,7 +59,7 @@ UNDER_LOAD = LoadPlan()
 def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu", models_dir: str = "models",
             profiles_dir: str = "profiles", epochs: int | None = None, limit_train: int | None = None,
             limit_eval: int | None = None, batch_sizes: list[int] | None = None, backends: list[str] | None = None,
-            protocol: Protocol | None = None, rounds: int = 1, load_plan: LoadPlan | None = UNDER_LOAD,
+            protocol: Protocol | None = None, rounds: int | None = None, load_plan: LoadPlan | None = UNDER_LOAD,
             precisions: list[str] | None = None, progress: bool = True, log=print) -> dict:
     # what is swept beside fp32 is settled (and a wrong --precisions refused) before anything is trained
     low = low_precisions(device, log) if precisions is None else chosen_low_precisions(precisions, device, log)
@@ -96,7 +96,7 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
     dev = resolve_device(device)
     export_stages(stage, preset, device, models_dir, backends, low, progress, log)
     sweep_cfg = SweepConfig(preset=preset, device=device, models_dir=models_dir, profiles_dir=profiles_dir,
-                            protocol=protocol or Protocol(), rounds=rounds)
+                            protocol=protocol or Protocol(), rounds=rounds or default_rounds(preset))
     if batch_sizes:
         sweep_cfg.batch_sizes = batch_sizes
     sweep_cfg.backends = [b for b in sweep_cfg.backends if wanted(BACKENDS.get(b), device, backends)]
@@ -192,9 +192,9 @@ def time_spent(done: dict[str, dict]) -> str:
 
 
 def run_sweep(cfg: SweepConfig, progress: bool, log) -> dict:
-    # like training, a sweep that a killed study left unfinished continues from its partial rows (one of one round:
-    # an interleaved sweep keeps none)
-    record = sweep(cfg, progress=progress, log=log, resume=cfg.rounds == 1)
+    # like training, a sweep that a killed study left unfinished continues from its partial rows (an interleaved one
+    # from its last finished round)
+    record = sweep(cfg, progress=progress, log=log, resume=True)
     for line in table(record.rows):
         log(line)
     return {"record": record.path, "rows": [{"fusion": r.fusion, "backend": r.backend, "batch_size": r.batch_size,

@@ -98,6 +98,17 @@ class SweepConfig:
     rounds: int = 1
 
 
+# Visits per cell where none are asked for: three for the tiny preset, one for the bigger ones. Timed in three
+# interleaved visits, a tiny sweep's cells stood 1.6x closer to their place in other sweeps of the same settings
+# (median relative miss 5.8 % against 9.3 %, benchmarks/repeatability.py, profiles/vm/repeatability-tiny.json), and
+# holding every tiny backend at once costs little; a seed sweep that holds them all took 9.9 GB of memory.
+DEFAULT_ROUNDS = {"tiny": 3}
+
+
+def default_rounds(preset: str) -> int:
+    return DEFAULT_ROUNDS.get(preset, 1)
+
+
 # --------------------------------------------------------------------------- artifacts: what to load or export
 
 
@@ -286,13 +297,14 @@ def row_of(prepared: Prepared, batch_size: int, visits: list[Visit], interleaved
 
     def timing(series: list[list[float]], clock: str) -> Timing:
         t = Timing.of([x for s in series for x in s], clock)
-        t.rounds_p50_ms = [float(np.median(s)) for s in series] if interleaved else None
+        if interleaved:
+            t.rounds_p50_ms, t.rounds_calls = [float(np.median(s)) for s in series], [len(s) for s in series]
         return t
 
     host = timing([v.host for v in visits], HOST_TIMING if backend.device.type == "cuda" else CPU_TIMING)
     device_resident = timing([v.device_resident for v in visits], DEVICE_TIMING) \
         if visits[0].device_resident is not None else None
-    peak = {k: max(v.peak[k] for v in visits) for k in visits[0].peak}
+    peak = {k: max(v.peak[k] for v in visits if k in v.peak) for k in dict.fromkeys(k for v in visits for k in v.peak)}
     others = visits[0].contention if len(visits) == 1 else contention.combine([v.contention for v in visits])
     if backend.device.type == "cuda" and backend.cuda_memory_unseen:  # a figure that would flatter it: none at all
         peak.pop("cuda_max_allocated_mib", None)
@@ -304,21 +316,45 @@ def row_of(prepared: Prepared, batch_size: int, visits: list[Visit], interleaved
                       peak_memory=peak, contention=others, model=cell.model, backend_info=backend.describe())
 
 
-def round_protocol(protocol: Protocol, rounds: int) -> Protocol:
-    """One visit's share of a cell's sampling when it is timed over ``rounds`` visits; each visit warms up anew
-    (another cell ran in between)."""
+def round_protocol(protocol: Protocol, rounds: int, revisit: bool = False) -> Protocol:
+    """One visit's share of a cell's sampling when it is timed over ``rounds`` visits. Each visit warms up anew
+    (another cell ran in between): the first for the whole warm-up time (what a shape costs once: allocation,
+    primitives made for it), a ``revisit`` for its share of that time, and every visit for at least the protocol's
+    warm-up calls."""
     return dataclasses.replace(protocol, min_seconds=protocol.min_seconds / rounds,
                                min_calls=math.ceil(protocol.min_calls / rounds),
                                max_seconds=protocol.max_seconds / rounds,
-                               max_calls=math.ceil(protocol.max_calls / rounds))
+                               max_calls=math.ceil(protocol.max_calls / rounds),
+                               warmup_seconds=protocol.warmup_seconds / (rounds if revisit else 1))
 
 
-def visit_order(cells: list, rounds: int) -> Iterator[tuple[int, object]]:
+def visit_order(cells: list, rounds: int, first_round: int = 0) -> Iterator[tuple[int, object]]:
     """(round, cell) in the order an interleaved sweep times them: every cell each round, the order reversed every
-    other round, so that over two rounds each cell's visits sit on average at the middle of the sweep's time."""
-    for r in range(rounds):
+    other round, so that over two rounds each cell's visits sit on average at the middle of the sweep's time. A
+    resumed sweep starts at ``first_round``."""
+    for r in range(first_round, rounds):
         for cell in cells if r % 2 == 0 else reversed(cells):
             yield r, cell
+
+
+def visits_of(row: LatencyRow) -> list[Visit]:
+    """The visits an interleaved row was made from, as a resumed sweep continues them: its samples split by visit
+    (``rounds_calls``), its peak memory and the other processes' load over them all carried by the first."""
+    def split(t: Timing) -> list[list[float]]:
+        ends = np.cumsum(t.rounds_calls).tolist()
+        return [t.samples_ms[a:b] for a, b in zip([0, *ends], ends, strict=False)]
+    host = split(row.host)
+    resident = split(row.device_resident) if row.device_resident else [None] * len(host)
+    return [Visit(h, d, row.peak_memory, row.contention if k == 0 else {})
+            for k, (h, d) in enumerate(zip(host, resident, strict=True))]
+
+
+def unfinished(rows: list[LatencyRow], rounds: int) -> set[tuple[str, str]]:
+    """The (fusion, backend) pairs of an interleaved sweep's rows so far that a resumed sweep continues: timed in
+    fewer than ``rounds`` visits, none failed."""
+    pairs = {(r.fusion, r.backend) for r in rows
+             if r.host and r.host.rounds_calls and len(r.host.rounds_calls) < rounds}
+    return pairs - {(r.fusion, r.backend) for r in rows if r.host is None}
 
 
 def _not_runnable(name: str, device: torch.device, precision: str) -> str | None:
@@ -346,12 +382,10 @@ def _check(cfg: SweepConfig) -> torch.device:
 
 def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = False) -> LatencyRecord:
     """Every (fusion, backend, batch size) cell of ``cfg``: one record, written when the sweep ends, and the rows so
-    far after every backend (``PARTIAL_SUFFIX``). ``resume``: continue the newest unfinished sweep with these
-    settings on this machine, keeping its rows and measuring only the (fusion, backend) pairs it had not reached."""
+    far (``PARTIAL_SUFFIX``) after every backend, or in an interleaved sweep after every round. ``resume``: continue
+    the newest unfinished sweep with these settings on this machine, keeping its rows and measuring only the
+    (fusion, backend) pairs it had not reached, or the rounds it had not reached."""
     device = _check(cfg)
-    if resume and cfg.rounds > 1:
-        raise UserError("--resume continues a sweep of one round: an interleaved one (--rounds) times every cell "
-                        "in every round, so it has no finished rows to keep until its last")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     env = fingerprint()
@@ -364,11 +398,20 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
     stem = f"latency-{cfg.preset}-{device.type}-{cfg.precision}"
     partial_path, began, rows = _begin(out_dir, stem, config, env, resume, log)
     kept = len(rows)
+    going_on = unfinished(rows, cfg.rounds)  # an interleaved sweep's pairs, resumed: their visits so far, continued
+    earlier = {pair: [r for r in rows if (r.fusion, r.backend) == pair] for pair in going_on}
+    rows = [r for r in rows if (r.fusion, r.backend) not in going_on]
     done = {(r.fusion, r.backend) for r in rows}
     peak = datasheet_tflops(torch.cuda.get_device_name(device), cfg.precision) if device.type == "cuda" else None
+
+    def save(so_far: list[LatencyRow]) -> None:
+        rate_against(so_far, start["gflops"], peak)
+        save_partial(partial_path, LatencyRecord(began, env, config, {"start": start}, so_far))
+
     per_pair = len(cfg.batch_sizes) * cfg.rounds  # progress steps: one per visit
     bar = tqdm(total=len(cfg.fusions) * len(cfg.backends) * per_pair, desc="latency", disable=not progress)
     interleaved: list[Prepared] = []  # rounds > 1: every backend made ready first, then timed in rounds
+    before: dict[tuple[int, int], list[Visit]] = {}  # (its index there, batch): visits an earlier process made
     for fusion in cfg.fusions:
         if all((fusion, name) in done for name in cfg.backends):  # resumed: measured before
             bar.update(len(cfg.backends) * per_pair)
@@ -391,18 +434,20 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
             try:
                 prepared = prepare_backend(name, artifacts, device, cfg, cell)
             except (UserError, torch.OutOfMemoryError) as e:  # it cannot load here: a row says why, the sweep goes on
-                rows.append(LatencyRow(fusion, name, f"failed: {_failure(e, device)}"))
+                rows += earlier.get((fusion, name), []) + [LatencyRow(fusion, name, f"failed: {_failure(e, device)}")]
                 bar.update(per_pair)
                 continue
             if cfg.rounds > 1:  # timed beside every other backend, once all are ready
+                before |= {(len(interleaved), r.batch_size): visits_of(r) for r in earlier.get((fusion, name), [])}
                 interleaved.append(prepared)
                 continue
             rows += time_in_rounds([prepared], cfg, bar, device)
             del prepared  # released before the next backend loads: one in memory at a time
-            rate_against(rows, start["gflops"], peak)
-            save_partial(partial_path, LatencyRecord(began, env, config, {"start": start}, rows))
+            save(rows)
     if interleaved:  # in the order a sweep of one round has them: by fusion, then backend, then batch
-        rows += time_in_rounds(interleaved, cfg, bar, device)
+        if before:
+            log(f"the interleaved sweep goes on at round {min(map(len, before.values())) + 1} of {cfg.rounds}")
+        rows += time_in_rounds(interleaved, cfg, bar, device, before, lambda timed: save(rows + timed))
         rows.sort(key=lambda r: (cfg.fusions.index(r.fusion), cfg.backends.index(r.backend)))
     bar.close()
     reference = yardstick(start, matmul_rate(device, matmul_dtype))
@@ -417,32 +462,44 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
     return record
 
 
-def time_in_rounds(prepared: list[Prepared], cfg: SweepConfig, bar: tqdm, device: torch.device) -> list[LatencyRow]:
+def time_in_rounds(prepared: list[Prepared], cfg: SweepConfig, bar: tqdm, device: torch.device,
+                   before: dict[tuple[int, int], list[Visit]] | None = None, after_round=None) -> list[LatencyRow]:
     """The rows of backends made ready beforehand, every cell visited once a round (``visit_order``; one round:
     each batch size in turn). A backend that fails a visit (out of memory, a shape it cannot run) is visited no
-    more: its row says at which batch (and round), beside the rows of the cells it had been timed at."""
-    per_visit = round_protocol(cfg.protocol, cfg.rounds)
-    visits: dict[tuple[int, int], list[Visit]] = {}
+    more: its row says at which batch (and round), beside the rows of the cells it had been timed at. A resumed
+    sweep passes the visits an earlier process made (``before``, by backend index and batch: its rounds so far), and
+    goes on at the next round; ``after_round(rows so far)`` is called at the end of every round but the last."""
+    visits: dict[tuple[int, int], list[Visit]] = {k: list(v) for k, v in (before or {}).items()}
+    first_round = min(map(len, visits.values()), default=0)
     failed: dict[int, LatencyRow] = {}
-    for r, (i, batch_size) in visit_order([(i, b) for i in range(len(prepared)) for b in cfg.batch_sizes],
-                                          cfg.rounds):
+    cells = [(i, b) for i in range(len(prepared)) for b in cfg.batch_sizes]
+    seen: set[tuple[int, int]] = set()  # visited in this process: a revisit warms up for its share of the time
+
+    def rows() -> list[LatencyRow]:
+        out = []
+        for i, p in enumerate(prepared):
+            out += [row_of(p, b, visits[(i, b)], interleaved=cfg.rounds > 1) for b in cfg.batch_sizes
+                    if visits.get((i, b))]
+            out += [failed[i]] if i in failed else []
+        return out
+
+    bar.update(first_round * len(cells))
+    for r, (i, batch_size) in visit_order(cells, cfg.rounds, first_round):
         bar.update(1)
         p = prepared[i]
-        if i in failed:
-            continue
-        bar.set_postfix_str(f"{p.cell.fusion}/{p.name}/bs{batch_size} round {r + 1}")
-        try:
-            visits.setdefault((i, batch_size), []).append(visit_cell(p, batch_size, per_visit))
-        except (UserError, torch.OutOfMemoryError) as e:
-            which = f" (round {r + 1})" if cfg.rounds > 1 else ""
-            failed[i] = LatencyRow(p.cell.fusion, p.name, f"failed: {_failure(e, device)}{which}",
-                                   batch_size=batch_size)
-    rows = []
-    for i, p in enumerate(prepared):
-        rows += [row_of(p, b, visits[(i, b)], interleaved=cfg.rounds > 1) for b in cfg.batch_sizes
-                 if visits.get((i, b))]
-        rows += [failed[i]] if i in failed else []
-    return rows
+        if i not in failed:
+            bar.set_postfix_str(f"{p.cell.fusion}/{p.name}/bs{batch_size} round {r + 1}")
+            try:
+                protocol = round_protocol(cfg.protocol, cfg.rounds, revisit=(i, batch_size) in seen)
+                visits.setdefault((i, batch_size), []).append(visit_cell(p, batch_size, protocol))
+                seen.add((i, batch_size))
+            except (UserError, torch.OutOfMemoryError) as e:
+                which = f" (round {r + 1})" if cfg.rounds > 1 else ""
+                failed[i] = LatencyRow(p.cell.fusion, p.name, f"failed: {_failure(e, device)}{which}",
+                                       batch_size=batch_size)
+        if after_round and r + 1 < cfg.rounds and (i, batch_size) == (cells[-1] if r % 2 == 0 else cells[0]):
+            after_round(rows())
+    return rows()
 
 
 def _failure(e: Exception, device: torch.device) -> str:
@@ -458,7 +515,8 @@ def _begin(out_dir: Path, stem: str, config: dict, env: dict, resume: bool, log)
     found = find_partial(out_dir, config, env) if resume else None
     if found:
         path, record = found
-        pairs = len(config["fusions"]) * len(config["backends"]) - len({(r.fusion, r.backend) for r in record.rows})
+        finished = {(r.fusion, r.backend) for r in record.rows} - unfinished(record.rows, config["rounds"])
+        pairs = len(config["fusions"]) * len(config["backends"]) - len(finished)
         log(f"resuming {path}: {len(record.rows)} rows kept, {pairs} (fusion, backend) pairs to go")
         return path, record.created, list(record.rows)
     if resume:

@@ -59,6 +59,7 @@ class Timing:
     p99_note: str | None = None  # why p99 is empty
     halves_p50_ms: list[float] | None = None  # p50 of the first and the second half of the calls (None: too few)
     rounds_p50_ms: list[float] | None = None  # an interleaved sweep's: the p50 of each visit (None: one visit)
+    rounds_calls: list[int] | None = None  # and the calls of each visit, in call order (what a resumed sweep splits)
 
     @classmethod
     def of(cls, samples_ms: list[float], timing: str) -> Timing:

@@ -57,7 +57,9 @@ def test_latency_sweep_writes_self_describing_records(tmp_path):
         else:  # the medians of the first and last n // 2 calls, in call order
             half = r["n"] // 2
             assert r["halves_p50_ms"] == [np.median(r["samples_ms"][:half]), np.median(r["samples_ms"][-half:])]
-            assert r["drift_warning"] == (max(r["halves_p50_ms"]) > 1.1 * min(r["halves_p50_ms"]))
+            assert r["drift"] == r["halves_p50_ms"][1] / r["halves_p50_ms"][0] - 1
+        # the tiny preset's default: three interleaved visits, whose move between halves is by design, not flagged
+        assert record["config"]["rounds"] == 3 and len(r["rounds_p50_ms"]) == 3 and r["drift_warning"] is False
         assert r["p99_ms"] is None and "p99 needs at least 100 samples" in r["p99_note"]  # n < 100: no p99
         assert r["throughput_samples_per_s"] == pytest.approx(r["batch_size"] / (r["mean_ms"] / 1e3))  # from the mean
         assert r["achieved_gflops"] == pytest.approx(r["flops_per_sample"] * r["throughput_samples_per_s"] / 1e9)
@@ -351,13 +353,16 @@ def test_a_sweeps_own_export_is_made_again_for_other_weights(tmp_path, trained_m
 
 def test_an_interleaved_sweep_visits_every_cell_each_round(tmp_path):
     """--rounds 3: each cell timed in three visits, the order reversed every other round, the sampling minimums
-    split over them (7 calls and 1/3 of the time each, warm-up each visit); its row keeps every sample in call
-    order and each visit's p50. A sweep that cannot be resumed says so before it measures anything."""
+    split over them (7 calls and 1/3 of the time each, warm-up each visit: the first for the whole warm-up time, the
+    others for a third of it); its row keeps every sample in call order and each visit's p50 and calls."""
     from fusionprof.latency import round_protocol, visit_order
 
     assert list(visit_order(["a", "b"], 3)) == [(0, "a"), (0, "b"), (1, "b"), (1, "a"), (2, "a"), (2, "b")]
-    per_visit = round_protocol(Protocol(), 3)
-    assert (per_visit.min_calls, per_visit.min_seconds, per_visit.warmup_calls) == (7, 2 / 3, 5)
+    assert list(visit_order(["a", "b"], 3, first_round=1)) == [(1, "b"), (1, "a"), (2, "a"), (2, "b")]
+    per_visit, revisit = round_protocol(Protocol(), 3), round_protocol(Protocol(), 3, revisit=True)
+    assert (per_visit.min_calls, per_visit.min_seconds, per_visit.warmup_calls, per_visit.warmup_seconds) == \
+        (7, 2 / 3, 5, 0.5)
+    assert (revisit.min_calls, revisit.warmup_calls, revisit.warmup_seconds) == (7, 5, 0.5 / 3)
 
     code, out = run_cli("latency", "--fusion", "late,early", "--backends", "onnxruntime,torch", "--batch-sizes",
                         "1,2", "--rounds", "3", "--min-calls", "12", "--min-seconds", "0.03", "--warmup-seconds", "0",
@@ -372,13 +377,53 @@ def test_an_interleaved_sweep_visits_every_cell_each_round(tmp_path):
     for r in record["rows"]:
         assert r["status"] == "ok" and r["n"] >= 12 and len(r["rounds_p50_ms"]) == 3
         assert min(r["rounds_p50_ms"]) >= r["min_ms"] and max(r["rounds_p50_ms"]) <= r["max_ms"]
+        assert sum(r["rounds_calls"]) == r["n"] and min(r["rounds_calls"]) >= 4
         assert r["contention"]["seconds"] > 0
-    code, out = run_cli("latency", "--fusion", "late", "--rounds", "2", "--resume", "--out", tmp_path, "--quiet")
-    assert code == 1 and out.strip().splitlines()[-1] == (
-        "Error: --resume continues a sweep of one round: an interleaved one (--rounds) times every cell in every "
-        "round, so it has no finished rows to keep until its last")
     code, out = run_cli("latency", "--rounds", "0", "--out", tmp_path, "--quiet")
     assert code == 2 and "--rounds" in out and "Traceback" not in out
+
+
+def test_a_killed_interleaved_sweep_goes_on_from_its_last_round(tmp_path, monkeypatch):
+    """Stopped in its third round, an interleaved sweep has left the rows of two rounds; resumed, it keeps their
+    visits as they were (every sample, peak, load) and times the third, warming every cell up in full again (a new
+    process). The tiny preset's default is three rounds."""
+    import fusionprof.latency as latency
+    from fusionprof.latency import default_rounds
+
+    assert default_rounds("tiny") == 3 and default_rounds("seed") == 1
+    cfg = SweepConfig(fusions=["early", "late"], backends=["torch", "onnxruntime"], batch_sizes=[1, 2],
+                      models_dir=str(tmp_path / "none"), profiles_dir=str(tmp_path), rounds=3, protocol=Protocol(
+                          warmup_seconds=0.03, warmup_calls=1, min_seconds=0.03, min_calls=6))
+    visit, protocols = latency.visit_cell, []
+
+    def killed_in_round_3(prepared, batch_size, protocol):
+        if len(protocols) == 2 * 8 + 3:  # two rounds of 8 cells, then 3 visits of the third
+            raise KeyboardInterrupt
+        protocols.append(protocol.warmup_seconds)
+        return visit(prepared, batch_size, protocol)
+
+    monkeypatch.setattr(latency, "visit_cell", killed_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(cfg, progress=False, log=lambda *_: None)
+    assert protocols == [0.03] * 8 + [0.01] * 8 + [0.01] * 3
+    [partial] = tmp_path.glob("*/latency-*.partial.json")
+    left = json.loads(partial.read_text())["rows"]
+    assert len(left) == 8 and all(len(r["rounds_p50_ms"]) == 2 for r in left)  # the host timing's, in the row
+
+    protocols.clear()
+    said = []
+    record = sweep(cfg, progress=False, log=said.append, resume=True)
+    assert f"resuming {partial}: 8 rows kept, 4 (fusion, backend) pairs to go" in said
+    assert "the interleaved sweep goes on at round 3 of 3" in said
+    assert protocols == [0.03] * 8 and not partial.exists()
+    assert record.config["resumed"]["rows_kept"] == 8
+    for before, row in zip(left, record.rows, strict=True):
+        assert (row.fusion, row.backend, row.batch_size) == (before["fusion"], before["backend"], before["batch_size"])
+        kept = sum(before["rounds_calls"])
+        assert row.host.samples_ms[:kept] == before["samples_ms"]
+        assert row.host.rounds_p50_ms[:2] == before["rounds_p50_ms"] and len(row.host.rounds_p50_ms) == 3
+        assert row.host.n == kept + row.host.rounds_calls[2]
+        assert row.contention["seconds"] > before["contention"]["seconds"]
 
 
 def test_a_sweep_on_other_threads_is_not_resumed(tmp_path):

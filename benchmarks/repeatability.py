@@ -12,7 +12,7 @@ interleaving (``--rounds`` above 1) is for. The misses are grouped by what the t
 nothing, ``!`` only (CV above 10 %: some slow calls) or ``~`` (its p50 moved by over 10 % between the first and the
 second half of its calls: the pace changed while it was timed).
 
-Writes ``profiles/<host>/repeatability-<preset>.json``: the summary, and every sweep's rows (without their raw
+Writes ``profiles/<host>/repeatability-<preset>-<created>.json``: the summary, and every sweep's rows (without their raw
 samples, with their halves' p50s) and config.
 """
 
@@ -143,7 +143,7 @@ def main() -> None:
     record = {"schema_version": SCHEMA_VERSION, "kind": "repeatability",
               "created": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"), "environment": env,
               "config": vars(args), "rounds": {str(r): v for r, v in results.items()}}
-    path = Path(args.out) / env["host"] / f"repeatability-{args.preset}.json"
+    path = Path(args.out) / env["host"] / f"repeatability-{args.preset}-{record['created']}.json"
     write_json(path, record)
     print(f"wrote {path}")
 

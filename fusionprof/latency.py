@@ -99,9 +99,10 @@ class SweepConfig:
 
 
 # Visits per cell where none are asked for: three for the tiny preset, one for the bigger ones. Timed in three
-# interleaved visits, a tiny sweep's cells stood 1.6x closer to their place in other sweeps of the same settings
-# (median relative miss 5.8 % against 9.3 %, benchmarks/repeatability.py, profiles/vm/repeatability-tiny.json), and
-# holding every tiny backend at once costs little; a seed sweep that holds them all took 9.9 GB of memory.
+# interleaved visits, a tiny sweep's cells stood closer to their place in other sweeps of the same settings, relative
+# to each sweep's pace (benchmarks/repeatability.py, two records in profiles/vm/: median miss 5.8 % and 8.3 % against
+# 9.3 % and 10.6 %, p90 15.7 % and 17.2 % against 21.1 % and 25.5 %), for 8 % more time and 0.6 GB more memory in
+# compare's sweep; a seed sweep that holds every backend at once took 9.9 GB.
 DEFAULT_ROUNDS = {"tiny": 3}
 
 

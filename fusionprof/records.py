@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -190,6 +191,19 @@ def drifted_cells(rows: list[LatencyRow]) -> tuple[list[LatencyRow], LatencyRow 
     """The timed rows whose p50 moved while they were timed (``Timing.drift_warning``), and the one that moved most."""
     moved = [r for r in rows if r.host is not None and r.host.drift_warning]
     return moved, max(moved, key=lambda r: max(r.host.halves_p50_ms) / min(r.host.halves_p50_ms), default=None)
+
+
+def visit_spread(rows: list[LatencyRow]) -> tuple[int, float, LatencyRow] | None:
+    """For an interleaved sweep: the most visits of a cell, the median cell's spread of its visits' p50s (largest
+    over smallest, less 1), and the row whose visits spread most; None for a sweep of one visit per cell."""
+    timed = [r for r in rows if r.host is not None and r.host.rounds_p50_ms and len(r.host.rounds_p50_ms) > 1]
+    if not timed:
+        return None
+
+    def spread(r: LatencyRow) -> float:
+        return max(r.host.rounds_p50_ms) / min(r.host.rounds_p50_ms) - 1
+    visits = max(len(r.host.rounds_p50_ms) for r in timed)
+    return visits, statistics.median(spread(r) for r in timed), max(timed, key=spread)
 
 
 # A sweep cut short (a time limit, a crash in a runtime) keeps the rows it measured: after each backend they are

@@ -34,6 +34,7 @@ from fusionprof.records import (
     drifted_cells,
     int8_gate_of,
     model_accuracy,
+    visit_spread,
 )
 
 KINDS = ("train", "export", "latency", "load")
@@ -388,6 +389,14 @@ def latency_section(rec: Records, out_dir: Path) -> list[tuple]:
                                 f"took the CPUs while they were timed; worst {worst.fusion}/{worst.backend} batch "
                                 f"{worst.batch_size}: {contention.describe(worst.contention)}). Their figures are "
                                 "slower than a quiet machine's."))
+        if spread := visit_spread(sweep.record.rows):
+            visits, median, widest = spread
+            lo, hi = min(widest.host.rounds_p50_ms), max(widest.host.rounds_p50_ms)
+            blocks.append(("p", f"Interleaved: each cell timed in {visits} visits, one a round through the whole "
+                                "sweep (`--rounds`), its figures over all of them. The p50s of a cell's visits lay "
+                                f"{median:.0%} apart (largest over smallest) at the median cell and most at "
+                                f"{widest.fusion}/{widest.backend} batch {widest.batch_size} ({lo:.2f} to {hi:.2f} "
+                                "ms): the machine's pace moving between rounds, and each visit's own noise."))
         moved, worst = drifted_cells(sweep.record.rows)
         if worst:
             first, second = worst.host.halves_p50_ms

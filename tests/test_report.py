@@ -11,7 +11,7 @@ from fusionprof.cli import cli
 from fusionprof.env import machine_name
 from fusionprof.models import fusion_names
 from fusionprof.records import LatencyRecord, LatencyRow
-from fusionprof.report import Records, Sweep, build_seconds, pareto_front, row_accuracy
+from fusionprof.report import Records, Sweep, build_seconds, pareto_front, row_accuracy, write_report
 
 QUICK = ["--min-seconds", "0.05", "--min-calls", "5"]
 
@@ -94,6 +94,37 @@ def test_the_precision_table_compares_the_widest_sweep_not_the_newest():
               if machine == "vm (AMD EPYC, AVX512-BF16)" and preset == "seed" and device == "cpu"]
     assert Path(seed["fp32"].path).name == "latency-seed-cpu-fp32-20261202T013644Z.json"
     assert {"bf16", "int8"} <= set(seed)
+
+
+def test_an_interleaved_sweep_says_how_far_its_visits_lay_apart(tmp_path):
+    """The committed 3-round tiny sweep (2026-12-03): the report says its cells were timed in 3 visits and how far the
+    visits' p50s lay apart, from the rows' rounds_p50_ms; a one-round sweep says nothing of visits."""
+    from pathlib import Path
+
+    from fusionprof.records import visit_spread
+
+    vm = Path(__file__).parent.parent / "profiles" / "vm"
+    raw = json.loads((vm / "latency-tiny-cpu-fp32-20261203T145306Z.json").read_text())
+    spreads = sorted(max(r["rounds_p50_ms"]) / min(r["rounds_p50_ms"]) - 1 for r in raw["rows"] if r["status"] == "ok")
+    record = LatencyRecord.from_dict(raw)
+    visits, median, widest = visit_spread(record.rows)
+    assert visits == 3 and len(spreads) == 72 and median == pytest.approx((spreads[35] + spreads[36]) / 2)
+    assert max(widest.host.rounds_p50_ms) / min(widest.host.rounds_p50_ms) - 1 == pytest.approx(spreads[-1])
+    one_round = LatencyRecord.from_dict(json.loads((vm / "latency-tiny-cpu-fp32-20261203T144857Z.json").read_text()))
+    assert visit_spread(one_round.rows) is None
+    profiles = tmp_path / "profiles" / "vm"
+    profiles.mkdir(parents=True)
+    for name in ("latency-tiny-cpu-fp32-20261203T145306Z", "latency-tiny-cpu-fp32-20261203T144857Z"):
+        (profiles / f"{name}.json").write_text((vm / f"{name}.json").read_text())
+    write_report([tmp_path / "profiles"], tmp_path / "profiles")
+    said = [line for line in (tmp_path / "profiles" / "report.md").read_text().splitlines()
+            if line.startswith("Interleaved:")]
+    assert said == [f"Interleaved: each cell timed in 3 visits, one a round through the whole sweep (`--rounds`), its "
+                    f"figures over all of them. The p50s of a cell's visits lay {median:.0%} apart (largest over "
+                    f"smallest) at the median cell and most at {widest.fusion}/{widest.backend} batch "
+                    f"{widest.batch_size} ({min(widest.host.rounds_p50_ms):.2f} to "
+                    f"{max(widest.host.rounds_p50_ms):.2f} ms): the machine's pace moving between rounds, and each "
+                    "visit's own noise."]
 
 
 def test_committed_records_load_through_their_types():

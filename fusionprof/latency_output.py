@@ -8,7 +8,7 @@ from pathlib import Path
 from fusionprof.atomic import atomic_write, write_json
 from fusionprof.contention import describe
 from fusionprof.measure import CV_WARNING, DRIFT_WARNING, P99_MIN_SAMPLES
-from fusionprof.records import LatencyRecord, LatencyRow, busy_neighbour_cells, drifted_cells
+from fusionprof.records import LatencyRecord, LatencyRow, busy_neighbour_cells, drifted_cells, visit_spread
 
 CSV_COLUMNS = ["fusion", "backend", "batch_size", "status", "parity_passed", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
                "std_ms", "cv", "n", "throughput_samples_per_s", "achieved_gflops", "share_of_matmul_yardstick",
@@ -59,9 +59,12 @@ def table(rows: list[LatencyRow]) -> list[str]:
                      + (one if any(r.host.cv is None for r in timed) else ""))
     if timed:
         lines.append("samples/s and GFLOP/s: batch / mean latency, calls one after another")
-    if visits := max((len(r.host.rounds_p50_ms or []) for r in timed), default=0):
+    if spread := visit_spread(timed):
+        visits, median, widest = spread
         lines.append(f"each cell timed in {visits} visits, one a round through the whole sweep (--rounds); its "
-                     "figures are over all of them, each visit's p50 is in the record (rounds_p50_ms)")
+                     f"figures are over all of them, each visit's p50 is in the record (rounds_p50_ms): {median:.0%} "
+                     f"apart at the median cell, most at {widest.fusion}/{widest.backend} batch {widest.batch_size} "
+                     f"({min(widest.host.rounds_p50_ms):.2f} to {max(widest.host.rounds_p50_ms):.2f} ms)")
     if any(r.host.cv_warning for r in timed):
         lines.append(f"! CV above {CV_WARNING:.0%}: noisy measurement (another process, frequency scaling, thermal)")
     _, worst = drifted_cells(timed)

@@ -24,7 +24,7 @@ from fusionprof.latency import SweepConfig, sweep
 from fusionprof.latency_output import CSV_COLUMNS
 from fusionprof.measure import Protocol
 from fusionprof.models import fusion_names
-from fusionprof.records import CPU_TIMING, PARITY_FAILED, PARTIAL_KIND, PARTIAL_SUFFIX, LatencyRecord
+from fusionprof.records import CPU_TIMING, PARITY_FAILED, PARTIAL_KIND, PARTIAL_SUFFIX, LatencyRecord, visit_spread
 from fusionprof.report import find_records, write_report
 
 QUICK = ["--min-seconds", "0.05", "--min-calls", "5", "--warmup-seconds", "0", "--warmup-calls", "1"]
@@ -372,6 +372,9 @@ def test_an_interleaved_sweep_visits_every_cell_each_round(tmp_path):
     record = json.loads(path.read_text())
     assert record["config"]["rounds"] == 3 and not list(tmp_path.glob("*/*.partial.json"))
     assert "each cell timed in 3 visits, one a round through the whole sweep (--rounds)" in out
+    _, median, widest = visit_spread(LatencyRecord.from_dict(record).rows)
+    assert (f"(rounds_p50_ms): {median:.0%} apart at the median cell, most at {widest.fusion}/{widest.backend} batch "
+            f"{widest.batch_size} ({min(widest.host.rounds_p50_ms):.2f} to ") in out
     assert [(r["fusion"], r["backend"], r["batch_size"]) for r in record["rows"]] == [
         (f, b, n) for f in ("late", "early") for b in ("onnxruntime", "torch") for n in (1, 2)]  # as one round's
     for r in record["rows"]:

@@ -100,9 +100,9 @@ class SweepConfig:
 
 # Visits per cell where none are asked for: three for the tiny preset, one for the bigger ones. Timed in three
 # interleaved visits, a tiny sweep's cells stood closer to their place in other sweeps of the same settings, relative
-# to each sweep's pace (benchmarks/repeatability.py, two records in profiles/vm/: median miss 5.8 % and 8.3 % against
-# 9.3 % and 10.6 %, p90 15.7 % and 17.2 % against 21.1 % and 25.5 %), for 8 % more time and 0.6 GB more memory in
-# compare's sweep; a seed sweep that holds every backend at once took 9.9 GB.
+# to each sweep's pace (benchmarks/repeatability.py, two records in profiles/vm/, the second with a shorter revisit
+# warm-up since dropped: median miss 5.8 % and 8.3 % against 9.3 % and 10.6 %, p90 15.7 % and 17.2 % against 21.1 %
+# and 25.5 %), for 0.6 GB more memory in compare's sweep; a seed sweep that holds every backend at once took 9.9 GB.
 DEFAULT_ROUNDS = {"tiny": 3}
 
 
@@ -317,16 +317,15 @@ def row_of(prepared: Prepared, batch_size: int, visits: list[Visit], interleaved
                       peak_memory=peak, contention=others, model=cell.model, backend_info=backend.describe())
 
 
-def round_protocol(protocol: Protocol, rounds: int, revisit: bool = False) -> Protocol:
-    """One visit's share of a cell's sampling when it is timed over ``rounds`` visits. Each visit warms up anew
-    (another cell ran in between): the first for the whole warm-up time (what a shape costs once: allocation,
-    primitives made for it), a ``revisit`` for its share of that time, and every visit for at least the protocol's
-    warm-up calls."""
+def round_protocol(protocol: Protocol, rounds: int) -> Protocol:
+    """One visit's share of a cell's sampling when it is timed over ``rounds`` visits. Each visit warms up anew, in
+    full: another cell ran in between. (Warming a revisit up for its share of the time saved 14 % of a tiny sweep
+    and doubled the p90 of its misses against other sweeps, 24.8 % against 14.5 %, in an A-B on one VM:
+    profiles/vm/warmup-ab-tiny-20261203T1628Z.json.)"""
     return dataclasses.replace(protocol, min_seconds=protocol.min_seconds / rounds,
                                min_calls=math.ceil(protocol.min_calls / rounds),
                                max_seconds=protocol.max_seconds / rounds,
-                               max_calls=math.ceil(protocol.max_calls / rounds),
-                               warmup_seconds=protocol.warmup_seconds / (rounds if revisit else 1))
+                               max_calls=math.ceil(protocol.max_calls / rounds))
 
 
 def visit_order(cells: list, rounds: int, first_round: int = 0) -> Iterator[tuple[int, object]]:
@@ -474,7 +473,7 @@ def time_in_rounds(prepared: list[Prepared], cfg: SweepConfig, bar: tqdm, device
     first_round = min(map(len, visits.values()), default=0)
     failed: dict[int, LatencyRow] = {}
     cells = [(i, b) for i in range(len(prepared)) for b in cfg.batch_sizes]
-    seen: set[tuple[int, int]] = set()  # visited in this process: a revisit warms up for its share of the time
+    per_visit = round_protocol(cfg.protocol, cfg.rounds)
 
     def rows() -> list[LatencyRow]:
         out = []
@@ -491,9 +490,7 @@ def time_in_rounds(prepared: list[Prepared], cfg: SweepConfig, bar: tqdm, device
         if i not in failed:
             bar.set_postfix_str(f"{p.cell.fusion}/{p.name}/bs{batch_size} round {r + 1}")
             try:
-                protocol = round_protocol(cfg.protocol, cfg.rounds, revisit=(i, batch_size) in seen)
-                visits.setdefault((i, batch_size), []).append(visit_cell(p, batch_size, protocol))
-                seen.add((i, batch_size))
+                visits.setdefault((i, batch_size), []).append(visit_cell(p, batch_size, per_visit))
             except (UserError, torch.OutOfMemoryError) as e:
                 which = f" (round {r + 1})" if cfg.rounds > 1 else ""
                 failed[i] = LatencyRow(p.cell.fusion, p.name, f"failed: {_failure(e, device)}{which}",

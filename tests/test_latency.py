@@ -353,16 +353,15 @@ def test_a_sweeps_own_export_is_made_again_for_other_weights(tmp_path, trained_m
 
 def test_an_interleaved_sweep_visits_every_cell_each_round(tmp_path):
     """--rounds 3: each cell timed in three visits, the order reversed every other round, the sampling minimums
-    split over them (7 calls and 1/3 of the time each, warm-up each visit: the first for the whole warm-up time, the
-    others for a third of it); its row keeps every sample in call order and each visit's p50 and calls."""
+    split over them (7 calls and 1/3 of the time each, a whole warm-up each visit); its row keeps every sample in
+    call order and each visit's p50 and calls."""
     from fusionprof.latency import round_protocol, visit_order
 
     assert list(visit_order(["a", "b"], 3)) == [(0, "a"), (0, "b"), (1, "b"), (1, "a"), (2, "a"), (2, "b")]
     assert list(visit_order(["a", "b"], 3, first_round=1)) == [(1, "b"), (1, "a"), (2, "a"), (2, "b")]
-    per_visit, revisit = round_protocol(Protocol(), 3), round_protocol(Protocol(), 3, revisit=True)
+    per_visit = round_protocol(Protocol(), 3)
     assert (per_visit.min_calls, per_visit.min_seconds, per_visit.warmup_calls, per_visit.warmup_seconds) == \
         (7, 2 / 3, 5, 0.5)
-    assert (revisit.min_calls, revisit.warmup_calls, revisit.warmup_seconds) == (7, 5, 0.5 / 3)
 
     code, out = run_cli("latency", "--fusion", "late,early", "--backends", "onnxruntime,torch", "--batch-sizes",
                         "1,2", "--rounds", "3", "--min-calls", "12", "--min-seconds", "0.03", "--warmup-seconds", "0",
@@ -388,8 +387,7 @@ def test_an_interleaved_sweep_visits_every_cell_each_round(tmp_path):
 
 def test_a_killed_interleaved_sweep_goes_on_from_its_last_round(tmp_path, monkeypatch):
     """Stopped in its third round, an interleaved sweep has left the rows of two rounds; resumed, it keeps their
-    visits as they were (every sample, peak, load) and times the third, warming every cell up in full again (a new
-    process). The tiny preset's default is three rounds."""
+    visits as they were (every sample, peak, load) and times the third. The tiny preset's default is three rounds."""
     import fusionprof.latency as latency
     from fusionprof.latency import default_rounds
 
@@ -408,7 +406,7 @@ def test_a_killed_interleaved_sweep_goes_on_from_its_last_round(tmp_path, monkey
     monkeypatch.setattr(latency, "visit_cell", killed_in_round_3)
     with pytest.raises(KeyboardInterrupt):
         sweep(cfg, progress=False, log=lambda *_: None)
-    assert protocols == [0.03] * 8 + [0.01] * 8 + [0.01] * 3
+    assert protocols == [0.03] * 19  # each visit warmed up in full
     [partial] = tmp_path.glob("*/latency-*.partial.json")
     left = json.loads(partial.read_text())["rows"]
     assert len(left) == 8 and all(len(r["rounds_p50_ms"]) == 2 for r in left)  # the host timing's, in the row

@@ -448,8 +448,9 @@ def load(fusion, backend, scenario, qps, find_max_qps, quiet, **options):
                    f"{acc['backend_accuracy']:.4%} ({acc['answered']}/{acc['pairs']} pairs answered): "
                    f"{'equal' if acc['matches'] else 'DIFFERENT'}")
     elif cfg.find_max_qps:
+        above = f"; {record.invalid_qps:.1f} QPS was INVALID: the limit lies between" if record.invalid_qps else ""
         click.echo(f"max VALID server rate with p99 ≤ {cfg.p99_ms:g} ms: "
-                   + (f"{record.max_qps:.1f} QPS" if record.max_qps else "none (every trial was INVALID)"))
+                   + (f"{record.max_qps:.1f} QPS{above}" if record.max_qps else "none (every trial was INVALID)"))
     if contention.busy(record.contention):
         click.echo(f"measured beside a busy neighbour ({contention.describe(record.contention)} on average): a "
                    "quiet machine serves more")
@@ -476,7 +477,8 @@ def recommend(p99_ms, qps, min_accuracy, device, profiles_dir):
             click.echo(f"\n{title}:")
         for c in choices:
             acc = "acc —" if c.accuracy is None else f"acc {c.accuracy:.2%} ({c.accuracy_source})"
-            rate = f"  max {c.max_qps:g} QPS" if c.max_qps else ""
+            rate = (f"  max {c.max_qps:g} QPS" + (f" ({c.invalid_qps:g} missed the target)" if c.invalid_qps else "")
+                    if c.max_qps else "")
             busy = "  (measured beside a busy neighbour)" if c.busy_neighbour else ""
             click.echo(f"  {c.preset}/{c.fusion} {c.backend} {c.precision} [{c.batching}] {c.device} on {c.machine}: "
                        f"p99 {c.p99_ms:.2f} ms{rate}  {acc}{busy}  ← {c.source}")

@@ -333,9 +333,18 @@ def run_under_load(base: LoadConfig, progress: bool, log) -> dict:
     server = load(base, progress=progress, log=log)
     offline = load(replace(base, scenario="offline", find_max_qps=False), progress=progress, log=log)
     run = offline.runs[0]
-    return {"server_record": server.path, "max_qps": server.max_qps, "offline_record": offline.path,
+    return {"server_record": server.path, "max_qps": server.max_qps, "invalid_qps": server.invalid_qps,
+            "offline_record": offline.path,
             "offline_samples_per_s": run.samples_per_s if run.valid else None, "backend": base.backend,
             "contention": contention.combine([server.contention, offline.contention])}
+
+
+def rate_found(got: dict) -> str:
+    """A fusion's Server search as one cell: the largest VALID rate and, in brackets, the smallest INVALID one above
+    it (``522.6 (627.1 INVALID)``; a stage run before the bracket was kept shows the rate alone)."""
+    if not got.get("max_qps"):
+        return "none VALID"
+    return f"{got['max_qps']:.1f}" + (f" ({got['invalid_qps']:.1f} INVALID)" if got.get("invalid_qps") else "")
 
 
 OUTPUT_KEYS = ("metrics", "checkpoint", "record", "traces", "server_record", "offline_record")
@@ -352,6 +361,9 @@ def _outputs_changed(result: dict) -> str | None:
     return None
 
 
+LOAD_WIDTHS = (28, 20)  # the closing table's load columns: "1072.6 (1225.8 INVALID) +", "offline samples/s"
+
+
 def summarize(accuracy: dict[str, dict], rows: list[dict], under_load: dict[str, dict] | None = None,
               plan: LoadPlan | None = None) -> list[str]:
     """The terminal's closing table: per fusion, accuracy, training time, the best p50 at both batch ends and, when
@@ -362,7 +374,7 @@ def summarize(accuracy: dict[str, dict], rows: list[dict], under_load: dict[str,
     under_load = under_load or {}
     load_heads = [f"max QPS, p99 ≤ {plan.p99_ms:g} ms", "offline samples/s"] if under_load and plan else []
     lines = [f"{'fusion':<11}{'test acc':>9}{'train s':>9}" + "".join(f"{f'best p50, batch {b}':>30}" for b in ends)
-             + "".join(f"{h:>24}" for h in load_heads)]
+             + "".join(f"{h:>{w}}" for h, w in zip(load_heads, LOAD_WIDTHS, strict=False))]
 
     marked = []
 
@@ -384,12 +396,17 @@ def summarize(accuracy: dict[str, dict], rows: list[dict], under_load: dict[str,
         best = [best_row(ok, fusion, b) for b in ends]
         cells = [f"{r['p50_ms']:.2f} ms ({r['backend']}){moved(r)}{busy(r)}" if r else "–" for r in best]
         got = under_load.get(fusion, {})
-        loaded = [(f"{got['max_qps']:.1f}" if got.get("max_qps") else "none VALID" if got else "–") + busy(got),
+        loaded = [(rate_found(got) if got else "–") + busy(got),
                   (f"{got['offline_samples_per_s']:.1f}" if got.get("offline_samples_per_s") else "–") + busy(got)] \
             if load_heads else []
         train_s = f"{acc['train_seconds']:.0f}{busy(acc)}"
         lines.append(f"{fusion:<11}{acc['test_accuracy']:>9.1%}{train_s:>9}"
-                     + "".join(f"{c:>30}" for c in cells) + "".join(f"{c:>24}" for c in loaded))
+                     + "".join(f"{c:>30}" for c in cells)
+                     + "".join(f"{c:>{w}}" for c, w in zip(loaded, LOAD_WIDTHS, strict=False)))  # none without load
+    if any(got.get("max_qps") and got.get("invalid_qps") for got in under_load.values()):
+        lines.append("max QPS: the largest Server rate LoadGen called VALID in a bisection of one LoadGen run per "
+                     "rate, and in brackets the smallest rate above it that was INVALID; the rate a fusion "
+                     "sustains lies between, so two fusions whose brackets overlap were not told apart")
     if drifted:
         lines.append(f"~ that p50 moved by more than {DRIFT_WARNING:.0%} between the first and the second half of "
                      "its calls: the machine's pace changed while it was timed (the latency table above says how "

@@ -109,16 +109,18 @@ def _server_blocks(machine: str, records: list[LoadRecord], out_dir: Path) -> li
              _others(run.contention), Path(r.path or "").name]
             for r in records for run in sorted(r.runs, key=lambda run: run.settings.get("target_qps", 0))]
     best = [[machine, f"{r.preset}/{r.fusion}", _label(r), _ms(r.p99_target_ms),
-             "none VALID" if r.max_qps is None else f"{r.max_qps:g}", str(len(r.runs)), _others(r.contention),
+             "none VALID" if r.max_qps is None else f"{r.max_qps:g}",
+             "–" if r.invalid_qps is None else f"{r.invalid_qps:g}", str(len(r.runs)), _others(r.contention),
              Path(r.path or "").name]
             for r in records if r.config.get("find_max_qps")]
     blocks = [("table", ["machine", "preset/fusion", LABEL, "offered QPS", "p99 target ms",
                          "LoadGen", "p50 ms", "p99 ms", INSIDE, OTHERS, "record"], rows)]
     if best:
-        blocks += [("p", f"The largest offered rate LoadGen called VALID (p99 within the target), by bisection — "
-                         f"{machine}"),
+        blocks += [("p", f"The largest offered rate LoadGen called VALID (p99 within the target), by bisection, "
+                         "and the smallest rate above it that was INVALID: the rate a setting sustains lies between, "
+                         f"one LoadGen run deciding each rate — {machine}"),
                    ("table", ["machine", "preset/fusion", LABEL, "p99 target ms", "max VALID QPS",
-                              "trials", OTHERS, "record"], best)]
+                              "INVALID above", "trials", OTHERS, "record"], best)]
     if any(run.breakdown for r in records for run in r.runs):
         blocks.append(("p", f"{INSIDE}: each sample's time from LoadGen handing it over until its batch was taken "
                             "(waiting for the batch to fill, or behind the batch being served), and its batch's "

@@ -434,6 +434,16 @@ class LoadRecord:
         return f"{self.batching}, {threads}" if threads else self.batching
 
     @property
+    def invalid_qps(self) -> float | None:
+        """Find-max: the smallest offered rate above ``max_qps`` that LoadGen called INVALID (None: none was, or no
+        search). The rate this setting sustains lies between the two, as finely as the search's trials resolved it
+        (one LoadGen run per rate). A rate run again with the queries LoadGen asked for counts by its last run."""
+        if not self.config.get("find_max_qps"):
+            return None
+        verdict = {run.settings.get("target_qps", 0.0): run.valid for run in self.runs if not run.accuracy}
+        return min((qps for qps, valid in verdict.items() if not valid and qps > (self.max_qps or 0.0)), default=None)
+
+    @property
     def contention(self) -> dict:
         """What other processes took of the CPUs over all its LoadGen runs (empty: written before it was watched)."""
         return contention.combine([run.contention for run in self.runs])
@@ -442,6 +452,7 @@ class LoadRecord:
         d = {"schema_version": SCHEMA_VERSION, "kind": self.kind}
         d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("runs", "path")})
         d["batching"] = self.batching
+        d["invalid_qps"] = self.invalid_qps  # for readers of the file; recomputed from the runs when read
         d["runs"] = [run.to_dict() for run in self.runs]
         return d
 

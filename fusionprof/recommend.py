@@ -45,6 +45,7 @@ class Choice:
     accuracy: float | None = None  # that model's test accuracy in ``precision`` (None: unknown)
     accuracy_source: str | None = None  # what measured it, and the record
     busy_neighbour: bool = False  # other processes kept the CPUs busy while it was measured: a quiet machine does more
+    invalid_qps: float | None = None  # the smallest rate above ``max_qps`` its search found INVALID (None: none)
 
     def key(self) -> tuple:
         return (self.machine, self.device, self.preset, self.fusion, self.backend, self.precision, self.batching,
@@ -108,8 +109,18 @@ def load_choices(records: list[tuple[dict, Path]], p99_ms: float, qps: float | N
             choices.append(Choice(machine_name(record.environment), device_label(record.device), record.preset,
                                   record.fusion, record.backend, record.precision, record.serving, best.p99_ms,
                                   best.settings["target_qps"], str(path), (record.model or {}).get("checkpoint"),
-                                  busy_neighbour=contention.busy(best.contention)))
+                                  busy_neighbour=contention.busy(best.contention),
+                                  invalid_qps=_missed_above(record, best.settings["target_qps"], p99_ms)))
     return choices, loose
+
+
+def _missed_above(record: LoadRecord, qps: float, p99_ms: float) -> float | None:
+    """The smallest rate above ``qps`` that ``record``'s Server runs tried and found over ``p99_ms`` (INVALID, or a
+    measured p99 above it): the rate this choice sustains at that target lies between (None: none was tried). A rate
+    run again with the queries LoadGen asked for counts by its last run."""
+    last = {run.settings.get("target_qps", 0.0): run for run in record.runs if not run.accuracy}
+    return min((rate for rate, run in last.items() if rate > qps and (not run.valid or (run.p99_ms or 0.0) > p99_ms)),
+               default=None)
 
 
 def pareto_front(choices: list[Choice], by_rate: bool) -> list[Choice]:

@@ -339,6 +339,29 @@ def test_recommend_picks_the_most_headroom_that_meets_the_targets(records):
     assert {c.fusion for c in result.front} == {"mid", "late"}
 
 
+def test_a_search_says_between_which_rates_the_limit_lies(records, tmp_path):
+    """The largest VALID rate and the smallest INVALID one above it, in the record, the load report and recommend's
+    choices; a rate run again with the queries LoadGen asked for counts by its last run (180: VALID after all)."""
+    from fusionprof.load_report import load_section
+    from fusionprof.loadgen import LoadRecord
+
+    runs = [_server_run(180, False, 45.0), _server_run(180, True, 46.0), _server_run(360, False, 90.0),
+            _server_run(270, False, 60.0), _server_run(225, True, 48.0)]
+    path = _write(tmp_path, "box/load-server-early-8.json", _load_record("early", 8, runs, max_qps=225))
+    record = LoadRecord.from_dict(json.loads(path.read_text()), path)
+    assert record.invalid_qps == 270 and record.to_dict()["invalid_qps"] == 270
+    assert LoadRecord.from_dict(_load_record("early", 8, runs[:2] + runs[3:]), path).invalid_qps is None  # no search
+    best = next(b for b in load_section([record], tmp_path) if b[0] == "table" and "INVALID above" in b[1])
+    assert [row[best[1].index("max VALID QPS")] for row in best[2]] == ["225"]
+    assert [row[best[1].index("INVALID above")] for row in best[2]] == ["270"]
+    by = {c.fusion: c for c in recommend(records, p99_ms=50, qps=100).chosen}
+    assert (by["early"].max_qps, by["early"].invalid_qps) == (225, 270)
+    assert (by["late"].max_qps, by["late"].invalid_qps) == (300, 600)  # VALID, but its p99 (60 ms) missed 50 ms
+    assert (by["mid"].max_qps, by["mid"].invalid_qps) == (160, 320)
+    out = CliRunner().invoke(cli, ["recommend", "--p99-ms", "50", "--qps", "100", "--profiles", str(records)]).output
+    assert "max 225 QPS (270 missed the target)" in out and "max 300 QPS (600 missed the target)" in out
+
+
 def test_recommend_without_a_rate_uses_latency_records_too(records):
     result = recommend(records, p99_ms=8)
     assert [(c.fusion, c.backend, c.p99_ms) for c in result.chosen] == [("mid", "torch", 6.0)]

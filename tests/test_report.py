@@ -441,6 +441,12 @@ def test_compare_puts_each_fusion_under_load_on_its_fastest_backend_at_the_batch
                       {"mid": {"max_qps": 123.4, "offline_samples_per_s": 456.7}}, LoadPlan())
     assert "max QPS, p99 ≤ 50 ms" in lines[0] and "123.4" in lines[1] and "456.7" in lines[1]
     assert len(lines) == 2 and "+" not in lines[1]  # nothing was measured beside a busy neighbour
+    lines = summarize({"mid": {"test_accuracy": 0.9, "train_seconds": 60}}, rows,
+                      {"mid": {"max_qps": 123.4, "invalid_qps": 1150.25, "offline_samples_per_s": 456.7}}, LoadPlan())
+    assert "123.4 (1150.2 INVALID)" in lines[1] and lines[2].startswith("max QPS: the largest Server rate")
+    head, row = lines[0], lines[1]  # right-aligned columns: each cell ends where its heading does
+    assert head.index("max QPS") + len("max QPS, p99 ≤ 50 ms") == row.index("123.4 (") + len("123.4 (1150.2 INVALID)")
+    assert len(head) == len(row)
     busy = {"seconds": 9.0, "other_processes_cores": 0.9, "steal_share": 0.0, "cores": 2}
     quiet = {**busy, "other_processes_cores": 0.01}
     rows[5]["contention"] = busy  # late's best at batch 4 was timed beside a busy neighbour, mid's load runs too

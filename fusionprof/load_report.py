@@ -104,13 +104,13 @@ def load_section(records: list[LoadRecord], out_dir: Path, latency: list[Latency
 
 
 def _server_blocks(machine: str, records: list[LoadRecord], out_dir: Path) -> list[tuple]:
-    rows = [[machine, f"{r.preset}/{r.fusion}", _label(r), f"{run.settings.get('target_qps', 0):g}",
+    rows = [[machine, f"{r.preset}/{r.fusion}", _label(r), f"{run.settings.get('target_qps', 0):.1f}",
              _ms(r.p99_target_ms), _verdict(run), _ms(run.p50_ms), _ms(run.p99_ms), _inside(run),
              _others(run.contention), Path(r.path or "").name]
             for r in records for run in sorted(r.runs, key=lambda run: run.settings.get("target_qps", 0))]
     best = [[machine, f"{r.preset}/{r.fusion}", _label(r), _ms(r.p99_target_ms),
-             "none VALID" if r.max_qps is None else f"{r.max_qps:g}",
-             "–" if r.invalid_qps is None else f"{r.invalid_qps:g}", str(len(r.runs)), _others(r.contention),
+             "none VALID" if r.max_qps is None else f"{r.max_qps:.1f}",
+             "–" if r.invalid_qps is None else f"{r.invalid_qps:.1f}", str(len(r.runs)), _others(r.contention),
              Path(r.path or "").name]
             for r in records if r.config.get("find_max_qps")]
     blocks = [("table", ["machine", "preset/fusion", LABEL, "offered QPS", "p99 target ms",

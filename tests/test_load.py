@@ -352,8 +352,8 @@ def test_a_search_says_between_which_rates_the_limit_lies(records, tmp_path):
     assert record.invalid_qps == 270 and record.to_dict()["invalid_qps"] == 270
     assert LoadRecord.from_dict(_load_record("early", 8, runs[:2] + runs[3:]), path).invalid_qps is None  # no search
     best = next(b for b in load_section([record], tmp_path) if b[0] == "table" and "INVALID above" in b[1])
-    assert [row[best[1].index("max VALID QPS")] for row in best[2]] == ["225"]
-    assert [row[best[1].index("INVALID above")] for row in best[2]] == ["270"]
+    assert [row[best[1].index("max VALID QPS")] for row in best[2]] == ["225.0"]
+    assert [row[best[1].index("INVALID above")] for row in best[2]] == ["270.0"]
     by = {c.fusion: c for c in recommend(records, p99_ms=50, qps=100).chosen}
     assert (by["early"].max_qps, by["early"].invalid_qps) == (225, 270)
     assert (by["late"].max_qps, by["late"].invalid_qps) == (300, 600)  # VALID, but its p99 (60 ms) missed 50 ms
@@ -596,6 +596,6 @@ def test_load_section_reports_invalid_runs_as_invalid(records, tmp_path):
     server, best, offline = [b for b in blocks if b[0] == "table"]
     invalid = [row for row in server[2] if row[5].startswith("INVALID")]
     assert len(invalid) == 2 and all(row[6] == row[7] == "–" for row in invalid)  # no figure for INVALID runs
-    assert [row[4] for row in best[2]] == ["160"] and offline[2][0][3] == "250.0"
+    assert [row[4] for row in best[2]] == ["160.0"] and offline[2][0][3] == "250.0"
     images = [b[1] for b in blocks if b[0] == "img"]
     assert len(images) == 3 and all((out / image).stat().st_size > 0 for image in images)

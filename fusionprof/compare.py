@@ -35,6 +35,7 @@ from fusionprof.latency_output import table
 from fusionprof.load import LoadConfig, load
 from fusionprof.measure import DRIFT_WARNING, Protocol
 from fusionprof.models import fusion_names
+from fusionprof.records import told_apart
 from fusionprof.report import write_report
 from fusionprof.runtime import resolve_device
 from fusionprof.train import OtherSettings, train
@@ -200,6 +201,7 @@ def run_sweep(cfg: SweepConfig, progress: bool, log) -> dict:
     return {"record": record.path, "rows": [{"fusion": r.fusion, "backend": r.backend, "batch_size": r.batch_size,
                                              "status": r.status, "p50_ms": r.host.p50_ms if r.host else None,
                                              "drift_warning": bool(r.host and r.host.drift_warning),
+                                             "rounds_p50_ms": r.host.rounds_p50_ms if r.host else None,
                                              "contention": r.contention} for r in record.rows]}
 
 
@@ -392,9 +394,21 @@ def summarize(accuracy: dict[str, dict], rows: list[dict], under_load: dict[str,
             return " ~"
         return ""
 
+    # per batch end the fastest fusion's cell: a cell whose visits overlap its visits was not told apart from it
+    fastest = [min(filter(None, (best_row(ok, f, b) for f in accuracy)), key=lambda r: r["p50_ms"], default=None)
+               for b in ends]
+    tied = []
+
+    def near(row: dict, first: dict) -> str:
+        if row is not first and told_apart(first.get("rounds_p50_ms"), row.get("rounds_p50_ms")) is False:
+            tied.append(row)
+            return " ≈"
+        return ""
+
     for fusion, acc in accuracy.items():
         best = [best_row(ok, fusion, b) for b in ends]
-        cells = [f"{r['p50_ms']:.2f} ms ({r['backend']}){moved(r)}{busy(r)}" if r else "–" for r in best]
+        cells = [f"{r['p50_ms']:.2f} ms ({r['backend']}){near(r, first)}{moved(r)}{busy(r)}" if r else "–"
+                 for r, first in zip(best, fastest, strict=True)]
         got = under_load.get(fusion, {})
         loaded = [(rate_found(got) if got else "–") + busy(got),
                   (f"{got['offline_samples_per_s']:.1f}" if got.get("offline_samples_per_s") else "–") + busy(got)] \
@@ -403,6 +417,9 @@ def summarize(accuracy: dict[str, dict], rows: list[dict], under_load: dict[str,
         lines.append(f"{fusion:<11}{acc['test_accuracy']:>9.1%}{train_s:>9}"
                      + "".join(f"{c:>30}" for c in cells)
                      + "".join(f"{c:>{w}}" for c, w in zip(loaded, LOAD_WIDTHS, strict=False)))  # none without load
+    if tied:
+        lines.append("≈ not told apart from the fastest fusion at that batch: the p50s of the two cells' visits "
+                     "(--rounds) overlap; the other cells were slower than the fastest in every visit")
     if any(got.get("max_qps") and got.get("invalid_qps") for got in under_load.values()):
         lines.append("max QPS: the largest Server rate LoadGen called VALID in a bisection of one LoadGen run per "
                      "rate, and in brackets the smallest rate above it that was INVALID; the rate a fusion "

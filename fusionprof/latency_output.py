@@ -8,7 +8,14 @@ from pathlib import Path
 from fusionprof.atomic import atomic_write, write_json
 from fusionprof.contention import describe
 from fusionprof.measure import CV_WARNING, DRIFT_WARNING, P99_MIN_SAMPLES
-from fusionprof.records import LatencyRecord, LatencyRow, busy_neighbour_cells, drifted_cells, visit_spread
+from fusionprof.records import (
+    LatencyRecord,
+    LatencyRow,
+    busy_neighbour_cells,
+    drifted_cells,
+    fastest_fusions,
+    visit_spread,
+)
 
 CSV_COLUMNS = ["fusion", "backend", "batch_size", "status", "parity_passed", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
                "std_ms", "cv", "n", "throughput_samples_per_s", "achieved_gflops", "share_of_matmul_yardstick",
@@ -65,6 +72,8 @@ def table(rows: list[LatencyRow]) -> list[str]:
                      f"figures are over all of them, each visit's p50 is in the record (rounds_p50_ms): {median:.0%} "
                      f"apart at the median cell, most at {widest.fusion}/{widest.backend} batch {widest.batch_size} "
                      f"({min(widest.host.rounds_p50_ms):.2f} to {max(widest.host.rounds_p50_ms):.2f} ms)")
+        if ranking := fusion_ranking(timed):
+            lines.append(ranking)
     if any(r.host.cv_warning for r in timed):
         lines.append(f"! CV above {CV_WARNING:.0%}: noisy measurement (another process, frequency scaling, thermal)")
     _, worst = drifted_cells(timed)
@@ -87,3 +96,25 @@ def table(rows: list[LatencyRow]) -> list[str]:
         lines.append("WRONG: that backend's logits differ from the eager model's beyond tolerance; it was timed "
                      "and kept in the record, and is left out of every best, plot and Pareto front")
     return lines
+
+
+def fusion_ranking(rows: list[LatencyRow]) -> str | None:
+    """An interleaved sweep's answer at its smallest and largest batch: the fusions by their fastest backend's p50,
+    each marked where its visits did not tell it apart from the fastest's (None: fewer than two fusions timed, or a
+    cell of one visit, which has nothing to tell it apart by)."""
+    sizes = sorted({r.batch_size for r in rows if r.ok})
+    parts, ties = [], False
+    for batch in sorted({sizes[0], sizes[-1]}) if sizes else []:
+        ranked = fastest_fusions(rows, batch)
+        if len(ranked) < 2 or any(apart is None for _, apart in ranked[1:]):
+            return None
+        first, rest = ranked[0][0], ranked[1:]
+        ties |= any(apart is False for _, apart in rest)
+        parts.append(f"at batch {batch} {first.fusion} {first.host.p50_ms:.2f} ms ({first.backend}), then "
+                     + ", ".join(f"{r.fusion} {r.host.p50_ms:.2f}" + (" ≈" if apart is False else "")
+                                 for r, apart in rest) + " ms")
+    if not parts:
+        return None
+    return ("Fusions by the p50 of their fastest backend: " + "; ".join(parts) + ". "
+            + ("≈: not told apart from the fastest, their visits' p50s overlapping; the others were slower than it in "
+               "every visit." if ties else "Each was slower than the fastest in every visit."))

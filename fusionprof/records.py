@@ -206,6 +206,27 @@ def visit_spread(rows: list[LatencyRow]) -> tuple[int, float, LatencyRow] | None
     return visits, statistics.median(spread(r) for r in timed), max(timed, key=spread)
 
 
+def told_apart(faster: list[float] | None, slower: list[float] | None) -> bool | None:
+    """Whether an interleaved sweep told two cells apart: every visit p50 of the slower above every one of the faster
+    (their ranges do not overlap). None where either was timed in one visit: nothing to judge it by."""
+    if not faster or not slower or len(faster) < 2 or len(slower) < 2:
+        return None
+    return min(slower) > max(faster)
+
+
+def fastest_fusions(rows: list[LatencyRow], batch: int) -> list[tuple[LatencyRow, bool | None]]:
+    """Each fusion's fastest right cell at ``batch`` (its best backend), fastest first, each with whether it was told
+    apart from the first (``told_apart``; the first: None)."""
+    best: dict[str, LatencyRow] = {}
+    for r in rows:
+        if r.ok and r.host is not None and r.batch_size == batch and (
+                r.fusion not in best or r.host.p50_ms < best[r.fusion].host.p50_ms):
+            best[r.fusion] = r
+    ranked = sorted(best.values(), key=lambda r: r.host.p50_ms)
+    return [(r, None if i == 0 else told_apart(ranked[0].host.rounds_p50_ms, r.host.rounds_p50_ms))
+            for i, r in enumerate(ranked)]
+
+
 # A sweep cut short (a time limit, a crash in a runtime) keeps the rows it measured: after each backend they are
 # written to a file of this suffix beside its record-to-be, a record of its own kind (the report names it, never plots
 # it; `recommend` reads finished sweeps only), deleted when the sweep's record is written.

@@ -22,6 +22,7 @@ from fusionprof.atomic import atomic_write
 from fusionprof.env import machine_name
 from fusionprof.errors import UserError
 from fusionprof.figures import batch_axis, plain_axis, pyplot, save_figure, slug
+from fusionprof.latency_output import fusion_ranking
 from fusionprof.load_report import load_section
 from fusionprof.loadgen import LoadRecord
 from fusionprof.measure import DRIFT_WARNING
@@ -397,6 +398,8 @@ def latency_section(rec: Records, out_dir: Path) -> list[tuple]:
                                 f"{median:.0%} apart (largest over smallest) at the median cell and most at "
                                 f"{widest.fusion}/{widest.backend} batch {widest.batch_size} ({lo:.2f} to {hi:.2f} "
                                 "ms): the machine's pace moving between rounds, and each visit's own noise."))
+            if ranking := fusion_ranking(sweep.record.rows):
+                blocks.append(("p", ranking))
         moved, worst = drifted_cells(sweep.record.rows)
         if worst:
             first, second = worst.host.halves_p50_ms

@@ -101,7 +101,8 @@ def test_an_interleaved_sweep_says_how_far_its_visits_lay_apart(tmp_path):
     visits' p50s lay apart, from the rows' rounds_p50_ms; a one-round sweep says nothing of visits."""
     from pathlib import Path
 
-    from fusionprof.records import visit_spread
+    from fusionprof.latency_output import fusion_ranking, table
+    from fusionprof.records import fastest_fusions, told_apart, visit_spread
 
     vm = Path(__file__).parent.parent / "profiles" / "vm"
     raw = json.loads((vm / "latency-tiny-cpu-fp32-20261203T145306Z.json").read_text())
@@ -112,6 +113,18 @@ def test_an_interleaved_sweep_says_how_far_its_visits_lay_apart(tmp_path):
     assert max(widest.host.rounds_p50_ms) / min(widest.host.rounds_p50_ms) - 1 == pytest.approx(spreads[-1])
     one_round = LatencyRecord.from_dict(json.loads((vm / "latency-tiny-cpu-fp32-20261203T144857Z.json").read_text()))
     assert visit_spread(one_round.rows) is None
+    # its answer: each fusion's fastest cell, told apart from the fastest fusion's only where the visits do not overlap
+    # (bottleneck/onnxruntime at batch 1: 1.68-2.22 ms, above all of late/onnxruntime's 1.17-1.35 ms)
+    assert [(r.fusion, r.backend, apart) for r, apart in fastest_fusions(record.rows, 1)] == [
+        ("late", "onnxruntime", None), ("early", "onnxruntime", False), ("bottleneck", "onnxruntime", True),
+        ("mid", "onnxruntime", True)]
+    assert told_apart([1.0], [2.0]) is None and told_apart([1.0, 2.0], [1.5, 3.0]) is False
+    assert told_apart([1.0, 2.0], [2.5, 3.0]) is True
+    assert fusion_ranking(one_round.rows) is None  # one visit a cell: nothing to tell two cells apart by
+    ranking = fusion_ranking(record.rows)
+    assert ranking.startswith("Fusions by the p50 of their fastest backend: at batch 1 late 1.23 ms (onnxruntime), "
+                              "then early 1.30 ≈, bottleneck 1.96, mid 1.98 ms; at batch 32 late 20.15 ms (openvino)")
+    assert ranking in table(record.rows) and not any(line.startswith("Fusions by") for line in table(one_round.rows))
     profiles = tmp_path / "profiles" / "vm"
     profiles.mkdir(parents=True)
     for name in ("latency-tiny-cpu-fp32-20261203T145306Z", "latency-tiny-cpu-fp32-20261203T144857Z"):
@@ -125,6 +138,8 @@ def test_an_interleaved_sweep_says_how_far_its_visits_lay_apart(tmp_path):
                     f"{widest.batch_size} ({min(widest.host.rounds_p50_ms):.2f} to "
                     f"{max(widest.host.rounds_p50_ms):.2f} ms): the machine's pace moving between rounds, and each "
                     "visit's own noise."]
+    assert [line for line in (tmp_path / "profiles" / "report.md").read_text().splitlines()
+            if line.startswith("Fusions by the p50")] == [ranking]  # the one-round sweep's section says nothing
 
 
 def test_committed_records_load_through_their_types():
@@ -441,6 +456,15 @@ def test_compare_puts_each_fusion_under_load_on_its_fastest_backend_at_the_batch
                       {"mid": {"max_qps": 123.4, "offline_samples_per_s": 456.7}}, LoadPlan())
     assert "max QPS, p99 ≤ 50 ms" in lines[0] and "123.4" in lines[1] and "456.7" in lines[1]
     assert len(lines) == 2 and "+" not in lines[1]  # nothing was measured beside a busy neighbour
+    # interleaved (--rounds): a fusion whose best cell's visits overlap the fastest fusion's is marked ≈
+    cells = {("late", 1): (1.5, [1.4, 1.5, 1.6]), ("mid", 1): (2.0, [1.9, 2.0, 2.3]), ("early", 1): (2.5, [1.55, 2.5]),
+             ("late", 8): (12.0, [11.0, 12.0, 13.0]), ("mid", 8): (10.0, [9.5, 10.0, 10.5]), ("early", 8): (15.0, None)}
+    timed = [{**row(f, "onnxruntime", b, p50), "rounds_p50_ms": visits} for (f, b), (p50, visits) in cells.items()]
+    acc = {f: {"test_accuracy": 0.9, "train_seconds": 60} for f in ("early", "mid", "late")}
+    early, mid, late, legend = summarize(acc, timed)[1:]
+    assert "2.50 ms (onnxruntime) ≈" in early and "15.00 ms (onnxruntime) ≈" not in early  # one visit: not judged
+    assert "≈" not in mid + late and legend.startswith("≈ not told apart from the fastest fusion at that batch")
+    assert "≈" not in "".join(summarize(acc, [{**r, "rounds_p50_ms": None} for r in timed]))
     lines = summarize({"mid": {"test_accuracy": 0.9, "train_seconds": 60}}, rows,
                       {"mid": {"max_qps": 123.4, "invalid_qps": 1150.25, "offline_samples_per_s": 456.7}}, LoadPlan())
     assert "123.4 (1150.2 INVALID)" in lines[1] and lines[2].startswith("max QPS: the largest Server rate")

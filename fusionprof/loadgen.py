@@ -437,11 +437,16 @@ class LoadRecord:
     def invalid_qps(self) -> float | None:
         """Find-max: the smallest offered rate above ``max_qps`` that LoadGen called INVALID (None: none was, or no
         search). The rate this setting sustains lies between the two, as finely as the search's trials resolved it
-        (one LoadGen run per rate). A rate run again with the queries LoadGen asked for counts by its last run."""
-        if not self.config.get("find_max_qps"):
-            return None
-        verdict = {run.settings.get("target_qps", 0.0): run.valid for run in self.runs if not run.accuracy}
-        return min((qps for qps, valid in verdict.items() if not valid and qps > (self.max_qps or 0.0)), default=None)
+        (one LoadGen run per rate)."""
+        return self.missed_above(self.max_qps or 0.0) if self.config.get("find_max_qps") else None
+
+    def missed_above(self, qps: float, p99_ms: float = math.inf) -> float | None:
+        """The smallest rate above ``qps`` that its Server runs tried and found over the target: INVALID, or VALID with
+        a p99 above ``p99_ms`` (a tighter target than LoadGen judged). None: none was tried. A rate run again with the
+        queries LoadGen asked for counts by its last run."""
+        last = {run.settings.get("target_qps", 0.0): run for run in self.runs if not run.accuracy}
+        missed = [rate for rate, run in last.items() if not run.valid or (run.p99_ms or 0.0) > p99_ms]
+        return min((rate for rate in missed if rate > qps), default=None)
 
     @property
     def contention(self) -> dict:

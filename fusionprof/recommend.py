@@ -110,17 +110,8 @@ def load_choices(records: list[tuple[dict, Path]], p99_ms: float, qps: float | N
                                   record.fusion, record.backend, record.precision, record.serving, best.p99_ms,
                                   best.settings["target_qps"], str(path), (record.model or {}).get("checkpoint"),
                                   busy_neighbour=contention.busy(best.contention),
-                                  invalid_qps=_missed_above(record, best.settings["target_qps"], p99_ms)))
+                                  invalid_qps=record.missed_above(best.settings["target_qps"], p99_ms)))
     return choices, loose
-
-
-def _missed_above(record: LoadRecord, qps: float, p99_ms: float) -> float | None:
-    """The smallest rate above ``qps`` that ``record``'s Server runs tried and found over ``p99_ms`` (INVALID, or a
-    measured p99 above it): the rate this choice sustains at that target lies between (None: none was tried). A rate
-    run again with the queries LoadGen asked for counts by its last run."""
-    last = {run.settings.get("target_qps", 0.0): run for run in record.runs if not run.accuracy}
-    return min((rate for rate, run in last.items() if rate > qps and (not run.valid or (run.p99_ms or 0.0) > p99_ms)),
-               default=None)
 
 
 def pareto_front(choices: list[Choice], by_rate: bool) -> list[Choice]:

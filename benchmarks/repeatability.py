@@ -12,8 +12,18 @@ interleaving (``--rounds`` above 1) is for. The misses are grouped by what the t
 nothing, ``!`` only (CV above 10 %: some slow calls) or ``~`` (its p50 moved by over 10 % between the first and the
 second half of its calls: the pace changed while it was timed).
 
+With ``--rounds`` above 1 it also checks the verdict an interleaved sweep prints (``fastest_fusions``: each fusion's
+fastest cell against the fastest fusion's, told apart where every visit of one lay below every visit of the other, else
+``≈``): per run, batch size and fusion, how often the other runs put the two fusions in the same order, for the pairs
+told apart and for those that were not. With one round, the same count for the p50 order alone is the baseline.
+
 Writes ``profiles/<host>/repeatability-<preset>-<created>.json``: the summary, and every sweep's rows (without their raw
 samples, with their halves' p50s) and config.
+
+    python benchmarks/repeatability.py --from RECORD [RECORD ...]
+
+prints the verdicts' check for committed records (written before it was part of the summary) and writes it to
+``profiles/<host>/verdicts-<preset>-<created>.json``.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from pathlib import Path
 from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import write_json
 from fusionprof.env import fingerprint, machine_name
-from fusionprof.records import LatencyRecord
+from fusionprof.records import LatencyRecord, fastest_fusions
 
 GROUPS = ("none", "! only", "~")
 
@@ -82,6 +92,69 @@ def misses(records: list[LatencyRecord]) -> list[dict]:
     return out
 
 
+def verdicts(records: list[LatencyRecord]) -> list[dict]:
+    """Per run, batch size and fusion other than that run's fastest: whether the run told the two apart (None: one
+    visit a cell) and in how many of the other runs the fastest's best p50 was again below the other's."""
+    out = []
+    best = [{batch: {r.fusion: r.host.p50_ms for r, _ in fastest_fusions(rec.rows, batch)}
+             for batch in {r.batch_size for r in rec.rows if r.ok}} for rec in records]
+    for run, rec in enumerate(records):
+        for batch in sorted(best[run]):
+            ranked = fastest_fusions(rec.rows, batch)
+            first = ranked[0][0]
+            for row, apart in ranked[1:]:
+                others = [b[batch] for i, b in enumerate(best) if i != run and batch in b]
+                agree = [o[first.fusion] < o[row.fusion] for o in others if first.fusion in o and row.fusion in o]
+                out.append({"run": run, "batch_size": batch, "fastest": first.fusion, "other": row.fusion,
+                            "told_apart": apart, "ratio": row.host.p50_ms / first.host.p50_ms,
+                            "same_order": sum(agree), "other_runs": len(agree)})
+    return out
+
+
+def verdict_summary(found: list[dict]) -> dict:
+    """Per verdict (told apart, ≈, or none: one visit a cell): pairs, their p50 ratio's range, and the share of the
+    other runs that ordered them the same way."""
+    out = {}
+    for name, apart in (("told apart", True), ("≈", False), ("one visit", None)):
+        pairs = [x for x in found if x["told_apart"] is apart]
+        if pairs:
+            runs = sum(x["other_runs"] for x in pairs)
+            out[name] = {"pairs": len(pairs), "same_order": sum(x["same_order"] for x in pairs), "other_runs": runs,
+                         "share": sum(x["same_order"] for x in pairs) / runs if runs else None,
+                         "ratio": [min(x["ratio"] for x in pairs), max(x["ratio"] for x in pairs)]}
+    return out
+
+
+def describe_verdicts(v: dict) -> list[str]:
+    return [f"  {name:>10}: {s['pairs']:2d} (run, batch, fusion)s at {s['ratio'][0]:.2f}-{s['ratio'][1]:.2f}x the "
+            f"fastest; the other runs ordered them the same way {s['same_order']} of {s['other_runs']} times "
+            f"({s['share']:.0%})" for name, s in v.items()]
+
+
+def from_records(paths: list[str], out: str) -> None:
+    """The verdicts' check of committed repeatability records, printed and written."""
+    checked = {}
+    for path in paths:
+        raw = json.loads(Path(path).read_text())
+        checked[path] = {}
+        for rounds, result in raw["rounds"].items():
+            recs = [LatencyRecord.from_dict({"schema_version": raw["schema_version"], "kind": LatencyRecord.kind,
+                                             "environment": raw["environment"], **sweep,
+                                             "rows": [{**row, "samples_ms": []} for row in sweep["rows"]]})
+                    for sweep in result["sweeps"]]  # their rows kept every figure but the raw samples
+            checked[path][rounds] = verdict_summary(verdicts(recs))
+            print(f"{path}, rounds {rounds}:")
+            print("\n".join(describe_verdicts(checked[path][rounds])))
+    env = fingerprint()
+    record = {"schema_version": SCHEMA_VERSION, "kind": "verdicts",
+              "created": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"), "environment": env,
+              "config": {"from": paths, "script": "benchmarks/repeatability.py --from"}, "checked": checked}
+    preset = json.loads(Path(paths[0]).read_text())["config"]["preset"]
+    path = Path(out) / env["host"] / f"verdicts-{preset}-{record['created']}.json"
+    write_json(path, record)
+    print(f"wrote {path}")
+
+
 def spread(values: list[float]) -> dict:
     m = sorted(values)
     return {"n": len(m), "median": statistics.median(m) if m else None,
@@ -112,7 +185,11 @@ def main() -> None:
     parser.add_argument("--rounds", default="1", help="Comma-separated --rounds settings, alternated run by run.")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="profiles")
+    parser.add_argument("--from", dest="records", nargs="+", default=None,
+                        help="Committed repeatability records: check their sweeps' verdicts, run nothing.")
     args = parser.parse_args()
+    if args.records:
+        return from_records(args.records, args.out)
     if args.runs < 3:
         raise SystemExit("--runs must be at least 3: a run's miss is against the median of the others")
     settings = [int(r) for r in args.rounds.split(",")]
@@ -130,6 +207,7 @@ def main() -> None:
     for rounds, recs in records.items():
         found = misses(recs)
         result = summary(found)
+        result["verdicts"] = verdict_summary(verdicts(recs))
         results[rounds] = {"summary": result, "cells": found,
                            "sweeps": [{"created": r.created, "config": r.config,
                                        "reference_matmul": r.reference_matmul,
@@ -140,6 +218,8 @@ def main() -> None:
         for name in ("all", *GROUPS):
             print(f"  {name:>7}  p50: {describe(result[name]['miss'])}")
             print(f"  {'':>7}  relative to its run's pace: {describe(result[name]['relative_miss'])}")
+        print("  each fusion against its run's fastest (each at its best backend), by the run's verdict:")
+        print("\n".join(describe_verdicts(result["verdicts"])))
     record = {"schema_version": SCHEMA_VERSION, "kind": "repeatability",
               "created": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"), "environment": env,
               "config": vars(args), "rounds": {str(r): v for r, v in results.items()}}

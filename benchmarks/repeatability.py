@@ -96,14 +96,13 @@ def verdicts(records: list[LatencyRecord]) -> list[dict]:
     """Per run, batch size and fusion other than that run's fastest: whether the run told the two apart (None: one
     visit a cell) and in how many of the other runs the fastest's best p50 was again below the other's."""
     out = []
-    best = [{batch: {r.fusion: r.host.p50_ms for r, _ in fastest_fusions(rec.rows, batch)}
-             for batch in {r.batch_size for r in rec.rows if r.ok}} for rec in records]
-    for run, rec in enumerate(records):
-        for batch in sorted(best[run]):
-            ranked = fastest_fusions(rec.rows, batch)
-            first = ranked[0][0]
-            for row, apart in ranked[1:]:
-                others = [b[batch] for i, b in enumerate(best) if i != run and batch in b]
+    ranked = [{batch: fastest_fusions(rec.rows, batch) for batch in sorted({r.batch_size for r in rec.rows if r.ok})}
+              for rec in records]
+    best = [{batch: {r.fusion: r.host.p50_ms for r, _ in order} for batch, order in run.items()} for run in ranked]
+    for run, batches in enumerate(ranked):
+        for batch, ((first, _), *rest) in batches.items():
+            others = [b[batch] for i, b in enumerate(best) if i != run and batch in b]
+            for row, apart in rest:
                 agree = [o[first.fusion] < o[row.fusion] for o in others if first.fusion in o and row.fusion in o]
                 out.append({"run": run, "batch_size": batch, "fastest": first.fusion, "other": row.fusion,
                             "told_apart": apart, "ratio": row.host.p50_ms / first.host.p50_ms,

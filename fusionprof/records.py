@@ -209,7 +209,7 @@ def visit_spread(rows: list[LatencyRow]) -> tuple[int, float, LatencyRow] | None
 def told_apart(faster: list[float] | None, slower: list[float] | None) -> bool | None:
     """Whether an interleaved sweep told two cells apart: every visit p50 of the slower above every one of the faster
     (their ranges do not overlap). None where either was timed in one visit: nothing to judge it by."""
-    if not faster or not slower or len(faster) < 2 or len(slower) < 2:
+    if len(faster or []) < 2 or len(slower or []) < 2:
         return None
     return min(slower) > max(faster)
 

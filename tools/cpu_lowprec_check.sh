@@ -11,7 +11,8 @@
 #    against the fp32 checkpoint on the test split, and the low precisions swept beside fp32).
 # 3. The check: per fusion, the best low-precision p50 at batch 8 against the best fp32 one (target: >= 2x with AMX
 #    or VNNI, >= 1.3x with AVX512-BF16 only), and the accuracy each low precision kept (<= 1 point lost); written
-#    to OUT/<host>/cpu-lowprec-check.json and printed. The report (OUT/report.md) shows the same side by side.
+#    to OUT/<host>/cpu-lowprec-check-<preset>-<isa tier>.json (e.g. ...-seed-amx.json: one host name can be two
+#    CPUs) and printed. The report (OUT/report.md) shows the same side by side.
 #
 # FP_PRECISIONS=int8,bf16 overrides the precisions found in the CPU's flags (a dry run on any CPU, emulated);
 # FP_PRESET=tiny FP_QUICK=1 makes the latency step small (dry runs); FP_STEPS=latency,accuracy,check picks steps
@@ -57,7 +58,7 @@ from pathlib import Path
 
 from fusionprof.atomic import write_json
 from fusionprof.compare import best_row
-from fusionprof.env import cpu_isa, fingerprint
+from fusionprof.env import cpu_isa, fingerprint, isa_tier
 from fusionprof.records import int8_gate_of
 
 out, models, preset, precisions = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4].split(",")
@@ -114,7 +115,8 @@ for fusion in ("early", "mid", "late", "bottleneck"):
     print(f"{fusion:<11} batch 8: best low precision {speed} vs best fp32 ({fp32 and fp32['backend']}): {verdict}; "
           f"{acc}")
 checks["records"] = {p: [str(path) for path, _ in runs] for p, runs in sweeps.items()}
-path = out / env["host"] / f"cpu-lowprec-check-{preset}.json"
+tier = (isa_tier(isa) or "none").lower()
+path = out / env["host"] / f"cpu-lowprec-check-{preset}-{tier}.json"
 write_json(path, checks)
 print(f"wrote {path}")
 PY

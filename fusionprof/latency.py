@@ -120,7 +120,7 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
     checkpoint = find_checkpoint(cfg.models_dir, cfg.preset, fusion)
     if checkpoint is not None:
         model, train_cfg = load_model(checkpoint)
-        source = {"weights": "trained", "checkpoint": str(checkpoint)}
+        source = {"weights": "trained", "checkpoint": str(checkpoint), "checkpoint_hash": checkpoint_hash(checkpoint)}
         calibration = checkpoint_calibration(checkpoint, model, train_cfg)
     else:
         torch.manual_seed(0)

@@ -46,10 +46,11 @@ class Choice:
     accuracy_source: str | None = None  # what measured it, and the record
     busy_neighbour: bool = False  # other processes kept the CPUs busy while it was measured: a quiet machine does more
     invalid_qps: float | None = None  # the smallest rate above ``max_qps`` its search found INVALID (None: none)
+    checkpoint_hash: str | None = None  # which model the checkpoint held when it was timed (None: not recorded)
 
     def key(self) -> tuple:
         return (self.machine, self.device, self.preset, self.fusion, self.backend, self.precision, self.batching,
-                self.checkpoint)
+                self.checkpoint, self.checkpoint_hash)
 
     def rank(self) -> tuple:
         """Best first: the largest VALID rate (load records), then the lowest p99."""
@@ -86,7 +87,8 @@ def latency_choices(records: list[tuple[dict, Path]], p99_ms: float) -> list[Cho
                                       cfg.get("preset", "?"), row["fusion"], row["backend"],
                                       cfg.get("precision", "fp32"), serving, row["p99_ms"], None, str(path),
                                       (row.get("model") or {}).get("checkpoint"),
-                                      busy_neighbour=contention.busy(row.get("contention"))))
+                                      busy_neighbour=contention.busy(row.get("contention")),
+                                      checkpoint_hash=(row.get("model") or {}).get("checkpoint_hash")))
     return choices
 
 
@@ -110,7 +112,8 @@ def load_choices(records: list[tuple[dict, Path]], p99_ms: float, qps: float | N
                                   record.fusion, record.backend, record.precision, record.serving, best.p99_ms,
                                   best.settings["target_qps"], str(path), (record.model or {}).get("checkpoint"),
                                   busy_neighbour=contention.busy(best.contention),
-                                  invalid_qps=record.missed_above(best.settings["target_qps"], p99_ms)))
+                                  invalid_qps=record.missed_above(best.settings["target_qps"], p99_ms),
+                                  checkpoint_hash=(record.model or {}).get("checkpoint_hash")))
     return choices, loose
 
 
@@ -151,7 +154,7 @@ def recommend(profiles_dir: str | Path, p99_ms: float, qps: float | None = None,
     candidates = list(best.values())
     train, export = ([{**r, "_file": str(p)} for r, p in records[kind]] for kind in ("train", "export"))
     for c in candidates:
-        found = model_accuracy(train, export, c.checkpoint, c.precision, c.backend)
+        found = model_accuracy(train, export, c.checkpoint, c.precision, c.backend, c.checkpoint_hash, c.machine)
         if found:
             c.accuracy, c.accuracy_source = found[0], f"{found[1]}: {found[2]['_file']}"
     chosen = [c for c in candidates if min_accuracy is None or (c.accuracy is not None and c.accuracy >= min_accuracy)]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from fusionprof import SCHEMA_VERSION, contention
+from fusionprof.env import machine_name
 from fusionprof.errors import UserError
 from fusionprof.measure import CV_WARNING, DRIFT_WARNING, P99_MIN_SAMPLES, halves_p50, p99_note, summarize
 
@@ -272,22 +273,41 @@ def int8_gate_of(record: dict, backend: str) -> tuple[dict, str]:
 
 
 def model_accuracy(train: list[dict], export: list[dict], checkpoint: str | Path | None, precision: str,
-                   backend: str | None = None) -> tuple[float, str, dict] | None:
+                   backend: str | None = None, checkpoint_hash: str | None = None,
+                   machine: str | None = None) -> tuple[float, str, dict] | None:
     """The test accuracy of ``checkpoint``'s model in ``precision``, what measured it, and the record that says so:
     its passed export's gate in that precision (ONNX's first, else another format's; at int8 the gate of the model
     ``backend`` loads, NNCF's IR on openvino), else its training run's when that ran in ``precision``. None for a
     random-init model (no checkpoint) or one no record measured in ``precision``: never another model's or precision's
-    figure. Records are dicts as ``find_records`` keeps them (``_file``: where each was read)."""
+    figure. Which records are of that model: ``records_of_model`` (``checkpoint_hash`` and ``machine`` are what the
+    timing record says of it). Records are dicts as ``find_records`` keeps them (``_file``: where each was read)."""
     if not checkpoint:
         return None
-    checkpoint = Path(checkpoint)
-    exports = sorted((r for r in export if Path(r.get("checkpoint") or "") == checkpoint
-                      and (r.get("precision"), r.get("status")) == (precision, "ok")),
+    exports = sorted((r for r in records_of_model(export, checkpoint, checkpoint_hash, machine)
+                      if (r.get("precision"), r.get("status")) == (precision, "ok")),
                      key=lambda r: r["format"] != "onnx")
     if exports:
         gate, model = int8_gate_of(exports[0], backend or "") if precision == "int8" else (exports[0]["accuracy"], "")
         how = "NNCF IR of the int8 export" if model == "NNCF IR" else f"{exports[0]['format']} export"
         return gate["exported_accuracy"], how, exports[0]
-    trained = [r for r in train if Path(r.get("checkpoint") or "") == checkpoint
-               and r.get("train_config", {}).get("precision") == precision]
+    trained = [r for r in records_of_model(train, checkpoint, checkpoint_hash, machine)
+               if r.get("train_config", {}).get("precision") == precision]
     return (trained[0]["test"]["accuracy"], "training run", trained[0]) if trained else None
+
+
+def records_of_model(records: list[dict], checkpoint: str | Path, checkpoint_hash: str | None = None,
+                     machine: str | None = None) -> list[dict]:
+    """The training or export records of the model a timing record ran: those of its checkpoint path, and — since
+    one path holds different models on different days (a study's ``/tmp`` folder trained on Monday's EPYC and again
+    on Tuesday's Xeon) — of its ``checkpoint_hash`` where the record states one too, else made on its ``machine``
+    (``env.machine_name``). A record of another hash is another model. Where the path's records still come from
+    more than one machine and none from this one, none: which of them it ran cannot be told."""
+    at = [r for r in records if Path(r.get("checkpoint") or "") == Path(checkpoint)]
+    if checkpoint_hash:
+        if same := [r for r in at if r.get("checkpoint_hash") == checkpoint_hash]:
+            return same
+        at = [r for r in at if not r.get("checkpoint_hash")]
+    made_on = [machine_name(r.get("environment") or {}) for r in at]
+    if machine and machine in made_on:
+        return [r for r, m in zip(at, made_on, strict=True) if m == machine]
+    return at if len(set(made_on)) <= 1 else []

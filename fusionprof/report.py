@@ -458,8 +458,9 @@ def row_accuracy(rec: Records, sweep: Sweep) -> Callable[[LatencyRow], float | N
     """The test accuracy a sweep's row is plotted at: that of the model it timed, in the sweep's precision, as the
     backend runs it (``model_accuracy``); None for a random-init model or one without such a record."""
     def accuracy(row: LatencyRow) -> float | None:
-        found = model_accuracy(rec.train, rec.export, (row.model or {}).get("checkpoint"), sweep.precision,
-                               row.backend)
+        model = row.model or {}
+        found = model_accuracy(rec.train, rec.export, model.get("checkpoint"), sweep.precision, row.backend,
+                               model.get("checkpoint_hash"), sweep.machine)
         return None if found is None else found[0]
     return accuracy
 
@@ -481,8 +482,7 @@ def precision_section(rec: Records) -> list[tuple]:
                 sweep = by_precision[precision]
                 best = [_best(sweep, fusion, b) for b in (1, 8)]
                 if best != ["–", "–"]:
-                    checkpoint = _checkpoints(sweep).get(fusion)
-                    rows.append([fusion, precision, *best, _accuracy_in(rec, checkpoint, precision)])
+                    rows.append([fusion, precision, *best, _accuracy_in(rec, sweep, fusion)])
         cited = ", ".join(f"`{by_precision[p].path}`" for p in precisions)
         tables += [("h3", f"{machine} · {preset} · {device} · {models}"),
                    ("table", ["fusion", "precision", "best p50 bs 1", "best p50 bs 8", "test accuracy"], rows),
@@ -527,10 +527,13 @@ def _best(sweep: LatencyRecord, fusion: str, batch: int) -> str:
     return f"{best.host.p50_ms:.2f} ms ({best.backend})" if best else "–"
 
 
-def _accuracy_in(rec: Records, checkpoint: Path | None, precision: str) -> str:
-    """``model_accuracy`` as a table cell, whatever the backend: – where it is unknown; at int8, NNCF's IR's beside the
-    QDQ graph's where openvino runs the IR."""
-    found = model_accuracy(rec.train, rec.export, checkpoint, precision)
+def _accuracy_in(rec: Records, sweep: LatencyRecord, fusion: str) -> str:
+    """``model_accuracy`` of the model ``sweep`` timed for ``fusion``, as a table cell, whatever the backend: – where it
+    is unknown; at int8, NNCF's IR's beside the QDQ graph's where openvino runs the IR."""
+    model = next((r.model for r in sweep.rows if r.fusion == fusion and (r.model or {}).get("checkpoint")), {})
+    precision = sweep.config["precision"]
+    found = model_accuracy(rec.train, rec.export, model.get("checkpoint"), precision, None,
+                           model.get("checkpoint_hash"), machine_name(sweep.environment))
     if found is None:
         return "–"
     accuracy, how, record = found

@@ -41,6 +41,7 @@ from fusionprof.atomic import write_json
 from fusionprof.checkpoint import (
     CHECKPOINT,
     TOKENIZER,
+    checkpoint_hash,
     load_checkpoint,
     metrics_path,
     run_name,
@@ -572,6 +573,8 @@ def build_metrics(run: str, cfg: TrainConfig, model_cfg: ModelConfig, model: Fus
     return {
         "schema_version": SCHEMA_VERSION, "kind": "train", "run": run, "fusion": model_cfg.fusion,
         "preset": cfg.preset, "checkpoint": str(ckpt_path), "data": data_source,
+        # which model this is where one path later holds another (the same /tmp folder on another day's machine)
+        "checkpoint_hash": checkpoint_hash(ckpt_path) if ckpt_path.exists() else None,
         "parameters": count_parameters(model), "forward_flops_per_sample": forward_flops(model),
         "flops_seq_len": model_cfg.max_text_len, "step_breakdown": step_profile and step_profile["ranges"],
         "step_profile": step_profile and step_profile["step"],

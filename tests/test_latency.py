@@ -16,7 +16,7 @@ from conftest import NO_CUDA_64
 
 from fusionprof.backends import BACKENDS, backend_names
 from fusionprof.backends.torch_eager import TorchEager
-from fusionprof.checkpoint import find_checkpoint
+from fusionprof.checkpoint import checkpoint_hash, find_checkpoint
 from fusionprof.cli import cli
 from fusionprof.compare import summarize as compare_summary
 from fusionprof.errors import UserError
@@ -344,6 +344,7 @@ def test_a_sweeps_own_export_is_made_again_for_other_weights(tmp_path, trained_m
     cfg = SweepConfig(fusions=["mid"], backends=["onnxruntime"], models_dir=str(tmp_path / "models"))
     trained, source = load_artifacts(cfg, "mid", tmp_path / "work", said.append)
     assert trained.onnx == left and source["weights"] == "trained"
+    assert source["checkpoint_hash"] == checkpoint_hash(models / "checkpoint.pt")  # which model the rows timed
     assert said[0] == f"{left} was made from another model or for other batch sizes: exporting it again"
     backend = create_backend("onnxruntime", trained, torch.device("cpu"))
     assert parity(trained.model, backend, "fp32")["passed"]  # before: the untrained graph, and parity failed

@@ -331,6 +331,64 @@ def test_a_pareto_point_takes_the_accuracy_of_the_model_it_timed_in_its_precisio
         assert [accuracy(r) for r in rows] == expected
 
 
+def test_one_checkpoint_path_on_two_machines_is_two_models():
+    """A study's /tmp folder holds the EPYC's models one day and the Xeon's the next, under the same paths. A row takes
+    the accuracy of the model it timed: by checkpoint hash where both records state one, else the record made on the
+    row's machine; where neither tells which, none (never another model's figure)."""
+    epyc = {"host": "vm", "cpu_model": "AMD EPYC", "cpu_isa": {"avx512_bf16": True}}
+    xeon = {"host": "vm", "cpu_model": "Intel(R) Xeon(R) Processor", "cpu_isa": {"amx_bf16": True}}
+    path = "/tmp/study/models/tiny-early/checkpoint.pt"
+
+    def export(accuracy, digest, env):
+        return {"kind": "export", "checkpoint": path, "checkpoint_hash": digest, "format": "onnx", "precision": "fp32",
+                "status": "ok", "accuracy": {"exported_accuracy": accuracy}, "environment": env}
+
+    def train(accuracy, env):  # written before training records named their checkpoint's hash
+        return {"kind": "train", "checkpoint": path, "train_config": {"precision": "bf16"},
+                "test": {"accuracy": accuracy}, "environment": env}
+    records = Records(train=[train(0.9805, epyc), train(0.978, xeon)],
+                      export=[export(0.9805, "e", epyc), export(0.978, "x", xeon)])
+    on_xeon, on_epyc = machine_name(xeon), machine_name(epyc)
+    for precision, row_model, machine, expected in (
+            ("fp32", {"checkpoint": path, "checkpoint_hash": "x"}, on_epyc, 0.978),  # the hash decides, not the host
+            ("fp32", {"checkpoint": path}, on_xeon, 0.978),  # an older row: the record made on its machine
+            ("fp32", {"checkpoint": path}, on_epyc, 0.9805),
+            ("fp32", {"checkpoint": path}, "box (a third CPU)", None),  # two candidates, neither of this machine
+            ("fp32", {"checkpoint": path, "checkpoint_hash": "other"}, on_xeon, None),  # no export of that model
+            ("bf16", {"checkpoint": path, "checkpoint_hash": "other"}, on_xeon, 0.978),  # hashless training records
+            ("bf16", {"checkpoint": path}, on_epyc, 0.9805)):
+        row = LatencyRow("early", "onnxruntime", "ok", model=row_model)
+        sweep = Sweep(machine, LatencyRecord("t", {}, {"preset": "tiny", "precision": precision}, {}, [row]))
+        assert row_accuracy(records, sweep)(row) == expected, (precision, row_model, machine)
+
+
+def test_the_precision_tables_of_two_machines_that_trained_in_one_folder_keep_their_own_accuracy():
+    """The committed studies of 2026-12-02 (AVX512-BF16 EPYC) and 2026-12-03 (AMX Xeon) both trained into
+    /tmp/fusionprof-cpu-lowprec/models: each machine's table shows its own models' accuracy (the report of
+    2026-12-03 first showed the EPYC's export gates in the Xeon's table)."""
+    from pathlib import Path
+
+    from fusionprof.report import find_records, precision_section
+
+    vm = Path(__file__).parent.parent / "profiles/vm"
+    files = [*(vm.parent / f"tiny-{f}/metrics.json" for f in ("early", "bottleneck")),
+             *vm.glob("export-tiny-*-onnx-*-20261202*.json"), *vm.glob("export-tiny-*-onnx-*-20261203-amx.json"),
+             *vm.glob("train-tiny-*-bf16-20261203-amx.json"),
+             *(vm / f"latency-tiny-cpu-{p}.json" for p in ("fp32-20261202T012114Z", "bf16-20261202T012358Z",
+                                                          "int8-20261202T012608Z", "fp32-20261203T205200Z",
+                                                          "bf16-20261203T205302Z", "int8-20261203T205405Z"))]
+    blocks = precision_section(find_records(files))
+    tables = {b[1].split(" · ")[0]: blocks[i + 1][2] for i, b in enumerate(blocks) if b[0] == "h3"}
+    cells = {(machine, row[0], row[1]): row[4] for machine, rows in tables.items() for row in rows}
+    epyc, xeon = "vm (AMD EPYC, AVX512-BF16)", "vm (Intel(R) Xeon(R) Processor, AMX)"
+    assert cells[(epyc, "early", "fp32")] == "98.05% (onnx export)"
+    assert cells[(xeon, "early", "fp32")] == "97.80% (onnx export)"
+    assert cells[(epyc, "bottleneck", "bf16")] == "83.40% (training run)"
+    assert cells[(xeon, "bottleneck", "bf16")] == "86.70% (training run)"
+    assert cells[(xeon, "bottleneck", "int8")] == "86.80% (onnx export; openvino runs NNCF's IR: 86.55%)"
+    assert cells[(epyc, "bottleneck", "int8")] == "83.70% (onnx export; openvino runs NNCF's IR: 83.25%)"
+
+
 def test_a_load_record_missing_a_field_is_a_one_line_error(tmp_path):
     from fusionprof import SCHEMA_VERSION
 

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from conftest import NO_CUDA_64, write_coco2017
 
 from fusionprof.atomic import write_json
-from fusionprof.checkpoint import load_checkpoint, load_model
+from fusionprof.checkpoint import checkpoint_hash, load_checkpoint, load_model
 from fusionprof.cli import cli
 from fusionprof.config import model_config, train_config
 from fusionprof.data import prepare_data
@@ -76,6 +76,7 @@ def test_train_cli_writes_checkpoint_and_metrics(fusion, precision, tmp_path, sm
     assert metrics["test"]["split"] == "test" and len(metrics["history"]) == 2
     ckpt = tmp_path / "m" / f"tiny-{fusion}" / "checkpoint.pt"
     assert metrics["test"]["accuracy"] == correct_test_pairs(ckpt, small_data) / pairs
+    assert metrics["checkpoint"] == str(ckpt) and metrics["checkpoint_hash"] == checkpoint_hash(ckpt)  # which model
     assert all(math.isfinite(h["loss"]) for h in metrics["history"])  # 2 epochs on 48 images: not always falling
     assert metrics["forward_flops_per_sample"]["total"] > 1e7 and metrics["parameters"]["total"] > 1e6
     assert metrics["train_samples_per_s"] == pytest.approx(2 * 2 * 2 * 48 / metrics["train_seconds"])

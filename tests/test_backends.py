@@ -11,9 +11,10 @@ from fusionprof.backends import Artifacts, backend_for_format, backend_names, cr
 from fusionprof.backends.base import BACKENDS, EXPORT_FORMATS
 from fusionprof.backends.trt import INSTALL_HINT, optimization_profile
 from fusionprof.checkpoint import load_model
+from fusionprof.config import model_config
 from fusionprof.errors import UserError
 from fusionprof.export import TOLERANCES, record_name
-from fusionprof.models import fusion_names
+from fusionprof.models import build_model, fusion_names
 from fusionprof.models.model import example_inputs
 from fusionprof.runtime import INFERENCE_PRECISIONS, PRECISIONS, native_bf16
 
@@ -129,6 +130,16 @@ def test_backend_matches_eager(name, fusion, artifacts, request):
         assert got.shape == (batch,) and got.dtype == np.float32
         np.testing.assert_allclose(got, expected, atol=tol["atol"], rtol=tol["rtol"])
     assert backend.describe()["backend"] == name
+
+
+def test_the_torch_backend_says_it_autocasts_over_fp32_weights():
+    """Its bf16 is autocast over the weights as trained (a cast copy runs faster on an AMX CPU:
+    benchmarks/cpu_bf16_weights.py); each row's backend_info says which, beside torch-cudagraphs' "cast to bf16"."""
+    model = build_model(model_config("tiny", fusion="late")).eval()
+    for precision, weights in (("fp32", "fp32"), ("bf16", "fp32, autocast to bf16")):
+        backend = create_backend("torch", Artifacts(model), CPU, precision)
+        assert backend.describe()["weights"] == weights
+        assert next(p.dtype for p in backend.model.parameters()) == torch.float32
 
 
 def test_onnx_axes_are_symbolic(artifacts):

@@ -22,6 +22,10 @@ class TorchEager(Backend):
     def available(cls, device):
         return True, ""
 
+    def describe(self):
+        weights = "fp32" if self.precision == "fp32" else f"fp32, autocast to {self.precision}"
+        return {**super().describe(), "weights": weights}  # beside torch-cudagraphs' "cast to bf16"
+
     @torch.inference_mode()
     def run_on_device(self, images, input_ids, attention_mask):
         with autocast(self.device, self.precision):

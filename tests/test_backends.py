@@ -135,7 +135,7 @@ def test_backend_matches_eager(name, fusion, artifacts, request):
 def test_the_torch_backend_says_it_autocasts_over_fp32_weights():
     """Its bf16 is autocast over the weights as trained (a cast copy runs faster on an AMX CPU:
     benchmarks/cpu_bf16_weights.py); each row's backend_info says which, beside torch-cudagraphs' "cast to bf16"."""
-    model = build_model(model_config("tiny", fusion="late")).eval()
+    model = build_model(model_config("tiny", fusion="late", vocab_size=1000)).eval()
     for precision, weights in (("fp32", "fp32"), ("bf16", "fp32, autocast to bf16")):
         backend = create_backend("torch", Artifacts(model), CPU, precision)
         assert backend.describe()["weights"] == weights

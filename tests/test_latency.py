@@ -158,7 +158,9 @@ def test_latency_uses_trained_checkpoints_under_any_run_name(tmp_path, small_dat
     assert code == 0, out
     [path] = list((tmp_path / "lat").glob("*/latency-*.json"))
     model = json.loads(path.read_text())["rows"][0]["model"]
-    assert model == {"weights": "trained", "checkpoint": str(tmp_path / "m" / "late-try" / "checkpoint.pt")}
+    checkpoint = tmp_path / "m" / "late-try" / "checkpoint.pt"
+    assert model == {"weights": "trained", "checkpoint": str(checkpoint),
+                     "checkpoint_hash": checkpoint_hash(checkpoint)}  # which model the rows timed
 
 
 @pytest.mark.parametrize("args,message", [

@@ -32,7 +32,7 @@ from fusionprof.data import SplitData, prepare_data
 from fusionprof.data.images import normalize
 from fusionprof.data.itm import PairBatches
 from fusionprof.data.text import build_tokenizer
-from fusionprof.env import fingerprint
+from fusionprof.env import fingerprint, machine_name
 from fusionprof.errors import UserError
 from fusionprof.evaluate import to_inputs
 from fusionprof.loadgen import (
@@ -50,6 +50,7 @@ from fusionprof.loadgen import (
 )
 from fusionprof.measure import Protocol, sample_calls
 from fusionprof.metrics import accuracy, predict
+from fusionprof.records import records_of_model
 from fusionprof.runtime import check_precision, resolve_device
 
 CPU = torch.device("cpu")
@@ -264,13 +265,18 @@ def accuracy_check(cfg: LoadConfig, sut: BatchingSUT, library: SampleLibrary, ba
     return run, result
 
 
-def trained_accuracy(source: dict, profiles_dir: str) -> float | None:
+def trained_accuracy(source: dict, profiles_dir: str, env: dict) -> float | None:
     """The checkpoint's test accuracy as its training recorded it under ``profiles_dir`` (PyTorch, in the training
-    precision), if that record is still on disk."""
+    precision), if that record is still on disk and is of this model (``records_of_model``: the run name's
+    ``metrics.json`` may be another machine's training into the same path)."""
     if "checkpoint" not in source:
         return None
     path = metrics_path(profiles_dir, Path(source["checkpoint"]).parent.name)
-    return json.loads(path.read_text())["test"]["accuracy"] if path.exists() else None
+    if not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    ours = records_of_model([metrics], source["checkpoint"], source.get("checkpoint_hash"), machine_name(env))
+    return ours[0]["test"]["accuracy"] if ours else None
 
 
 def load(cfg: LoadConfig, progress: bool = True, log=print) -> LoadRecord:
@@ -299,7 +305,7 @@ def load(cfg: LoadConfig, progress: bool = True, log=print) -> LoadRecord:
         if cfg.accuracy:
             run, record.accuracy = accuracy_check(cfg, sut, library, backend, tcfg, cfg.max_batch / batch_s,
                                                   path.with_suffix(""))
-            record.accuracy["trained_test_accuracy"] = trained_accuracy(source, tcfg.profiles_dir)
+            record.accuracy["trained_test_accuracy"] = trained_accuracy(source, tcfg.profiles_dir, env)
             record.runs = [run]
         else:
             record.runs, best = run_scenario(cfg, sut, library, batch_s, path.with_suffix(""), log)

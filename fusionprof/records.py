@@ -300,14 +300,10 @@ def records_of_model(records: list[dict], checkpoint: str | Path, checkpoint_has
     """The training or export records of the model a timing record ran: those of its checkpoint path, and — since
     one path holds different models on different days (a study's ``/tmp`` folder trained on Monday's EPYC and again
     on Tuesday's Xeon) — of its ``checkpoint_hash`` where the record states one too, else made on its ``machine``
-    (``env.machine_name``). A record of another hash is another model. Where the path's records still come from
-    more than one machine and none from this one, none: which of them it ran cannot be told."""
+    (``env.machine_name``; ``None``: any). A record of another hash is another model, and a record of no hash made
+    on another machine may be: neither is taken."""
     at = [r for r in records if Path(r.get("checkpoint") or "") == Path(checkpoint)]
-    if checkpoint_hash:
-        if same := [r for r in at if r.get("checkpoint_hash") == checkpoint_hash]:
-            return same
-        at = [r for r in at if not r.get("checkpoint_hash")]
-    made_on = [machine_name(r.get("environment") or {}) for r in at]
-    if machine and machine in made_on:
-        return [r for r, m in zip(at, made_on, strict=True) if m == machine]
-    return at if len(set(made_on)) <= 1 else []
+    if checkpoint_hash and (same := [r for r in at if r.get("checkpoint_hash") == checkpoint_hash]):
+        return same
+    return [r for r in at if not (checkpoint_hash and r.get("checkpoint_hash"))
+            and (machine is None or machine_name(r.get("environment") or {}) == machine)]

@@ -461,6 +461,26 @@ def test_recommends_a_pareto_front_of_what_it_ranks_by(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_trained_accuracy_beside_an_accuracy_run_is_of_the_model_it_ran(tmp_path):
+    """The run name's metrics.json can be another machine's training into the same path (a study's /tmp folder on
+    the EPYC one day, on the Xeon the next): an accuracy run of the Xeon's model once quoted the EPYC's 97.1 %."""
+    from fusionprof.load import trained_accuracy
+
+    ckpt = tmp_path / "models" / "tiny-mid" / "checkpoint.pt"
+    metrics = tmp_path / "profiles" / "tiny-mid" / "metrics.json"
+    metrics.parent.mkdir(parents=True)
+    here = {"host": "vm", "cpu_model": "Intel(R) Xeon(R) Processor", "cpu_isa": {"amx_bf16": True}}
+    there = {"host": "vm", "cpu_model": "AMD EPYC", "cpu_isa": {"avx512_bf16": True}}
+    source = {"weights": "trained", "checkpoint": str(ckpt), "checkpoint_hash": "h"}
+    for written, expected in (({"environment": there}, None),  # no hash, another machine: maybe another model
+                              ({"environment": here}, 0.973),  # this machine's, written before records named it
+                              ({"environment": there, "checkpoint_hash": "h"}, 0.973),  # the hash decides
+                              ({"environment": here, "checkpoint_hash": "g"}, None)):  # retrained since
+        metrics.write_text(json.dumps({"checkpoint": str(ckpt), "test": {"accuracy": 0.973}, **written}))
+        assert trained_accuracy(source, str(tmp_path / "profiles"), here) == expected, written
+    assert trained_accuracy({"weights": "untrained"}, str(tmp_path / "profiles"), here) is None
+
+
 def test_accuracy_mode_equals_the_checkpoints_accuracy(tmp_path, small_data):
     from fusionprof.config import model_config, train_config
     from fusionprof.train import train
@@ -478,6 +498,8 @@ def test_accuracy_mode_equals_the_checkpoints_accuracy(tmp_path, small_data):
     assert acc["answered"] == acc["pairs"] > 0
     assert acc["matches"] and acc["loadgen_accuracy"] == acc["backend_accuracy"] and "equal" in out
     assert record["model"]["weights"] == "trained" and record["runs"][0]["validity"] == "accuracy"
+    metrics = json.loads((profiles / "tiny-early" / "metrics.json").read_text())
+    assert acc["trained_test_accuracy"] == metrics["test"]["accuracy"]  # this model's own training record
     assert record["config"]["spin_wait"] is True and record["backend_info"]["spin_wait"] is True  # the default
     # the server finds a rate on the same checkpoint, and every trial keeps LoadGen's logs
     code, out = run_cli("load", "--fusion", "early", "--backend", "onnxruntime", "--scenario", "server",

@@ -316,24 +316,25 @@ def test_a_pareto_point_takes_the_accuracy_of_the_model_it_timed_in_its_precisio
     run's; a model with no record in that precision, or a random-init one, is no point (never another's figure)."""
     def ckpt(fusion):
         return f"/m/tiny-{fusion}/checkpoint.pt"
+    env = {"host": "vm", "cpu_model": "AMD EPYC"}  # one machine trained, exported and timed them
     train = [{"kind": "train", "checkpoint": ckpt(f), "train_config": {"precision": "fp32"},
-              "test": {"accuracy": 0.9805}} for f in ("early", "mid")]
+              "test": {"accuracy": 0.9805}, "environment": env} for f in ("early", "mid")]
     export = [{"kind": "export", "checkpoint": ckpt("early"), "format": "onnx", "precision": "int8", "status": "ok",
-               "accuracy": {"exported_accuracy": 0.98},
+               "accuracy": {"exported_accuracy": 0.98}, "environment": env,
                "onnx": {"openvino": {"loads": "nncf", "nncf": {"accuracy": {"exported_accuracy": 0.9790}}}}}]
     rows = [LatencyRow("early", "onnxruntime", "ok", model={"checkpoint": ckpt("early")}),
             LatencyRow("early", "openvino", "ok", model={"checkpoint": ckpt("early")}),
             LatencyRow("mid", "onnxruntime", "ok", model={"checkpoint": ckpt("mid")}),  # no int8 record of mid
             LatencyRow("late", "onnxruntime", "ok", model={})]  # random init
     for precision, expected in (("int8", [0.98, 0.9790, None, None]), ("fp32", [0.9805, 0.9805, 0.9805, None])):
-        sweep = Sweep("vm", LatencyRecord("t", {}, {"preset": "tiny", "precision": precision}, {}, rows))
+        sweep = Sweep(machine_name(env), LatencyRecord("t", env, {"preset": "tiny", "precision": precision}, {}, rows))
         accuracy = row_accuracy(Records(train=train, export=export), sweep)
         assert [accuracy(r) for r in rows] == expected
 
 
 def test_one_checkpoint_path_on_two_machines_is_two_models():
     """A study's /tmp folder holds the EPYC's models one day and the Xeon's the next, under the same paths. A row takes
-    the accuracy of the model it timed: by checkpoint hash where both records state one, else the record made on the
+    the accuracy of the model it timed: by checkpoint hash where both records state one, else a record made on the
     row's machine; where neither tells which, none (never another model's figure)."""
     epyc = {"host": "vm", "cpu_model": "AMD EPYC", "cpu_isa": {"avx512_bf16": True}}
     xeon = {"host": "vm", "cpu_model": "Intel(R) Xeon(R) Processor", "cpu_isa": {"amx_bf16": True}}
@@ -353,7 +354,7 @@ def test_one_checkpoint_path_on_two_machines_is_two_models():
             ("fp32", {"checkpoint": path, "checkpoint_hash": "x"}, on_epyc, 0.978),  # the hash decides, not the host
             ("fp32", {"checkpoint": path}, on_xeon, 0.978),  # an older row: the record made on its machine
             ("fp32", {"checkpoint": path}, on_epyc, 0.9805),
-            ("fp32", {"checkpoint": path}, "box (a third CPU)", None),  # two candidates, neither of this machine
+            ("fp32", {"checkpoint": path}, "box (a third CPU)", None),  # neither record made on this machine
             ("fp32", {"checkpoint": path, "checkpoint_hash": "other"}, on_xeon, None),  # no export of that model
             ("bf16", {"checkpoint": path, "checkpoint_hash": "other"}, on_xeon, 0.978),  # hashless training records
             ("bf16", {"checkpoint": path}, on_epyc, 0.9805)):

@@ -120,10 +120,11 @@ def report(tmp_path_factory) -> Path:
         path = f"profiles/tiny-{fusion}/metrics.json"
         record = {k: v for k, v in json.loads((ROOT / path).read_text()).items()
                   if k not in ("steady_samples_per_s", "train_flops")}
-        # as the training runs of the models the sweeps timed (their rows name these checkpoints), in fp32: each
-        # Pareto point takes the accuracy of the model it timed, in the sweep's precision
+        # as the training runs of the models the sweeps timed (their rows name these checkpoints), in fp32, on the
+        # sweeps' machine: each Pareto point takes the accuracy of the model it timed, in the sweep's precision
         record["checkpoint"] = f"models/tiny-{fusion}/checkpoint.pt"
         record["train_config"] = {**record["train_config"], "precision": "fp32"}
+        record["environment"] = json.loads((ROOT / SWEEPS[0]).read_text())["environment"]
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(json.dumps(record))
     (root / "profiles/vm/load-server-tiny-mid.json").write_text(json.dumps(_load_record()))

@@ -31,20 +31,13 @@ import torch
 
 from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import write_json
-from fusionprof.config import model_config
 from fusionprof.env import cpu_isa, fingerprint, isa_tier
+from fusionprof.latency import random_init_model
 from fusionprof.measure import Protocol, sample_calls, summarize
-from fusionprof.models import build_model, fusion_names
+from fusionprof.models import fusion_names
 from fusionprof.models.model import example_inputs
 
 MODES = ("fp32", "autocast", "cast")
-
-
-def random_model(preset: str, fusion: str):
-    cfg = model_config(preset, fusion=fusion, pretrained=False)
-    cfg.vocab_size = max(cfg.vocab_size, 1000)
-    torch.manual_seed(0)
-    return build_model(cfg).eval()
 
 
 def calls(model, batch: int) -> dict:
@@ -80,7 +73,7 @@ def main() -> None:
     created = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     cells = []
     for fusion in fusions:
-        model = random_model(args.preset, fusion)
+        model = random_init_model(args.preset, fusion)
         for batch in batch_sizes:
             forward = calls(model, batch)
             with torch.inference_mode():

@@ -38,18 +38,11 @@ from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import write_json
 from fusionprof.config import model_config
 from fusionprof.env import fingerprint, machine_name
-from fusionprof.latency import MACHINE_KEYS, SweepConfig, sweep
+from fusionprof.latency import MACHINE_KEYS, SweepConfig, random_init_model, sweep
 from fusionprof.measure import Protocol, sample_cuda_events, summarize
-from fusionprof.models import build_model, forward_flops, fusion_names
+from fusionprof.models import forward_flops, fusion_names
 from fusionprof.models.model import example_inputs
 from fusionprof.runtime import DTYPES, resolve_device
-
-
-def random_model(preset: str, fusion: str):
-    cfg = model_config(preset, fusion=fusion, pretrained=False)
-    cfg.vocab_size = max(cfg.vocab_size, 1000)
-    torch.manual_seed(0)
-    return build_model(cfg).eval()
 
 
 def timed_on_device(call, device, protocol: Protocol) -> dict:
@@ -231,7 +224,7 @@ def main() -> None:
         save("sweep")
     models = {}
     for fusion in fusion_names() if "bare replay" not in done else []:
-        model = random_model(args.preset, fusion)
+        model = random_init_model(args.preset, fusion)
         flops = forward_flops(model, seq_len)["total"]  # counted in fp32 on the CPU, before the cast
         model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
         reference = record["bare_replay"][fusion] = {}
@@ -267,7 +260,7 @@ def main() -> None:
         pending = [int(b) for b in args.compile_batch_sizes.split(",") if f"compile {mode} bs {b}" not in done]
         if not pending:
             continue
-        model = models.get(args.compile_fusion) or random_model(args.preset, args.compile_fusion).to(
+        model = models.get(args.compile_fusion) or random_init_model(args.preset, args.compile_fusion).to(
             device=device, dtype=dtype, memory_format=torch.channels_last)
         timed = record["compile_modes"].setdefault(mode, {})
         for b in pending:

@@ -113,6 +113,15 @@ def default_rounds(preset: str) -> int:
 # --------------------------------------------------------------------------- artifacts: what to load or export
 
 
+def random_init_model(preset: str, fusion: str) -> FusionModel:
+    """The untrained model a sweep times where there is no checkpoint (seed 0; latency does not depend on the
+    weights), in eval mode; the benchmarks time the same one."""
+    torch.manual_seed(0)
+    mcfg = model_config(preset, fusion=fusion, pretrained=False)
+    mcfg.vocab_size = max(mcfg.vocab_size, 1000)
+    return build_model(mcfg).eval()
+
+
 def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> tuple[Artifacts, dict]:
     """The model (trained if a checkpoint exists) and the exports the chosen backends load (ONNX, a ``.pt2``): the
     checkpoint's own where their verification passed, else ones written under ``work_dir``. An export that cannot
@@ -123,15 +132,12 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
         source = {"weights": "trained", "checkpoint": str(checkpoint), "checkpoint_hash": checkpoint_hash(checkpoint)}
         calibration = checkpoint_calibration(checkpoint, model, train_cfg)
     else:
-        torch.manual_seed(0)
-        mcfg = model_config(cfg.preset, fusion=fusion, pretrained=False)
-        mcfg.vocab_size = max(mcfg.vocab_size, 1000)
-        model = build_model(mcfg).eval()
+        model = random_init_model(cfg.preset, fusion)
         source = {"weights": "untrained (random init; latency does not depend on the weights)"}
-        calibration = partial(calibration_sample, mcfg, None, 0)  # the embedded dataset's validation split
+        calibration = partial(calibration_sample, model.cfg, None, 0)  # the embedded dataset's validation split
     artifacts = Artifacts(model)
     device = resolve_device(cfg.device)
-    weights = {"checkpoint_hash": checkpoint_hash(checkpoint)} if checkpoint else {"weights": "untrained, seed 0"}
+    weights = {"checkpoint_hash": source["checkpoint_hash"]} if checkpoint else {"weights": "untrained, seed 0"}
     for artifact in _exports_needed(cfg, device):
         precision = graph_precision(artifact, cfg.precision)
         name = ARTIFACT_NAMES[artifact](precision, device.type)

@@ -109,6 +109,11 @@ def isa_tier(isa: dict[str, bool] | None) -> str | None:
     return next((tier for flag, tier in ISA_TIERS if (isa or {}).get(flag)), None)
 
 
+def device_label(name: str) -> str:
+    """A device as records of every kind can be compared by: ``cpu``, else with its index (``cuda`` → ``cuda:0``)."""
+    return name if name == "cpu" or ":" in name else f"{name}:0"
+
+
 def machine_name(fp: dict) -> str:
     """A short label for tables and plots: host plus the accelerator it ran on, or the CPU and its ISA tier."""
     if fp.get("gpus"):

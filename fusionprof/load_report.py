@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from fusionprof import contention
-from fusionprof.env import machine_name
+from fusionprof.env import device_label, machine_name
 from fusionprof.figures import pyplot, save_figure, slug
-from fusionprof.loadgen import LoadRecord, LoadRun, device_label
+from fusionprof.loadgen import LoadRecord, LoadRun
 from fusionprof.records import LatencyRecord
 
 PLOT_DIR = "report"  # the plots' folder under the report's folder, as report.py writes its own

@@ -486,11 +486,6 @@ def _require(d: dict, cls: type, path: object, what: str) -> None:
             raise UserError(f"{path}: not a complete load record: {what} has no {f.name!r}")
 
 
-def device_label(name: str) -> str:
-    """A device as records of every kind can be compared by: ``cpu``, else with its index (``cuda`` → ``cuda:0``)."""
-    return name if name == "cpu" or ":" in name else f"{name}:0"
-
-
 def threads_label(backend_info: dict) -> str:
     """How a backend's threads ran, as it described itself: whether they spin or sleep between calls (where the
     runtime says: onnxruntime's pool spins by default) and how many (its own pool's where it has one, else torch's)."""

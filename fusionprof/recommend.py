@@ -2,8 +2,9 @@
 
 Reads what is on disk, measures nothing: latency records (batch-1 rows with status ok and a p99: one request at a
 time, no load), load records (each Server run LoadGen called VALID against a p99 target no looser than the asked one:
-p99 under an offered Poisson rate), and export and training records (the test accuracy of the model a record timed,
-in its precision, as ``records.model_accuracy`` finds it; unknown for a random-init model). A choice qualifies when its
+p99 under an offered Poisson rate), and accuracy records (the test accuracy of the model a record timed, in its
+precision, as ``records.model_accuracy`` finds it: the backend's own answers in a LoadGen accuracy run, else the
+export's gate, else the training run's; unknown for a random-init model). A choice qualifies when its
 p99 is within the target (under at least ``--qps`` when given: only load records answer that) and its accuracy is
 known and at least ``--min-accuracy``. A choice is a machine, device, model, backend, precision, batching and how the
 backend's threads ran (spin-wait or sleep, how many); of several records of one choice the best counts (the largest
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusionprof import contention
-from fusionprof.env import machine_name
-from fusionprof.loadgen import LoadRecord, device_label, threads_label
+from fusionprof.env import device_label, machine_name
+from fusionprof.loadgen import LoadRecord, threads_label
 from fusionprof.records import check_schema, model_accuracy
 
 SKIP_DIRS = {"traces", "tensorboard", "onnx", "report"}
@@ -153,8 +154,10 @@ def recommend(profiles_dir: str | Path, p99_ms: float, qps: float | None = None,
         best.setdefault(c.key(), c)
     candidates = list(best.values())
     train, export = ([{**r, "_file": str(p)} for r, p in records[kind]] for kind in ("train", "export"))
+    load = [LoadRecord.from_dict(r, p) for r, p in records["load"]]
     for c in candidates:
-        found = model_accuracy(train, export, c.checkpoint, c.precision, c.backend, c.checkpoint_hash, c.machine)
+        found = model_accuracy(train, export, c.checkpoint, c.precision, c.backend, c.checkpoint_hash, c.machine,
+                               load, c.device)
         if found:
             c.accuracy, c.accuracy_source = found[0], f"{found[1]}: {found[2]['_file']}"
     chosen = [c for c in candidates if min_accuracy is None or (c.accuracy is not None and c.accuracy >= min_accuracy)]

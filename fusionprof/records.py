@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from fusionprof import SCHEMA_VERSION, contention
-from fusionprof.env import machine_name
+from fusionprof.env import device_label, machine_name
 from fusionprof.errors import UserError
 from fusionprof.measure import CV_WARNING, DRIFT_WARNING, P99_MIN_SAMPLES, halves_p50, p99_note, summarize
 
@@ -273,16 +274,19 @@ def int8_gate_of(record: dict, backend: str) -> tuple[dict, str]:
 
 
 def model_accuracy(train: list[dict], export: list[dict], checkpoint: str | Path | None, precision: str,
-                   backend: str | None = None, checkpoint_hash: str | None = None,
-                   machine: str | None = None) -> tuple[float, str, dict] | None:
+                   backend: str | None = None, checkpoint_hash: str | None = None, machine: str | None = None,
+                   load: Sequence = (), device: str | None = None) -> tuple[float, str, dict] | None:
     """The test accuracy of ``checkpoint``'s model in ``precision``, what measured it, and the record that says so:
-    its passed export's gate in that precision (ONNX's first, else another format's; at int8 the gate of the model
-    ``backend`` loads, NNCF's IR on openvino), else its training run's when that ran in ``precision``. None for a
+    ``backend``'s own answers on ``device`` where a LoadGen accuracy run in ``load`` has them (``backend_accuracy``),
+    else its passed export's gate in that precision (ONNX's first, else another format's; at int8 the gate of the
+    model ``backend`` loads, NNCF's IR on openvino), else its training run's when that ran in ``precision``. None for a
     random-init model (no checkpoint) or one no record measured in ``precision``: never another model's or precision's
     figure. Which records are of that model: ``records_of_model`` (``checkpoint_hash`` and ``machine`` are what the
     timing record says of it). Records are dicts as ``find_records`` keeps them (``_file``: where each was read)."""
     if not checkpoint:
         return None
+    if backend and (own := backend_accuracy(load, checkpoint, precision, backend, checkpoint_hash, machine, device)):
+        return own
     exports = sorted((r for r in records_of_model(export, checkpoint, checkpoint_hash, machine)
                       if (r.get("precision"), r.get("status")) == (precision, "ok")),
                      key=lambda r: r["format"] != "onnx")
@@ -293,6 +297,26 @@ def model_accuracy(train: list[dict], export: list[dict], checkpoint: str | Path
     trained = [r for r in records_of_model(train, checkpoint, checkpoint_hash, machine)
                if r.get("train_config", {}).get("precision") == precision]
     return (trained[0]["test"]["accuracy"], "training run", trained[0]) if trained else None
+
+
+def backend_accuracy(load: Sequence, checkpoint: str | Path, precision: str, backend: str,
+                     checkpoint_hash: str | None = None, machine: str | None = None,
+                     device: str | None = None) -> tuple[float, str, dict] | None:
+    """The test accuracy ``backend`` answered with, running ``checkpoint``'s model in ``precision`` (on ``device``,
+    if given): of the load records (``LoadRecord``) of that model (``records_of_model``), the newest LoadGen accuracy
+    run in which every answer LoadGen logged was the backend's own decision on the evaluation batches (``matches``).
+    An export's gate scores the exported graph on onnxruntime and a training run scores PyTorch; this is the engine
+    that ran, in the precision it ran (openvino's bf16 inference hint, say). None where no such run is on record."""
+    runs = [{**(r.model or {}), "environment": r.environment, "record": r} for r in load
+            if (r.backend, r.precision) == (backend, precision) and (r.accuracy or {}).get("matches")
+            and (device is None or device_label(r.device) == device_label(device))]
+    ours = sorted((o["record"] for o in records_of_model(runs, checkpoint, checkpoint_hash, machine)),
+                  key=lambda r: r.created)
+    if not ours:
+        return None
+    newest = ours[-1]
+    return newest.accuracy["loadgen_accuracy"], f"{backend}'s own answers, LoadGen accuracy run", \
+        {**newest.to_dict(), "_file": newest.path}
 
 
 def records_of_model(records: list[dict], checkpoint: str | Path, checkpoint_hash: str | None = None,

@@ -30,6 +30,7 @@ from fusionprof.records import (
     PARTIAL_KIND,
     LatencyRecord,
     LatencyRow,
+    backend_accuracy,
     busy_neighbour_cells,
     check_schema,
     drifted_cells,
@@ -447,11 +448,12 @@ def pareto_section(rec: Records, out_dir: Path) -> list[tuple]:
         return blocks + [("p", "No latency sweep timed a model whose accuracy in the sweep's precision is on record "
                                "(its export's gate, or its training run in that precision): a random-init sweep "
                                "has none.")]
-    return blocks + [("p", "Test accuracy of the model each point timed, in the sweep's precision: its export's "
-                           "accuracy gate (at int8 that of the model the backend runs), else its training run's where "
-                           "that ran in the same precision; points of random-init models, or of models with no such "
-                           "record, are left out. Colour is the backend, the marker the fusion; the line joins the "
-                           "points no other point beats on both.")] + plotted
+    return blocks + [("p", "Test accuracy of the model each point timed, in the sweep's precision: the point's "
+                           "backend's own answers where a LoadGen accuracy run (`fusionprof load --accuracy`) has "
+                           "them, else its export's accuracy gate (at int8 that of the model the backend runs), else "
+                           "its training run's where that ran in the same precision; points of random-init models, "
+                           "or of models with no such record, are left out. Colour is the backend, the marker the "
+                           "fusion; the line joins the points no other point beats on both.")] + plotted
 
 
 def row_accuracy(rec: Records, sweep: Sweep) -> Callable[[LatencyRow], float | None]:
@@ -460,7 +462,7 @@ def row_accuracy(rec: Records, sweep: Sweep) -> Callable[[LatencyRow], float | N
     def accuracy(row: LatencyRow) -> float | None:
         model = row.model or {}
         found = model_accuracy(rec.train, rec.export, model.get("checkpoint"), sweep.precision, row.backend,
-                               model.get("checkpoint_hash"), sweep.machine)
+                               model.get("checkpoint_hash"), sweep.machine, rec.load, sweep.record.config.get("device"))
         return None if found is None else found[0]
     return accuracy
 
@@ -493,7 +495,8 @@ def precision_section(rec: Records) -> list[tuple]:
     return blocks + [("p", "Per machine and set of models (the folder of their checkpoints, or random init), each "
                            "precision's sweep that timed the most fusions, then the most cells, the newest of "
                            "those; accuracy is that of the models the sweep ran, in that precision (– for random-init "
-                           "models).")] + tables
+                           "models), with the answers of the best cells' backends where a LoadGen accuracy run "
+                           "(`fusionprof load --accuracy`) has them.")] + tables
 
 
 def _study_sweeps(rec: Records) -> dict[tuple[str, str, str, str], dict[str, LatencyRecord]]:
@@ -521,26 +524,41 @@ def _checkpoints(sweep: LatencyRecord) -> dict[str, Path]:
     return {r.fusion: Path(r.model["checkpoint"]) for r in sweep.rows if (r.model or {}).get("checkpoint")}
 
 
-def _best(sweep: LatencyRecord, fusion: str, batch: int) -> str:
+def _best_row(sweep: LatencyRecord, fusion: str, batch: int) -> LatencyRow | None:
     at = [r for r in sweep.rows if r.ok and (r.fusion, r.batch_size) == (fusion, batch)]
-    best = min(at, key=lambda r: r.host.p50_ms, default=None)
+    return min(at, key=lambda r: r.host.p50_ms, default=None)
+
+
+def _best(sweep: LatencyRecord, fusion: str, batch: int) -> str:
+    best = _best_row(sweep, fusion, batch)
     return f"{best.host.p50_ms:.2f} ms ({best.backend})" if best else "–"
+
+
+def _best_backends(sweep: LatencyRecord, fusion: str) -> list[str]:
+    """The backends of the precision table's cells (the best p50 at batch 1 and 8), in that order."""
+    return [best.backend for b in (1, 8) if (best := _best_row(sweep, fusion, b))]
 
 
 def _accuracy_in(rec: Records, sweep: LatencyRecord, fusion: str) -> str:
     """``model_accuracy`` of the model ``sweep`` timed for ``fusion``, as a table cell, whatever the backend: – where it
-    is unknown; at int8, NNCF's IR's beside the QDQ graph's where openvino runs the IR."""
+    is unknown; at int8, NNCF's IR's beside the QDQ graph's where openvino runs the IR; and the answers of each
+    backend with a best cell where a LoadGen accuracy run has them (``backend_accuracy``)."""
     model = next((r.model for r in sweep.rows if r.fusion == fusion and (r.model or {}).get("checkpoint")), {})
-    precision = sweep.config["precision"]
+    precision, machine = sweep.config["precision"], machine_name(sweep.environment)
     found = model_accuracy(rec.train, rec.export, model.get("checkpoint"), precision, None,
-                           model.get("checkpoint_hash"), machine_name(sweep.environment))
+                           model.get("checkpoint_hash"), machine)
     if found is None:
         return "–"
     accuracy, how, record = found
-    ir, model = int8_gate_of(record, "openvino") if record.get("kind") == "export" and precision == "int8" \
+    ir, model_name = int8_gate_of(record, "openvino") if record.get("kind") == "export" and precision == "int8" \
         else (None, "")
-    also = f"; openvino runs NNCF's IR: {ir['exported_accuracy']:.2%}" if model == "NNCF IR" else ""
-    return f"{accuracy:.2%} ({how}{also})"
+    also = [f"openvino runs NNCF's IR: {ir['exported_accuracy']:.2%}"] if model_name == "NNCF IR" else []
+    for backend in dict.fromkeys(_best_backends(sweep, fusion)):
+        own = backend_accuracy(rec.load, model["checkpoint"], precision, backend, model.get("checkpoint_hash"),
+                               machine, sweep.config["device"])
+        if own:
+            also.append(f"{backend}'s own answers: {own[0]:.2%}, LoadGen accuracy run")
+    return f"{accuracy:.2%} ({'; '.join([how, *also])})"
 
 
 def cuda_memory_unseen(backend: str) -> str | None:

@@ -431,6 +431,26 @@ def test_recommends_the_accuracy_of_the_model_it_timed_in_its_precision(tmp_path
                      ("openvino", "int8"): 0.9805}
 
 
+def test_recommend_holds_a_backend_to_its_own_answers_where_an_accuracy_run_has_them(tmp_path):
+    """openvino's bf16 runs an fp32 graph with a bf16 inference hint: its accuracy is what it answered in a LoadGen
+    accuracy run (0.962), not the PyTorch training run's 0.973, which still stands for the torch backend."""
+    _write(tmp_path, "tiny-mid/metrics.json", _train_record("mid", 0.973, precision="bf16"))
+    accuracy_run = {**_load_record("mid", 1, [], backend="openvino", scenario="offline", precision="bf16"),
+                    "accuracy": {"pairs": 2000, "answered": 2000, "loadgen_accuracy": 0.962,
+                                 "backend_accuracy": 0.962, "matches": True}}
+    path = _write(tmp_path, "box/load-accuracy-tiny-mid-openvino-bf16.json", accuracy_run)
+    row = {"fusion": "mid", "batch_size": 1, "status": "ok", "model": {"checkpoint": _checkpoint("mid")}}
+    _write(tmp_path, "box/latency-bf16.json", {
+        "schema_version": SCHEMA_VERSION, "kind": "latency", "environment": _env(),
+        "config": {"preset": "tiny", "device": "cpu", "precision": "bf16"},
+        "rows": [{**row, "backend": "openvino", "p99_ms": 2.0}, {**row, "backend": "torch", "p99_ms": 4.0}]})
+    result = recommend(tmp_path, p99_ms=5, min_accuracy=0.97)
+    assert [(c.backend, c.accuracy) for c in result.chosen] == [("torch", 0.973)]
+    chosen = {c.backend: c for c in recommend(tmp_path, p99_ms=5).chosen}
+    assert chosen["openvino"].accuracy == 0.962
+    assert chosen["openvino"].accuracy_source == f"openvino's own answers, LoadGen accuracy run: {path}"
+
+
 def test_recommend_counts_only_runs_loadgen_judged_at_the_asked_target(tmp_path):
     """A run VALID against a 100 ms target says nothing of 50 ms, whatever p99 it measured; a run's own logged target
     (LoadGen's effective setting) is the one it was judged at."""

@@ -10,7 +10,7 @@ from fusionprof.checkpoint import checkpoint_hash
 from fusionprof.cli import cli
 from fusionprof.env import machine_name
 from fusionprof.models import fusion_names
-from fusionprof.records import LatencyRecord, LatencyRow
+from fusionprof.records import LatencyRecord, LatencyRow, model_accuracy
 from fusionprof.report import Records, Sweep, build_seconds, pareto_front, row_accuracy, write_report
 
 QUICK = ["--min-seconds", "0.05", "--min-calls", "5"]
@@ -375,6 +375,7 @@ def test_the_precision_tables_of_two_machines_that_trained_in_one_folder_keep_th
     files = [*(vm.parent / f"tiny-{f}/metrics.json" for f in ("early", "bottleneck")),
              *vm.glob("export-tiny-*-onnx-*-20261202*.json"), *vm.glob("export-tiny-*-onnx-*-20261203-amx.json"),
              *vm.glob("train-tiny-*-bf16-20261203-amx.json"),
+             *vm.glob("load-accuracy-tiny-*-openvino-*-20261203T221*.json"),
              *(vm / f"latency-tiny-cpu-{p}.json" for p in ("fp32-20261202T012114Z", "bf16-20261202T012358Z",
                                                           "int8-20261202T012608Z", "fp32-20261203T205200Z",
                                                           "bf16-20261203T205302Z", "int8-20261203T205405Z"))]
@@ -385,9 +386,44 @@ def test_the_precision_tables_of_two_machines_that_trained_in_one_folder_keep_th
     assert cells[(epyc, "early", "fp32")] == "98.05% (onnx export)"
     assert cells[(xeon, "early", "fp32")] == "97.80% (onnx export)"
     assert cells[(epyc, "bottleneck", "bf16")] == "83.40% (training run)"
-    assert cells[(xeon, "bottleneck", "bf16")] == "86.70% (training run)"
+    # the Xeon's bf16 cells were won by openvino, whose own bf16 answers a LoadGen accuracy run scored
+    assert cells[(xeon, "bottleneck", "bf16")] == \
+        "86.70% (training run; openvino's own answers: 86.60%, LoadGen accuracy run)"
+    assert cells[(xeon, "early", "fp32")] == "97.80% (onnx export)"  # won by onnxruntime: no accuracy run of it
     assert cells[(xeon, "bottleneck", "int8")] == "86.80% (onnx export; openvino runs NNCF's IR: 86.55%)"
     assert cells[(epyc, "bottleneck", "int8")] == "83.70% (onnx export; openvino runs NNCF's IR: 83.25%)"
+
+
+def test_a_pareto_point_takes_its_backends_own_answers_where_a_loadgen_accuracy_run_has_them():
+    """openvino's bf16 is an inference hint over an fp32 graph: the training run's bf16 accuracy is PyTorch's, so a
+    LoadGen accuracy run of that backend, model, precision and device, whose answers were all the backend's own, comes
+    first; the newest of several. A run whose answers differed from the backend's, or of another backend, precision,
+    device or model, is not taken."""
+    from fusionprof.loadgen import LoadRecord
+
+    env = {"host": "vm", "cpu_model": "Intel Xeon", "cpu_isa": {"amx_bf16": True}}
+    path = "/m/tiny-mid/checkpoint.pt"
+
+    def run(accuracy, created="20261203T221107Z", backend="openvino", precision="bf16", device="cpu", digest="h",
+            matches=True):
+        return LoadRecord(created, "tiny", "mid", backend, precision, device, "offline", 1, 0.0, None,
+                          {"checkpoint": path, "checkpoint_hash": digest}, {}, env, {},
+                          accuracy={"loadgen_accuracy": accuracy, "matches": matches}, path=f"{created}.json")
+    train = [{"kind": "train", "checkpoint": path, "checkpoint_hash": "h", "train_config": {"precision": "bf16"},
+              "test": {"accuracy": 0.973}, "environment": env}]
+    load = [run(0.971), run(0.972, created="20261203T231107Z"), run(0.5, created="20261204T000000Z", matches=False),
+            run(0.4, backend="onnxruntime"), run(0.3, precision="fp32"), run(0.2, device="cuda:0"),
+            run(0.1, digest="another model")]
+    rows = [LatencyRow("mid", b, "ok", model={"checkpoint": path, "checkpoint_hash": "h"})
+            for b in ("openvino", "onnxruntime", "torch")]
+    sweep = Sweep(machine_name(env), LatencyRecord("t", env, {"preset": "tiny", "precision": "bf16", "device": "cpu"},
+                                                   {}, rows))
+    accuracy = row_accuracy(Records(train=train, load=load), sweep)
+    assert [accuracy(r) for r in rows] == [0.972, 0.4, 0.973]
+    found = model_accuracy(train, [], path, "bf16", "openvino", "h", machine_name(env), load, "cpu")
+    assert found[:2] == (0.972, "openvino's own answers, LoadGen accuracy run")
+    assert found[2]["_file"] == "20261203T231107Z.json" and found[2]["kind"] == "load"
+    assert model_accuracy(train, [], path, "bf16", "openvino", "h", machine_name(env), load, "cuda")[0] == 0.2
 
 
 def test_a_load_record_missing_a_field_is_a_one_line_error(tmp_path):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from fusionprof import SCHEMA_VERSION, contention
+from fusionprof.backends import format_of
 from fusionprof.env import device_label, machine_name
 from fusionprof.errors import UserError
 from fusionprof.measure import CV_WARNING, DRIFT_WARNING, P99_MIN_SAMPLES, halves_p50, p99_note, summarize
@@ -276,27 +277,33 @@ def int8_gate_of(record: dict, backend: str) -> tuple[dict, str]:
 def model_accuracy(train: list[dict], export: list[dict], checkpoint: str | Path | None, precision: str,
                    backend: str | None = None, checkpoint_hash: str | None = None, machine: str | None = None,
                    load: Sequence = (), device: str | None = None) -> tuple[float, str, dict] | None:
-    """The test accuracy of ``checkpoint``'s model in ``precision``, what measured it, and the record that says so:
-    ``backend``'s own answers on ``device`` where a LoadGen accuracy run in ``load`` has them (``backend_accuracy``),
-    else its passed export's gate in that precision (ONNX's first, else another format's; at int8 the gate of the
-    model ``backend`` loads, NNCF's IR on openvino), else its training run's when that ran in ``precision``. None for a
-    random-init model (no checkpoint) or one no record measured in ``precision``: never another model's or precision's
-    figure. Which records are of that model: ``records_of_model`` (``checkpoint_hash`` and ``machine`` are what the
-    timing record says of it). Records are dicts as ``find_records`` keeps them (``_file``: where each was read)."""
+    """The test accuracy of ``checkpoint``'s model in ``precision``, what measured it, and the record that says so.
+    The measurement closest to what ``backend`` runs comes first: its own answers on ``device`` where a LoadGen
+    accuracy run in ``load`` has them (``backend_accuracy``); for a backend that runs the PyTorch model itself
+    (``torch``, ``torch-cudagraphs``), its training run's when that ran in ``precision``; the passed gate of the export
+    it loads in that precision (at int8 that of the model it loads: NNCF's IR on openvino); else ONNX's gate, another
+    format's, the training run's. None for a random-init model (no checkpoint) or one no record measured in
+    ``precision``: never another model's or precision's figure. Which records are of that model: ``records_of_model``
+    (``checkpoint_hash`` and ``machine`` are what the timing record says of it). Records are dicts as
+    ``find_records`` keeps them (``_file``: where each was read); ``load`` holds load records."""
     if not checkpoint:
         return None
     if backend and (own := backend_accuracy(load, checkpoint, precision, backend, checkpoint_hash, machine, device)):
         return own
+    trained = [r for r in records_of_model(train, checkpoint, checkpoint_hash, machine)
+               if r.get("train_config", {}).get("precision") == precision]
+    training = (trained[0]["test"]["accuracy"], "training run", trained[0]) if trained else None
+    loads = format_of(backend) if backend else None
+    if backend and loads is None and training:
+        return training
     exports = sorted((r for r in records_of_model(export, checkpoint, checkpoint_hash, machine)
                       if (r.get("precision"), r.get("status")) == (precision, "ok")),
-                     key=lambda r: r["format"] != "onnx")
+                     key=lambda r: (r["format"] != loads, r["format"] != "onnx"))
     if exports:
         gate, model = int8_gate_of(exports[0], backend or "") if precision == "int8" else (exports[0]["accuracy"], "")
         how = "NNCF IR of the int8 export" if model == "NNCF IR" else f"{exports[0]['format']} export"
         return gate["exported_accuracy"], how, exports[0]
-    trained = [r for r in records_of_model(train, checkpoint, checkpoint_hash, machine)
-               if r.get("train_config", {}).get("precision") == precision]
-    return (trained[0]["test"]["accuracy"], "training run", trained[0]) if trained else None
+    return training
 
 
 def backend_accuracy(load: Sequence, checkpoint: str | Path, precision: str, backend: str,

@@ -448,10 +448,11 @@ def pareto_section(rec: Records, out_dir: Path) -> list[tuple]:
         return blocks + [("p", "No latency sweep timed a model whose accuracy in the sweep's precision is on record "
                                "(its export's gate, or its training run in that precision): a random-init sweep "
                                "has none.")]
-    return blocks + [("p", "Test accuracy of the model each point timed, in the sweep's precision: the point's "
-                           "backend's own answers where a LoadGen accuracy run (`fusionprof load --accuracy`) has "
-                           "them, else its export's accuracy gate (at int8 that of the model the backend runs), else "
-                           "its training run's where that ran in the same precision; points of random-init models, "
+    return blocks + [("p", "Test accuracy of the model each point timed, in the sweep's precision, measured as close "
+                           "to what the point's backend runs as the records allow: its own answers where a LoadGen "
+                           "accuracy run (`fusionprof load --accuracy`) has them; for a PyTorch backend its training "
+                           "run's; the accuracy gate of the export it loads (at int8 that of the model it loads); else "
+                           "ONNX's gate, another export's, the training run's; points of random-init models, "
                            "or of models with no such record, are left out. Colour is the backend, the marker the "
                            "fusion; the line joins the points no other point beats on both.")] + plotted
 

@@ -394,11 +394,11 @@ def test_the_precision_tables_of_two_machines_that_trained_in_one_folder_keep_th
     assert cells[(epyc, "bottleneck", "int8")] == "83.70% (onnx export; openvino runs NNCF's IR: 83.25%)"
 
 
-def test_a_pareto_point_takes_its_backends_own_answers_where_a_loadgen_accuracy_run_has_them():
+def test_a_pareto_point_takes_the_accuracy_measured_closest_to_what_its_backend_runs():
     """openvino's bf16 is an inference hint over an fp32 graph: the training run's bf16 accuracy is PyTorch's, so a
     LoadGen accuracy run of that backend, model, precision and device, whose answers were all the backend's own, comes
     first; the newest of several. A run whose answers differed from the backend's, or of another backend, precision,
-    device or model, is not taken."""
+    device or model, is not taken. Then a PyTorch backend takes its training run, an export's backend its gate."""
     from fusionprof.loadgen import LoadRecord
 
     env = {"host": "vm", "cpu_model": "Intel Xeon", "cpu_isa": {"amx_bf16": True}}
@@ -414,12 +414,16 @@ def test_a_pareto_point_takes_its_backends_own_answers_where_a_loadgen_accuracy_
     load = [run(0.971), run(0.972, created="20261203T231107Z"), run(0.5, created="20261204T000000Z", matches=False),
             run(0.4, backend="onnxruntime"), run(0.3, precision="fp32"), run(0.2, device="cuda:0"),
             run(0.1, digest="another model")]
+    pt2 = [{"kind": "export", "checkpoint": path, "checkpoint_hash": "h", "format": "pt2", "precision": "bf16",
+            "status": "ok", "accuracy": {"exported_accuracy": 0.9725}, "environment": env}]
     rows = [LatencyRow("mid", b, "ok", model={"checkpoint": path, "checkpoint_hash": "h"})
-            for b in ("openvino", "onnxruntime", "torch")]
+            for b in ("openvino", "onnxruntime", "torch", "aoti", "torch-cudagraphs")]
     sweep = Sweep(machine_name(env), LatencyRecord("t", env, {"preset": "tiny", "precision": "bf16", "device": "cpu"},
                                                    {}, rows))
-    accuracy = row_accuracy(Records(train=train, load=load), sweep)
-    assert [accuracy(r) for r in rows] == [0.972, 0.4, 0.973]
+    accuracy = row_accuracy(Records(train=train, export=pt2, load=load), sweep)
+    # without an accuracy run: the PyTorch backends their training run's, aoti the gate of the package it loads
+    assert [accuracy(r) for r in rows] == [0.972, 0.4, 0.973, 0.9725, 0.973]
+    assert row_accuracy(Records(train=train, export=pt2), sweep)(rows[0]) == 0.9725  # no ONNX gate: another's
     found = model_accuracy(train, [], path, "bf16", "openvino", "h", machine_name(env), load, "cpu")
     assert found[:2] == (0.972, "openvino's own answers, LoadGen accuracy run")
     assert found[2]["_file"] == "20261203T231107Z.json" and found[2]["kind"] == "load"

@@ -9,7 +9,8 @@ from fusionprof.backends.base import (
     backend_names,
     create_backend,
     export_formats,
+    format_of,
 )
 
 __all__ = ["BACKENDS", "EAGER", "Artifacts", "Backend", "backend_for_format", "backend_names", "create_backend",
-           "export_formats"]
+           "export_formats", "format_of"]

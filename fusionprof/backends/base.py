@@ -117,6 +117,15 @@ def backend_for_format(fmt: str) -> type[Backend]:
     raise UserError(f"--fmt {fmt}: choose from {', '.join(export_formats())}")
 
 
+def format_of(backend: str) -> str | None:
+    """The ``--fmt`` of the export ``backend`` loads besides the PyTorch model (``onnx`` for openvino too); None for a
+    backend that runs the model itself, or a name no backend has (an older record's)."""
+    if backend not in backend_names():
+        return None
+    artifact = BACKENDS.get(backend).artifact
+    return next((fmt for fmt, loaded in EXPORT_FORMATS.items() if loaded == artifact), None)
+
+
 def export_formats() -> list[str]:
     """The ``--fmt`` names of the artifacts the registered backends load."""
     loaded = {BACKENDS.get(name).artifact for name in backend_names()}

@@ -414,7 +414,8 @@ def env(as_json):
 @click.option("--batch-timeout-ms", type=float, default=0.0, show_default=True,
               help="How long the oldest queued request waits for its batch to fill.")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(INFERENCE_PRECISIONS), default="fp32", show_default=True,
+              help="int8: the statically quantized export (on a CPU, onnxruntime or openvino), as the sweep runs it.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--min-duration", "min_duration_s", type=float, default=10.0, show_default=True,
               help="Seconds each LoadGen run lasts at least.")

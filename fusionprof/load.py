@@ -51,7 +51,7 @@ from fusionprof.loadgen import (
 from fusionprof.measure import Protocol, sample_calls
 from fusionprof.metrics import accuracy, predict
 from fusionprof.records import records_of_model
-from fusionprof.runtime import check_precision, resolve_device
+from fusionprof.runtime import INFERENCE_PRECISIONS, check_precision, resolve_device
 
 CPU = torch.device("cpu")
 
@@ -99,7 +99,7 @@ def check(cfg: LoadConfig) -> torch.device:
     if cfg.scenario != "server" and (cfg.qps or cfg.find_max_qps):
         raise UserError(f"--qps and --find-max-qps are for --scenario server, not {cfg.scenario}")
     device = resolve_device(cfg.device)
-    check_precision(cfg.precision, device)
+    check_precision(cfg.precision, device, INFERENCE_PRECISIONS)
     backend = BACKENDS.get(cfg.backend)  # unknown names fail here
     ok, reason = backend.available(device)
     if not ok:

@@ -538,6 +538,30 @@ def test_accuracy_mode_equals_the_checkpoints_accuracy(tmp_path, small_data):
         assert (run["p99_ms"] is None) == (not run["valid"])
 
 
+def test_int8_under_load_runs_the_quantized_export_the_sweep_runs(tmp_path, small_data):
+    """``load --precision int8``: the statically quantized graph, calibrated and checked as the latency sweep makes
+    it, answering LoadGen with its own decisions; a backend without int8 is a one-line error."""
+    from fusionprof.config import model_config, train_config
+    from fusionprof.train import train
+
+    models, profiles = tmp_path / "models", tmp_path / "profiles"
+    train(train_config("tiny", data=str(small_data), epochs=1, batch_size=16, models_dir=str(models),
+                       profiles_dir=str(profiles), precision="fp32"),
+          model_config("tiny", fusion="late"), progress=False, log=lambda s: None)
+    code, out = run_cli("load", "--fusion", "late", "--backend", "torch", "--scenario", "offline", "--precision",
+                        "int8", "--models", models, "--out", profiles, "--quiet")
+    assert code != 0 and out == "Error: torch runs fp32 or bf16 on cpu, not int8\n"
+    code, out = run_cli("load", "--fusion", "late", "--backend", "onnxruntime", "--scenario", "offline", "--accuracy",
+                        "--precision", "int8", "--min-duration", "0.5", "--models", models, "--out", profiles,
+                        "--quiet")
+    assert code == 0, out
+    [path] = profiles.glob("*/load-accuracy-tiny-late-onnxruntime-int8-*.json")
+    record = json.loads(path.read_text())
+    acc = record["accuracy"]
+    assert record["precision"] == "int8" and record["backend_info"]["model"].endswith(".int8.onnx")
+    assert acc["answered"] == acc["pairs"] > 0 and acc["matches"]
+
+
 def _timed_row(fusion, backend, batch, mean_ms):
     timing = dict(n=100, p50_ms=mean_ms, p90_ms=mean_ms, p99_ms=mean_ms, mean_ms=mean_ms, std_ms=0.0, cv=0.0,
                   min_ms=mean_ms, max_ms=mean_ms, samples_ms=[mean_ms], timing="host")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -41,7 +43,7 @@ class OnnxRuntime(Backend):
             raise UserError(f"onnxruntime runs on {used}, not {provider} as asked (is onnxruntime-gpu installed?)")
         self.input_dtypes = {i.name: _TORCH_DTYPE[i.type] for i in self.session.get_inputs()}
         self.output_name = self.session.get_outputs()[0].name
-        self.provider = provider
+        self.provider, self.path = provider, Path(path)
 
     @classmethod
     def available(cls, device):
@@ -85,8 +87,8 @@ class OnnxRuntime(Backend):
     def describe(self):
         import onnxruntime as ort
 
-        return {**super().describe(), "onnxruntime": ort.__version__, "provider": self.provider,
-                "intra_op_threads": self.session.get_session_options().intra_op_num_threads,
+        return {**super().describe(), "onnxruntime": ort.__version__, "model": self.path.name,
+                "provider": self.provider, "intra_op_threads": self.session.get_session_options().intra_op_num_threads,
                 "spin_wait": self._spins()}
 
     def _spins(self) -> bool:

@@ -354,7 +354,8 @@ def report(paths, out):
                    "preset, 1 for bigger ones].")
 @click.option("--precisions", default=None, callback=csv_list(),
               help="fp32 and the low precisions to sweep on the CPU, e.g. fp32,int8 [default: fp32 and those this "
-                   "CPU computes natively (bf16: AVX512-BF16 / AMX-BF16; int8: VNNI / AMX-INT8)].")
+                   "CPU computes natively (bf16: AVX512-BF16 / AMX-BF16; int8: VNNI / AMX-INT8)]. A low precision's "
+                   "winning backends are scored in a LoadGen accuracy run where no gate measured them.")
 @click.option("--load/--no-load", "under_load", default=True, show_default=True,
               help="Per fusion, a LoadGen Server search (p99 under --load-p99-ms, batching) and an Offline run.")
 @click.option("--load-p99-ms", type=float, default=None, callback=above_zero,

@@ -6,7 +6,8 @@ the tiny study. On a GPU it sweeps every backend, the launch-free ones (``torch-
 
 Stages: train every registered fusion → export each to every format a swept backend loads, where that
 backend can run (ONNX everywhere, an AOTInductor package and a TensorRT engine on a GPU) → latency sweep (on the
-CPU also each native low precision, at batch 1 and 8) → traces (a separate run) → deployment under load (per fusion,
+CPU also each native low precision, at batch 1 and 8, then a LoadGen accuracy run of each low-precision winner whose
+accuracy in that precision no gate measured) → traces (a separate run) → deployment under load (per fusion,
 on the backend the sweep found fastest at the batching size: an MLPerf LoadGen Server search for the largest rate
 served with p99 under the target, dynamic batching on, and an Offline run; ``LoadPlan``) → report. Finished stages
 are recorded in ``profiles/compare-<preset>-<device>.json`` (written atomically, each with its wall time,
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from fusionprof import contention
 from fusionprof.atomic import write_json
-from fusionprof.backends import BACKENDS, Backend, backend_for_format, export_formats
+from fusionprof.backends import BACKENDS, Backend, backend_for_format, export_formats, format_of
 from fusionprof.checkpoint import checkpoint_hash, checkpoint_path, metrics_path
 from fusionprof.config import ModelConfig, TrainConfig, model_config, train_config
 from fusionprof.env import NATIVE_LOW_PRECISIONS, cpu_isa
@@ -105,8 +107,12 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
     latency = stage(f"latency {preset} {device}", lambda: run_sweep(sweep_cfg, progress, log),
                     {"sweep": _settings(sweep_cfg), "weights": trained()})
     for cfg in low_precision_sweeps(sweep_cfg, low, dev, sizes_asked=bool(batch_sizes)):  # one record each
-        stage(f"latency {preset} {device} {cfg.precision}", lambda cfg=cfg: run_sweep(cfg, progress, log),
-              {"sweep": _settings(cfg), "weights": trained()})
+        swept = stage(f"latency {preset} {device} {cfg.precision}", lambda cfg=cfg: run_sweep(cfg, progress, log),
+                      {"sweep": _settings(cfg), "weights": trained()})
+
+        def gated(fusion: str, backend: str, precision: str = cfg.precision) -> bool:
+            return has_gate(stage.done, preset, fusion, accuracy[fusion], backend, precision)
+        accuracy_stages(stage, swept["rows"], cfg, gated, progress, log)
     sweep_dir = Path(latency["record"]).parent
     stage(f"traces {preset} {device}", lambda: {"traces": str(trace_inference(sweep_cfg, sweep_dir))},
           {"sweep": _settings(sweep_cfg), "weights": trained()})
@@ -330,6 +336,44 @@ def load_stages(stage, rows: list[dict], sweep_cfg: SweepConfig, plan: LoadPlan,
     return done
 
 
+def accuracy_stages(stage, rows: list[dict], cfg: SweepConfig, gated: Callable[[str, str], bool], progress: bool,
+                    log) -> None:
+    """A low-precision sweep's winners scored as they ran. Per fusion, each backend with the best p50 at one of the
+    sweep's batch sizes whose accuracy in that precision no gate measured (``gated``: an export's gate of the model it
+    loads, or for a PyTorch backend a training run in that precision) gets one LoadGen accuracy run (Offline, every
+    test pair): openvino's bf16 is an inference hint over the fp32 graph, and autocast over fp32-trained weights is
+    not the training run. The report's precision table and ``recommend`` then quote the engine that won."""
+    for fusion in fusion_names():
+        winners = [best["backend"] for b in sorted({r["batch_size"] for r in rows})
+                   if (best := best_row(rows, fusion, b))]
+        for backend in dict.fromkeys(winners):
+            if gated(fusion, backend):
+                continue
+            run = LoadConfig(fusion=fusion, backend=backend, scenario="offline", accuracy=True, preset=cfg.preset,
+                             precision=cfg.precision, device=cfg.device, threads=cfg.threads,
+                             models_dir=cfg.models_dir, profiles_dir=cfg.profiles_dir)
+            stage(f"accuracy {cfg.preset}-{fusion} {backend} {cfg.precision}",
+                  lambda run=run: run_accuracy(run, progress, log),
+                  {"load": _settings(run), "weights": checkpoint_hash(checkpoint_path(cfg.models_dir, cfg.preset,
+                                                                                      fusion))})
+
+
+def has_gate(done: dict[str, dict], preset: str, fusion: str, trained: dict, backend: str, precision: str) -> bool:
+    """Whether the study measured ``backend``'s accuracy for ``fusion`` in ``precision`` already: for a PyTorch
+    backend its training ran in that precision (``trained``: the fusion's train stage); for one that loads an export,
+    that export passed its gate in that precision (``done``: the stages finished, the int8 ONNX's among them)."""
+    fmt = format_of(backend)
+    if fmt is None:
+        return json.loads(Path(trained["metrics"]).read_text())["train_config"]["precision"] == precision
+    return done.get(f"export {preset}-{fusion} {fmt} {precision}", {}).get("status") == "ok"
+
+
+def run_accuracy(run: LoadConfig, progress: bool, log) -> dict:
+    record = load(run, progress=progress, log=log)
+    return {"accuracy_record": record.path, "backend": run.backend, "precision": run.precision,
+            "loadgen_accuracy": record.accuracy["loadgen_accuracy"], "matches": record.accuracy["matches"]}
+
+
 def run_under_load(base: LoadConfig, progress: bool, log) -> dict:
     """The Server search and the Offline run of one fusion: their records and headline figures."""
     server = load(base, progress=progress, log=log)
@@ -349,7 +393,7 @@ def rate_found(got: dict) -> str:
     return f"{got['max_qps']:.1f}" + (f" ({got['invalid_qps']:.1f} INVALID)" if got.get("invalid_qps") else "")
 
 
-OUTPUT_KEYS = ("metrics", "checkpoint", "record", "traces", "server_record", "offline_record")
+OUTPUT_KEYS = ("metrics", "checkpoint", "record", "traces", "server_record", "offline_record", "accuracy_record")
 
 
 def _outputs_changed(result: dict) -> str | None:

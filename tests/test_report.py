@@ -1,6 +1,7 @@
 """`fusionprof report` merges records from several machines; `fusionprof compare` runs and resumes the study."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -532,6 +533,43 @@ def test_a_failed_int8_gate_is_a_result_and_a_failed_fp32_export_stops_the_study
     compare_module.export_stages(stage, "tiny", "cpu", "m", ["onnxruntime"], ["int8"], False, said.append)
     assert done["export tiny-mid onnx int8"]["status"] == "failed" and done["export tiny-mid onnx"]["status"] == "ok"
     assert "the int8 export of m/tiny-mid/checkpoint.pt failed its gate" in said[-1]
+
+
+def test_a_low_precision_winner_no_gate_measured_is_scored_by_its_own_answers(tmp_path, small_data):
+    """compare's accuracy stages: per fusion, each backend that won a cell of a low-precision sweep and whose accuracy
+    in that precision no gate measured gets a real LoadGen accuracy run; a gated winner (here torch, trained in that
+    precision) gets none, and a backend that won no cell none."""
+    from fusionprof import compare as compare_module
+    from fusionprof.config import model_config, train_config
+    from fusionprof.latency import SweepConfig
+    from fusionprof.train import train
+
+    models, profiles = tmp_path / "models", tmp_path / "profiles"
+    metrics = train(train_config("tiny", data=str(small_data), epochs=1, batch_size=16, models_dir=str(models),
+                                 profiles_dir=str(profiles), precision="fp32"),
+                    model_config("tiny", fusion="late"), progress=False, log=lambda s: None)
+    trained = {"metrics": str(profiles / "tiny-late" / "metrics.json"), "checkpoint": metrics["checkpoint"]}
+    done = {"export tiny-late onnx int8": {"status": "failed"}}  # the int8 ONNX missed its gate: no accuracy of it
+    assert not compare_module.has_gate(done, "tiny", "late", trained, "onnxruntime", "int8")
+    assert compare_module.has_gate({"export tiny-late onnx int8": {"status": "ok"}}, "tiny", "late", trained,
+                                   "openvino", "int8")
+    assert compare_module.has_gate(done, "tiny", "late", trained, "torch", "fp32")
+    assert not compare_module.has_gate(done, "tiny", "late", trained, "torch", "bf16")  # autocast, trained in fp32
+    rows = [{"fusion": "late", "backend": b, "batch_size": n, "status": "ok", "p50_ms": ms}
+            for b, n, ms in (("onnxruntime", 1, 1.0), ("torch", 1, 2.0), ("torch", 8, 3.0), ("onnxruntime", 8, 4.0),
+                             ("openvino", 8, 5.0))]
+    cfg = SweepConfig(preset="tiny", precision="int8", models_dir=str(models), profiles_dir=str(profiles))
+    ran = {}
+
+    def stage(name, run, settings):
+        ran[name] = run()
+        return ran[name]
+    compare_module.accuracy_stages(stage, rows, cfg, lambda fusion, backend: backend == "torch", False, print)
+    assert list(ran) == ["accuracy tiny-late onnxruntime int8"]
+    result = ran["accuracy tiny-late onnxruntime int8"]
+    record = json.loads(Path(result["accuracy_record"]).read_text())
+    assert (record["backend"], record["precision"], record["scenario"]) == ("onnxruntime", "int8", "offline")
+    assert result["matches"] and record["accuracy"]["loadgen_accuracy"] == result["loadgen_accuracy"]
 
 
 def test_a_wrong_precision_list_is_refused_before_anything_is_trained(tmp_path):

@@ -93,14 +93,13 @@ def latency_choices(records: list[tuple[dict, Path]], p99_ms: float) -> list[Cho
     return choices
 
 
-def load_choices(records: list[tuple[dict, Path]], p99_ms: float, qps: float | None,
+def load_choices(records: list[LoadRecord], p99_ms: float, qps: float | None,
                  device: str | None = None) -> tuple[list[Choice], int]:
     """Per load record (of ``device``, if given), its VALID Server run at the largest offered rate (at least ``qps``)
     that LoadGen judged against a p99 target within the asked one (VALID at a looser target says nothing of this
     one); and how many VALID runs measured a p99 within the target but were judged against a looser one."""
     choices, loose = [], 0
-    for raw, path in records:
-        record = LoadRecord.from_dict(raw, path)
+    for record in records:
         if device and device_label(record.device) != device_label(device):
             continue
         runs = [run for run in record.runs if record.scenario == "server" and not run.accuracy and run.valid
@@ -111,7 +110,7 @@ def load_choices(records: list[tuple[dict, Path]], p99_ms: float, qps: float | N
             best = max(judged, key=lambda run: run.settings["target_qps"])
             choices.append(Choice(machine_name(record.environment), device_label(record.device), record.preset,
                                   record.fusion, record.backend, record.precision, record.serving, best.p99_ms,
-                                  best.settings["target_qps"], str(path), (record.model or {}).get("checkpoint"),
+                                  best.settings["target_qps"], record.path, (record.model or {}).get("checkpoint"),
                                   busy_neighbour=contention.busy(best.contention),
                                   invalid_qps=record.missed_above(best.settings["target_qps"], p99_ms),
                                   checkpoint_hash=(record.model or {}).get("checkpoint_hash")))
@@ -143,7 +142,8 @@ def recommend(profiles_dir: str | Path, p99_ms: float, qps: float | None = None,
     profiles_dir = Path(profiles_dir)
     records = read_records(profiles_dir) if profiles_dir.is_dir() else \
         {"train": [], "export": [], "latency": [], "load": []}
-    candidates, loose = load_choices(records["load"], p99_ms, qps, device)
+    load = [LoadRecord.from_dict(r, p) for r, p in records["load"]]  # read once: choices and accuracy runs
+    candidates, loose = load_choices(load, p99_ms, qps, device)
     if qps is None:
         candidates += latency_choices(records["latency"], p99_ms)
     if device:
@@ -154,7 +154,6 @@ def recommend(profiles_dir: str | Path, p99_ms: float, qps: float | None = None,
         best.setdefault(c.key(), c)
     candidates = list(best.values())
     train, export = ([{**r, "_file": str(p)} for r, p in records[kind]] for kind in ("train", "export"))
-    load = [LoadRecord.from_dict(r, p) for r, p in records["load"]]
     for c in candidates:
         found = model_accuracy(train, export, c.checkpoint, c.precision, c.backend, c.checkpoint_hash, c.machine,
                                load, c.device)

@@ -38,10 +38,11 @@ from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import write_json
 from fusionprof.config import model_config
 from fusionprof.env import fingerprint, machine_name
-from fusionprof.latency import MACHINE_KEYS, SweepConfig, random_init_model, sweep
+from fusionprof.latency import MACHINE_KEYS, SweepConfig, not_runnable, random_init_model, sweep
 from fusionprof.measure import Protocol, sample_cuda_events, summarize
 from fusionprof.models import forward_flops, fusion_names
 from fusionprof.models.model import example_inputs
+from fusionprof.records import LatencyRow
 from fusionprof.runtime import DTYPES, resolve_device
 
 
@@ -247,7 +248,10 @@ def main() -> None:
     for backend in filter(None, args.more_backends.split(",")):
         for fusion in filter(None, args.more_fusions.split(",")):
             if f"{backend} {fusion}" not in done:
-                add(sweep(SweepConfig(fusions=[fusion], backends=[backend], **common), log=print))
+                if reason := not_runnable(backend, device, args.precision):  # a row says why; the next one runs
+                    rows.append(LatencyRow(fusion, backend, f"unavailable: {reason}").to_dict())
+                else:
+                    add(sweep(SweepConfig(fusions=[fusion], backends=[backend], **common), log=print))
                 save(f"{backend} {fusion}")
     for fusion in filter(None, args.more_fusions.split(",")):
         package = next((r["backend_info"]["package"] for r in rows if (r["fusion"], r["backend"]) == (fusion, "aoti")

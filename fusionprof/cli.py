@@ -266,8 +266,8 @@ def csv_list(kind=str):
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True)
 @click.option("--fusion", "fusions", default="all", show_default=True, help="all, or a comma-separated list.")
 @click.option("--backends", default=None, callback=csv_list(),
-              help=f"Comma-separated, from {', '.join(backend_names())} [default: all of them]; unavailable ones "
-                   "are reported and skipped.")
+              help=f"Comma-separated, from {', '.join(backend_names())} [default: all of them]; one that cannot run "
+                   "here is a row saying why, and none that can is an error.")
 @click.option("--batch-sizes", default="1,2,4,8,16,32", show_default=True, callback=csv_list(int))
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(INFERENCE_PRECISIONS), default="fp32", show_default=True,

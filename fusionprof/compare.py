@@ -106,7 +106,7 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
 
     latency = stage(f"latency {preset} {device}", lambda: run_sweep(sweep_cfg, progress, log),
                     {"sweep": _settings(sweep_cfg), "weights": trained()})
-    for cfg in low_precision_sweeps(sweep_cfg, low, dev, sizes_asked=bool(batch_sizes)):  # one record each
+    for cfg in low_precision_sweeps(sweep_cfg, low, dev, sizes_asked=bool(batch_sizes), log=log):  # one record each
         swept = stage(f"latency {preset} {device} {cfg.precision}", lambda cfg=cfg: run_sweep(cfg, progress, log),
                       {"sweep": _settings(cfg), "weights": trained()})
 
@@ -172,13 +172,19 @@ def _settings(cfg) -> dict:
 LOW_PRECISION_BATCHES = (1, 8)
 
 
-def low_precision_sweeps(fp32: SweepConfig, low: list[str], dev, sizes_asked: bool) -> list[SweepConfig]:
+def low_precision_sweeps(fp32: SweepConfig, low: list[str], dev, sizes_asked: bool, log) -> list[SweepConfig]:
     """The sweep of each low precision: fp32's, over the swept backends that run that precision on ``dev``, at the
-    batch sizes of ``LOW_PRECISION_BATCHES`` the fp32 sweep has (all of fp32's where ``--batch-sizes`` named them)."""
+    batch sizes of ``LOW_PRECISION_BATCHES`` the fp32 sweep has (all of fp32's where ``--batch-sizes`` named them).
+    A precision none of the swept backends runs is left out, in one line."""
     sizes = fp32.batch_sizes if sizes_asked else [b for b in fp32.batch_sizes if b in LOW_PRECISION_BATCHES]
-    return [replace(fp32, precision=precision, batch_sizes=sizes or fp32.batch_sizes,
-                    backends=[b for b in fp32.backends if not BACKENDS.get(b).precision_problem(precision, dev)])
-            for precision in low]
+    sweeps = []
+    for precision in low:
+        backends = [b for b in fp32.backends if not BACKENDS.get(b).precision_problem(precision, dev)]
+        if backends:
+            sweeps.append(replace(fp32, precision=precision, batch_sizes=sizes or fp32.batch_sizes, backends=backends))
+        else:
+            log(f"[compare] {precision}: not swept, none of the swept backends ({', '.join(fp32.backends)}) runs it")
+    return sweeps
 
 
 def time_spent(done: dict[str, dict]) -> str:

@@ -225,7 +225,7 @@ def _fp32_to_quantize(checkpoint: Path | None, int8_path: Path) -> dict | None:
 def _exports_needed(cfg: SweepConfig, device: torch.device) -> list[str]:
     """The exports the chosen backends load, where they can run the sweep's precision on its device here, in the
     order they are built: a TensorRT plan is built from the ONNX."""
-    loaded = {BACKENDS.get(name).artifact for name in cfg.backends if not _not_runnable(name, device, cfg.precision)}
+    loaded = {BACKENDS.get(name).artifact for name in cfg.backends if not not_runnable(name, device, cfg.precision)}
     loaded |= {"onnx"} if "plan" in loaded else set()
     return [artifact for artifact in ARTIFACT_NAMES if artifact in loaded]
 
@@ -363,7 +363,7 @@ def unfinished(rows: list[LatencyRow], rounds: int) -> set[tuple[str, str]]:
     return pairs - {(r.fusion, r.backend) for r in rows if r.host is None}
 
 
-def _not_runnable(name: str, device: torch.device, precision: str) -> str | None:
+def not_runnable(name: str, device: torch.device, precision: str) -> str | None:
     """Why backend ``name`` cannot run this sweep here, or None."""
     backend = BACKENDS.get(name)
     ok, reason = backend.available(device)
@@ -383,6 +383,13 @@ def _check(cfg: SweepConfig) -> torch.device:
         BACKENDS.get(name)  # unknown names fail here
     if cfg.rounds < 1:
         raise UserError("--rounds must be at least 1")
+    # one backend that cannot run is a row saying why, beside the others; a sweep with none that can is an error,
+    # not a record of nothing
+    if not cfg.backends:
+        raise UserError("nothing to time: no backend asked for")
+    reasons = {name: not_runnable(name, device, cfg.precision) for name in cfg.backends}
+    if all(reasons.values()):
+        raise UserError("nothing to time here: " + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
     return device
 
 
@@ -431,7 +438,7 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
             if (fusion, name) in done:
                 bar.update(per_pair)
                 continue
-            reason = _not_runnable(name, device, cfg.precision)
+            reason = not_runnable(name, device, cfg.precision)
             failure = artifacts.failed.get(BACKENDS.get(name).artifact)
             if reason or failure:
                 rows.append(LatencyRow(fusion, name, f"unavailable: {reason}" if reason else f"failed: {failure}"))

@@ -173,6 +173,12 @@ def test_latency_uses_trained_checkpoints_under_any_run_name(tmp_path, small_dat
     (["--warmup-seconds", "nan"], "Invalid value for '--warmup-seconds': must be a finite number, got nan"),
     (["--fusion", "early", "--backends", "torch", "--seq-len", "1000"],
      "--seq-len 1000: the tiny text encoder reads at most 512 tokens"),
+    # asked only for backends that cannot run here: an error naming each reason, not a record of nothing
+    (["--backends", "tensorrt,torch-cudagraphs"], "nothing to time here: tensorrt: TensorRT runs on CUDA devices "
+     "only (TensorRT needs a CUDA GPU and the tensorrt package: pip install \"fusionprof[trt]\" on a CUDA machine); "
+     "torch-cudagraphs: CUDA graphs need a CUDA device"),
+    (["--backends", "torch", "--precision", "int8"], "nothing to time here: torch: torch runs fp32 or bf16 on cpu, "
+     "not int8"),
 ])
 def test_latency_errors_are_one_line(args, message, tmp_path):
     code, out = run_cli("latency", *QUICK, *args, "--out", tmp_path, "--quiet")  # args after QUICK: they stand

@@ -494,18 +494,24 @@ def test_low_precisions_are_timed_at_the_batches_the_precision_table_compares(mo
     monkeypatch.setitem(OpenVino.precisions, "cpu", ("fp32", "bf16", "int8") if native_bf16 else ("fp32", "int8"))
     fp32 = SweepConfig(preset="tiny", backends=["torch", "onnxruntime", "openvino"])
     assert fp32.batch_sizes == [1, 2, 4, 8, 16, 32]
-    bf16, int8 = compare_module.low_precision_sweeps(fp32, ["bf16", "int8"], torch.device("cpu"), sizes_asked=False)
+    bf16, int8 = compare_module.low_precision_sweeps(fp32, ["bf16", "int8"], torch.device("cpu"), sizes_asked=False,
+                                                     log=print)
     assert (bf16.precision, bf16.batch_sizes, bf16.backends) == (
         "bf16", [1, 8], ["torch", "openvino"] if native_bf16 else ["torch"])
     assert (int8.precision, int8.batch_sizes, int8.backends) == ("int8", [1, 8], ["onnxruntime", "openvino"])
     assert fp32.precision == "fp32" and fp32.batch_sizes == [1, 2, 4, 8, 16, 32]  # fp32's sweep is left as it was
     # `--batch-sizes` names the sizes of every precision; sizes without 1 or 8 keep fp32's rather than none
-    [asked] = compare_module.low_precision_sweeps(fp32, ["int8"], torch.device("cpu"), sizes_asked=True)
+    [asked] = compare_module.low_precision_sweeps(fp32, ["int8"], torch.device("cpu"), sizes_asked=True, log=print)
     assert asked.batch_sizes == [1, 2, 4, 8, 16, 32]
     [large] = compare_module.low_precision_sweeps(SweepConfig(preset="tiny", batch_sizes=[32, 64],
                                                               backends=["onnxruntime"]),
-                                                  ["int8"], torch.device("cpu"), sizes_asked=False)
+                                                  ["int8"], torch.device("cpu"), sizes_asked=False, log=print)
     assert large.batch_sizes == [32, 64]
+    # a precision none of the swept backends runs is left out in one line, not swept over no backend
+    said = []
+    assert compare_module.low_precision_sweeps(SweepConfig(preset="tiny", backends=["torch"]), ["int8"],
+                                               torch.device("cpu"), sizes_asked=False, log=said.append) == []
+    assert said == ["[compare] int8: not swept, none of the swept backends (torch) runs it"]
 
 
 def test_a_failed_int8_gate_is_a_result_and_a_failed_fp32_export_stops_the_study(monkeypatch, tmp_path):

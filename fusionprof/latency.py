@@ -76,7 +76,7 @@ from fusionprof.records import (
     LatencyRow,
     Timing,
 )
-from fusionprof.runtime import DTYPES, INFERENCE_PRECISIONS, check_precision, resolve_device
+from fusionprof.runtime import DTYPES, INFERENCE_PRECISIONS, check_precision, out_of_memory, resolve_device
 
 
 @dataclass
@@ -373,7 +373,7 @@ def not_runnable(name: str, device: torch.device, precision: str) -> str | None:
 # --------------------------------------------------------------------------- the sweep
 
 
-def _check(cfg: SweepConfig) -> torch.device:
+def check_sweep(cfg: SweepConfig) -> torch.device:
     """Every option checked before any work: a bad one is a one-line error, not a failure an hour in."""
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device, INFERENCE_PRECISIONS)
@@ -398,7 +398,7 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
     far (``PARTIAL_SUFFIX``) after every backend, or in an interleaved sweep after every round. ``resume``: continue
     the newest unfinished sweep with these settings on this machine, keeping its rows and measuring only the
     (fusion, backend) pairs it had not reached, or the rounds it had not reached."""
-    device = _check(cfg)
+    device = check_sweep(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     env = fingerprint()
@@ -446,7 +446,7 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
                 continue
             try:
                 prepared = prepare_backend(name, artifacts, device, cfg, cell)
-            except (UserError, torch.OutOfMemoryError) as e:  # it cannot load here: a row says why, the sweep goes on
+            except (UserError, RuntimeError) as e:  # it cannot load here: a row says why, the sweep goes on
                 rows += earlier.get((fusion, name), []) + [LatencyRow(fusion, name, f"failed: {_failure(e, device)}")]
                 bar.update(per_pair)
                 continue
@@ -504,7 +504,7 @@ def time_in_rounds(prepared: list[Prepared], cfg: SweepConfig, bar: tqdm, device
             bar.set_postfix_str(f"{p.cell.fusion}/{p.name}/bs{batch_size} round {r + 1}")
             try:
                 visits.setdefault((i, batch_size), []).append(visit_cell(p, batch_size, per_visit))
-            except (UserError, torch.OutOfMemoryError) as e:
+            except (UserError, RuntimeError) as e:
                 which = f" (round {r + 1})" if cfg.rounds > 1 else ""
                 failed[i] = LatencyRow(p.cell.fusion, p.name, f"failed: {_failure(e, device)}{which}",
                                        batch_size=batch_size)
@@ -514,10 +514,13 @@ def time_in_rounds(prepared: list[Prepared], cfg: SweepConfig, bar: tqdm, device
 
 
 def _failure(e: Exception, device: torch.device) -> str:
-    """Why a backend could not load or run here, in one line (on CUDA, after giving back what it held)."""
+    """Why a backend could not load or run here, in one line (on CUDA, after giving back what it held): a
+    ``UserError`` or memory running out. Any other error is raised again: a bug to see, not a row."""
+    if not (isinstance(e, UserError) or out_of_memory(e)):
+        raise e
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return f"out of memory ({first_line(e)})" if isinstance(e, torch.OutOfMemoryError) else str(e)
+    return f"out of memory ({first_line(e)})" if out_of_memory(e) else str(e)
 
 
 def _begin(out_dir: Path, stem: str, config: dict, env: dict, resume: bool, log) -> tuple[Path, str, list[LatencyRow]]:

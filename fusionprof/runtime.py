@@ -17,6 +17,13 @@ INFERENCE_PRECISIONS = (*PRECISIONS, "int8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that failed: CUDA's ``OutOfMemoryError``, or the ``RuntimeError`` PyTorch's
+    CPU allocator raises (it has no type of its own)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error))
+
+
 def resolve_device(name: str) -> torch.device:
     """The device ``name`` asks for, checked; a GPU becomes the process's current device, as runtimes that take no
     device argument (CUDA graph capture, TensorRT's execution, cuDNN's handles) use the current one."""

@@ -309,7 +309,12 @@ class FailsAtBatch2(TorchEager):
     (UserError("batch 2 is outside this engine's optimization profile"),
      "failed: batch 2 is outside this engine's optimization profile"),
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-     "failed: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")])
+     "failed: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)"),
+    # the CPU allocator's failure is a plain RuntimeError (a batch too large for this machine's memory)
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 26214400000 bytes. Error code 12 (Cannot allocate memory)"),
+     "failed: out of memory ([enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+     "memory: you tried to allocate 26214400000 bytes. Error code 12 (Cannot allocate memory))")])
 @pytest.mark.parametrize("rounds", [1, 2])
 def test_a_backend_failing_at_one_batch_keeps_the_batches_it_ran(error, status, rounds, tmp_path, monkeypatch):
     monkeypatch.setitem(BACKENDS._members, FailsAtBatch2.registered_name, FailsAtBatch2)
@@ -330,6 +335,17 @@ def test_a_backend_failing_at_one_batch_keeps_the_batches_it_ran(error, status, 
     else:  # the failing backend was timed at batch 1 in round 1 only (2 calls of 3): its row says one visit
         assert record.rows[0].host.n >= 2 and len(record.rows[0].host.rounds_p50_ms) == 1
         assert all(len(r.host.rounds_p50_ms) == 2 and r.host.n >= 4 for r in record.rows[2:])
+
+
+def test_an_error_that_is_no_failure_to_report_is_raised_not_hidden_in_a_row(tmp_path, monkeypatch):
+    monkeypatch.setitem(BACKENDS._members, FailsAtBatch2.registered_name, FailsAtBatch2)
+    monkeypatch.setattr(FailsAtBatch2, "error", RuntimeError("a bug of ours"))
+    monkeypatch.setattr("fusionprof.latency.parity", lambda *a, **k: {"passed": True})
+    cfg = SweepConfig(fusions=["early"], backends=["fails-at-2"], batch_sizes=[1, 2], models_dir=str(tmp_path / "none"),
+                      profiles_dir=str(tmp_path), protocol=Protocol(warmup_seconds=0, warmup_calls=1, min_seconds=0.02,
+                                                                    min_calls=3), rounds=1)
+    with pytest.raises(RuntimeError, match="a bug of ours"):
+        sweep(cfg, progress=False, log=lambda *_: None)
 
 
 def test_a_sweeps_own_export_is_made_again_for_other_weights(tmp_path, trained_mid, untrained_onnx):

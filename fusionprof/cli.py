@@ -28,14 +28,24 @@ PROTOCOL = Protocol()  # the timing protocol's defaults, shown in --help
 
 
 class Group(click.Group):
-    """A click group that turns UserError into click's one-line 'Error: ...' exit."""
+    """A click group that turns UserError, and the OS refusing a file (no such folder, no permission, a full disk),
+    into click's one-line 'Error: ...' exit."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except UserError as e:
+        except (UserError, OSError) as e:
+            message = os_error_line(e) if isinstance(e, OSError) else str(e)
             rank = process_rank()  # under torchrun every process reports; say which one beyond rank 0
-            raise click.ClickException(str(e) if rank == 0 else f"[rank {rank}] {e}") from None
+            raise click.ClickException(message if rank == 0 else f"[rank {rank}] {message}") from None
+
+
+def os_error_line(e: OSError) -> str:
+    """``[Errno 13] Permission denied: 'x'`` as ``x: permission denied``; the file first, as our other errors say."""
+    if e.filename is None or not e.strerror:
+        return str(e)
+    target = f" → {e.filename2}" if e.filename2 is not None else ""
+    return f"{e.filename}{target}: {e.strerror[0].lower()}{e.strerror[1:]}"
 
 
 class RegistryChoice(click.Choice):
@@ -329,7 +339,12 @@ def report(paths, out):
     """Merge training, export and latency records (any machines) into a report with plots."""
     from fusionprof.report import write_report
 
-    result = write_report(list(paths) or [Path("profiles"), Path("models")], out)
+    if not paths:  # the default folders that exist here: a study that exported nothing has no models/
+        paths = [p for p in (Path("profiles"), Path("models")) if p.exists()]
+        if not paths:
+            raise UserError("nothing to report here: no profiles/ or models/ folder; name the folders or files that "
+                            "hold the records (fusionprof report DIR ...)")
+    result = write_report(list(paths), out)
     click.echo(f"{result['records']} records from {len(result['machines'])} machine(s) → {result['markdown']}, "
                f"{result['html']} ({len(result['plots'])} plots)")
 

@@ -32,7 +32,7 @@ from fusionprof.config import ModelConfig, TrainConfig, model_config, train_conf
 from fusionprof.env import NATIVE_LOW_PRECISIONS, cpu_isa
 from fusionprof.errors import UserError
 from fusionprof.export import export
-from fusionprof.latency import SweepConfig, default_rounds, sweep, trace_inference
+from fusionprof.latency import SweepConfig, check_sweep, default_rounds, sweep, trace_inference
 from fusionprof.latency_output import table
 from fusionprof.load import LoadConfig, load
 from fusionprof.measure import DRIFT_WARNING, Protocol
@@ -64,8 +64,18 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
             limit_eval: int | None = None, batch_sizes: list[int] | None = None, backends: list[str] | None = None,
             protocol: Protocol | None = None, rounds: int | None = None, load_plan: LoadPlan | None = UNDER_LOAD,
             precisions: list[str] | None = None, progress: bool = True, log=print) -> dict:
-    # what is swept beside fp32 is settled (and a wrong --precisions refused) before anything is trained
+    # the device, the sweep and what is swept beside fp32 are settled (a wrong option refused in one line) before
+    # anything trains
+    dev = resolve_device(device)
     low = low_precisions(device, log) if precisions is None else chosen_low_precisions(precisions, device, log)
+    sweep_cfg = SweepConfig(preset=preset, device=device, models_dir=models_dir, profiles_dir=profiles_dir,
+                            protocol=protocol or Protocol(), rounds=rounds or default_rounds(preset))
+    if batch_sizes:
+        sweep_cfg.batch_sizes = batch_sizes
+    for name in backends or []:
+        BACKENDS.get(name)  # an unknown name fails here
+    sweep_cfg.backends = [b for b in sweep_cfg.backends if wanted(BACKENDS.get(b), device, backends)]
+    check_sweep(sweep_cfg)
     state_path = Path(profiles_dir) / f"compare-{preset}-{device.replace(':', '')}.json"
 
     stage = Stages(state_path, log)
@@ -96,14 +106,7 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
     def trained() -> dict[str, str]:  # what every later stage depends on: the weights it reads
         return {f: checkpoint_hash(accuracy[f]["checkpoint"]) for f in fusion_names()}
 
-    dev = resolve_device(device)
     export_stages(stage, preset, device, models_dir, backends, low, progress, log)
-    sweep_cfg = SweepConfig(preset=preset, device=device, models_dir=models_dir, profiles_dir=profiles_dir,
-                            protocol=protocol or Protocol(), rounds=rounds or default_rounds(preset))
-    if batch_sizes:
-        sweep_cfg.batch_sizes = batch_sizes
-    sweep_cfg.backends = [b for b in sweep_cfg.backends if wanted(BACKENDS.get(b), device, backends)]
-
     latency = stage(f"latency {preset} {device}", lambda: run_sweep(sweep_cfg, progress, log),
                     {"sweep": _settings(sweep_cfg), "weights": trained()})
     for cfg in low_precision_sweeps(sweep_cfg, low, dev, sizes_asked=bool(batch_sizes), log=log):  # one record each

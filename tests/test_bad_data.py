@@ -94,3 +94,11 @@ def test_unusable_data_is_a_one_line_error(damage, message, small_data, tmp_path
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and message in result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_a_folder_the_os_refuses_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(cli, ["data", "synth", "--out", str(blocker / "data"), "--train", "4"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output == f"Error: {blocker / 'data' / 'train'}: not a directory\n"  # the path the OS refused

@@ -578,9 +578,17 @@ def test_a_low_precision_winner_no_gate_measured_is_scored_by_its_own_answers(tm
     assert result["matches"] and record["accuracy"]["loadgen_accuracy"] == result["loadgen_accuracy"]
 
 
-def test_a_wrong_precision_list_is_refused_before_anything_is_trained(tmp_path):
-    code, out = run_cli("compare", "--precisions", "int8", "--out", tmp_path / "m", "--profiles", tmp_path / "p")
-    assert code == 1 and "Error: --precisions int8: fp32 and any of bf16, int8" in out
+@pytest.mark.parametrize("args,message", [
+    (["--precisions", "int8"], "--precisions int8: fp32 and any of bf16, int8"),
+    # the latency stage's options, which it reads only after minutes of training
+    (["--backends", "tvm"], "unknown backend 'tvm'; choose from "),
+    (["--batch-sizes", "0,8"], "--batch-sizes must be whole numbers of at least 1"),
+    (["--backends", "tensorrt"], "nothing to time here: tensorrt: TensorRT runs on CUDA devices only"),
+    (["--device", "cuda:64"], "--device cuda:64: "),
+])
+def test_a_wrong_option_is_refused_before_anything_is_trained(args, message, tmp_path):
+    code, out = run_cli("compare", *args, "--out", tmp_path / "m", "--profiles", tmp_path / "p")
+    assert code == 1 and out.splitlines()[-1].startswith(f"Error: {message}"), out
     assert not (tmp_path / "m").exists() and not (tmp_path / "p").exists()
 
 
@@ -623,3 +631,18 @@ def test_compare_puts_each_fusion_under_load_on_its_fastest_backend_at_the_batch
     assert "123.4 +" in lines[1] and "456.7 +" in lines[1] and " 60 " in lines[1] and " 60 +" not in lines[1]
     assert "3.00 ms (torch) +" in lines[2] and " 30 +" in lines[2] and "1.00 ms (onnxruntime) +" not in lines[2]
     assert lines[3].startswith("+ measured beside a busy neighbour")
+
+
+def test_report_reads_the_default_folders_that_exist_and_says_when_there_are_none(two_machines, tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli("report")
+    assert code == 1 and out == ("Error: nothing to report here: no profiles/ or models/ folder; name the folders or "
+                                 "files that hold the records (fusionprof report DIR ...)\n")
+    (tmp_path / "profiles").mkdir()  # a study that exported nothing has no models/: not an error
+    [sweep] = (two_machines / "there").glob("*.json")
+    (tmp_path / "profiles" / sweep.name).write_bytes(sweep.read_bytes())
+    code, out = run_cli("report")
+    assert code == 0 and out.startswith("1 records from 1 machine(s) → profiles/report.md"), out
+    code, out = run_cli("report", "nowhere")  # a folder named and missing is still an error
+    assert code == 1 and out == "Error: nowhere: no such file or folder\n"

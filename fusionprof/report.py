@@ -36,6 +36,7 @@ from fusionprof.records import (
     drifted_cells,
     int8_gate_of,
     model_accuracy,
+    told_apart,
     visit_spread,
 )
 
@@ -432,6 +433,47 @@ def _backend_colors(rec: Records) -> dict[str, str]:
     return {name: f"C{i % 10}" for i, name in enumerate(names)}
 
 
+def shortlist_section(rec: Records) -> list[tuple]:
+    """The report's answer, first: per machine, preset, device and precision, the choices no other beats on both p50
+    latency and test accuracy (the Pareto front of the plots below) at the smallest and the largest batch, from the
+    sweep that scored the most fusions there (of those, the newest)."""
+    blocks: list[tuple] = [("h2", "Which fusion to ship")]
+    chosen: dict[tuple, tuple[Sweep, list[tuple[float, float, LatencyRow]]]] = {}
+    for sweep in sweeps(rec):  # by machine, then date
+        accuracy = row_accuracy(rec, sweep)
+        scored = [(r.host.p50_ms, acc, r) for r in sweep.rows if (acc := accuracy(r)) is not None]
+        key = (sweep.machine, sweep.preset, sweep.record.config.get("device"), sweep.precision)
+        if scored and len({p[2].fusion for p in scored}) >= len({p[2].fusion for p in chosen.get(key, (0, []))[1]}):
+            chosen[key] = (sweep, scored)
+    if not chosen:
+        return blocks + [("p", "Needs a latency sweep of trained models whose accuracy is on record: run `fusionprof "
+                               "compare` (the whole study), or `fusionprof train` then `fusionprof latency`.")]
+    rows = []
+    for (machine, preset, device, precision), (sweep, scored) in sorted(chosen.items()):
+        sizes = sorted({p[2].batch_size for p in scored})
+        for batch in sorted({sizes[0], sizes[-1]}):
+            front = pareto_front([p for p in scored if p[2].batch_size == batch])
+            rows.append([machine, f"{preset} · {precision} · {device}", batch, _front_text(front),
+                         Path(sweep.record.path or "").name])
+    return blocks + [
+        ("p", "The choices no other measured choice beats on both p50 latency and test accuracy, fastest first: the "
+              "first is the fastest, the last the most accurate, and each one after the first buys accuracy with "
+              "latency. Accuracy is measured as in the Pareto plots (below); two accuracies on the same test pairs "
+              "that differ by under a point may be sampling noise (on 2000 pairs a 95 % interval is ±0.7 points at "
+              "97 %). ≈: the sweep's visits did not tell that choice's latency apart from the one before it (their "
+              "p50s overlap), so its extra accuracy costs no latency this sweep could measure. Under a latency "
+              "target at a request rate: `fusionprof recommend --p99-ms T --qps Q`."),
+        ("table", ["machine", "sweep", "batch", "Pareto front: fusion (backend) p50, test accuracy", "record"], rows)]
+
+
+def _front_text(front: list[tuple[float, float, LatencyRow]]) -> str:
+    parts = []
+    for i, (p50, acc, r) in enumerate(front):
+        tie = i and told_apart(front[i - 1][2].host.rounds_p50_ms, r.host.rounds_p50_ms) is False
+        parts.append(f"{r.fusion} ({r.backend}) {p50:.2f} ms{' ≈' if tie else ''}, {acc:.2%}")
+    return "; ".join(parts)
+
+
 def pareto_section(rec: Records, out_dir: Path) -> list[tuple]:
     blocks: list[tuple] = [("h2", "Accuracy vs latency (Pareto front)")]
     if not rec.latency:
@@ -664,13 +706,14 @@ def _figure_legend(fig, title: str) -> None:
                fontsize=8, title_fontsize=8, frameon=False)
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The points no other point beats on both lower latency and higher accuracy, by latency."""
+def pareto_front(points: list[tuple]) -> list[tuple]:
+    """The points ``(latency, accuracy, ...)`` no other point beats on both lower latency and higher accuracy, by
+    latency; what a point carries after its two figures comes with it."""
     front, best = [], -1.0
-    for latency, acc in sorted(points, key=lambda p: (p[0], -p[1])):
-        if acc > best:
-            front.append((latency, acc))
-            best = acc
+    for point in sorted(points, key=lambda p: (p[0], -p[1])):
+        if point[1] > best:
+            front.append(point)
+            best = point[1]
     return front
 
 
@@ -736,7 +779,8 @@ def write_report(paths: list[Path], out: Path) -> dict:
         blocks.append(("p", f"Not reported: {len(rec.unfinished)} latency sweep(s) cut short, their rows so far in "
                             + ", ".join(f"`{p}`" for p in rec.unfinished)
                             + " (`fusionprof latency ... --resume` with the same settings finishes one)."))
-    blocks += training_section(rec) + export_section(rec) + latency_section(rec, plots) + precision_section(rec)
+    blocks += shortlist_section(rec) + training_section(rec) + export_section(rec) + latency_section(rec, plots)
+    blocks += precision_section(rec)
     blocks += pareto_section(rec, plots) + memory_section(rec, plots) + load_section(rec.load, out, rec.latency)
     blocks += cross_machine_section(rec)
     md, page = to_markdown(blocks), to_html(blocks, "fusionprof report")

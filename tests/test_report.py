@@ -646,3 +646,40 @@ def test_report_reads_the_default_folders_that_exist_and_says_when_there_are_non
     assert code == 0 and out.startswith("1 records from 1 machine(s) → profiles/report.md"), out
     code, out = run_cli("report", "nowhere")  # a folder named and missing is still an error
     assert code == 1 and out == "Error: nowhere: no such file or folder\n"
+
+
+def test_the_report_opens_with_each_machines_pareto_front_told_apart_or_not():
+    """`Which fusion to ship`: per machine, preset, device and precision, the sweep that scored the most fusions,
+    its Pareto front at the smallest and largest batch, fastest first; ≈ where its visits did not tell a choice's
+    latency apart from the one before it."""
+    from fusionprof.records import Timing
+    from fusionprof.report import Records, shortlist_section, to_markdown
+
+    env = {"host": "vm", "cpu_model": "AMD EPYC", "cpu_isa": {"avx2": True}}
+    accuracy = {"early": 0.95, "mid": 0.97, "late": 0.96}
+    train = [{"kind": "train", "checkpoint": f"/m/tiny-{f}/checkpoint.pt", "checkpoint_hash": f, "environment": env,
+              "train_config": {"precision": "fp32"}, "test": {"accuracy": a}} for f, a in accuracy.items()]
+
+    def row(fusion, batch, visits):
+        host = Timing.of([v for v in visits for _ in range(3)], "host")
+        host.rounds_p50_ms = visits
+        return LatencyRow(fusion, "torch", "ok", batch_size=batch, host=host,
+                          model={"checkpoint": f"/m/tiny-{fusion}/checkpoint.pt", "checkpoint_hash": fusion})
+    study = [row("early", 1, [0.9, 1.0, 1.1]), row("mid", 1, [1.0, 1.05, 1.12]),  # overlapping visits: ≈
+             row("late", 1, [1.9, 2.0, 2.1]),  # slower and less accurate than mid: off the front
+             row("early", 8, [4.9, 5.0, 5.1]), row("mid", 8, [6.9, 7.0, 7.1]), row("late", 8, [7.9, 8.0, 8.1])]
+    config = {"preset": "tiny", "precision": "fp32", "device": "cpu"}
+    sweeps = [LatencyRecord("20261204T010000Z", env, config, {}, study, path="/p/vm/latency-study.json"),
+              # newer but of one fusion: the study's sweep, which scored three, answers for this machine
+              LatencyRecord("20261204T020000Z", env, config, {}, [row("mid", 1, [0.5, 0.5, 0.5])], path="/p/one.json")]
+    blocks = shortlist_section(Records(train=train, latency=sweeps))
+    [table] = [b for b in blocks if b[0] == "table"]
+    assert table[2] == [
+        ["vm (AMD EPYC, AVX2)", "tiny · fp32 · cpu", 1, "early (torch) 1.00 ms, 95.00%; mid (torch) 1.05 ms ≈, 97.00%",
+         "latency-study.json"],
+        ["vm (AMD EPYC, AVX2)", "tiny · fp32 · cpu", 8, "early (torch) 5.00 ms, 95.00%; mid (torch) 7.00 ms, 97.00%",
+         "latency-study.json"]]
+    assert to_markdown(blocks).startswith("## Which fusion to ship")
+    # a random-init sweep has no accuracy: the section says what to run
+    [(_, text)] = [b for b in shortlist_section(Records(latency=sweeps)) if b[0] == "p"]
+    assert "Needs a latency sweep of trained models" in text

@@ -19,23 +19,27 @@ from fusionprof import __version__, contention
 from fusionprof.backends import backend_names, export_formats
 from fusionprof.config import PRESETS, model_config, train_config
 from fusionprof.distributed import launched_by_torchrun, process_rank
-from fusionprof.errors import UserError
+from fusionprof.errors import UserError, first_line
 from fusionprof.measure import Protocol, replace_protocol
 from fusionprof.models import fusion_names
-from fusionprof.runtime import INFERENCE_PRECISIONS, PRECISIONS
+from fusionprof.runtime import INFERENCE_PRECISIONS, PRECISIONS, out_of_memory
 
 PROTOCOL = Protocol()  # the timing protocol's defaults, shown in --help
 
 
 class Group(click.Group):
-    """A click group that turns UserError, and the OS refusing a file (no such folder, no permission, a full disk),
-    into click's one-line 'Error: ...' exit."""
+    """A click group that turns UserError, the OS refusing a file (no such folder, no permission, a full disk) and
+    memory running out into click's one-line 'Error: ...' exit."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (UserError, OSError) as e:
-            message = os_error_line(e) if isinstance(e, OSError) else str(e)
+        except (UserError, OSError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not out_of_memory(e):
+                raise  # a bug: its traceback is what to report
+            message = (os_error_line(e) if isinstance(e, OSError) else str(e) if isinstance(e, UserError) else
+                       f"out of memory ({first_line(e)}): a smaller batch needs less (--batch-size, --batch-sizes, "
+                       "--max-batch)")
             rank = process_rank()  # under torchrun every process reports; say which one beyond rank 0
             raise click.ClickException(message if rank == 0 else f"[rank {rank}] {message}") from None
 

@@ -102,3 +102,23 @@ def test_a_folder_the_os_refuses_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(cli, ["data", "synth", "--out", str(blocker / "data"), "--train", "4"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output == f"Error: {blocker / 'data' / 'train'}: not a directory\n"  # the path the OS refused
+
+
+def test_memory_running_out_is_a_one_line_error_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    from fusionprof import report
+
+    def out_of_memory(paths, out):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 26214400000 bytes.\nError code 12")
+    monkeypatch.setattr(report, "write_report", out_of_memory)
+    result = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 1 and result.output == (
+        "Error: out of memory ([enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+        "memory: you tried to allocate 26214400000 bytes.): a smaller batch needs less (--batch-size, --batch-sizes, "
+        "--max-batch)\n")
+
+    def bug(paths, out):
+        raise RuntimeError("shape mismatch")
+    monkeypatch.setattr(report, "write_report", bug)
+    result = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert isinstance(result.exception, RuntimeError) and str(result.exception) == "shape mismatch"

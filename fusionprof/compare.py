@@ -29,7 +29,7 @@ from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS, Backend, backend_for_format, export_formats, format_of
 from fusionprof.checkpoint import checkpoint_hash, checkpoint_path, metrics_path
 from fusionprof.config import ModelConfig, TrainConfig, model_config, train_config
-from fusionprof.env import NATIVE_LOW_PRECISIONS, cpu_isa
+from fusionprof.env import NATIVE_LOW_PRECISIONS, cpu_isa, machine_name
 from fusionprof.errors import UserError
 from fusionprof.export import export
 from fusionprof.latency import SweepConfig, check_sweep, default_rounds, sweep, trace_inference
@@ -39,7 +39,7 @@ from fusionprof.measure import DRIFT_WARNING, Protocol
 from fusionprof.models import fusion_names
 from fusionprof.records import told_apart
 from fusionprof.report import write_report
-from fusionprof.runtime import resolve_device
+from fusionprof.runtime import INFERENCE_PRECISIONS, resolve_device
 from fusionprof.train import OtherSettings, train
 
 
@@ -123,10 +123,25 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
     report = write_report([Path(profiles_dir), Path(models_dir)], Path(profiles_dir))
     log(f"[compare] report: {report['markdown']} and {report['html']} ({len(report['plots'])} plots)")
     summary = summarize(accuracy, latency["rows"], under_load, load_plan)
+    summary += shortlist_lines(report["shortlist"], Path(latency["record"]), preset, device)
     for line in summary:
         log(line)
     log(time_spent(stage.done))
     return {"state": str(state_path), "report": report, "summary": summary}
+
+
+def shortlist_lines(shortlist: list[list], sweep: Path, preset: str, device: str) -> list[str]:
+    """The report's answer (``Which fusion to ship``) for this study: its machine, preset and device, each precision
+    and batch end on one line."""
+    machine = machine_name(json.loads(sweep.read_text())["environment"])
+    ours = [(what.split(" · ")[1], batch, front) for name, what, batch, front, _ in shortlist
+            if name == machine and what.startswith(f"{preset} · ") and what.endswith(f" · {device}")]
+    if not ours:
+        return []
+    ours.sort(key=lambda line: (INFERENCE_PRECISIONS.index(line[0]), line[1]))  # fp32 first
+    return (["which fusion to ship (the report's first table): the choices no other beats on both p50 and test "
+             "accuracy, fastest first; ≈ not told apart in latency from the one before"]
+            + [f"  {precision} batch {batch}: {front}" for precision, batch, front in ours])
 
 
 class Stages:

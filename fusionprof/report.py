@@ -779,7 +779,8 @@ def write_report(paths: list[Path], out: Path) -> dict:
         blocks.append(("p", f"Not reported: {len(rec.unfinished)} latency sweep(s) cut short, their rows so far in "
                             + ", ".join(f"`{p}`" for p in rec.unfinished)
                             + " (`fusionprof latency ... --resume` with the same settings finishes one)."))
-    blocks += shortlist_section(rec) + training_section(rec) + export_section(rec) + latency_section(rec, plots)
+    shortlist = shortlist_section(rec)
+    blocks += shortlist + training_section(rec) + export_section(rec) + latency_section(rec, plots)
     blocks += precision_section(rec)
     blocks += pareto_section(rec, plots) + memory_section(rec, plots) + load_section(rec.load, out, rec.latency)
     blocks += cross_machine_section(rec)
@@ -788,4 +789,4 @@ def write_report(paths: list[Path], out: Path) -> dict:
     atomic_write(out / "report.html", lambda tmp: tmp.write_text(page))
     written = sorted(str(out / b[1]) for b in blocks if b[0] == "img")
     return {"markdown": str(out / "report.md"), "html": str(out / "report.html"), "records": rec.files,
-            "machines": machines, "plots": written}
+            "machines": machines, "plots": written, "shortlist": next((b[2] for b in shortlist if b[0] == "table"), [])}

@@ -204,6 +204,9 @@ def test_compare_runs_every_stage_then_skips_them(tmp_path, small_data):
     for fusion in ("early", "mid", "late", "bottleneck"):
         assert f"| tiny | {fusion} |" in md
     assert "best p50, batch 1" in out and (tmp_path / "p" / "report.html").exists()
+    # and closes with the report's answer for this machine: the Pareto front at each batch end
+    assert "which fusion to ship (the report's first table)" in out
+    assert "\n  fp32 batch 1: " in out and "\n  fp32 batch 2: " in out
     state = json.loads((tmp_path / "p" / "compare-tiny-cpu.json").read_text())["done"]
     assert all(done["stage_seconds"] > 0 for done in state.values())
     assert "[compare] time by stage: train " in out and ", load " in out
@@ -648,7 +651,7 @@ def test_report_reads_the_default_folders_that_exist_and_says_when_there_are_non
     assert code == 1 and out == "Error: nowhere: no such file or folder\n"
 
 
-def test_the_report_opens_with_each_machines_pareto_front_told_apart_or_not():
+def test_the_report_opens_with_each_machines_pareto_front_told_apart_or_not(tmp_path):
     """`Which fusion to ship`: per machine, preset, device and precision, the sweep that scored the most fusions,
     its Pareto front at the smallest and largest batch, fastest first; ≈ where its visits did not tell a choice's
     latency apart from the one before it."""
@@ -680,6 +683,18 @@ def test_the_report_opens_with_each_machines_pareto_front_told_apart_or_not():
         ["vm (AMD EPYC, AVX2)", "tiny · fp32 · cpu", 8, "early (torch) 5.00 ms, 95.00%; mid (torch) 7.00 ms, 97.00%",
          "latency-study.json"]]
     assert to_markdown(blocks).startswith("## Which fusion to ship")
+    # compare closes with the rows of its own machine, preset and device, fp32 first
+    from fusionprof.compare import shortlist_lines
+
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"environment": env}))
+    other = ["vm (NVIDIA H200)", "tiny · bf16 · cuda:0", 1, "mid (torch) 1.00 ms, 97.00%", "x.json"]
+    bf16 = ["vm (AMD EPYC, AVX2)", "tiny · bf16 · cpu", 1, "late (openvino) 0.90 ms, 96.00%", "y.json"]
+    assert shortlist_lines([bf16, *table[2], other], sweep, "tiny", "cpu")[1:] == [
+        "  fp32 batch 1: early (torch) 1.00 ms, 95.00%; mid (torch) 1.05 ms ≈, 97.00%",
+        "  fp32 batch 8: early (torch) 5.00 ms, 95.00%; mid (torch) 7.00 ms, 97.00%",
+        "  bf16 batch 1: late (openvino) 0.90 ms, 96.00%"]
+    assert shortlist_lines([other], sweep, "tiny", "cpu") == []
     # a random-init sweep has no accuracy: the section says what to run
     [(_, text)] = [b for b in shortlist_section(Records(latency=sweeps)) if b[0] == "p"]
     assert "Needs a latency sweep of trained models" in text

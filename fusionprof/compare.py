@@ -130,18 +130,17 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
     return {"state": str(state_path), "report": report, "summary": summary}
 
 
-def shortlist_lines(shortlist: list[list], sweep: Path, preset: str, device: str) -> list[str]:
-    """The report's answer (``Which fusion to ship``) for this study: its machine, preset and device, each precision
-    and batch end on one line."""
+def shortlist_lines(shortlist: list[dict], sweep: Path, preset: str, device: str) -> list[str]:
+    """The report's answer (``report.shortlist``) for this study: its machine, preset and device, each precision and
+    batch end on one line, fp32 first."""
     machine = machine_name(json.loads(sweep.read_text())["environment"])
-    ours = [(what.split(" · ")[1], batch, front) for name, what, batch, front, _ in shortlist
-            if name == machine and what.startswith(f"{preset} · ") and what.endswith(f" · {device}")]
+    ours = sorted((e for e in shortlist if (e["machine"], e["preset"], e["device"]) == (machine, preset, device)),
+                  key=lambda e: (INFERENCE_PRECISIONS.index(e["precision"]), e["batch"]))
     if not ours:
         return []
-    ours.sort(key=lambda line: (INFERENCE_PRECISIONS.index(line[0]), line[1]))  # fp32 first
     return (["which fusion to ship (the report's first table): the choices no other beats on both p50 and test "
              "accuracy, fastest first; ≈ not told apart in latency from the one before"]
-            + [f"  {precision} batch {batch}: {front}" for precision, batch, front in ours])
+            + [f"  {e['precision']} batch {e['batch']}: {e['front']}" for e in ours])
 
 
 class Stages:

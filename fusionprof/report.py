@@ -433,11 +433,10 @@ def _backend_colors(rec: Records) -> dict[str, str]:
     return {name: f"C{i % 10}" for i, name in enumerate(names)}
 
 
-def shortlist_section(rec: Records) -> list[tuple]:
-    """The report's answer, first: per machine, preset, device and precision, the choices no other beats on both p50
-    latency and test accuracy (the Pareto front of the plots below) at the smallest and the largest batch, from the
-    sweep that scored the most fusions there (of those, the newest)."""
-    blocks: list[tuple] = [("h2", "Which fusion to ship")]
+def shortlist(rec: Records) -> list[dict]:
+    """The report's answer: per machine, preset, device and precision, the choices no other beats on both p50 latency
+    and test accuracy (the Pareto front of the plots below) at the smallest and the largest batch, from the sweep that
+    scored the most fusions there (of those, the newest); ``front`` is that front as text, fastest first."""
     chosen: dict[tuple, tuple[Sweep, list[tuple[float, float, LatencyRow]]]] = {}
     for sweep in sweeps(rec):  # by machine, then date
         accuracy = row_accuracy(rec, sweep)
@@ -445,16 +444,24 @@ def shortlist_section(rec: Records) -> list[tuple]:
         key = (sweep.machine, sweep.preset, sweep.record.config.get("device"), sweep.precision)
         if scored and len({p[2].fusion for p in scored}) >= len({p[2].fusion for p in chosen.get(key, (0, []))[1]}):
             chosen[key] = (sweep, scored)
-    if not chosen:
-        return blocks + [("p", "Needs a latency sweep of trained models whose accuracy is on record: run `fusionprof "
-                               "compare` (the whole study), or `fusionprof train` then `fusionprof latency`.")]
-    rows = []
+    entries = []
     for (machine, preset, device, precision), (sweep, scored) in sorted(chosen.items()):
         sizes = sorted({p[2].batch_size for p in scored})
         for batch in sorted({sizes[0], sizes[-1]}):
             front = pareto_front([p for p in scored if p[2].batch_size == batch])
-            rows.append([machine, f"{preset} · {precision} · {device}", batch, _front_text(front),
-                         Path(sweep.record.path or "").name])
+            entries.append({"machine": machine, "preset": preset, "device": device, "precision": precision,
+                            "batch": batch, "front": _front_text(front), "record": Path(sweep.record.path or "").name})
+    return entries
+
+
+def shortlist_section(entries: list[dict]) -> list[tuple]:
+    """``shortlist``'s answer as the report's first section."""
+    blocks: list[tuple] = [("h2", "Which fusion to ship")]
+    if not entries:
+        return blocks + [("p", "Needs a latency sweep of trained models whose accuracy is on record: run `fusionprof "
+                               "compare` (the whole study), or `fusionprof train` then `fusionprof latency`.")]
+    rows = [[e["machine"], f"{e['preset']} · {e['precision']} · {e['device']}", e["batch"], e["front"], e["record"]]
+            for e in entries]
     return blocks + [
         ("p", "The choices no other measured choice beats on both p50 latency and test accuracy, fastest first: the "
               "first is the fastest, the last the most accurate, and each one after the first buys accuracy with "
@@ -779,8 +786,8 @@ def write_report(paths: list[Path], out: Path) -> dict:
         blocks.append(("p", f"Not reported: {len(rec.unfinished)} latency sweep(s) cut short, their rows so far in "
                             + ", ".join(f"`{p}`" for p in rec.unfinished)
                             + " (`fusionprof latency ... --resume` with the same settings finishes one)."))
-    shortlist = shortlist_section(rec)
-    blocks += shortlist + training_section(rec) + export_section(rec) + latency_section(rec, plots)
+    answer = shortlist(rec)
+    blocks += shortlist_section(answer) + training_section(rec) + export_section(rec) + latency_section(rec, plots)
     blocks += precision_section(rec)
     blocks += pareto_section(rec, plots) + memory_section(rec, plots) + load_section(rec.load, out, rec.latency)
     blocks += cross_machine_section(rec)
@@ -789,4 +796,4 @@ def write_report(paths: list[Path], out: Path) -> dict:
     atomic_write(out / "report.html", lambda tmp: tmp.write_text(page))
     written = sorted(str(out / b[1]) for b in blocks if b[0] == "img")
     return {"markdown": str(out / "report.md"), "html": str(out / "report.html"), "records": rec.files,
-            "machines": machines, "plots": written, "shortlist": next((b[2] for b in shortlist if b[0] == "table"), [])}
+            "machines": machines, "plots": written, "shortlist": answer}

@@ -656,7 +656,7 @@ def test_the_report_opens_with_each_machines_pareto_front_told_apart_or_not(tmp_
     its Pareto front at the smallest and largest batch, fastest first; ≈ where its visits did not tell a choice's
     latency apart from the one before it."""
     from fusionprof.records import Timing
-    from fusionprof.report import Records, shortlist_section, to_markdown
+    from fusionprof.report import Records, shortlist, shortlist_section, to_markdown
 
     env = {"host": "vm", "cpu_model": "AMD EPYC", "cpu_isa": {"avx2": True}}
     accuracy = {"early": 0.95, "mid": 0.97, "late": 0.96}
@@ -675,26 +675,29 @@ def test_the_report_opens_with_each_machines_pareto_front_told_apart_or_not(tmp_
     sweeps = [LatencyRecord("20261204T010000Z", env, config, {}, study, path="/p/vm/latency-study.json"),
               # newer but of one fusion: the study's sweep, which scored three, answers for this machine
               LatencyRecord("20261204T020000Z", env, config, {}, [row("mid", 1, [0.5, 0.5, 0.5])], path="/p/one.json")]
-    blocks = shortlist_section(Records(train=train, latency=sweeps))
-    [table] = [b for b in blocks if b[0] == "table"]
-    assert table[2] == [
-        ["vm (AMD EPYC, AVX2)", "tiny · fp32 · cpu", 1, "early (torch) 1.00 ms, 95.00%; mid (torch) 1.05 ms ≈, 97.00%",
-         "latency-study.json"],
-        ["vm (AMD EPYC, AVX2)", "tiny · fp32 · cpu", 8, "early (torch) 5.00 ms, 95.00%; mid (torch) 7.00 ms, 97.00%",
-         "latency-study.json"]]
+    answer = shortlist(Records(train=train, latency=sweeps))
+    common = {"machine": "vm (AMD EPYC, AVX2)", "preset": "tiny", "device": "cpu", "precision": "fp32",
+              "record": "latency-study.json"}
+    assert answer == [
+        {**common, "batch": 1, "front": "early (torch) 1.00 ms, 95.00%; mid (torch) 1.05 ms ≈, 97.00%"},
+        {**common, "batch": 8, "front": "early (torch) 5.00 ms, 95.00%; mid (torch) 7.00 ms, 97.00%"}]
+    blocks = shortlist_section(answer)
     assert to_markdown(blocks).startswith("## Which fusion to ship")
-    # compare closes with the rows of its own machine, preset and device, fp32 first
+    [table] = [b for b in blocks if b[0] == "table"]
+    assert table[2][0] == ["vm (AMD EPYC, AVX2)", "tiny · fp32 · cpu", 1, answer[0]["front"], "latency-study.json"]
+    # compare closes with the entries of its own machine, preset and device, fp32 first
     from fusionprof.compare import shortlist_lines
 
     sweep = tmp_path / "sweep.json"
     sweep.write_text(json.dumps({"environment": env}))
-    other = ["vm (NVIDIA H200)", "tiny · bf16 · cuda:0", 1, "mid (torch) 1.00 ms, 97.00%", "x.json"]
-    bf16 = ["vm (AMD EPYC, AVX2)", "tiny · bf16 · cpu", 1, "late (openvino) 0.90 ms, 96.00%", "y.json"]
-    assert shortlist_lines([bf16, *table[2], other], sweep, "tiny", "cpu")[1:] == [
+    other = {**common, "machine": "vm (NVIDIA H200)", "device": "cuda:0", "batch": 1, "front": "mid (torch) 1 ms"}
+    bf16 = {**common, "precision": "bf16", "batch": 1, "front": "late (openvino) 0.90 ms, 96.00%"}
+    assert shortlist_lines([bf16, *answer, other], sweep, "tiny", "cpu")[1:] == [
         "  fp32 batch 1: early (torch) 1.00 ms, 95.00%; mid (torch) 1.05 ms ≈, 97.00%",
         "  fp32 batch 8: early (torch) 5.00 ms, 95.00%; mid (torch) 7.00 ms, 97.00%",
         "  bf16 batch 1: late (openvino) 0.90 ms, 96.00%"]
     assert shortlist_lines([other], sweep, "tiny", "cpu") == []
-    # a random-init sweep has no accuracy: the section says what to run
-    [(_, text)] = [b for b in shortlist_section(Records(latency=sweeps)) if b[0] == "p"]
+    # no training record, so no accuracy of what was timed: no answer, and the section says what to run
+    assert shortlist(Records(latency=sweeps)) == []
+    [(_, text)] = [b for b in shortlist_section([]) if b[0] == "p"]
     assert "Needs a latency sweep of trained models" in text

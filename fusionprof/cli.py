@@ -34,22 +34,26 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (UserError, OSError, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and not out_of_memory(e):
+        except Exception as e:
+            message = one_line(e)
+            if message is None:
                 raise  # a bug: its traceback is what to report
-            message = (os_error_line(e) if isinstance(e, OSError) else str(e) if isinstance(e, UserError) else
-                       f"out of memory ({first_line(e)}): a smaller batch needs less (--batch-size, --batch-sizes, "
-                       "--max-batch)")
             rank = process_rank()  # under torchrun every process reports; say which one beyond rank 0
             raise click.ClickException(message if rank == 0 else f"[rank {rank}] {message}") from None
 
 
-def os_error_line(e: OSError) -> str:
-    """``[Errno 13] Permission denied: 'x'`` as ``x: permission denied``; the file first, as our other errors say."""
-    if e.filename is None or not e.strerror:
+def one_line(e: Exception) -> str | None:
+    """What to tell of an error that is the user's or the machine's, not ours: None for any other."""
+    if isinstance(e, UserError):
         return str(e)
-    target = f" → {e.filename2}" if e.filename2 is not None else ""
-    return f"{e.filename}{target}: {e.strerror[0].lower()}{e.strerror[1:]}"
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:  # `[Errno 13] Permission denied: 'x'`
+        target = f" → {e.filename2}" if e.filename2 is not None else ""
+        return f"{e.filename}{target}: {e.strerror[0].lower()}{e.strerror[1:]}"  # the file first, as ours say
+    if isinstance(e, OSError):
+        return str(e)
+    if out_of_memory(e):
+        return f"out of memory ({first_line(e)}): a smaller batch needs less (--batch-size, --batch-sizes, --max-batch)"
+    return None
 
 
 class RegistryChoice(click.Choice):

@@ -442,7 +442,8 @@ def shortlist(rec: Records) -> list[dict]:
         accuracy = row_accuracy(rec, sweep)
         scored = [(r.host.p50_ms, acc, r) for r in sweep.rows if (acc := accuracy(r)) is not None]
         key = (sweep.machine, sweep.preset, sweep.record.config.get("device"), sweep.precision)
-        if scored and len({p[2].fusion for p in scored}) >= len({p[2].fusion for p in chosen.get(key, (0, []))[1]}):
+        fusions = len({r.fusion for _, _, r in scored})
+        if scored and (key not in chosen or fusions >= len({r.fusion for _, _, r in chosen[key][1]})):
             chosen[key] = (sweep, scored)
     entries = []
     for (machine, preset, device, precision), (sweep, scored) in sorted(chosen.items()):

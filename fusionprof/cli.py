@@ -345,7 +345,7 @@ def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, 
               help="Where report.md, report.html and report/*.png go.")
 def report(paths, out):
     """Merge training, export and latency records (any machines) into a report with plots."""
-    from fusionprof.report import write_report
+    from fusionprof.report import shortlist_lines, write_report
 
     if not paths:  # the default folders that exist here: a study that exported nothing has no models/
         paths = [p for p in (Path("profiles"), Path("models")) if p.exists()]
@@ -355,6 +355,8 @@ def report(paths, out):
     result = write_report(list(paths), out)
     click.echo(f"{result['records']} records from {len(result['machines'])} machine(s) → {result['markdown']}, "
                f"{result['html']} ({len(result['plots'])} plots)")
+    for line in shortlist_lines(result["shortlist"]):
+        click.echo(line)
 
 
 @cli.command()

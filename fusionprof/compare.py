@@ -38,8 +38,8 @@ from fusionprof.load import LoadConfig, load
 from fusionprof.measure import DRIFT_WARNING, Protocol
 from fusionprof.models import fusion_names
 from fusionprof.records import told_apart
-from fusionprof.report import write_report
-from fusionprof.runtime import INFERENCE_PRECISIONS, resolve_device
+from fusionprof.report import shortlist_lines, write_report
+from fusionprof.runtime import resolve_device
 from fusionprof.train import OtherSettings, train
 
 
@@ -123,24 +123,19 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
     report = write_report([Path(profiles_dir), Path(models_dir)], Path(profiles_dir))
     log(f"[compare] report: {report['markdown']} and {report['html']} ({len(report['plots'])} plots)")
     summary = summarize(accuracy, latency["rows"], under_load, load_plan)
-    summary += shortlist_lines(report["shortlist"], Path(latency["record"]), preset, device)
+    summary += study_answer(report["shortlist"], Path(latency["record"]), preset, device)
     for line in summary:
         log(line)
     log(time_spent(stage.done))
     return {"state": str(state_path), "report": report, "summary": summary}
 
 
-def shortlist_lines(shortlist: list[dict], sweep: Path, preset: str, device: str) -> list[str]:
-    """The report's answer (``report.shortlist``) for this study: its machine, preset and device, each precision and
-    batch end on one line, fp32 first."""
+def study_answer(shortlist: list[dict], sweep: Path, preset: str, device: str) -> list[str]:
+    """The report's answer (``report.shortlist``) for this study: its machine (the one its sweep ran on), preset and
+    device."""
     machine = machine_name(json.loads(sweep.read_text())["environment"])
-    ours = sorted((e for e in shortlist if (e["machine"], e["preset"], e["device"]) == (machine, preset, device)),
-                  key=lambda e: (INFERENCE_PRECISIONS.index(e["precision"]), e["batch"]))
-    if not ours:
-        return []
-    return (["which fusion to ship (the report's first table): the choices no other beats on both p50 and test "
-             "accuracy, fastest first; ≈ not told apart in latency from the one before"]
-            + [f"  {e['precision']} batch {e['batch']}: {e['front']}" for e in ours])
+    ours = (machine, preset, device)
+    return shortlist_lines([e for e in shortlist if (e["machine"], e["preset"], e["device"]) == ours])
 
 
 class Stages:

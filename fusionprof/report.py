@@ -39,6 +39,7 @@ from fusionprof.records import (
     told_apart,
     visit_spread,
 )
+from fusionprof.runtime import INFERENCE_PRECISIONS
 
 KINDS = ("train", "export", "latency", "load")
 SKIP_DIRS = {"traces", "tensorboard", "onnx", "report"}
@@ -453,6 +454,22 @@ def shortlist(rec: Records) -> list[dict]:
             entries.append({"machine": machine, "preset": preset, "device": device, "precision": precision,
                             "batch": batch, "front": _front_text(front), "record": Path(sweep.record.path or "").name})
     return entries
+
+
+def shortlist_lines(entries: list[dict]) -> list[str]:
+    """``shortlist``'s answer for a terminal: per machine, preset and device (named where there are several), each
+    precision (fp32 first) and batch end on one line."""
+    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    for e in entries:
+        groups[(e["machine"], e["preset"], e["device"])].append(e)
+    lines = ["which fusion to ship (the report's first table): the choices no other beats on both p50 and test "
+             "accuracy, fastest first; ≈ not told apart in latency from the one before"] if groups else []
+    for (machine, preset, device), group in groups.items():
+        indent = "    " if len(groups) > 1 else "  "
+        lines += [f"  {machine} · {preset} · {device}"] if len(groups) > 1 else []
+        lines += [f"{indent}{e['precision']} batch {e['batch']}: {e['front']}"
+                  for e in sorted(group, key=lambda e: (INFERENCE_PRECISIONS.index(e["precision"]), e["batch"]))]
+    return lines
 
 
 def shortlist_section(entries: list[dict]) -> list[tuple]:

@@ -656,7 +656,7 @@ def test_the_report_opens_with_each_machines_pareto_front_told_apart_or_not(tmp_
     its Pareto front at the smallest and largest batch, fastest first; ≈ where its visits did not tell a choice's
     latency apart from the one before it."""
     from fusionprof.records import Timing
-    from fusionprof.report import Records, shortlist, shortlist_section, to_markdown
+    from fusionprof.report import Records, shortlist, shortlist_lines, shortlist_section, to_markdown
 
     env = {"host": "vm", "cpu_model": "AMD EPYC", "cpu_isa": {"avx2": True}}
     accuracy = {"early": 0.95, "mid": 0.97, "late": 0.96}
@@ -686,17 +686,21 @@ def test_the_report_opens_with_each_machines_pareto_front_told_apart_or_not(tmp_
     [table] = [b for b in blocks if b[0] == "table"]
     assert table[2][0] == ["vm (AMD EPYC, AVX2)", "tiny · fp32 · cpu", 1, answer[0]["front"], "latency-study.json"]
     # compare closes with the entries of its own machine, preset and device, fp32 first
-    from fusionprof.compare import shortlist_lines
+    from fusionprof.compare import study_answer
 
     sweep = tmp_path / "sweep.json"
     sweep.write_text(json.dumps({"environment": env}))
     other = {**common, "machine": "vm (NVIDIA H200)", "device": "cuda:0", "batch": 1, "front": "mid (torch) 1 ms"}
     bf16 = {**common, "precision": "bf16", "batch": 1, "front": "late (openvino) 0.90 ms, 96.00%"}
-    assert shortlist_lines([bf16, *answer, other], sweep, "tiny", "cpu")[1:] == [
+    assert study_answer([bf16, *answer, other], sweep, "tiny", "cpu")[1:] == [
         "  fp32 batch 1: early (torch) 1.00 ms, 95.00%; mid (torch) 1.05 ms ≈, 97.00%",
         "  fp32 batch 8: early (torch) 5.00 ms, 95.00%; mid (torch) 7.00 ms, 97.00%",
         "  bf16 batch 1: late (openvino) 0.90 ms, 96.00%"]
-    assert shortlist_lines([other], sweep, "tiny", "cpu") == []
+    assert study_answer([other], sweep, "tiny", "cpu") == []
+    # `fusionprof report` prints every machine's, each named
+    assert shortlist_lines([bf16, other])[1:] == [
+        "  vm (AMD EPYC, AVX2) · tiny · cpu", "    bf16 batch 1: late (openvino) 0.90 ms, 96.00%",
+        "  vm (NVIDIA H200) · tiny · cuda:0", "    fp32 batch 1: mid (torch) 1 ms"]
     # no training record, so no accuracy of what was timed: no answer, and the section says what to run
     assert shortlist(Records(latency=sweeps)) == []
     [(_, text)] = [b for b in shortlist_section([]) if b[0] == "p"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from fusionprof import contention
 from fusionprof.env import device_label, machine_name
 from fusionprof.loadgen import LoadRecord, threads_label
-from fusionprof.records import check_schema, model_accuracy
+from fusionprof.records import LatencyRecord, check_schema, model_accuracy
 
 SKIP_DIRS = {"traces", "tensorboard", "onnx", "report"}
 SEQUENTIAL = "none (batch 1, one request at a time)"
@@ -75,21 +75,22 @@ def read_records(profiles_dir: Path) -> dict[str, list[tuple[dict, Path]]]:
 
 
 def latency_choices(records: list[tuple[dict, Path]], p99_ms: float) -> list[Choice]:
-    """Batch-1 rows of latency sweeps whose p99 is within the target."""
+    """Batch-1 rows of latency sweeps whose p99 is within the target. Rows are read as ``LatencyRow`` so that the
+    record's rules hold here too: a p99 from fewer than ``P99_MIN_SAMPLES`` calls is no p99 (a record written before
+    that rule still carries one in its JSON), and such a row cannot qualify."""
     choices = []
     for record, path in records:
         cfg = record.get("config", {})
-        for row in record.get("rows", []):
-            if row.get("status") == "ok" and row.get("batch_size") == 1 and row.get("p99_ms") is not None \
-                    and row["p99_ms"] <= p99_ms:
-                threads = threads_label(row.get("backend_info") or {})
+        for row in LatencyRecord.from_dict(record, path).rows:
+            p99 = row.host.p99_ms if row.host is not None else None
+            if row.ok and row.batch_size == 1 and p99 is not None and p99 <= p99_ms:
+                threads, model = threads_label(row.backend_info or {}), row.model or {}
                 serving = f"{SEQUENTIAL}, {threads}" if threads else SEQUENTIAL
                 choices.append(Choice(machine_name(record["environment"]), device_label(cfg.get("device", "cpu")),
-                                      cfg.get("preset", "?"), row["fusion"], row["backend"],
-                                      cfg.get("precision", "fp32"), serving, row["p99_ms"], None, str(path),
-                                      (row.get("model") or {}).get("checkpoint"),
-                                      busy_neighbour=contention.busy(row.get("contention")),
-                                      checkpoint_hash=(row.get("model") or {}).get("checkpoint_hash")))
+                                      cfg.get("preset", "?"), row.fusion, row.backend, cfg.get("precision", "fp32"),
+                                      serving, p99, None, str(path), model.get("checkpoint"),
+                                      busy_neighbour=row.beside_busy_neighbour,
+                                      checkpoint_hash=model.get("checkpoint_hash")))
     return choices
 
 

@@ -19,6 +19,7 @@ from fusionprof.errors import UserError
 from fusionprof.load import describe
 from fusionprof.loadgen import BatchingSUT, LoadSettings, find_max_qps, next_rate, run_loadgen
 from fusionprof.recommend import recommend
+from fusionprof.records import CPU_TIMING, LatencyRow, Timing
 
 SLEEP_MS = 5.0
 QUICK = dict(min_duration_s=1.5, min_query_count=40)
@@ -315,16 +316,23 @@ def records(tmp_path):
     _write(tmp_path, "box/load-offline-mid-8.json", _load_record("mid", 8, [offline], scenario="offline"))
     _write(tmp_path, "box/load-server-late-1.json", _load_record("late", 1, [
         _server_run(300, True, 10.0), _server_run(600, True, 60.0)]))
-    _write(tmp_path, "box/latency-tiny-cpu.json", {
-        "schema_version": SCHEMA_VERSION, "kind": "latency", "environment": _env(),
-        "config": {"preset": "tiny", "device": "cpu", "precision": "fp32"},
-        "rows": [{"fusion": "mid", "backend": "torch", "batch_size": 1, "status": "ok", "p50_ms": 4, "p90_ms": 5,
-                  "p99_ms": 6.0},
-                 {"fusion": "mid", "backend": "torch", "batch_size": 8, "status": "ok", "p99_ms": 2.0,
-                  "model": {"checkpoint": _checkpoint("mid")}},
-                 {"fusion": "late", "backend": "tensorrt", "batch_size": 1, "status": "unavailable: no GPU"},
-                 {"fusion": "late", "backend": "torch", "batch_size": 1, "status": "ok", "p99_ms": None}]})
+    _write(tmp_path, "box/latency-tiny-cpu.json", _latency_record([
+        _latency_row("mid", "torch", 1, [4.0] * 150 + [6.0] * 10),
+        _latency_row("mid", "torch", 8, [2.0] * 200, model={"checkpoint": _checkpoint("mid")}),
+        {"fusion": "late", "backend": "tensorrt", "batch_size": 1, "status": "unavailable: no GPU"},
+        _latency_row("late", "torch", 1, [1.0] * 20)]))  # too few calls for a p99
     return tmp_path
+
+
+def _latency_row(fusion, backend, batch, samples_ms, **fields):
+    """A row as the sweep writes it: the summary of ``samples_ms`` (p99 only from 100 samples up)."""
+    return LatencyRow(fusion, backend, "ok", batch, host=Timing.of(samples_ms, CPU_TIMING), flops_per_sample=1e6,
+                      **fields).to_dict()
+
+
+def _latency_record(rows):
+    return {"schema_version": SCHEMA_VERSION, "kind": "latency", "created": "t", "environment": _env(),
+            "config": {"preset": "tiny", "device": "cpu", "precision": "fp32"}, "reference_matmul": {}, "rows": rows}
 
 
 def test_recommend_picks_the_most_headroom_that_meets_the_targets(records):
@@ -366,6 +374,15 @@ def test_recommend_without_a_rate_uses_latency_records_too(records):
     result = recommend(records, p99_ms=8)
     assert [(c.fusion, c.backend, c.p99_ms) for c in result.chosen] == [("mid", "torch", 6.0)]
     assert "latency" in result.chosen[0].source and "one request at a time" in result.chosen[0].batching
+
+
+def test_recommend_holds_an_old_records_p99_to_the_minimum_samples_rule(tmp_path):
+    """A record written before the rule carries a "p99" of 11 calls (the largest sample): the report shows none,
+    and recommend must not rank by it either."""
+    row = _latency_row("mid", "torch", 1, [3.0] * 11)
+    row.update(p99_ms=3.0, p99_note=None)  # as an old sweep wrote it
+    _write(tmp_path, "box/latency-old.json", _latency_record([row, _latency_row("late", "torch", 1, [5.0] * 100)]))
+    assert [(c.fusion, c.p99_ms) for c in recommend(tmp_path, p99_ms=10).chosen] == [("late", 5.0)]
 
 
 def test_recommend_says_plainly_when_nothing_qualifies(records, tmp_path):
@@ -414,14 +431,14 @@ def test_recommends_the_accuracy_of_the_model_it_timed_in_its_precision(tmp_path
         "schema_version": SCHEMA_VERSION, "kind": "export", "checkpoint": _checkpoint("early"), "fusion": "early",
         "format": "onnx", "precision": "int8", "status": "ok", "accuracy": gate, "environment": _env(),
         "onnx": {"openvino": {"loads": "nncf", "nncf": {"accuracy": {"exported_accuracy": 0.9805}}}}})
-    row = {"fusion": "early", "batch_size": 1, "status": "ok", "model": {"checkpoint": _checkpoint("early")}}
-    for precision, rows in (("int8", [{**row, "backend": "onnxruntime", "p99_ms": 1.26},
-                                      {**row, "backend": "openvino", "p99_ms": 4.07}]),
-                            ("fp32", [{**row, "backend": "onnxruntime", "p99_ms": 3.36},
-                                      {**row, "backend": "torch", "p99_ms": 0.5, "model": {}}])):  # random init
-        _write(tmp_path, f"box/latency-{precision}.json", {
-            "schema_version": SCHEMA_VERSION, "kind": "latency", "environment": _env(),
-            "config": {"preset": "tiny", "device": "cpu", "precision": precision}, "rows": rows})
+    trained = {"model": {"checkpoint": _checkpoint("early")}}
+    for precision, rows in (("int8", [_latency_row("early", "onnxruntime", 1, [1.26] * 100, **trained),
+                                      _latency_row("early", "openvino", 1, [4.07] * 100, **trained)]),
+                            ("fp32", [_latency_row("early", "onnxruntime", 1, [3.36] * 100, **trained),
+                                      _latency_row("early", "torch", 1, [0.5] * 100)])):  # random init
+        record = _latency_record(rows)
+        record["config"]["precision"] = precision
+        _write(tmp_path, f"box/latency-{precision}.json", record)
     result = recommend(tmp_path, p99_ms=5, min_accuracy=0.9802)
     assert [(c.backend, c.precision, c.accuracy) for c in result.chosen] == [("onnxruntime", "fp32", 0.9805),
                                                                               ("openvino", "int8", 0.9805)]
@@ -439,11 +456,11 @@ def test_recommend_holds_a_backend_to_its_own_answers_where_an_accuracy_run_has_
                     "accuracy": {"pairs": 2000, "answered": 2000, "loadgen_accuracy": 0.962,
                                  "backend_accuracy": 0.962, "matches": True}}
     path = _write(tmp_path, "box/load-accuracy-tiny-mid-openvino-bf16.json", accuracy_run)
-    row = {"fusion": "mid", "batch_size": 1, "status": "ok", "model": {"checkpoint": _checkpoint("mid")}}
-    _write(tmp_path, "box/latency-bf16.json", {
-        "schema_version": SCHEMA_VERSION, "kind": "latency", "environment": _env(),
-        "config": {"preset": "tiny", "device": "cpu", "precision": "bf16"},
-        "rows": [{**row, "backend": "openvino", "p99_ms": 2.0}, {**row, "backend": "torch", "p99_ms": 4.0}]})
+    trained = {"model": {"checkpoint": _checkpoint("mid")}}
+    record = _latency_record([_latency_row("mid", "openvino", 1, [2.0] * 100, **trained),
+                              _latency_row("mid", "torch", 1, [4.0] * 100, **trained)])
+    record["config"]["precision"] = "bf16"
+    _write(tmp_path, "box/latency-bf16.json", record)
     result = recommend(tmp_path, p99_ms=5, min_accuracy=0.97)
     assert [(c.backend, c.accuracy) for c in result.chosen] == [("torch", 0.973)]
     chosen = {c.backend: c for c in recommend(tmp_path, p99_ms=5).chosen}

@@ -274,6 +274,12 @@ def int8_gate_of(record: dict, backend: str) -> tuple[dict, str]:
     return record["accuracy"], "QDQ ONNX"
 
 
+def export_precision(record: dict) -> str | None:
+    """The precision an export record built: its own field, or — in records written before it had one — its
+    artifact's (``onnx.precision``, ``pt2.precision``)."""
+    return record.get("precision") or (record.get("pt2") or record.get("onnx") or {}).get("precision")
+
+
 def model_accuracy(train: list[dict], export: list[dict], checkpoint: str | Path | None, precision: str,
                    backend: str | None = None, checkpoint_hash: str | None = None, machine: str | None = None,
                    load: Sequence = (), device: str | None = None) -> tuple[float, str, dict] | None:
@@ -282,8 +288,9 @@ def model_accuracy(train: list[dict], export: list[dict], checkpoint: str | Path
     accuracy run in ``load`` has them (``backend_accuracy``); for a backend that runs the PyTorch model itself
     (``torch``, ``torch-cudagraphs``), its training run's when that ran in ``precision``; the passed gate of the export
     it loads in that precision (at int8 that of the model it loads: NNCF's IR on openvino); else ONNX's gate, another
-    format's, the training run's. None for a random-init model (no checkpoint) or one no record measured in
-    ``precision``: never another model's or precision's figure. Which records are of that model: ``records_of_model``
+    format's, the training run's. None for a random-init model (no checkpoint), one no record measured in
+    ``precision``, or a backend whose own export of it failed its gate: never another model's, precision's or
+    graph's figure. Which records are of that model: ``records_of_model``
     (``checkpoint_hash`` and ``machine`` are what the timing record says of it). Records are dicts as
     ``find_records`` keeps them (``_file``: where each was read); ``load`` holds load records."""
     if not checkpoint:
@@ -296,9 +303,13 @@ def model_accuracy(train: list[dict], export: list[dict], checkpoint: str | Path
     loads = format_of(backend) if backend else None
     if backend and loads is None and training:
         return training
-    exports = sorted((r for r in records_of_model(export, checkpoint, checkpoint_hash, machine)
-                      if (r.get("precision"), r.get("status")) == (precision, "ok")),
+    built = [r for r in records_of_model(export, checkpoint, checkpoint_hash, machine)
+             if export_precision(r) == precision]
+    exports = sorted((r for r in built if r.get("status") == "ok"),
                      key=lambda r: (r["format"] != loads, r["format"] != "onnx"))
+    if loads and all(r["format"] != loads for r in exports) and \
+            any((r.get("format"), r.get("status")) == (loads, "failed") for r in built):
+        return None  # the graph this backend loads failed its gate: another format's figure is not its accuracy
     if exports:
         gate, model = int8_gate_of(exports[0], backend or "") if precision == "int8" else (exports[0]["accuracy"], "")
         how = "NNCF IR of the int8 export" if model == "NNCF IR" else f"{exports[0]['format']} export"

@@ -34,6 +34,7 @@ from fusionprof.records import (
     busy_neighbour_cells,
     check_schema,
     drifted_cells,
+    export_precision,
     int8_gate_of,
     model_accuracy,
     told_apart,
@@ -345,7 +346,7 @@ def build_seconds(built: dict) -> float | None:
 def _export_row(r: dict) -> list:
     """One export record as a table row; a build that failed shows its reason in place of the gates' figures."""
     built = r.get("pt2") or r.get("onnx") or {}
-    precision = r.get("precision") or built.get("precision")  # records before the field name it in their artifact
+    precision = export_precision(r)
     if "failure" in r:
         return [machine_name(r["environment"]), r["fusion"], r["format"], precision, f"failed: {r['failure']}",
                 "–", "–", "–", "–", "–"]

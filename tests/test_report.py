@@ -336,6 +336,23 @@ def test_a_pareto_point_takes_the_accuracy_of_the_model_it_timed_in_its_precisio
         assert [accuracy(r) for r in rows] == expected
 
 
+def test_an_export_record_older_than_its_precision_field_still_counts_and_a_failed_gate_is_no_figure():
+    """Export records written before the top-level ``precision`` field name it in their artifact
+    (``models/*/export.json`` do): they are that precision's gate. A backend whose own export failed its gate has no
+    accuracy, not ONNX's."""
+    env = {"host": "vm", "cpu_model": "AMD EPYC"}
+    path = "/m/tiny-mid/checkpoint.pt"
+    old_onnx = {"kind": "export", "checkpoint": path, "format": "onnx", "status": "ok", "environment": env,
+                "onnx": {"precision": "fp32"}, "accuracy": {"exported_accuracy": 0.97}}
+    failed_pt2 = {"kind": "export", "checkpoint": path, "format": "pt2", "precision": "fp32", "status": "failed",
+                  "environment": env, "pt2": {"precision": "fp32"}, "accuracy": {"exported_accuracy": 0.6}}
+    found = model_accuracy([], [old_onnx], path, "fp32", "onnxruntime", machine=machine_name(env))
+    assert found[:2] == (0.97, "onnx export")
+    assert model_accuracy([], [old_onnx], path, "bf16", "onnxruntime", machine=machine_name(env)) is None
+    assert model_accuracy([], [old_onnx, failed_pt2], path, "fp32", "aoti", machine=machine_name(env)) is None
+    assert model_accuracy([], [old_onnx], path, "fp32", "aoti", machine=machine_name(env))[0] == 0.97  # none built
+
+
 def test_one_checkpoint_path_on_two_machines_is_two_models():
     """A study's /tmp folder holds the EPYC's models one day and the Xeon's the next, under the same paths. A row takes
     the accuracy of the model it timed: by checkpoint hash where both records state one, else a record made on the

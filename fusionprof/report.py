@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fusionprof import contention
 from fusionprof.atomic import atomic_write
-from fusionprof.env import machine_name
+from fusionprof.env import device_label, machine_name
 from fusionprof.errors import UserError
 from fusionprof.figures import batch_axis, plain_axis, pyplot, save_figure, slug
 from fusionprof.latency_output import fusion_ranking
@@ -672,21 +672,25 @@ def cross_machine_section(rec: Records) -> list[tuple]:
     cells: dict[tuple, dict[str, float]] = defaultdict(dict)
     for m, machine_cells in rows.items():
         for c in machine_cells:
-            cells[(c.preset, c.precision, c.row.fusion, c.row.backend, c.row.batch_size)][m] = c.row.host.p50_ms
-    header = ["preset", "precision", "fusion", "backend", "batch"] + [f"p50 ms: {m}" for m in machines] + \
-             [f"ratio {m} / {machines[0]}" for m in machines[1:]]
+            key = (c.preset, c.precision, device_label(c.device), c.row.fusion, c.row.backend, c.row.batch_size)
+            cells[key][m] = c.row.host.p50_ms
+    header = ["preset", "precision", "device", "fusion", "backend", "batch"] + \
+             [f"p50 ms (× fastest): {m}" for m in machines]
     table_rows = []
     for key in sorted(cells):
         values = cells[key]
-        if machines[0] not in values or len(values) < 2:
+        if len(values) < 2:
             continue
-        table_rows.append([*key, *(_fmt(values.get(m)) for m in machines),
-                           *(_fmt(values[m] / values[machines[0]]) if m in values else "–" for m in machines[1:])])
+        fastest = min(values.values())
+        table_rows.append([*key, *(f"{values[m]:.2f} ({values[m] / fastest:.2f}×)" if m in values else "–"
+                                   for m in machines)])
     if not table_rows:
-        return blocks + [("p", "No (preset, precision, fusion, backend, batch) cell was measured on two machines: "
-                               f"{', '.join(machines)} ran different presets or precisions.")]
+        return blocks + [("p", "No (preset, precision, device, fusion, backend, batch) cell was measured on two "
+                               f"machines: {', '.join(machines)} ran different presets, precisions or devices.")]
     return blocks + [("table", header, table_rows),
-                     ("p", "Each machine's latest sweep of a cell, where several measured it.")]
+                     ("p", "Every cell that two or more machines measured (on the same kind of device), each "
+                           "machine's latest sweep of it; beside each p50, how many times the fastest machine's p50 "
+                           "for that cell it is.")]
 
 
 # --------------------------------------------------------------------------- plots

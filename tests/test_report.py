@@ -52,10 +52,11 @@ def test_two_machines_merge_into_one_report(two_machines, tmp_path):
     md = (tmp_path / "report.md").read_text()
     here = json.loads(next((two_machines / "here").glob("*/latency-*.json")).read_text())["environment"]
     first = machine_name(here)  # host, CPU model and ISA tier
-    assert f"p50 ms: {first}" in md and "p50 ms: gpu-box (Other CPU, AVX2)" in md
-    assert f"ratio gpu-box (Other CPU, AVX2) / {first}" in md
-    ratios = [line.split("|")[-2].strip() for line in md.splitlines() if line.startswith("| tiny | fp32 |")]
-    assert len(ratios) == 2 * 2 and all(r == "2.00" for r in ratios)  # fusions × batch sizes
+    assert f"p50 ms (× fastest): {first}" in md and "p50 ms (× fastest): gpu-box (Other CPU, AVX2)" in md
+    header = next(line for line in md.splitlines() if line.startswith("| preset | precision | device |"))
+    there = [c.strip() for c in header.split("|")].index("p50 ms (× fastest): gpu-box (Other CPU, AVX2)")
+    cells = [[c.strip() for c in line.split("|")] for line in md.splitlines() if line.startswith("| tiny | fp32 |")]
+    assert len(cells) == 2 * 2 and all(c[3] == "cpu" and c[there].endswith("(2.00×)") for c in cells)  # fusions × batch
     pngs = {p.name for p in (tmp_path / "report").glob("*.png")}  # one sweep per plot: each named after its sweep
     stamp = json.loads(next((two_machines / "there").glob("*.json")).read_text())["created"].lower()
     there = {f"{metric}-gpu-box-other-cpu-avx2-tiny-cpu-fp32-{stamp}.png" for metric in ("latency", "throughput")}
@@ -63,6 +64,25 @@ def test_two_machines_merge_into_one_report(two_machines, tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert "<table>" in html and "gpu-box (Other CPU, AVX2)" in html and f"report/{min(there)}" in html
     assert "No training records yet: run `fusionprof train" in md  # empty sections say what to run
+
+
+def test_across_machines_shows_every_cell_two_machines_measured_and_keeps_devices_apart():
+    """A cell the first machine never ran (openvino bf16 on an AVX512 EPYC and an AMX Xeon) is still compared; a
+    GPU sweep and a CPU sweep of one (fusion, backend, batch) are two cells, not one machine against the other."""
+    from fusionprof.records import CPU_TIMING, Timing
+    from fusionprof.report import cross_machine_section
+
+    def sweep(cpu, device, precision, backend, p50):
+        env = {"host": "vm", "cpu_model": cpu}
+        row = LatencyRow("mid", backend, "ok", 1, host=Timing.of([p50] * 10, CPU_TIMING))
+        return LatencyRecord("t", env, {"preset": "tiny", "precision": precision, "device": device}, {}, [row])
+    records = Records(latency=[sweep("Old CPU", "cpu", "fp32", "torch", 4.0),
+                               sweep("EPYC", "cpu", "bf16", "openvino", 3.0),
+                               sweep("Xeon", "cpu", "bf16", "openvino", 1.5),
+                               sweep("Xeon", "cuda:0", "fp32", "torch", 1.0)])
+    [_, (_, header, rows), _] = cross_machine_section(records)
+    assert header[:6] == ["preset", "precision", "device", "fusion", "backend", "batch"]
+    assert rows == [["tiny", "bf16", "cpu", "mid", "openvino", 1, "–", "3.00 (2.00×)", "1.50 (1.00×)"]]
 
 
 def test_a_report_over_nothing_says_what_to_run(tmp_path):

@@ -106,13 +106,14 @@ def sample_cuda_events(call: Callable[[], object], device, protocol: Protocol) -
 
 
 @contextmanager
-def peak_memory(device) -> Iterator[dict[str, float]]:
+def peak_memory(device) -> Iterator[dict[str, float | str]]:
     """The peak memory of the work inside the block: the peak is reset on entry, and the dict this yields is
-    filled on exit (CUDA max allocated on a GPU; the process's peak RSS, which never falls back, always)."""
+    filled on exit (CUDA max allocated on a GPU; the process's peak RSS within the block, always: reset on entry
+    where Linux lets us, else since the process started, as ``host_peak_rss_scope`` says)."""
     from fusionprof.runtime import peak_memory_mib, reset_peak_memory
 
     reset_peak_memory(device)
-    peak: dict[str, float] = {}
+    peak: dict[str, float | str] = {}
     try:
         yield peak
     finally:

@@ -40,7 +40,7 @@ from fusionprof.records import (
     told_apart,
     visit_spread,
 )
-from fusionprof.runtime import INFERENCE_PRECISIONS
+from fusionprof.runtime import INFERENCE_PRECISIONS, SINCE_RESET
 
 KINDS = ("train", "export", "latency", "load")
 SKIP_DIRS = {"traces", "tensorboard", "onnx", "report"}
@@ -238,7 +238,9 @@ def _memory(r: dict) -> str:
     mem = r["peak_memory"]
     if "cuda_max_allocated_mib" in mem:
         return f"{mem['cuda_max_allocated_mib']:.0f} (CUDA)"
-    return f"{mem['host_peak_rss_mib']:.0f} (RSS)"
+    if mem.get("host_peak_rss_scope") == SINCE_RESET:
+        return f"{mem['host_peak_rss_mib']:.0f} (RSS)"
+    return f"{mem['host_peak_rss_mib']:.0f} (RSS since process start)"  # every earlier run's in that process too
 
 
 # Columns of the training table that records written before their field existed do not have: shown where one
@@ -276,7 +278,8 @@ def training_section(rec: Records) -> list[tuple]:
 def _training_note(train: list[dict], optional: list) -> str:
     note = ("Accuracy is image–text matching on the test split (one positive and one fixed negative per caption). "
             "Samples/s is over the whole run, first epoch (compile, cache warm-up) included. Peak memory is CUDA max "
-            "allocated on a GPU and the process's peak RSS on the host.")
+            "allocated on a GPU and the process's peak RSS during the run on the host; “RSS since process start” "
+            "marks a record (older, or without /proc) whose peak counts every run before it in that process too.")
     shown = {key for _, key, _ in optional}
     if "steady_samples_per_s" in shown:
         note += " Steady samples/s leaves the first epoch out."
@@ -647,8 +650,9 @@ def memory_section(rec: Records, out_dir: Path) -> list[tuple]:
     blocks: list[tuple] = [("h2", "Peak memory vs batch size")]
     on_cuda = [s for s in sweeps(rec) if any(cuda_max_allocated(r) is not None for r in s.rows)]
     if not on_cuda:
-        return blocks + [("p", "Per-batch memory is measured on CUDA (max allocated); on the CPU the only figure is "
-                               "the process's peak RSS, which does not fall back between cells. Run "
+        return blocks + [("p", "Per-batch memory is plotted from CUDA (max allocated); on the CPU each row of a "
+                               "latency record has the process's peak RSS while that cell ran, which counts "
+                               "everything the process holds (the other backends' models too). Run "
                                "`fusionprof latency --device cuda:0` on a GPU machine for this plot; the training "
                                "table above has each fusion's peak training memory.")]
     colors = _backend_colors(rec)

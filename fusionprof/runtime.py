@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 import resource
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -89,14 +90,42 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Where the host's peak RSS counts from. On Linux writing "5" to /proc/self/clear_refs sets the process's high-water
+# mark (VmHWM) back to its current RSS (proc(5)), so a peak can be of one cell or one run; elsewhere getrusage's
+# ru_maxrss is all there is, and it never falls back: a peak since the process started.
+SINCE_RESET, SINCE_START = "since reset", "since process start"
+_host_peak_scope = SINCE_START
+
+
 def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's max allocated on a GPU, and the host's peak RSS where the kernel lets us."""
+    global _host_peak_scope
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        _host_peak_scope = SINCE_RESET
+    except OSError:
+        _host_peak_scope = SINCE_START
 
 
-def peak_memory_mib(device: torch.device) -> dict[str, float]:
-    """Peak memory so far: CUDA max allocated on a GPU; the process's peak RSS on the host, always."""
-    out = {"host_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+def _host_peak_rss_mib() -> tuple[float, str]:
+    """The host's peak RSS (MiB) and where it counts from: VmHWM after a reset, else ru_maxrss since start."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024, _host_peak_scope  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, SINCE_START  # KiB on Linux
+
+
+def peak_memory_mib(device: torch.device) -> dict[str, float | str]:
+    """Peak memory since ``reset_peak_memory``: CUDA max allocated on a GPU; the process's peak RSS on the host,
+    always, with ``host_peak_rss_scope`` saying whether it is since the reset or (no /proc to reset it) since the
+    process started — then it holds every earlier cell's and run's peak too."""
+    rss, scope = _host_peak_rss_mib()
+    out: dict[str, float | str] = {"host_peak_rss_mib": rss, "host_peak_rss_scope": scope}
     if device.type == "cuda":
         out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out

@@ -83,6 +83,21 @@ def test_peak_memory_is_read_when_the_block_ends():
     assert peak["host_peak_rss_mib"] > block.numel() * 4 / 2**20 and "cuda_max_allocated_mib" not in peak
 
 
+def test_a_host_peak_is_of_its_own_block_not_of_what_the_process_did_before():
+    """On Linux the peak RSS is reset on entry (a sweep's later cells, a compare's later fusions, are not charged
+    with an earlier one's peak); the record says from when it counts."""
+    from fusionprof.runtime import SINCE_RESET
+
+    big = torch.ones(2**27)  # 512 MiB, resident
+    with peak_memory(torch.device("cpu")) as with_big:
+        pass
+    del big  # handed back to the kernel: a large block is its own mapping
+    with peak_memory(torch.device("cpu")) as after:
+        torch.ones(2**20)
+    assert after["host_peak_rss_scope"] == SINCE_RESET
+    assert after["host_peak_rss_mib"] < with_big["host_peak_rss_mib"] - 400
+
+
 def test_p99_only_from_enough_samples():
     few = summarize([float(i) for i in range(1, P99_MIN_SAMPLES)])
     assert few["p99_ms"] is None and f"at least {P99_MIN_SAMPLES} samples; this has {P99_MIN_SAMPLES - 1}" in \

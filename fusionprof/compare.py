@@ -29,7 +29,7 @@ from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS, Backend, backend_for_format, export_formats, format_of
 from fusionprof.checkpoint import checkpoint_hash, checkpoint_path, metrics_path
 from fusionprof.config import ModelConfig, TrainConfig, model_config, train_config
-from fusionprof.env import NATIVE_LOW_PRECISIONS, cpu_isa, machine_name
+from fusionprof.env import NATIVE_LOW_PRECISIONS, cpu_isa, device_label, machine_name
 from fusionprof.errors import UserError
 from fusionprof.export import export
 from fusionprof.latency import SweepConfig, check_sweep, default_rounds, sweep, trace_inference
@@ -134,7 +134,7 @@ def study_answer(shortlist: list[dict], sweep: Path, preset: str, device: str) -
     """The report's answer (``report.shortlist``) for this study: its machine (the one its sweep ran on), preset and
     device."""
     machine = machine_name(json.loads(sweep.read_text())["environment"])
-    ours = (machine, preset, device)
+    ours = (machine, preset, device_label(device))  # `--device cuda` ran on cuda:0
     return shortlist_lines([e for e in shortlist if (e["machine"], e["preset"], e["device"]) == ours])
 
 

@@ -446,7 +446,7 @@ def shortlist(rec: Records) -> list[dict]:
     for sweep in sweeps(rec):  # by machine, then date
         accuracy = row_accuracy(rec, sweep)
         scored = [(r.host.p50_ms, acc, r) for r in sweep.rows if (acc := accuracy(r)) is not None]
-        key = (sweep.machine, sweep.preset, sweep.record.config.get("device"), sweep.precision)
+        key = (sweep.machine, sweep.preset, device_label(sweep.record.config.get("device", "cpu")), sweep.precision)
         fusions = len({r.fusion for _, _, r in scored})
         if scored and (key not in chosen or fusions >= len({r.fusion for _, _, r in chosen[key][1]})):
             chosen[key] = (sweep, scored)

@@ -734,6 +734,9 @@ def test_the_report_opens_with_each_machines_pareto_front_told_apart_or_not(tmp_
         "  fp32 batch 8: early (torch) 5.00 ms, 95.00%; mid (torch) 7.00 ms, 97.00%",
         "  bf16 batch 1: late (openvino) 0.90 ms, 96.00%"]
     assert study_answer([other], sweep, "tiny", "cpu") == []
+    on_gpu = tmp_path / "gpu-sweep.json"
+    on_gpu.write_text(json.dumps({"environment": {"host": "vm", "gpus": [{"name": "NVIDIA H200"}]}}))
+    assert study_answer([other], on_gpu, "tiny", "cuda")[1:] == ["  fp32 batch 1: mid (torch) 1 ms"]  # as cuda:0
     # `fusionprof report` prints every machine's, each named
     assert shortlist_lines([bf16, other])[1:] == [
         "  vm (AMD EPYC, AVX2) · tiny · cpu", "    bf16 batch 1: late (openvino) 0.90 ms, 96.00%",

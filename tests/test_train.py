@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -270,6 +271,26 @@ def test_evaluate_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     code, out = run_cli("evaluate", "--checkpoint", tmp_path / "junk.pt")
     assert code == 1 and "not a readable fusionprof checkpoint" in out and "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_a_run_without_its_tokenizer_is_refused(trained_mid, tmp_path):
+    """The shipped vocabulary never stands in for a run's own (it once did: 56 % became 50.5 %, exit 0): a run
+    folder without its tokenizer/, or with an empty one, is a one-line error naming it, in evaluate and export."""
+    run = tmp_path / "tiny-mid"
+    run.mkdir()
+    shutil.copy(trained_mid[0], run / "checkpoint.pt")
+    for command, problem in ((["evaluate"], "no such folder"), (["export", "--quiet"], "no such folder"),
+                             (["evaluate"], "holds no tokenizer.json or vocab.txt")):
+        if problem.startswith("holds"):
+            (run / "tokenizer").mkdir()
+        code, out = run_cli(*command, "--checkpoint", run / "checkpoint.pt")
+        assert code == 1 and out.count("\n") == 1 and "Traceback" not in out, out
+        assert out.startswith(f"Error: {run / 'tokenizer'}: {problem}; the run was trained with the tokenizer "), out
+    shutil.rmtree(run / "tokenizer")
+    shutil.copytree(trained_mid[0].parent / "tokenizer", run / "tokenizer")  # the folder back: the run's accuracy
+    code, out = run_cli("evaluate", "--checkpoint", run / "checkpoint.pt", "--json")
+    assert code == 0 and json.loads(out)["accuracy"] == trained_mid[1]["test"]["accuracy"], out
 
 
 def test_python_dash_m_and_help():

@@ -205,7 +205,7 @@ def train(fusion, preset, text_pool, pretrained, image_weights, text_model, free
     steady = metrics["steady_samples_per_s"]
     click.echo(f"wrote {metrics['checkpoint']} and {Path(tcfg.profiles_dir) / metrics['run'] / 'metrics.json'}"
                f"  ({metrics['train_seconds']:.0f} s training, {metrics['train_samples_per_s']:.0f} samples/s"
-               f"{f', {steady:.0f} after the first epoch' if steady else ''}"
+               f"{f', {steady:.0f} without warm-up epochs' if steady else ''}"
                f"{f', {skipped} data entries skipped' if skipped else ''})")
 
 

@@ -278,7 +278,7 @@ def _training_note(train: list[dict], optional: list) -> str:
             "allocated on a GPU and the process's peak RSS on the host.")
     shown = {key for _, key, _ in optional}
     if "steady_samples_per_s" in shown:
-        note += " Steady samples/s leaves the first epoch out."
+        note += " Steady samples/s leaves out the first epoch of each process (of a resumed run's too)."
     if "train_flops" in shown:
         note += (" Train GFLOP/s: forward FLOPs at the mean caption length, ×3 for what trains (×1 for frozen "
                  "encoders, 0 for cached features), times the steady samples/s; MFU against the datasheet's "

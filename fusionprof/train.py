@@ -159,7 +159,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
         val = evaluate_split(net, data["val"], cfg.seed, cfg.batch_size, device, cfg.precision, d)
         history.append({"epoch": epoch + 1, "loss": loss, "val_accuracy": val["accuracy"], "val_auc": val["auc"],
                         "epoch_seconds": seconds, "samples_per_s": pairs_per_epoch(data["train"]) / seconds,
-                        "lr": opt.scheduler.get_last_lr()[-1], "contention": others})
+                        "lr": opt.scheduler.get_last_lr()[-1], "contention": others,
+                        "first_in_process": epoch == start_epoch})  # a warm-up epoch, also after --resume
         log(describe_epoch(history[-1], cfg.epochs))
         rank_rng = all_gather_objects(d, rng_state(device))
         if d.is_main:
@@ -553,11 +554,17 @@ def training_flops(model: FusionModel, cfg: TrainConfig, seq_len: float, samples
             "mfu": per_process / peak if peak else None}
 
 
+def warm_up_epoch(history: list[dict], index: int) -> bool:
+    """Whether ``history[index]`` was the first epoch of its process, which pays for compiling, cache warm-up,
+    the allocator and first-shape kernel plans: the run's first, and the first after each ``--resume``. Histories
+    written before epochs said so (no ``first_in_process``) know only of the run's first."""
+    return index == 0 or bool(history[index].get("first_in_process"))
+
+
 def steady_samples_per_s(history: list[dict], pairs: int) -> float | None:
-    """Samples/s over the epochs after the first, which pays for compiling, cache warm-up and first-shape kernel
-    plans; None with one epoch."""
-    later = [h["epoch_seconds"] for h in history[1:]]
-    return len(later) * pairs / sum(later) if later else None
+    """Samples/s over the epochs that were no process's first (``warm_up_epoch``); None when every one was."""
+    steady = [h["epoch_seconds"] for i, h in enumerate(history) if not warm_up_epoch(history, i)]
+    return len(steady) * pairs / sum(steady) if steady else None
 
 
 def build_metrics(run: str, cfg: TrainConfig, model_cfg: ModelConfig, model: FusionModel,

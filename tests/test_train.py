@@ -28,7 +28,7 @@ from fusionprof.evaluate import to_inputs
 from fusionprof.measure import datasheet_tflops
 from fusionprof.models import build_model
 from fusionprof.runtime import autocast
-from fusionprof.train import make_optimizer, train, training_flops
+from fusionprof.train import make_optimizer, steady_samples_per_s, train, training_flops
 
 QUICK = ["--epochs", "2", "--batch-size", "16", "--quiet"]
 
@@ -127,6 +127,22 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, small_data):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["test"]["accuracy"] == whole["test"]["accuracy"]
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
+    # the resumed process's first epoch warmed up as the run's first did: neither is a steady epoch
+    assert [h["first_in_process"] for h in whole["history"]] == [True, False]
+    assert [h["first_in_process"] for h in resumed["history"]] == [True, True]
+    assert whole["steady_samples_per_s"] == pytest.approx(2 * 2 * 48 / whole["history"][1]["epoch_seconds"])
+    assert resumed["steady_samples_per_s"] is None
+
+
+def test_steady_samples_per_s_leaves_out_every_process_first_epoch():
+    """Epochs 1 and 3 each began a process (the run, then --resume): only epochs 2 and 4 are steady. A history
+    written before epochs said so counts only its first as warm-up."""
+    seconds = [9.0, 2.0, 7.0, 3.0]
+    resumed = [{"epoch_seconds": s, "first_in_process": first}
+               for s, first in zip(seconds, [True, False, True, False], strict=True)]
+    assert steady_samples_per_s(resumed, pairs=100) == pytest.approx(2 * 100 / (2.0 + 3.0))
+    assert steady_samples_per_s([{"epoch_seconds": s} for s in seconds], pairs=100) == pytest.approx(300 / 12.0)
+    assert steady_samples_per_s([resumed[0], resumed[2]], pairs=100) is None  # every epoch warmed up
 
 
 @pytest.mark.slow

@@ -97,6 +97,7 @@ def number_in(low: float, high: float = math.inf, *, low_open: bool = False):
 
 seconds = number_in(0)  # a time or duration: 0 or more
 above_zero = number_in(0, low_open=True)
+SEED = click.IntRange(0, 2**32 - 1)  # what np.random.seed takes: any other seed is numpy's traceback, not ours
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,7 +122,7 @@ def data():
 @click.option("--val", "n_val", type=int, default=None, callback=positive, help="Validation images.")
 @click.option("--test", "n_test", type=int, default=None, callback=positive, help="Test images.")
 @click.option("--size", type=int, default=None, callback=positive, help="Image side in pixels.")
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=SEED, default=None)
 def data_synth(out, n_train, n_val, n_test, size, seed):
     """Write the embedded dataset (seeded shapes + captions) in the COCO captions layout."""
     from fusionprof.data import DEFAULT_SYNTH, default_data_dir
@@ -172,8 +173,9 @@ def data_synth(out, n_train, n_val, n_test, size, seed):
 @click.option("--text-model", default=None, help="Hugging Face name or local directory of the BERT.")
 @click.option("--image-cache/--no-image-cache", default=True, show_default=True,
               help="Decode images once into a memory-mapped cache, or decode JPEGs every step.")
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
-@click.option("--seed", type=int, default=None)
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DataLoader worker processes (0: batches are loaded in the training process).")
+@click.option("--seed", type=SEED, default=None)
 @click.option("--run-name", "--run", "run", default=None,
               help="Run name [default: <preset>-<fusion>]. Under torchrun spell it --run-name (torchrun takes --run).")
 @click.option("--resume", is_flag=True, help="Continue the run's checkpoint.")

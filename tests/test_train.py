@@ -225,6 +225,20 @@ def test_user_errors_are_one_line(args, message, tmp_path):
     assert "Traceback" not in out and out.count("Error") == 1
 
 
+@pytest.mark.parametrize("args,message", [
+    (["train", "--fusion", "mid", "--workers", "-1"], "'--workers': -1 is not in the range x>=0."),
+    (["train", "--fusion", "mid", "--seed", "-1"], "'--seed': -1 is not in the range 0<=x<=4294967295."),
+    (["train", "--fusion", "mid", "--seed", str(2**32)], "'--seed': 4294967296 is not in the range 0<=x<=4294967295."),
+    (["data", "synth", "--seed", "-1"], "'--seed': -1 is not in the range 0<=x<=4294967295."),
+])
+def test_negative_counts_and_seeds_are_usage_errors(args, message, tmp_path):
+    """Refused by click before anything runs (they were numpy's and the DataLoader's tracebacks): exit 2, usage."""
+    code, out = run_cli(*args, "--out", tmp_path / "out")
+    assert code == 2 and out.startswith("Usage: ") and "--help' for help." in out, out
+    assert out.strip().splitlines()[-1] == f"Error: Invalid value for {message}", out
+    assert "Traceback" not in out and not (tmp_path / "out").exists()
+
+
 def test_optimizer_groups_are_fused_and_skip_frozen_encoders():
     """Encoders at encoder_lr, head at lr, no decay on biases / norms, frozen encoders left out; fused AdamW."""
     cfg = train_config("tiny", lr=1e-3, encoder_lr=1e-4)

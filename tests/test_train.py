@@ -11,6 +11,7 @@ import sys
 import time
 from importlib.metadata import version
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -26,7 +27,9 @@ from fusionprof.data.text import build_tokenizer
 from fusionprof.errors import UserError
 from fusionprof.evaluate import to_inputs
 from fusionprof.measure import datasheet_tflops
+from fusionprof.metrics import describe_scores, itm_metrics
 from fusionprof.models import build_model
+from fusionprof.records import model_accuracy
 from fusionprof.runtime import autocast
 from fusionprof.train import make_optimizer, steady_samples_per_s, train, training_flops
 
@@ -321,6 +324,65 @@ def test_a_run_without_its_tokenizer_is_refused(trained_mid, tmp_path):
     shutil.copytree(trained_mid[0].parent / "tokenizer", run / "tokenizer")  # the folder back: the run's accuracy
     code, out = run_cli("evaluate", "--checkpoint", run / "checkpoint.pt", "--json")
     assert code == 0 and json.loads(out)["accuracy"] == trained_mid[1]["test"]["accuracy"], out
+
+
+def test_non_finite_logits_have_no_accuracy_or_auc():
+    """All-NaN logits once scored 0.5 on both (NaN > 0 is false for every pair, and NaNs all tie): chance, not a
+    failure. Any NaN or ±inf now leaves both undefined, counted."""
+    labels = np.array([1, 0] * 4, dtype=np.float32)
+    for logits, count in ((np.full(8, np.nan, np.float32), 8), (np.array([2, -1, np.inf, -3, 1, -2, 3, -1.5]), 1)):
+        metrics = itm_metrics(logits, labels, "test")
+        assert (metrics["accuracy"], metrics["auc"], metrics["non_finite"]) == (None, None, count)
+        assert metrics["invalid"] == f"{count} of 8 logits are not finite (NaN or ±inf)"
+        assert describe_scores(metrics) == f"accuracy –  auc –  ({metrics['invalid']})"
+    finite = itm_metrics(np.array([2, -1, 0.5, -3, 1, -2, 3, 1.5]), labels, "test")
+    assert (finite["accuracy"], finite["auc"], finite["non_finite"]) == (7 / 8, 14 / 16, 0) and "invalid" not in finite
+
+
+@pytest.mark.slow
+def test_a_model_that_answers_nan_fails_evaluate_and_export(trained_mid, tmp_path):
+    """A checkpoint whose weights hold a NaN (as a diverged step leaves them): evaluate and export fail in one line
+    each, and the records they write carry the count with no accuracy, never a chance-level 50 %."""
+    run = tmp_path / "tiny-mid"
+    shutil.copytree(trained_mid[0].parent / "tokenizer", run / "tokenizer")
+    ckpt = load_checkpoint(trained_mid[0])
+    ckpt["model"]["fusion.head.4.bias"].fill_(float("nan"))
+    torch.save(ckpt, run / "checkpoint.pt")
+    code, out = run_cli("evaluate", "--checkpoint", run / "checkpoint.pt")
+    precision = ckpt["train_config"]["precision"]
+    assert code == 1 and out.count("\n") == 1 and "Traceback" not in out, out
+    assert out == (f"Error: {run / 'checkpoint.pt'}: 64 of 64 logits are not finite (NaN or ±inf) on the test split "
+                   f"in {precision}, so it has no accuracy or AUC: the weights diverged, or the precision overflows\n")
+    code, out = run_cli("evaluate", "--checkpoint", run / "checkpoint.pt", "--json")
+    result = json.loads(out[:out.index("\nError: ")])  # the record first, for a script; then the failure
+    assert code == 1 and (result["accuracy"], result["auc"], result["non_finite"]) == (None, None, 64), out
+    code, out = run_cli("export", "--checkpoint", run / "checkpoint.pt", "--quiet")
+    assert code == 1 and "test accuracy (64 pairs): checkpoint –, exported –  (checkpoint: 64 of 64 logits " in out
+    gate = json.loads((run / "export.json").read_text())["accuracy"]
+    assert (gate["passed"], gate["abs_difference"], gate["checkpoint_non_finite"]) == (False, None, 64), gate
+
+
+@pytest.mark.slow
+def test_a_diverged_run_fails_and_its_record_has_no_accuracy(tmp_path, small_data):
+    """A learning rate of 1e30 drives the weights to NaN within the epoch: the run still writes its checkpoint and
+    metrics.json (with the count, accuracy null), then exits 1; the report shows – and says why, and no accuracy
+    of it is on record for a latency sweep or a recommendation to use."""
+    code, out = run_cli("train", "--fusion", "late", "--data", small_data, "--out", tmp_path / "m", "--profiles",
+                        tmp_path / "p", "--epochs", "1", "--batch-size", "16", "--lr", "1e30", "--encoder-lr", "1e30",
+                        "--warmup-steps", "0", "--quiet")
+    metrics = json.loads((tmp_path / "p" / "tiny-late" / "metrics.json").read_text())
+    precision = metrics["train_config"]["precision"]
+    assert code == 1 and "epoch 1/1  loss nan  val acc –  auc –  (64 non-finite logits)  " in out, out
+    assert out.endswith(f"Error: tiny-late: 64 of 64 logits are not finite (NaN or ±inf) on the test split, so it "
+                        f"has no accuracy or AUC (metrics.json says null): the run diverged, or {precision} "
+                        "overflows\n"), out
+    assert (metrics["test"]["accuracy"], metrics["test"]["auc"], metrics["test"]["non_finite"]) == (None, None, 64)
+    assert metrics["val"] == {"accuracy": None, "auc": None, "non_finite": 64}
+    assert model_accuracy([metrics], [], metrics["checkpoint"], precision, "torch") is None
+    code, out = run_cli("report", tmp_path / "p", "--out", tmp_path / "report")
+    assert code == 0, out
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| – | – | 64 |" in md and "No test accuracy or AUC (–) where the model's logits were not finite" in md
 
 
 def test_python_dash_m_and_help():

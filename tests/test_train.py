@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from importlib.metadata import version
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -34,6 +35,7 @@ from fusionprof.runtime import autocast
 from fusionprof.train import make_optimizer, steady_samples_per_s, train, training_flops
 
 QUICK = ["--epochs", "2", "--batch-size", "16", "--quiet"]
+README = Path(__file__).resolve().parent.parent / "README.md"  # a file that is no dataset
 
 
 def run_cli(*args):
@@ -218,6 +220,9 @@ def test_a_run_is_evaluated_on_the_splits_it_was_trained_on(tmp_path, small_data
     (["--fusion", "mid", "--device", "tpu"], "--device tpu: "),
     (["--fusion", "mid", "--precision", "fp16"], "--precision fp16 needs a CUDA device"),
     (["--fusion", "mid", "--data", "/no/such/dir"], "--data /no/such/dir: no such directory"),
+    (["--fusion", "mid", "--data", README], f"--data {README}: a file, not a dataset; give the COCO folder (the one "
+     "that holds dataset_coco.json, annotations/captions_{train,val,test}.json or "
+     "annotations/captions_{train,val}2017.json) or Karpathy's dataset_coco.json itself"),
     (["--fusion", "mid", "--compile", "fast"], "Invalid value for '--compile': 'fast' is not one of"),
     (["--fusion", "mid", "--compile", "cudagraphs"], "--compile cudagraphs needs a CUDA device (--device cuda:N)"),
 ])

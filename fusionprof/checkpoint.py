@@ -27,6 +27,7 @@ from fusionprof.models import FusionModel, build_model
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 TOKENIZER = "tokenizer"  # a folder beside the checkpoint
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # what save_pretrained writes, one of them at least
 
 
 def run_name(preset: str, fusion: str, run: str | None = None) -> str:
@@ -43,10 +44,19 @@ def metrics_path(profiles_dir: str | Path, run: str) -> Path:
 
 
 def with_run_tokenizer(model_cfg: ModelConfig, run_dir: Path) -> ModelConfig:
-    """A checkpoint names its tokenizer relative to its own folder, wherever that folder has moved."""
-    if model_cfg.tokenizer == TOKENIZER:
-        return dataclasses.replace(model_cfg, tokenizer=str(run_dir / TOKENIZER))
-    return model_cfg
+    """A checkpoint names its tokenizer relative to its own folder, wherever that folder has moved.
+
+    Every run saves that folder, whatever tokenizer it used, so one that is gone is an error: the shipped
+    vocabulary would stand in without a word, give the captions other token ids, and a wrong accuracy."""
+    if model_cfg.tokenizer != TOKENIZER:
+        return model_cfg
+    folder = run_dir / TOKENIZER
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        problem = "holds no tokenizer.json or vocab.txt" if folder.is_dir() else "no such folder"
+        raise UserError(f"{folder}: {problem}; the run was trained with the tokenizer saved there, and any other "
+                        f"vocabulary gives its captions other token ids: copy the run's {TOKENIZER}/ folder back "
+                        f"beside {CHECKPOINT}")
+    return dataclasses.replace(model_cfg, tokenizer=str(folder))
 
 
 def save_checkpoint(path: Path, *, epoch: int, model: torch.nn.Module, optimizer, scheduler, scaler,

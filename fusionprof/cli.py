@@ -97,6 +97,7 @@ def number_in(low: float, high: float = math.inf, *, low_open: bool = False):
 
 seconds = number_in(0)  # a time or duration: 0 or more
 above_zero = number_in(0, low_open=True)
+SEED = click.IntRange(0, 2**32 - 1)  # what np.random.seed takes: any other seed is numpy's traceback, not ours
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,7 +122,7 @@ def data():
 @click.option("--val", "n_val", type=int, default=None, callback=positive, help="Validation images.")
 @click.option("--test", "n_test", type=int, default=None, callback=positive, help="Test images.")
 @click.option("--size", type=int, default=None, callback=positive, help="Image side in pixels.")
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=SEED, default=None)
 def data_synth(out, n_train, n_val, n_test, size, seed):
     """Write the embedded dataset (seeded shapes + captions) in the COCO captions layout."""
     from fusionprof.data import DEFAULT_SYNTH, default_data_dir
@@ -172,8 +173,9 @@ def data_synth(out, n_train, n_val, n_test, size, seed):
 @click.option("--text-model", default=None, help="Hugging Face name or local directory of the BERT.")
 @click.option("--image-cache/--no-image-cache", default=True, show_default=True,
               help="Decode images once into a memory-mapped cache, or decode JPEGs every step.")
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
-@click.option("--seed", type=int, default=None)
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DataLoader worker processes (0: batches are loaded in the training process).")
+@click.option("--seed", type=SEED, default=None)
 @click.option("--run-name", "--run", "run", default=None,
               help="Run name [default: <preset>-<fusion>]. Under torchrun spell it --run-name (torchrun takes --run).")
 @click.option("--resume", is_flag=True, help="Continue the run's checkpoint.")
@@ -205,8 +207,12 @@ def train(fusion, preset, text_pool, pretrained, image_weights, text_model, free
     steady = metrics["steady_samples_per_s"]
     click.echo(f"wrote {metrics['checkpoint']} and {Path(tcfg.profiles_dir) / metrics['run'] / 'metrics.json'}"
                f"  ({metrics['train_seconds']:.0f} s training, {metrics['train_samples_per_s']:.0f} samples/s"
-               f"{f', {steady:.0f} after the first epoch' if steady else ''}"
+               f"{f', {steady:.0f} without warm-up epochs' if steady else ''}"
                f"{f', {skipped} data entries skipped' if skipped else ''})")
+    if metrics["test"]["accuracy"] is None:  # a model that answers NaN scores like chance: it must not pass as one
+        raise UserError(f"{metrics['run']}: {metrics['test']['invalid']} on the test split, so it has no accuracy or "
+                        f"AUC (metrics.json says null): the run diverged, or {metrics['test']['precision']} "
+                        "overflows")
 
 
 @cli.command()
@@ -221,13 +227,17 @@ def train(fusion, preset, text_pool, pretrained, image_weights, text_model, free
 def evaluate(checkpoint, split, data, device, batch_size, precision, as_json):
     """ITM accuracy and ROC-AUC of a checkpoint on one split."""
     from fusionprof.evaluate import evaluate as run_evaluation
+    from fusionprof.metrics import describe_scores
 
     result = run_evaluation(checkpoint, split, data, device, batch_size, precision)
     if as_json:
         click.echo(json.dumps(result, indent=2))
-    else:
+    elif result["accuracy"] is not None:
         click.echo(f"{result['fusion']} on {result['split']} ({result['pairs']} pairs, {result['precision']}): "
-                   f"accuracy {result['accuracy']:.2%}  auc {result['auc']:.4f}")
+                   f"{describe_scores(result, digits=2)}")
+    if result["accuracy"] is None:  # all-NaN logits would score 0.5: a failure must not read as a chance-level model
+        raise UserError(f"{checkpoint}: {result['invalid']} on the {split} split in {result['precision']}, so it has "
+                        "no accuracy or AUC: the weights diverged, or the precision overflows")
 
 
 @cli.command()
@@ -247,18 +257,20 @@ def evaluate(checkpoint, split, data, device, batch_size, precision, as_json):
 def export(checkpoint, fmt, precision, out, device, max_batch, quiet):
     """Export a checkpoint (ONNX, a TensorRT engine, an AOTInductor .pt2) and verify parity and accuracy."""
     from fusionprof.export import export as run_export
+    from fusionprof.metrics import percent
 
     record = run_export(checkpoint, fmt, precision, out, device, max_batch, progress=not quiet, log=click.echo)
     for row in record["parity"]["shapes"]:
         click.echo(f"parity batch {row['batch']:>2} seq {row['seq_len']:>2}: max abs {row['max_abs_error']:.2e}  "
                    f"max rel {row['max_rel_error']:.2e}  {'ok' if row['within'] else 'OUT OF TOLERANCE'}")
     acc = record["accuracy"]
-    click.echo(f"test accuracy ({acc['pairs']} pairs): checkpoint {acc['checkpoint_accuracy']:.2%}, "
-               f"exported {acc['exported_accuracy']:.2%}  (|Δ| {acc['abs_difference']:.2%} ≤ {acc['tolerance']:.1%}: "
-               f"{'ok' if acc['passed'] else 'FAILED'})")
+    verdict = (f"{acc['invalid']}: FAILED" if "invalid" in acc else  # non-finite logits: no accuracy to compare
+               f"|Δ| {acc['abs_difference']:.2%} ≤ {acc['tolerance']:.1%}: {'ok' if acc['passed'] else 'FAILED'}")
+    click.echo(f"test accuracy ({acc['pairs']} pairs): checkpoint {percent(acc['checkpoint_accuracy'])}, "
+               f"exported {percent(acc['exported_accuracy'])}  ({verdict})")
     openvino = record.get("onnx", {}).get("openvino")
     if openvino and "accuracy" in openvino.get("nncf", {}):
-        click.echo(f"NNCF's IR on openvino: test accuracy {openvino['nncf']['accuracy']['exported_accuracy']:.2%}")
+        click.echo(f"NNCF's IR on openvino: test accuracy {percent(openvino['nncf']['accuracy']['exported_accuracy'])}")
     if openvino:
         click.echo(f"openvino runs int8 from {openvino['loads']}: {openvino['why']}")
     if not record["passed"]:

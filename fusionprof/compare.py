@@ -36,6 +36,7 @@ from fusionprof.latency import SweepConfig, check_sweep, default_rounds, sweep, 
 from fusionprof.latency_output import table
 from fusionprof.load import LoadConfig, load
 from fusionprof.measure import DRIFT_WARNING, Protocol
+from fusionprof.metrics import percent
 from fusionprof.models import fusion_names
 from fusionprof.records import told_apart
 from fusionprof.report import shortlist_lines, write_report
@@ -476,7 +477,7 @@ def summarize(accuracy: dict[str, dict], rows: list[dict], under_load: dict[str,
                   (f"{got['offline_samples_per_s']:.1f}" if got.get("offline_samples_per_s") else "–") + busy(got)] \
             if load_heads else []
         train_s = f"{acc['train_seconds']:.0f}{busy(acc)}"
-        lines.append(f"{fusion:<11}{acc['test_accuracy']:>9.1%}{train_s:>9}"
+        lines.append(f"{fusion:<11}{percent(acc['test_accuracy'], 1):>9}{train_s:>9}"
                      + "".join(f"{c:>30}" for c in cells)
                      + "".join(f"{c:>{w}}" for c, w in zip(loaded, LOAD_WIDTHS, strict=False)))  # none without load
     if tied:

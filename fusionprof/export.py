@@ -418,9 +418,15 @@ class AccuracyGate:
         batches = self.test.batches(self.test.pairs(self.cfg.seed), self.cfg.batch_size)
         logits, labels = predict(lambda b: backend.run(*to_inputs(b, CPU)[0]), batches)
         exported = itm_metrics(logits, labels, "test")
-        delta = abs(exported["accuracy"] - reference["accuracy"])
+        # non-finite logits have no accuracy: nothing to hold the other side to, and no pass
+        invalid = [f"{side}: {m['invalid']}" for side, m in (("checkpoint", reference), ("exported", exported))
+                   if m["accuracy"] is None]
+        delta = None if invalid else abs(exported["accuracy"] - reference["accuracy"])
         return {"split": "test", "pairs": exported["pairs"], "checkpoint_precision": reference_precision,
                 "checkpoint_accuracy": reference["accuracy"],
                 "exported_accuracy": exported["accuracy"], "checkpoint_auc": reference["auc"],
-                "exported_auc": exported["auc"], "abs_difference": delta, "tolerance": ACCURACY_TOLERANCE[precision],
-                "passed": within_tolerance(delta, exported["pairs"], ACCURACY_TOLERANCE[precision])}
+                "exported_auc": exported["auc"], "checkpoint_non_finite": reference["non_finite"],
+                "exported_non_finite": exported["non_finite"], "abs_difference": delta,
+                "tolerance": ACCURACY_TOLERANCE[precision],
+                "passed": not invalid and within_tolerance(delta, exported["pairs"], ACCURACY_TOLERANCE[precision]),
+                **({"invalid": "; ".join(invalid)} if invalid else {})}

@@ -43,5 +43,24 @@ def predict(forward: Callable[[Batch], torch.Tensor | np.ndarray], batches: Iter
 
 
 def itm_metrics(logits: np.ndarray, labels: np.ndarray, split: str) -> dict:
-    return {"split": split, "pairs": len(labels), "positives": int((labels > 0.5).sum()),
-            "accuracy": accuracy(logits, labels), "auc": roc_auc(logits, labels)}
+    """Accuracy and AUC of a split's logits; ``non_finite`` counts the logits that are NaN or ±inf (a diverged model,
+    an fp16 overflow). With any, accuracy and AUC are None and ``invalid`` says why: computed, they would look
+    valid, all-NaN logits scoring 0.5 on both (NaN > 0 is false for every pair, and NaNs all tie in the ranking)."""
+    record = {"split": split, "pairs": len(labels), "positives": int((labels > 0.5).sum()),
+              "non_finite": int((~np.isfinite(logits)).sum())}
+    if record["non_finite"]:
+        return {**record, "accuracy": None, "auc": None,
+                "invalid": f"{record['non_finite']} of {len(logits)} logits are not finite (NaN or ±inf)"}
+    return {**record, "accuracy": accuracy(logits, labels), "auc": roc_auc(logits, labels)}
+
+
+def percent(fraction: float | None, digits: int = 2) -> str:
+    """A score as a percentage, '–' where it is undefined (non-finite logits, see ``itm_metrics``)."""
+    return "–" if fraction is None else f"{fraction:.{digits}%}"
+
+
+def describe_scores(metrics: dict, digits: int = 1) -> str:
+    """'accuracy 81.2%  auc 0.897', or what made them undefined: one wording for every line that prints them."""
+    if metrics["accuracy"] is None:
+        return f"accuracy –  auc –  ({metrics['invalid']})"
+    return f"accuracy {metrics['accuracy']:.{digits}%}  auc {metrics['auc']:.{digits + 2}f}"

@@ -289,16 +289,17 @@ def model_accuracy(train: list[dict], export: list[dict], checkpoint: str | Path
     (``torch``, ``torch-cudagraphs``), its training run's when that ran in ``precision``; the passed gate of the export
     it loads in that precision (at int8 that of the model it loads: NNCF's IR on openvino); else ONNX's gate, another
     format's, the training run's. None for a random-init model (no checkpoint), one no record measured in
-    ``precision``, or a backend whose own export of it failed its gate: never another model's, precision's or
-    graph's figure. Which records are of that model: ``records_of_model``
-    (``checkpoint_hash`` and ``machine`` are what the timing record says of it). Records are dicts as
-    ``find_records`` keeps them (``_file``: where each was read); ``load`` holds load records."""
+    ``precision`` (a run whose test logits were not finite measured nothing), or a backend whose own export of it
+    failed its gate: never another model's, precision's or graph's figure. Which records are of that model:
+    ``records_of_model`` (``checkpoint_hash`` and ``machine`` are what the timing record says of it). Records are
+    dicts as ``find_records`` keeps them (``_file``: where each was read); ``load`` holds load records."""
     if not checkpoint:
         return None
     if backend and (own := backend_accuracy(load, checkpoint, precision, backend, checkpoint_hash, machine, device)):
         return own
     trained = [r for r in records_of_model(train, checkpoint, checkpoint_hash, machine)
-               if r.get("train_config", {}).get("precision") == precision]
+               if r.get("train_config", {}).get("precision") == precision
+               and r["test"]["accuracy"] is not None]  # None: its logits were not finite, nothing was measured
     training = (trained[0]["test"]["accuracy"], "training run", trained[0]) if trained else None
     loads = format_of(backend) if backend else None
     if backend and loads is None and training:

@@ -26,6 +26,7 @@ from fusionprof.latency_output import fusion_ranking
 from fusionprof.load_report import load_section
 from fusionprof.loadgen import LoadRecord
 from fusionprof.measure import DRIFT_WARNING
+from fusionprof.metrics import percent
 from fusionprof.records import (
     PARTIAL_KIND,
     LatencyRecord,
@@ -264,9 +265,14 @@ def training_section(rec: Records) -> list[tuple]:
     rows = [[machine_name(r["environment"]), r["preset"], r["fusion"], r["train_config"]["precision"],
              _fmt(r["parameters"]["total"] / 1e6), _fmt(r["forward_flops_per_sample"]["total"] / 1e9, 3),
              r["epochs"], _fmt(r["train_seconds"], 0), _fmt(r["train_samples_per_s"], 0),
-             *(get(r) or "–" for _, _, get in optional), _memory(r), f"{r['test']['accuracy']:.1%}",
+             *(get(r) or "–" for _, _, get in optional), _memory(r), percent(r["test"]["accuracy"], 1),
              _fmt(r["test"]["auc"], 3), r["test"]["pairs"]] for r in train]
     blocks += [("table", header, rows), ("p", _training_note(train, optional))]
+    if undefined := [r for r in train if r["test"]["accuracy"] is None]:
+        blocks.append(("p", "No test accuracy or AUC (–) where the model's logits were not finite (a diverged run, or "
+                            "an overflowing precision): " + "; ".join(
+                                f"{machine_name(r['environment'])} {r['preset']}/{r['fusion']} ({r['test']['invalid']})"
+                                for r in undefined) + "."))
     if busy := [r for r in train if contention.busy(r.get("contention"))]:
         blocks.append(("p", "Trained beside a busy neighbour (other processes took the CPUs during its epochs; its "
                             "samples/s are lower than a quiet machine's): " + "; ".join(
@@ -282,7 +288,7 @@ def _training_note(train: list[dict], optional: list) -> str:
             "marks a record (older, or without /proc) whose peak counts every run before it in that process too.")
     shown = {key for _, key, _ in optional}
     if "steady_samples_per_s" in shown:
-        note += " Steady samples/s leaves the first epoch out."
+        note += " Steady samples/s leaves out the first epoch of each process (of a resumed run's too)."
     if "train_flops" in shown:
         note += (" Train GFLOP/s: forward FLOPs at the mean caption length, ×3 for what trains (×1 for frozen "
                  "encoders, 0 for cached features), times the steady samples/s; MFU against the datasheet's "
@@ -355,7 +361,7 @@ def _export_row(r: dict) -> list:
                 "–", "–", "–", "–", "–"]
     return [machine_name(r["environment"]), r["fusion"], r["format"], precision, r["status"],
             f"{max(s['max_abs_error'] for s in r['parity']['shapes']):.1e}",
-            f"{r['accuracy']['checkpoint_accuracy']:.2%}", f"{r['accuracy']['exported_accuracy']:.2%}",
+            percent(r["accuracy"]["checkpoint_accuracy"]), percent(r["accuracy"]["exported_accuracy"]),
             _fmt(built.get("size_mib"), 1), _fmt(build_seconds(built), 1)]
 
 

@@ -68,6 +68,7 @@ from fusionprof.errors import UserError
 from fusionprof.evaluate import evaluate_split, to_inputs
 from fusionprof.features import cached_features
 from fusionprof.measure import datasheet_tflops
+from fusionprof.metrics import describe_scores
 from fusionprof.models import (
     FusionHead,
     FusionModel,
@@ -158,8 +159,10 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
         broadcast_buffers(d, raw_model)  # BatchNorm statistics of rank 0 everywhere: all ranks evaluate one model
         val = evaluate_split(net, data["val"], cfg.seed, cfg.batch_size, device, cfg.precision, d)
         history.append({"epoch": epoch + 1, "loss": loss, "val_accuracy": val["accuracy"], "val_auc": val["auc"],
-                        "epoch_seconds": seconds, "samples_per_s": pairs_per_epoch(data["train"]) / seconds,
-                        "lr": opt.scheduler.get_last_lr()[-1], "contention": others})
+                        "val_non_finite": val["non_finite"], "epoch_seconds": seconds,
+                        "samples_per_s": pairs_per_epoch(data["train"]) / seconds,
+                        "lr": opt.scheduler.get_last_lr()[-1], "contention": others,
+                        "first_in_process": epoch == start_epoch})  # a warm-up epoch, also after --resume
         log(describe_epoch(history[-1], cfg.epochs))
         rank_rng = all_gather_objects(d, rng_state(device))
         if d.is_main:
@@ -174,7 +177,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.devi
         writer.close()
 
     test = evaluate_split(net, data["test"], cfg.seed, cfg.batch_size, device, cfg.precision, d)
-    log(f"test: accuracy {test['accuracy']:.1%}  auc {test['auc']:.3f}  on {test['pairs']} pairs")
+    log(f"test: {describe_scores(test)}  on {test['pairs']} pairs")
     metrics = build_metrics(run, cfg, model_cfg, raw_model, data, data_source, history, train_seconds, test,
                             step_profile, feature_cache, d, device, ckpt_path)
     if d.is_main:
@@ -520,15 +523,18 @@ def describe_run(run: str, model: FusionModel, split: SplitData, cfg: TrainConfi
 
 
 def describe_epoch(record: dict, epochs: int) -> str:
-    return (f"epoch {record['epoch']}/{epochs}  loss {record['loss']:.4f}  val acc {record['val_accuracy']:.1%}  "
-            f"auc {record['val_auc']:.3f}  {record['samples_per_s']:.0f} samples/s  {record['epoch_seconds']:.1f} s"
-            + contention.tag(record.get("contention")))
+    val = (f"val acc {record['val_accuracy']:.1%}  auc {record['val_auc']:.3f}" if record["val_accuracy"] is not None
+           else f"val acc –  auc –  ({record['val_non_finite']} non-finite logits)")
+    return (f"epoch {record['epoch']}/{epochs}  loss {record['loss']:.4f}  {val}  {record['samples_per_s']:.0f} "
+            f"samples/s  {record['epoch_seconds']:.1f} s" + contention.tag(record.get("contention")))
 
 
 def log_scalars(writer: SummaryWriter, record: dict) -> None:
-    """The epoch's curves for TensorBoard's scalars tab."""
+    """The epoch's curves for TensorBoard's scalars tab; a validation score that is undefined (non-finite logits)
+    leaves a gap, not a point."""
     for key in ("loss", "val_accuracy", "val_auc", "samples_per_s", "lr"):
-        writer.add_scalar(f"train/{key}", record[key], record["epoch"])
+        if record[key] is not None:
+            writer.add_scalar(f"train/{key}", record[key], record["epoch"])
     writer.flush()
 
 
@@ -553,11 +559,17 @@ def training_flops(model: FusionModel, cfg: TrainConfig, seq_len: float, samples
             "mfu": per_process / peak if peak else None}
 
 
+def warm_up_epoch(history: list[dict], index: int) -> bool:
+    """Whether ``history[index]`` was the first epoch of its process, which pays for compiling, cache warm-up,
+    the allocator and first-shape kernel plans: the run's first, and the first after each ``--resume``. Histories
+    written before epochs said so (no ``first_in_process``) know only of the run's first."""
+    return index == 0 or bool(history[index].get("first_in_process"))
+
+
 def steady_samples_per_s(history: list[dict], pairs: int) -> float | None:
-    """Samples/s over the epochs after the first, which pays for compiling, cache warm-up and first-shape kernel
-    plans; None with one epoch."""
-    later = [h["epoch_seconds"] for h in history[1:]]
-    return len(later) * pairs / sum(later) if later else None
+    """Samples/s over the epochs that were no process's first (``warm_up_epoch``); None when every one was."""
+    steady = [h["epoch_seconds"] for i, h in enumerate(history) if not warm_up_epoch(history, i)]
+    return len(steady) * pairs / sum(steady) if steady else None
 
 
 def build_metrics(run: str, cfg: TrainConfig, model_cfg: ModelConfig, model: FusionModel,
@@ -586,7 +598,8 @@ def build_metrics(run: str, cfg: TrainConfig, model_cfg: ModelConfig, model: Fus
         "feature_cache": feature_cache,
         "distributed": {"world_size": d.world_size, "backend": d.backend, "batch_per_process": rank_batch},
         "peak_memory": peak_memory_mib(device),
-        "val": {"accuracy": history[-1]["val_accuracy"], "auc": history[-1]["val_auc"]},
+        "val": {"accuracy": history[-1]["val_accuracy"], "auc": history[-1]["val_auc"],
+                "non_finite": history[-1].get("val_non_finite", 0)},  # histories before the count: finite
         "test": test, "history": history,
         "data_summary": {name: {"images": split.n_images, "captions": split.n_captions, **split.report.to_dict()}
                          for name, split in data.items()},

@@ -4,12 +4,15 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from importlib.metadata import version
+from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -25,11 +28,14 @@ from fusionprof.data.text import build_tokenizer
 from fusionprof.errors import UserError
 from fusionprof.evaluate import to_inputs
 from fusionprof.measure import datasheet_tflops
+from fusionprof.metrics import describe_scores, itm_metrics
 from fusionprof.models import build_model
+from fusionprof.records import model_accuracy
 from fusionprof.runtime import autocast
-from fusionprof.train import make_optimizer, train, training_flops
+from fusionprof.train import make_optimizer, steady_samples_per_s, train, training_flops
 
 QUICK = ["--epochs", "2", "--batch-size", "16", "--quiet"]
+README = Path(__file__).resolve().parent.parent / "README.md"  # a file that is no dataset
 
 
 def run_cli(*args):
@@ -126,6 +132,22 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, small_data):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["test"]["accuracy"] == whole["test"]["accuracy"]
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
+    # the resumed process's first epoch warmed up as the run's first did: neither is a steady epoch
+    assert [h["first_in_process"] for h in whole["history"]] == [True, False]
+    assert [h["first_in_process"] for h in resumed["history"]] == [True, True]
+    assert whole["steady_samples_per_s"] == pytest.approx(2 * 2 * 48 / whole["history"][1]["epoch_seconds"])
+    assert resumed["steady_samples_per_s"] is None
+
+
+def test_steady_samples_per_s_leaves_out_every_process_first_epoch():
+    """Epochs 1 and 3 each began a process (the run, then --resume): only epochs 2 and 4 are steady. A history
+    written before epochs said so counts only its first as warm-up."""
+    seconds = [9.0, 2.0, 7.0, 3.0]
+    resumed = [{"epoch_seconds": s, "first_in_process": first}
+               for s, first in zip(seconds, [True, False, True, False], strict=True)]
+    assert steady_samples_per_s(resumed, pairs=100) == pytest.approx(2 * 100 / (2.0 + 3.0))
+    assert steady_samples_per_s([{"epoch_seconds": s} for s in seconds], pairs=100) == pytest.approx(300 / 12.0)
+    assert steady_samples_per_s([resumed[0], resumed[2]], pairs=100) is None  # every epoch warmed up
 
 
 @pytest.mark.slow
@@ -198,6 +220,9 @@ def test_a_run_is_evaluated_on_the_splits_it_was_trained_on(tmp_path, small_data
     (["--fusion", "mid", "--device", "tpu"], "--device tpu: "),
     (["--fusion", "mid", "--precision", "fp16"], "--precision fp16 needs a CUDA device"),
     (["--fusion", "mid", "--data", "/no/such/dir"], "--data /no/such/dir: no such directory"),
+    (["--fusion", "mid", "--data", README], f"--data {README}: a file, not a dataset; give the COCO folder (the one "
+     "that holds dataset_coco.json, annotations/captions_{train,val,test}.json or "
+     "annotations/captions_{train,val}2017.json) or Karpathy's dataset_coco.json itself"),
     (["--fusion", "mid", "--compile", "fast"], "Invalid value for '--compile': 'fast' is not one of"),
     (["--fusion", "mid", "--compile", "cudagraphs"], "--compile cudagraphs needs a CUDA device (--device cuda:N)"),
 ])
@@ -206,6 +231,20 @@ def test_user_errors_are_one_line(args, message, tmp_path):
     last = out.strip().splitlines()[-1]  # usage errors come after click's "Usage: / Try --help" lines
     assert code != 0 and last.startswith("Error: ") and message in last
     assert "Traceback" not in out and out.count("Error") == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--fusion", "mid", "--workers", "-1"], "'--workers': -1 is not in the range x>=0."),
+    (["train", "--fusion", "mid", "--seed", "-1"], "'--seed': -1 is not in the range 0<=x<=4294967295."),
+    (["train", "--fusion", "mid", "--seed", str(2**32)], "'--seed': 4294967296 is not in the range 0<=x<=4294967295."),
+    (["data", "synth", "--seed", "-1"], "'--seed': -1 is not in the range 0<=x<=4294967295."),
+])
+def test_negative_counts_and_seeds_are_usage_errors(args, message, tmp_path):
+    """Refused by click before anything runs (they were numpy's and the DataLoader's tracebacks): exit 2, usage."""
+    code, out = run_cli(*args, "--out", tmp_path / "out")
+    assert code == 2 and out.startswith("Usage: ") and "--help' for help." in out, out
+    assert out.strip().splitlines()[-1] == f"Error: Invalid value for {message}", out
+    assert "Traceback" not in out and not (tmp_path / "out").exists()
 
 
 def test_optimizer_groups_are_fused_and_skip_frozen_encoders():
@@ -270,6 +309,85 @@ def test_evaluate_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     code, out = run_cli("evaluate", "--checkpoint", tmp_path / "junk.pt")
     assert code == 1 and "not a readable fusionprof checkpoint" in out and "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_a_run_without_its_tokenizer_is_refused(trained_mid, tmp_path):
+    """The shipped vocabulary never stands in for a run's own (it once did: 56 % became 50.5 %, exit 0): a run
+    folder without its tokenizer/, or with an empty one, is a one-line error naming it, in evaluate and export."""
+    run = tmp_path / "tiny-mid"
+    run.mkdir()
+    shutil.copy(trained_mid[0], run / "checkpoint.pt")
+    for command, problem in ((["evaluate"], "no such folder"), (["export", "--quiet"], "no such folder"),
+                             (["evaluate"], "holds no tokenizer.json or vocab.txt")):
+        if problem.startswith("holds"):
+            (run / "tokenizer").mkdir()
+        code, out = run_cli(*command, "--checkpoint", run / "checkpoint.pt")
+        assert code == 1 and out.count("\n") == 1 and "Traceback" not in out, out
+        assert out.startswith(f"Error: {run / 'tokenizer'}: {problem}; the run was trained with the tokenizer "), out
+    shutil.rmtree(run / "tokenizer")
+    shutil.copytree(trained_mid[0].parent / "tokenizer", run / "tokenizer")  # the folder back: the run's accuracy
+    code, out = run_cli("evaluate", "--checkpoint", run / "checkpoint.pt", "--json")
+    assert code == 0 and json.loads(out)["accuracy"] == trained_mid[1]["test"]["accuracy"], out
+
+
+def test_non_finite_logits_have_no_accuracy_or_auc():
+    """All-NaN logits once scored 0.5 on both (NaN > 0 is false for every pair, and NaNs all tie): chance, not a
+    failure. Any NaN or ±inf now leaves both undefined, counted."""
+    labels = np.array([1, 0] * 4, dtype=np.float32)
+    for logits, count in ((np.full(8, np.nan, np.float32), 8), (np.array([2, -1, np.inf, -3, 1, -2, 3, -1.5]), 1)):
+        metrics = itm_metrics(logits, labels, "test")
+        assert (metrics["accuracy"], metrics["auc"], metrics["non_finite"]) == (None, None, count)
+        assert metrics["invalid"] == f"{count} of 8 logits are not finite (NaN or ±inf)"
+        assert describe_scores(metrics) == f"accuracy –  auc –  ({metrics['invalid']})"
+    finite = itm_metrics(np.array([2, -1, 0.5, -3, 1, -2, 3, 1.5]), labels, "test")
+    assert (finite["accuracy"], finite["auc"], finite["non_finite"]) == (7 / 8, 14 / 16, 0) and "invalid" not in finite
+
+
+@pytest.mark.slow
+def test_a_model_that_answers_nan_fails_evaluate_and_export(trained_mid, tmp_path):
+    """A checkpoint whose weights hold a NaN (as a diverged step leaves them): evaluate and export fail in one line
+    each, and the records they write carry the count with no accuracy, never a chance-level 50 %."""
+    run = tmp_path / "tiny-mid"
+    shutil.copytree(trained_mid[0].parent / "tokenizer", run / "tokenizer")
+    ckpt = load_checkpoint(trained_mid[0])
+    ckpt["model"]["fusion.head.4.bias"].fill_(float("nan"))
+    torch.save(ckpt, run / "checkpoint.pt")
+    code, out = run_cli("evaluate", "--checkpoint", run / "checkpoint.pt")
+    precision = ckpt["train_config"]["precision"]
+    assert code == 1 and out.count("\n") == 1 and "Traceback" not in out, out
+    assert out == (f"Error: {run / 'checkpoint.pt'}: 64 of 64 logits are not finite (NaN or ±inf) on the test split "
+                   f"in {precision}, so it has no accuracy or AUC: the weights diverged, or the precision overflows\n")
+    code, out = run_cli("evaluate", "--checkpoint", run / "checkpoint.pt", "--json")
+    result = json.loads(out[:out.index("\nError: ")])  # the record first, for a script; then the failure
+    assert code == 1 and (result["accuracy"], result["auc"], result["non_finite"]) == (None, None, 64), out
+    code, out = run_cli("export", "--checkpoint", run / "checkpoint.pt", "--quiet")
+    assert code == 1 and "test accuracy (64 pairs): checkpoint –, exported –  (checkpoint: 64 of 64 logits " in out
+    gate = json.loads((run / "export.json").read_text())["accuracy"]
+    assert (gate["passed"], gate["abs_difference"], gate["checkpoint_non_finite"]) == (False, None, 64), gate
+
+
+@pytest.mark.slow
+def test_a_diverged_run_fails_and_its_record_has_no_accuracy(tmp_path, small_data):
+    """A learning rate of 1e30 drives the weights to NaN within the epoch: the run still writes its checkpoint and
+    metrics.json (with the count, accuracy null), then exits 1; the report shows – and says why, and no accuracy
+    of it is on record for a latency sweep or a recommendation to use."""
+    code, out = run_cli("train", "--fusion", "late", "--data", small_data, "--out", tmp_path / "m", "--profiles",
+                        tmp_path / "p", "--epochs", "1", "--batch-size", "16", "--lr", "1e30", "--encoder-lr", "1e30",
+                        "--warmup-steps", "0", "--quiet")
+    metrics = json.loads((tmp_path / "p" / "tiny-late" / "metrics.json").read_text())
+    precision = metrics["train_config"]["precision"]
+    assert code == 1 and "epoch 1/1  loss nan  val acc –  auc –  (64 non-finite logits)  " in out, out
+    assert out.endswith(f"Error: tiny-late: 64 of 64 logits are not finite (NaN or ±inf) on the test split, so it "
+                        f"has no accuracy or AUC (metrics.json says null): the run diverged, or {precision} "
+                        "overflows\n"), out
+    assert (metrics["test"]["accuracy"], metrics["test"]["auc"], metrics["test"]["non_finite"]) == (None, None, 64)
+    assert metrics["val"] == {"accuracy": None, "auc": None, "non_finite": 64}
+    assert model_accuracy([metrics], [], metrics["checkpoint"], precision, "torch") is None
+    code, out = run_cli("report", tmp_path / "p", "--out", tmp_path / "report")
+    assert code == 0, out
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| – | – | 64 |" in md and "No test accuracy or AUC (–) where the model's logits were not finite" in md
 
 
 def test_python_dash_m_and_help():

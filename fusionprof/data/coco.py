@@ -172,19 +172,25 @@ def _layout_files(root: Path, layout: str) -> list[Path]:
     raise UserError(f"unknown dataset layout {layout!r}; one of {', '.join(LAYOUTS)}")
 
 
+# What a dataset folder must hold (one of the layouts), for the errors that say why a --data is none
+CAPTION_FILES = (f"{KARPATHY_FILE}, annotations/captions_{{train,val,test}}.json or "
+                 "annotations/captions_{train,val}2017.json")
+
+
 def find_layout(root: str | Path) -> str:
     """The layout of the dataset at ``root``: the first of ``LAYOUTS`` whose caption files are all there."""
     root = Path(root)
     if root.is_file() and root.name.endswith(".json"):
         return "karpathy"
+    if root.is_file():  # a README or an image: "no such directory" would send the user looking for a typo
+        raise UserError(f"--data {root}: a file, not a dataset; give the COCO folder (the one that holds "
+                        f"{CAPTION_FILES}) or Karpathy's {KARPATHY_FILE} itself")
     if not root.is_dir():
         raise UserError(f"--data {root}: no such directory")
     for layout in LAYOUTS:
         if all(f.exists() for f in _layout_files(root, layout)):
             return layout
-    raise UserError(
-        f"--data {root}: no captions found; expected {KARPATHY_FILE}, annotations/captions_{{train,val,test}}.json"
-        " or annotations/captions_{train,val}2017.json")
+    raise UserError(f"--data {root}: no captions found; expected {CAPTION_FILES}")
 
 
 def load_splits(root: str | Path, seed: int = 0, layout: str | None = None) -> tuple[dict[str, CaptionSplit], str]:

@@ -446,7 +446,7 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
                 continue
             try:
                 prepared = prepare_backend(name, artifacts, device, cfg, cell)
-            except (UserError, RuntimeError) as e:  # it cannot load here: a row says why, the sweep goes on
+            except CELL_FAILURES as e:  # it cannot load here: a row says why, the sweep goes on
                 rows += earlier.get((fusion, name), []) + [LatencyRow(fusion, name, f"failed: {_failure(e, device)}")]
                 bar.update(per_pair)
                 continue
@@ -504,13 +504,19 @@ def time_in_rounds(prepared: list[Prepared], cfg: SweepConfig, bar: tqdm, device
             bar.set_postfix_str(f"{p.cell.fusion}/{p.name}/bs{batch_size} round {r + 1}")
             try:
                 visits.setdefault((i, batch_size), []).append(visit_cell(p, batch_size, per_visit))
-            except (UserError, RuntimeError) as e:
+            except CELL_FAILURES as e:
                 which = f" (round {r + 1})" if cfg.rounds > 1 else ""
                 failed[i] = LatencyRow(p.cell.fusion, p.name, f"failed: {_failure(e, device)}{which}",
                                        batch_size=batch_size)
         if after_round and r + 1 < cfg.rounds and (i, batch_size) == (cells[-1] if r % 2 == 0 else cells[0]):
             after_round(rows())
     return rows()
+
+
+# What a backend raises where it cannot load or run a cell: ours (the onnxruntime and openvino backends' for their
+# runtime's errors too), memory's (``MemoryError``: theirs for memory running out) and ``RuntimeError`` (PyTorch's, OOM
+# among them). ``_failure`` tells which of them is a row and which a bug.
+CELL_FAILURES = (UserError, MemoryError, RuntimeError)
 
 
 def _failure(e: Exception, device: torch.device) -> str:

@@ -4,6 +4,7 @@ run; `train --profile`."""
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import NO_CUDA_64
+from conftest import NO_CUDA_64, stand_in_onnx
 
 from fusionprof.backends import BACKENDS, backend_names
 from fusionprof.backends.torch_eager import TorchEager
@@ -335,6 +336,75 @@ def test_a_backend_failing_at_one_batch_keeps_the_batches_it_ran(error, status, 
     else:  # the failing backend was timed at batch 1 in round 1 only (2 calls of 3): its row says one visit
         assert record.rows[0].host.n >= 2 and len(record.rows[0].host.rounds_p50_ms) == 1
         assert all(len(r.host.rounds_p50_ms) == 2 and r.host.n >= 4 for r in record.rows[2:])
+
+
+def test_onnxruntime_and_openvino_failures_are_rows_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """Their runtimes' own errors (onnxruntime's ``Fail``, no RuntimeError; OpenVINO's RuntimeError) once ended the
+    sweep with a traceback and no record. Now memory running out is an out-of-memory row as PyTorch's is, any other
+    error a failed row naming the runtime and the shape, and the sweep goes on: the other cells are all there."""
+    from fusionprof.atomic import write_json
+
+    for fusion, fails in (("early", "memory"), ("late", "reshape")):  # as an earlier sweep of these weights left them
+        onnx = stand_in_onnx(tmp_path / socket.gethostname() / "onnx" / f"tiny-{fusion}" / "model.onnx", fails)
+        write_json(onnx.with_name("model.onnx.made-from.json"), {"weights": "untrained, seed 0"})
+    monkeypatch.setattr("fusionprof.latency.parity", lambda *a, **k: {"passed": True})  # the stand-ins' logits are not
+    code, out = run_cli("latency", "--fusion", "early,late", "--backends", "onnxruntime,openvino,torch",
+                        "--batch-sizes", "1,64", "--rounds", "1", "--models", tmp_path / "none", "--out", tmp_path,
+                        "--quiet", *QUICK)
+    assert code == 0 and "Traceback" not in out, out
+    [path] = tmp_path.glob("*/latency-*.json")
+    rows = {(r["fusion"], r["backend"], r["batch_size"]): r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {(f, b, n) for f in ("early", "late") for b in ("onnxruntime", "openvino", "torch")
+                         for n in (1, 64)}
+    failed = {
+        ("early", "onnxruntime", 64): "failed: out of memory (onnxruntime at batch 64, seq 24: Failed to allocate "
+                                      "memory for requested buffer of size 1125899906842624)",
+        ("early", "openvino", 64): "failed: out of memory (openvino at batch 64, seq 24: Failed to allocate "
+                                   "1125899906842624 bytes of memory)",
+        ("late", "onnxruntime", 64): "failed: onnxruntime at batch 64, seq 24: [ONNXRuntimeError] : 1 : FAIL : "
+                                     "Non-zero status code returned while running Reshape node. Name:'' Status "
+                                     "Message: input_shape_size == requested_shape_size was false. The input tensor "
+                                     "cannot be reshaped to the requested shape. Input shape:{64}, requested "
+                                     "shape:{1}"}
+    assert {cell: rows[cell]["status"] for cell in failed} == failed
+    assert all(r["status"] == "ok" and r["n"] >= 5 for cell, r in rows.items() if cell not in failed)
+    csv_rows = list(csv.DictReader(path.with_suffix(".csv").open()))
+    assert {(r["fusion"], r["backend"], int(r["batch_size"])): r["status"] for r in csv_rows} == {
+        cell: r["status"] for cell, r in rows.items()}
+    assert "  failed: out of memory (onnxruntime at batch 64, seq 24: Failed to allocate memory" in out
+
+
+@pytest.mark.parametrize("message", [
+    # onnxruntime 1.31's arena, as it said it at batch 64 above, and as 1.19 said it on CUDA (the status on a line of
+    # its own); OpenVINO's CPU plugin; std::bad_alloc as libstdc++ and MSVC name it
+    "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running ConstantOfShape node. Name:'' Status "
+    "Message: /onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:360 void* onnxruntime::BFCArena::"
+    "AllocateRawInternal(size_t, bool, onnxruntime::Stream*) Failed to allocate memory for requested buffer of size "
+    "1125899906842624\n",
+    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running Conv node. "
+    "Name:'/fc1/Conv' Status Message: \n/onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:376 void* "
+    "onnxruntime::BFCArena::"
+    "AllocateRawInternal(size_t, bool, onnxruntime::Stream*, bool, onnxruntime::WaitNotificationFn) Failed to "
+    "allocate memory for requested buffer of size 4585490524328388608",
+    "Exception from src/inference/src/cpp/infer_request.cpp:224:\n"
+    "Exception from src/plugins/intel_cpu/src/node.cpp:794:\n"
+    "[CPU] Broadcast node with name 'zeros' Check 'ptr' failed at src/plugins/intel_cpu/src/cpu_memory.cpp:257:\n"
+    "Failed to allocate 1125899906842624 bytes of memory\n\n\n",
+    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc",
+    "bad allocation"])
+def test_out_of_memory_knows_the_runtimes_words(message):
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+    from fusionprof.runtime import allocator_words, out_of_memory
+
+    for error in (Fail(message), RuntimeException(message), RuntimeError(message)):
+        assert out_of_memory(error)
+        words = allocator_words(error)
+        assert "\n" not in words and words.startswith(("Failed to allocate", "std::bad_alloc", "bad allocation"))
+    assert out_of_memory(MemoryError()) and out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    refused = "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: images"
+    assert not out_of_memory(InvalidArgument(refused)) and allocator_words(InvalidArgument(refused)) is None
+    assert not out_of_memory(RuntimeError("a bug of ours"))
 
 
 def test_an_error_that_is_no_failure_to_report_is_raised_not_hidden_in_a_row(tmp_path, monkeypatch):

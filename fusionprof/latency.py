@@ -379,6 +379,8 @@ def check_sweep(cfg: SweepConfig) -> torch.device:
     check_precision(cfg.precision, device, INFERENCE_PRECISIONS)
     if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
         raise UserError("--batch-sizes must be whole numbers of at least 1")
+    for option, values in (("--fusion", cfg.fusions), ("--backends", cfg.backends), ("--batch-sizes", cfg.batch_sizes)):
+        check_unique(option, values)
     for name in cfg.backends:
         BACKENDS.get(name)  # unknown names fail here
     if cfg.rounds < 1:
@@ -391,6 +393,16 @@ def check_sweep(cfg: SweepConfig) -> torch.device:
     if all(reasons.values()):
         raise UserError("nothing to time here: " + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
     return device
+
+
+def check_unique(option: str, values: list) -> None:
+    """A one-line error naming a value given twice: ``--batch-sizes 1,1`` would time one cell twice, as two rows,
+    and is more likely a typo than a wish (refused rather than quietly made one, so the user sees what they typed)."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise UserError(f"{option} {','.join(map(str, values))}: {value} is given twice")
+        seen.add(value)
 
 
 def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = False) -> LatencyRecord:

@@ -180,6 +180,10 @@ def test_latency_uses_trained_checkpoints_under_any_run_name(tmp_path, small_dat
      "torch-cudagraphs: CUDA graphs need a CUDA device"),
     (["--backends", "torch", "--precision", "int8"], "nothing to time here: torch: torch runs fp32 or bf16 on cpu, "
      "not int8"),
+    # a value given twice would be a cell timed twice, two rows of it: refused, naming it
+    (["--batch-sizes", "1,4,1"], "--batch-sizes 1,4,1: 1 is given twice"),
+    (["--backends", "torch,onnxruntime,torch"], "--backends torch,onnxruntime,torch: torch is given twice"),
+    (["--fusion", "early,mid,mid"], "--fusion early,mid,mid: mid is given twice"),
 ])
 def test_latency_errors_are_one_line(args, message, tmp_path):
     code, out = run_cli("latency", *QUICK, *args, "--out", tmp_path, "--quiet")  # args after QUICK: they stand

@@ -83,6 +83,54 @@ def test_latency_sweep_writes_self_describing_records(tmp_path):
     assert typed.to_dict() == record and LatencyRecord.from_dict(typed.to_dict()) == typed
 
 
+H200_TINY = Path(__file__).parent.parent / "profiles/h200/latency-tiny-cuda-bf16-20261127T033202Z.json"
+
+
+def test_device_resident_figures_stand_beside_the_copies_in_the_csv_table_and_report(tmp_path):
+    """On CUDA every row carries device-resident timing (CUDA events, no copies) beside the copy-inclusive one, as the
+    spec asks; it was in the JSON only. The CSV, the printed table and the report show its p50 and p99 beside theirs
+    (a p99 from 100 samples up, as every p99). A CPU sweep's table has no such columns, its CSV empty cells."""
+    from fusionprof.latency_output import table, write_record
+    from fusionprof.records import DEVICE_TIMING, HOST_TIMING, LatencyRow, Timing
+
+    def row(batch: int, calls: int, host_ms: float, resident_ms: float | None) -> LatencyRow:  # as row_of makes one
+        def timing(low: float, clock: str) -> Timing:
+            return Timing.of(np.linspace(low, low + 1, calls).tolist(), clock)  # p50 low + 0.5, p99 low + 0.99
+        return LatencyRow("mid", "torch", "ok", batch, timing(host_ms, HOST_TIMING if resident_ms else CPU_TIMING),
+                          timing(resident_ms, DEVICE_TIMING) if resident_ms else None, seq_len=24,
+                          flops_per_sample=1e9, parity_passed=True)
+
+    rows = [row(1, 101, 3.0, 1.0).to_dict(), row(8, 50, 7.0, 5.0).to_dict()]
+    record = LatencyRecord.from_dict({**json.loads(H200_TINY.read_text()), "rows": rows})  # a real CUDA sweep's setup
+    write_record(record, tmp_path / "h200" / "latency-tiny-cuda-bf16-1.json")
+    csv_rows = list(csv.DictReader((tmp_path / "h200" / "latency-tiny-cuda-bf16-1.csv").open()))
+    assert [(r["p50_ms"], r["device_resident_p50_ms"], r["p99_ms"], r["device_resident_p99_ms"]) for r in csv_rows] \
+        == [("3.5", "1.5", "3.99", "1.99"), ("7.5", "5.5", "", "")]  # 50 samples: no p99 of either
+    lines = table(record.rows)
+    assert lines[0].split() == ["fusion", "backend", "bs", "p50", "ms", "p90", "ms", "p99", "ms", "dev", "p50", "dev",
+                                "p99", "CV", "samples/s", "GFLOP/s"]
+    assert lines[1].split()[3:8] == ["3.50", "3.90", "3.99", "1.50", "1.99"]
+    assert lines[2].split()[3:8] == ["7.50", "7.90", "–", "5.50", "–"]
+    assert lines[3].startswith("dev p50, dev p99: device-resident (CUDA events")
+    # the committed H200 sweep, as it was written: each row's device-resident p50 in its line
+    h200 = LatencyRecord.from_dict(json.loads(H200_TINY.read_text()), H200_TINY)
+    for r, line in zip(h200.rows, table(h200.rows)[1:], strict=False):
+        assert line.split()[6] == f"{r.device_resident.p50_ms:.2f}"
+
+    report = write_report([tmp_path / "h200"], tmp_path / "report")
+    md = Path(report["markdown"]).read_text()
+    assert "| fusion | backend | batch | p50 ms | device-resident p50 ms | p99 ms | device-resident p99 ms |" in md
+    assert "| mid | torch | 1 | 3.50 | 1.50 | 3.99 | 1.99 |" in md and "| mid | torch | 8 | 7.50 | 5.50 | – | – |" in md
+
+    cpu = LatencyRecord("1", record.environment, {**record.config, "device": "cpu"}, {}, [row(1, 101, 3.0, None)])
+    write_record(cpu, tmp_path / "cpu" / "latency-tiny-cpu-fp32-1.json")
+    [cpu_row] = csv.DictReader((tmp_path / "cpu" / "latency-tiny-cpu-fp32-1.csv").open())
+    assert (cpu_row["p99_ms"], cpu_row["device_resident_p50_ms"], cpu_row["device_resident_p99_ms"]) == ("3.99", "", "")
+    assert "dev p50" not in table(cpu.rows)[0] and "device-resident" not in "\n".join(table(cpu.rows))
+    cpu_md = Path(write_report([tmp_path / "cpu"], tmp_path / "cpu-report")["markdown"]).read_text()
+    assert "device-resident p50 ms" not in cpu_md
+
+
 class WrongLogits(TorchEager):
     """A backend whose logits are off: it must be timed, kept, and never ranked."""
 

@@ -125,7 +125,8 @@ def random_init_model(preset: str, fusion: str) -> FusionModel:
 def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> tuple[Artifacts, dict]:
     """The model (trained if a checkpoint exists) and the exports the chosen backends load (ONNX, a ``.pt2``): the
     checkpoint's own where their verification passed, else ones written under ``work_dir``. An export that cannot
-    be built here is left out, with the reason in ``Artifacts.failed``."""
+    be built here is left out, with the reason in ``Artifacts.failed``. A ``--seq-len`` longer than the model's text
+    encoder reads is refused first, before minutes of exports."""
     checkpoint = find_checkpoint(cfg.models_dir, cfg.preset, fusion)
     if checkpoint is not None:
         model, train_cfg = load_model(checkpoint)
@@ -135,6 +136,9 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
         model = random_init_model(cfg.preset, fusion)
         source = {"weights": "untrained (random init; latency does not depend on the weights)"}
         calibration = partial(calibration_sample, model.cfg, None, 0)  # the embedded dataset's validation split
+    seq_len = cfg.seq_len or model.cfg.max_text_len
+    if seq_len > (positions := model.text_encoder.max_positions):  # before any export (minutes) and any row
+        raise UserError(f"--seq-len {seq_len}: the {cfg.preset} text encoder reads at most {positions} tokens")
     artifacts = Artifacts(model)
     device = resolve_device(cfg.device)
     weights = {"checkpoint_hash": source["checkpoint_hash"]} if checkpoint else {"weights": "untrained, seed 0"}
@@ -443,8 +447,6 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
             continue
         artifacts, source = load_artifacts(cfg, fusion, out_dir, log)
         seq_len = cfg.seq_len or artifacts.model.cfg.max_text_len
-        if seq_len > (positions := artifacts.model.text_encoder.max_positions):  # before any row: no partial file
-            raise UserError(f"--seq-len {seq_len}: the {cfg.preset} text encoder reads at most {positions} tokens")
         cell = Cell(fusion, seq_len, forward_flops(artifacts.model, seq_len)["total"], source)
         for name in cfg.backends:
             if (fusion, name) in done:

@@ -222,6 +222,9 @@ def test_latency_uses_trained_checkpoints_under_any_run_name(tmp_path, small_dat
     (["--warmup-seconds", "nan"], "Invalid value for '--warmup-seconds': must be a finite number, got nan"),
     (["--fusion", "early", "--backends", "torch", "--seq-len", "1000"],
      "--seq-len 1000: the tiny text encoder reads at most 512 tokens"),
+    # refused before the export the backend loads is made (a pt2 or TensorRT build takes minutes)
+    (["--fusion", "early", "--backends", "onnxruntime", "--seq-len", "600"],
+     "--seq-len 600: the tiny text encoder reads at most 512 tokens"),
     # asked only for backends that cannot run here: an error naming each reason, not a record of nothing
     (["--backends", "tensorrt,torch-cudagraphs"], "nothing to time here: tensorrt: TensorRT runs on CUDA devices "
      "only (TensorRT needs a CUDA GPU and the tensorrt package: pip install \"fusionprof[trt]\" on a CUDA machine); "
@@ -237,6 +240,7 @@ def test_latency_errors_are_one_line(args, message, tmp_path):
     code, out = run_cli("latency", *QUICK, *args, "--out", tmp_path, "--quiet")  # args after QUICK: they stand
     assert code != 0 and message in out.strip().splitlines()[-1] and "Traceback" not in out
     assert not list(tmp_path.rglob("latency-*"))  # no record, not even an unfinished one
+    assert not list(tmp_path.rglob("*.onnx"))  # nor any export: every option is checked before it
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@ from fusionprof.config import model_config, to_dict
 from fusionprof.env import fingerprint
 from fusionprof.errors import UserError, first_line
 from fusionprof.export import (
+    PARITY_MAX_BATCH,
     checkpoint_calibration,
     export_int8_onnx,
     export_onnx,
@@ -260,6 +261,13 @@ class Prepared:
     first_call_ms: float
     first_batch: int
     passed: bool
+    # The largest batch's row where checking parity there failed (memory, a shape refused): that batch is not timed,
+    # the batches below it are
+    unchecked: LatencyRow | None = None
+
+    def times(self, batch_size: int) -> bool:
+        """Whether a cell at ``batch_size`` is timed: every one but an unchecked largest batch's."""
+        return self.unchecked is None or batch_size != self.unchecked.batch_size
 
 
 def prepare_backend(name: str, artifacts: Artifacts, device: torch.device, cfg: SweepConfig, cell: Cell) -> Prepared:
@@ -271,9 +279,17 @@ def prepare_backend(name: str, artifacts: Artifacts, device: torch.device, cfg: 
     start = time.perf_counter()
     backend.run(*inputs)  # host logits: the call has finished when it returns
     first_call_ms = (time.perf_counter() - start) * 1e3
-    # tolerances stated per precision; the largest batch timed is among the shapes checked
-    passed = parity(artifacts.model, backend, cfg.precision, largest_batch=max(cfg.batch_sizes))["passed"]
-    return Prepared(name, backend, artifacts.model, cell, load_seconds, first_call_ms, first_batch, passed)
+    largest, unchecked = max(cfg.batch_sizes), None
+    try:  # tolerances stated per precision; the largest batch timed is among the shapes checked
+        passed = parity(artifacts.model, backend, cfg.precision, largest_batch=largest)["passed"]
+    except CELL_FAILURES as e:
+        if largest <= PARITY_MAX_BATCH:  # at a shape every backend is checked at: no use here
+            raise
+        # at the largest batch, most often (memory: the eager reference's or the backend's): its row says so, and
+        # the smaller batches are checked without it and timed, rather than lost with it
+        unchecked = LatencyRow(cell.fusion, name, f"failed: checking parity: {_failure(e, device)}", batch_size=largest)
+        passed = parity(artifacts.model, backend, cfg.precision, largest_batch=PARITY_MAX_BATCH)["passed"]
+    return Prepared(name, backend, artifacts.model, cell, load_seconds, first_call_ms, first_batch, passed, unchecked)
 
 
 @dataclass
@@ -507,14 +523,14 @@ def time_in_rounds(prepared: list[Prepared], cfg: SweepConfig, bar: tqdm, device
         for i, p in enumerate(prepared):
             out += [row_of(p, b, visits[(i, b)], interleaved=cfg.rounds > 1) for b in cfg.batch_sizes
                     if visits.get((i, b))]
-            out += [failed[i]] if i in failed else []
+            out += [failed[i]] if i in failed else [p.unchecked] if p.unchecked else []
         return out
 
     bar.update(first_round * len(cells))
     for r, (i, batch_size) in visit_order(cells, cfg.rounds, first_round):
         bar.update(1)
         p = prepared[i]
-        if i not in failed:
+        if i not in failed and p.times(batch_size):
             bar.set_postfix_str(f"{p.cell.fusion}/{p.name}/bs{batch_size} round {r + 1}")
             try:
                 visits.setdefault((i, batch_size), []).append(visit_cell(p, batch_size, per_visit))

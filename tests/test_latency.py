@@ -430,6 +430,30 @@ def test_onnxruntime_and_openvino_failures_are_rows_and_the_sweep_goes_on(tmp_pa
     assert "  failed: out of memory (onnxruntime at batch 64, seq 24: Failed to allocate memory" in out
 
 
+def test_a_backend_that_cannot_be_checked_at_the_largest_batch_is_timed_at_the_others(tmp_path):
+    """Parity runs at the largest batch before any cell is timed; memory running out there (the backend's, as here,
+    or the eager reference's) made the whole backend one failed row, and the batches it runs were lost with it. Now
+    that batch's row says why and the others are checked without it and timed, in every round."""
+    from fusionprof.atomic import write_json
+
+    onnx = stand_in_onnx(tmp_path / socket.gethostname() / "onnx" / "tiny-early" / "model.onnx", "memory")
+    write_json(onnx.with_name("model.onnx.made-from.json"), {"weights": "untrained, seed 0"})
+    code, out = run_cli("latency", "--fusion", "early", "--backends", "onnxruntime,openvino,torch", "--batch-sizes",
+                        "1,64", "--rounds", "2", "--models", tmp_path / "none", "--out", tmp_path, "--quiet", *QUICK)
+    assert code == 0 and "Traceback" not in out, out
+    [path] = tmp_path.glob("*/latency-*.json")
+    rows = [(r["backend"], r["batch_size"], r["status"], len(r.get("rounds_p50_ms") or []))
+            for r in json.loads(path.read_text())["rows"]]
+    assert rows == [  # the stand-in's logits are not the model's: timed, kept, marked (at batch 1, 3 and 8)
+        ("onnxruntime", 1, PARITY_FAILED, 2),
+        ("onnxruntime", 64, "failed: checking parity: out of memory (onnxruntime at batch 64, seq 24: Failed to "
+                            "allocate memory for requested buffer of size 1125899906842624)", 0),
+        ("openvino", 1, PARITY_FAILED, 2),
+        ("openvino", 64, "failed: checking parity: out of memory (openvino at batch 64, seq 24: Failed to allocate "
+                         "1125899906842624 bytes of memory)", 0),
+        ("torch", 1, "ok", 2), ("torch", 64, "ok", 2)]
+
+
 @pytest.mark.parametrize("message", [
     # onnxruntime 1.31's arena, as it said it at batch 64 above, and as 1.19 said it on CUDA (the status on a line of
     # its own); OpenVINO's CPU plugin; std::bad_alloc as libstdc++ and MSVC name it

@@ -32,7 +32,7 @@ from fusionprof.config import ModelConfig, TrainConfig, model_config, train_conf
 from fusionprof.env import NATIVE_LOW_PRECISIONS, cpu_isa, device_label, machine_name
 from fusionprof.errors import UserError
 from fusionprof.export import export
-from fusionprof.latency import SweepConfig, check_sweep, default_rounds, sweep, trace_inference
+from fusionprof.latency import SweepConfig, check_sweep, check_unique, default_rounds, sweep, trace_inference
 from fusionprof.latency_output import table
 from fusionprof.load import LoadConfig, load
 from fusionprof.measure import DRIFT_WARNING, Protocol
@@ -73,6 +73,7 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
                             protocol=protocol or Protocol(), rounds=rounds or default_rounds(preset))
     if batch_sizes:
         sweep_cfg.batch_sizes = batch_sizes
+    check_unique("--backends", backends or [])  # the swept backends are the registry's, filtered: seen here only
     for name in backends or []:
         BACKENDS.get(name)  # an unknown name fails here
     sweep_cfg.backends = [b for b in sweep_cfg.backends if wanted(BACKENDS.get(b), device, backends)]
@@ -259,6 +260,7 @@ CPU_PRECISIONS = ("fp32", *NATIVE_LOW_PRECISIONS)
 def chosen_low_precisions(precisions: list[str], device: str, log) -> list[str]:
     """``--precisions``: fp32 (the study's reference: exports and the load stage use it) and the low precisions
     asked for, swept on the CPU whatever its flags; one line each says which of the precision's flags it has."""
+    check_unique("--precisions", precisions)
     unknown = [p for p in precisions if p not in CPU_PRECISIONS]
     if unknown or "fp32" not in precisions:
         raise UserError(f"--precisions {','.join(precisions)}: fp32 and any of {', '.join(CPU_PRECISIONS[1:])} "

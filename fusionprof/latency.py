@@ -38,6 +38,7 @@ from fusionprof.config import model_config, to_dict
 from fusionprof.env import fingerprint
 from fusionprof.errors import UserError, first_line
 from fusionprof.export import (
+    PARITY_MAX_BATCH,
     checkpoint_calibration,
     export_int8_onnx,
     export_onnx,
@@ -125,7 +126,8 @@ def random_init_model(preset: str, fusion: str) -> FusionModel:
 def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> tuple[Artifacts, dict]:
     """The model (trained if a checkpoint exists) and the exports the chosen backends load (ONNX, a ``.pt2``): the
     checkpoint's own where their verification passed, else ones written under ``work_dir``. An export that cannot
-    be built here is left out, with the reason in ``Artifacts.failed``."""
+    be built here is left out, with the reason in ``Artifacts.failed``. A ``--seq-len`` longer than the model's text
+    encoder reads is refused first, before minutes of exports."""
     checkpoint = find_checkpoint(cfg.models_dir, cfg.preset, fusion)
     if checkpoint is not None:
         model, train_cfg = load_model(checkpoint)
@@ -135,6 +137,9 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
         model = random_init_model(cfg.preset, fusion)
         source = {"weights": "untrained (random init; latency does not depend on the weights)"}
         calibration = partial(calibration_sample, model.cfg, None, 0)  # the embedded dataset's validation split
+    seq_len = cfg.seq_len or model.cfg.max_text_len
+    if seq_len > (positions := model.text_encoder.max_positions):  # before any export (minutes) and any row
+        raise UserError(f"--seq-len {seq_len}: the {cfg.preset} text encoder reads at most {positions} tokens")
     artifacts = Artifacts(model)
     device = resolve_device(cfg.device)
     weights = {"checkpoint_hash": source["checkpoint_hash"]} if checkpoint else {"weights": "untrained, seed 0"}
@@ -256,6 +261,13 @@ class Prepared:
     first_call_ms: float
     first_batch: int
     passed: bool
+    # The largest batch's row where checking parity there failed (memory, a shape refused): that batch is not timed,
+    # the batches below it are
+    unchecked: LatencyRow | None = None
+
+    def times(self, batch_size: int) -> bool:
+        """Whether a cell at ``batch_size`` is timed: every one but an unchecked largest batch's."""
+        return self.unchecked is None or batch_size != self.unchecked.batch_size
 
 
 def prepare_backend(name: str, artifacts: Artifacts, device: torch.device, cfg: SweepConfig, cell: Cell) -> Prepared:
@@ -267,9 +279,17 @@ def prepare_backend(name: str, artifacts: Artifacts, device: torch.device, cfg: 
     start = time.perf_counter()
     backend.run(*inputs)  # host logits: the call has finished when it returns
     first_call_ms = (time.perf_counter() - start) * 1e3
-    # tolerances stated per precision; the largest batch timed is among the shapes checked
-    passed = parity(artifacts.model, backend, cfg.precision, largest_batch=max(cfg.batch_sizes))["passed"]
-    return Prepared(name, backend, artifacts.model, cell, load_seconds, first_call_ms, first_batch, passed)
+    largest, unchecked = max(cfg.batch_sizes), None
+    try:  # tolerances stated per precision; the largest batch timed is among the shapes checked
+        passed = parity(artifacts.model, backend, cfg.precision, largest_batch=largest)["passed"]
+    except CELL_FAILURES as e:
+        if largest <= PARITY_MAX_BATCH:  # at a shape every backend is checked at: no use here
+            raise
+        # at the largest batch, most often (memory: the eager reference's or the backend's): its row says so, and
+        # the smaller batches are checked without it and timed, rather than lost with it
+        unchecked = LatencyRow(cell.fusion, name, f"failed: checking parity: {_failure(e, device)}", batch_size=largest)
+        passed = parity(artifacts.model, backend, cfg.precision, largest_batch=PARITY_MAX_BATCH)["passed"]
+    return Prepared(name, backend, artifacts.model, cell, load_seconds, first_call_ms, first_batch, passed, unchecked)
 
 
 @dataclass
@@ -379,6 +399,8 @@ def check_sweep(cfg: SweepConfig) -> torch.device:
     check_precision(cfg.precision, device, INFERENCE_PRECISIONS)
     if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
         raise UserError("--batch-sizes must be whole numbers of at least 1")
+    for option, values in (("--fusion", cfg.fusions), ("--backends", cfg.backends), ("--batch-sizes", cfg.batch_sizes)):
+        check_unique(option, values)
     for name in cfg.backends:
         BACKENDS.get(name)  # unknown names fail here
     if cfg.rounds < 1:
@@ -391,6 +413,16 @@ def check_sweep(cfg: SweepConfig) -> torch.device:
     if all(reasons.values()):
         raise UserError("nothing to time here: " + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
     return device
+
+
+def check_unique(option: str, values: list) -> None:
+    """A one-line error naming a value given twice: ``--batch-sizes 1,1`` would time one cell twice, as two rows,
+    and is more likely a typo than a wish (refused rather than quietly made one, so the user sees what they typed)."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise UserError(f"{option} {','.join(map(str, values))}: {value} is given twice")
+        seen.add(value)
 
 
 def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = False) -> LatencyRecord:
@@ -431,8 +463,6 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
             continue
         artifacts, source = load_artifacts(cfg, fusion, out_dir, log)
         seq_len = cfg.seq_len or artifacts.model.cfg.max_text_len
-        if seq_len > (positions := artifacts.model.text_encoder.max_positions):  # before any row: no partial file
-            raise UserError(f"--seq-len {seq_len}: the {cfg.preset} text encoder reads at most {positions} tokens")
         cell = Cell(fusion, seq_len, forward_flops(artifacts.model, seq_len)["total"], source)
         for name in cfg.backends:
             if (fusion, name) in done:
@@ -446,7 +476,7 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
                 continue
             try:
                 prepared = prepare_backend(name, artifacts, device, cfg, cell)
-            except (UserError, RuntimeError) as e:  # it cannot load here: a row says why, the sweep goes on
+            except CELL_FAILURES as e:  # it cannot load here: a row says why, the sweep goes on
                 rows += earlier.get((fusion, name), []) + [LatencyRow(fusion, name, f"failed: {_failure(e, device)}")]
                 bar.update(per_pair)
                 continue
@@ -493,24 +523,30 @@ def time_in_rounds(prepared: list[Prepared], cfg: SweepConfig, bar: tqdm, device
         for i, p in enumerate(prepared):
             out += [row_of(p, b, visits[(i, b)], interleaved=cfg.rounds > 1) for b in cfg.batch_sizes
                     if visits.get((i, b))]
-            out += [failed[i]] if i in failed else []
+            out += [failed[i]] if i in failed else [p.unchecked] if p.unchecked else []
         return out
 
     bar.update(first_round * len(cells))
     for r, (i, batch_size) in visit_order(cells, cfg.rounds, first_round):
         bar.update(1)
         p = prepared[i]
-        if i not in failed:
+        if i not in failed and p.times(batch_size):
             bar.set_postfix_str(f"{p.cell.fusion}/{p.name}/bs{batch_size} round {r + 1}")
             try:
                 visits.setdefault((i, batch_size), []).append(visit_cell(p, batch_size, per_visit))
-            except (UserError, RuntimeError) as e:
+            except CELL_FAILURES as e:
                 which = f" (round {r + 1})" if cfg.rounds > 1 else ""
                 failed[i] = LatencyRow(p.cell.fusion, p.name, f"failed: {_failure(e, device)}{which}",
                                        batch_size=batch_size)
         if after_round and r + 1 < cfg.rounds and (i, batch_size) == (cells[-1] if r % 2 == 0 else cells[0]):
             after_round(rows())
     return rows()
+
+
+# What a backend raises where it cannot load or run a cell: ours (the onnxruntime and openvino backends' for their
+# runtime's errors too), memory's (``MemoryError``: theirs for memory running out) and ``RuntimeError`` (PyTorch's, OOM
+# among them). ``_failure`` tells which of them is a row and which a bug.
+CELL_FAILURES = (UserError, MemoryError, RuntimeError)
 
 
 def _failure(e: Exception, device: torch.device) -> str:

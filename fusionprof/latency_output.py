@@ -17,8 +17,9 @@ from fusionprof.records import (
     visit_spread,
 )
 
-CSV_COLUMNS = ["fusion", "backend", "batch_size", "status", "parity_passed", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
-               "std_ms", "cv", "n", "throughput_samples_per_s", "achieved_gflops", "share_of_matmul_yardstick",
+CSV_COLUMNS = ["fusion", "backend", "batch_size", "status", "parity_passed", "p50_ms", "p90_ms", "p99_ms",
+               "device_resident_p50_ms", "device_resident_p99_ms", "mean_ms", "std_ms", "cv", "n",
+               "throughput_samples_per_s", "achieved_gflops", "share_of_matmul_yardstick",
                "above_yardstick", "mfu",
                "first_call_of_fresh_backend_ms", "first_call_batch_size", "load_seconds", "cv_warning",
                "drift", "drift_warning",
@@ -33,19 +34,36 @@ def write_record(record: LatencyRecord, path: Path) -> None:
 
 
 def write_csv(path: Path, rows: list[LatencyRow]) -> None:
-    """One line per row; an empty cell where a row has no such figure (p99 below enough samples, a skip)."""
+    """One line per row; an empty cell where a row has no such figure (p99 below enough samples, a skip, the
+    device-resident figures of a CPU row)."""
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows({**r.contention, **r.to_dict()} for r in rows)
+            writer.writerows({**r.contention, **r.to_dict(), **device_resident_figures(r)} for r in rows)
     atomic_write(path, write)
 
 
+def device_resident_figures(row: LatencyRow) -> dict[str, float | None]:
+    """A CUDA row's device-resident p50 and p99 (CUDA events, no copies), to stand beside its copy-inclusive ones;
+    its p99 None below ``P99_MIN_SAMPLES`` samples, as every p99 is. Nothing for a row without such timing."""
+    resident = row.device_resident
+    return {"device_resident_p50_ms": resident.p50_ms, "device_resident_p99_ms": resident.p99_ms} if resident else {}
+
+
+def _resident_cells(row: LatencyRow) -> str:
+    """The table's device-resident p50 and p99 of ``row`` ("–" where it has none)."""
+    t = row.device_resident
+    figures = (t.p50_ms, t.p99_ms) if t else (None, None)
+    return "".join(f"{'–' if ms is None else format(ms, '.2f'):>9}" for ms in figures)
+
+
 def table(rows: list[LatencyRow]) -> list[str]:
-    """The end-of-run table, one line per cell; unavailable backends get one line with their reason."""
-    lines = [f"{'fusion':<11}{'backend':<15}{'bs':>4}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'CV':>7}"
-             f"{'samples/s':>11}{'GFLOP/s':>9}"]
+    """The end-of-run table, one line per cell; unavailable backends get one line with their reason. On CUDA the
+    device-resident p50 and p99 stand beside the copy-inclusive ones (no such columns where no row has them)."""
+    resident = any(r.device_resident is not None for r in rows)
+    lines = [f"{'fusion':<11}{'backend':<15}{'bs':>4}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}"
+             + (f"{'dev p50':>9}{'dev p99':>9}" if resident else "") + f"{'CV':>7}{'samples/s':>11}{'GFLOP/s':>9}"]
     for r in rows:
         if r.host is None:
             lines.append(f"{r.fusion:<11}{r.backend:<15}{r.batch_size or '':>4}  {r.status}")
@@ -58,9 +76,13 @@ def table(rows: list[LatencyRow]) -> list[str]:
             " +" if r.beside_busy_neighbour else "") + (
             "" if r.ok else f" WRONG: {r.status}")
         lines.append(f"{r.fusion:<11}{r.backend:<15}{r.batch_size:>4}{t.p50_ms:>10.2f}{t.p90_ms:>10.2f}{p99:>10}"
-                     f"{cv:>7}{r.throughput_samples_per_s:>11.1f}{r.achieved_gflops:>9.1f}{warn}")
+                     + (_resident_cells(r) if resident else "")
+                     + f"{cv:>7}{r.throughput_samples_per_s:>11.1f}{r.achieved_gflops:>9.1f}{warn}")
     timed = [r for r in rows if r.host is not None]
-    if any(r.host.p99_ms is None for r in timed):
+    if resident:
+        lines.append("dev p50, dev p99: device-resident (CUDA events, inputs and logits on the GPU, no copies); the "
+                     "other figures include the host→device and device→host copies")
+    if any(t.p99_ms is None for r in timed for t in (r.host, r.device_resident) if t is not None):
         one = "; CV needs at least 2 (a cell of one call: --min-calls 1, or a call past the time cap)"
         lines.append(f"– p99 needs at least {P99_MIN_SAMPLES} samples (--min-calls {P99_MIN_SAMPLES})"
                      + (one if any(r.host.cv is None for r in timed) else ""))

@@ -25,7 +25,7 @@ from fusionprof.figures import batch_axis, plain_axis, pyplot, save_figure, slug
 from fusionprof.latency_output import fusion_ranking
 from fusionprof.load_report import load_section
 from fusionprof.loadgen import LoadRecord
-from fusionprof.measure import DRIFT_WARNING
+from fusionprof.measure import DRIFT_WARNING, P99_MIN_SAMPLES
 from fusionprof.metrics import percent
 from fusionprof.records import (
     PARTIAL_KIND,
@@ -428,6 +428,7 @@ def latency_section(rec: Records, out_dir: Path) -> list[tuple]:
                                   ("throughput", "samples/s (batch / mean latency) vs batch size")):
                 png = plot_vs_batch(sweep, metric, colors, out_dir)
                 blocks.append(("img", f"report/{png.name}", f"{label}, one line per backend — {sweep.title}"))
+        blocks += copies_table(sweep.rows)
         not_shown: dict[tuple[str, str], int] = defaultdict(int)
         for r in sweep.record.rows:
             if not r.ok:
@@ -436,6 +437,21 @@ def latency_section(rec: Records, out_dir: Path) -> list[tuple]:
             blocks += [("p", "Not plotted (not timed, or timed and failed parity):"),
                        ("table", ["backend", "status", "cells"], [[*k, n] for k, n in sorted(not_shown.items())])]
     return blocks
+
+
+def copies_table(rows: list[LatencyRow]) -> list[tuple]:
+    """A CUDA sweep's cells with the host↔device copies and without (device-resident: CUDA events, inputs and logits
+    on the GPU), side by side as the spec has them; nothing for a sweep without device-resident timing (the CPU's).
+    A p99 only from ``P99_MIN_SAMPLES`` samples, as everywhere ("–" below)."""
+    resident = [r for r in rows if r.device_resident is not None]
+    if not resident:
+        return []
+    table = [[r.fusion, r.backend, r.batch_size, _fmt(r.host.p50_ms), _fmt(r.device_resident.p50_ms),
+              _fmt(r.host.p99_ms), _fmt(r.device_resident.p99_ms)] for r in resident]
+    return [("p", "With the copies (host inputs → host logits, what the plots show) and device-resident (CUDA events, "
+                  f"no copies), per cell; a p99 from {P99_MIN_SAMPLES} samples up:"),
+            ("table", ["fusion", "backend", "batch", "p50 ms", "device-resident p50 ms", "p99 ms",
+                       "device-resident p99 ms"], table)]
 
 
 def _backend_colors(rec: Records) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import resource
 from pathlib import Path
 
@@ -18,11 +19,27 @@ INFERENCE_PRECISIONS = (*PRECISIONS, "int8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# What an allocator says when memory runs out, where the error has no type that says so: PyTorch's CPU allocator (a
+# RuntimeError), onnxruntime's arena ("Failed to allocate memory for requested buffer of size N", in a ``Fail`` or
+# ``RuntimeException``, not even a RuntimeError), OpenVINO's CPU plugin ("Failed to allocate N bytes of memory"), and
+# C++'s std::bad_alloc, which both runtimes pass on as its text ("std::bad_alloc"; "bad allocation" from MSVC's).
+_ALLOCATOR_OUT_OF_MEMORY = re.compile(r"DefaultCPUAllocator: can't allocate memory"
+                                      r"|Failed to allocate (memory|\d+ bytes)|(std::)?bad_alloc|bad allocation")
+
+
 def out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is an allocation that failed: CUDA's ``OutOfMemoryError``, or the ``RuntimeError`` PyTorch's
-    CPU allocator raises (it has no type of its own)."""
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error))
+    """Whether ``error`` is an allocation that failed: CUDA's ``OutOfMemoryError``, Python's ``MemoryError`` (numpy's,
+    and what the onnxruntime and openvino backends make of their runtime's), or any error in whose message an
+    allocator says so (``allocator_words``)."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or allocator_words(error) is not None
+
+
+def allocator_words(error: BaseException) -> str | None:
+    """What the allocator said in ``error``'s message, to the end of its line (a runtime's message may say it on its
+    third line, after a page of source paths), or None where no allocator ran out of memory."""
+    message = str(error)
+    found = _ALLOCATOR_OUT_OF_MEMORY.search(message)
+    return message[found.start():].splitlines()[0] if found else None
 
 
 def resolve_device(name: str) -> torch.device:

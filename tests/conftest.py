@@ -240,3 +240,37 @@ def write_coco2017(small_data, root):
     write_coco_file(root / "annotations" / "captions_train2017.json", files, caps)
     write_coco_file(root / "annotations" / "captions_val2017.json", files, caps)
     return root
+
+
+def stand_in_onnx(path, fails: str, image_size: int = 64):
+    """A real ONNX graph with the tiny model's inputs and output (logits = the images' mean, whatever the captions)
+    that onnxruntime and openvino run at batch 1 and 8 and fail at batch 64 on their own: ``fails="memory"`` fills a
+    tensor of N × N⁴ × N³ zeros (64 MiB at batch 8, a pebibyte at 64), ``"reshape"`` reshapes the N logits to one
+    (onnxruntime refuses it from batch 2 on). Written where ``path`` says, its folders made."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    batch = [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, image_size, image_size]),
+             helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "L"]),
+             helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "L"])]
+    logits = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N"])]
+    mean = helper.make_node("ReduceMean", ["images"], ["mean"], axes=[1, 2, 3], keepdims=0)
+    if fails == "memory":
+        constants = [helper.make_tensor(name, TensorProto.INT64, [1], [value])
+                     for name, value in (("first", 0), ("four", 4), ("three", 3))]
+        nodes = [helper.make_node("Shape", ["images"], ["shape"]),
+                 helper.make_node("Gather", ["shape", "first"], ["n"], axis=0),
+                 helper.make_node("Pow", ["n", "four"], ["n4"]), helper.make_node("Pow", ["n", "three"], ["n3"]),
+                 helper.make_node("Concat", ["n", "n4", "n3"], ["zeros_shape"], axis=0),
+                 helper.make_node("ConstantOfShape", ["zeros_shape"], ["zeros"]),
+                 helper.make_node("ReduceMean", ["zeros"], ["nothing"], axes=[1, 2], keepdims=0),
+                 helper.make_node("Add", ["mean", "nothing"], ["logits"])]
+    else:
+        constants = [helper.make_tensor("one", TensorProto.INT64, [1], [1])]
+        nodes = [helper.make_node("Reshape", ["mean", "one"], ["logits"])]
+    graph = helper.make_graph([mean, *nodes], f"fails-{fails}", batch, logits, constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import stand_in_onnx
 
 from fusionprof.backends import Artifacts, backend_for_format, backend_names, create_backend, export_formats
 from fusionprof.backends.base import BACKENDS, EXPORT_FORMATS
@@ -14,6 +15,7 @@ from fusionprof.checkpoint import load_model
 from fusionprof.config import model_config
 from fusionprof.errors import UserError
 from fusionprof.export import TOLERANCES, record_name
+from fusionprof.latency import random_init_model
 from fusionprof.models import build_model, fusion_names
 from fusionprof.models.model import example_inputs
 from fusionprof.runtime import INFERENCE_PRECISIONS, PRECISIONS, native_bf16
@@ -172,9 +174,26 @@ def test_onnxruntime_needs_an_export_and_a_whole_file(artifacts, tmp_path):
         create_backend("onnxruntime", Artifacts(art.model), CPU)
     truncated = tmp_path / "model.onnx"
     truncated.write_bytes(art.onnx.read_bytes()[:5000])
-    with pytest.raises(UserError, match=r"model.onnx: onnxruntime cannot load it \(") as e:
+    with pytest.raises(UserError, match=r"model.onnx: onnxruntime cannot load it: ") as e:
         create_backend("onnxruntime", Artifacts(art.model, onnx=truncated), CPU)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name,says", [
+    ("onnxruntime", "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: images for the "
+                    "following indices; index: 2 Got: 32 Expected: 64; index: 3 Got: 32 Expected: 64"),
+    ("openvino", "ParameterMismatch: Can not clone with new dims. Descriptor's shape: {0 - ?, 3, 64, 64} is "
+                 "incompatible with provided dimensions: {2, 3, 32, 32}.")])
+def test_a_runtime_refusing_its_inputs_says_so_in_one_line_with_their_shape(name, says, tmp_path):
+    """onnxruntime raises ``InvalidArgument`` (no RuntimeError), OpenVINO a RuntimeError whose first three lines name
+    its source files: each is a one-line ``UserError`` naming the runtime, the shape and what the runtime said."""
+    model = random_init_model("tiny", "early")
+    backend = create_backend(name, Artifacts(model, onnx=stand_in_onnx(tmp_path / "model.onnx", "memory")), CPU)
+    images, ids, mask = example_inputs(model.cfg, 2)
+    assert backend.run(images, ids, mask).shape == (2,)
+    with pytest.raises(UserError) as e:
+        backend.run(images[:, :, :32, :32], ids, mask)  # an image size the graph does not take
+    assert str(e.value).startswith(f"{name} at batch 2, seq 24: {says}") and "\n" not in str(e.value)
 
 
 def test_tensorrt_profile_covers_every_shape():

@@ -4,6 +4,7 @@ run; `train --profile`."""
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import NO_CUDA_64
+from conftest import NO_CUDA_64, stand_in_onnx
 
 from fusionprof.backends import BACKENDS, backend_names
 from fusionprof.backends.torch_eager import TorchEager
@@ -80,6 +81,54 @@ def test_latency_sweep_writes_self_describing_records(tmp_path):
     assert {r["parity_passed"] for r in rows if r["status"] == "ok"} == {"True"} and rows[0]["p99_ms"] == ""
     typed = LatencyRecord.from_dict(record, path)  # the same code reads what it wrote
     assert typed.to_dict() == record and LatencyRecord.from_dict(typed.to_dict()) == typed
+
+
+H200_TINY = Path(__file__).parent.parent / "profiles/h200/latency-tiny-cuda-bf16-20261127T033202Z.json"
+
+
+def test_device_resident_figures_stand_beside_the_copies_in_the_csv_table_and_report(tmp_path):
+    """On CUDA every row carries device-resident timing (CUDA events, no copies) beside the copy-inclusive one, as the
+    spec asks; it was in the JSON only. The CSV, the printed table and the report show its p50 and p99 beside theirs
+    (a p99 from 100 samples up, as every p99). A CPU sweep's table has no such columns, its CSV empty cells."""
+    from fusionprof.latency_output import table, write_record
+    from fusionprof.records import DEVICE_TIMING, HOST_TIMING, LatencyRow, Timing
+
+    def row(batch: int, calls: int, host_ms: float, resident_ms: float | None) -> LatencyRow:  # as row_of makes one
+        def timing(low: float, clock: str) -> Timing:
+            return Timing.of(np.linspace(low, low + 1, calls).tolist(), clock)  # p50 low + 0.5, p99 low + 0.99
+        return LatencyRow("mid", "torch", "ok", batch, timing(host_ms, HOST_TIMING if resident_ms else CPU_TIMING),
+                          timing(resident_ms, DEVICE_TIMING) if resident_ms else None, seq_len=24,
+                          flops_per_sample=1e9, parity_passed=True)
+
+    rows = [row(1, 101, 3.0, 1.0).to_dict(), row(8, 50, 7.0, 5.0).to_dict()]
+    record = LatencyRecord.from_dict({**json.loads(H200_TINY.read_text()), "rows": rows})  # a real CUDA sweep's setup
+    write_record(record, tmp_path / "h200" / "latency-tiny-cuda-bf16-1.json")
+    csv_rows = list(csv.DictReader((tmp_path / "h200" / "latency-tiny-cuda-bf16-1.csv").open()))
+    assert [(r["p50_ms"], r["device_resident_p50_ms"], r["p99_ms"], r["device_resident_p99_ms"]) for r in csv_rows] \
+        == [("3.5", "1.5", "3.99", "1.99"), ("7.5", "5.5", "", "")]  # 50 samples: no p99 of either
+    lines = table(record.rows)
+    assert lines[0].split() == ["fusion", "backend", "bs", "p50", "ms", "p90", "ms", "p99", "ms", "dev", "p50", "dev",
+                                "p99", "CV", "samples/s", "GFLOP/s"]
+    assert lines[1].split()[3:8] == ["3.50", "3.90", "3.99", "1.50", "1.99"]
+    assert lines[2].split()[3:8] == ["7.50", "7.90", "–", "5.50", "–"]
+    assert lines[3].startswith("dev p50, dev p99: device-resident (CUDA events")
+    # the committed H200 sweep, as it was written: each row's device-resident p50 in its line
+    h200 = LatencyRecord.from_dict(json.loads(H200_TINY.read_text()), H200_TINY)
+    for r, line in zip(h200.rows, table(h200.rows)[1:], strict=False):
+        assert line.split()[6] == f"{r.device_resident.p50_ms:.2f}"
+
+    report = write_report([tmp_path / "h200"], tmp_path / "report")
+    md = Path(report["markdown"]).read_text()
+    assert "| fusion | backend | batch | p50 ms | device-resident p50 ms | p99 ms | device-resident p99 ms |" in md
+    assert "| mid | torch | 1 | 3.50 | 1.50 | 3.99 | 1.99 |" in md and "| mid | torch | 8 | 7.50 | 5.50 | – | – |" in md
+
+    cpu = LatencyRecord("1", record.environment, {**record.config, "device": "cpu"}, {}, [row(1, 101, 3.0, None)])
+    write_record(cpu, tmp_path / "cpu" / "latency-tiny-cpu-fp32-1.json")
+    [cpu_row] = csv.DictReader((tmp_path / "cpu" / "latency-tiny-cpu-fp32-1.csv").open())
+    assert (cpu_row["p99_ms"], cpu_row["device_resident_p50_ms"], cpu_row["device_resident_p99_ms"]) == ("3.99", "", "")
+    assert "dev p50" not in table(cpu.rows)[0] and "device-resident" not in "\n".join(table(cpu.rows))
+    cpu_md = Path(write_report([tmp_path / "cpu"], tmp_path / "cpu-report")["markdown"]).read_text()
+    assert "device-resident p50 ms" not in cpu_md
 
 
 class WrongLogits(TorchEager):
@@ -173,17 +222,25 @@ def test_latency_uses_trained_checkpoints_under_any_run_name(tmp_path, small_dat
     (["--warmup-seconds", "nan"], "Invalid value for '--warmup-seconds': must be a finite number, got nan"),
     (["--fusion", "early", "--backends", "torch", "--seq-len", "1000"],
      "--seq-len 1000: the tiny text encoder reads at most 512 tokens"),
+    # refused before the export the backend loads is made (a pt2 or TensorRT build takes minutes)
+    (["--fusion", "early", "--backends", "onnxruntime", "--seq-len", "600"],
+     "--seq-len 600: the tiny text encoder reads at most 512 tokens"),
     # asked only for backends that cannot run here: an error naming each reason, not a record of nothing
     (["--backends", "tensorrt,torch-cudagraphs"], "nothing to time here: tensorrt: TensorRT runs on CUDA devices "
      "only (TensorRT needs a CUDA GPU and the tensorrt package: pip install \"fusionprof[trt]\" on a CUDA machine); "
      "torch-cudagraphs: CUDA graphs need a CUDA device"),
     (["--backends", "torch", "--precision", "int8"], "nothing to time here: torch: torch runs fp32 or bf16 on cpu, "
      "not int8"),
+    # a value given twice would be a cell timed twice, two rows of it: refused, naming it
+    (["--batch-sizes", "1,4,1"], "--batch-sizes 1,4,1: 1 is given twice"),
+    (["--backends", "torch,onnxruntime,torch"], "--backends torch,onnxruntime,torch: torch is given twice"),
+    (["--fusion", "early,mid,mid"], "--fusion early,mid,mid: mid is given twice"),
 ])
 def test_latency_errors_are_one_line(args, message, tmp_path):
     code, out = run_cli("latency", *QUICK, *args, "--out", tmp_path, "--quiet")  # args after QUICK: they stand
     assert code != 0 and message in out.strip().splitlines()[-1] and "Traceback" not in out
     assert not list(tmp_path.rglob("latency-*"))  # no record, not even an unfinished one
+    assert not list(tmp_path.rglob("*.onnx"))  # nor any export: every option is checked before it
 
 
 @pytest.mark.slow
@@ -335,6 +392,99 @@ def test_a_backend_failing_at_one_batch_keeps_the_batches_it_ran(error, status, 
     else:  # the failing backend was timed at batch 1 in round 1 only (2 calls of 3): its row says one visit
         assert record.rows[0].host.n >= 2 and len(record.rows[0].host.rounds_p50_ms) == 1
         assert all(len(r.host.rounds_p50_ms) == 2 and r.host.n >= 4 for r in record.rows[2:])
+
+
+def test_onnxruntime_and_openvino_failures_are_rows_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """Their runtimes' own errors (onnxruntime's ``Fail``, no RuntimeError; OpenVINO's RuntimeError) once ended the
+    sweep with a traceback and no record. Now memory running out is an out-of-memory row as PyTorch's is, any other
+    error a failed row naming the runtime and the shape, and the sweep goes on: the other cells are all there."""
+    from fusionprof.atomic import write_json
+
+    for fusion, fails in (("early", "memory"), ("late", "reshape")):  # as an earlier sweep of these weights left them
+        onnx = stand_in_onnx(tmp_path / socket.gethostname() / "onnx" / f"tiny-{fusion}" / "model.onnx", fails)
+        write_json(onnx.with_name("model.onnx.made-from.json"), {"weights": "untrained, seed 0"})
+    monkeypatch.setattr("fusionprof.latency.parity", lambda *a, **k: {"passed": True})  # the stand-ins' logits are not
+    code, out = run_cli("latency", "--fusion", "early,late", "--backends", "onnxruntime,openvino,torch",
+                        "--batch-sizes", "1,64", "--rounds", "1", "--models", tmp_path / "none", "--out", tmp_path,
+                        "--quiet", *QUICK)
+    assert code == 0 and "Traceback" not in out, out
+    [path] = tmp_path.glob("*/latency-*.json")
+    rows = {(r["fusion"], r["backend"], r["batch_size"]): r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {(f, b, n) for f in ("early", "late") for b in ("onnxruntime", "openvino", "torch")
+                         for n in (1, 64)}
+    failed = {
+        ("early", "onnxruntime", 64): "failed: out of memory (onnxruntime at batch 64, seq 24: Failed to allocate "
+                                      "memory for requested buffer of size 1125899906842624)",
+        ("early", "openvino", 64): "failed: out of memory (openvino at batch 64, seq 24: Failed to allocate "
+                                   "1125899906842624 bytes of memory)",
+        ("late", "onnxruntime", 64): "failed: onnxruntime at batch 64, seq 24: [ONNXRuntimeError] : 1 : FAIL : "
+                                     "Non-zero status code returned while running Reshape node. Name:'' Status "
+                                     "Message: input_shape_size == requested_shape_size was false. The input tensor "
+                                     "cannot be reshaped to the requested shape. Input shape:{64}, requested "
+                                     "shape:{1}"}
+    assert {cell: rows[cell]["status"] for cell in failed} == failed
+    assert all(r["status"] == "ok" and r["n"] >= 5 for cell, r in rows.items() if cell not in failed)
+    csv_rows = list(csv.DictReader(path.with_suffix(".csv").open()))
+    assert {(r["fusion"], r["backend"], int(r["batch_size"])): r["status"] for r in csv_rows} == {
+        cell: r["status"] for cell, r in rows.items()}
+    assert "  failed: out of memory (onnxruntime at batch 64, seq 24: Failed to allocate memory" in out
+
+
+def test_a_backend_that_cannot_be_checked_at_the_largest_batch_is_timed_at_the_others(tmp_path):
+    """Parity runs at the largest batch before any cell is timed; memory running out there (the backend's, as here,
+    or the eager reference's) made the whole backend one failed row, and the batches it runs were lost with it. Now
+    that batch's row says why and the others are checked without it and timed, in every round."""
+    from fusionprof.atomic import write_json
+
+    onnx = stand_in_onnx(tmp_path / socket.gethostname() / "onnx" / "tiny-early" / "model.onnx", "memory")
+    write_json(onnx.with_name("model.onnx.made-from.json"), {"weights": "untrained, seed 0"})
+    code, out = run_cli("latency", "--fusion", "early", "--backends", "onnxruntime,openvino,torch", "--batch-sizes",
+                        "1,64", "--rounds", "2", "--models", tmp_path / "none", "--out", tmp_path, "--quiet", *QUICK)
+    assert code == 0 and "Traceback" not in out, out
+    [path] = tmp_path.glob("*/latency-*.json")
+    rows = [(r["backend"], r["batch_size"], r["status"], len(r.get("rounds_p50_ms") or []))
+            for r in json.loads(path.read_text())["rows"]]
+    assert rows == [  # the stand-in's logits are not the model's: timed, kept, marked (at batch 1, 3 and 8)
+        ("onnxruntime", 1, PARITY_FAILED, 2),
+        ("onnxruntime", 64, "failed: checking parity: out of memory (onnxruntime at batch 64, seq 24: Failed to "
+                            "allocate memory for requested buffer of size 1125899906842624)", 0),
+        ("openvino", 1, PARITY_FAILED, 2),
+        ("openvino", 64, "failed: checking parity: out of memory (openvino at batch 64, seq 24: Failed to allocate "
+                         "1125899906842624 bytes of memory)", 0),
+        ("torch", 1, "ok", 2), ("torch", 64, "ok", 2)]
+
+
+@pytest.mark.parametrize("message", [
+    # onnxruntime 1.31's arena, as it said it at batch 64 above, and as 1.19 said it on CUDA (the status on a line of
+    # its own); OpenVINO's CPU plugin; std::bad_alloc as libstdc++ and MSVC name it
+    "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running ConstantOfShape node. Name:'' Status "
+    "Message: /onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:360 void* onnxruntime::BFCArena::"
+    "AllocateRawInternal(size_t, bool, onnxruntime::Stream*) Failed to allocate memory for requested buffer of size "
+    "1125899906842624\n",
+    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running Conv node. "
+    "Name:'/fc1/Conv' Status Message: \n/onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:376 void* "
+    "onnxruntime::BFCArena::"
+    "AllocateRawInternal(size_t, bool, onnxruntime::Stream*, bool, onnxruntime::WaitNotificationFn) Failed to "
+    "allocate memory for requested buffer of size 4585490524328388608",
+    "Exception from src/inference/src/cpp/infer_request.cpp:224:\n"
+    "Exception from src/plugins/intel_cpu/src/node.cpp:794:\n"
+    "[CPU] Broadcast node with name 'zeros' Check 'ptr' failed at src/plugins/intel_cpu/src/cpu_memory.cpp:257:\n"
+    "Failed to allocate 1125899906842624 bytes of memory\n\n\n",
+    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc",
+    "bad allocation"])
+def test_out_of_memory_knows_the_runtimes_words(message):
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+    from fusionprof.runtime import allocator_words, out_of_memory
+
+    for error in (Fail(message), RuntimeException(message), RuntimeError(message)):
+        assert out_of_memory(error)
+        words = allocator_words(error)
+        assert "\n" not in words and words.startswith(("Failed to allocate", "std::bad_alloc", "bad allocation"))
+    assert out_of_memory(MemoryError()) and out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    refused = "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: images"
+    assert not out_of_memory(InvalidArgument(refused)) and allocator_words(InvalidArgument(refused)) is None
+    assert not out_of_memory(RuntimeError("a bug of ours"))
 
 
 def test_an_error_that_is_no_failure_to_report_is_raised_not_hidden_in_a_row(tmp_path, monkeypatch):

@@ -625,6 +625,10 @@ def test_a_low_precision_winner_no_gate_measured_is_scored_by_its_own_answers(tm
     (["--batch-sizes", "0,8"], "--batch-sizes must be whole numbers of at least 1"),
     (["--backends", "tensorrt"], "nothing to time here: tensorrt: TensorRT runs on CUDA devices only"),
     (["--device", "cuda:64"], "--device cuda:64: "),
+    # a value given twice: refused, naming it (the swept backends and precisions would have quietly dropped it)
+    (["--precisions", "fp32,int8,fp32"], "--precisions fp32,int8,fp32: fp32 is given twice"),
+    (["--backends", "torch,torch"], "--backends torch,torch: torch is given twice"),
+    (["--batch-sizes", "8,1,8"], "--batch-sizes 8,1,8: 8 is given twice"),
 ])
 def test_a_wrong_option_is_refused_before_anything_is_trained(args, message, tmp_path):
     code, out = run_cli("compare", *args, "--out", tmp_path / "m", "--profiles", tmp_path / "p")

@@ -13,7 +13,10 @@ device type), ``label`` (its name in tables), ``compiles`` (it builds code at lo
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import torch
 from fusionprof.errors import UserError
 from fusionprof.models import FusionModel
 from fusionprof.registry import Registry
-from fusionprof.runtime import synchronize
+from fusionprof.runtime import allocator_words, out_of_memory, synchronize
 
 INPUT_NAMES = ("images", "input_ids", "attention_mask")
 OUTPUT_NAMES = ("logits",)
@@ -150,6 +153,39 @@ def inductor_status() -> tuple[bool, str]:
     except ImportError as e:
         return False, f"torch inductor cannot be imported ({e})"
     return True, ""
+
+
+@contextmanager
+def runtime_errors(what: str) -> Iterator[None]:
+    """Around a call into onnxruntime or OpenVINO, whose exceptions no caller can name (onnxruntime's ``Fail``,
+    ``InvalidArgument``, ...: none a ``RuntimeError``; OpenVINO's a page long): memory running out becomes a
+    ``MemoryError`` (``out_of_memory``, as PyTorch's would be), anything else a ``UserError``, each one line saying
+    ``what`` failed. A sweep records either as that cell's failure and goes on to the next."""
+    try:
+        yield
+    except Exception as e:
+        if out_of_memory(e):
+            raise MemoryError(f"{what}: {allocator_words(e) or runtime_words(e)}") from None
+        raise UserError(f"{what}: {runtime_words(e)}") from None
+
+
+# Where a runtime's message says where in its own source it was, not what went wrong: onnxruntime's status message
+# begins "reshape_helper.h:91 onnxruntime::ReshapeHelper::ReshapeHelper(...) ", OpenVINO's first lines are
+# "Exception from src/inference/src/cpp/infer_request.cpp:224:", one per frame, then "Check '...' failed at ...:".
+_SOURCE_POSITION = re.compile(r"\S+\.(?:h|cc|cpp):\d+ [^()\n]*\([^)\n]*\) |^Exception from \S+:\d+:$|"
+                              r"Check '.*' failed at \S+:\d+:", re.MULTILINE)
+
+
+def runtime_words(error: BaseException, limit: int = 300) -> str:
+    """What onnxruntime's or OpenVINO's message says went wrong, as one line: its source positions left out, the
+    lines left joined by "; " (onnxruntime names a wrong input on one line and its dimensions on the next)."""
+    lines = [line.strip() for line in _SOURCE_POSITION.sub("", str(error)).splitlines() if line.strip()]
+    return "; ".join(lines)[:limit] if lines else type(error).__name__
+
+
+def at_shape(runtime: str, images: torch.Tensor, input_ids: torch.Tensor) -> str:
+    """Which call failed, for ``runtime_errors``: the runtime and the inputs' shape."""
+    return f"{runtime} at batch {images.shape[0]}, seq {input_ids.shape[1]}"
 
 
 def require(path: Path | None, what: str, command: str) -> Path:

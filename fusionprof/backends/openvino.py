@@ -14,8 +14,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from fusionprof.backends.base import INPUT_NAMES, Backend, register_backend, require
-from fusionprof.errors import UserError, first_line
+from fusionprof.backends.base import INPUT_NAMES, Backend, at_shape, register_backend, require, runtime_errors
 from fusionprof.runtime import native_bf16
 
 # The precision OpenVINO computes the float part of the graph in (int8's float ops included).
@@ -42,11 +41,9 @@ class OpenVino(Backend):
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": _HINT[precision], "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": torch.get_num_threads()}  # the same threads as the torch backends
-        try:
+        with runtime_errors(f"{path}: openvino cannot compile it"):  # RuntimeError / GeneralFailure, pages long
             self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-        except Exception as e:  # OpenVINO raises RuntimeError / GeneralFailure with multi-line messages
-            raise UserError(f"{path}: openvino cannot compile it ({first_line(e)})") from None
-        self.request = self.compiled.create_infer_request()
+            self.request = self.compiled.create_infer_request()
         self.input_dtypes = {port.get_any_name(): port.get_element_type().to_dtype()
                              for port in self.compiled.inputs}
 
@@ -65,7 +62,8 @@ class OpenVino(Backend):
     def run(self, images, input_ids, attention_mask) -> np.ndarray:
         feeds = {name: np.ascontiguousarray(t.numpy(), dtype=self.input_dtypes[name])
                  for name, t in zip(INPUT_NAMES, (images, input_ids, attention_mask), strict=True)}
-        self.request.infer(feeds)
+        with runtime_errors(at_shape("openvino", images, input_ids)):
+            self.request.infer(feeds)
         return self.request.get_output_tensor(0).data.astype(np.float32)  # a copy: the next call reuses the buffer
 
     def run_on_device(self, images, input_ids, attention_mask):

@@ -7,8 +7,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusionprof.backends.base import INPUT_NAMES, QUANTIZED_GRAPH_PRECISIONS, Backend, register_backend, require
-from fusionprof.errors import UserError, first_line
+from fusionprof.backends.base import (
+    INPUT_NAMES,
+    QUANTIZED_GRAPH_PRECISIONS,
+    Backend,
+    at_shape,
+    register_backend,
+    require,
+    runtime_errors,
+)
+from fusionprof.errors import UserError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _TORCH_DTYPE = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
@@ -33,11 +41,9 @@ class OnnxRuntime(Backend):
             settings.add_session_config_entry("session.inter_op.allow_spinning", "0")
         provider = PROVIDERS[device.type]
         provider_options = [{"device_id": device.index or 0}] if device.type == "cuda" else [{}]
-        try:
+        with runtime_errors(f"{path}: onnxruntime cannot load it"):  # InvalidProtobuf, Fail, memory, ...
             self.session = ort.InferenceSession(str(path), settings, providers=[provider],
                                                 provider_options=provider_options)
-        except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
-            raise UserError(f"{path}: onnxruntime cannot load it ({first_line(e)})") from None
         used = self.session.get_providers()[0]
         if used != provider:  # ORT silently falls back to the CPU when a provider fails to load
             raise UserError(f"onnxruntime runs on {used}, not {provider} as asked (is onnxruntime-gpu installed?)")
@@ -63,7 +69,9 @@ class OnnxRuntime(Backend):
         if self.device.type == "cuda":
             return super().run(images, input_ids, attention_mask)
         feeds = {n: t.numpy() for n, t in self._cast((images, input_ids, attention_mask)).items()}
-        return self.session.run([self.output_name], feeds)[0].astype(np.float32)
+        with runtime_errors(at_shape("onnxruntime", images, input_ids)):
+            logits = self.session.run([self.output_name], feeds)[0]
+        return logits.astype(np.float32)
 
     def run_on_device(self, images, input_ids, attention_mask):
         if self.device.type == "cpu":
@@ -81,7 +89,8 @@ class OnnxRuntime(Backend):
         binding.bind_output(self.output_name, "cuda", self.device.index or 0, _np_dtype(logits), list(logits.shape),
                             logits.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch's stream are ready
-        self.session.run_with_iobinding(binding)
+        with runtime_errors(at_shape("onnxruntime", images, input_ids)):
+            self.session.run_with_iobinding(binding)
         return logits
 
     def describe(self):

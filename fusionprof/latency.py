@@ -77,7 +77,14 @@ from fusionprof.records import (
     LatencyRow,
     Timing,
 )
-from fusionprof.runtime import DTYPES, INFERENCE_PRECISIONS, check_precision, out_of_memory, resolve_device
+from fusionprof.runtime import (
+    DTYPES,
+    INFERENCE_PRECISIONS,
+    check_precision,
+    largest_peaks,
+    out_of_memory,
+    resolve_device,
+)
 
 
 @dataclass
@@ -331,7 +338,7 @@ def row_of(prepared: Prepared, batch_size: int, visits: list[Visit], interleaved
     host = timing([v.host for v in visits], HOST_TIMING if backend.device.type == "cuda" else CPU_TIMING)
     device_resident = timing([v.device_resident for v in visits], DEVICE_TIMING) \
         if visits[0].device_resident is not None else None
-    peak = {k: max(v.peak[k] for v in visits if k in v.peak) for k in dict.fromkeys(k for v in visits for k in v.peak)}
+    peak = largest_peaks([v.peak for v in visits])
     others = visits[0].contention if len(visits) == 1 else contention.combine([v.contention for v in visits])
     if backend.device.type == "cuda" and backend.cuda_memory_unseen:  # a figure that would flatter it: none at all
         peak.pop("cuda_max_allocated_mib", None)

@@ -137,6 +137,17 @@ def _host_peak_rss_mib() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, SINCE_START  # KiB on Linux
 
 
+def largest_peaks(peaks: list[dict]) -> dict:
+    """Several visits' peaks as one: the largest of each figure, and a host peak counted since process start if any
+    visit's was (then it may hold more than the cell)."""
+    out = {k: max(p[k] for p in peaks if k in p) for k in dict.fromkeys(k for p in peaks for k in p)
+           if k != "host_peak_rss_scope"}
+    scopes = {p["host_peak_rss_scope"] for p in peaks if "host_peak_rss_scope" in p}
+    if scopes:
+        out["host_peak_rss_scope"] = SINCE_START if SINCE_START in scopes else SINCE_RESET
+    return out
+
+
 def peak_memory_mib(device: torch.device) -> dict[str, float | str]:
     """Peak memory since ``reset_peak_memory``: CUDA max allocated on a GPU; the process's peak RSS on the host,
     always, with ``host_peak_rss_scope`` saying whether it is since the reset or (no /proc to reset it) since the

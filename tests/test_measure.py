@@ -96,6 +96,12 @@ def test_a_host_peak_is_of_its_own_block_not_of_what_the_process_did_before():
         torch.ones(2**20)
     assert after["host_peak_rss_scope"] == SINCE_RESET
     assert after["host_peak_rss_mib"] < with_big["host_peak_rss_mib"] - 400
+    # an interleaved sweep's cell: the largest of its visits', counted since start if any visit's was
+    from fusionprof.runtime import SINCE_START, largest_peaks
+
+    assert largest_peaks([with_big, after]) == with_big
+    unreset = {"host_peak_rss_mib": 1.0, "host_peak_rss_scope": SINCE_START}
+    assert largest_peaks([with_big, unreset]) == {**with_big, "host_peak_rss_scope": SINCE_START}
 
 
 def test_p99_only_from_enough_samples():

@@ -453,7 +453,8 @@ def run_epoch(model: nn.Module, opt: Optimization, split: SplitData, epoch: int,
     bar = tqdm(range(len(batches)), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
     for i in bar:
         last_micro_batch = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches)
-        loss_sum += micro_step(model, opt, batch_iter, cfg, device, last_micro_batch, no_sync)
+        group = accumulation_group(i, len(batches), cfg.grad_accum)
+        loss_sum += micro_step(model, opt, batch_iter, cfg, device, last_micro_batch, no_sync, group)
         if progress and i % 20 == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}")
     all_reduce_sum(d, loss_sum)  # also waits for the slowest rank: the epoch ends when all ranks are done
@@ -468,21 +469,31 @@ def epoch_pairs(split: SplitData, seed: int, epoch: int) -> tuple[Pairs, np.ndar
     return pairs, np.random.default_rng([seed, 100, epoch]).permutation(len(pairs))
 
 
+def accumulation_group(i: int, n: int, accum: int) -> int:
+    """How many micro-batches the optimizer step of micro-batch ``i`` (of an epoch's ``n``) averages: ``accum``, and
+    the rest in an epoch's last group when ``n`` is no multiple of it."""
+    return min(accum, n - i // accum * accum)
+
+
 def micro_step(model: nn.Module, opt: Optimization, batches: Iterator[Batch], cfg: TrainConfig, device: torch.device,
-               last_micro_batch: bool = True, no_sync: Callable | None = None) -> torch.Tensor:
-    """One micro-batch: fetch it, then ``train_step``; the optimizer steps on the last micro-batch."""
+               last_micro_batch: bool = True, no_sync: Callable | None = None,
+               group: int | None = None) -> torch.Tensor:
+    """One micro-batch: fetch it, then ``train_step``; the optimizer steps on the last micro-batch of its ``group``."""
     with record_function("data"):  # waiting for the loader + the host→device copy (of every field, once)
         batch = next(batches).to(device, non_blocking=device.type == "cuda")
         inputs, labels = to_inputs(batch, device)  # on the device already: only the images' normalisation is left
     # Under DDP, the gradients of accumulated micro-batches are reduced once, with the last one.
     accumulate = no_sync() if no_sync is not None and not last_micro_batch else contextlib.nullcontext()
     with accumulate:
-        return train_step(model, opt, inputs, labels, cfg, last_micro_batch, batch.image_index)
+        return train_step(model, opt, inputs, labels, cfg, last_micro_batch, batch.image_index, group)
 
 
 def train_step(model: nn.Module, opt: Optimization, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor,
-               cfg: TrainConfig, step_optimizer: bool = True, image_index: torch.Tensor | None = None) -> torch.Tensor:
+               cfg: TrainConfig, step_optimizer: bool = True, image_index: torch.Tensor | None = None,
+               group: int | None = None) -> torch.Tensor:
     """Forward, loss (ITM + ``align_weight`` × ITC), backward; then, on the last micro-batch, the optimizer step.
+    The loss is divided by the micro-batches of its step (``group``; ``--grad-accum`` if not given), so that an
+    epoch's short last group steps with their mean gradient, not a fraction of it.
 
     Returns the loss on the device: reading it is left to the caller, so a step never waits for the device.
     """
@@ -493,7 +504,7 @@ def train_step(model: nn.Module, opt: Optimization, inputs: tuple[torch.Tensor, 
     with record_function("loss"):
         loss = F.binary_cross_entropy_with_logits(logits.float(), labels) + cfg.align_weight * align_loss
     with record_function("backward"):
-        opt.scaler.scale(loss / cfg.grad_accum).backward()
+        opt.scaler.scale(loss / (group or cfg.grad_accum)).backward()
     if step_optimizer:
         with record_function("optimizer_step"):
             opt.scaler.unscale_(opt.optimizer)

@@ -247,6 +247,32 @@ def test_negative_counts_and_seeds_are_usage_errors(args, message, tmp_path):
     assert "Traceback" not in out and not (tmp_path / "out").exists()
 
 
+def test_an_epochs_short_last_accumulation_group_steps_with_its_mean_gradient():
+    """5 micro-batches with --grad-accum 2: the third step has one micro-batch, and its gradient is that batch's, not
+    half of it (the loss was divided by --grad-accum whatever the group held)."""
+    from fusionprof.train import Optimization, accumulation_group, train_step
+
+    assert [accumulation_group(i, 5, 2) for i in range(5)] == [2, 2, 2, 2, 1]
+    assert [accumulation_group(i, 6, 4) for i in range(6)] == [4, 4, 4, 4, 2, 2]
+    mcfg = model_config("tiny", fusion="late")
+    mcfg.vocab_size = 1000
+    torch.manual_seed(0)
+    model = build_model(mcfg)
+    inputs = (torch.rand(4, 3, 64, 64), torch.randint(0, 1000, (4, 12)), torch.ones(4, 12, dtype=torch.long))
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0])
+
+    def gradient(grad_accum, group):
+        cfg = train_config("tiny", grad_accum=grad_accum, align_weight=0.0, precision="fp32")
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks each time
+        train_step(model, Optimization.create(model, cfg, torch.device("cpu"), 10), inputs, labels, cfg,
+                   step_optimizer=False, group=group)
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    alone = gradient(1, None)
+    torch.testing.assert_close(gradient(2, 1), alone)  # a group of one: its own gradient
+    torch.testing.assert_close(gradient(2, None), alone / 2)  # a full group's first half
+
+
 def test_optimizer_groups_are_fused_and_skip_frozen_encoders():
     """Encoders at encoder_lr, head at lr, no decay on biases / norms, frozen encoders left out; fused AdamW."""
     cfg = train_config("tiny", lr=1e-3, encoder_lr=1e-4)

@@ -83,17 +83,30 @@ def record_name(fmt: str, precision: str, device_type: str = "cpu") -> str:
     return "export.json" if (fmt, precision) == ("onnx", "fp32") else f"export.{fmt}.{precision}.json"
 
 
-def verified_export(checkpoint: Path, folder: Path, fmt: str, precision: str, device_type: str = "cpu") -> dict | None:
-    """The record of the ``fmt`` / ``precision`` export in ``folder`` if its verification passed for this very
-    checkpoint (its hash, not its path: a run that went on after its export has a new checkpoint); else None."""
+def export_record(checkpoint: Path, folder: Path, fmt: str, precision: str, device_type: str = "cpu") -> dict | None:
+    """The record of the ``fmt`` / ``precision`` export in ``folder`` if it is one of this very checkpoint (its hash,
+    not its path: a run that went on after its export has a new checkpoint), whatever it says; else None."""
     path = Path(folder) / record_name(fmt, precision, device_type)
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # none, or not one we wrote whole: export afresh
         return None
-    ok = (isinstance(record, dict) and record.get("status") == "ok"
-          and record.get("checkpoint_hash") == checkpoint_hash(checkpoint))
-    return record if ok else None
+    ours = isinstance(record, dict) and record.get("checkpoint_hash") == checkpoint_hash(checkpoint)
+    return record if ours else None
+
+
+def verified_export(checkpoint: Path, folder: Path, fmt: str, precision: str, device_type: str = "cpu") -> dict | None:
+    """The record of the ``fmt`` / ``precision`` export in ``folder`` if its verification passed for this very
+    checkpoint; else None."""
+    record = export_record(checkpoint, folder, fmt, precision, device_type)
+    return record if record is not None and record.get("status") == "ok" else None
+
+
+def failed_gates(record: dict | None) -> list[str]:
+    """The gates (parity, accuracy) an export record says its artifact failed: empty for no record, one whose gates
+    all passed, or one that never reached them (a build that failed or was killed)."""
+    return [gate for gate in ("parity", "accuracy")
+            if isinstance((record or {}).get(gate), dict) and record[gate].get("passed") is False]
 
 
 def export_onnx(model: FusionModel, path: Path, precision: str = "fp32", opset: int = 18) -> dict:

@@ -6,6 +6,8 @@ them (``PairBatches``: captions trimmed to the batch's longest; ``to_inputs``: p
 Server at one or several offered rates, or the largest VALID rate with p99 under a target (bisection, each trial a
 full LoadGen run); Offline; SingleStream. Accuracy mode reads LoadGen's accuracy log back and checks its ITM
 accuracy against the same backend's on the evaluation batches: proof the SUT answered the queries it was asked.
+Nothing is timed before the backend passes the parity gate the export and the latency sweep hold it to, and an
+artifact whose checkpoint's own export failed its gates is not served at all (``export_gate``, ``parity_gate``).
 
 Each run writes ``profiles/<host>/load-<scenario>-<preset>-<fusion>-<backend>-<precision>-<stamp>.json`` and
 keeps LoadGen's own logs in the folder of the same name beside it.
@@ -26,7 +28,7 @@ import torch
 from fusionprof import contention
 from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS, Artifacts, Backend, create_backend
-from fusionprof.checkpoint import load_checkpoint, metrics_path, with_run_tokenizer
+from fusionprof.checkpoint import find_checkpoint, load_checkpoint, metrics_path, with_run_tokenizer
 from fusionprof.config import ModelConfig, TrainConfig, from_dict, to_dict, train_config
 from fusionprof.data import SplitData, prepare_data
 from fusionprof.data.images import normalize
@@ -35,6 +37,7 @@ from fusionprof.data.text import build_tokenizer
 from fusionprof.env import fingerprint, machine_name
 from fusionprof.errors import UserError
 from fusionprof.evaluate import to_inputs
+from fusionprof.export import export_record, failed_gates, parity, record_name
 from fusionprof.loadgen import (
     ACCURACY_LOG,
     SCENARIOS,
@@ -45,6 +48,7 @@ from fusionprof.loadgen import (
     LoadSettings,
     check_above_zero,
     find_max_qps,
+    gate_text,
     read_accuracy_log,
     run_loadgen,
 )
@@ -118,6 +122,43 @@ def load_artifacts(cfg: LoadConfig, work_dir: Path, log=print) -> tuple[Artifact
     sweep = SweepConfig(preset=cfg.preset, fusions=[cfg.fusion], backends=[cfg.backend], device=cfg.device,
                         precision=cfg.precision, models_dir=cfg.models_dir, profiles_dir=cfg.profiles_dir)
     return sweep_artifacts(sweep, cfg.fusion, work_dir, log)
+
+
+# --------------------------------------------------------------------------- the gate: nothing wrong is served
+
+
+def export_gate(cfg: LoadConfig, device: torch.device) -> dict | None:
+    """The checkpoint's own export record of the artifact this backend loads (its format, graph precision and device
+    type), read before anything is built: one that says that export failed a gate for this very checkpoint is a
+    one-line refusal, for a rebuild from the same weights (which the sweep makes where the checkpoint's own export
+    is not verified) is the same wrong artifact. None: no checkpoint, a backend that loads no export, or no record."""
+    from fusionprof.latency import ARTIFACT_FORMATS, graph_precision
+
+    artifact = BACKENDS.get(cfg.backend).artifact
+    checkpoint = find_checkpoint(cfg.models_dir, cfg.preset, cfg.fusion)
+    if artifact is None or checkpoint is None:
+        return None
+    fmt, precision = ARTIFACT_FORMATS[artifact], graph_precision(artifact, cfg.precision)
+    path = checkpoint.parent / record_name(fmt, precision, device.type)
+    record = export_record(checkpoint, checkpoint.parent, fmt, precision, device.type)
+    if failed := failed_gates(record):
+        raise UserError(f"{path}: this checkpoint's {fmt} {precision} export failed its {' and '.join(failed)} "
+                        f"gate; load does not serve that model (fix it, or export it again once it passes)")
+    return None if record is None else {"path": str(path), "status": record.get("status")}
+
+
+def parity_gate(cfg: LoadConfig, model, backend: Backend, exported: dict | None) -> dict:
+    """The backend against the PyTorch model, as the export and the latency sweep check it (the tolerances stated
+    per precision; the largest batch the batcher forms among the shapes), before any timed run. One that fails is a
+    one-line refusal: a fast answer from a wrong model is no figure. ``exported``: the export record read."""
+    checked = parity(model, backend, cfg.precision, largest_batch=cfg.max_batch)
+    gate = {"passed": checked["passed"], "max_abs_error": max(row["max_abs_error"] for row in checked["shapes"]),
+            "tolerance": checked["tolerance"], "decision_agreement": checked["decision_agreement"],
+            "shapes": checked["shapes"], "export_record": exported}
+    if not gate["passed"]:
+        raise UserError(f"{cfg.fusion} on {cfg.backend} {cfg.precision} fails parity with the PyTorch model "
+                        f"({gate_text(gate)}); load does not serve it")
+    return gate
 
 
 # --------------------------------------------------------------------------- the query sample library
@@ -289,8 +330,11 @@ def load(cfg: LoadConfig, progress: bool = True, log=print) -> LoadRecord:
     path = out_dir / f"load-{mode}-{cfg.preset}-{cfg.fusion}-{cfg.backend}-{cfg.precision}-{stamp}.json"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    exported = export_gate(cfg, device)
     artifacts, source = load_artifacts(cfg, out_dir, log)
     backend = create_backend(cfg.backend, artifacts, device, cfg.precision, sleep_when_idle=not cfg.spin_wait)
+    gate = parity_gate(cfg, artifacts.model, backend, exported)
+    log(f"{cfg.fusion}/{cfg.backend}/{cfg.precision} against the PyTorch model: {gate_text(gate)}")
     library, tcfg = test_library(cfg.preset, artifacts.model.cfg, source, progress)
     batch_s = seconds_per_batch(backend.run, library, cfg.max_batch)
     log(f"{cfg.fusion}/{cfg.backend}/{cfg.precision}: {len(library)} test pairs; a batch of {cfg.max_batch} takes "
@@ -300,7 +344,7 @@ def load(cfg: LoadConfig, progress: bool = True, log=print) -> LoadRecord:
                         batch_timeout_ms=cfg.batch_timeout_ms,
                         p99_target_ms=cfg.p99_ms if cfg.scenario == "server" else None, model=source,
                         backend_info=backend.describe(), environment=env,
-                        config={**to_dict(cfg), "seconds_per_batch": batch_s})
+                        config={**to_dict(cfg), "seconds_per_batch": batch_s}, gate=gate)
     with BatchingSUT(backend.run, library.inputs, cfg.max_batch, cfg.batch_timeout_ms) as sut:
         if cfg.accuracy:
             run, record.accuracy = accuracy_check(cfg, sut, library, backend, tcfg, cfg.max_batch / batch_s,

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import copy_run
 
 from fusionprof import SCHEMA_VERSION
 from fusionprof.cli import cli
@@ -665,3 +666,68 @@ def test_load_section_reports_invalid_runs_as_invalid(records, tmp_path):
     assert [row[4] for row in best[2]] == ["160.0"] and offline[2][0][3] == "250.0"
     images = [b[1] for b in blocks if b[0] == "img"]
     assert len(images) == 3 and all((out / image).stat().st_size > 0 for image in images)
+
+
+# --------------------------------------------------------------------------- the gate before any timed run
+
+
+@pytest.mark.slow  # exports the trained checkpoint and runs LoadGen on it
+def test_load_serves_only_what_passes_the_gate_and_records_it(tmp_path, trained_mid, monkeypatch):
+    """load once served whatever it built: no parity check, and an artifact rebuilt under profiles/ identical to
+    one whose export had FAILED its gate was timed and reported VALID. Now parity runs before any timed run and the
+    record keeps it; a failing backend, or a checkpoint whose export failed its gate, is a one-line refusal."""
+    import fusionprof.export
+    from fusionprof.export import TOLERANCES
+    from fusionprof.load_report import GATE, load_section
+    from fusionprof.loadgen import LoadRecord
+
+    models, profiles = tmp_path / "models", tmp_path / "profiles"
+    checkpoint = copy_run(trained_mid[0], models)
+    load = ["load", *MID_ORT, "--scenario", "offline", "--min-duration", "0.3", "--min-queries", "20",
+            "--models", models, "--out", profiles, "--quiet"]
+    code, out = run_cli(*load)
+    assert code == 0, out
+    [path] = profiles.glob("*/load-offline-tiny-mid-onnxruntime-fp32-*.json")
+    gate = json.loads(path.read_text())["gate"]
+    assert gate["passed"] and gate["tolerance"] == TOLERANCES["fp32"] and gate["export_record"] is None
+    assert 0 < gate["max_abs_error"] == max(s["max_abs_error"] for s in gate["shapes"]) < 1e-4
+    assert [s["batch"] for s in gate["shapes"]] == [1, 3, 8]
+    assert f"mid/onnxruntime/fp32 against the PyTorch model: passed: max |Δ logit| {gate['max_abs_error']:.2g} " \
+           "(tolerance 0.0001 + 0.001·|logit|)" in out
+
+    # an older record (no gate) still reads, and the report tells the two apart
+    old = json.loads(path.read_text())
+    del old["gate"]
+    records = [LoadRecord.from_dict(json.loads(path.read_text()), path), LoadRecord.from_dict(old, "old.json")]
+    assert records[1].gate is None
+    [offline] = [b for b in load_section(records, tmp_path / "report") if b[0] == "table"]
+    assert [row[offline[1].index(GATE)] for row in offline[2]] == [
+        f"passed: max |Δ logit| {gate['max_abs_error']:.2g}", "not checked"]
+
+    # the same artifact, failing parity now (a tolerance nothing meets): refused, nothing timed or written
+    with monkeypatch.context() as mp:
+        mp.setitem(fusionprof.export.TOLERANCES, "fp32", {"atol": 0.0, "rtol": 0.0})
+        code, out = run_cli(*load)
+    assert code == 1 and out.count("\n") == 1, out
+    assert out.startswith("Error: mid on onnxruntime fp32 fails parity with the PyTorch model (FAILED: max |Δ logit| ")
+    assert out.endswith("load does not serve it\n")
+    assert len(list(profiles.glob("*/load-*.json"))) == 1
+
+    # the checkpoint's own export failed its gate: refused before anything is built, though the tolerance is back
+    with monkeypatch.context() as mp:
+        mp.setitem(fusionprof.export.TOLERANCES, "fp32", {"atol": 0.0, "rtol": 0.0})
+        code, out = run_cli("export", "--checkpoint", checkpoint, "--quiet")
+    assert code == 1 and json.loads((checkpoint.parent / "export.json").read_text())["parity"]["passed"] is False
+    code, out = run_cli(*load)
+    assert code == 1 and out == (f"Error: {checkpoint.parent / 'export.json'}: this checkpoint's onnx fp32 export "
+                                 "failed its parity gate; load does not serve that model (fix it, or export it again "
+                                 "once it passes)\n")
+    assert len(list(profiles.glob("*/load-*.json"))) == 1
+    # exported again, passing: served, and the record names the export record it read
+    code, out = run_cli("export", "--checkpoint", checkpoint, "--quiet")
+    assert code == 0, out
+    code, out = run_cli(*load)
+    assert code == 0, out
+    newest = max(profiles.glob("*/load-*.json"))
+    assert json.loads(newest.read_text())["gate"]["export_record"] == {
+        "path": str(checkpoint.parent / "export.json"), "status": "ok"}

@@ -220,7 +220,7 @@ def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Pa
         record["backend"] = backend.describe()  # after its calls: e.g. whether aoti's calls could be captured
         record["passed"] = record["parity"]["passed"] and record["accuracy"]["passed"]
         if precision == "int8" and artifacts.ir is not None:  # NNCF's IR, kept for openvino: the same accuracy gate
-            _gate_ir(record["onnx"]["openvino"], artifacts, gate)
+            gate_ir(record["onnx"]["openvino"], artifacts, gate)
     except Exception as e:  # not built, or not checkable: a failed record with the reason, not a gap or a traceback
         why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {first_line(e)}"
         write_json(path, {**record, "passed": False, "status": "failed", "failure": why})
@@ -241,7 +241,7 @@ def int8_choice(nncf_passed: bool, p50_ms: dict[str, float]) -> tuple[str, str]:
     return "nncf", f"NNCF's IR passed parity and ran faster on openvino at batch {CHOICE_BATCH}"
 
 
-def _gate_ir(openvino: dict, artifacts: Artifacts, gate: AccuracyGate) -> None:
+def gate_ir(openvino: dict, artifacts: Artifacts, gate: AccuracyGate) -> None:
     """NNCF's IR on the test split through ``openvino``: one that loses more accuracy than int8's tolerance is
     dropped, and openvino loads the QDQ graph (which passed its own gates) instead."""
     openvino["nncf"]["accuracy"] = gate(create_backend("openvino", artifacts, CPU, "int8"), "int8")
@@ -363,7 +363,8 @@ def openvino_int8(model: FusionModel, source: Path, qdq: Path, calibration: list
     """NNCF's int8 IR of the fp32 graph ``source``, calibrated on the same sample, written beside the QDQ graph
     ``qdq`` and kept only if it passes the int8 parity gate on ``openvino`` and runs faster there than the QDQ graph
     (p50 at batch 8, timed in alternating rounds); the record says which of the two ``openvino`` loads, and why.
-    (``export`` also holds a kept IR to the accuracy gate.)"""
+    (``export``, and a latency sweep's export of a trained model, also hold a kept IR to the accuracy gate:
+    ``gate_ir``.)"""
     ok, reason = BACKENDS.get("openvino").available(CPU)
     if not ok:
         return {"loads": "qdq", "why": f"openvino is unavailable here: {reason}"}

@@ -7,7 +7,8 @@ Server at one or several offered rates, or the largest VALID rate with p99 under
 full LoadGen run); Offline; SingleStream. Accuracy mode reads LoadGen's accuracy log back and checks its ITM
 accuracy against the same backend's on the evaluation batches: proof the SUT answered the queries it was asked.
 Nothing is timed before the backend passes the parity gate the export and the latency sweep hold it to, and an
-artifact whose checkpoint's own export failed its gates is not served at all (``export_gate``, ``parity_gate``).
+artifact whose checkpoint's own export failed its gates is not served at all (``export_gate``, ``parity_gate``);
+nor before every (batch, caption length) the batcher can form has been called once (``warm_up``).
 
 Each run writes ``profiles/<host>/load-<scenario>-<preset>-<fusion>-<backend>-<precision>-<stamp>.json`` and
 keeps LoadGen's own logs in the folder of the same name beside it.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from fusionprof import contention
 from fusionprof.atomic import write_json
@@ -183,6 +186,10 @@ class SampleLibrary:
     def labels(self) -> np.ndarray:
         return self.pairs.label
 
+    def caption_lengths(self) -> np.ndarray:
+        """Each sample's caption length (its real tokens): a batch's text is trimmed to its longest."""
+        return self.split.attention_mask.sum(1).numpy()[self.pairs.caption]
+
     def inputs(self, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
         """Host inputs of these samples as one batch, built as evaluation builds a batch (``PairBatches``:
         captions trimmed to the batch's longest; ``to_inputs``: float images pass as they are)."""
@@ -215,6 +222,30 @@ def test_library(preset: str, model_cfg: ModelConfig, source: dict,
                              limit_eval=tcfg.limit_eval, splits=("test",), progress=progress,
                              layout=tcfg.data_layout)
     return SampleLibrary(splits["test"], tcfg.seed), tcfg
+
+
+def batch_shapes(library: SampleLibrary, max_batch: int) -> dict[tuple[int, int], int]:
+    """Every (batch size, caption length) the batcher can form, each with a sample whose caption has that length.
+
+    A batch holds 1 to ``max_batch`` samples and its text is trimmed to its longest caption; LoadGen draws samples
+    with replacement, so a batch of any size can hold captions all of one length. The set is bounded (``max_batch``
+    × the library's distinct caption lengths), so every shape is warmed as it is and nothing is padded to buckets
+    (which would change what is timed)."""
+    lengths, first = np.unique(library.caption_lengths(), return_index=True)
+    return {(batch, int(length)): int(sample) for batch in range(1, max_batch + 1)
+            for length, sample in zip(lengths, first, strict=True)}
+
+
+def warm_up(run: Callable, library: SampleLibrary, max_batch: int, progress: bool = False) -> dict:
+    """One call at every shape the batcher can form (``batch_shapes``), before anything is timed: a backend that
+    compiles or captures per shape (torch-compile's recompiles, a CUDA graph per shape in torch-cudagraphs and aoti
+    on a GPU) does it here, not inside a timed LoadGen run. What was warmed, for the record."""
+    start = time.perf_counter()
+    shapes = batch_shapes(library, max_batch)
+    for (batch, _), sample in tqdm(shapes.items(), desc="warm-up", unit="shape", disable=not progress):
+        run(*library.inputs(np.full(batch, sample)))
+    return {"shapes": len(shapes), "batch_sizes": [1, max_batch],
+            "caption_lengths": sorted({length for _, length in shapes}), "seconds": time.perf_counter() - start}
 
 
 # Sizing LoadGen's schedule needs a steady median, not a full sweep: the measurement protocol, scaled down (5 calls
@@ -336,6 +367,9 @@ def load(cfg: LoadConfig, progress: bool = True, log=print) -> LoadRecord:
     gate = parity_gate(cfg, artifacts.model, backend, exported)
     log(f"{cfg.fusion}/{cfg.backend}/{cfg.precision} against the PyTorch model: {gate_text(gate)}")
     library, tcfg = test_library(cfg.preset, artifacts.model.cfg, source, progress)
+    warmed = warm_up(backend.run, library, cfg.max_batch, progress)
+    log(f"warmed {warmed['shapes']} shapes (batch 1-{cfg.max_batch} × {len(warmed['caption_lengths'])} caption "
+        f"lengths) in {warmed['seconds']:.1f} s")
     batch_s = seconds_per_batch(backend.run, library, cfg.max_batch)
     log(f"{cfg.fusion}/{cfg.backend}/{cfg.precision}: {len(library)} test pairs; a batch of {cfg.max_batch} takes "
         f"{batch_s * 1e3:.2f} ms back to back")
@@ -344,7 +378,7 @@ def load(cfg: LoadConfig, progress: bool = True, log=print) -> LoadRecord:
                         batch_timeout_ms=cfg.batch_timeout_ms,
                         p99_target_ms=cfg.p99_ms if cfg.scenario == "server" else None, model=source,
                         backend_info=backend.describe(), environment=env,
-                        config={**to_dict(cfg), "seconds_per_batch": batch_s}, gate=gate)
+                        config={**to_dict(cfg), "seconds_per_batch": batch_s}, gate=gate, warm_up=warmed)
     with BatchingSUT(backend.run, library.inputs, cfg.max_batch, cfg.batch_timeout_ms) as sut:
         if cfg.accuracy:
             run, record.accuracy = accuracy_check(cfg, sut, library, backend, tcfg, cfg.max_batch / batch_s,

@@ -424,6 +424,9 @@ class LoadRecord:
     # parity of the backend against the PyTorch model before any timed run (``gate_text``); None: a record written
     # before load checked it
     gate: dict | None = None
+    # the (batch, caption length) shapes called once before any timed run: every one the batcher can form (None: a
+    # record written before load warmed them all; it warmed one)
+    warm_up: dict | None = None
     path: str | None = None  # where it was read from or written to (not stored)
 
     @property

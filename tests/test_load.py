@@ -731,3 +731,56 @@ def test_load_serves_only_what_passes_the_gate_and_records_it(tmp_path, trained_
     newest = max(profiles.glob("*/load-*.json"))
     assert json.loads(newest.read_text())["gate"]["export_record"] == {
         "path": str(checkpoint.parent / "export.json"), "status": "ok"}
+
+
+@pytest.fixture
+def shape_counting_backend():
+    """onnxruntime, registered for one test under another name, noting which thread first ran each (batch, caption
+    length): LoadGen's runs are served on the batcher's worker thread, everything before them on the main one."""
+    from fusionprof.backends.base import BACKENDS, register_backend
+
+    first_seen: dict[tuple[int, int], str] = {}
+    ran: dict[str, set] = {}
+
+    @register_backend("onnxruntime-shapes")
+    class ShapeCounting(BACKENDS.get("onnxruntime")):
+        def run(self, images, input_ids, attention_mask):
+            shape, thread = (images.shape[0], input_ids.shape[1]), threading.current_thread().name
+            first_seen.setdefault(shape, thread)
+            ran.setdefault(thread, set()).add(shape)
+            return super().run(images, input_ids, attention_mask)
+
+    try:
+        yield first_seen, ran
+    finally:
+        del BACKENDS._members["onnxruntime-shapes"]
+
+
+@pytest.mark.slow  # exports the trained checkpoint and runs LoadGen on it
+def test_every_shape_the_batcher_forms_is_warmed_before_anything_is_timed(tmp_path, trained_mid,
+                                                                          shape_counting_backend):
+    """load warmed one shape, while the batcher forms every batch size up to --max-batch at every caption length
+    (a batch is trimmed to its longest caption): a backend that compiles or captures per shape did so inside the
+    timed LoadGen runs. Now every such shape runs once first, and no timed run meets a shape it has not."""
+    from fusionprof.checkpoint import load_model
+    from fusionprof.load import test_library
+
+    first_seen, ran = shape_counting_backend
+    models, profiles = tmp_path / "models", tmp_path / "profiles"
+    checkpoint = copy_run(trained_mid[0], models)
+    code, out = run_cli("load", "--fusion", "mid", "--backend", "onnxruntime-shapes", "--scenario", "offline",
+                        "--max-batch", "4", "--batch-timeout-ms", "2", "--min-duration", "0.3", "--min-queries", "40",
+                        "--models", models, "--out", profiles, "--quiet")
+    assert code == 0, out
+    library, _ = test_library("tiny", load_model(checkpoint)[0].cfg, {"checkpoint": str(checkpoint)}, False)
+    lengths = sorted(set(library.caption_lengths().tolist()))
+    assert len(lengths) > 1  # captions of several lengths: shapes beyond the one warmed before
+    formed = {(batch, length) for batch in range(1, 5) for length in lengths}
+    [path] = profiles.glob("*/load-offline-tiny-mid-onnxruntime-shapes-fp32-*.json")
+    warmed = json.loads(path.read_text())["warm_up"]
+    assert (warmed["shapes"], warmed["caption_lengths"], warmed["batch_sizes"]) == (4 * len(lengths), lengths, [1, 4])
+    assert f"warmed {4 * len(lengths)} shapes (batch 1-4 × {len(lengths)} caption lengths)" in out
+    assert formed <= ran["MainThread"]  # each run before LoadGen's
+    timed = ran["sut-worker"]
+    assert len(timed) > 1 and timed <= formed  # the batcher formed several shapes, all among those
+    assert not [shape for shape, thread in first_seen.items() if thread == "sut-worker"]  # none met first when timed

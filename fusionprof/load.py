@@ -117,14 +117,23 @@ def check(cfg: LoadConfig) -> torch.device:
     return device
 
 
-def load_artifacts(cfg: LoadConfig, work_dir: Path, log=print) -> tuple[Artifacts, dict]:
-    """The model and its verified ONNX, found (or exported) exactly as the latency sweep finds them."""
+def sweep_config(cfg: LoadConfig):
+    """The latency sweep's settings whose artifacts this run loads. Its batch sizes reach ``max_batch``: a TensorRT
+    engine's profile is built over them, and one built over the sweep's default (up to 32) cannot run a larger batch
+    the batcher forms. (The profile depends on the largest only: up to 32 it is the sweep's, whose engine is reused.)"""
     from fusionprof.latency import SweepConfig
-    from fusionprof.latency import load_artifacts as sweep_artifacts
 
     sweep = SweepConfig(preset=cfg.preset, fusions=[cfg.fusion], backends=[cfg.backend], device=cfg.device,
                         precision=cfg.precision, models_dir=cfg.models_dir, profiles_dir=cfg.profiles_dir)
-    return sweep_artifacts(sweep, cfg.fusion, work_dir, log)
+    sweep.batch_sizes = sorted({*sweep.batch_sizes, cfg.max_batch})
+    return sweep
+
+
+def load_artifacts(cfg: LoadConfig, work_dir: Path, log=print) -> tuple[Artifacts, dict]:
+    """The model and its verified ONNX, found (or exported) exactly as the latency sweep finds them."""
+    from fusionprof.latency import load_artifacts as sweep_artifacts
+
+    return sweep_artifacts(sweep_config(cfg), cfg.fusion, work_dir, log)
 
 
 # --------------------------------------------------------------------------- the gate: nothing wrong is served

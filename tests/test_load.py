@@ -784,3 +784,16 @@ def test_every_shape_the_batcher_forms_is_warmed_before_anything_is_timed(tmp_pa
     timed = ran["sut-worker"]
     assert len(timed) > 1 and timed <= formed  # the batcher formed several shapes, all among those
     assert not [shape for shape, thread in first_seen.items() if thread == "sut-worker"]  # none met first when timed
+
+
+def test_a_tensorrt_engine_for_load_covers_the_largest_batch_the_batcher_forms():
+    """load asked the sweep's artifacts with the sweep's default batch sizes: a TensorRT engine whose profile stops at
+    32, which a --max-batch 64 batcher overruns. (Built on a GPU only: checked here is what it is built over.)"""
+    from fusionprof.latency import SweepConfig, _plan_batches
+    from fusionprof.load import LoadConfig, sweep_config
+
+    def plan(max_batch):
+        return _plan_batches(sweep_config(LoadConfig("mid", "tensorrt", "server", max_batch=max_batch)))
+
+    assert max(plan(64)) == 64 and max(plan(48)) == 48
+    assert plan(1) == plan(16) == plan(32) == _plan_batches(SweepConfig())  # the sweep's own engine, reused

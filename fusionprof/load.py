@@ -101,6 +101,9 @@ def check(cfg: LoadConfig) -> torch.device:
     if cfg.scenario == "single-stream" and cfg.max_batch > 1:  # one query in flight: a batch of it never fills
         raise UserError(f"--max-batch {cfg.max_batch} with --scenario single-stream would only add "
                         "--batch-timeout-ms to every query (one is in flight at a time): leave --max-batch at 1")
+    if cfg.accuracy and cfg.find_max_qps:  # accuracy mode is one run at one rate: the search would be ignored
+        raise UserError("--accuracy checks the answers of one run; --find-max-qps searches for a rate: run them "
+                        "separately")
     if cfg.scenario == "server" and not cfg.accuracy and bool(cfg.qps) == cfg.find_max_qps:
         raise UserError("--scenario server needs --qps Q,... or --find-max-qps (one of the two)")
     if cfg.scenario != "server" and (cfg.qps or cfg.find_max_qps):

@@ -233,6 +233,8 @@ MID_ORT = ["--fusion", "mid", "--backend", "onnxruntime"]
     ([*MID_ORT, "--scenario", "server", "--qps", "10", "--max-batch", "0"], "--max-batch must be at least 1"),
     ([*MID_ORT, "--scenario", "burst"], "unknown scenario 'burst'; choose from server, offline, single-stream"),
     ([*MID_ORT, "--scenario", "server"], "needs --qps Q,... or --find-max-qps"),
+    ([*MID_ORT, "--scenario", "server", "--find-max-qps", "--accuracy"],
+     "--accuracy checks the answers of one run; --find-max-qps searches for a rate: run them separately"),
     ([*MID_ORT, "--scenario", "offline", "--qps", "5"], "--qps and --find-max-qps are for --scenario server"),
     (["--fusion", "mid", "--backend", "nope", "--scenario", "offline"], "unknown backend 'nope'"),
     (["--fusion", "nope", "--backend", "onnxruntime", "--scenario", "offline"], "unknown fusion 'nope'"),

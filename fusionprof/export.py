@@ -83,17 +83,30 @@ def record_name(fmt: str, precision: str, device_type: str = "cpu") -> str:
     return "export.json" if (fmt, precision) == ("onnx", "fp32") else f"export.{fmt}.{precision}.json"
 
 
-def verified_export(checkpoint: Path, folder: Path, fmt: str, precision: str, device_type: str = "cpu") -> dict | None:
-    """The record of the ``fmt`` / ``precision`` export in ``folder`` if its verification passed for this very
-    checkpoint (its hash, not its path: a run that went on after its export has a new checkpoint); else None."""
+def export_record(checkpoint: Path, folder: Path, fmt: str, precision: str, device_type: str = "cpu") -> dict | None:
+    """The record of the ``fmt`` / ``precision`` export in ``folder`` if it is one of this very checkpoint (its hash,
+    not its path: a run that went on after its export has a new checkpoint), whatever it says; else None."""
     path = Path(folder) / record_name(fmt, precision, device_type)
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # none, or not one we wrote whole: export afresh
         return None
-    ok = (isinstance(record, dict) and record.get("status") == "ok"
-          and record.get("checkpoint_hash") == checkpoint_hash(checkpoint))
-    return record if ok else None
+    ours = isinstance(record, dict) and record.get("checkpoint_hash") == checkpoint_hash(checkpoint)
+    return record if ours else None
+
+
+def verified_export(checkpoint: Path, folder: Path, fmt: str, precision: str, device_type: str = "cpu") -> dict | None:
+    """The record of the ``fmt`` / ``precision`` export in ``folder`` if its verification passed for this very
+    checkpoint; else None."""
+    record = export_record(checkpoint, folder, fmt, precision, device_type)
+    return record if record is not None and record.get("status") == "ok" else None
+
+
+def failed_gates(record: dict | None) -> list[str]:
+    """The gates (parity, accuracy) an export record says its artifact failed: empty for no record, one whose gates
+    all passed, or one that never reached them (a build that failed or was killed)."""
+    return [gate for gate in ("parity", "accuracy")
+            if isinstance((record or {}).get(gate), dict) and record[gate].get("passed") is False]
 
 
 def export_onnx(model: FusionModel, path: Path, precision: str = "fp32", opset: int = 18) -> dict:
@@ -207,7 +220,7 @@ def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Pa
         record["backend"] = backend.describe()  # after its calls: e.g. whether aoti's calls could be captured
         record["passed"] = record["parity"]["passed"] and record["accuracy"]["passed"]
         if precision == "int8" and artifacts.ir is not None:  # NNCF's IR, kept for openvino: the same accuracy gate
-            _gate_ir(record["onnx"]["openvino"], artifacts, gate)
+            gate_ir(record["onnx"]["openvino"], artifacts, gate)
     except Exception as e:  # not built, or not checkable: a failed record with the reason, not a gap or a traceback
         why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {first_line(e)}"
         write_json(path, {**record, "passed": False, "status": "failed", "failure": why})
@@ -228,7 +241,7 @@ def int8_choice(nncf_passed: bool, p50_ms: dict[str, float]) -> tuple[str, str]:
     return "nncf", f"NNCF's IR passed parity and ran faster on openvino at batch {CHOICE_BATCH}"
 
 
-def _gate_ir(openvino: dict, artifacts: Artifacts, gate: AccuracyGate) -> None:
+def gate_ir(openvino: dict, artifacts: Artifacts, gate: AccuracyGate) -> None:
     """NNCF's IR on the test split through ``openvino``: one that loses more accuracy than int8's tolerance is
     dropped, and openvino loads the QDQ graph (which passed its own gates) instead."""
     openvino["nncf"]["accuracy"] = gate(create_backend("openvino", artifacts, CPU, "int8"), "int8")
@@ -350,7 +363,8 @@ def openvino_int8(model: FusionModel, source: Path, qdq: Path, calibration: list
     """NNCF's int8 IR of the fp32 graph ``source``, calibrated on the same sample, written beside the QDQ graph
     ``qdq`` and kept only if it passes the int8 parity gate on ``openvino`` and runs faster there than the QDQ graph
     (p50 at batch 8, timed in alternating rounds); the record says which of the two ``openvino`` loads, and why.
-    (``export`` also holds a kept IR to the accuracy gate.)"""
+    (``export``, and a latency sweep's export of a trained model, also hold a kept IR to the accuracy gate:
+    ``gate_ir``.)"""
     ok, reason = BACKENDS.get("openvino").available(CPU)
     if not ok:
         return {"loads": "qdq", "why": f"openvino is unavailable here: {reason}"}

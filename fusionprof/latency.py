@@ -39,9 +39,11 @@ from fusionprof.env import fingerprint
 from fusionprof.errors import UserError, first_line
 from fusionprof.export import (
     PARITY_MAX_BATCH,
+    AccuracyGate,
     checkpoint_calibration,
     export_int8_onnx,
     export_onnx,
+    gate_ir,
     int8_artifacts,
     onnx_name,
     parity,
@@ -132,18 +134,21 @@ def random_init_model(preset: str, fusion: str) -> FusionModel:
 
 def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> tuple[Artifacts, dict]:
     """The model (trained if a checkpoint exists) and the exports the chosen backends load (ONNX, a ``.pt2``): the
-    checkpoint's own where their verification passed, else ones written under ``work_dir``. An export that cannot
-    be built here is left out, with the reason in ``Artifacts.failed``. A ``--seq-len`` longer than the model's text
-    encoder reads is refused first, before minutes of exports."""
+    checkpoint's own where their verification passed, else ones written under ``work_dir`` (a trained model's NNCF
+    IR held to the accuracy gate, as ``fusionprof export`` holds it). An export that cannot be built here is left
+    out, with the reason in ``Artifacts.failed``. A ``--seq-len`` longer than the model's text encoder reads is
+    refused first, before minutes of exports."""
     checkpoint = find_checkpoint(cfg.models_dir, cfg.preset, fusion)
     if checkpoint is not None:
         model, train_cfg = load_model(checkpoint)
         source = {"weights": "trained", "checkpoint": str(checkpoint), "checkpoint_hash": checkpoint_hash(checkpoint)}
         calibration = checkpoint_calibration(checkpoint, model, train_cfg)
+        accuracy_gate = partial(AccuracyGate, model, train_cfg, checkpoint, False)  # made only if needed
     else:
         model = random_init_model(cfg.preset, fusion)
         source = {"weights": "untrained (random init; latency does not depend on the weights)"}
         calibration = partial(calibration_sample, model.cfg, None, 0)  # the embedded dataset's validation split
+        accuracy_gate = None  # random weights have no accuracy to keep
     seq_len = cfg.seq_len or model.cfg.max_text_len
     if seq_len > (positions := model.text_encoder.max_positions):  # before any export (minutes) and any row
         raise UserError(f"--seq-len {seq_len}: the {cfg.preset} text encoder reads at most {positions} tokens")
@@ -158,14 +163,17 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
         if not (path and path.exists() and verified_export(checkpoint, checkpoint.parent, ARTIFACT_FORMATS[artifact],
                                                            precision, device.type)):
             path = work_dir / artifact / f"{cfg.preset}-{fusion}" / name
-            made_from = {**weights, **({"profile_batches": _plan_batches(cfg)} if artifact == "plan" else {})}
+            made_from = {**weights, **({"profile_batches": _plan_batches(cfg)} if artifact == "plan" else {}),
+                         **({"nncf_ir": IR_GATED} if accuracy_gate and precision == "int8" else {})}
             if path.exists() and _made_from(path) != made_from:  # an earlier sweep's, of other weights or shapes
-                log(f"{path} was made from another model or for other batch sizes: exporting it again")
+                log(f"{path} was made from another model, for other batch sizes or by an older sweep: exporting it "
+                    "again")
                 path.unlink()
             if not path.exists():
                 log(f"exporting {cfg.preset}/{fusion} to {path}")
                 try:
-                    _export(artifact, artifacts, path, precision, cfg, device, calibration, checkpoint)
+                    _export(artifact, artifacts, path, precision, cfg, device, calibration, checkpoint,
+                            accuracy_gate)
                 except UserError as e:  # e.g. an AOTInductor build that crashed its process: that backend's rows say
                     artifacts.failed[artifact] = str(e)
                     continue
@@ -174,6 +182,11 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
         if artifact == "onnx" and cfg.precision == "int8":  # and NNCF's IR beside it, where the export kept one
             artifacts.ir = int8_artifacts(artifacts.model, path).ir
     return artifacts, source
+
+
+# What a trained model's int8 export notes it was made with: NNCF's IR held to the accuracy gate, as `fusionprof
+# export` holds it (a sweep's IR was once kept on parity and speed alone: one noted without this is made again).
+IR_GATED = "kept only if it passed the accuracy gate"
 
 
 def _made_from_path(export: Path) -> Path:
@@ -209,7 +222,8 @@ def graph_precision(artifact: str, precision: str) -> str:
 
 
 def _export(artifact: str, artifacts: Artifacts, path: Path, precision: str, cfg: SweepConfig, device: torch.device,
-            calibration, checkpoint: Path | None) -> None:
+            calibration, checkpoint: Path | None, accuracy_gate=None) -> None:
+    """Write ``artifact`` at ``path``. ``accuracy_gate`` makes the checkpoint's ``AccuracyGate`` (None: untrained)."""
     model = artifacts.model
     if artifact == "pt2":
         build_pt2(model, path, precision, device)
@@ -219,7 +233,10 @@ def _export(artifact: str, artifacts: Artifacts, path: Path, precision: str, cfg
         build_engine(artifacts.onnx, path, optimization_profile(_plan_batches(cfg), [1, model.cfg.max_text_len],
                                                                 model.cfg.image_size))
     elif precision == "int8":  # quantized on a validation sample: the checkpoint's data, else the embedded set's
-        export_int8_onnx(model, path, *calibration(), _fp32_to_quantize(checkpoint, path))
+        written = export_int8_onnx(model, path, *calibration(), _fp32_to_quantize(checkpoint, path))
+        kept = int8_artifacts(model, path)
+        if kept.ir is not None and accuracy_gate is not None:  # NNCF's IR, held to the gate `fusionprof export` applies
+            gate_ir(written["openvino"], kept, accuracy_gate())
     else:
         export_onnx(model, path, precision)
 

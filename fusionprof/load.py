@@ -6,6 +6,9 @@ them (``PairBatches``: captions trimmed to the batch's longest; ``to_inputs``: p
 Server at one or several offered rates, or the largest VALID rate with p99 under a target (bisection, each trial a
 full LoadGen run); Offline; SingleStream. Accuracy mode reads LoadGen's accuracy log back and checks its ITM
 accuracy against the same backend's on the evaluation batches: proof the SUT answered the queries it was asked.
+Nothing is timed before the backend passes the parity gate the export and the latency sweep hold it to, and an
+artifact whose checkpoint's own export failed its gates is not served at all (``export_gate``, ``parity_gate``);
+nor before every (batch, caption length) the batcher can form has been called once (``warm_up``).
 
 Each run writes ``profiles/<host>/load-<scenario>-<preset>-<fusion>-<backend>-<precision>-<stamp>.json`` and
 keeps LoadGen's own logs in the folder of the same name beside it.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from fusionprof import contention
 from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS, Artifacts, Backend, create_backend
-from fusionprof.checkpoint import load_checkpoint, metrics_path, with_run_tokenizer
+from fusionprof.checkpoint import find_checkpoint, load_checkpoint, metrics_path, with_run_tokenizer
 from fusionprof.config import ModelConfig, TrainConfig, from_dict, to_dict, train_config
 from fusionprof.data import SplitData, prepare_data
 from fusionprof.data.images import normalize
@@ -35,6 +40,7 @@ from fusionprof.data.text import build_tokenizer
 from fusionprof.env import fingerprint, machine_name
 from fusionprof.errors import UserError
 from fusionprof.evaluate import to_inputs
+from fusionprof.export import export_record, failed_gates, parity, record_name
 from fusionprof.loadgen import (
     ACCURACY_LOG,
     SCENARIOS,
@@ -45,6 +51,7 @@ from fusionprof.loadgen import (
     LoadSettings,
     check_above_zero,
     find_max_qps,
+    gate_text,
     read_accuracy_log,
     run_loadgen,
 )
@@ -94,6 +101,9 @@ def check(cfg: LoadConfig) -> torch.device:
     if cfg.scenario == "single-stream" and cfg.max_batch > 1:  # one query in flight: a batch of it never fills
         raise UserError(f"--max-batch {cfg.max_batch} with --scenario single-stream would only add "
                         "--batch-timeout-ms to every query (one is in flight at a time): leave --max-batch at 1")
+    if cfg.accuracy and cfg.find_max_qps:  # accuracy mode is one run at one rate: the search would be ignored
+        raise UserError("--accuracy checks the answers of one run; --find-max-qps searches for a rate: run them "
+                        "separately")
     if cfg.scenario == "server" and not cfg.accuracy and bool(cfg.qps) == cfg.find_max_qps:
         raise UserError("--scenario server needs --qps Q,... or --find-max-qps (one of the two)")
     if cfg.scenario != "server" and (cfg.qps or cfg.find_max_qps):
@@ -110,14 +120,60 @@ def check(cfg: LoadConfig) -> torch.device:
     return device
 
 
-def load_artifacts(cfg: LoadConfig, work_dir: Path, log=print) -> tuple[Artifacts, dict]:
-    """The model and its verified ONNX, found (or exported) exactly as the latency sweep finds them."""
+def sweep_config(cfg: LoadConfig):
+    """The latency sweep's settings whose artifacts this run loads. Its batch sizes reach ``max_batch``: a TensorRT
+    engine's profile is built over them, and one built over the sweep's default (up to 32) cannot run a larger batch
+    the batcher forms. (The profile depends on the largest only: up to 32 it is the sweep's, whose engine is reused.)"""
     from fusionprof.latency import SweepConfig
-    from fusionprof.latency import load_artifacts as sweep_artifacts
 
     sweep = SweepConfig(preset=cfg.preset, fusions=[cfg.fusion], backends=[cfg.backend], device=cfg.device,
                         precision=cfg.precision, models_dir=cfg.models_dir, profiles_dir=cfg.profiles_dir)
-    return sweep_artifacts(sweep, cfg.fusion, work_dir, log)
+    sweep.batch_sizes = sorted({*sweep.batch_sizes, cfg.max_batch})
+    return sweep
+
+
+def load_artifacts(cfg: LoadConfig, work_dir: Path, log=print) -> tuple[Artifacts, dict]:
+    """The model and its verified ONNX, found (or exported) exactly as the latency sweep finds them."""
+    from fusionprof.latency import load_artifacts as sweep_artifacts
+
+    return sweep_artifacts(sweep_config(cfg), cfg.fusion, work_dir, log)
+
+
+# --------------------------------------------------------------------------- the gate: nothing wrong is served
+
+
+def export_gate(cfg: LoadConfig, device: torch.device) -> dict | None:
+    """The checkpoint's own export record of the artifact this backend loads (its format, graph precision and device
+    type), read before anything is built: one that says that export failed a gate for this very checkpoint is a
+    one-line refusal, for a rebuild from the same weights (which the sweep makes where the checkpoint's own export
+    is not verified) is the same wrong artifact. None: no checkpoint, a backend that loads no export, or no record."""
+    from fusionprof.latency import ARTIFACT_FORMATS, graph_precision
+
+    artifact = BACKENDS.get(cfg.backend).artifact
+    checkpoint = find_checkpoint(cfg.models_dir, cfg.preset, cfg.fusion)
+    if artifact is None or checkpoint is None:
+        return None
+    fmt, precision = ARTIFACT_FORMATS[artifact], graph_precision(artifact, cfg.precision)
+    path = checkpoint.parent / record_name(fmt, precision, device.type)
+    record = export_record(checkpoint, checkpoint.parent, fmt, precision, device.type)
+    if failed := failed_gates(record):
+        raise UserError(f"{path}: this checkpoint's {fmt} {precision} export failed its {' and '.join(failed)} "
+                        f"gate; load does not serve that model (fix it, or export it again once it passes)")
+    return None if record is None else {"path": str(path), "status": record.get("status")}
+
+
+def parity_gate(cfg: LoadConfig, model, backend: Backend, exported: dict | None) -> dict:
+    """The backend against the PyTorch model, as the export and the latency sweep check it (the tolerances stated
+    per precision; the largest batch the batcher forms among the shapes), before any timed run. One that fails is a
+    one-line refusal: a fast answer from a wrong model is no figure. ``exported``: the export record read."""
+    checked = parity(model, backend, cfg.precision, largest_batch=cfg.max_batch)
+    gate = {"passed": checked["passed"], "max_abs_error": max(row["max_abs_error"] for row in checked["shapes"]),
+            "tolerance": checked["tolerance"], "decision_agreement": checked["decision_agreement"],
+            "shapes": checked["shapes"], "export_record": exported}
+    if not gate["passed"]:
+        raise UserError(f"{cfg.fusion} on {cfg.backend} {cfg.precision} fails parity with the PyTorch model "
+                        f"({gate_text(gate)}); load does not serve it")
+    return gate
 
 
 # --------------------------------------------------------------------------- the query sample library
@@ -141,6 +197,10 @@ class SampleLibrary:
     @property
     def labels(self) -> np.ndarray:
         return self.pairs.label
+
+    def caption_lengths(self) -> np.ndarray:
+        """Each sample's caption length (its real tokens): a batch's text is trimmed to its longest."""
+        return self.split.attention_mask.sum(1).numpy()[self.pairs.caption]
 
     def inputs(self, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
         """Host inputs of these samples as one batch, built as evaluation builds a batch (``PairBatches``:
@@ -174,6 +234,30 @@ def test_library(preset: str, model_cfg: ModelConfig, source: dict,
                              limit_eval=tcfg.limit_eval, splits=("test",), progress=progress,
                              layout=tcfg.data_layout)
     return SampleLibrary(splits["test"], tcfg.seed), tcfg
+
+
+def batch_shapes(library: SampleLibrary, max_batch: int) -> dict[tuple[int, int], int]:
+    """Every (batch size, caption length) the batcher can form, each with a sample whose caption has that length.
+
+    A batch holds 1 to ``max_batch`` samples and its text is trimmed to its longest caption; LoadGen draws samples
+    with replacement, so a batch of any size can hold captions all of one length. The set is bounded (``max_batch``
+    × the library's distinct caption lengths), so every shape is warmed as it is and nothing is padded to buckets
+    (which would change what is timed)."""
+    lengths, first = np.unique(library.caption_lengths(), return_index=True)
+    return {(batch, int(length)): int(sample) for batch in range(1, max_batch + 1)
+            for length, sample in zip(lengths, first, strict=True)}
+
+
+def warm_up(run: Callable, library: SampleLibrary, max_batch: int, progress: bool = False) -> dict:
+    """One call at every shape the batcher can form (``batch_shapes``), before anything is timed: a backend that
+    compiles or captures per shape (torch-compile's recompiles, a CUDA graph per shape in torch-cudagraphs and aoti
+    on a GPU) does it here, not inside a timed LoadGen run. What was warmed, for the record."""
+    start = time.perf_counter()
+    shapes = batch_shapes(library, max_batch)
+    for (batch, _), sample in tqdm(shapes.items(), desc="warm-up", unit="shape", disable=not progress):
+        run(*library.inputs(np.full(batch, sample)))
+    return {"shapes": len(shapes), "batch_sizes": [1, max_batch],
+            "caption_lengths": sorted({length for _, length in shapes}), "seconds": time.perf_counter() - start}
 
 
 # Sizing LoadGen's schedule needs a steady median, not a full sweep: the measurement protocol, scaled down (5 calls
@@ -289,9 +373,15 @@ def load(cfg: LoadConfig, progress: bool = True, log=print) -> LoadRecord:
     path = out_dir / f"load-{mode}-{cfg.preset}-{cfg.fusion}-{cfg.backend}-{cfg.precision}-{stamp}.json"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    exported = export_gate(cfg, device)
     artifacts, source = load_artifacts(cfg, out_dir, log)
     backend = create_backend(cfg.backend, artifacts, device, cfg.precision, sleep_when_idle=not cfg.spin_wait)
+    gate = parity_gate(cfg, artifacts.model, backend, exported)
+    log(f"{cfg.fusion}/{cfg.backend}/{cfg.precision} against the PyTorch model: {gate_text(gate)}")
     library, tcfg = test_library(cfg.preset, artifacts.model.cfg, source, progress)
+    warmed = warm_up(backend.run, library, cfg.max_batch, progress)
+    log(f"warmed {warmed['shapes']} shapes (batch 1-{cfg.max_batch} × {len(warmed['caption_lengths'])} caption "
+        f"lengths) in {warmed['seconds']:.1f} s")
     batch_s = seconds_per_batch(backend.run, library, cfg.max_batch)
     log(f"{cfg.fusion}/{cfg.backend}/{cfg.precision}: {len(library)} test pairs; a batch of {cfg.max_batch} takes "
         f"{batch_s * 1e3:.2f} ms back to back")
@@ -300,7 +390,7 @@ def load(cfg: LoadConfig, progress: bool = True, log=print) -> LoadRecord:
                         batch_timeout_ms=cfg.batch_timeout_ms,
                         p99_target_ms=cfg.p99_ms if cfg.scenario == "server" else None, model=source,
                         backend_info=backend.describe(), environment=env,
-                        config={**to_dict(cfg), "seconds_per_batch": batch_s})
+                        config={**to_dict(cfg), "seconds_per_batch": batch_s}, gate=gate, warm_up=warmed)
     with BatchingSUT(backend.run, library.inputs, cfg.max_batch, cfg.batch_timeout_ms) as sut:
         if cfg.accuracy:
             run, record.accuracy = accuracy_check(cfg, sut, library, backend, tcfg, cfg.max_batch / batch_s,

@@ -16,7 +16,7 @@ import numpy as np
 from fusionprof import contention
 from fusionprof.env import device_label, machine_name
 from fusionprof.figures import pyplot, save_figure, slug
-from fusionprof.loadgen import LoadRecord, LoadRun
+from fusionprof.loadgen import LoadRecord, LoadRun, gate_text
 from fusionprof.records import LatencyRecord
 
 PLOT_DIR = "report"  # the plots' folder under the report's folder, as report.py writes its own
@@ -62,6 +62,12 @@ def _verdict(run: LoadRun) -> str:
 
 
 LABEL = "backend (batching, threads)"  # the header over ``_label``
+GATE = "parity gate"  # the header over ``_gate``
+
+
+def _gate(r: LoadRecord) -> str:
+    """The record's parity gate in short: passed with its largest |Δ logit|, or "not checked" (an older record)."""
+    return gate_text(r.gate, tolerance=False)
 
 
 def _label(r: LoadRecord) -> str:
@@ -96,17 +102,21 @@ def load_section(records: list[LoadRecord], out_dir: Path, latency: list[Latency
         checked = [r for r in recs if r.accuracy]
         if checked:
             blocks.append(("table", ["machine", "preset/fusion", "backend", "LoadGen accuracy", "backend accuracy",
-                                     "equal", "record"],
+                                     "equal", GATE, "record"],
                            [[machine, f"{r.preset}/{r.fusion}", _label(r), r.accuracy["loadgen_accuracy"],
-                             r.accuracy["backend_accuracy"], "yes" if r.accuracy["matches"] else "NO",
+                             r.accuracy["backend_accuracy"], "yes" if r.accuracy["matches"] else "NO", _gate(r),
                              Path(r.path or "").name] for r in checked]))
+    blocks.append(("p", f"{GATE}: before any timed run, the backend's logits against the PyTorch fp32 model's on "
+                        "fresh inputs, held to the tolerances the export and the latency sweep state per precision "
+                        "(a backend that fails it, or whose checkpoint's export failed its gates, is not served); "
+                        "the largest |Δ logit| seen. \"not checked\": a record written before load checked it."))
     return blocks
 
 
 def _server_blocks(machine: str, records: list[LoadRecord], out_dir: Path) -> list[tuple]:
     rows = [[machine, f"{r.preset}/{r.fusion}", _label(r), f"{run.settings.get('target_qps', 0):.1f}",
              _ms(r.p99_target_ms), _verdict(run), _ms(run.p50_ms), _ms(run.p99_ms), _inside(run),
-             _others(run.contention), Path(r.path or "").name]
+             _others(run.contention), _gate(r), Path(r.path or "").name]
             for r in records for run in sorted(r.runs, key=lambda run: run.settings.get("target_qps", 0))]
     best = [[machine, f"{r.preset}/{r.fusion}", _label(r), _ms(r.p99_target_ms),
              "none VALID" if r.max_qps is None else f"{r.max_qps:.1f}",
@@ -114,7 +124,7 @@ def _server_blocks(machine: str, records: list[LoadRecord], out_dir: Path) -> li
              Path(r.path or "").name]
             for r in records if r.config.get("find_max_qps")]
     blocks = [("table", ["machine", "preset/fusion", LABEL, "offered QPS", "p99 target ms",
-                         "LoadGen", "p50 ms", "p99 ms", INSIDE, OTHERS, "record"], rows)]
+                         "LoadGen", "p50 ms", "p99 ms", INSIDE, OTHERS, GATE, "record"], rows)]
     if best:
         blocks += [("p", f"The largest offered rate LoadGen called VALID (p99 within the target), by bisection, "
                          "and the smallest rate above it that was INVALID: the rate a setting sustains lies between, "
@@ -150,10 +160,10 @@ def _offline_blocks(machine: str, records: list[LoadRecord], latency: list[Laten
         run = r.runs[0]
         rate = run.samples_per_s
         rows.append([machine, f"{r.preset}/{r.fusion}", _label(r), "INVALID" if rate is None else f"{rate:.1f}",
-                     _verdict(run), sweep_best(r, latency), Path(r.path or "").name])
+                     _verdict(run), sweep_best(r, latency), _gate(r), Path(r.path or "").name])
     png = plot_offline(machine, records, out_dir)
     return [("table", ["machine", "preset/fusion", LABEL, "Offline samples/s", "LoadGen",
-                       "latency sweep best samples/s (batch ≤ max batch)", "record"], rows),
+                       "latency sweep best samples/s (batch ≤ max batch)", GATE, "record"], rows),
             ("p", "The latency sweep's column: the best sequential samples/s (batch / mean latency) of the same "
                   "preset, fusion, backend and precision on the same machine and device, over batch sizes up to the "
                   "load run's max batch (a batch the batcher never forms is no comparison), with the batch size."),
@@ -177,11 +187,12 @@ def sweep_best(r: LoadRecord, latency: list[LatencyRecord]) -> str:
 def _single_stream_blocks(machine: str, records: list[LoadRecord]) -> list[tuple]:
     """One query in flight at a time: LoadGen's percentiles and queries/s per run."""
     rows = [[machine, f"{r.preset}/{r.fusion}", _label(r), _ms(run.p50_ms), _ms(run.p90_ms), _ms(run.p99_ms),
-             "–" if run.samples_per_s is None else f"{run.samples_per_s:.1f}", _verdict(run), Path(r.path or "").name]
+             "–" if run.samples_per_s is None else f"{run.samples_per_s:.1f}", _verdict(run), _gate(r),
+             Path(r.path or "").name]
             for r in records for run in r.runs]
     return [("p", f"SingleStream: one query at a time, the next sent when the last is answered — {machine}"),
             ("table", ["machine", "preset/fusion", LABEL, "p50 ms", "p90 ms", "p99 ms", "QPS",
-                       "LoadGen", "record"], rows)]
+                       "LoadGen", GATE, "record"], rows)]
 
 
 # --------------------------------------------------------------------------- plots

@@ -421,6 +421,12 @@ class LoadRecord:
     runs: list[LoadRun] = field(default_factory=list)
     max_qps: float | None = None  # find-max: the largest offered rate LoadGen called VALID (None: none was)
     accuracy: dict | None = None  # accuracy mode: LoadGen's logged answers against the backend's own
+    # parity of the backend against the PyTorch model before any timed run (``gate_text``); None: a record written
+    # before load checked it
+    gate: dict | None = None
+    # the (batch, caption length) shapes called once before any timed run: every one the batcher can form (None: a
+    # record written before load warmed them all; it warmed one)
+    warm_up: dict | None = None
     path: str | None = None  # where it was read from or written to (not stored)
 
     @property
@@ -484,6 +490,21 @@ def _require(d: dict, cls: type, path: object, what: str) -> None:
     for f in fields(cls):
         if f.init and f.default is MISSING and f.default_factory is MISSING and f.name not in d:
             raise UserError(f"{path}: not a complete load record: {what} has no {f.name!r}")
+
+
+def gate_text(gate: dict | None, tolerance: bool = True) -> str:
+    """A load record's parity gate in words: passed or FAILED, the largest |Δ logit| against the PyTorch fp32 model,
+    and (``tolerance``) what it was held to; "not checked" for a record written before load checked it."""
+    if gate is None:
+        return "not checked"
+    verdict = f"{'passed' if gate['passed'] else 'FAILED'}: max |Δ logit| {gate['max_abs_error']:.2g}"
+    if not tolerance:
+        return verdict
+    tol = gate["tolerance"]
+    if "max_abs" in tol:  # int8: a bound on |Δ| and the match decisions agreeing
+        return (f"{verdict} (≤ {tol['max_abs']:g}), decisions agreeing {gate['decision_agreement']:.1%} "
+                f"(≥ {tol['decision_agreement']:.0%})")
+    return f"{verdict} (tolerance {tol['atol']:g} + {tol['rtol']:g}·|logit|{', ' + tol['why'] if 'why' in tol else ''})"
 
 
 def threads_label(backend_info: dict) -> str:

@@ -49,25 +49,40 @@ def build_pt2(model: FusionModel, path: Path, precision: str, device: torch.devi
     with tempfile.TemporaryDirectory(prefix="pt2-") as tmp:
         source, status = Path(tmp) / "model.pt", Path(tmp) / "status.json"
         torch.save({"model_config": to_dict(model.cfg), "model": model.state_dict()}, source)
-        child = multiprocessing.get_context("spawn").Process(
-            target=_build_in_child, args=(str(source), str(path), precision, str(device), str(status)))
-        child.start()
-        child.join(timeout_s)
-        if child.is_alive():
-            child.kill()
-            child.join()
+        exitcode, timed_out = run_child(_build_in_child, (str(source), str(path), precision, str(device),
+                                                         str(status)), timeout_s)
         state = json.loads(status.read_text()) if status.exists() else {"step": "start"}
     if state.get("ok"):
         return {"path": str(path), "precision": precision, "device": str(device), "torch": torch.__version__,
                 "size_mib": path.stat().st_size / 2**20, "seconds": state["seconds"],
                 "dynamic_axes": {"batch": [1, MAX_BATCH], "sequence": [1, MAX_SEQUENCE]}}
-    raise UserError(f"AOTInductor build failed at its {state['step']} step: {_why(child.exitcode, state, timeout_s)}")
+    why = _why(exitcode, state, timeout_s if timed_out else None)
+    raise UserError(f"AOTInductor build failed at its {state['step']} step: {why}")
 
 
-def _why(exitcode: int | None, state: dict, timeout_s: float) -> str:
+def run_child(target, args: tuple, timeout_s: float) -> tuple[int | None, bool]:
+    """``target(*args)`` in a spawned child: its exit code (-N: killed by signal N), and whether it ran past
+    ``timeout_s`` and we killed it. Said apart explicitly because our kill is a SIGKILL, like the kernel's
+    out-of-memory killer's: the exit code alone cannot tell a hang from a build that ran out of memory."""
+    child = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    child.start()
+    child.join(timeout_s)
+    timed_out = child.is_alive()
+    if timed_out:
+        child.kill()
+        child.join()
+    return child.exitcode, timed_out
+
+
+def _why(exitcode: int | None, state: dict, timed_out_after_s: float | None = None) -> str:
+    """Why the build process failed, in one line; ``timed_out_after_s``: we killed it at that time limit."""
+    if timed_out_after_s is not None:
+        return f"the build process ran past its {timed_out_after_s:.0f} s time limit and was killed (SIGKILL)"
     if exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name
-        return f"the build process died with {name}" + (f" after {timeout_s:.0f} s" if name == "SIGKILL" else "")
+        if name == "SIGKILL":  # not ours (we had not timed it out): the kernel's out-of-memory killer, most likely
+            return "the build process was killed by SIGKILL (likely out of memory)"
+        return f"the build process died with {name}"
     return state.get("error") or f"the build process exited with code {exitcode}"
 
 

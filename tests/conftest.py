@@ -86,6 +86,17 @@ def learned_early(tmp_path_factory, learnable_data):
     return train_once(tmp_path_factory, "learned", learnable_data, "early", run="one", **LEARNS)[1]
 
 
+def copy_run(checkpoint, models):
+    """A trained run's checkpoint (and tokenizer) copied into ``models``: a test's exports and export records are then
+    its own, not the session's run folder's."""
+    run = models / checkpoint.parent.name
+    run.mkdir(parents=True)
+    shutil.copy2(checkpoint, run / checkpoint.name)
+    if (checkpoint.parent / "tokenizer").exists():
+        shutil.copytree(checkpoint.parent / "tokenizer", run / "tokenizer")
+    return run / checkpoint.name
+
+
 @pytest.fixture(scope="session")
 def pt2_build(trained_mid, tmp_path_factory):
     """`fusionprof export --fmt pt2` of `trained_mid` into its run folder, started now in a process of its own and

@@ -5,7 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import copy_run
 
+import fusionprof.export
 from fusionprof.backends import create_backend
 from fusionprof.backends.base import BACKENDS
 from fusionprof.checkpoint import load_model
@@ -47,3 +49,25 @@ def test_the_int8_export_keeps_the_model_openvino_chose(int8_export, trained_mid
     model, _ = load_model(trained_mid[0])
     backend = create_backend("openvino", int8_artifacts(model, path), CPU, "int8")
     assert backend.describe()["model"] == (kept.name if openvino["loads"] == "nncf" else path.name)
+
+
+@pytest.mark.slow  # quantizes the session's trained tiny mid run twice, with NNCF and for onnxruntime
+def test_a_sweeps_int8_export_holds_nncfs_ir_to_the_accuracy_gate(trained_mid, tmp_path, monkeypatch):
+    """The sweep's own int8 export of a trained model kept NNCF's IR on parity and speed alone, where `fusionprof
+    export` also holds it to the accuracy gate. With the IR chosen whatever the timing said, it is kept where the gate
+    passes it and dropped where it does not (no accuracy close enough): openvino then loads the QDQ graph."""
+    from fusionprof.latency import IR_GATED, SweepConfig, _made_from, load_artifacts
+
+    if not BACKENDS.get("openvino").available(CPU)[0]:
+        pytest.skip("openvino is unavailable here")
+    monkeypatch.setattr(fusionprof.export, "int8_choice", lambda passed, p50_ms: ("nncf", "chosen by the test"))
+    copy_run(trained_mid[0], tmp_path / "models")
+    cfg = SweepConfig(fusions=["mid"], backends=["openvino"], precision="int8", models_dir=str(tmp_path / "models"))
+    for tolerance, kept in ((1.0, True), (-1.0, False)):  # any accuracy is close enough; none is
+        monkeypatch.setitem(fusionprof.export.ACCURACY_TOLERANCE, "int8", tolerance)
+        work = tmp_path / f"sweep-{kept}"
+        artifacts, _ = load_artifacts(cfg, "mid", work, log=lambda s: None)
+        assert (artifacts.ir is not None) == kept and len(list(work.rglob("*.nncf.*"))) == 2 * kept
+        assert _made_from(artifacts.onnx)["nncf_ir"] == IR_GATED  # an older sweep's IR, never gated, is made again
+        backend = create_backend("openvino", artifacts, CPU, "int8")
+        assert backend.describe()["model"] == ("model.int8.nncf.xml" if kept else "model.int8.onnx")

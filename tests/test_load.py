@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import copy_run
 
 from fusionprof import SCHEMA_VERSION
 from fusionprof.cli import cli
@@ -233,6 +234,8 @@ MID_ORT = ["--fusion", "mid", "--backend", "onnxruntime"]
     ([*MID_ORT, "--scenario", "server", "--qps", "10", "--max-batch", "0"], "--max-batch must be at least 1"),
     ([*MID_ORT, "--scenario", "burst"], "unknown scenario 'burst'; choose from server, offline, single-stream"),
     ([*MID_ORT, "--scenario", "server"], "needs --qps Q,... or --find-max-qps"),
+    ([*MID_ORT, "--scenario", "server", "--find-max-qps", "--accuracy"],
+     "--accuracy checks the answers of one run; --find-max-qps searches for a rate: run them separately"),
     ([*MID_ORT, "--scenario", "offline", "--qps", "5"], "--qps and --find-max-qps are for --scenario server"),
     (["--fusion", "mid", "--backend", "nope", "--scenario", "offline"], "unknown backend 'nope'"),
     (["--fusion", "nope", "--backend", "onnxruntime", "--scenario", "offline"], "unknown fusion 'nope'"),
@@ -682,3 +685,134 @@ def test_load_section_reports_invalid_runs_as_invalid(records, tmp_path):
     assert [row[4] for row in best[2]] == ["160.0"] and offline[2][0][3] == "250.0"
     images = [b[1] for b in blocks if b[0] == "img"]
     assert len(images) == 3 and all((out / image).stat().st_size > 0 for image in images)
+
+
+# --------------------------------------------------------------------------- the gate before any timed run
+
+
+@pytest.mark.slow  # exports the trained checkpoint and runs LoadGen on it
+def test_load_serves_only_what_passes_the_gate_and_records_it(tmp_path, trained_mid, monkeypatch):
+    """load once served whatever it built: no parity check, and an artifact rebuilt under profiles/ identical to
+    one whose export had FAILED its gate was timed and reported VALID. Now parity runs before any timed run and the
+    record keeps it; a failing backend, or a checkpoint whose export failed its gate, is a one-line refusal."""
+    import fusionprof.export
+    from fusionprof.export import TOLERANCES
+    from fusionprof.load_report import GATE, load_section
+    from fusionprof.loadgen import LoadRecord
+
+    models, profiles = tmp_path / "models", tmp_path / "profiles"
+    checkpoint = copy_run(trained_mid[0], models)
+    load = ["load", *MID_ORT, "--scenario", "offline", "--min-duration", "0.3", "--min-queries", "20",
+            "--models", models, "--out", profiles, "--quiet"]
+    code, out = run_cli(*load)
+    assert code == 0, out
+    [path] = profiles.glob("*/load-offline-tiny-mid-onnxruntime-fp32-*.json")
+    gate = json.loads(path.read_text())["gate"]
+    assert gate["passed"] and gate["tolerance"] == TOLERANCES["fp32"] and gate["export_record"] is None
+    assert 0 < gate["max_abs_error"] == max(s["max_abs_error"] for s in gate["shapes"]) < 1e-4
+    assert [s["batch"] for s in gate["shapes"]] == [1, 3, 8]
+    assert f"mid/onnxruntime/fp32 against the PyTorch model: passed: max |Δ logit| {gate['max_abs_error']:.2g} " \
+           "(tolerance 0.0001 + 0.001·|logit|)" in out
+
+    # an older record (no gate) still reads, and the report tells the two apart
+    old = json.loads(path.read_text())
+    del old["gate"]
+    records = [LoadRecord.from_dict(json.loads(path.read_text()), path), LoadRecord.from_dict(old, "old.json")]
+    assert records[1].gate is None
+    [offline] = [b for b in load_section(records, tmp_path / "report") if b[0] == "table"]
+    assert [row[offline[1].index(GATE)] for row in offline[2]] == [
+        f"passed: max |Δ logit| {gate['max_abs_error']:.2g}", "not checked"]
+
+    # the same artifact, failing parity now (a tolerance nothing meets): refused, nothing timed or written
+    with monkeypatch.context() as mp:
+        mp.setitem(fusionprof.export.TOLERANCES, "fp32", {"atol": 0.0, "rtol": 0.0})
+        code, out = run_cli(*load)
+    assert code == 1 and out.count("\n") == 1, out
+    assert out.startswith("Error: mid on onnxruntime fp32 fails parity with the PyTorch model (FAILED: max |Δ logit| ")
+    assert out.endswith("load does not serve it\n")
+    assert len(list(profiles.glob("*/load-*.json"))) == 1
+
+    # the checkpoint's own export failed its gate: refused before anything is built, though the tolerance is back
+    with monkeypatch.context() as mp:
+        mp.setitem(fusionprof.export.TOLERANCES, "fp32", {"atol": 0.0, "rtol": 0.0})
+        code, out = run_cli("export", "--checkpoint", checkpoint, "--quiet")
+    assert code == 1 and json.loads((checkpoint.parent / "export.json").read_text())["parity"]["passed"] is False
+    code, out = run_cli(*load)
+    assert code == 1 and out == (f"Error: {checkpoint.parent / 'export.json'}: this checkpoint's onnx fp32 export "
+                                 "failed its parity gate; load does not serve that model (fix it, or export it again "
+                                 "once it passes)\n")
+    assert len(list(profiles.glob("*/load-*.json"))) == 1
+    # exported again, passing: served, and the record names the export record it read
+    code, out = run_cli("export", "--checkpoint", checkpoint, "--quiet")
+    assert code == 0, out
+    code, out = run_cli(*load)
+    assert code == 0, out
+    newest = max(profiles.glob("*/load-*.json"))
+    assert json.loads(newest.read_text())["gate"]["export_record"] == {
+        "path": str(checkpoint.parent / "export.json"), "status": "ok"}
+
+
+@pytest.fixture
+def shape_counting_backend():
+    """onnxruntime, registered for one test under another name, noting which thread first ran each (batch, caption
+    length): LoadGen's runs are served on the batcher's worker thread, everything before them on the main one."""
+    from fusionprof.backends.base import BACKENDS, register_backend
+
+    first_seen: dict[tuple[int, int], str] = {}
+    ran: dict[str, set] = {}
+
+    @register_backend("onnxruntime-shapes")
+    class ShapeCounting(BACKENDS.get("onnxruntime")):
+        def run(self, images, input_ids, attention_mask):
+            shape, thread = (images.shape[0], input_ids.shape[1]), threading.current_thread().name
+            first_seen.setdefault(shape, thread)
+            ran.setdefault(thread, set()).add(shape)
+            return super().run(images, input_ids, attention_mask)
+
+    try:
+        yield first_seen, ran
+    finally:
+        del BACKENDS._members["onnxruntime-shapes"]
+
+
+@pytest.mark.slow  # exports the trained checkpoint and runs LoadGen on it
+def test_every_shape_the_batcher_forms_is_warmed_before_anything_is_timed(tmp_path, trained_mid,
+                                                                          shape_counting_backend):
+    """load warmed one shape, while the batcher forms every batch size up to --max-batch at every caption length
+    (a batch is trimmed to its longest caption): a backend that compiles or captures per shape did so inside the
+    timed LoadGen runs. Now every such shape runs once first, and no timed run meets a shape it has not."""
+    from fusionprof.checkpoint import load_model
+    from fusionprof.load import test_library
+
+    first_seen, ran = shape_counting_backend
+    models, profiles = tmp_path / "models", tmp_path / "profiles"
+    checkpoint = copy_run(trained_mid[0], models)
+    code, out = run_cli("load", "--fusion", "mid", "--backend", "onnxruntime-shapes", "--scenario", "offline",
+                        "--max-batch", "4", "--batch-timeout-ms", "2", "--min-duration", "0.3", "--min-queries", "40",
+                        "--models", models, "--out", profiles, "--quiet")
+    assert code == 0, out
+    library, _ = test_library("tiny", load_model(checkpoint)[0].cfg, {"checkpoint": str(checkpoint)}, False)
+    lengths = sorted(set(library.caption_lengths().tolist()))
+    assert len(lengths) > 1  # captions of several lengths: shapes beyond the one warmed before
+    formed = {(batch, length) for batch in range(1, 5) for length in lengths}
+    [path] = profiles.glob("*/load-offline-tiny-mid-onnxruntime-shapes-fp32-*.json")
+    warmed = json.loads(path.read_text())["warm_up"]
+    assert (warmed["shapes"], warmed["caption_lengths"], warmed["batch_sizes"]) == (4 * len(lengths), lengths, [1, 4])
+    assert f"warmed {4 * len(lengths)} shapes (batch 1-4 × {len(lengths)} caption lengths)" in out
+    assert formed <= ran["MainThread"]  # each run before LoadGen's
+    timed = ran["sut-worker"]
+    assert len(timed) > 1 and timed <= formed  # the batcher formed several shapes, all among those
+    assert not [shape for shape, thread in first_seen.items() if thread == "sut-worker"]  # none met first when timed
+
+
+def test_a_tensorrt_engine_for_load_covers_the_largest_batch_the_batcher_forms():
+    """load asked the sweep's artifacts with the sweep's default batch sizes: a TensorRT engine whose profile stops at
+    32, which a --max-batch 64 batcher overruns. (Built on a GPU only: checked here is what it is built over.)"""
+    from fusionprof.latency import SweepConfig, _plan_batches
+    from fusionprof.load import LoadConfig, sweep_config
+
+    def plan(max_batch):
+        return _plan_batches(sweep_config(LoadConfig("mid", "tensorrt", "server", max_batch=max_batch)))
+
+    assert max(plan(64)) == 64 and max(plan(48)) == 48
+    assert plan(1) == plan(16) == plan(32) == _plan_batches(SweepConfig())  # the sweep's own engine, reused

@@ -71,8 +71,10 @@ def _gate(r: LoadRecord) -> str:
 
 
 def _label(r: LoadRecord) -> str:
-    """What tells two runs of one model apart: backend, precision, batching, and how the backend's threads ran."""
-    return f"{r.backend} {r.precision} ({r.serving})"
+    """What tells two runs of one model apart: backend, precision, the device where it is not the CPU (one machine
+    serves from both), batching, and how the backend's threads ran."""
+    device = device_label(r.device)
+    return f"{r.backend} {r.precision}{'' if device == 'cpu' else ' on ' + device} ({r.serving})"
 
 
 def load_section(records: list[LoadRecord], out_dir: Path, latency: list[LatencyRecord] = ()) -> list[tuple]:
@@ -275,6 +277,12 @@ def _setting_bars(plt, groups: dict[str, list[float | None]], xlabel: str, title
     return save_figure(plt, fig, title, path)
 
 
+def _bar(r: LoadRecord) -> str:
+    """A bar of the load plots: one model (preset and fusion: a tiny and a seed search are never one median) in one
+    setting."""
+    return f"{r.preset}/{r.fusion} {_setting(r)}"
+
+
 def _grouped(records: list[LoadRecord], name, value) -> dict[str, list[float | None]]:
     groups: dict[str, list[float | None]] = defaultdict(list)
     for r in sorted(records, key=lambda r: (r.preset, r.fusion, r.backend, r.max_batch, _setting(r))):
@@ -283,12 +291,12 @@ def _grouped(records: list[LoadRecord], name, value) -> dict[str, list[float | N
 
 
 def plot_max_qps(machine: str, records: list[LoadRecord], out_dir: Path) -> Path:
-    groups = _grouped(records, lambda r: f"{r.fusion} {_setting(r)} p99≤{r.p99_target_ms:g}ms", lambda r: r.max_qps)
+    groups = _grouped(records, lambda r: f"{_bar(r)} p99≤{r.p99_target_ms:g}ms", lambda r: r.max_qps)
     return _setting_bars(pyplot(), groups, "max VALID QPS (bar: median of the searches, line: their range)",
                          f"max VALID Server QPS — {machine}", out_dir / PLOT_DIR / f"load-max-qps-{slug(machine)}.png")
 
 
 def plot_offline(machine: str, records: list[LoadRecord], out_dir: Path) -> Path:
-    groups = _grouped(records, lambda r: f"{r.fusion} {_setting(r)}", lambda r: r.runs[0].samples_per_s)
+    groups = _grouped(records, _bar, lambda r: r.runs[0].samples_per_s)
     return _setting_bars(pyplot(), groups, "Offline samples/s (bar: median of the runs, line: their range)",
                          f"Offline samples/s — {machine}", out_dir / PLOT_DIR / f"load-offline-{slug(machine)}.png")

@@ -667,6 +667,13 @@ def test_load_plots_draw_one_series_per_setting_however_many_searches(tmp_path):
     assert [len(v) for v in groups.values()] == [13, 13, 13] and groups["onnxruntime fp32 (no batching)"][3] == 103.0
     assert _bar_note([300.0, None, 100.0, 200.0]) == "200 (median of 3; 1 none VALID)"  # never "median of 4"
     assert _bar_note([250.0]) == "250"
+    # another model (a seed search of mid) is another bar, and a GPU's setting says so
+    from fusionprof.load_report import _bar, _label
+
+    seed = LoadRecord.from_dict({**_load_record("mid", 1, [], max_qps=9.0), "preset": "seed"}, tmp_path / "s.json")
+    on_gpu = LoadRecord.from_dict({**_load_record("mid", 1, [], max_qps=9.0), "device": "cuda"}, tmp_path / "g.json")
+    assert _bar(seed) == "seed/mid onnxruntime fp32 (no batching)" != _bar(records[0])
+    assert _label(on_gpu) == "onnxruntime fp32 on cuda:0 (no batching)"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "Tight layout not applied" when a legend of 39 entries filled the figure
         images = [b[1] for b in load_section(records, tmp_path) if b[0] == "img"]

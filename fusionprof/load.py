@@ -86,6 +86,11 @@ class LoadConfig:
     profiles_dir: str = "profiles"
 
 
+def rate_name(qps: float) -> str:
+    """An offered rate as its run's log folder names it (``server-<rate>qps``): two rates alike here share one."""
+    return f"{qps:.6g}"
+
+
 def check(cfg: LoadConfig) -> torch.device:
     """Every option checked before anything loads: a bad one is a one-line error."""
     if cfg.scenario not in SCENARIOS:
@@ -104,6 +109,12 @@ def check(cfg: LoadConfig) -> torch.device:
     if cfg.accuracy and cfg.find_max_qps:  # accuracy mode is one run at one rate: the search would be ignored
         raise UserError("--accuracy checks the answers of one run; --find-max-qps searches for a rate: run them "
                         "separately")
+    rates = [rate_name(qps) for qps in cfg.qps]  # a repeat would run again into, and overwrite, the first's logs
+    if repeated := next((rate for i, rate in enumerate(rates) if rate in rates[:i]), None):
+        raise UserError(f"--qps {repeated} is given twice: each rate is one LoadGen run, logged to its own folder; "
+                        "give it once")
+    if cfg.accuracy and len(cfg.qps) > 1:  # accuracy mode is one run at one rate: the other rates would be ignored
+        raise UserError(f"--accuracy checks the answers of one run at one rate; --qps gives {len(cfg.qps)}: give one")
     if cfg.scenario == "server" and not cfg.accuracy and bool(cfg.qps) == cfg.find_max_qps:
         raise UserError("--scenario server needs --qps Q,... or --find-max-qps (one of the two)")
     if cfg.scenario != "server" and (cfg.qps or cfg.find_max_qps):
@@ -292,7 +303,7 @@ def run_scenario(cfg: LoadConfig, sut: BatchingSUT, library: SampleLibrary, batc
         settings = _settings(cfg, target_qps=qps)
         if min_queries:  # find-max: LoadGen asked for more queries to decide this rate
             settings.min_query_count = max(settings.min_query_count, min_queries)
-        folder = f"server-{qps:.6g}qps" + (f"-{settings.min_query_count}queries" if min_queries else "")
+        folder = f"server-{rate_name(qps)}qps" + (f"-{settings.min_query_count}queries" if min_queries else "")
         run = run_loadgen(sut, len(library), settings, log_dir / folder)
         log(f"server {qps:8.1f} QPS offered: {describe(run)}")
         return run

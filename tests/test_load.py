@@ -236,6 +236,11 @@ MID_ORT = ["--fusion", "mid", "--backend", "onnxruntime"]
     ([*MID_ORT, "--scenario", "server"], "needs --qps Q,... or --find-max-qps"),
     ([*MID_ORT, "--scenario", "server", "--find-max-qps", "--accuracy"],
      "--accuracy checks the answers of one run; --find-max-qps searches for a rate: run them separately"),
+    ([*MID_ORT, "--scenario", "server", "--qps", "100,50,100"],
+     "--qps 100 is given twice: each rate is one LoadGen run"),
+    ([*MID_ORT, "--scenario", "server", "--qps", "100,100.0000001"], "--qps 100 is given twice"),  # one log folder
+    ([*MID_ORT, "--scenario", "server", "--accuracy", "--qps", "10,20"],
+     "--accuracy checks the answers of one run at one rate; --qps gives 2: give one"),
     ([*MID_ORT, "--scenario", "offline", "--qps", "5"], "--qps and --find-max-qps are for --scenario server"),
     (["--fusion", "mid", "--backend", "nope", "--scenario", "offline"], "unknown backend 'nope'"),
     (["--fusion", "nope", "--backend", "onnxruntime", "--scenario", "offline"], "unknown fusion 'nope'"),

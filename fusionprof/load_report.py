@@ -17,6 +17,7 @@ from fusionprof import contention
 from fusionprof.env import device_label, machine_name
 from fusionprof.figures import pyplot, save_figure, slug
 from fusionprof.loadgen import LoadRecord, LoadRun, gate_text
+from fusionprof.metrics import percent
 from fusionprof.records import LatencyRecord
 
 PLOT_DIR = "report"  # the plots' folder under the report's folder, as report.py writes its own
@@ -105,9 +106,9 @@ def load_section(records: list[LoadRecord], out_dir: Path, latency: list[Latency
         if checked:
             blocks.append(("table", ["machine", "preset/fusion", "backend", "LoadGen accuracy", "backend accuracy",
                                      "equal", GATE, "record"],
-                           [[machine, f"{r.preset}/{r.fusion}", _label(r), r.accuracy["loadgen_accuracy"],
-                             r.accuracy["backend_accuracy"], "yes" if r.accuracy["matches"] else "NO", _gate(r),
-                             Path(r.path or "").name] for r in checked]))
+                           [[machine, f"{r.preset}/{r.fusion}", _label(r), percent(r.accuracy["loadgen_accuracy"]),
+                             percent(r.accuracy["backend_accuracy"]), "yes" if r.accuracy["matches"] else "NO",
+                             _gate(r), Path(r.path or "").name] for r in checked]))
     blocks.append(("p", f"{GATE}: before any timed run, the backend's logits against the PyTorch fp32 model's on "
                         "fresh inputs, held to the tolerances the export and the latency sweep state per precision "
                         "(a backend that fails it, or whose checkpoint's export failed its gates, is not served); "

@@ -699,6 +699,22 @@ def test_load_section_reports_invalid_runs_as_invalid(records, tmp_path):
     assert len(images) == 3 and all((out / image).stat().st_size > 0 for image in images)
 
 
+def test_the_accuracy_run_table_gives_percentages_as_the_rest_of_the_report_does(tmp_path):
+    """LoadGen's and the backend's accuracy read "96.20%" as every accuracy in the report does (they were raw
+    fractions, 0.962), and a run with unanswered pairs has no LoadGen accuracy: "–", not "None"."""
+    from fusionprof.load_report import find_load_records, load_section
+
+    for name, loadgen_accuracy, answered in (("all", 0.962, 2000), ("some", None, 1999)):
+        _write(tmp_path, f"box/load-accuracy-{name}.json", {
+            **_load_record("mid", 1, [], backend="openvino", scenario="offline", precision="bf16"),
+            "accuracy": {"pairs": 2000, "answered": answered, "loadgen_accuracy": loadgen_accuracy,
+                         "backend_accuracy": 0.962, "matches": loadgen_accuracy is not None}})
+    [table] = [b for b in load_section(find_load_records([tmp_path]), tmp_path / "out") if b[0] == "table"]
+    header, rows = table[1], table[2]
+    assert [(row[header.index("LoadGen accuracy")], row[header.index("backend accuracy")], row[-1]) for row in rows] \
+        == [("96.20%", "96.20%", "load-accuracy-all.json"), ("–", "96.20%", "load-accuracy-some.json")]
+
+
 # --------------------------------------------------------------------------- the gate before any timed run
 
 

@@ -162,6 +162,36 @@ def test_a_batcher_error_surfaces_instead_of_hanging_loadgen(tmp_path):
     assert isinstance(outcome.get("error"), OverflowError)
 
 
+def _mllog(key, value, is_error=False, is_warning=False) -> str:
+    """One detail-log line as LoadGen writes it."""
+    return ":::MLLOG " + json.dumps({"key": key, "value": value, "time_ms": 1.0, "namespace": "mlperf::logging",
+                                     "event_type": "POINT_IN_TIME", "metadata": {
+                                         "is_error": is_error, "is_warning": is_warning, "file": "logging.cc"}})
+
+
+def test_a_run_loadgen_logged_an_error_in_is_invalid_and_says_which(tmp_path):
+    """LoadGen's is_error entries are faults of the run itself (samples never or twice completed, clocks drifting
+    over 1 %, a run ended early), and MLPerf's submission checker rejects a run that has any: a run LoadGen called
+    VALID with one is INVALID here, the error named among its reasons and kept in its errors; warnings change
+    nothing."""
+    from fusionprof.loadgen import parse_logs
+
+    incomplete = "Encountered incomplete samples at the end of a series of queries. count: 3"
+    lines = [_mllog("result_validity", "VALID"), _mllog("result_perf_constraints_met", True),
+             _mllog("effective_target_qps", 100.0), _mllog("result_99.00_percentile_latency_ns", 20e6),
+             _mllog("warning_generic_message", "PerfClock and system_clock differ by more than 0.1%!", is_warning=True)]
+    (tmp_path / "mlperf_log_detail.txt").write_text("\n".join(lines) + "\n")
+    settings = LoadSettings("server", target_qps=100, p99_ms=50)
+    clean = parse_logs(tmp_path, settings, {1: 10})
+    assert clean.valid and clean.errors == [] and clean.p99_ms == pytest.approx(20.0) and len(clean.warnings) == 1
+    lines.append(_mllog("error_runtime", incomplete, is_error=True))
+    (tmp_path / "mlperf_log_detail.txt").write_text("\n".join(lines) + "\n")
+    run = parse_logs(tmp_path, settings, {1: 10})
+    assert run.valid is False and run.validity == "INVALID" and run.p99_ms is None
+    assert run.errors == run.invalid_reasons == [f"error_runtime: {incomplete}"]
+    assert run.to_dict()["errors"] == [f"error_runtime: {incomplete}"]
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(scenario="server", target_qps=10, p99_ms=math.inf), "--p99-ms must be a finite number, got inf"),
     (dict(scenario="server", target_qps=math.inf, p99_ms=50), "--qps must be a finite number, got inf"),

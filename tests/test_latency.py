@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import NO_CUDA_64, stand_in_onnx
+from conftest import NO_CUDA_64, copy_run, stand_in_onnx
 
 from fusionprof.backends import BACKENDS, backend_names
 from fusionprof.backends.torch_eager import TorchEager
@@ -507,9 +507,7 @@ def test_a_sweeps_own_export_is_made_again_for_other_weights(tmp_path, trained_m
     from fusionprof.export import parity
     from fusionprof.latency import load_artifacts
 
-    models = tmp_path / "models" / "tiny-mid"
-    models.mkdir(parents=True)
-    (models / "checkpoint.pt").write_bytes(trained_mid[0].read_bytes())  # the checkpoint alone: no verified export
+    models = copy_run(trained_mid[0], tmp_path / "models").parent  # the run alone: no verified export
     left = tmp_path / "work" / "onnx" / "tiny-mid" / "model.onnx"  # as an untrained sweep left it, with its note
     left.parent.mkdir(parents=True)
     shutil.copy(untrained_onnx["mid"].onnx, left)

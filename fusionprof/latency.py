@@ -86,6 +86,7 @@ from fusionprof.runtime import (
     largest_peaks,
     out_of_memory,
     resolve_device,
+    torch_threads,
 )
 
 
@@ -453,10 +454,14 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
     """Every (fusion, backend, batch size) cell of ``cfg``: one record, written when the sweep ends, and the rows so
     far (``PARTIAL_SUFFIX``) after every backend, or in an interleaved sweep after every round. ``resume``: continue
     the newest unfinished sweep with these settings on this machine, keeping its rows and measuring only the
-    (fusion, backend) pairs it had not reached, or the rounds it had not reached."""
+    (fusion, backend) pairs it had not reached, or the rounds it had not reached. On ``cfg.threads`` threads, if
+    given, and the caller's after."""
+    with torch_threads(cfg.threads):
+        return _sweep(cfg, progress, log, resume)
+
+
+def _sweep(cfg: SweepConfig, progress: bool, log, resume: bool) -> LatencyRecord:
     device = check_sweep(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     env = fingerprint()
     out_dir = Path(cfg.profiles_dir) / env["host"]
     # int8 runs in exported graphs only, with no torch matmul of its own: its rows are rated against fp32's

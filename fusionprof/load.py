@@ -58,7 +58,7 @@ from fusionprof.loadgen import (
 from fusionprof.measure import Protocol, sample_calls
 from fusionprof.metrics import accuracy, predict
 from fusionprof.records import records_of_model
-from fusionprof.runtime import INFERENCE_PRECISIONS, check_precision, resolve_device
+from fusionprof.runtime import INFERENCE_PRECISIONS, check_precision, resolve_device, torch_threads
 
 CPU = torch.device("cpu")
 
@@ -375,15 +375,19 @@ def trained_accuracy(source: dict, profiles_dir: str, env: dict) -> float | None
 
 
 def load(cfg: LoadConfig, progress: bool = True, log=print) -> LoadRecord:
-    """One ``fusionprof load``: check, load, calibrate, run LoadGen, write the record."""
+    """One ``fusionprof load``: check, load, calibrate, run LoadGen, write the record. On ``cfg.threads`` threads, if
+    given, and the caller's after."""
+    with torch_threads(cfg.threads):
+        return _load(cfg, progress, log)
+
+
+def _load(cfg: LoadConfig, progress: bool, log) -> LoadRecord:
     device = check(cfg)
     env = fingerprint()
     out_dir = Path(cfg.profiles_dir) / env["host"]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     mode = "accuracy" if cfg.accuracy else cfg.scenario
     path = out_dir / f"load-{mode}-{cfg.preset}-{cfg.fusion}-{cfg.backend}-{cfg.precision}-{stamp}.json"
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     exported = export_gate(cfg, device)
     artifacts, source = load_artifacts(cfg, out_dir, log)
     backend = create_backend(cfg.backend, artifacts, device, cfg.precision, sleep_when_idle=not cfg.spin_wait)

@@ -102,6 +102,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """``n`` intra-op threads for torch inside the block (the onnxruntime and openvino backends take torch's count),
+    the caller's again after it: a sweep called from ``compare``, a notebook or a test must not leave the process on
+    the threads it was asked for (a later run would be timed, and would behave, on them without saying so)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -74,11 +74,14 @@ def test_busy_describe_and_combine():
 
 def test_a_latency_cell_timed_beside_a_busy_process_says_so(tmp_path):
     quick = ["--min-seconds", "1", "--min-calls", "5", "--warmup-seconds", "0", "--warmup-calls", "1"]
+    threads = torch.get_num_threads()
     with busy_process():
         result = CliRunner().invoke(cli, ["latency", "--fusion", "late", "--backends", "torch", "--batch-sizes", "1",
                                           "--models", str(tmp_path / "none"), "--out", str(tmp_path), "--quiet",
                                           "--threads", "1", *quick])
     assert result.exit_code == 0, result.output
+    # --threads 1 held for the sweep only: it once stayed, and later sweeps in the process ran on one thread
+    assert torch.get_num_threads() == threads
     [path] = tmp_path.glob("*/latency-*.json")
     [row] = json.loads(path.read_text())["rows"]
     assert row["contention"]["other_processes_cores"] >= 0.6 and row["contention"]["seconds"] >= 1

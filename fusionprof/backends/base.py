@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,18 +153,15 @@ def inductor_status() -> tuple[bool, str]:
     return True, ""
 
 
-@contextmanager
-def runtime_errors(what: str) -> Iterator[None]:
-    """Around a call into onnxruntime or OpenVINO, whose exceptions no caller can name (onnxruntime's ``Fail``,
-    ``InvalidArgument``, ...: none a ``RuntimeError``; OpenVINO's a page long): memory running out becomes a
-    ``MemoryError`` (``out_of_memory``, as PyTorch's would be), anything else a ``UserError``, each one line saying
-    ``what`` failed. A sweep records either as that cell's failure and goes on to the next."""
-    try:
-        yield
-    except Exception as e:
-        if out_of_memory(e):
-            raise MemoryError(f"{what}: {allocator_words(e) or runtime_words(e)}") from None
-        raise UserError(f"{what}: {runtime_words(e)}") from None
+def runtime_failure(error: Exception, what: str) -> Exception:
+    """What a call into onnxruntime or OpenVINO that raised ``error`` is raised as, for a caller that could not name
+    their exceptions (onnxruntime's ``Fail``, ``InvalidArgument``, ...: none a ``RuntimeError``; OpenVINO's a page
+    long): memory running out a ``MemoryError`` (``out_of_memory``, as PyTorch's would be), anything else a
+    ``UserError``, each one line saying ``what`` failed. A sweep records either as that cell's failure and goes on.
+    Called from an ``except``: a call that succeeds pays nothing, not even for ``what``'s message."""
+    if out_of_memory(error):
+        return MemoryError(f"{what}: {allocator_words(error) or runtime_words(error)}")
+    return UserError(f"{what}: {runtime_words(error)}")
 
 
 # Where a runtime's message says where in its own source it was, not what went wrong: onnxruntime's status message
@@ -184,7 +179,7 @@ def runtime_words(error: BaseException, limit: int = 300) -> str:
 
 
 def at_shape(runtime: str, images: torch.Tensor, input_ids: torch.Tensor) -> str:
-    """Which call failed, for ``runtime_errors``: the runtime and the inputs' shape."""
+    """Which call failed, for ``runtime_failure``: the runtime and the inputs' shape."""
     return f"{runtime} at batch {images.shape[0]}, seq {input_ids.shape[1]}"
 
 

@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from fusionprof.backends.base import INPUT_NAMES, Backend, at_shape, register_backend, require, runtime_errors
+from fusionprof.backends.base import INPUT_NAMES, Backend, at_shape, register_backend, require, runtime_failure
 from fusionprof.runtime import native_bf16
 
 # The precision OpenVINO computes the float part of the graph in (int8's float ops included).
@@ -41,9 +41,11 @@ class OpenVino(Backend):
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": _HINT[precision], "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": torch.get_num_threads()}  # the same threads as the torch backends
-        with runtime_errors(f"{path}: openvino cannot compile it"):  # RuntimeError / GeneralFailure, pages long
+        try:
             self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
             self.request = self.compiled.create_infer_request()
+        except Exception as e:  # RuntimeError / GeneralFailure, pages long
+            raise runtime_failure(e, f"{path}: openvino cannot compile it") from None
         self.input_dtypes = {port.get_any_name(): port.get_element_type().to_dtype()
                              for port in self.compiled.inputs}
 
@@ -62,8 +64,10 @@ class OpenVino(Backend):
     def run(self, images, input_ids, attention_mask) -> np.ndarray:
         feeds = {name: np.ascontiguousarray(t.numpy(), dtype=self.input_dtypes[name])
                  for name, t in zip(INPUT_NAMES, (images, input_ids, attention_mask), strict=True)}
-        with runtime_errors(at_shape("openvino", images, input_ids)):
+        try:
             self.request.infer(feeds)
+        except Exception as e:
+            raise runtime_failure(e, at_shape("openvino", images, input_ids)) from None
         return self.request.get_output_tensor(0).data.astype(np.float32)  # a copy: the next call reuses the buffer
 
     def run_on_device(self, images, input_ids, attention_mask):

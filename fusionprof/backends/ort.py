@@ -14,7 +14,7 @@ from fusionprof.backends.base import (
     at_shape,
     register_backend,
     require,
-    runtime_errors,
+    runtime_failure,
 )
 from fusionprof.errors import UserError
 
@@ -41,9 +41,11 @@ class OnnxRuntime(Backend):
             settings.add_session_config_entry("session.inter_op.allow_spinning", "0")
         provider = PROVIDERS[device.type]
         provider_options = [{"device_id": device.index or 0}] if device.type == "cuda" else [{}]
-        with runtime_errors(f"{path}: onnxruntime cannot load it"):  # InvalidProtobuf, Fail, memory, ...
+        try:
             self.session = ort.InferenceSession(str(path), settings, providers=[provider],
                                                 provider_options=provider_options)
+        except Exception as e:  # InvalidProtobuf, Fail, memory, ...
+            raise runtime_failure(e, f"{path}: onnxruntime cannot load it") from None
         used = self.session.get_providers()[0]
         if used != provider:  # ORT silently falls back to the CPU when a provider fails to load
             raise UserError(f"onnxruntime runs on {used}, not {provider} as asked (is onnxruntime-gpu installed?)")
@@ -69,8 +71,10 @@ class OnnxRuntime(Backend):
         if self.device.type == "cuda":
             return super().run(images, input_ids, attention_mask)
         feeds = {n: t.numpy() for n, t in self._cast((images, input_ids, attention_mask)).items()}
-        with runtime_errors(at_shape("onnxruntime", images, input_ids)):
+        try:
             logits = self.session.run([self.output_name], feeds)[0]
+        except Exception as e:
+            raise runtime_failure(e, at_shape("onnxruntime", images, input_ids)) from None
         return logits.astype(np.float32)
 
     def run_on_device(self, images, input_ids, attention_mask):
@@ -89,8 +93,10 @@ class OnnxRuntime(Backend):
         binding.bind_output(self.output_name, "cuda", self.device.index or 0, _np_dtype(logits), list(logits.shape),
                             logits.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch's stream are ready
-        with runtime_errors(at_shape("onnxruntime", images, input_ids)):
+        try:
             self.session.run_with_iobinding(binding)
+        except Exception as e:
+            raise runtime_failure(e, at_shape("onnxruntime", images, input_ids)) from None
         return logits
 
     def describe(self):

@@ -313,6 +313,10 @@ def csv_list(kind=str):
               help=f"Warm-up time per cell, before sampling [default: {PROTOCOL.warmup_seconds:g} s].")
 @click.option("--warmup-calls", type=int, default=None, callback=positive,
               help=f"Warm-up calls per cell, at least [default: {PROTOCOL.warmup_calls}].")
+@click.option("--max-warmup-seconds", type=float, default=None, callback=seconds,
+              help="The warm-up's cap: after its first call, a cell's warm-up ends here even short of --warmup-calls "
+              "(a backend that recompiles every call), and the row says so "
+              f"[default: {PROTOCOL.max_warmup_seconds:g} s].")
 @click.option("--rounds", type=int, default=None, callback=positive,
               help="Visits per cell: above 1, every backend is loaded first, then every cell is timed once a round "
               "(the order reversed each round), the sampling minimums split over the rounds, each visit warmed "
@@ -326,7 +330,7 @@ def csv_list(kind=str):
               "goes on from its last finished round).")
 @click.option("--quiet", is_flag=True)
 def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, threads, min_seconds, min_calls,
-            warmup_seconds, warmup_calls, rounds, trace, models_dir, profiles_dir, resume, quiet):
+            warmup_seconds, warmup_calls, max_warmup_seconds, rounds, trace, models_dir, profiles_dir, resume, quiet):
     """Inference latency of fusions × backends × batch sizes, with one timing protocol."""
     from fusionprof.latency import SweepConfig, default_rounds, sweep
     from fusionprof.latency_output import table
@@ -336,7 +340,8 @@ def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, 
     if unknown:
         raise UserError(f"unknown fusion {unknown[0]!r}; choose from all, {', '.join(fusion_names())}")
     protocol = replace_protocol(Protocol(), min_seconds=min_seconds, min_calls=min_calls,
-                                warmup_seconds=warmup_seconds, warmup_calls=warmup_calls)
+                                warmup_seconds=warmup_seconds, warmup_calls=warmup_calls,
+                                max_warmup_seconds=max_warmup_seconds)
     cfg = SweepConfig(preset=preset, fusions=names, backends=backends or backend_names(), batch_sizes=batch_sizes,
                       device=device, precision=precision, seq_len=seq_len, threads=threads, models_dir=models_dir,
                       profiles_dir=profiles_dir, protocol=protocol, rounds=rounds or default_rounds(preset))

@@ -56,11 +56,13 @@ from fusionprof.export import (
 from fusionprof.latency_output import write_record
 from fusionprof.measure import (
     Protocol,
+    Warmup,
+    cuda_event_timer,
     datasheet_tflops,
+    host_timer,
     matmul_rate,
     peak_memory,
-    sample_calls,
-    sample_cuda_events,
+    sample_with_warmup,
     yardstick,
 )
 from fusionprof.models import FusionModel, build_model, forward_flops, fusion_names
@@ -319,13 +321,15 @@ def prepare_backend(name: str, artifacts: Artifacts, device: torch.device, cfg: 
 
 @dataclass
 class Visit:
-    """What one visit to a cell measured: copy-inclusive samples, device-resident ones on CUDA, peak memory, and
-    what other processes took of the CPUs meanwhile."""
+    """What one visit to a cell measured: copy-inclusive samples, device-resident ones on CUDA, peak memory, what
+    other processes took of the CPUs meanwhile, and what each clock's warm-up did."""
 
     host: list[float]
     device_resident: list[float] | None
     peak: dict
     contention: dict
+    host_warmup: Warmup | None = None
+    device_warmup: Warmup | None = None
 
 
 def visit_cell(prepared: Prepared, batch_size: int, protocol: Protocol) -> Visit:
@@ -333,12 +337,15 @@ def visit_cell(prepared: Prepared, batch_size: int, protocol: Protocol) -> Visit
     backend = prepared.backend
     images, ids, mask = example_inputs(prepared.model.cfg, batch_size, prepared.cell.seq_len)
     with peak_memory(backend.device) as peak, contention.watch() as others:
-        host = sample_calls(lambda: backend.run(images, ids, mask), backend.synchronize, protocol)
+        host = sample_with_warmup(host_timer(lambda: backend.run(images, ids, mask), backend.synchronize), protocol)
         device_resident = None
         if backend.device.type == "cuda":
             on_device = [t.to(backend.device) for t in (images, ids, mask)]
-            device_resident = sample_cuda_events(lambda: backend.run_on_device(*on_device), backend.device, protocol)
-    return Visit(host, device_resident, peak, others)
+            device_resident = sample_with_warmup(
+                cuda_event_timer(lambda: backend.run_on_device(*on_device), backend.device), protocol)
+    if device_resident is None:
+        return Visit(host.samples, None, peak, others, host.warmup)
+    return Visit(host.samples, device_resident.samples, peak, others, host.warmup, device_resident.warmup)
 
 
 def row_of(prepared: Prepared, batch_size: int, visits: list[Visit], interleaved: bool = False) -> LatencyRow:
@@ -347,14 +354,15 @@ def row_of(prepared: Prepared, batch_size: int, visits: list[Visit], interleaved
     processes' load over all of them."""
     backend, cell = prepared.backend, prepared.cell
 
-    def timing(series: list[list[float]], clock: str) -> Timing:
-        t = Timing.of([x for s in series for x in s], clock)
+    def timing(series: list[list[float]], clock: str, warmups: list[Warmup | None]) -> Timing:
+        t = Timing.of([x for s in series for x in s], clock, [w for w in warmups if w is not None])
         if interleaved:
             t.rounds_p50_ms, t.rounds_calls = [float(np.median(s)) for s in series], [len(s) for s in series]
         return t
 
-    host = timing([v.host for v in visits], HOST_TIMING if backend.device.type == "cuda" else CPU_TIMING)
-    device_resident = timing([v.device_resident for v in visits], DEVICE_TIMING) \
+    host = timing([v.host for v in visits], HOST_TIMING if backend.device.type == "cuda" else CPU_TIMING,
+                  [v.host_warmup for v in visits])
+    device_resident = timing([v.device_resident for v in visits], DEVICE_TIMING, [v.device_warmup for v in visits]) \
         if visits[0].device_resident is not None else None
     peak = largest_peaks([v.peak for v in visits])
     others = visits[0].contention if len(visits) == 1 else contention.combine([v.contention for v in visits])
@@ -390,13 +398,15 @@ def visit_order(cells: list, rounds: int, first_round: int = 0) -> Iterator[tupl
 
 def visits_of(row: LatencyRow) -> list[Visit]:
     """The visits an interleaved row was made from, as a resumed sweep continues them: its samples split by visit
-    (``rounds_calls``), its peak memory and the other processes' load over them all carried by the first."""
+    (``rounds_calls``), its peak memory, the other processes' load and the warm-ups over them all carried by the
+    first."""
     def split(t: Timing) -> list[list[float]]:
         ends = np.cumsum(t.rounds_calls).tolist()
         return [t.samples_ms[a:b] for a, b in zip([0, *ends], ends, strict=False)]
     host = split(row.host)
     resident = split(row.device_resident) if row.device_resident else [None] * len(host)
-    return [Visit(h, d, row.peak_memory, row.contention if k == 0 else {})
+    warmups = (row.host.warmup(), row.device_resident.warmup() if row.device_resident else None)
+    return [Visit(h, d, row.peak_memory, row.contention if k == 0 else {}, *(warmups if k == 0 else (None, None)))
             for k, (h, d) in enumerate(zip(host, resident, strict=True))]
 
 

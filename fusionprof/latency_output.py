@@ -22,7 +22,7 @@ CSV_COLUMNS = ["fusion", "backend", "batch_size", "status", "parity_passed", "p5
                "throughput_samples_per_s", "achieved_gflops", "share_of_matmul_yardstick",
                "above_yardstick", "mfu",
                "first_call_of_fresh_backend_ms", "first_call_batch_size", "load_seconds", "cv_warning",
-               "drift", "drift_warning",
+               "drift", "drift_warning", "warmup_calls", "warmup_seconds", "warmup_capped",
                "other_processes_cores", "steal_share"]
 
 
@@ -73,7 +73,7 @@ def table(rows: list[LatencyRow]) -> list[str]:
         cv = "–" if t.cv is None else f"{t.cv:.1%}"
         warn = (" !" if t.cv_warning else "") + (" ~" if t.drift_warning else "") + (
             " ^" if r.above_yardstick else "") + (
-            " +" if r.beside_busy_neighbour else "") + (
+            " +" if r.beside_busy_neighbour else "") + (" w" if t.warmup_capped else "") + (
             "" if r.ok else f" WRONG: {r.status}")
         lines.append(f"{r.fusion:<11}{r.backend:<15}{r.batch_size:>4}{t.p50_ms:>10.2f}{t.p90_ms:>10.2f}{p99:>10}"
                      + (_resident_cells(r) if resident else "")
@@ -111,6 +111,12 @@ def table(rows: list[LatencyRow]) -> list[str]:
         lines.append(f"+ other processes were busy while that cell was timed (worst: {describe(worst.contention)}, "
                      f"{worst.fusion}/{worst.backend} batch {worst.batch_size}): slower than on a quiet machine; "
                      "where other work shares the cores, fewer --threads may be faster")
+    if capped := [r for r in timed if r.host.warmup_capped]:
+        worst = max(capped, key=lambda r: r.host.warmup_seconds)
+        lines.append(f"w the warm-up cap ended that cell's warm-up before its minimum calls (longest: {worst.fusion}/"
+                     f"{worst.backend} batch {worst.batch_size}, {worst.host.warmup_calls} calls in "
+                     f"{worst.host.warmup_seconds:.1f} s): its first samples may still include compiling or tuning "
+                     "(--max-warmup-seconds)")
     if any(r.above_yardstick for r in timed):
         lines.append("^ faster than the sweep's matmul yardstick (measured at its start and end): for that cell the "
                      "yardstick is no peak")

@@ -1,8 +1,8 @@
 """The timing protocol: one for every backend, so their numbers can stand side by side.
 
-Warm up until both a minimum time and a minimum count are reached, then sample until both a minimum time
-and a minimum count are reached (capped), keeping every sample. Each sample is one call followed by the
-backend's synchronisation, timed with ``time.perf_counter_ns``; on CUDA, device-resident work is timed
+Warm up until both a minimum time and a minimum count are reached (capped: ``max_warmup_seconds``), then sample
+until both a minimum time and a minimum count are reached (capped), keeping every sample. Each sample is one call
+followed by the backend's synchronisation, timed with ``time.perf_counter_ns``; on CUDA, device-resident work is timed
 with CUDA events instead. One loop (``sample``) serves both clocks; ``peak_memory`` is the one place a peak is
 reset and read.
 """
@@ -37,6 +37,12 @@ class Protocol:
     # max_calls ends fast ones short of min_seconds. A cap below its own minimum (--min-seconds 60) gives way to it.
     max_seconds: float = 30.0
     max_calls: int = 5000
+    # The warm-up's cap: a backend that recompiles on every call, or is pathologically slow, would otherwise warm up
+    # for warmup_calls × its call time, unbounded. After at least one call, the warm-up ends here even short of
+    # warmup_calls (the row says so: ``Warmup.capped``). Far above a normal warm-up (5 calls of a seed model at batch
+    # 32 on a 2-core VM, ~4 s each); no count cap, which would cut short the thousands of calls a fast backend makes
+    # in warmup_seconds. Like the other caps, it gives way to a longer --warmup-seconds.
+    max_warmup_seconds: float = 60.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,14 +53,45 @@ def replace_protocol(protocol: Protocol, **changes) -> Protocol:
     return dataclasses.replace(protocol, **{k: v for k, v in changes.items() if v is not None})
 
 
+@dataclass(frozen=True)
+class Warmup:
+    """What a warm-up did: its calls, its seconds, and whether ``max_warmup_seconds`` ended it before both of the
+    protocol's warm-up minimums were met (the first samples may then still pay for compiling or tuning)."""
+
+    calls: int
+    seconds: float
+    capped: bool
+
+
+@dataclass(frozen=True)
+class Sampled:
+    samples: list[float]
+    warmup: Warmup
+
+
 def sample(timed_call: Callable[[], float], protocol: Protocol) -> list[float]:
     """The one sampling loop: ``timed_call()`` (which runs the work once and returns its milliseconds) through
     warm-up, then sampled until the protocol is satisfied."""
-    warm_start = time.perf_counter()
-    n = 0
-    while n < protocol.warmup_calls or time.perf_counter() - warm_start < protocol.warmup_seconds:
-        timed_call()
+    return sample_with_warmup(timed_call, protocol).samples
+
+
+def warm_up(call: Callable[[], object], protocol: Protocol) -> Warmup:
+    """``call()`` until both warm-up minimums are met, or (after at least one call) until the warm-up cap."""
+    cap = max(protocol.max_warmup_seconds, protocol.warmup_seconds)
+    start = time.perf_counter()
+    n, capped = 0, False
+    while n < protocol.warmup_calls or time.perf_counter() - start < protocol.warmup_seconds:
+        if n > 0 and time.perf_counter() - start >= cap:
+            capped = True
+            break
+        call()
         n += 1
+    return Warmup(n, time.perf_counter() - start, capped)
+
+
+def sample_with_warmup(timed_call: Callable[[], float], protocol: Protocol) -> Sampled:
+    """``sample``, and what its warm-up did."""
+    warmup = warm_up(timed_call, protocol)
     samples: list[float] = []
     max_calls = max(protocol.max_calls, protocol.min_calls)
     max_seconds = max(protocol.max_seconds, protocol.min_seconds)
@@ -64,7 +101,7 @@ def sample(timed_call: Callable[[], float], protocol: Protocol) -> list[float]:
         elapsed = time.perf_counter() - begin
         enough = len(samples) >= protocol.min_calls and elapsed >= protocol.min_seconds
         if enough or len(samples) >= max_calls or elapsed >= max_seconds:
-            return samples
+            return Sampled(samples, warmup)
 
 
 def host_timer(call: Callable[[], object], sync: Callable[[], None]) -> Callable[[], float]:

@@ -24,7 +24,7 @@ from fusionprof import SCHEMA_VERSION, contention
 from fusionprof.backends import format_of
 from fusionprof.env import device_label, machine_name
 from fusionprof.errors import UserError
-from fusionprof.measure import CV_WARNING, DRIFT_WARNING, P99_MIN_SAMPLES, halves_p50, p99_note, summarize
+from fusionprof.measure import CV_WARNING, DRIFT_WARNING, P99_MIN_SAMPLES, Warmup, halves_p50, p99_note, summarize
 
 HOST_TIMING = "host→device copy + run + device→host copy"
 CPU_TIMING = "host clock around the call (on the CPU: no copies)"
@@ -64,10 +64,23 @@ class Timing:
     halves_p50_ms: list[float] | None = None  # p50 of the first and the second half of the calls (None: too few)
     rounds_p50_ms: list[float] | None = None  # an interleaved sweep's: the p50 of each visit (None: one visit)
     rounds_calls: list[int] | None = None  # and the calls of each visit, in call order (what a resumed sweep splits)
+    # The warm-up before the samples, over all visits (None: a record written before warm-ups were recorded): its
+    # calls and seconds, and whether the warm-up cap (``Protocol.max_warmup_seconds``) ended one short of the minimums
+    warmup_calls: int | None = None
+    warmup_seconds: float | None = None
+    warmup_capped: bool | None = None
 
     @classmethod
-    def of(cls, samples_ms: list[float], timing: str) -> Timing:
-        return cls(**summarize(samples_ms), samples_ms=samples_ms, timing=timing)
+    def of(cls, samples_ms: list[float], timing: str, warmups: Sequence[Warmup] = ()) -> Timing:
+        warmed = {"warmup_calls": sum(w.calls for w in warmups), "warmup_seconds": sum(w.seconds for w in warmups),
+                  "warmup_capped": any(w.capped for w in warmups)} if warmups else {}
+        return cls(**summarize(samples_ms), samples_ms=samples_ms, timing=timing, **warmed)
+
+    def warmup(self) -> Warmup | None:
+        """The warm-up as one: its calls and seconds over all visits (None: not recorded)."""
+        if self.warmup_calls is None:
+            return None
+        return Warmup(self.warmup_calls, self.warmup_seconds, bool(self.warmup_capped))
 
     @property
     def cv_warning(self) -> bool:

@@ -22,7 +22,7 @@ from fusionprof.cli import cli
 from fusionprof.compare import summarize as compare_summary
 from fusionprof.errors import UserError
 from fusionprof.latency import SweepConfig, sweep
-from fusionprof.latency_output import CSV_COLUMNS
+from fusionprof.latency_output import CSV_COLUMNS, table
 from fusionprof.measure import Protocol
 from fusionprof.models import fusion_names
 from fusionprof.records import CPU_TIMING, PARITY_FAILED, PARTIAL_KIND, PARTIAL_SUFFIX, LatencyRecord, visit_spread
@@ -38,12 +38,14 @@ def run_cli(*args):
 
 def test_latency_sweep_writes_self_describing_records(tmp_path):
     code, out = run_cli("latency", "--fusion", "early", "--backends", "torch,onnxruntime,tensorrt",
-                        "--batch-sizes", "1,3", "--models", tmp_path / "none", "--out", tmp_path, "--quiet", *QUICK)
+                        "--batch-sizes", "1,3", "--models", tmp_path / "none", "--out", tmp_path, "--quiet", *QUICK,
+                        "--max-warmup-seconds", "30")
     assert code == 0, out
     [path] = list(tmp_path.glob("*/latency-tiny-cpu-fp32-*.json"))
     record = json.loads(path.read_text())
     assert record["schema_version"] == 1 and record["kind"] == "latency"
     assert record["environment"]["host"] == path.parent.name and record["config"]["protocol"]["min_calls"] == 5
+    assert record["config"]["protocol"]["max_warmup_seconds"] == 30
     yardstick = record["reference_matmul"]  # measured at the sweep's start and end; shares of the faster
     assert yardstick["gflops"] == max(yardstick["start"]["gflops"], yardstick["end"]["gflops"]) > 0
     assert yardstick["n"] == 2048 and yardstick["dtype"] == "fp32"
@@ -67,6 +69,7 @@ def test_latency_sweep_writes_self_describing_records(tmp_path):
         assert r["share_of_matmul_yardstick"] == pytest.approx(r["achieved_gflops"] / yardstick["gflops"])
         assert r["above_yardstick"] == (r["share_of_matmul_yardstick"] > 1) and r["mfu"] is None  # no MFU on a CPU
         assert r["parity_passed"] and r["model"]["weights"].startswith("untrained")
+        assert r["warmup_calls"] >= 3 and r["warmup_capped"] is False  # --warmup-calls 1 in each of 3 visits
         assert r["first_call_batch_size"] == 1 and r["load_seconds"] > 0 and r["timing"] == CPU_TIMING
         # what other processes took of the CPUs while it was timed (test_contention: beside a busy one)
         assert r["contention"]["seconds"] >= 0.05 and r["contention"]["other_processes_cores"] >= 0
@@ -598,7 +601,28 @@ def test_a_killed_interleaved_sweep_goes_on_from_its_last_round(tmp_path, monkey
         assert row.host.samples_ms[:kept] == before["samples_ms"]
         assert row.host.rounds_p50_ms[:2] == before["rounds_p50_ms"] and len(row.host.rounds_p50_ms) == 3
         assert row.host.n == kept + row.host.rounds_calls[2]
+        assert row.host.warmup_calls > before["warmup_calls"] and not row.host.warmup_capped  # its visits' warm-ups
         assert row.contention["seconds"] > before["contention"]["seconds"]
+
+
+def test_each_row_says_what_its_warm_up_took_and_a_runaway_one_is_capped(tmp_path):
+    """A warm-up that would run on (here 10⁶ calls asked for; in life a backend recompiling every call) ends at the
+    warm-up cap; each row records its warm-up calls and seconds over its visits, flagged where the cap ended it."""
+    cfg = SweepConfig(fusions=["early"], backends=["torch"], batch_sizes=[1, 2], models_dir=str(tmp_path / "none"),
+                      profiles_dir=str(tmp_path), rounds=2, protocol=Protocol(
+                          warmup_seconds=0, warmup_calls=10**6, max_warmup_seconds=0.1, min_seconds=0, min_calls=4))
+    record = sweep(cfg, progress=False, log=lambda *_: None)
+    for row in record.rows:
+        t = row.host
+        assert t.warmup_capped and 2 <= t.warmup_calls < 10**5 and 0.2 <= t.warmup_seconds < 5  # two visits' worth
+        assert t.n == 4 and sum(t.rounds_calls) == 4  # what is sampled is the protocol's, whatever the warm-up did
+    written = json.loads(Path(record.path).read_text())["rows"][0]
+    assert written["warmup_capped"] is True and written["warmup_calls"] == record.rows[0].host.warmup_calls
+    assert " w" in table(record.rows)[1] and any(line.startswith("w the warm-up cap") for line in table(record.rows))
+    # the normal case: warm-up minimums met, nothing capped, the same calls as asked for
+    cfg.protocol, cfg.rounds = Protocol(warmup_seconds=0, warmup_calls=3, min_seconds=0, min_calls=4), 1
+    for row in sweep(cfg, progress=False, log=lambda *_: None).rows:
+        assert (row.host.warmup_calls, row.host.warmup_capped) == (3, False) and row.host.n == 4
 
 
 def test_a_sweep_on_other_threads_is_not_resumed(tmp_path):

@@ -12,9 +12,11 @@ from fusionprof.measure import (
     P99_MIN_SAMPLES,
     Protocol,
     datasheet_tflops,
+    host_timer,
     peak_memory,
     sample,
     sample_calls,
+    sample_with_warmup,
     summarize,
 )
 
@@ -74,6 +76,35 @@ def test_one_loop_serves_every_clock():
     samples = sample(lambda: float(next(told)), Protocol(warmup_seconds=0, warmup_calls=2, min_seconds=0,
                                                           min_calls=4))
     assert samples == [3.0, 4.0, 5.0, 6.0]  # the first two went to warm-up
+
+
+def test_a_warmup_that_would_run_on_is_capped_and_says_so():
+    """A backend that recompiles on every call would warm up for warmup_calls × its call time: the warm-up cap ends it
+    after its first call past the cap, and says how many calls and seconds it took. The samples are untouched."""
+    calls, call, sync = counting()
+    slow = host_timer(lambda: (call(), time.sleep(0.01)), sync)
+    start = time.perf_counter()
+    sampled = sample_with_warmup(slow, Protocol(warmup_seconds=0, warmup_calls=10_000, max_warmup_seconds=0.1,
+                                                min_seconds=0, min_calls=3))
+    assert time.perf_counter() - start < 2  # not 10,000 × 10 ms
+    warmup = sampled.warmup
+    assert warmup.capped and 1 <= warmup.calls < 20 and 0.1 <= warmup.seconds < 1
+    assert len(sampled.samples) == 3 and calls["n"] == warmup.calls + 3
+    # a cap of 0 still warms up with one call: the first call (a compile) never lands in a sample
+    sampled = sample_with_warmup(slow, Protocol(warmup_seconds=0, warmup_calls=5, max_warmup_seconds=0, min_seconds=0,
+                                                min_calls=1))
+    assert (sampled.warmup.calls, sampled.warmup.capped) == (1, True)
+
+
+def test_the_warmup_cap_leaves_a_normal_warmup_alone_and_gives_way_to_a_longer_one():
+    calls, call, sync = counting()
+    sampled = sample_with_warmup(host_timer(call, sync), Protocol(warmup_seconds=0, warmup_calls=7, min_seconds=0,
+                                                                     min_calls=2))
+    assert (sampled.warmup.calls, sampled.warmup.capped) == (7, False) and calls["n"] == 9
+    assert Protocol().max_warmup_seconds == 60.0
+    sampled = sample_with_warmup(host_timer(lambda: time.sleep(0.005), sync), Protocol(
+        warmup_seconds=0.1, warmup_calls=1, max_warmup_seconds=0.01, min_seconds=0, min_calls=1))
+    assert sampled.warmup.seconds >= 0.1 and not sampled.warmup.capped  # --warmup-seconds above the cap: asked for
 
 
 def test_peak_memory_is_read_when_the_block_ends():

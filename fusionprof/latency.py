@@ -655,9 +655,15 @@ def rate_against(rows: list[LatencyRow], yardstick_gflops: float, peak_tflops: f
 
 
 def trace_inference(cfg: SweepConfig, work_dir: Path) -> Path:
-    """One trace per (fusion, batch size) of the eager torch backend, in a run separate from the timed sweep.
+    """One trace per (fusion, batch size) of the eager torch backend, in a run separate from the timed sweep, on
+    the sweep's threads (``cfg.threads``; the caller's after).
 
     ``work_dir`` is the sweep's result folder, where its ONNX exports live."""
+    with torch_threads(cfg.threads):
+        return _trace_inference(cfg, work_dir)
+
+
+def _trace_inference(cfg: SweepConfig, work_dir: Path) -> Path:
     device = resolve_device(cfg.device)
     for fusion in cfg.fusions:
         artifacts, _ = load_artifacts(cfg, fusion, work_dir, log=lambda s: None)

@@ -625,6 +625,29 @@ def test_each_row_says_what_its_warm_up_took_and_a_runaway_one_is_capped(tmp_pat
         assert (row.host.warmup_calls, row.host.warmup_capped) == (3, False) and row.host.n == 4
 
 
+def test_traces_are_taken_on_the_threads_the_sweep_was_timed_on(tmp_path, monkeypatch):
+    """`latency --threads 1 --trace`: the traces come from a separate run, but of the model as it was timed, on the
+    sweep's threads (an operator's time on 1 thread and on 2 differs), and the caller's threads are given back."""
+    import fusionprof.latency as latency
+
+    profiled, traced = latency.run_profiled, []
+
+    def watched(step, out, device):
+        traced.append(torch.get_num_threads())
+        return profiled(step, out, device)
+    monkeypatch.setattr(latency, "run_profiled", watched)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = SweepConfig(fusions=["early"], backends=["torch"], batch_sizes=[1], threads=1,
+                          models_dir=str(tmp_path / "none"), profiles_dir=str(tmp_path))
+        traces = latency.trace_inference(cfg, tmp_path / "work")
+        assert traced == [1] and torch.get_num_threads() == 2
+        assert list(traces.glob("latency-tiny-early-bs1-cpu-fp32/*.pt.trace.json"))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_sweep_on_other_threads_is_not_resumed(tmp_path):
     from fusionprof.env import fingerprint
     from fusionprof.latency import find_partial, save_partial

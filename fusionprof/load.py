@@ -52,6 +52,7 @@ from fusionprof.loadgen import (
     check_above_zero,
     find_max_qps,
     gate_text,
+    ms_or_dash,
     read_accuracy_log,
     run_loadgen,
 )
@@ -326,8 +327,8 @@ def describe(run: LoadRun) -> str:
     """One line: VALID with its figures, or INVALID with LoadGen's reasons and no figure; and a busy neighbour."""
     neighbour = contention.tag(run.contention)
     b = run.breakdown
-    inside = (f"in the SUT p50 / p99: queued {b['queued_ms']['p50']:.2f} / {b['queued_ms']['p99']:.2f} ms, "
-              f"served {b['served_ms']['p50']:.2f} / {b['served_ms']['p99']:.2f} ms" if b else "")
+    inside = (f"in the SUT p50 / p99: queued {b['queued_ms']['p50']:.2f} / {ms_or_dash(b['queued_ms']['p99'])} ms, "
+              f"served {b['served_ms']['p50']:.2f} / {ms_or_dash(b['served_ms']['p99'])} ms" if b else "")
     if not run.valid:  # no figure; where the time went inside the SUT says why (a queue that grew: overload)
         return ("INVALID (" + "; ".join(run.invalid_reasons or ["LoadGen gave no reason"]) + ")"
                 + (f" [{inside}]" if inside else "") + neighbour)

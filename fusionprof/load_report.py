@@ -16,7 +16,7 @@ import numpy as np
 from fusionprof import contention
 from fusionprof.env import device_label, machine_name
 from fusionprof.figures import pyplot, save_figure, slug
-from fusionprof.loadgen import LoadRecord, LoadRun, gate_text
+from fusionprof.loadgen import LoadRecord, LoadRun, gate_text, ms_or_dash
 from fusionprof.metrics import percent
 from fusionprof.records import LatencyRecord
 
@@ -55,7 +55,7 @@ def _inside(run: LoadRun) -> str:
     """A run's p99 time in the batcher's queue and being served, INVALID runs' too: the SUT's own times, which say
     why (a queue that grew is overload); – for a run recorded before the batcher timed them."""
     b = run.breakdown
-    return f"{b['queued_ms']['p99']:.2f} / {b['served_ms']['p99']:.2f}" if b else "–"
+    return f"{ms_or_dash(b['queued_ms']['p99'])} / {ms_or_dash(b['served_ms']['p99'])}" if b else "–"
 
 
 def _verdict(run: LoadRun) -> str:

@@ -31,6 +31,7 @@ import numpy as np
 
 from fusionprof import SCHEMA_VERSION, contention
 from fusionprof.errors import UserError
+from fusionprof.measure import p99_note
 
 SCENARIOS = {"server": lg.TestScenario.Server, "offline": lg.TestScenario.Offline,
              "single-stream": lg.TestScenario.SingleStream}
@@ -157,12 +158,14 @@ class BatchingSUT:
 
     def breakdown(self) -> dict:
         """p50 / p99 of each sample's time queued, served and both together (in the SUT) since ``reset``, in ms;
-        empty when no sample ran. Percentiles of parts do not add up to the percentile of the whole."""
+        empty when no sample ran. Percentiles of parts do not add up to the percentile of the whole. The p99 is None
+        below ``P99_MIN_SAMPLES`` samples (``p99_note`` says why), as every p99 fusionprof reports."""
         if not self.served:
             return {}
         queued, served = np.array(self.queued) * 1e3, np.array(self.served) * 1e3
-        return {"samples": len(served)} | {
-            name: {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
+        note = p99_note(len(served))
+        return {"samples": len(served), "p99_note": note} | {
+            name: {"p50": float(np.percentile(ms, 50)), "p99": None if note else float(np.percentile(ms, 99))}
             for name, ms in (("queued_ms", queued), ("served_ms", served), ("in_sut_ms", queued + served))}
 
     def _next_batch(self) -> list | None:
@@ -490,6 +493,11 @@ def _require(d: dict, cls: type, path: object, what: str) -> None:
     for f in fields(cls):
         if f.init and f.default is MISSING and f.default_factory is MISSING and f.name not in d:
             raise UserError(f"{path}: not a complete load record: {what} has no {f.name!r}")
+
+
+def ms_or_dash(ms: float | None) -> str:
+    """A figure in ms as tables show it: "–" where there is none (a p99 from too few samples)."""
+    return "–" if ms is None else f"{ms:.2f}"
 
 
 def gate_text(gate: dict | None, tolerance: bool = True) -> str:

@@ -19,6 +19,7 @@ from fusionprof.cli import cli
 from fusionprof.errors import UserError
 from fusionprof.load import describe
 from fusionprof.loadgen import BatchingSUT, LoadSettings, find_max_qps, next_rate, run_loadgen
+from fusionprof.measure import P99_MIN_SAMPLES
 from fusionprof.recommend import recommend
 from fusionprof.records import CPU_TIMING, LatencyRow, Timing
 
@@ -81,12 +82,28 @@ def test_sleeping_backend_gives_its_latency(tmp_path, scenario, settings, max_ba
     # the batcher's own times: a sample waits the batch timeout (or nothing), then is served in the backend's 5 ms;
     # its whole time in the SUT is inside LoadGen's figure for it, so no percentile of it is larger
     inside = run.breakdown
-    assert f"served {inside['served_ms']['p50']:.2f} / {inside['served_ms']['p99']:.2f} ms" in describe(run)
     assert inside["samples"] == run.loadgen["result_query_count"]
     assert inside["served_ms"]["p50"] == pytest.approx(SLEEP_MS, abs=0.3)
     assert inside["queued_ms"]["p50"] == pytest.approx(timeout_ms + floor_ms / 2, abs=1.0)
-    for q, field in (("p50", "result_50.00_percentile_latency_ns"), ("p99", "result_99.00_percentile_latency_ns")):
+    quantiles = (("p50", "result_50.00_percentile_latency_ns"),) + (  # a p99 from 100 samples up only
+        (("p99", "result_99.00_percentile_latency_ns"),) if inside["samples"] >= P99_MIN_SAMPLES else ())
+    for q, field in quantiles:
         assert inside["queued_ms"][q] < inside["in_sut_ms"][q] <= ms(run, field)
+    p99 = inside["served_ms"]["p99"]
+    assert f"served {inside['served_ms']['p50']:.2f} / {'–' if p99 is None else f'{p99:.2f}'} ms" in describe(run)
+
+
+def test_the_batchers_p99_needs_as_many_samples_as_every_p99(tmp_path):
+    """The SUT's own queued / served times have a p99 only from P99_MIN_SAMPLES samples, as every p99 fusionprof
+    reports: from 25 it is the largest sample or so, not a percentile. The line and the report say "–"."""
+    with BatchingSUT(SleepingBackend(1.0).run, sample_inputs) as sut:
+        run = run_loadgen(sut, 16, LoadSettings("single-stream", expected_latency_ms=1.0, min_duration_s=0.02,
+                                                min_query_count=25), tmp_path)
+    inside = run.breakdown
+    assert inside["samples"] < P99_MIN_SAMPLES and "needs at least 100 samples" in inside["p99_note"]
+    assert all(inside[part]["p99"] is None and inside[part]["p50"] > 0 for part in ("queued_ms", "served_ms",
+                                                                                      "in_sut_ms"))
+    assert f"queued {inside['queued_ms']['p50']:.2f} / – ms" in describe(run)
 
 
 def test_queueing_is_counted_and_batching_absorbs_it(tmp_path):

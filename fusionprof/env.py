@@ -91,6 +91,11 @@ def fingerprint() -> dict:
         "cuda_driver": _nvidia_driver() if gpus else None,
         "cuda_runtime": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        # how "fp32" ran: TF32 where PyTorch allows it (cuDNN's convolutions by default, matmuls when asked), which an
+        # Ampere+ GPU runs several times faster than fp32; and whether cuDNN benchmarked its algorithms
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

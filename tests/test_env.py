@@ -33,3 +33,20 @@ def test_a_cpu_machines_label_names_its_isa_tier():
     gpu = {"host": "vm", "cpu_model": "Intel(R) Xeon(R) Processor", "cpu_isa": cpu_isa(XEON_AMX),
            "gpus": [{"name": "NVIDIA H200"}]}
     assert machine_name(gpu) == "vm (NVIDIA H200)"  # a GPU machine is named by its GPU
+
+
+def test_the_fingerprint_says_how_fp32_math_ran():
+    """fp32 on a GPU is TF32 wherever PyTorch allows it (cuDNN's convolutions by default, matmuls when asked: an
+    Ampere+ card runs them several times faster): a record's "fp32" figures say which, and whether cuDNN benchmarked."""
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        fp = fingerprint()
+        assert fp["float32_matmul_precision"] == "high" and fp["tf32"]["matmul"] is True
+        assert fp["tf32"]["cudnn"] == torch.backends.cudnn.allow_tf32
+        assert fp["cudnn_benchmark"] == torch.backends.cudnn.benchmark
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert fingerprint()["tf32"]["matmul"] is (before != "highest")

@@ -31,7 +31,7 @@ import numpy as np
 
 from fusionprof import SCHEMA_VERSION, contention
 from fusionprof.errors import UserError
-from fusionprof.measure import p99_note
+from fusionprof.measure import PERCENTILE_METHOD, p99_note
 
 SCENARIOS = {"server": lg.TestScenario.Server, "offline": lg.TestScenario.Offline,
              "single-stream": lg.TestScenario.SingleStream}
@@ -165,7 +165,8 @@ class BatchingSUT:
         queued, served = np.array(self.queued) * 1e3, np.array(self.served) * 1e3
         note = p99_note(len(served))
         return {"samples": len(served), "p99_note": note} | {
-            name: {"p50": float(np.percentile(ms, 50)), "p99": None if note else float(np.percentile(ms, 99))}
+            name: {"p50": float(np.percentile(ms, 50, method=PERCENTILE_METHOD)),
+                   "p99": None if note else float(np.percentile(ms, 99, method=PERCENTILE_METHOD))}
             for name, ms in (("queued_ms", queued), ("served_ms", served), ("in_sut_ms", queued + served))}
 
     def _next_batch(self) -> list | None:

@@ -20,6 +20,11 @@ import numpy as np
 
 CV_WARNING = 0.10  # a coefficient of variation above this gets a warning in tables and records
 P99_MIN_SAMPLES = 100  # below this a "p99" is the largest sample or two: not shown
+# How a percentile is read between samples: numpy's "linear" (Hyndman & Fan's type 7, as R's and Excel's PERCENTILE.INC
+# default): the q-th percentile of n sorted samples x[0..n-1] lies at rank h = q/100 · (n-1), x[⌊h⌋] + (h-⌊h⌋) ·
+# (x[⌊h⌋+1] - x[⌊h⌋]). So p50 of an even count is the mean of the middle two, and p99 of 100 samples lies between
+# the 99th and the 100th (the largest). Records say so (``Protocol.to_dict``).
+PERCENTILE_METHOD = "linear"
 # A cell's level can move while it is timed (on a shared VM: 13.0 ms for a second, then 8.2 ms, nothing else running):
 # its p50 then lies between two levels. The medians of the first and the second half of its calls, in call order,
 # show it; a move above DRIFT_WARNING is flagged. Halves of fewer than DRIFT_MIN_HALF calls are not compared.
@@ -45,7 +50,7 @@ class Protocol:
     max_warmup_seconds: float = 60.0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "percentile_method": PERCENTILE_METHOD}
 
 
 def replace_protocol(protocol: Protocol, **changes) -> Protocol:
@@ -163,7 +168,9 @@ def p99_note(n: int) -> str | None:
 
 
 def summarize(samples_ms: list[float]) -> dict:
-    """p50 / p90 / p99 / mean / std / CV / min / max of latency samples (ms).
+    """p50 / p90 / p99 / mean / std / CV / min / max of latency samples (ms). Percentiles are interpolated linearly
+    between the samples either side (``PERCENTILE_METHOD``); std is the sample standard deviation (n - 1), CV is std
+    over the mean.
 
     p99 is None below ``P99_MIN_SAMPLES`` samples, with the reason in ``p99_note``: from fewer it is the largest
     sample or two, not a percentile. std and CV are None from one sample (one call that ran past the time cap):
@@ -173,8 +180,9 @@ def summarize(samples_ms: list[float]) -> dict:
     mean = float(x.mean())
     std = float(x.std(ddof=1)) if len(x) > 1 else None
     note = p99_note(len(x))
-    return {"n": len(x), "p50_ms": float(np.percentile(x, 50)), "p90_ms": float(np.percentile(x, 90)),
-            "p99_ms": None if note else float(np.percentile(x, 99)), "p99_note": note, "mean_ms": mean, "std_ms": std,
+    p50, p90, p99 = np.percentile(x, [50, 90, 99], method=PERCENTILE_METHOD)
+    return {"n": len(x), "p50_ms": float(p50), "p90_ms": float(p90),
+            "p99_ms": None if note else float(p99), "p99_note": note, "mean_ms": mean, "std_ms": std,
             "cv": None if std is None else std / mean if mean > 0 else math.nan,
             "min_ms": float(x.min()), "max_ms": float(x.max()), "halves_p50_ms": halves_p50(samples_ms)}
 

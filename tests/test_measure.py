@@ -143,6 +143,16 @@ def test_p99_only_from_enough_samples():
     assert enough["p99_ms"] == pytest.approx(99.01) and enough["p99_note"] is None
 
 
+def test_percentiles_are_interpolated_linearly_and_the_record_says_so():
+    """Between samples a percentile is interpolated linearly (numpy's "linear", Hyndman & Fan type 7): p50 of an even
+    count is the mean of the middle two; p90 of 1..10 lies a tenth of the way from 9 to 10. std is the sample one."""
+    s = summarize([float(i) for i in range(10, 0, -1)])  # the order of the calls does not matter
+    assert s["p50_ms"] == 5.5 and s["p90_ms"] == pytest.approx(9.1)
+    assert s["std_ms"] == pytest.approx(np.std(np.arange(1, 11), ddof=1))
+    assert s["cv"] == pytest.approx(s["std_ms"] / 5.5)
+    assert Protocol().to_dict()["percentile_method"] == "linear"
+
+
 def test_datasheet_peaks_match_exact_gpu_names():
     assert datasheet_tflops("NVIDIA L4", "bf16") == 121.0 and datasheet_tflops("NVIDIA H100 PCIe", "fp16") == 756.5
     assert datasheet_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0

@@ -645,13 +645,15 @@ def save_partial(path: Path, record: LatencyRecord) -> None:
 
 def rate_against(rows: list[LatencyRow], yardstick_gflops: float, peak_tflops: float | None) -> None:
     """Each timed row's achieved rate as a share of the yardstick and, on a known GPU in bf16 / fp16, of the
-    datasheet peak (MFU), from the device-resident mean there (the GPU's own rate, no copies)."""
+    datasheet peak (MFU). Both rate the same figure: on CUDA the device-resident mean (the GPU's own rate, no copies,
+    as the yardstick's CUDA events and the datasheet measure theirs), on the CPU the host clock's."""
     for row in rows:
         if row.host is None:
             continue
-        row.share_of_matmul_yardstick = row.achieved_gflops / yardstick_gflops
+        gflops = row.device_resident_gflops() or row.achieved_gflops
+        row.share_of_matmul_yardstick = gflops / yardstick_gflops
         if peak_tflops:
-            row.mfu = (row.device_resident_gflops() or row.achieved_gflops) / (peak_tflops * 1e3)
+            row.mfu = gflops / (peak_tflops * 1e3)
 
 
 def trace_inference(cfg: SweepConfig, work_dir: Path) -> Path:

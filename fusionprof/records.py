@@ -134,7 +134,8 @@ class LatencyRow:
     load_seconds: float | None = None
     seq_len: int | None = None
     flops_per_sample: float | None = None
-    share_of_matmul_yardstick: float | None = None  # achieved GFLOP/s / the sweep's matmul yardstick
+    # achieved GFLOP/s (on CUDA the device-resident one, as the yardstick's) / the sweep's matmul yardstick
+    share_of_matmul_yardstick: float | None = None
     mfu: float | None = None  # achieved / the datasheet's tensor-core peak: a known GPU in bf16 / fp16 only
     parity_passed: bool | None = None
     peak_memory: dict = field(default_factory=dict)

@@ -215,6 +215,21 @@ def test_a_cell_faster_than_the_yardstick_is_flagged():
     assert row.mfu == pytest.approx(1600 / 989_400)
 
 
+def test_on_a_gpu_the_yardstick_share_and_the_mfu_rate_the_same_device_resident_figure():
+    """On CUDA the yardstick is a GPU-only rate (CUDA events, no copies), as the datasheet peak is: a row's share of
+    it and its MFU both rate the GPU's own rate (the device-resident mean), not the copy-inclusive one. With the
+    yardstick below the datasheet peak, the share is then the larger of the two, as it must be."""
+    from fusionprof.latency import rate_against
+    from fusionprof.records import DEVICE_TIMING, HOST_TIMING, LatencyRow, Timing
+
+    row = LatencyRow("mid", "torch-cudagraphs", "ok", 8, Timing.of([10.0] * 5, HOST_TIMING),  # copies: 10 ms
+                     Timing.of([4.0] * 5, DEVICE_TIMING), flops_per_sample=2e9)  # the GPU's own: 4 ms
+    rate_against([row], yardstick_gflops=600_000.0, peak_tflops=989.4)
+    assert row.device_resident_gflops() == pytest.approx(4000) and row.achieved_gflops == pytest.approx(1600)
+    assert row.mfu == pytest.approx(4000 / 989_400)
+    assert row.share_of_matmul_yardstick == pytest.approx(4000 / 600_000) and row.share_of_matmul_yardstick > row.mfu
+
+
 def test_a_cell_whose_pace_changed_while_timed_is_told_apart_from_a_noisy_one(tmp_path):
     """A level shift (13 ms for half the calls, then 8 ms: measured on a shared VM with nothing else running) makes
     a p50 between two levels; a steady cell with a few slow calls has a high CV and no such shift. The table, the

@@ -332,7 +332,7 @@ def csv_list(kind=str):
 def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, threads, min_seconds, min_calls,
             warmup_seconds, warmup_calls, max_warmup_seconds, rounds, trace, models_dir, profiles_dir, resume, quiet):
     """Inference latency of fusions × backends × batch sizes, with one timing protocol."""
-    from fusionprof.latency import SweepConfig, default_rounds, sweep
+    from fusionprof.latency import SweepConfig, default_rounds, sweep, trace_problem
     from fusionprof.latency_output import table
 
     names = fusion_names() if fusions == "all" else csv_list()(None, None, fusions)
@@ -345,6 +345,8 @@ def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, 
     cfg = SweepConfig(preset=preset, fusions=names, backends=backends or backend_names(), batch_sizes=batch_sizes,
                       device=device, precision=precision, seq_len=seq_len, threads=threads, models_dir=models_dir,
                       profiles_dir=profiles_dir, protocol=protocol, rounds=rounds or default_rounds(preset))
+    if trace and (problem := trace_problem(cfg)):  # before the sweep, not after its minutes
+        raise UserError(f"--trace traces the eager torch backend, which cannot run this sweep: {problem}")
     record = sweep(cfg, progress=not quiet, log=click.echo, resume=resume)
     for line in table(record.rows):
         click.echo(line)

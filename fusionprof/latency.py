@@ -656,6 +656,12 @@ def rate_against(rows: list[LatencyRow], yardstick_gflops: float, peak_tflops: f
             row.mfu = gflops / (peak_tflops * 1e3)
 
 
+def trace_problem(cfg: SweepConfig) -> str | None:
+    """Why ``trace_inference`` cannot trace this sweep (the eager backend does not run its precision: int8), or None."""
+    device = resolve_device(cfg.device)
+    return not_runnable(EAGER, device, cfg.precision)
+
+
 def trace_inference(cfg: SweepConfig, work_dir: Path) -> Path:
     """One trace per (fusion, batch size) of the eager torch backend, in a run separate from the timed sweep, on
     the sweep's threads (``cfg.threads``; the caller's after).

@@ -648,6 +648,16 @@ def test_traces_are_taken_on_the_threads_the_sweep_was_timed_on(tmp_path, monkey
         torch.set_num_threads(before)
 
 
+def test_a_trace_the_eager_model_cannot_take_is_refused_before_the_sweep(tmp_path):
+    """--trace traces the eager torch backend, which has no int8: refused in one line before minutes of sweeping,
+    not after the sweep's record is written."""
+    code, out = run_cli("latency", "--fusion", "early", "--backends", "onnxruntime", "--batch-sizes", "1",
+                        "--precision", "int8", "--trace", "--models", tmp_path / "none", "--out", tmp_path, "--quiet",
+                        *QUICK)
+    assert code != 0 and "--trace" in out and "int8" in out and "Traceback" not in out
+    assert not list(tmp_path.glob("*/latency-*.json"))  # nothing swept
+
+
 def test_a_sweep_on_other_threads_is_not_resumed(tmp_path):
     from fusionprof.env import fingerprint
     from fusionprof.latency import find_partial, save_partial

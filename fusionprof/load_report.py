@@ -16,7 +16,7 @@ import numpy as np
 from fusionprof import contention
 from fusionprof.env import device_label, machine_name
 from fusionprof.figures import pyplot, save_figure, slug
-from fusionprof.loadgen import LoadRecord, LoadRun, gate_text, ms_or_dash
+from fusionprof.loadgen import LoadRecord, LoadRun, gate_text, ms_or_dash, thread_count
 from fusionprof.metrics import percent
 from fusionprof.records import LatencyRecord
 
@@ -168,23 +168,31 @@ def _offline_blocks(machine: str, records: list[LoadRecord], latency: list[Laten
     return [("table", ["machine", "preset/fusion", LABEL, "Offline samples/s", "LoadGen",
                        "latency sweep best samples/s (batch ≤ max batch)", GATE, "record"], rows),
             ("p", "The latency sweep's column: the best sequential samples/s (batch / mean latency) of the same "
-                  "preset, fusion, backend and precision on the same machine and device, over batch sizes up to the "
-                  "load run's max batch (a batch the batcher never forms is no comparison), with the batch size."),
+                  "preset, fusion, backend, precision and thread count on the same machine and device, over batch "
+                  "sizes up to the load run's max batch (a batch the batcher never forms is no comparison), with the "
+                  "batch size and its sweep's record (of any day: the machine's pace moves between days)."),
             ("img", f"{PLOT_DIR}/{png.name}", f"Offline samples/s — {machine}")]
 
 
 def sweep_best(r: LoadRecord, latency: list[LatencyRecord]) -> str:
     """The best sequential samples/s that latency sweeps of ``r``'s machine, device, preset, precision, fusion and
-    backend timed at a batch the batcher could form (≤ ``r.max_batch``), with its batch size; – where none did."""
-    cells = [row for rec in latency
+    backend timed at a batch the batcher could form (≤ ``r.max_batch``) with as many threads as ``r``'s backend ran
+    (where both say: a 2-thread cell is no measure of a 1-thread run), with its batch size and the record it came from
+    (the machine's sweeps of every day are looked through); – where none did."""
+    threads = thread_count(r.backend_info)
+    cells = [(row, rec) for rec in latency
              if machine_name(rec.environment) == machine_name(r.environment)
              and device_label(rec.config.get("device", "cpu")) == device_label(r.device)
              and (rec.config.get("preset"), rec.config.get("precision")) == (r.preset, r.precision)
              for row in rec.rows
              if row.status == "ok" and (row.fusion, row.backend) == (r.fusion, r.backend)
-             and row.batch_size is not None and row.batch_size <= r.max_batch and row.throughput_samples_per_s]
-    best = max(cells, key=lambda row: row.throughput_samples_per_s, default=None)
-    return "–" if best is None else f"{best.throughput_samples_per_s:.1f} (batch {best.batch_size})"
+             and row.batch_size is not None and row.batch_size <= r.max_batch and row.throughput_samples_per_s
+             and (threads is None or thread_count(row.backend_info) in (None, threads))]
+    best, rec = max(cells, key=lambda cell: cell[0].throughput_samples_per_s, default=(None, None))
+    if best is None:
+        return "–"
+    return f"{best.throughput_samples_per_s:.1f} (batch {best.batch_size}" + \
+        (f", {Path(rec.path).name})" if rec.path else ")")
 
 
 def _single_stream_blocks(machine: str, records: list[LoadRecord]) -> list[tuple]:

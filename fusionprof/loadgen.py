@@ -516,11 +516,17 @@ def gate_text(gate: dict | None, tolerance: bool = True) -> str:
     return f"{verdict} (tolerance {tol['atol']:g} + {tol['rtol']:g}·|logit|{', ' + tol['why'] if 'why' in tol else ''})"
 
 
+def thread_count(backend_info: dict) -> int | None:
+    """How many threads a backend ran, as it described itself: its own pool's where it has one, else torch's (None:
+    it did not say)."""
+    return next((backend_info[k] for k in ("intra_op_threads", "inference_threads", "torch_threads")
+                 if backend_info.get(k)), None)
+
+
 def threads_label(backend_info: dict) -> str:
     """How a backend's threads ran, as it described itself: whether they spin or sleep between calls (where the
-    runtime says: onnxruntime's pool spins by default) and how many (its own pool's where it has one, else torch's)."""
+    runtime says: onnxruntime's pool spins by default) and how many (``thread_count``)."""
     spin = backend_info.get("spin_wait")
-    threads = next((backend_info[k] for k in ("intra_op_threads", "inference_threads", "torch_threads")
-                    if backend_info.get(k)), None)
+    threads = thread_count(backend_info)
     return ", ".join(([] if spin is None else ["spin-wait" if spin else "sleeping threads"])
                      + ([f"{threads} thread{'s' if threads != 1 else ''}"] if threads else []))

@@ -678,6 +678,36 @@ def test_load_section_compares_offline_with_batches_the_batcher_forms_and_names_
     assert single_row[3:8] == ["2.00", "3.00", "4.50", "480.0", "VALID"]
 
 
+def test_offline_is_set_beside_a_sweep_of_its_own_thread_count_and_names_that_sweep(tmp_path):
+    """An Offline run on 1 thread is no match for a 2-thread sweep's samples/s (the AVX2 EPYC's tiny/mid: 386.5 beside
+    588.7 from a sweep at 2 threads): the column takes only sweeps whose backend ran as many threads, and names the
+    record its figure came from, since a machine's sweeps of several days are looked through."""
+    from fusionprof.load_report import load_section
+    from fusionprof.loadgen import LoadRecord
+    from fusionprof.records import LatencyRecord
+
+    offline = {**_server_run(None, True, 0), "scenario": "offline",
+               "loadgen": {"result_samples_per_second": 386.5, "result_validity": "VALID"}}
+    one_thread = {"intra_op_threads": 1, "torch_threads": 1}
+    load = LoadRecord.from_dict(_load_record("mid", 16, [offline], scenario="offline", backend_info=one_thread),
+                                tmp_path / "load-offline.json")
+
+    def sweep(name, threads, mean_ms):
+        row = {**_timed_row("mid", "onnxruntime", 16, mean_ms),
+               "backend_info": {"intra_op_threads": threads, "torch_threads": threads, "spin_wait": True}}
+        record = {"schema_version": SCHEMA_VERSION, "kind": "latency", "created": name, "environment": _env(),
+                  "config": {"preset": "tiny", "device": "cpu", "precision": "fp32"}, "reference_matmul": {},
+                  "rows": [row]}
+        return LatencyRecord.from_dict(record, _write(tmp_path, f"box/latency-{name}.json", record))
+    latency = [sweep("two-threads", 2, 16 / 588.7 * 1e3), sweep("one-thread", 1, 16 / 400.0 * 1e3)]
+    [table] = [b for b in load_section([load], tmp_path, latency) if b[0] == "table"]
+    [row] = table[2]
+    assert row[3] == "386.5" and row[5] == "400.0 (batch 16, latency-one-thread.json)"
+    # no sweep at its thread count: nothing to set beside it
+    [table] = [b for b in load_section([load], tmp_path, latency[:1]) if b[0] == "table"]
+    assert table[2][0][5] == "–"
+
+
 def test_the_server_table_says_whether_a_tail_was_queueing_or_serving(tmp_path):
     """The batcher's p99s, queued / served, for every run that has them (an INVALID one's say why); – for a run
     recorded before."""

@@ -489,7 +489,8 @@ def shortlist_lines(entries: list[dict]) -> list[str]:
     for e in entries:
         groups[(e["machine"], e["preset"], e["device"])].append(e)
     lines = ["which fusion to ship (the report's first table): the choices no other beats on both p50 and test "
-             "accuracy, fastest first; ≈ not told apart in latency from the one before"] if groups else []
+             "accuracy, fastest first; ≈ not told apart in latency from the one before, ? not judged (one visit per "
+             "cell)"] if groups else []
     for (machine, preset, device), group in groups.items():
         indent = "    " if len(groups) > 1 else "  "
         lines += [f"  {machine} · {preset} · {device}"] if len(groups) > 1 else []
@@ -512,16 +513,21 @@ def shortlist_section(entries: list[dict]) -> list[tuple]:
               "latency. Accuracy is measured as in the Pareto plots (below); two accuracies on the same test pairs "
               "that differ by under a point may be sampling noise (on 2000 pairs a 95 % interval is ±0.7 points at "
               "97 %). ≈: the sweep's visits did not tell that choice's latency apart from the one before it (their "
-              "p50s overlap), so its extra accuracy costs no latency this sweep could measure. Under a latency "
+              "p50s overlap), so its extra accuracy costs no latency this sweep could measure. ?: its sweep timed "
+              "each cell in one visit, which cannot tell whether the two latencies differ (on a shared VM one "
+              "sweep's differences under about 20 % often do not repeat; `--rounds 3` judges them). Under a latency "
               "target at a request rate: `fusionprof recommend --p99-ms T --qps Q`."),
         ("table", ["machine", "sweep", "batch", "Pareto front: fusion (backend) p50, test accuracy", "record"], rows)]
 
 
 def _front_text(front: list[tuple[float, float, LatencyRow]]) -> str:
+    """The front, fastest first; after the first, ≈ where the sweep's visits did not tell a choice's latency apart from
+    the one before it, and ? where they could not (a cell timed in one visit), never unmarked as if told apart."""
     parts = []
     for i, (p50, acc, r) in enumerate(front):
-        tie = i and told_apart(front[i - 1][2].host.rounds_p50_ms, r.host.rounds_p50_ms) is False
-        parts.append(f"{r.fusion} ({r.backend}) {p50:.2f} ms{' ≈' if tie else ''}, {acc:.2%}")
+        apart = told_apart(front[i - 1][2].host.rounds_p50_ms, r.host.rounds_p50_ms) if i else True
+        mark = {False: " ≈", None: " ?"}.get(apart, "")
+        parts.append(f"{r.fusion} ({r.backend}) {p50:.2f} ms{mark}, {acc:.2%}")
     return "; ".join(parts)
 
 

@@ -749,3 +749,26 @@ def test_the_report_opens_with_each_machines_pareto_front_told_apart_or_not(tmp_
     assert shortlist(Records(latency=sweeps)) == []
     [(_, text)] = [b for b in shortlist_section([]) if b[0] == "p"]
     assert "Needs a latency sweep of trained models" in text
+
+
+def test_the_answer_marks_an_order_its_one_visit_sweep_could_not_judge():
+    """A sweep of one visit per cell cannot tell two choices' latencies apart: its front is marked `?` there, never
+    left unmarked as if told apart (the AVX512-BF16 EPYC's bf16 answer: late 1.90 ms, then early 2.13 ms, each cell
+    at CV 27–30 %, in one visit)."""
+    from fusionprof.records import Timing
+    from fusionprof.report import shortlist, shortlist_lines, shortlist_section, to_markdown
+
+    env = {"host": "vm", "cpu_model": "AMD EPYC", "cpu_isa": {"avx512_bf16": True}}
+    accuracy = {"early": 0.9805, "late": 0.9655}
+    train = [{"kind": "train", "checkpoint": f"/m/tiny-{f}/checkpoint.pt", "checkpoint_hash": f, "environment": env,
+              "train_config": {"precision": "bf16"}, "test": {"accuracy": a}} for f, a in accuracy.items()]
+
+    def row(fusion, p50):
+        return LatencyRow(fusion, "torch", "ok", batch_size=1, host=Timing.of([p50] * 30, "host"),
+                          model={"checkpoint": f"/m/tiny-{fusion}/checkpoint.pt", "checkpoint_hash": fusion})
+    sweep = LatencyRecord("20261202T012358Z", env, {"preset": "tiny", "precision": "bf16", "device": "cpu"}, {},
+                          [row("late", 1.90), row("early", 2.13)], path="/p/vm/latency-one-visit.json")
+    [entry] = shortlist(Records(train=train, latency=[sweep]))
+    assert entry["front"] == "late (torch) 1.90 ms, 96.55%; early (torch) 2.13 ms ?, 98.05%"
+    assert "?" in shortlist_lines([entry])[0]
+    assert "?: " in to_markdown(shortlist_section([entry]))

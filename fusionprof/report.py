@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -464,13 +465,14 @@ def shortlist(rec: Records) -> list[dict]:
     """The report's answer: per machine, preset, device and precision, the choices no other beats on both p50 latency
     and test accuracy (the Pareto front of the plots below) at the smallest and the largest batch, from the sweep that
     scored the most fusions there (of those, the newest); ``front`` is that front as text, fastest first."""
-    chosen: dict[tuple, tuple[Sweep, list[tuple[float, float, LatencyRow]]]] = {}
+    chosen: dict[tuple, tuple[Sweep, list[tuple[float, float, LatencyRow, int | None]]]] = {}
     for sweep in sweeps(rec):  # by machine, then date
-        accuracy = row_accuracy(rec, sweep)
-        scored = [(r.host.p50_ms, acc, r) for r in sweep.rows if (acc := accuracy(r)) is not None]
+        measured = row_measured_accuracy(rec, sweep)
+        scored = [(r.host.p50_ms, found[0], r, pairs_measured(found[2])) for r in sweep.rows
+                  if (found := measured(r)) is not None]
         key = (sweep.machine, sweep.preset, device_label(sweep.record.config.get("device", "cpu")), sweep.precision)
-        fusions = len({r.fusion for _, _, r in scored})
-        if scored and (key not in chosen or fusions >= len({r.fusion for _, _, r in chosen[key][1]})):
+        fusions = len({p[2].fusion for p in scored})
+        if scored and (key not in chosen or fusions >= len({p[2].fusion for p in chosen[key][1]})):
             chosen[key] = (sweep, scored)
     entries = []
     for (machine, preset, device, precision), (sweep, scored) in sorted(chosen.items()):
@@ -510,25 +512,32 @@ def shortlist_section(entries: list[dict]) -> list[tuple]:
     return blocks + [
         ("p", "The choices no other measured choice beats on both p50 latency and test accuracy, fastest first: the "
               "first is the fastest, the last the most accurate, and each one after the first buys accuracy with "
-              "latency. Accuracy is measured as in the Pareto plots (below); two accuracies on the same test pairs "
-              "that differ by under a point may be sampling noise (on 2000 pairs a 95 % interval is ±0.7 points at "
-              "97 %). ≈: the sweep's visits did not tell that choice's latency apart from the one before it (their "
-              "p50s overlap), so its extra accuracy costs no latency this sweep could measure. ?: its sweep timed "
+              "latency. Accuracy is measured as in the Pareto plots (below); a front that trades latency for "
+              "accuracy says how many test pairs its accuracies were measured on and the 95 % interval of an "
+              "accuracy on that many: a difference within it may be sampling noise. ≈: the sweep's visits did "
+              "not tell that choice's latency apart from the one before it (their p50s "
+              "overlap), so its extra accuracy costs no latency this sweep could measure. ?: its sweep timed "
               "each cell in one visit, which cannot tell whether the two latencies differ (on a shared VM one "
               "sweep's differences under about 20 % often do not repeat; `--rounds 3` judges them). Under a latency "
               "target at a request rate: `fusionprof recommend --p99-ms T --qps Q`."),
         ("table", ["machine", "sweep", "batch", "Pareto front: fusion (backend) p50, test accuracy", "record"], rows)]
 
 
-def _front_text(front: list[tuple[float, float, LatencyRow]]) -> str:
+def _front_text(front: list[tuple[float, float, LatencyRow, int | None]]) -> str:
     """The front, fastest first; after the first, ≈ where the sweep's visits did not tell a choice's latency apart from
-    the one before it, and ? where they could not (a cell timed in one visit), never unmarked as if told apart."""
+    the one before it, and ? where they could not (a cell timed in one visit), never unmarked as if told apart. A
+    front that trades latency for accuracy ends with the test pairs its accuracies rest on (the fewest) and the
+    95 % interval of an accuracy on that many, at the front's least certain one."""
     parts = []
-    for i, (p50, acc, r) in enumerate(front):
+    for i, (p50, acc, r, _) in enumerate(front):
         apart = told_apart(front[i - 1][2].host.rounds_p50_ms, r.host.rounds_p50_ms) if i else True
         mark = {False: " ≈", None: " ?"}.get(apart, "")
         parts.append(f"{r.fusion} ({r.backend}) {p50:.2f} ms{mark}, {acc:.2%}")
-    return "; ".join(parts)
+    pairs = [p[3] for p in front]
+    if len(front) < 2 or None in pairs:
+        return "; ".join(parts)
+    half = max(1.96 * math.sqrt(acc * (1 - acc) / min(pairs)) for _, acc, _, _ in front)
+    return "; ".join(parts) + f" ({min(pairs)} test pairs: 95 % interval ±{100 * half:.1f} points)"
 
 
 def pareto_section(rec: Records, out_dir: Path) -> list[tuple]:
@@ -556,15 +565,25 @@ def pareto_section(rec: Records, out_dir: Path) -> list[tuple]:
                            "fusion; the line joins the points no other point beats on both.")] + plotted
 
 
-def row_accuracy(rec: Records, sweep: Sweep) -> Callable[[LatencyRow], float | None]:
-    """The test accuracy a sweep's row is plotted at: that of the model it timed, in the sweep's precision, as the
-    backend runs it (``model_accuracy``); None for a random-init model or one without such a record."""
-    def accuracy(row: LatencyRow) -> float | None:
+def row_measured_accuracy(rec: Records, sweep: Sweep) -> Callable[[LatencyRow], tuple[float, str, dict] | None]:
+    """``model_accuracy`` of the model a sweep's row timed, in the sweep's precision, as the backend runs it: the
+    accuracy, what measured it and its record; None for a random-init model or one without such a record."""
+    def found(row: LatencyRow) -> tuple[float, str, dict] | None:
         model = row.model or {}
-        found = model_accuracy(rec.train, rec.export, model.get("checkpoint"), sweep.precision, row.backend,
-                               model.get("checkpoint_hash"), sweep.machine, rec.load, sweep.record.config.get("device"))
-        return None if found is None else found[0]
-    return accuracy
+        return model_accuracy(rec.train, rec.export, model.get("checkpoint"), sweep.precision, row.backend,
+                              model.get("checkpoint_hash"), sweep.machine, rec.load, sweep.record.config.get("device"))
+    return found
+
+
+def row_accuracy(rec: Records, sweep: Sweep) -> Callable[[LatencyRow], float | None]:
+    """The test accuracy a sweep's row is plotted at (``row_measured_accuracy``'s figure)."""
+    measured = row_measured_accuracy(rec, sweep)
+    return lambda row: None if (found := measured(row)) is None else found[0]
+
+
+def pairs_measured(record: dict) -> int | None:
+    """How many test pairs the accuracy of a training, export or load record was measured on (None: not said)."""
+    return (record.get("test") or record.get("accuracy") or {}).get("pairs")
 
 
 def precision_section(rec: Records) -> list[tuple]:

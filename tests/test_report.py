@@ -772,3 +772,29 @@ def test_the_answer_marks_an_order_its_one_visit_sweep_could_not_judge():
     assert entry["front"] == "late (torch) 1.90 ms, 96.55%; early (torch) 2.13 ms ?, 98.05%"
     assert "?" in shortlist_lines([entry])[0]
     assert "?: " in to_markdown(shortlist_section([entry]))
+
+
+def test_the_answer_says_how_many_test_pairs_its_accuracies_rest_on():
+    """A front trades latency for accuracy, so it says how many test pairs its accuracies were measured on and their
+    95 % interval: compare's closing answer on 120 pairs put mid's 50.83 % after early's 49.17 % as accuracy bought,
+    while the report's only word on noise was a fixed "on 2000 pairs ±0.7 points"."""
+    from fusionprof.records import Timing
+    from fusionprof.report import shortlist, shortlist_section, to_markdown
+
+    env = {"host": "vm", "cpu_model": "Intel(R) Xeon(R) Processor", "cpu_isa": {"amx_bf16": True}}
+    accuracy = {"early": 59 / 120, "mid": 61 / 120}
+    train = [{"kind": "train", "checkpoint": f"/m/tiny-{f}/checkpoint.pt", "checkpoint_hash": f, "environment": env,
+              "train_config": {"precision": "fp32"}, "test": {"accuracy": a, "pairs": 120}}
+             for f, a in accuracy.items()]
+
+    def row(fusion, visits):
+        host = Timing.of([v for v in visits for _ in range(3)], "host")
+        host.rounds_p50_ms = visits
+        return LatencyRow(fusion, "torch", "ok", batch_size=1, host=host,
+                          model={"checkpoint": f"/m/tiny-{fusion}/checkpoint.pt", "checkpoint_hash": fusion})
+    sweep = LatencyRecord("20261204T130534Z", env, {"preset": "tiny", "precision": "fp32", "device": "cpu"}, {},
+                          [row("early", [1.10, 1.11, 1.12]), row("mid", [1.55, 1.59, 1.62])], path="/p/latency.json")
+    [entry] = shortlist(Records(train=train, latency=[sweep]))
+    assert entry["front"] == ("early (torch) 1.11 ms, 49.17%; mid (torch) 1.59 ms, 50.83% "
+                              "(120 test pairs: 95 % interval ±8.9 points)")
+    assert "2000 pairs" not in to_markdown(shortlist_section([entry]))

@@ -478,9 +478,12 @@ def shortlist(rec: Records) -> list[dict]:
     for (machine, preset, device, precision), (sweep, scored) in sorted(chosen.items()):
         sizes = sorted({p[2].batch_size for p in scored})
         for batch in sorted({sizes[0], sizes[-1]}):
-            front = pareto_front([p for p in scored if p[2].batch_size == batch])
+            at = [p for p in scored if p[2].batch_size == batch]
+            alone = len({p[2].fusion for p in at}) == 1  # nothing to choose between: say so, never read as a win
+            text = _front_text(pareto_front(at)) + \
+                (" (no other fusion of this sweep has a test accuracy on record)" if alone else "")
             entries.append({"machine": machine, "preset": preset, "device": device, "precision": precision,
-                            "batch": batch, "front": _front_text(front), "record": Path(sweep.record.path or "").name})
+                            "batch": batch, "front": text, "record": Path(sweep.record.path or "").name})
     return entries
 
 

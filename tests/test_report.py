@@ -798,3 +798,24 @@ def test_the_answer_says_how_many_test_pairs_its_accuracies_rest_on():
     assert entry["front"] == ("early (torch) 1.11 ms, 49.17%; mid (torch) 1.59 ms, 50.83% "
                               "(120 test pairs: 95 % interval ±8.9 points)")
     assert "2000 pairs" not in to_markdown(shortlist_section([entry]))
+
+
+def test_an_answer_that_scored_one_fusion_says_it_compared_none():
+    """`Which fusion to ship` from a sweep in which one fusion had a known accuracy (the AVX2 EPYC's: mid alone, on aoti
+    and torch) says so, rather than read as mid beating the other three."""
+    from fusionprof.records import Timing
+    from fusionprof.report import shortlist
+
+    env = {"host": "vm", "cpu_model": "AMD EPYC", "cpu_isa": {"avx2": True}}
+    train = [{"kind": "train", "checkpoint": "/m/tiny-mid/checkpoint.pt", "checkpoint_hash": "mid", "environment": env,
+              "train_config": {"precision": "fp32"}, "test": {"accuracy": 0.9775, "pairs": 2000}}]
+
+    def row(fusion, backend, p50, trained=True):
+        return LatencyRow(fusion, backend, "ok", batch_size=1, host=Timing.of([p50] * 30, "host"),
+                          model={"checkpoint": f"/m/tiny-{fusion}/checkpoint.pt", "checkpoint_hash": fusion}
+                          if trained else {"weights": "untrained"})
+    sweep = LatencyRecord("20261127T121709Z", env, {"preset": "tiny", "precision": "fp32", "device": "cpu"}, {},
+                          [row("mid", "aoti", 8.69), row("mid", "torch", 11.39), row("early", "torch", 7.0, False)],
+                          path="/p/latency.json")
+    [entry] = shortlist(Records(train=train, latency=[sweep]))
+    assert entry["front"] == "mid (aoti) 8.69 ms, 97.75% (no other fusion of this sweep has a test accuracy on record)"

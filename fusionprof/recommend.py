@@ -164,13 +164,15 @@ def recommend(profiles_dir: str | Path, p99_ms: float, qps: float | None = None,
     chosen.sort(key=Choice.rank if qps else lambda c: (c.p99_ms, -(c.accuracy or 0.0)))
     considered = sum(len(v) for v in records.values())
     return Recommendation(chosen, pareto_front(candidates, by_rate=bool(qps)), considered,
-                          _message(chosen, candidates, records, p99_ms, qps, min_accuracy, device, loose))
+                          _message(chosen, candidates, records, p99_ms, qps, min_accuracy, device, loose, profiles_dir))
 
 
-def _message(chosen, candidates, records, p99_ms, qps, min_accuracy, device, loose) -> str:
+def _message(chosen, candidates, records, p99_ms, qps, min_accuracy, device, loose, folder: Path) -> str:
     target = f"p99 ≤ {p99_ms:g} ms" + (f" at {qps:g} QPS" if qps else "") + (f" on {device}" if device else "")
     make = (f"fusionprof load --fusion mid --backend onnxruntime --scenario server --find-max-qps --p99-ms {p99_ms:g}"
             + (f" --device {device}" if device else ""))
+    if not folder.is_dir():  # a mistyped --profiles, or none measured here yet: say which
+        return f"{folder}: no such folder, so no record can answer {target}. Pass --profiles, or run `{make}`"
     if chosen:
         best = chosen[0]
         return (f"{best.fusion} on {best.backend} ({best.precision}, batching: {best.batching}) on {best.machine} "

@@ -210,6 +210,12 @@ def drifted_cells(rows: list[LatencyRow]) -> tuple[list[LatencyRow], LatencyRow 
     return moved, max(moved, key=lambda r: max(r.host.halves_p50_ms) / min(r.host.halves_p50_ms), default=None)
 
 
+def noisy_cells(rows: list[LatencyRow]) -> tuple[list[LatencyRow], LatencyRow | None]:
+    """The timed rows whose CV is above the warning line (``Timing.cv_warning``), and the one with the largest CV."""
+    noisy = [r for r in rows if r.host is not None and r.host.cv_warning]
+    return noisy, max(noisy, key=lambda r: r.host.cv, default=None)
+
+
 def visit_spread(rows: list[LatencyRow]) -> tuple[int, float, LatencyRow] | None:
     """For an interleaved sweep: the most visits of a cell, the median cell's spread of its visits' p50s (largest
     over smallest, less 1), and the row whose visits spread most; None for a sweep of one visit per cell."""

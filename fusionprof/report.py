@@ -26,7 +26,7 @@ from fusionprof.figures import batch_axis, plain_axis, pyplot, save_figure, slug
 from fusionprof.latency_output import fusion_ranking
 from fusionprof.load_report import load_section
 from fusionprof.loadgen import LoadRecord
-from fusionprof.measure import DRIFT_WARNING, P99_MIN_SAMPLES
+from fusionprof.measure import CV_WARNING, DRIFT_WARNING, P99_MIN_SAMPLES
 from fusionprof.metrics import percent
 from fusionprof.records import (
     PARTIAL_KIND,
@@ -39,6 +39,7 @@ from fusionprof.records import (
     export_precision,
     int8_gate_of,
     model_accuracy,
+    noisy_cells,
     told_apart,
     visit_spread,
 )
@@ -414,6 +415,12 @@ def latency_section(rec: Records, out_dir: Path) -> list[tuple]:
                                 "ms): the machine's pace moving between rounds, and each visit's own noise."))
             if ranking := fusion_ranking(sweep.record.rows):
                 blocks.append(("p", ranking))
+        noisy, worst = noisy_cells(sweep.record.rows)
+        if worst:
+            blocks.append(("p", f"Noisy: {len(noisy)} of {timed} cells had a coefficient of variation above "
+                                f"{CV_WARNING:.0%} (largest: {worst.fusion}/{worst.backend} batch {worst.batch_size}, "
+                                f"CV {worst.host.cv:.0%}): a few slow calls, or a machine whose pace moved while they "
+                                "were timed; their p50s are less sure than the others'."))
         moved, worst = drifted_cells(sweep.record.rows)
         if worst:
             first, second = worst.host.halves_p50_ms

@@ -819,3 +819,24 @@ def test_an_answer_that_scored_one_fusion_says_it_compared_none():
                           path="/p/latency.json")
     [entry] = shortlist(Records(train=train, latency=[sweep]))
     assert entry["front"] == "mid (aoti) 8.69 ms, 97.75% (no other fusion of this sweep has a test accuracy on record)"
+
+
+def test_a_sweep_says_how_many_of_its_cells_were_noisy(tmp_path):
+    """The spec's warning above a CV of 10 %, which `fusionprof latency`'s table gives (`!`), in the report too: the
+    AVX512-BF16 EPYC's trained fp32 sweep (2026-12-02) ranked early/onnxruntime's 2.33 ms at batch 1 (CV 16 %) with
+    no word on noise anywhere in the report."""
+    from pathlib import Path
+
+    name = "latency-tiny-cpu-fp32-20261202T012114Z.json"
+    raw = json.loads((Path(__file__).parent.parent / "profiles" / "vm" / name).read_text())
+    timed = [r for r in raw["rows"] if "n" in r]
+    noisy = [r for r in timed if r["cv"] > 0.10]
+    worst = max(noisy, key=lambda r: r["cv"])
+    (tmp_path / "vm").mkdir()
+    (tmp_path / "vm" / name).write_text(json.dumps(raw))
+    write_report([tmp_path], tmp_path)
+    said = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("Noisy:")]
+    assert said == [f"Noisy: {len(noisy)} of {len(timed)} cells had a coefficient of variation above 10% (largest: "
+                    f"{worst['fusion']}/{worst['backend']} batch {worst['batch_size']}, CV {worst['cv']:.0%}): a "
+                    "few slow calls, or a machine whose pace moved while they were timed; their p50s are less sure "
+                    "than the others'."]

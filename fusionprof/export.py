@@ -33,7 +33,7 @@ from fusionprof.checkpoint import checkpoint_hash, load_model, with_run_tokenize
 from fusionprof.config import to_dict
 from fusionprof.data import prepare_data
 from fusionprof.data.text import build_tokenizer
-from fusionprof.env import fingerprint
+from fusionprof.env import fingerprint, utc_stamp
 from fusionprof.errors import UserError, first_line
 from fusionprof.evaluate import evaluate_split, to_inputs
 from fusionprof.measure import Protocol, sample_calls, summarize
@@ -202,7 +202,7 @@ def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Pa
     model, cfg = load_model(checkpoint)
     out = Path(out) if out else Path(checkpoint).parent
     path = out / record_name(fmt, precision, torch_device.type)
-    record = {"schema_version": SCHEMA_VERSION, "kind": "export", "checkpoint": str(checkpoint),
+    record = {"schema_version": SCHEMA_VERSION, "kind": "export", "created": utc_stamp(), "checkpoint": str(checkpoint),
               "checkpoint_hash": checkpoint_hash(checkpoint), "fusion": model.cfg.fusion, "preset": cfg.preset,
               "format": fmt, "precision": precision, "environment": fingerprint(), "model_config": to_dict(model.cfg)}
     # From here until its gates have run, the artifact on disk is not the verified one: an earlier "ok" record

@@ -63,7 +63,7 @@ from fusionprof.distributed import (
     setup,
     teardown,
 )
-from fusionprof.env import fingerprint
+from fusionprof.env import fingerprint, utc_stamp
 from fusionprof.errors import UserError
 from fusionprof.evaluate import evaluate_split, to_inputs
 from fusionprof.features import cached_features
@@ -594,8 +594,8 @@ def build_metrics(run: str, cfg: TrainConfig, model_cfg: ModelConfig, model: Fus
     steady = steady_samples_per_s(history, pairs_per_epoch(train_split))
     mean_length = train_split.batches(train_split.pairs(cfg.seed), rank_batch).mean_length()
     return {
-        "schema_version": SCHEMA_VERSION, "kind": "train", "run": run, "fusion": model_cfg.fusion,
-        "preset": cfg.preset, "checkpoint": str(ckpt_path), "data": data_source,
+        "schema_version": SCHEMA_VERSION, "kind": "train", "created": utc_stamp(), "run": run,
+        "fusion": model_cfg.fusion, "preset": cfg.preset, "checkpoint": str(ckpt_path), "data": data_source,
         # which model this is where one path later holds another (the same /tmp folder on another day's machine)
         "checkpoint_hash": checkpoint_hash(ckpt_path) if ckpt_path.exists() else None,
         "parameters": count_parameters(model), "forward_flops_per_sample": forward_flops(model),

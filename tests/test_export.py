@@ -153,3 +153,18 @@ def test_an_export_of_another_checkpoint_is_not_reused(checkpoint, tmp_path):
 def test_the_accuracy_gate_counts_pairs(wrong, pairs, tolerance, passed):
     reference, exported = 0.9, 0.9 - wrong / pairs  # as the gate gets them: two accuracies, each a fraction
     assert within_tolerance(abs(exported - reference), pairs, tolerance) is passed
+
+
+def test_training_and_export_records_say_when_they_were_written(checkpoint, tmp_path):
+    """`created`, in UTC and the latency records' format: where several records of one model exist, the newest is
+    the one read (records.newest_first)."""
+    from datetime import datetime
+
+    from fusionprof.env import STAMP_FORMAT
+
+    path, metrics = checkpoint
+    code, out = export_cli("--checkpoint", path, "--out", tmp_path)
+    assert code == 0, out
+    trained = datetime.strptime(metrics["created"], STAMP_FORMAT)
+    exported = datetime.strptime(json.loads((tmp_path / "export.json").read_text())["created"], STAMP_FORMAT)
+    assert trained <= exported

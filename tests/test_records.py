@@ -43,3 +43,37 @@ def test_a_stamp_is_the_latency_records_format():
     stamp = utc_stamp()
     datetime.strptime(stamp, STAMP_FORMAT)
     assert _date(stamp).endswith(" UTC")
+
+
+def test_time_to_best_is_the_first_epoch_at_the_best_validation_accuracy_and_the_report_shows_it():
+    """A run's time to accuracy: the first epoch that reached its best validation accuracy, and the training seconds up
+    to that epoch's end. The training table shows it; a record written before it had one shows –."""
+    import json
+    from pathlib import Path
+
+    from fusionprof.report import Records, training_section
+    from fusionprof.train import time_to_best
+
+    history = [{"epoch": 1, "val_accuracy": 0.6, "epoch_seconds": 10.0},
+               {"epoch": 2, "val_accuracy": 0.8, "epoch_seconds": 12.0},
+               {"epoch": 3, "val_accuracy": 0.8, "epoch_seconds": 11.0},  # the best again, not first reached here
+               {"epoch": 4, "val_accuracy": None, "epoch_seconds": 9.0}]  # non-finite logits: no accuracy
+    assert time_to_best(history) == {"epoch": 2, "val_accuracy": 0.8, "train_seconds": 22.0}
+    assert time_to_best([{**history[3], "epoch": 1}]) is None
+
+    old = json.loads(Path("profiles/tiny-mid/metrics.json").read_text())  # committed, before time_to_best
+    assert "time_to_best" not in old
+    new = {**old, "fusion": "late", "time_to_best": time_to_best(old["history"])}
+    table = next(b for b in training_section(Records(train=[old, new])) if b[0] == "table")
+    column = table[1].index("to best val (s)")
+    assert {row[2]: row[column] for row in table[2]} == {
+        "mid": "–", "late": f"{sum(h['epoch_seconds'] for h in old['history'][:3]):.0f} (epoch 3)"}
+    table = next(b for b in training_section(Records(train=[old])) if b[0] == "table")
+    assert "to best val (s)" not in table[1]  # no record has it: no column, one note
+
+
+def test_a_training_run_records_its_time_to_best(trained_mid):
+    """The real loop's record (one epoch of tiny mid): its only epoch is its best."""
+    _, metrics = trained_mid
+    assert metrics["time_to_best"] == {"epoch": 1, "val_accuracy": metrics["history"][0]["val_accuracy"],
+                                       "train_seconds": metrics["history"][0]["epoch_seconds"]}

@@ -6,6 +6,7 @@ import os
 import platform
 import socket
 import subprocess
+from datetime import datetime, timezone
 from importlib import metadata
 
 import psutil
@@ -67,6 +68,15 @@ def _nvidia_driver() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+# When a record was written, in UTC: the latency sweep's ``created`` (and its file name's stamp), and the training and
+# export records' ``created``. Sorts as text in time order; a record written before it had one sorts first, as ``""``.
+STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+
+
+def utc_stamp() -> str:
+    return datetime.now(timezone.utc).strftime(STAMP_FORMAT)
 
 
 def fingerprint() -> dict:

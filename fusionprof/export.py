@@ -33,7 +33,7 @@ from fusionprof.checkpoint import checkpoint_hash, load_model, with_run_tokenize
 from fusionprof.config import to_dict
 from fusionprof.data import prepare_data
 from fusionprof.data.text import build_tokenizer
-from fusionprof.env import fingerprint
+from fusionprof.env import fingerprint, utc_stamp
 from fusionprof.errors import UserError, first_line
 from fusionprof.evaluate import evaluate_split, to_inputs
 from fusionprof.measure import Protocol, sample_calls, summarize
@@ -65,6 +65,12 @@ CPU = torch.device("cpu")
 
 def onnx_name(precision: str) -> str:
     return "model.onnx" if precision == "fp32" else f"model.{precision}.onnx"
+
+
+def trt_onnx_name(precision: str) -> str:
+    """The ONNX a TensorRT export builds its engine from when no gated ONNX export of its precision is there to reuse:
+    a file of its own, so that it never rewrites the one ``--fmt onnx`` wrote and its record vouches for."""
+    return "model.trt.onnx" if precision == "fp32" else f"model.trt.{precision}.onnx"
 
 
 def plan_name(precision: str) -> str:
@@ -202,17 +208,19 @@ def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Pa
     model, cfg = load_model(checkpoint)
     out = Path(out) if out else Path(checkpoint).parent
     path = out / record_name(fmt, precision, torch_device.type)
-    record = {"schema_version": SCHEMA_VERSION, "kind": "export", "checkpoint": str(checkpoint),
+    record = {"schema_version": SCHEMA_VERSION, "kind": "export", "created": utc_stamp(), "checkpoint": str(checkpoint),
               "checkpoint_hash": checkpoint_hash(checkpoint), "fusion": model.cfg.fusion, "preset": cfg.preset,
               "format": fmt, "precision": precision, "environment": fingerprint(), "model_config": to_dict(model.cfg)}
     # From here until its gates have run, the artifact on disk is not the verified one: an earlier "ok" record
     # beside it must not vouch for it (a process killed mid-way leaves "building", which nothing reuses)
     write_json(path, {**record, "passed": False, "status": "building"})
     try:  # the accuracy gate runs at the training batch: a TensorRT profile must cover it too
-        fp32 = verified_fp32_onnx(Path(checkpoint), out) if precision == "int8" else None
+        # int8 quantizes the fp32 ONNX, TensorRT builds from the ONNX of its precision: an export's that passed
+        source = verified_onnx(Path(checkpoint), out, "fp32" if precision == "int8" else precision) \
+            if precision == "int8" or fmt == "trt" else None
         calibration = checkpoint_calibration(checkpoint, model, cfg)
         artifacts = build_artifacts(fmt, model, out, precision, torch_device, max(max_batch, cfg.batch_size),
-                                    record, log, calibration, fp32, progress)
+                                    record, log, calibration, source, progress)
         backend = verifier(artifacts, torch_device, precision)
         record["parity"] = parity(model, backend, precision, largest_batch=max(max_batch, cfg.batch_size))
         gate = AccuracyGate(model, cfg, Path(checkpoint), progress)
@@ -252,12 +260,18 @@ def gate_ir(openvino: dict, artifacts: Artifacts, gate: AccuracyGate) -> None:
 
 
 def verified_fp32_onnx(checkpoint: Path, out: Path) -> dict | None:
-    """The fp32 ONNX of this checkpoint that an int8 export quantizes instead of exporting its own: one whose export
-    passed its gates for this very checkpoint, in ``out`` or else beside the checkpoint. Its record's ``onnx``."""
+    """The fp32 ONNX of this checkpoint that an int8 export quantizes instead of exporting its own."""
+    return verified_onnx(checkpoint, out, "fp32")
+
+
+def verified_onnx(checkpoint: Path, out: Path, precision: str) -> dict | None:
+    """The ``precision`` ONNX of this checkpoint that an int8 export quantizes (fp32) or a TensorRT export builds its
+    engine from, instead of exporting its own: one whose export passed its gates for this very checkpoint, in ``out``
+    or else beside the checkpoint; read, never rewritten. Its record's ``onnx``, with ``reused``: that record."""
     for folder in dict.fromkeys([Path(out), checkpoint.parent]):
-        path = folder / onnx_name("fp32")
-        if path.exists() and (record := verified_export(checkpoint, folder, "onnx", "fp32")) is not None:
-            return {**record["onnx"], "path": str(path), "reused": str(folder / record_name("onnx", "fp32"))}
+        path = folder / onnx_name(precision)
+        if path.exists() and (record := verified_export(checkpoint, folder, "onnx", precision)) is not None:
+            return {**record["onnx"], "path": str(path), "reused": str(folder / record_name("onnx", precision))}
     return None
 
 
@@ -276,11 +290,12 @@ def profile_batches(max_batch: int) -> list[int]:
 
 def build_artifacts(fmt: str, model: FusionModel, out: Path, precision: str, device: torch.device, max_batch: int,
                     record: dict, log=print, calibration: Callable[[], tuple[list[Feeds], dict]] | None = None,
-                    fp32_onnx: dict | None = None, progress: bool = False) -> Artifacts:
+                    source_onnx: dict | None = None, progress: bool = False) -> Artifacts:
     """Write the ``fmt`` artifact (and the ONNX a TensorRT engine is built from) into ``out``; what was written
     goes into ``record``. int8 needs ``calibration``: the validation sample the quantizer calibrates on; it
-    quantizes ``fp32_onnx`` where given (``verified_fp32_onnx``), else an fp32 export of its own; ``progress``
-    shows the quantizer's progress bars."""
+    quantizes ``source_onnx`` (fp32) where given (``verified_onnx``), else an fp32 export of its own; ``progress``
+    shows the quantizer's progress bars. TensorRT builds from ``source_onnx`` (the gated ONNX of its precision) where
+    given, else from an ONNX export of its own (``trt_onnx_name``), never rewriting ``--fmt onnx``'s."""
     if fmt == "pt2":
         record["pt2"] = build_pt2(model, out / pt2_name(precision, device.type), precision, device)
         log(f"built {record['pt2']['path']} ({record['pt2']['size_mib']:.1f} MiB, "
@@ -290,15 +305,19 @@ def build_artifacts(fmt: str, model: FusionModel, out: Path, precision: str, dev
         if fmt != "onnx" or calibration is None:
             raise UserError(f"--fmt {fmt} --precision int8: int8 is a quantized ONNX (--fmt onnx), from calibration "
                             "data")
-        record["onnx"] = export_int8_onnx(model, out / onnx_name(precision), *calibration(), fp32_onnx, progress)
+        record["onnx"] = export_int8_onnx(model, out / onnx_name(precision), *calibration(), source_onnx, progress)
         log(f"quantized {record['onnx']['path']} ({record['onnx']['size_mib']:.1f} MiB, calibrated on "
             f"{record['onnx']['calibration']['pairs']} {record['onnx']['calibration']['split']} pairs); in int8: "
             f"{record['onnx']['int8_ops']}")
         return int8_artifacts(model, out / onnx_name(precision))
-    record["onnx"] = export_onnx(model, out / onnx_name(precision), precision)
-    log(f"exported {record['onnx']['path']} ({record['onnx']['size_mib']:.1f} MiB, "
-        f"{record['onnx']['export_seconds']:.1f} s); axes {record['onnx']['axes']}")
-    artifacts = Artifacts(model, onnx=out / onnx_name(precision))
+    if fmt == "trt" and source_onnx is not None:
+        record["onnx"] = source_onnx
+        log(f"building from {source_onnx['path']}, the ONNX export whose gates passed ({source_onnx['reused']})")
+    else:
+        record["onnx"] = export_onnx(model, out / (trt_onnx_name if fmt == "trt" else onnx_name)(precision), precision)
+        log(f"exported {record['onnx']['path']} ({record['onnx']['size_mib']:.1f} MiB, "
+            f"{record['onnx']['export_seconds']:.1f} s); axes {record['onnx']['axes']}")
+    artifacts = Artifacts(model, onnx=Path(record["onnx"]["path"]))
     if fmt == "trt":
         artifacts.plan = out / plan_name(precision)
         profile = optimization_profile(profile_batches(max_batch), [1, model.cfg.max_text_len], model.cfg.image_size)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -312,21 +312,22 @@ def model_accuracy(train: list[dict], export: list[dict], checkpoint: str | Path
     ``precision`` (a run whose test logits were not finite measured nothing), or a backend whose own export of it
     failed its gate: never another model's, precision's or graph's figure. Which records are of that model:
     ``records_of_model`` (``checkpoint_hash`` and ``machine`` are what the timing record says of it). Records are
-    dicts as ``find_records`` keeps them (``_file``: where each was read); ``load`` holds load records."""
+    dicts as ``find_records`` keeps them (``_file``: where each was read); ``load`` holds load records. Of several
+    records of one kind that would do, the newest (``newest_first``)."""
     if not checkpoint:
         return None
     if backend and (own := backend_accuracy(load, checkpoint, precision, backend, checkpoint_hash, machine, device)):
         return own
-    trained = [r for r in records_of_model(train, checkpoint, checkpoint_hash, machine)
-               if r.get("train_config", {}).get("precision") == precision
-               and r["test"]["accuracy"] is not None]  # None: its logits were not finite, nothing was measured
+    trained = newest_first(r for r in records_of_model(train, checkpoint, checkpoint_hash, machine)
+                           if r.get("train_config", {}).get("precision") == precision
+                           and r["test"]["accuracy"] is not None)  # None: its logits were not finite, nothing measured
     training = (trained[0]["test"]["accuracy"], "training run", trained[0]) if trained else None
     loads = format_of(backend) if backend else None
     if backend and loads is None and training:
         return training
     built = [r for r in records_of_model(export, checkpoint, checkpoint_hash, machine)
              if export_precision(r) == precision]
-    exports = sorted((r for r in built if r.get("status") == "ok"),
+    exports = sorted(newest_first(r for r in built if r.get("status") == "ok"),  # stable: the newest of a format first
                      key=lambda r: (r["format"] != loads, r["format"] != "onnx"))
     if loads and all(r["format"] != loads for r in exports) and \
             any((r.get("format"), r.get("status")) == (loads, "failed") for r in built):
@@ -356,6 +357,12 @@ def backend_accuracy(load: Sequence, checkpoint: str | Path, precision: str, bac
     newest = ours[-1]
     return newest.accuracy["loadgen_accuracy"], f"{backend}'s own answers, LoadGen accuracy run", \
         {**newest.to_dict(), "_file": newest.path}
+
+
+def newest_first(records: Iterable[dict]) -> list[dict]:
+    """Training or export records, the newest first by ``created`` (``env.STAMP_FORMAT``, which sorts as text); one
+    written before records had it counts as the oldest."""
+    return sorted(records, key=lambda r: r.get("created") or "", reverse=True)
 
 
 def records_of_model(records: list[dict], checkpoint: str | Path, checkpoint_hash: str | None = None,

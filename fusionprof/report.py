@@ -252,6 +252,8 @@ OPTIONAL_TRAIN_COLUMNS: list[tuple[str, str, Callable[[dict], str | None]]] = [
     ("steady samples/s", "steady_samples_per_s",
      lambda r: None if r.get("steady_samples_per_s") is None else f"{r['steady_samples_per_s']:.0f}"),
     ("train GFLOP/s", "train_flops", _train_rate),
+    ("to best val (s)", "time_to_best",
+     lambda r: (best := r.get("time_to_best")) and f"{best['train_seconds']:.0f} (epoch {best['epoch']})"),
 ]
 
 
@@ -299,6 +301,9 @@ def _training_note(train: list[dict], optional: list) -> str:
     if missing:
         note += (f" Not shown: {' and '.join(missing)} — none of these training records has them (they were "
                  "written before the fields existed); a `fusionprof train` run today records them.")
+    if "time_to_best" in shown:
+        note += (" To best val: the training seconds (validation not included) until the epoch that first reached the "
+                 "run's best validation accuracy, and that epoch.")
     if any(get(r) is None for _, _, get in optional for r in train):
         note += " –: that record was written before the field existed."
     return note

@@ -63,7 +63,7 @@ from fusionprof.distributed import (
     setup,
     teardown,
 )
-from fusionprof.env import fingerprint
+from fusionprof.env import fingerprint, utc_stamp
 from fusionprof.errors import UserError
 from fusionprof.evaluate import evaluate_split, to_inputs
 from fusionprof.features import cached_features
@@ -583,6 +583,18 @@ def steady_samples_per_s(history: list[dict], pairs: int) -> float | None:
     return len(steady) * pairs / sum(steady) if steady else None
 
 
+def time_to_best(history: list[dict]) -> dict | None:
+    """When the run first reached its best validation accuracy: that epoch, and the training seconds up to its end
+    (the epochs' ``epoch_seconds`` summed: the training passes only, validation and checkpoint writes not included).
+    None where no epoch had a validation accuracy (non-finite logits throughout)."""
+    scored = [h for h in history if h["val_accuracy"] is not None]
+    if not scored:
+        return None
+    best = max(scored, key=lambda h: h["val_accuracy"])  # max keeps the first of equals: the first time it was reached
+    return {"epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
+            "train_seconds": sum(h["epoch_seconds"] for h in history if h["epoch"] <= best["epoch"])}
+
+
 def build_metrics(run: str, cfg: TrainConfig, model_cfg: ModelConfig, model: FusionModel,
                   data: dict[str, SplitData], data_source: str, history: list[dict], train_seconds: float,
                   test: dict, step_profile: dict | None, feature_cache: dict | None, d: Dist, device: torch.device,
@@ -594,14 +606,15 @@ def build_metrics(run: str, cfg: TrainConfig, model_cfg: ModelConfig, model: Fus
     steady = steady_samples_per_s(history, pairs_per_epoch(train_split))
     mean_length = train_split.batches(train_split.pairs(cfg.seed), rank_batch).mean_length()
     return {
-        "schema_version": SCHEMA_VERSION, "kind": "train", "run": run, "fusion": model_cfg.fusion,
-        "preset": cfg.preset, "checkpoint": str(ckpt_path), "data": data_source,
+        "schema_version": SCHEMA_VERSION, "kind": "train", "created": utc_stamp(), "run": run,
+        "fusion": model_cfg.fusion, "preset": cfg.preset, "checkpoint": str(ckpt_path), "data": data_source,
         # which model this is where one path later holds another (the same /tmp folder on another day's machine)
         "checkpoint_hash": checkpoint_hash(ckpt_path) if ckpt_path.exists() else None,
         "parameters": count_parameters(model), "forward_flops_per_sample": forward_flops(model),
         "flops_seq_len": model_cfg.max_text_len, "step_breakdown": step_profile and step_profile["ranges"],
         "step_profile": step_profile and step_profile["step"],
-        "train_seconds": train_seconds, "epochs": cfg.epochs, "train_samples_per_s": samples_per_s,
+        "train_seconds": train_seconds, "time_to_best": time_to_best(history), "epochs": cfg.epochs,
+        "train_samples_per_s": samples_per_s,
         "contention": contention.combine([h.get("contention") or {} for h in history]),  # beside other processes?
         "first_epoch_seconds": history[0]["epoch_seconds"], "steady_samples_per_s": steady,
         # the sustained rate where there is one: a first epoch's compile or cache build is not training speed

@@ -153,3 +153,53 @@ def test_an_export_of_another_checkpoint_is_not_reused(checkpoint, tmp_path):
 def test_the_accuracy_gate_counts_pairs(wrong, pairs, tolerance, passed):
     reference, exported = 0.9, 0.9 - wrong / pairs  # as the gate gets them: two accuracies, each a fraction
     assert within_tolerance(abs(exported - reference), pairs, tolerance) is passed
+
+
+def test_training_and_export_records_say_when_they_were_written(checkpoint, tmp_path):
+    """`created`, in UTC and the latency records' format: where several records of one model exist, the newest is
+    the one read (records.newest_first)."""
+    from datetime import datetime
+
+    from fusionprof.env import STAMP_FORMAT
+
+    path, metrics = checkpoint
+    code, out = export_cli("--checkpoint", path, "--out", tmp_path)
+    assert code == 0, out
+    trained = datetime.strptime(metrics["created"], STAMP_FORMAT)
+    exported = datetime.strptime(json.loads((tmp_path / "export.json").read_text())["created"], STAMP_FORMAT)
+    assert trained <= exported
+
+
+def test_a_trt_export_never_rewrites_the_onnx_export_it_builds_from(checkpoint, tmp_path, monkeypatch):
+    """`--fmt trt` after `--fmt onnx`: the engine is built from the ONNX that export gated (the same precision, its
+    record "ok"), which it reads and never rewrites. Here, without TensorRT, the build fails with one line after the
+    ONNX step (TensorRT's availability is let through the early check so that the ONNX step runs, as on a GPU)."""
+    import hashlib
+
+    path, _ = checkpoint
+    code, out = export_cli("--checkpoint", path, "--out", tmp_path)
+    assert code == 0, out
+    onnx_bytes = hashlib.sha256((tmp_path / "model.onnx").read_bytes()).hexdigest()
+    onnx_record = (tmp_path / "export.json").read_text()
+
+    monkeypatch.setattr(fusionprof.export, "tensorrt_status", lambda: (True, ""))
+    monkeypatch.setattr(fusionprof.export, "resolve_device", lambda name: torch.device("cuda", 0))
+    built, real_export_onnx = [], fusionprof.export.export_onnx
+    monkeypatch.setattr(fusionprof.export, "export_onnx",
+                        lambda *a, **k: built.append(a[1]) or real_export_onnx(*a, **k))
+    code, out = export_cli("--checkpoint", path, "--out", tmp_path, "--fmt", "trt")
+    error = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert code == 1 and len(error) == 1 and "tensorrt" in error[0].lower(), out  # one line, naming what is missing
+    assert hashlib.sha256((tmp_path / "model.onnx").read_bytes()).hexdigest() == onnx_bytes
+    assert (tmp_path / "export.json").read_text() == onnx_record and json.loads(onnx_record)["status"] == "ok"
+    assert built == []  # the gated ONNX was reused, not exported again
+    trt = json.loads((tmp_path / "export.trt.fp32.json").read_text())
+    assert trt["status"] == "failed" and trt["onnx"]["path"] == str(tmp_path / "model.onnx")
+    assert trt["onnx"]["reused"] == str(tmp_path / "export.json")
+
+    # with no gated ONNX of its precision to build from, it writes an intermediate of its own, beside the plan
+    (tmp_path / "export.json").unlink()
+    code, out = export_cli("--checkpoint", path, "--out", tmp_path, "--fmt", "trt")
+    assert code == 1 and out.strip().splitlines()[-1].startswith("Error: "), out
+    assert built == [tmp_path / "model.trt.onnx"]
+    assert hashlib.sha256((tmp_path / "model.onnx").read_bytes()).hexdigest() == onnx_bytes

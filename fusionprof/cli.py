@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -76,6 +77,14 @@ class RegistryChoice(click.Choice):
 def positive(ctx, param, value):
     if value is not None and value < 1:
         raise click.BadParameter(f"must be at least 1, got {value}")
+    return value
+
+
+def device_name(ctx, param, value):
+    """A device named as records name theirs (cpu, cuda, cuda:N), for a filter over records: the device need not be
+    here, but ``gpu`` or ``cuda:x`` matches nothing and would read as "nothing measured there"."""
+    if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise click.BadParameter(f"{value!r} is not a device name: use cpu or cuda:N")
     return value
 
 
@@ -510,7 +519,8 @@ def load(fusion, backend, scenario, qps, find_max_qps, quiet, **options):
 @click.option("--qps", type=float, default=None, callback=above_zero, help="The request rate it must serve.")
 @click.option("--min-accuracy", type=float, default=None, callback=number_in(0, 1),
               help="Least test accuracy, a fraction (0.95 for 95 %).")
-@click.option("--device", default=None, help="Only choices measured on this device (cpu, cuda:N).")
+@click.option("--device", default=None, callback=device_name,
+              help="Only choices measured on this device (cpu, cuda:N).")
 @click.option("--profiles", "profiles_dir", default="profiles", show_default=True, help="Where records are read.")
 def recommend(p99_ms, qps, min_accuracy, device, profiles_dir):
     """Which fusion, backend, precision and batching meet a latency target, from the records on disk."""

@@ -466,6 +466,15 @@ def test_recommend_names_a_profiles_folder_that_is_not_there(tmp_path):
                                             "p99 ≤ 50 ms"), out
 
 
+def test_recommend_refuses_a_device_name_no_record_can_have(tmp_path):
+    """``--device gpu`` is a usage error, not "nothing measured on gpu" with a suggestion to load on it."""
+    for bad in ("gpu", "cuda:x", "cuda0"):
+        code, out = run_cli("recommend", "--p99-ms", "50", "--device", bad, "--profiles", tmp_path)
+        assert code == 2 and "is not a device name: use cpu or cuda:N" in out and "Traceback" not in out, out
+    code, out = run_cli("recommend", "--p99-ms", "50", "--device", "cuda:1", "--profiles", tmp_path)
+    assert code == 0, out
+
+
 def test_recommend_keeps_each_threading_apart_and_its_best_run(tmp_path):
     """Spinning and sleeping onnxruntime threads, or another thread count, are other choices, each named; of two
     records of one choice the larger VALID rate counts, not the newer file (names sort by their time stamp)."""

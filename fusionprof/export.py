@@ -321,7 +321,9 @@ def build_artifacts(fmt: str, model: FusionModel, out: Path, precision: str, dev
     if fmt == "trt":
         artifacts.plan = out / plan_name(precision)
         profile = optimization_profile(profile_batches(max_batch), [1, model.cfg.max_text_len], model.cfg.image_size)
+        start = time.perf_counter()
         record["tensorrt"] = build_engine(artifacts.onnx, artifacts.plan, profile)
+        record["tensorrt"]["build_seconds"] = time.perf_counter() - start
     return artifacts
 
 

@@ -342,13 +342,19 @@ def export_section(rec: Records) -> list[tuple]:
                                                                       r["format"]))]
     return blocks + [("table", header, rows),
                      ("p", "Build is the time to make the artifact, before its gates: the ONNX export; the .pt2's "
-                           "export and ahead-of-time compile; for int8, the quantization (onnxruntime's QDQ graph, "
-                           "and NNCF's IR where openvino is installed), plus the fp32 export it quantized when that "
-                           "was made for it rather than reused.")]
+                           "export and ahead-of-time compile; a TensorRT engine's build, plus the ONNX export made "
+                           "for it (not one reused); for int8, the quantization (onnxruntime's QDQ graph, and NNCF's "
+                           "IR where openvino is installed), plus the fp32 export it quantized when that was made for "
+                           "it rather than reused.")]
 
 
-def build_seconds(built: dict) -> float | None:
-    """Seconds an export record's artifact took to make (``export_section``'s "build" column)."""
+def build_seconds(built: dict, engine: dict | None = None) -> float | None:
+    """Seconds an export record's artifact took to make (``export_section``'s "build" column); ``engine``: a
+    TensorRT export's ``tensorrt``, whose build counts with the ONNX export made for it (never one reused, which has
+    a row of its own)."""
+    if engine is not None:
+        onnx = 0.0 if "reused" in built else built.get("export_seconds", 0.0)
+        return None if engine.get("build_seconds") is None else engine["build_seconds"] + onnx
     if "seconds" in built:  # .pt2: torch.export, compile
         return sum(built["seconds"].values())
     if "quantize_seconds" not in built:
@@ -369,7 +375,7 @@ def _export_row(r: dict) -> list:
     return [machine_name(r["environment"]), r["fusion"], r["format"], precision, r["status"],
             f"{max(s['max_abs_error'] for s in r['parity']['shapes']):.1e}",
             percent(r["accuracy"]["checkpoint_accuracy"]), percent(r["accuracy"]["exported_accuracy"]),
-            _fmt(built.get("size_mib"), 1), _fmt(build_seconds(built), 1)]
+            _fmt(built.get("size_mib"), 1), _fmt(build_seconds(built, r.get("tensorrt")), 1)]
 
 
 def _latency_rows(rec: Records) -> dict[str, list[SweepCell]]:

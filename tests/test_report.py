@@ -194,6 +194,10 @@ def test_an_exports_build_time_counts_what_it_made():
     nncf = {**reused, "openvino": {"loads": "qdq", "nncf": {"quantize_seconds": 6.0}}}  # made, then not kept
     assert build_seconds(nncf) == 8.0
     assert build_seconds({}) is None
+    engine = {"build_seconds": 40.0}  # TensorRT: its engine, and the ONNX export made for it, not one reused
+    assert build_seconds({"export_seconds": 9.5}, engine) == 49.5
+    assert build_seconds({"export_seconds": 9.5, "reused": "/m/export.json"}, engine) == 40.0
+    assert build_seconds({"export_seconds": 9.5}, {}) is None  # an engine built before its time was recorded
 
 
 def test_pareto_front():

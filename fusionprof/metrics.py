@@ -64,3 +64,15 @@ def describe_scores(metrics: dict, digits: int = 1) -> str:
     if metrics["accuracy"] is None:
         return f"accuracy –  auc –  ({metrics['invalid']})"
     return f"accuracy {metrics['accuracy']:.{digits}%}  auc {metrics['auc']:.{digits + 2}f}"
+
+
+def time_to_best(history: list[dict]) -> dict | None:
+    """When the run first reached its best validation accuracy: that epoch, and the training seconds up to its end
+    (the epochs' ``epoch_seconds`` summed: the training passes only, validation and checkpoint writes not included).
+    None where no epoch had a validation accuracy (non-finite logits throughout)."""
+    scored = [h for h in history if h["val_accuracy"] is not None]
+    if not scored:
+        return None
+    best = max(scored, key=lambda h: h["val_accuracy"])  # max keeps the first of equals: the first time it was reached
+    return {"epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
+            "train_seconds": sum(h["epoch_seconds"] for h in history if h["epoch"] <= best["epoch"])}

@@ -27,7 +27,7 @@ from fusionprof.latency_output import fusion_ranking
 from fusionprof.load_report import load_section
 from fusionprof.loadgen import LoadRecord
 from fusionprof.measure import CV_WARNING, DRIFT_WARNING, P99_MIN_SAMPLES
-from fusionprof.metrics import percent
+from fusionprof.metrics import percent, time_to_best
 from fusionprof.records import (
     PARTIAL_KIND,
     LatencyRecord,
@@ -248,12 +248,18 @@ def _memory(r: dict) -> str:
 
 # Columns of the training table that records written before their field existed do not have: shown where one
 # record has them ("–" in the others), left out with one note where none has.
+def _time_to_best(r: dict) -> dict | None:
+    """A training record's ``time_to_best``; for one written before it had it, worked out from its epoch history by
+    the same rule (the history holds every figure it uses)."""
+    return r.get("time_to_best") or (time_to_best(r["history"]) if r.get("history") else None)
+
+
 OPTIONAL_TRAIN_COLUMNS: list[tuple[str, str, Callable[[dict], str | None]]] = [
     ("steady samples/s", "steady_samples_per_s",
      lambda r: None if r.get("steady_samples_per_s") is None else f"{r['steady_samples_per_s']:.0f}"),
     ("train GFLOP/s", "train_flops", _train_rate),
-    ("to best val (s)", "time_to_best",
-     lambda r: (best := r.get("time_to_best")) and f"{best['train_seconds']:.0f} (epoch {best['epoch']})"),
+    ("to best val (s)", "time_to_best", lambda r: (best := _time_to_best(r)) and
+     f"{best['train_seconds']:.0f} (epoch {best['epoch']})"),
 ]
 
 
@@ -302,8 +308,9 @@ def _training_note(train: list[dict], optional: list) -> str:
         note += (f" Not shown: {' and '.join(missing)} — none of these training records has them (they were "
                  "written before the fields existed); a `fusionprof train` run today records them.")
     if "time_to_best" in shown:
-        note += (" To best val: the training seconds (validation not included) until the epoch that first reached the "
-                 "run's best validation accuracy, and that epoch.")
+        note += (" To best val: the training seconds (validation not included) until the epoch that first reached "
+                 "the run's best validation accuracy, and that epoch (for a record written before it had this field, "
+                 "worked out from its epoch history).")
     if any(get(r) is None for _, _, get in optional for r in train):
         note += " –: that record was written before the field existed."
     return note

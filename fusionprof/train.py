@@ -68,7 +68,7 @@ from fusionprof.errors import UserError
 from fusionprof.evaluate import evaluate_split, to_inputs
 from fusionprof.features import cached_features
 from fusionprof.measure import datasheet_tflops
-from fusionprof.metrics import describe_scores
+from fusionprof.metrics import describe_scores, time_to_best
 from fusionprof.models import (
     FusionHead,
     FusionModel,
@@ -581,18 +581,6 @@ def steady_samples_per_s(history: list[dict], pairs: int) -> float | None:
     """Samples/s over the epochs that were no process's first (``warm_up_epoch``); None when every one was."""
     steady = [h["epoch_seconds"] for i, h in enumerate(history) if not warm_up_epoch(history, i)]
     return len(steady) * pairs / sum(steady) if steady else None
-
-
-def time_to_best(history: list[dict]) -> dict | None:
-    """When the run first reached its best validation accuracy: that epoch, and the training seconds up to its end
-    (the epochs' ``epoch_seconds`` summed: the training passes only, validation and checkpoint writes not included).
-    None where no epoch had a validation accuracy (non-finite logits throughout)."""
-    scored = [h for h in history if h["val_accuracy"] is not None]
-    if not scored:
-        return None
-    best = max(scored, key=lambda h: h["val_accuracy"])  # max keeps the first of equals: the first time it was reached
-    return {"epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
-            "train_seconds": sum(h["epoch_seconds"] for h in history if h["epoch"] <= best["epoch"])}
 
 
 def build_metrics(run: str, cfg: TrainConfig, model_cfg: ModelConfig, model: FusionModel,

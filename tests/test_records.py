@@ -51,8 +51,8 @@ def test_time_to_best_is_the_first_epoch_at_the_best_validation_accuracy_and_the
     import json
     from pathlib import Path
 
+    from fusionprof.metrics import time_to_best
     from fusionprof.report import Records, training_section
-    from fusionprof.train import time_to_best
 
     history = [{"epoch": 1, "val_accuracy": 0.6, "epoch_seconds": 10.0},
                {"epoch": 2, "val_accuracy": 0.8, "epoch_seconds": 12.0},
@@ -63,13 +63,13 @@ def test_time_to_best_is_the_first_epoch_at_the_best_validation_accuracy_and_the
 
     old = json.loads(Path("profiles/tiny-mid/metrics.json").read_text())  # committed, before time_to_best
     assert "time_to_best" not in old
-    new = {**old, "fusion": "late", "time_to_best": time_to_best(old["history"])}
-    table = next(b for b in training_section(Records(train=[old, new])) if b[0] == "table")
+    new = {**old, "fusion": "late", "time_to_best": {"epoch": 2, "val_accuracy": 0.9, "train_seconds": 40.0}}
+    no_history = {**old, "fusion": "early", "history": []}
+    table = next(b for b in training_section(Records(train=[old, new, no_history])) if b[0] == "table")
     column = table[1].index("to best val (s)")
-    assert {row[2]: row[column] for row in table[2]} == {
-        "mid": "–", "late": f"{sum(h['epoch_seconds'] for h in old['history'][:3]):.0f} (epoch 3)"}
-    table = next(b for b in training_section(Records(train=[old])) if b[0] == "table")
-    assert "to best val (s)" not in table[1]  # no record has it: no column, one note
+    assert {row[2]: row[column] for row in table[2]} == {  # the old record's from its history, by the same rule
+        "mid": f"{sum(h['epoch_seconds'] for h in old['history'][:3]):.0f} (epoch 3)", "late": "40 (epoch 2)",
+        "early": "–"}
 
 
 def test_a_training_run_records_its_time_to_best(trained_mid):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fusionprof import contention
 from fusionprof.env import device_label, machine_name
+from fusionprof.errors import UserError
 from fusionprof.loadgen import LoadRecord, threads_label
 from fusionprof.records import LatencyRecord, check_schema, model_accuracy
 
@@ -141,8 +142,9 @@ class Recommendation:
 def recommend(profiles_dir: str | Path, p99_ms: float, qps: float | None = None, min_accuracy: float | None = None,
               device: str | None = None) -> Recommendation:
     profiles_dir = Path(profiles_dir)
-    records = read_records(profiles_dir) if profiles_dir.is_dir() else \
-        {"train": [], "export": [], "latency": [], "load": []}
+    if not profiles_dir.is_dir():  # a mistyped folder must not read as "nothing measured yet"
+        raise UserError(f"--profiles {profiles_dir}: no such folder; give the folder that holds the records")
+    records = read_records(profiles_dir)
     load = [LoadRecord.from_dict(r, p) for r, p in records["load"]]  # read once: choices and accuracy runs
     candidates, loose = load_choices(load, p99_ms, qps, device)
     if qps is None:

@@ -444,6 +444,7 @@ def test_recommend_says_plainly_when_nothing_qualifies(records, tmp_path):
     code, out = run_cli("recommend", "--p99-ms", "1", "--qps", "100", "--profiles", records)
     assert code == 0 and "no measured choice meets p99 ≤ 1 ms at 100 QPS" in out
     assert "fusionprof load --fusion mid --backend onnxruntime --scenario server --find-max-qps --p99-ms 1" in out
+    (tmp_path / "empty").mkdir()
     code, out = run_cli("recommend", "--p99-ms", "50", "--qps", "100", "--profiles", tmp_path / "empty")
     assert code == 0 and "no load record can answer p99 ≤ 50 ms at 100 QPS" in out
     code, out = run_cli("recommend", "--p99-ms", "50", "--qps", "100", "--min-accuracy", "0.99", "--profiles", records)
@@ -455,6 +456,13 @@ def test_recommend_says_plainly_when_nothing_qualifies(records, tmp_path):
     assert "no measured choice meets p99 ≤ 50 ms at 100 QPS on cuda:0" in out
     code, out = run_cli("recommend", "--p99-ms", "50", "--qps", "100", "--profiles", records)
     assert code == 0 and "late on onnxruntime" in out and "Pareto front" in out and "load-server-late-1.json" in out
+
+
+def test_recommend_refuses_a_profiles_folder_that_does_not_exist(tmp_path):
+    """A mistyped --profiles must not answer "nothing measured yet, run load" with exit 0."""
+    code, out = run_cli("recommend", "--p99-ms", "50", "--profiles", tmp_path / "profils")
+    assert code == 1 and out.strip() == f"Error: --profiles {tmp_path / 'profils'}: no such folder; give the folder " \
+                                        "that holds the records"
 
 
 def test_recommend_keeps_each_threading_apart_and_its_best_run(tmp_path):

@@ -666,3 +666,8 @@ def test_a_sweep_on_other_threads_is_not_resumed(tmp_path):
     save_partial(tmp_path / f"latency-tiny-cpu-fp32-1{PARTIAL_SUFFIX}", LatencyRecord("1", env, config, {}, []))
     assert find_partial(tmp_path, config, env) is not None
     assert find_partial(tmp_path, config, {**env, "torch_threads": env["torch_threads"] + 1}) is None
+
+
+def test_an_empty_fusion_list_names_its_option(tmp_path):
+    code, out = run_cli("latency", "--fusion", ",", "--models", tmp_path, "--out", tmp_path)
+    assert code == 2 and out.strip().splitlines()[-1] == "Error: Invalid value for '--fusion': empty list"

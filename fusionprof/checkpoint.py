@@ -109,6 +109,14 @@ def find_checkpoint(models_dir: str | Path, preset: str, fusion: str) -> Path | 
     ``*/checkpoint.pt`` (a run named with ``--run-name``) whose configs say that preset and fusion, else None."""
     default = checkpoint_path(models_dir, preset, fusion)
     if default.exists():
+        try:
+            ckpt = torch.load(default, map_location="cpu", weights_only=True, mmap=True)
+            found = ckpt["train_config"]["preset"], ckpt["model_config"]["fusion"]
+        except Exception:  # unreadable: whoever loads it says so
+            return default
+        if found != (preset, fusion):  # timed and labelled as the folder's fusion, it would be another model's figure
+            raise UserError(f"{default}: holds a {found[0]} {found[1]} model, not {preset} {fusion}; move it to "
+                            f"its own run folder")
         return default
     for path in sorted(Path(models_dir).glob(f"*/{CHECKPOINT}"), key=lambda p: p.stat().st_mtime, reverse=True):
         try:  # mmap: only the two small config dicts are read, not the weights and optimizer state

@@ -294,9 +294,10 @@ def csv_list(kind=str):
         try:
             items = [kind(v.strip()) for v in value.split(",") if v.strip()]
         except ValueError:
-            raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__}") from None
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__}", ctx, param) \
+                from None
         if not items:
-            raise click.BadParameter("empty list")
+            raise click.BadParameter("empty list", ctx, param)
         return items
     return parse
 
@@ -344,7 +345,9 @@ def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, 
     from fusionprof.latency import SweepConfig, default_rounds, sweep, trace_problem
     from fusionprof.latency_output import table
 
-    names = fusion_names() if fusions == "all" else csv_list()(None, None, fusions)
+    ctx = click.get_current_context()  # so that a bad list names its option, as a callback's error does
+    option = next(p for p in ctx.command.params if p.name == "fusions")
+    names = fusion_names() if fusions == "all" else csv_list()(ctx, option, fusions)
     unknown = sorted(set(names) - set(fusion_names()))
     if unknown:
         raise UserError(f"unknown fusion {unknown[0]!r}; choose from all, {', '.join(fusion_names())}")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fusionprof import contention
 from fusionprof.env import device_label, machine_name
+from fusionprof.errors import UserError
 from fusionprof.loadgen import LoadRecord, threads_label
 from fusionprof.records import LatencyRecord, check_schema, model_accuracy
 
@@ -141,8 +142,9 @@ class Recommendation:
 def recommend(profiles_dir: str | Path, p99_ms: float, qps: float | None = None, min_accuracy: float | None = None,
               device: str | None = None) -> Recommendation:
     profiles_dir = Path(profiles_dir)
-    records = read_records(profiles_dir) if profiles_dir.is_dir() else \
-        {"train": [], "export": [], "latency": [], "load": []}
+    if not profiles_dir.is_dir():  # a mistyped folder must not read as "nothing measured yet"
+        raise UserError(f"--profiles {profiles_dir}: no such folder; give the folder that holds the records")
+    records = read_records(profiles_dir)
     load = [LoadRecord.from_dict(r, p) for r, p in records["load"]]  # read once: choices and accuracy runs
     candidates, loose = load_choices(load, p99_ms, qps, device)
     if qps is None:
@@ -164,15 +166,13 @@ def recommend(profiles_dir: str | Path, p99_ms: float, qps: float | None = None,
     chosen.sort(key=Choice.rank if qps else lambda c: (c.p99_ms, -(c.accuracy or 0.0)))
     considered = sum(len(v) for v in records.values())
     return Recommendation(chosen, pareto_front(candidates, by_rate=bool(qps)), considered,
-                          _message(chosen, candidates, records, p99_ms, qps, min_accuracy, device, loose, profiles_dir))
+                          _message(chosen, candidates, records, p99_ms, qps, min_accuracy, device, loose))
 
 
-def _message(chosen, candidates, records, p99_ms, qps, min_accuracy, device, loose, folder: Path) -> str:
+def _message(chosen, candidates, records, p99_ms, qps, min_accuracy, device, loose) -> str:
     target = f"p99 ≤ {p99_ms:g} ms" + (f" at {qps:g} QPS" if qps else "") + (f" on {device}" if device else "")
     make = (f"fusionprof load --fusion mid --backend onnxruntime --scenario server --find-max-qps --p99-ms {p99_ms:g}"
             + (f" --device {device}" if device else ""))
-    if not folder.is_dir():  # a mistyped --profiles, or none measured here yet: say which
-        return f"{folder}: no such folder, so no record can answer {target}. Pass --profiles, or run `{make}`"
     if chosen:
         best = chosen[0]
         return (f"{best.fusion} on {best.backend} ({best.precision}, batching: {best.batching}) on {best.machine} "

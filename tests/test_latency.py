@@ -201,6 +201,15 @@ def test_find_checkpoint_prefers_the_default_run_then_the_newest_named_one(tmp_p
     assert find_checkpoint(tmp_path, "tiny", "early") is None
 
 
+def test_a_default_run_folder_holding_another_fusion_is_refused_not_timed_under_its_name(tmp_path):
+    """models/tiny-late/checkpoint.pt that holds a mid model would be timed and recorded as late."""
+    fake_run(tmp_path, "tiny-late", "tiny", "mid")
+    with pytest.raises(UserError, match=r"tiny-late/checkpoint.pt: holds a tiny mid model, not tiny late"):
+        find_checkpoint(tmp_path, "tiny", "late")
+    code, out = run_cli("latency", "--fusion", "late", "--backends", "torch", "--models", tmp_path, "--out", tmp_path)
+    assert code == 1 and "holds a tiny mid model, not tiny late" in out.strip().splitlines()[-1]
+
+
 @pytest.mark.slow
 def test_latency_uses_trained_checkpoints_under_any_run_name(tmp_path, small_data):
     assert run_cli("train", "--fusion", "late", "--data", small_data, "--epochs", "1", "--limit-train", "8",
@@ -666,3 +675,8 @@ def test_a_sweep_on_other_threads_is_not_resumed(tmp_path):
     save_partial(tmp_path / f"latency-tiny-cpu-fp32-1{PARTIAL_SUFFIX}", LatencyRecord("1", env, config, {}, []))
     assert find_partial(tmp_path, config, env) is not None
     assert find_partial(tmp_path, config, {**env, "torch_threads": env["torch_threads"] + 1}) is None
+
+
+def test_an_empty_fusion_list_names_its_option(tmp_path):
+    code, out = run_cli("latency", "--fusion", ",", "--models", tmp_path, "--out", tmp_path)
+    assert code == 2 and out.strip().splitlines()[-1] == "Error: Invalid value for '--fusion': empty list"

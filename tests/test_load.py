@@ -458,12 +458,11 @@ def test_recommend_says_plainly_when_nothing_qualifies(records, tmp_path):
     assert code == 0 and "late on onnxruntime" in out and "Pareto front" in out and "load-server-late-1.json" in out
 
 
-def test_recommend_names_a_profiles_folder_that_is_not_there(tmp_path):
-    """A mistyped --profiles is said as such, with the folder's name, not answered as if records were missing."""
-    for extra in ([], ["--qps", "100"]):
-        code, out = run_cli("recommend", "--p99-ms", "50", *extra, "--profiles", tmp_path / "profiels")
-        assert code == 0 and out.startswith(f"{tmp_path / 'profiels'}: no such folder, so no record can answer "
-                                            "p99 ≤ 50 ms"), out
+def test_recommend_refuses_a_profiles_folder_that_does_not_exist(tmp_path):
+    """A mistyped --profiles must not answer "nothing measured yet, run load" with exit 0."""
+    code, out = run_cli("recommend", "--p99-ms", "50", "--profiles", tmp_path / "profils")
+    assert code == 1 and out.strip() == f"Error: --profiles {tmp_path / 'profils'}: no such folder; give the folder " \
+                                        "that holds the records"
 
 
 def test_recommend_refuses_a_device_name_no_record_can_have(tmp_path):

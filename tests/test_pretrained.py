@@ -52,6 +52,19 @@ def test_wrong_image_weights_are_a_clear_error(local_weights):
                                  vocab_size=100))
 
 
+@pytest.mark.parametrize("content", [b"garbage\n", b"", None], ids=["garbage", "empty", "a-tensor"])
+def test_unreadable_image_weights_are_one_line_not_a_traceback(tmp_path, content):
+    weights = tmp_path / "weights.pth"
+    if content is None:  # a readable torch file that is not a state_dict
+        torch.save(torch.zeros(3), weights)
+    else:
+        weights.write_bytes(content)
+    result = CliRunner().invoke(cli, ["train", "--fusion", "early", "--image-weights", str(weights),
+                                      "--out", str(tmp_path / "m"), "--profiles", str(tmp_path / "p"), "--quiet"])
+    assert result.exit_code == 1 and result.exc_info[0] is SystemExit, result.exc_info
+    assert f"--image-weights {weights}: not a resnet10 state_dict" in result.output
+
+
 def test_seed_offline_without_weights_names_every_way_out(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     result = CliRunner().invoke(cli, ["train", "--fusion", "mid", "--preset", "seed", "--quiet",

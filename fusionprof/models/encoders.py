@@ -43,7 +43,7 @@ def build_resnet(cfg: ModelConfig) -> nn.Module:
         try:
             state = torch.load(cfg.image_weights, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        except (OSError, RuntimeError, KeyError, TypeError) as e:
+        except Exception as e:  # a missing, truncated or foreign file: pickle, zip and torch raise their own types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"--image-weights {cfg.image_weights}: not a {cfg.image_encoder} state_dict ({first})") \
                 from None

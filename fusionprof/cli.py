@@ -80,6 +80,15 @@ def positive(ctx, param, value):
     return value
 
 
+def folder_name(ctx, param, value):
+    """A name that becomes one folder under --out and --profiles: no path separator, no "..", which would write
+    elsewhere or nest one run in another."""
+    if value is not None and (not value.strip() or value in (".", "..") or "/" in value or "\\" in value
+                              or "\0" in value):
+        raise click.BadParameter(f"{value!r}: a run name is one folder name (no '/', not '.' or '..')")
+    return value
+
+
 def device_name(ctx, param, value):
     """A device named as records name theirs (cpu, cuda, cuda:N), for a filter over records: the device need not be
     here, but ``gpu`` or ``cuda:x`` matches nothing and would read as "nothing measured there"."""
@@ -185,7 +194,7 @@ def data_synth(out, n_train, n_val, n_test, size, seed):
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="DataLoader worker processes (0: batches are loaded in the training process).")
 @click.option("--seed", type=SEED, default=None)
-@click.option("--run-name", "--run", "run", default=None,
+@click.option("--run-name", "--run", "run", default=None, callback=folder_name,
               help="Run name [default: <preset>-<fusion>]. Under torchrun spell it --run-name (torchrun takes --run).")
 @click.option("--resume", is_flag=True, help="Continue the run's checkpoint.")
 @click.option("--fresh", is_flag=True, help="Start over even if the run has a checkpoint.")
@@ -202,6 +211,8 @@ def train(fusion, preset, text_pool, pretrained, image_weights, text_model, free
     """Train one fusion method; writes models/<run>/checkpoint.pt and profiles/<run>/metrics.json."""
     from fusionprof.train import train as run_training
 
+    if resume and fresh:
+        raise click.UsageError("--resume and --fresh contradict each other: give one")
     mcfg = model_config(preset, fusion=fusion, text_pool=text_pool, image_weights=image_weights,
                         text_model=text_model, freeze_encoders=freeze_encoders or None,
                         pretrained=False if pretrained == "none" else None)

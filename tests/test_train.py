@@ -150,6 +150,18 @@ def test_steady_samples_per_s_leaves_out_every_process_first_epoch():
     assert steady_samples_per_s([resumed[0], resumed[2]], pairs=100) is None  # every epoch warmed up
 
 
+def test_a_run_name_is_one_folder_and_resume_with_fresh_is_refused(tmp_path):
+    """``--run ../../etc`` would write outside --out and --profiles, ``a/b`` nest a run in another; ``--resume
+    --fresh`` asks for two things. Each is one line, before anything is trained or written."""
+    base = ["train", "--fusion", "late", "--out", tmp_path / "m", "--profiles", tmp_path / "p", "--quiet"]
+    for name in ("../../etc", "a/b", "..", " "):
+        code, out = run_cli(*base, "--run", name)
+        assert code == 2 and "a run name is one folder name" in out and "Traceback" not in out, (name, out)
+    code, out = run_cli(*base, "--resume", "--fresh")
+    assert code == 2 and "--resume and --fresh contradict each other" in out
+    assert not (tmp_path / "m").exists() and not (tmp_path / "p").exists()
+
+
 @pytest.mark.slow
 def test_existing_run_needs_resume_or_fresh(tmp_path, small_data):
     args = ["train", "--fusion", "late", "--data", small_data, "--out", tmp_path / "m", "--profiles",

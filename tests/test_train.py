@@ -531,6 +531,17 @@ def test_data_synth_and_env_commands(tmp_path):
     assert fp["versions"]["torch"] == version("torch")
 
 
+def test_data_synth_into_a_folder_with_another_dataset_is_refused(tmp_path):
+    """A finished dataset of other counts is not passed off as the one asked for (it said '9/2/3 images' over 5)."""
+    synth = ("data", "synth", "--out", tmp_path / "d", "--val", 2, "--test", 3, "--size", 16)
+    assert run_cli(*synth, "--train", 5)[0] == 0
+    code, out = run_cli(*synth, "--train", 9)
+    assert code == 1 and "already holds an embedded dataset of other counts" in out, out
+    assert len(out.strip().splitlines()) == 1
+    code, out = run_cli(*synth, "--train", 5)
+    assert code == 0 and "5/2/3 images" in out  # the same dataset again: kept as it is
+
+
 @pytest.mark.parametrize("flags, expected", [({"avx512_bf16": True}, "bf16"), ({"amx_bf16": True}, "bf16"),
                                              ({"avx512_bf16": False, "amx_bf16": False}, "fp32"), ({}, "fp32")])
 def test_auto_precision_follows_the_cpu(flags, expected, monkeypatch):

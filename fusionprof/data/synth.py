@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from fusionprof.atomic import write_json
+from fusionprof.errors import UserError
 
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220),
@@ -99,9 +100,18 @@ def synth_dir_name(counts: dict[str, int], size: int, seed: int) -> str:
 
 def write_synth(out: Path, counts: dict[str, int], size: int = 128, seed: int = 0,
                 progress: bool = True) -> Path:
-    """Write the dataset to ``out``; a finished dataset (marked by ``DONE``) is left as it is."""
+    """Write the dataset to ``out``; a finished dataset (marked by ``DONE``) is left as it is, and one of other
+    counts, size or seed is an error: it would pass for the dataset asked for."""
     out = Path(out)
+    spec = {"counts": counts, "size": size, "seed": seed}
     if (out / "DONE").exists():
+        try:
+            written = json.loads((out / "DONE").read_text())
+        except ValueError:
+            written = None
+        if written != spec:
+            raise UserError(f"{out} already holds an embedded dataset of other counts, size or seed ({written}); "
+                            "give another folder, or delete this one to write it anew")
         return out
     for split_index, split in enumerate(SPLITS):
         rng = np.random.default_rng([seed, split_index])
@@ -120,7 +130,7 @@ def write_synth(out: Path, counts: dict[str, int], size: int = 128, seed: int = 
                      "seed": seed},
             "images": images, "annotations": annotations,
         })
-    (out / "DONE").write_text(json.dumps({"counts": counts, "size": size, "seed": seed}) + "\n")
+    (out / "DONE").write_text(json.dumps(spec) + "\n")
     return out
 
 

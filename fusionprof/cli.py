@@ -139,7 +139,9 @@ def data():
 @click.option("--train", "n_train", type=int, default=None, callback=positive, help="Train images.")
 @click.option("--val", "n_val", type=int, default=None, callback=positive, help="Validation images.")
 @click.option("--test", "n_test", type=int, default=None, callback=positive, help="Test images.")
-@click.option("--size", type=int, default=None, callback=positive, help="Image side in pixels.")
+@click.option("--size", type=click.IntRange(16, 1024), default=None,
+              help="Image side in pixels (a smaller image cannot hold two shapes apart; each is resized to the "
+                   "model's side anyway).")
 @click.option("--seed", type=SEED, default=None)
 def data_synth(out, n_train, n_val, n_test, size, seed):
     """Write the embedded dataset (seeded shapes + captions) in the COCO captions layout."""

@@ -531,6 +531,14 @@ def test_data_synth_and_env_commands(tmp_path):
     assert fp["versions"]["torch"] == version("torch")
 
 
+@pytest.mark.parametrize("size", [2, 100_000])
+def test_data_synth_refuses_an_impossible_image_size(tmp_path, size):
+    """2 px cannot hold two shapes apart (the scene drawer looped for ever); 100000 px ran out of memory (killed)."""
+    code, out = run_cli("data", "synth", "--out", tmp_path / "d", "--train", 2, "--val", 1, "--test", 1, "--size", size)
+    assert code == 2 and "Invalid value for '--size'" in out and "16<=x<=1024" in out, out
+    assert not (tmp_path / "d").exists()
+
+
 def test_data_synth_into_a_folder_with_another_dataset_is_refused(tmp_path):
     """A finished dataset of other counts is not passed off as the one asked for (it said '9/2/3 images' over 5)."""
     synth = ("data", "synth", "--out", tmp_path / "d", "--val", 2, "--test", 3, "--size", 16)

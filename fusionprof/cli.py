@@ -116,6 +116,7 @@ def number_in(low: float, high: float = math.inf, *, low_open: bool = False):
 seconds = number_in(0)  # a time or duration: 0 or more
 above_zero = number_in(0, low_open=True)
 SEED = click.IntRange(0, 2**32 - 1)  # what np.random.seed takes: any other seed is numpy's traceback, not ours
+IMAGES = click.IntRange(min=2)  # a split of one image has no ITM negative (a caption of another image)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -136,9 +137,9 @@ def data():
 @data.command("synth")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: the cache folder the other commands read].")
-@click.option("--train", "n_train", type=int, default=None, callback=positive, help="Train images.")
-@click.option("--val", "n_val", type=int, default=None, callback=positive, help="Validation images.")
-@click.option("--test", "n_test", type=int, default=None, callback=positive, help="Test images.")
+@click.option("--train", "n_train", type=IMAGES, default=None, help="Train images.")
+@click.option("--val", "n_val", type=IMAGES, default=None, help="Validation images.")
+@click.option("--test", "n_test", type=IMAGES, default=None, help="Test images.")
 @click.option("--size", type=click.IntRange(16, 1024), default=None,
               help="Image side in pixels (a smaller image cannot hold two shapes apart; each is resized to the "
                    "model's side anyway).")
@@ -200,8 +201,8 @@ def data_synth(out, n_train, n_val, n_test, size, seed):
               help="Run name [default: <preset>-<fusion>]. Under torchrun spell it --run-name (torchrun takes --run).")
 @click.option("--resume", is_flag=True, help="Continue the run's checkpoint.")
 @click.option("--fresh", is_flag=True, help="Start over even if the run has a checkpoint.")
-@click.option("--limit-train", type=int, default=None, callback=positive, help="Use only N train images.")
-@click.option("--limit-eval", type=int, default=None, callback=positive, help="Use only N val/test images.")
+@click.option("--limit-train", type=IMAGES, default=None, help="Use only N train images.")
+@click.option("--limit-eval", type=IMAGES, default=None, help="Use only N val/test images.")
 @click.option("--out", "models_dir", type=click.Path(file_okay=False), default="models", show_default=True,
               help="Where checkpoints go (models/<run>/).")
 @click.option("--profiles", "profiles_dir", type=click.Path(file_okay=False), default="profiles",
@@ -408,8 +409,8 @@ def report(paths, out):
 @click.option("--data", default=None, help="COCO folder [default: the embedded dataset].")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--epochs", type=int, default=None, callback=positive)
-@click.option("--limit-train", type=int, default=None, callback=positive, help="Use only N train images.")
-@click.option("--limit-eval", type=int, default=None, callback=positive, help="Use only N val/test images.")
+@click.option("--limit-train", type=IMAGES, default=None, help="Use only N train images.")
+@click.option("--limit-eval", type=IMAGES, default=None, help="Use only N val/test images.")
 @click.option("--batch-sizes", default=None, callback=csv_list(int), help="Latency batch sizes [default: 1…32].")
 @click.option("--backends", default=None, callback=csv_list(),
               help=f"Latency backends, from {', '.join(backend_names())} [default: all, less those that compile "

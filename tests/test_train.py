@@ -534,9 +534,20 @@ def test_data_synth_and_env_commands(tmp_path):
 @pytest.mark.parametrize("size", [2, 100_000])
 def test_data_synth_refuses_an_impossible_image_size(tmp_path, size):
     """2 px cannot hold two shapes apart (the scene drawer looped for ever); 100000 px ran out of memory (killed)."""
-    code, out = run_cli("data", "synth", "--out", tmp_path / "d", "--train", 2, "--val", 1, "--test", 1, "--size", size)
+    code, out = run_cli("data", "synth", "--out", tmp_path / "d", "--train", 2, "--val", 2, "--test", 2, "--size", size)
     assert code == 2 and "Invalid value for '--size'" in out and "16<=x<=1024" in out, out
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("args", [("train", "--fusion", "early", "--limit-train", 1),
+                                  ("train", "--fusion", "early", "--limit-eval", 1),
+                                  ("data", "synth", "--train", 5, "--val", 1, "--test", 3)])
+def test_one_image_split_is_a_usage_error(tmp_path, args):
+    """A split of one image has no negative: train blamed the dataset ('has 1 usable image(s) ... e.g. no files
+    listed'), and data synth wrote a set no command could read."""
+    code, out = run_cli(*args, "--out", tmp_path / "m")
+    assert code == 2 and "is not in the range x>=2" in out, out
+    assert not (tmp_path / "m").exists()
 
 
 def test_data_synth_into_a_folder_with_another_dataset_is_refused(tmp_path):

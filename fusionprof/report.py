@@ -141,7 +141,9 @@ def find_records(paths: list[Path]) -> Records:
             out.unfinished.append(str(path))  # named in the report, never plotted: its sweep did not finish
             continue
         if not isinstance(record, dict) or record.get("kind") not in KINDS:
-            continue  # some other JSON (a tokenizer config, a manifest, LoadGen's log): not ours to report
+            if path in paths:  # named on the command line: merging nothing from it would read as merged
+                raise UserError(f"{path}: not a fusionprof record (no 'kind' of {', '.join(sorted(KINDS))})")
+            continue  # some other JSON in a folder (a tokenizer config, a manifest, LoadGen's log): not ours to report
         check_schema(record, path)
         if record["kind"] == LatencyRecord.kind:
             out.latency.append(LatencyRecord.from_dict(record, path))

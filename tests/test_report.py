@@ -92,6 +92,18 @@ def test_a_report_over_nothing_says_what_to_run(tmp_path):
     assert "No records found: run `fusionprof compare`" in (tmp_path / "report.md").read_text()
 
 
+def test_a_named_file_that_is_no_record_is_a_one_line_error(tmp_path):
+    """A JSON file named on the command line that is no record was skipped without a word: '0 records', exit 0."""
+    (tmp_path / "results.json").write_text(json.dumps([{"p50_ms": 3.1}]))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "tokenizer_config.json").write_text("{}")  # inside a folder: some other JSON, skipped
+    code, out = run_cli("report", tmp_path / "results.json", "--out", tmp_path / "r")
+    assert code == 1 and "results.json: not a fusionprof record (no 'kind' of export, latency, load, train)" in out
+    assert len(out.strip().splitlines()) == 1
+    code, out = run_cli("report", tmp_path / "folder", "--out", tmp_path / "r")
+    assert code == 0 and "0 records" in out, out
+
+
 def test_unknown_schema_version_is_a_one_line_error(two_machines, tmp_path):
     path = next((two_machines / "there").glob("*.json"))
     record = json.loads(path.read_text())

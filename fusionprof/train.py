@@ -104,6 +104,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, fresh:
         raise UserError("--batch-size, --epochs and --grad-accum must be at least 1")
     if cfg.cache_features and not model_cfg.freeze_encoders:
         raise UserError("--cache-features needs --freeze-encoders: trained encoders change their features every step")
+    if cfg.data is not None:  # the run records its dataset: evaluate, export and load read it from any folder
+        cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)  # "auto" made concrete: records say which
     d, device = setup(device)

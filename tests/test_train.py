@@ -349,6 +349,22 @@ def test_evaluate_errors(tmp_path):
     assert code == 1 and "not a readable fusionprof checkpoint" in out and "Traceback" not in out
 
 
+def test_a_run_given_a_relative_data_path_is_read_back_from_any_folder(tmp_path, small_data, monkeypatch):
+    """--data was recorded as typed: a run trained with '--data small' could not be evaluated (nor exported, nor put
+    under load) from another folder, or read another folder's 'small' there."""
+    shutil.copytree(small_data, tmp_path / "project" / "small")
+    monkeypatch.chdir(tmp_path / "project")
+    code, out = run_cli("train", "--fusion", "early", "--data", "small", "--epochs", "1", "--limit-train", "4",
+                        "--limit-eval", "4", "--quiet")
+    assert code == 0, out
+    checkpoint = tmp_path / "project" / "models" / "tiny-early" / "checkpoint.pt"
+    assert load_checkpoint(checkpoint)["train_config"]["data"] == str(tmp_path / "project" / "small")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, out = run_cli("evaluate", "--checkpoint", checkpoint)
+    assert code == 0 and "early on test (16 pairs" in out, out
+
+
 @pytest.mark.slow
 def test_a_run_without_its_tokenizer_is_refused(trained_mid, tmp_path):
     """The shipped vocabulary never stands in for a run's own (it once did: 56 % became 50.5 %, exit 0): a run

@@ -147,7 +147,9 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
         source = {"weights": "trained", "checkpoint": str(checkpoint), "checkpoint_hash": checkpoint_hash(checkpoint)}
         calibration = checkpoint_calibration(checkpoint, model, train_cfg)
         accuracy_gate = partial(AccuracyGate, model, train_cfg, checkpoint, False)  # made only if needed
-    else:
+    else:  # said, so that a mistyped --models does not pass for the trained model
+        log(f"{Path(cfg.models_dir) / f'{cfg.preset}-{fusion}'}: no checkpoint, so an untrained {cfg.preset} "
+            f"{fusion} (random init) is timed: latency does not depend on the weights, but it has no accuracy")
         model = random_init_model(cfg.preset, fusion)
         source = {"weights": "untrained (random init; latency does not depend on the weights)"}
         calibration = partial(calibration_sample, model.cfg, None, 0)  # the embedded dataset's validation split

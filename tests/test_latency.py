@@ -41,6 +41,8 @@ def test_latency_sweep_writes_self_describing_records(tmp_path):
                         "--batch-sizes", "1,3", "--models", tmp_path / "none", "--out", tmp_path, "--quiet", *QUICK,
                         "--max-warmup-seconds", "30")
     assert code == 0, out
+    assert f"{tmp_path / 'none' / 'tiny-early'}: no checkpoint, so an untrained tiny early (random init) is timed" \
+        in out  # said, so that a mistyped --models does not pass for the trained model
     [path] = list(tmp_path.glob("*/latency-tiny-cpu-fp32-*.json"))
     record = json.loads(path.read_text())
     assert record["schema_version"] == 1 and record["kind"] == "latency"

@@ -109,23 +109,25 @@ def find_checkpoint(models_dir: str | Path, preset: str, fusion: str) -> Path | 
     ``*/checkpoint.pt`` (a run named with ``--run-name``) whose configs say that preset and fusion, else None."""
     default = checkpoint_path(models_dir, preset, fusion)
     if default.exists():
-        try:
-            ckpt = torch.load(default, map_location="cpu", weights_only=True, mmap=True)
-            found = ckpt["train_config"]["preset"], ckpt["model_config"]["fusion"]
-        except Exception:  # unreadable: whoever loads it says so
-            return default
-        if found != (preset, fusion):  # timed and labelled as the folder's fusion, it would be another model's figure
+        found = _preset_fusion(default)
+        if found not in (None, (preset, fusion)):  # timed and labelled as the folder's, it would be another model's
             raise UserError(f"{default}: holds a {found[0]} {found[1]} model, not {preset} {fusion}; move it to "
                             f"its own run folder")
-        return default
+        return default  # unreadable: whoever loads it says so
     for path in sorted(Path(models_dir).glob(f"*/{CHECKPOINT}"), key=lambda p: p.stat().st_mtime, reverse=True):
-        try:  # mmap: only the two small config dicts are read, not the weights and optimizer state
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if ckpt["train_config"]["preset"] == preset and ckpt["model_config"]["fusion"] == fusion:
-                return path
-        except Exception:  # a half-written or foreign file (torch, zip and pickle raise their own types)
-            continue
+        if _preset_fusion(path) == (preset, fusion):
+            return path
     return None
+
+
+def _preset_fusion(path: Path) -> tuple[str, str] | None:
+    """The preset and fusion a checkpoint's configs say; None for a half-written or foreign file. mmap: only the two
+    small config dicts are read, not the weights and optimizer state."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return ckpt["train_config"]["preset"], ckpt["model_config"]["fusion"]
+    except Exception:  # torch, zip and pickle raise their own types
+        return None
 
 
 def checkpoint_hash(checkpoint: str | Path) -> str:

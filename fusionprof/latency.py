@@ -21,7 +21,6 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from fusionprof.backends import BACKENDS, EAGER, Artifacts, Backend, backend_nam
 from fusionprof.backends.trt import build_engine, optimization_profile
 from fusionprof.checkpoint import checkpoint_hash, find_checkpoint, load_model
 from fusionprof.config import model_config, to_dict
-from fusionprof.env import fingerprint
+from fusionprof.env import fingerprint, utc_stamp
 from fusionprof.errors import UserError, first_line
 from fusionprof.export import (
     PARITY_MAX_BATCH,
@@ -537,7 +536,7 @@ def _sweep(cfg: SweepConfig, progress: bool, log, resume: bool) -> LatencyRecord
     reference = yardstick(start, matmul_rate(device, matmul_dtype))
     log(f"yardstick at the end: {reference['end']['gflops']:.0f} GFLOP/s ({reference['drift']:+.1%} from the start)")
     rate_against(rows, reference["gflops"], peak)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = utc_stamp()
     if kept:  # the record says which rows a process before this one measured
         config = {**config, "resumed": {"partial": str(partial_path), "rows_kept": kept}}
     record = LatencyRecord(created=stamp, environment=env, config=config, reference_matmul=reference, rows=rows)
@@ -612,7 +611,7 @@ def _begin(out_dir: Path, stem: str, config: dict, env: dict, resume: bool, log)
         return path, record.created, list(record.rows)
     if resume:
         log(f"nothing to resume under {out_dir} with these settings on this machine: a new sweep")
-    began = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    began = utc_stamp()
     return out_dir / f"{stem}-{began}{PARTIAL_SUFFIX}", began, []
 
 

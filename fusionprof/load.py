@@ -21,7 +21,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ from fusionprof.data import SplitData, prepare_data
 from fusionprof.data.images import normalize
 from fusionprof.data.itm import PairBatches
 from fusionprof.data.text import build_tokenizer
-from fusionprof.env import fingerprint, machine_name
+from fusionprof.env import fingerprint, machine_name, utc_stamp
 from fusionprof.errors import UserError
 from fusionprof.evaluate import to_inputs
 from fusionprof.export import export_record, failed_gates, parity, record_name
@@ -386,7 +385,7 @@ def _load(cfg: LoadConfig, progress: bool, log) -> LoadRecord:
     device = check(cfg)
     env = fingerprint()
     out_dir = Path(cfg.profiles_dir) / env["host"]
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = utc_stamp()
     mode = "accuracy" if cfg.accuracy else cfg.scenario
     path = out_dir / f"load-{mode}-{cfg.preset}-{cfg.fusion}-{cfg.backend}-{cfg.precision}-{stamp}.json"
     exported = export_gate(cfg, device)

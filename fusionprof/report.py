@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fusionprof import contention
 from fusionprof.atomic import atomic_write
-from fusionprof.env import device_label, machine_name
+from fusionprof.env import STAMP_FORMAT, device_label, machine_name
 from fusionprof.errors import UserError
 from fusionprof.figures import batch_axis, plain_axis, pyplot, save_figure, slug
 from fusionprof.latency_output import fusion_ranking
@@ -109,7 +109,7 @@ class Sweep:
 def _date(created: str) -> str:
     """``20261126T231708Z`` → ``2026-11-26 23:17 UTC`` (a stamp in another form is shown as it is)."""
     try:
-        return datetime.strptime(created, "%Y%m%dT%H%M%SZ").strftime("%Y-%m-%d %H:%M UTC")
+        return datetime.strptime(created, STAMP_FORMAT).strftime("%Y-%m-%d %H:%M UTC")
     except ValueError:
         return created
 

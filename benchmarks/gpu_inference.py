@@ -37,7 +37,7 @@ import torch
 from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import write_json
 from fusionprof.config import model_config
-from fusionprof.env import fingerprint, machine_name
+from fusionprof.env import fingerprint, machine_name, utc_stamp
 from fusionprof.latency import MACHINE_KEYS, SweepConfig, not_runnable, random_init_model, sweep
 from fusionprof.measure import Protocol, sample_cuda_events, summarize
 from fusionprof.models import forward_flops, fusion_names
@@ -166,6 +166,14 @@ def earlier_record(path: Path, args, env: dict) -> tuple[dict, list[dict]] | Non
     return record, rows
 
 
+def begin_call(record: dict, args) -> dict:
+    """This call's entry in ``record["calls"]`` (its start, its arguments, the stages it ran): a record continued by
+    ``--resume`` keeps how each of its calls was made, not only the last one's ``args``."""
+    call = {"started": utc_stamp(), "args": vars(args), "stages": []}
+    record.setdefault("calls", []).append(call)
+    return call
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="seed")
@@ -197,12 +205,13 @@ def main() -> None:
     path = Path(args.out) / env["host"] / f"gpu-inference-{args.preset}-{args.precision}.json"
     record = {"schema_version": SCHEMA_VERSION, "kind": "gpu_inference", "args": vars(args), "sweeps": [],
               "bare_replay": {}, "eager_weights_cast": {}, "aoti_uncaptured": {}, "compile_modes": {},
-              "checks": {}, "stages": [], "environment": env}
+              "checks": {}, "stages": [], "calls": [], "environment": env}
     rows: list[dict] = []
     if args.resume and (before := earlier_record(path, args, env)):
         record, rows = before
-        record["args"] = vars(args)
+        record["args"] = vars(args)  # the last call's; "calls" keeps each call's, with the stages it ran
         print(f"resuming {path}: stages done: {', '.join(record['stages'])}", flush=True)
+    begin_call(record, args)
     done = set(record["stages"])
 
     def save(stage: str) -> None:  # after every stage: a run cut short at its time limit keeps what it measured
@@ -212,6 +221,7 @@ def main() -> None:
                 c["best_over_bare_replay_at_smallest"] for c in found.values()) if found else None
         record["completed"] = stage
         record["stages"].append(stage)
+        record["calls"][-1]["stages"].append(stage)
         write_json(path, record)
         print(f"{machine_name(env)}: wrote {path} ({stage})", flush=True)
 

@@ -63,6 +63,9 @@ def test_resume_continues_a_record_of_the_same_settings_on_the_same_machine(tmp_
     assert record["stages"] == ["sweep", "bare replay"] and rows == [row("mid", "torch", 1, 12.0)]
     assert record["bare_replay"] == {"mid": {1: {"p50_ms": 1.8}}}  # batch sizes back as numbers, as checks() reads
     assert record["compile_modes"]["max-autotune"][1]["p50_ms"] == 1.4
+    # each call is kept with its own arguments (a record written before calls were kept gets the list)
+    call = gpu_inference.begin_call(record, args)
+    assert record["calls"] == [call] and call["args"]["more_fusions"] == "mid,early" and call["stages"] == []
     # other settings, or another machine: a new record
     assert gpu_inference.earlier_record(path, argparse.Namespace(**{**settings, "min_seconds": 1.0}), env) is None
     assert gpu_inference.earlier_record(path, args, {**env, "gpus": [{"name": "NVIDIA H100"}]}) is None

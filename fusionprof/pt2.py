@@ -118,7 +118,13 @@ def _build_in_child(source: str, path: str, precision: str, device: str, status:
             images.to(dtype), ids, mask)
         seconds["load_and_first_call"] = time.perf_counter() - start
         Path(status).write_text(json.dumps({"ok": True, "seconds": seconds}))
-    except Exception as e:  # any failure of export / inductor: its first line is the reason
-        first = first_line(e, 300)
+    except Exception as e:  # any failure of export / inductor: its first line (and first listed cause) is the reason
         Path(status).write_text(json.dumps({"step": json.loads(Path(status).read_text())["step"],
-                                            "error": f"{type(e).__name__}: {first}"}))
+                                            "error": f"{type(e).__name__}: {reason(e)}"}))
+
+
+def reason(error: BaseException, limit: int = 500) -> str:
+    """One line: the error's first line and, where it lists its causes as "- ..." lines (``torch.export``'s
+    "Constraints violated (sequence)!" says only "run with TORCH_LOGS" on its first line), the first cause."""
+    cause = next((line.strip() for line in str(error).splitlines()[1:] if line.strip().startswith("- ")), None)
+    return (first_line(error, limit) + (f" {cause}" if cause else ""))[:limit]

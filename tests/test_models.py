@@ -202,3 +202,28 @@ def test_the_contrastive_loss_never_contrasts_two_captions_of_one_image():
         unkeyed = align(image_map, text, mask, labels)
     assert together == pytest.approx(float(expected), rel=1e-5)
     assert apart == pytest.approx(float(unkeyed), rel=1e-6) and abs(float(together) - float(apart)) > 1e-3
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_cross_attention_equals_multihead_attention_over_the_same_parameters(train):
+    """CrossAttention computes attention itself (torch 2.11's export could not prove nn.MultiheadAttention's
+    padding-mask guard over a dynamic caption length): the same numbers as nn.MultiheadAttention with its weights,
+    padding masked out, in eval and in training (dropout 0), and a checkpoint's keys unchanged."""
+    from fusionprof.models.layers import CrossAttention
+
+    torch.manual_seed(0)
+    block = CrossAttention(32, 4, dropout=0.0).train(train)
+    q, kv = torch.randn(3, 5, 32), torch.randn(3, 7, 32)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 4:], mask[2, 1:] = 0, 0  # padded captions, one with a single real token
+    kv_n = block.norm_kv(kv)
+    reference = q + block.attn(block.norm_q(q), kv_n, kv_n, key_padding_mask=mask == 0, need_weights=False)[0]
+    torch.testing.assert_close(block(q, kv, mask), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(block(q, kv), q + block.attn(block.norm_q(q), kv_n, kv_n, need_weights=False)[0],
+                               rtol=1e-5, atol=1e-5)
+    # what sits under a padded position changes nothing
+    noisy = kv.clone()
+    noisy[0, 4:] += 100
+    torch.testing.assert_close(block(q, noisy, mask), block(q, kv, mask))
+    assert {k for k in block.state_dict() if k.startswith("attn.")} == {
+        "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"}

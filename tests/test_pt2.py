@@ -9,13 +9,25 @@ import torch
 from fusionprof.config import model_config
 from fusionprof.errors import UserError
 from fusionprof.models import build_model
-from fusionprof.pt2 import _why, build_pt2, run_child
+from fusionprof.pt2 import _why, build_pt2, reason, run_child
 
 
 def test_a_child_killed_by_a_signal_names_the_signal():
     assert _why(-11, {"step": "compile"}) == "the build process died with SIGSEGV"
     assert _why(1, {"step": "export", "error": "RuntimeError: no"}) == "RuntimeError: no"
     assert _why(1, {"step": "export"}) == "the build process exited with code 1"
+
+
+def test_an_export_error_keeps_its_first_listed_cause():
+    """torch 2.11's export failure on an H200: its first line alone did not say which guard failed."""
+    error = RuntimeError("Constraints violated (sequence)! For more information, run with TORCH_LOGS=\"+dynamic\".\n"
+                         "  - Not all values of sequence = L['input_ids'].size()[1] in the specified range sequence <= "
+                         "512 satisfy the generated guard min(L, 8*L) == L.\n\nThe error above occurred when calling "
+                         "torch.export.export.")
+    assert reason(error).startswith("Constraints violated (sequence)! For more information")
+    assert reason(error).endswith("- Not all values of sequence = L['input_ids'].size()[1] in the specified range "
+                                  "sequence <= 512 satisfy the generated guard min(L, 8*L) == L.")
+    assert reason(RuntimeError("one line\nthen a page")) == "one line" and "\n" not in reason(error)
 
 
 def test_a_sigkill_we_did_not_send_is_not_called_a_timeout():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fusionprof.errors import UserError
@@ -54,7 +55,13 @@ def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential
 
 
 class CrossAttention(nn.Module):
-    """Pre-norm residual cross-attention: queries attend to a (masked) context."""
+    """Pre-norm residual cross-attention: queries attend to a (masked) context.
+
+    The parameters are ``nn.MultiheadAttention``'s (so checkpoints load either way), but the attention is computed
+    here with ``scaled_dot_product_attention`` and a ``[B, 1, 1, L]`` mask: ``nn.MultiheadAttention``'s padding-mask
+    path leaves a guard (``min(L, heads·L) == L``) that torch 2.11's ``torch.export`` cannot prove over a dynamic
+    caption length, so a mid or bottleneck model could not be exported as a ``.pt2`` there (the GPU machines'
+    version; ``profiles/h200/latency-seed-cuda-bf16-20261204T154100Z.json``)."""
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
@@ -62,10 +69,19 @@ class CrossAttention(nn.Module):
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None = None) -> torch.Tensor:
-        kv_n = self.norm_kv(kv)
-        pad = None if kv_mask is None else kv_mask == 0
-        out, _ = self.attn(self.norm_q(q), kv_n, kv_n, key_padding_mask=pad, need_weights=False)
-        return q + out
+        a, kv_n = self.attn, self.norm_kv(kv)
+        batch, length, dim = q.shape
+        w_q, w_k, w_v = a.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = a.in_proj_bias.chunk(3)
+
+        def heads(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # [B, T, D] → [B, H, T, D/H]
+            return F.linear(x, w, b).unflatten(-1, (a.num_heads, a.head_dim)).transpose(1, 2)
+
+        keep = None if kv_mask is None else (kv_mask != 0)[:, None, None, :]  # True: attend (a real token)
+        out = F.scaled_dot_product_attention(heads(self.norm_q(q), w_q, b_q), heads(kv_n, w_k, b_k),
+                                             heads(kv_n, w_v, b_v), attn_mask=keep,
+                                             dropout_p=a.dropout if self.training else 0.0)
+        return q + a.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 
 class FeedForward(nn.Module):

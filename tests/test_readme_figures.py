@@ -110,6 +110,18 @@ def _gpu_check(key: str, scale: float = 1.0):
     return get
 
 
+def _swept_p50(batch: int, backend: str):
+    """A gpu_inference record's sweep cell (device-resident p50), read from the latency records it lists
+    (``committed_sweeps``); no figure for a cell it did not sweep."""
+    def get(rec: dict, row: dict) -> list[float]:
+        cells = [r for path in rec["committed_sweeps"] for r in _load(path)["rows"]
+                 if r["fusion"] == _plain(row["fusion"]) and r["backend"] == backend and r["batch_size"] == batch
+                 and r["status"] == "ok"]
+        assert len(cells) <= 1, f"{len(cells)} sweeps timed {backend} at batch {batch}"
+        return [c["device_resident"]["p50_ms"] for c in cells]
+    return get
+
+
 def _key(loop: str, row: dict) -> str:
     scope = _scope(row)
     return loop if scope == "off" else f"{loop}+{scope}"
@@ -206,6 +218,8 @@ COLUMNS = {
                 **{f"`{backend}` bs {b}": _backend_p50(b, backend)
                    for backend in ("torch", "torch-cudagraphs", "onnxruntime", "openvino") for b in (1, 8, 32, 128)}},
     "gpu_inference": {
+        **{f"`{backend}` bs {b}": _swept_p50(b, backend)
+           for backend in ("torch", "torch-cudagraphs", "torch-cudagraphs-inductor") for b in (1, 8, 32, 128)},
         "bare replay bs 1": lambda rec, row: [rec["bare_replay"][_plain(row["fusion"])]["1"]["p50_ms"]],
         "eager / best, bs 1": _gpu_check("eager_over_best_at_smallest"),
         "best / bare replay, bs 1": _gpu_check("best_over_bare_replay_at_smallest"),

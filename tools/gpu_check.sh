@@ -19,7 +19,11 @@
 # whose shorter last batch is a second, dynamic-shape compile, it was cut twice after 205 s: inductor's cache starts
 # empty), latency 46 s, feature-cache > 42 s, gpu-inference 237 s (eager and torch-cudagraphs, one compile mode), and
 # > 540 s when torch-cudagraphs compiled with dynamic shapes (2.7-3.7 min per seed model): the whole list needs
-# more than one 10-minute command. Split it with FP_STEPS.
+# more than one 10-minute command. Split it with FP_STEPS. On 2026-12-04 (cold H200, torch 2.11), gpu-inference's
+# stages took: sweep of torch and torch-cudagraphs 2 min 39 s, bare replay and cast eager ~20 s, aoti mid 21 s (its
+# export failed, since fixed), torch-cudagraphs-inductor 2 min 9 s for mid and ~1 min 45 s for each further fusion
+# (6 shapes of 12-21 s), and torch.compile max-autotune of mid at batch 1 was still autotuning after 3 minutes (cut):
+# it is no longer run unless FP_COMPILE_MODES names it.
 # Dry run without a GPU (checks the script, not the GPU):
 #   FP_BIG=tiny FP_IMAGES=100 FP_QUICK=1 tools/gpu_check.sh /tmp/gpu-dry cpu
 set -uo pipefail
@@ -75,15 +79,15 @@ sweep=(--backends torch --batch-sizes 1,8,32 --min-seconds 0.5)
 
 # 1. Issue 14: inference at the hardware's pace. The seed preset (random init) in bf16 at batch 1, 8, 32, 128
 #    through eager torch and torch-cudagraphs (the eager kernels replayed) for every fusion, beside a bare
-#    torch.cuda.CUDAGraph replay of the same models in the same process; then, for mid (FP_MORE_FUSIONS),
-#    torch-cudagraphs-inductor and aoti (FP_MORE_BACKENDS); then torch.compile's modes
-#    (FP_COMPILE_MODES, default max-autotune) on mid at batch 1 (FP_COMPILE_BATCHES). The record is rewritten after
-#    every stage, so a step cut at its limit keeps what it measured; it prints the issue's checks. It needs more
+#    torch.cuda.CUDAGraph replay of the same models in the same process; then, for mid (FP_MORE_FUSIONS), aoti and
+#    torch-cudagraphs-inductor (FP_MORE_BACKENDS); then torch.compile's modes (FP_COMPILE_MODES, e.g. max-autotune;
+#    none by default) on mid at batch 1 (FP_COMPILE_BATCHES). The record is rewritten after every stage, so a step
+#    cut at its limit keeps what it measured; it prints the issue's checks. It needs more
 #    than one 10-minute call: FP_RESUME=1 in a second call on the same warm machine keeps the first's stages (and
 #    inductor's caches) and runs the rest, into the same record.
 gi=("$py" benchmarks/gpu_inference.py --device "$device" --preset "$big" --out "$work/profiles")
-step gpu-inference 540 "${gi[@]}" --more-backends "${FP_MORE_BACKENDS-torch-cudagraphs-inductor,aoti}" \
-  --more-fusions "${FP_MORE_FUSIONS-mid}" --compile-modes "${FP_COMPILE_MODES-max-autotune}" \
+step gpu-inference 540 "${gi[@]}" --more-backends "${FP_MORE_BACKENDS-aoti,torch-cudagraphs-inductor}" \
+  --more-fusions "${FP_MORE_FUSIONS-mid}" --compile-modes "${FP_COMPILE_MODES-}" \
   --compile-batch-sizes "${FP_COMPILE_BATCHES-1}" $( ((quick)) && echo --batch-sizes 1,8 --min-seconds 0.1) \
   $( ((resume)) && echo --resume)
 # 1b. The CUDA tests (training in fp32, bf16 and fp16 on the GPU; CUDA-graph replay and a .pt2 against eager);

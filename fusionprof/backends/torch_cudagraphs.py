@@ -11,12 +11,12 @@ call of a shape (``capture_seconds`` in ``describe()``): the protocol's warm-up 
 Which kernels the graphs replay (``kernels``):
 - ``torch-cudagraphs``: the eager kernels as PyTorch launches them; a shape captures in about 0.1 s.
 - ``torch-cudagraphs-inductor``: inductor's fused kernels (``torch.compile``, static shapes: each new shape is
-  compiled, then captured). On an H200 ``torch.compile(mode="reduce-overhead")`` — the same idea — ran 1.23×
-  faster than replaying the eager kernels at batch 1 and 32, after 18–23 s of compiling per shape
-  (``profiles/h200/gpu-inference-seed-bf16.json``). Compiled with dynamic shapes instead, one seed model took
-  2.7–3.7 minutes to reach its first replay on an H200 (``profiles/h200/inductor-dynamic-compile-cut.txt``). It is
-  not the default: as a sweep backend, with its parity check, it has not been measured yet. The compile is paid in
-  the first call of a shape, counted in ``capture_seconds``.
+  compiled, then captured). On an H200 (seed preset, bf16) it ran 1.59–1.66× faster than replaying the eager
+  kernels at batch 1 and 1.42–1.45× at 128, faster than a bare replay of the eager kernels, after 12–21 s of
+  compiling per shape (``profiles/h200/gpu-inference-seed-bf16-20261204.json``): the one to use where a compile per
+  shape is affordable. Compiled with dynamic shapes instead, one seed model took 2.7–3.7 minutes to reach its first
+  replay (``profiles/h200/inductor-dynamic-compile-cut.txt``). The compile is paid in the first call of a shape,
+  counted in ``capture_seconds``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -13,11 +14,13 @@ import torchvision
 from click.testing import CliRunner
 from transformers import BertConfig, BertModel
 
+from fusionprof import hub
 from fusionprof.cli import cli
 from fusionprof.config import model_config
 from fusionprof.data.text import build_tokenizer
 from fusionprof.errors import UserError
 from fusionprof.models import build_model
+from fusionprof.models.encoders import TextEncoder, build_resnet
 
 
 @pytest.fixture
@@ -96,9 +99,14 @@ def test_seed_shape_trains_with_random_init_offline(tmp_path, small_data):
     assert metrics["forward_flops_per_sample"]["image_encoder"] == pytest.approx(8.2e9, rel=0.05)
 
 
-def test_an_empty_hub_tokenizer_is_not_taken_for_a_real_one():
-    """Offline, transformers 5 hands back a vocabulary-less tokenizer for an uncached name: that is an error."""
-    with pytest.raises(UserError, match=r"cannot load the tokenizer of 'bert-base-uncased' \(no vocabulary found"):
+def test_an_empty_tokenizer_is_not_taken_for_a_real_one(tmp_path):
+    """transformers 5 hands back a vocabulary-less tokenizer for a folder (or a cache) without its vocabulary: that
+    is an error; offline, an uncached name is one before transformers is asked."""
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "BertTokenizer"}')
+    with pytest.raises(UserError, match=r"cannot load the tokenizer of '.*' \(no vocabulary found"):
+        build_tokenizer(model_config("seed", tokenizer=str(tmp_path)))
+    with pytest.raises(UserError, match=r"the tokenizer of 'bert-base-uncased': not on this machine, and we are "
+                                        r"offline; .*--pretrained none"):
         build_tokenizer(model_config("seed"))
 
 
@@ -121,7 +129,8 @@ def test_random_init_asks_the_hub_for_nothing(tmp_path):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "FUSIONPROF_OFFLINE")}
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HOME=str(tmp_path / "hf"))
     code = ("from fusionprof.config import model_config; from fusionprof.data.text import build_tokenizer; "
             "print(len(build_tokenizer(model_config('seed', pretrained=False))))")
@@ -136,3 +145,42 @@ def test_random_init_asks_the_hub_for_nothing(tmp_path):
     assert "using the shipped vocabulary" in done.stdout and int(done.stdout.split()[-1]) == len(
         build_tokenizer(model_config("tiny")))
     assert online.returncode != 0 and seen, online.stderr  # the control: a pretrained model asks (and is refused)
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on: a connection to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_reachable_tells_a_listening_host_from_a_closed_port():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert hub.reachable(f"https://127.0.0.1:{server.getsockname()[1]}/x")
+    assert not hub.reachable(f"https://127.0.0.1:{_closed_port()}/x")
+    assert not hub.reachable("https://no-such-host.invalid/x")
+
+
+def test_pretrained_weights_out_of_reach_fail_in_one_line_at_once(tmp_path, monkeypatch):
+    """Online flags off, nothing cached, the hub (HF_ENDPOINT) and torch.hub's host (through HTTPS_PROXY) refusing:
+    each pretrained part is a one-line error naming the way out, before any library retries."""
+    import huggingface_hub.constants
+
+    for flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "FUSIONPROF_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)
+    port = _closed_port()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    unreachable = rf"not on this machine, and 127\.0\.0\.1:{port} cannot be reached; .*--pretrained none"
+    with pytest.raises(UserError, match=r"the tokenizer of 'bert-base-uncased': " + unreachable):
+        build_tokenizer(model_config("seed"))
+    with pytest.raises(UserError, match=r"text model 'bert-base-uncased': " + unreachable):
+        TextEncoder(model_config("seed"))
+    with pytest.raises(UserError, match=r"ImageNet weights for resnet50: " + unreachable):
+        build_resnet(model_config("seed", text_model="config"))
+    # a local folder is read as it is, never probed: the tiny tokenizer loads with the hub out of reach
+    assert len(build_tokenizer(model_config("tiny"))) > 100

@@ -13,6 +13,7 @@ from transformers import BertTokenizerFast, PreTrainedTokenizerBase
 from fusionprof.config import ModelConfig
 from fusionprof.data.synth import vocabulary_words
 from fusionprof.errors import OFFLINE_HINT, UserError
+from fusionprof.hub import require_huggingface
 
 TINY_TOKENIZER = Path(__file__).with_name("tiny_tokenizer")  # holds vocab.txt
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -33,6 +34,8 @@ def build_tokenizer(cfg: ModelConfig, log: Callable[[str], None] = print) -> Pre
     word pieces differ). Asking the hub would only cost time, and offline a minute of retries per file.
     """
     name = cfg.tokenizer or (str(TINY_TOKENIZER) if cfg.text_model == "config" else cfg.text_model)
+    if cfg.pretrained:
+        require_huggingface(name, "tokenizer_config.json", f"the tokenizer of {name!r}")
     try:
         tokenizer = BertTokenizerFast.from_pretrained(name, local_files_only=not cfg.pretrained)
         if len(tokenizer) <= len(SPECIAL_TOKENS):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -12,18 +11,18 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from fusionprof.config import ModelConfig
 from fusionprof.errors import OFFLINE_HINT, UserError
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v) == "1" for v in ("FUSIONPROF_OFFLINE", "HF_HUB_OFFLINE"))
+from fusionprof.hub import offline, require, require_huggingface
 
 
 def _pretrained_resnet(name: str) -> nn.Module:
     """torchvision's default ImageNet weights, fetched the standard way (torch hub cache)."""
     weights = torchvision.models.get_model_weights(name).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if _offline() and not cached.exists():
-        raise UserError(f"ImageNet weights for {name} are not in {cached.parent} and we are offline; {OFFLINE_HINT}")
+    if not cached.exists():
+        if offline():
+            raise UserError(f"ImageNet weights for {name} are not in {cached.parent} and we are offline; "
+                            f"{OFFLINE_HINT}")
+        require(weights.url, f"ImageNet weights for {name}")
     try:
         return torchvision.models.get_model(name, weights=weights)
     except (OSError, RuntimeError) as e:  # URLError is an OSError
@@ -72,6 +71,7 @@ def _bert(cfg: ModelConfig) -> nn.Module:
     from transformers import BertConfig, BertModel
 
     if cfg.pretrained and cfg.text_model != "config":
+        require_huggingface(cfg.text_model, "config.json", f"text model {cfg.text_model!r}")
         try:
             bert = BertModel.from_pretrained(cfg.text_model, add_pooling_layer=False)
         except (OSError, ValueError) as e:

@@ -219,6 +219,10 @@ def train(fusion, preset, text_pool, pretrained, image_weights, text_model, free
     mcfg = model_config(preset, fusion=fusion, text_pool=text_pool, image_weights=image_weights,
                         text_model=text_model, freeze_encoders=freeze_encoders or None,
                         pretrained=False if pretrained == "none" else None)
+    if text_model is not None and not mcfg.pretrained:  # else it would only pick the tokenizer, silently
+        why = "--pretrained none" if pretrained == "none" else f"the {preset} preset"
+        raise click.UsageError(f"--text-model {text_model}: the encoders are random-init here ({why}), so no BERT "
+                               "weights would be loaded from it; drop --text-model, or load one with --preset seed")
     tcfg = train_config(preset, compile=compile_, **options)
     ctx = click.get_current_context()
     asked = {"compile" if name == "compile_" else name for name in ctx.params

@@ -184,3 +184,15 @@ def test_pretrained_weights_out_of_reach_fail_in_one_line_at_once(tmp_path, monk
         build_resnet(model_config("seed", text_model="config"))
     # a local folder is read as it is, never probed: the tiny tokenizer loads with the hub out of reach
     assert len(build_tokenizer(model_config("tiny"))) > 100
+
+
+@pytest.mark.parametrize("extra", [[], ["--preset", "seed", "--pretrained", "none"]])
+def test_a_text_model_that_would_not_be_loaded_is_refused(tmp_path, extra):
+    """The tiny preset and --pretrained none build their BERT from config: --text-model would only have swapped the
+    tokenizer (or, for a missing folder, printed a note and trained the tiny BERT all the same)."""
+    result = CliRunner().invoke(cli, ["train", "--fusion", "late", *extra, "--text-model", str(tmp_path / "bert"),
+                                      "--out", str(tmp_path / "m"), "--profiles", str(tmp_path / "p"), "--quiet"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"--text-model {tmp_path / 'bert'}: the encoders are random-init here" in result.output
+    assert ("--pretrained none" if extra else "the tiny preset") in result.output
+    assert not (tmp_path / "m").exists()

@@ -542,12 +542,14 @@ def load(fusion, backend, scenario, qps, find_max_qps, quiet, **options):
               help="Least test accuracy, a fraction (0.95 for 95 %).")
 @click.option("--device", default=None, callback=device_name,
               help="Only choices measured on this device (cpu, cuda:N).")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+              help="Only choices of this model size [default: every preset on record].")
 @click.option("--profiles", "profiles_dir", default="profiles", show_default=True, help="Where records are read.")
-def recommend(p99_ms, qps, min_accuracy, device, profiles_dir):
+def recommend(p99_ms, qps, min_accuracy, device, preset, profiles_dir):
     """Which fusion, backend, precision and batching meet a latency target, from the records on disk."""
     from fusionprof.recommend import recommend as choose
 
-    result = choose(profiles_dir, p99_ms, qps, min_accuracy, device)
+    result = choose(profiles_dir, p99_ms, qps, min_accuracy, device, preset)
     click.echo(result.message)
     for title, choices in (("meets the targets, cheapest first", result.chosen), ("Pareto front", result.front)):
         if choices:

@@ -140,7 +140,7 @@ class Recommendation:
 
 
 def recommend(profiles_dir: str | Path, p99_ms: float, qps: float | None = None, min_accuracy: float | None = None,
-              device: str | None = None) -> Recommendation:
+              device: str | None = None, preset: str | None = None) -> Recommendation:
     profiles_dir = Path(profiles_dir)
     if not profiles_dir.is_dir():  # a mistyped folder must not read as "nothing measured yet"
         raise UserError(f"--profiles {profiles_dir}: no such folder; give the folder that holds the records")
@@ -151,6 +151,8 @@ def recommend(profiles_dir: str | Path, p99_ms: float, qps: float | None = None,
         candidates += latency_choices(records["latency"], p99_ms)
     if device:
         candidates = [c for c in candidates if c.device == device_label(device)]
+    if preset:
+        candidates = [c for c in candidates if c.preset == preset]
     # one figure per choice: its best record's (the largest VALID rate, else the lowest p99), not the newest file's
     best: dict[tuple, Choice] = {}
     for c in sorted(candidates, key=Choice.rank):
@@ -169,14 +171,27 @@ def recommend(profiles_dir: str | Path, p99_ms: float, qps: float | None = None,
                           _message(chosen, candidates, records, p99_ms, qps, min_accuracy, device, loose))
 
 
+def _spans(chosen: list[Choice]) -> str:
+    """What a list across presets or machines must say: its entries are other models, or other computers."""
+    presets = sorted({c.preset for c in chosen})
+    machines = sorted({c.machine for c in chosen})
+    parts = [f"{len(presets)} presets ({', '.join(presets)}: other models)"] if len(presets) > 1 else []
+    parts += [f"{len(machines)} machines (compare figures within one)"] if len(machines) > 1 else []
+    if not parts:
+        return ""
+    narrow = " and ".join(flag for flag, n in (("--preset", len(presets)), ("--device", len(machines))) if n > 1)
+    return f". The list spans {' and '.join(parts)}: narrow it with {narrow}"
+
+
 def _message(chosen, candidates, records, p99_ms, qps, min_accuracy, device, loose) -> str:
     target = f"p99 ≤ {p99_ms:g} ms" + (f" at {qps:g} QPS" if qps else "") + (f" on {device}" if device else "")
     make = (f"fusionprof load --fusion mid --backend onnxruntime --scenario server --find-max-qps --p99-ms {p99_ms:g}"
             + (f" --device {device}" if device else ""))
     if chosen:
         best = chosen[0]
-        return (f"{best.fusion} on {best.backend} ({best.precision}, batching: {best.batching}) on {best.machine} "
-                f"meets {target}" + (f" with accuracy ≥ {min_accuracy:g}" if min_accuracy is not None else ""))
+        return (f"{best.preset}/{best.fusion} on {best.backend} ({best.precision}, batching: {best.batching}) on "
+                f"{best.machine} meets {target}"
+                + (f" with accuracy ≥ {min_accuracy:g}" if min_accuracy is not None else "") + _spans(chosen))
     if qps and not records["load"]:
         return f"no load record can answer {target}: latency records time one request at a time. Run `{make}`"
     if not records["load"] and not records["latency"]:

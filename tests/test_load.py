@@ -938,3 +938,20 @@ def test_a_tensorrt_engine_for_load_covers_the_largest_batch_the_batcher_forms()
 
     assert max(plan(64)) == 64 and max(plan(48)) == 48
     assert plan(1) == plan(16) == plan(32) == _plan_batches(SweepConfig())  # the sweep's own engine, reused
+
+
+def test_recommend_says_when_its_list_spans_models_or_machines_and_narrows_by_preset(tmp_path):
+    """A tiny and a seed model, on two machines: not one model on one computer, and the answer says so."""
+    seed = _latency_record([_latency_row("mid", "torch", 1, [2.0] * 150)])
+    seed["config"]["preset"] = "seed"
+    seed["environment"] = {**_env(), "gpus": [{"name": "NVIDIA H200"}]}
+    _write(tmp_path, "gpu/latency-seed.json", seed)
+    _write(tmp_path, "box/latency-tiny.json", _latency_record([_latency_row("late", "torch", 1, [3.0] * 150)]))
+    mixed = recommend(tmp_path, p99_ms=10)
+    assert [(c.preset, c.fusion) for c in mixed.chosen] == [("seed", "mid"), ("tiny", "late")]
+    assert mixed.message.startswith("seed/mid on torch")
+    assert "spans 2 presets (seed, tiny: other models) and 2 machines" in mixed.message
+    assert mixed.message.endswith("narrow it with --preset and --device")
+    out = CliRunner().invoke(cli, ["recommend", "--p99-ms", "10", "--preset", "tiny", "--profiles", str(tmp_path)])
+    assert out.exit_code == 0 and out.output.startswith("tiny/late on torch") and "spans" not in out.output
+    assert "seed/mid" not in out.output

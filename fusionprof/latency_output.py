@@ -71,7 +71,7 @@ def table(rows: list[LatencyRow]) -> list[str]:
         t = r.host
         p99 = "–" if t.p99_ms is None else f"{t.p99_ms:.2f}"
         cv = "–" if t.cv is None else f"{t.cv:.1%}"
-        warn = (" !" if t.cv_warning else "") + (" ~" if t.drift_warning else "") + (
+        warn = (" !" if r.noisy else "") + (" ~" if t.drift_warning else "") + (
             " ^" if r.above_yardstick else "") + (
             " +" if r.beside_busy_neighbour else "") + (" w" if t.warmup_capped else "") + (
             "" if r.ok else f" WRONG: {r.status}")
@@ -96,8 +96,9 @@ def table(rows: list[LatencyRow]) -> list[str]:
                      f"({min(widest.host.rounds_p50_ms):.2f} to {max(widest.host.rounds_p50_ms):.2f} ms)")
         if ranking := fusion_ranking(timed):
             lines.append(ranking)
-    if any(r.host.cv_warning for r in timed):
-        lines.append(f"! CV above {CV_WARNING:.0%}: noisy measurement (another process, frequency scaling, thermal)")
+    if any(r.noisy for r in timed):
+        lines.append(f"! CV above {CV_WARNING:.0%}" + (" (with the copies, or device-resident)" if resident else "")
+                     + ": noisy measurement (another process, frequency scaling, thermal)")
     _, worst = drifted_cells(timed)
     if worst:
         first, second = worst.host.halves_p50_ms

@@ -439,7 +439,7 @@ def latency_section(rec: Records, out_dir: Path) -> list[tuple]:
         if worst:
             blocks.append(("p", f"Noisy: {len(noisy)} of {timed} cells had a coefficient of variation above "
                                 f"{CV_WARNING:.0%} (largest: {worst.fusion}/{worst.backend} batch {worst.batch_size}, "
-                                f"CV {worst.host.cv:.0%}): a few slow calls, or a machine whose pace moved while they "
+                                f"CV {worst.worst_cv:.0%}): a few slow calls, or a machine whose pace moved while they "
                                 "were timed; their p50s are less sure than the others'."))
         moved, worst = drifted_cells(sweep.record.rows)
         if worst:
@@ -623,7 +623,8 @@ def precision_section(rec: Records) -> list[tuple]:
     models."""
     blocks: list[tuple] = [("h2", "Precisions side by side")]
     tables = []
-    for (machine, preset, device, models), by_precision in sorted(_study_sweeps(rec).items()):
+    studies = sorted(_study_sweeps(rec).items(), key=lambda kv: (kv[0][:4], kv[0][4] or 0))
+    for (machine, preset, device, models, threads), by_precision in studies:
         if len(by_precision) < 2:
             continue
         precisions = sorted(by_precision, key=lambda p: (p != "fp32", p))
@@ -635,9 +636,15 @@ def precision_section(rec: Records) -> list[tuple]:
                 if best != ["–", "–"]:
                     rows.append([fusion, precision, *best, _accuracy_in(rec, sweep, fusion)])
         cited = ", ".join(f"`{by_precision[p].path}`" for p in precisions)
-        tables += [("h3", f"{machine} · {preset} · {device} · {models}"),
+        tables += [("h3", f"{machine} · {preset} · {device} · {models}"
+                          + (f" · {threads} threads" if threads is not None else "")),
                    ("table", ["fusion", "precision", "best p50 bs 1", "best p50 bs 8", "test accuracy"], rows),
                    ("p", f"Records: {cited}")]
+        backends = {p: sorted({r.backend for r in by_precision[p].rows if r.ok}) for p in precisions}
+        if len({tuple(b) for b in backends.values()}) > 1:
+            tables.append(("p", "These sweeps ran different backends (" + "; ".join(
+                f"{p}: {', '.join(b) or 'none'}" for p, b in backends.items()) + "): each precision's best is over "
+                "its own sweep's backends, not over the same ones."))
     if not tables:
         return blocks + [("p", "One precision per machine so far. On a CPU with native bf16 or int8 (AVX512-BF16, "
                                "VNNI, AMX), `fusionprof compare` sweeps them beside fp32.")]
@@ -648,15 +655,17 @@ def precision_section(rec: Records) -> list[tuple]:
                            "(`fusionprof load --accuracy`) has them.")] + tables
 
 
-def _study_sweeps(rec: Records) -> dict[tuple[str, str, str, str], dict[str, LatencyRecord]]:
-    """(machine, preset, device, models) → precision → one latency record: of the sweeps of those models in that
-    precision, the one that timed the most fusions, then the most cells, the newest of those (a later sweep of one
-    fusion, or of every fusion at one batch size on two backends, does not stand in for the study's)."""
-    out: dict[tuple[str, str, str, str], dict[str, LatencyRecord]] = defaultdict(dict)
+def _study_sweeps(rec: Records) -> dict[tuple[str, str, str, str, int | None], dict[str, LatencyRecord]]:
+    """(machine, preset, device, models, threads) → precision → one latency record: of the sweeps of those models in
+    that precision on that many threads, the one that timed the most fusions, then the most cells, the newest of those
+    (a later sweep of one fusion, or of every fusion at one batch size on two backends, does not stand in for the
+    study's; a sweep on another thread count is another comparison)."""
+    out: dict[tuple[str, str, str, str, int | None], dict[str, LatencyRecord]] = defaultdict(dict)
     for sweep in sorted(rec.latency, key=lambda s: (len({r.fusion for r in s.rows if r.ok}), sum(r.ok for r in s.rows),
                                                     s.created)):
         cfg = sweep.config
-        study = (machine_name(sweep.environment), cfg["preset"], cfg["device"], _models_of(sweep))
+        study = (machine_name(sweep.environment), cfg["preset"], cfg["device"], _models_of(sweep),
+                 sweep.environment.get("torch_threads"))
         out[study][cfg["precision"]] = sweep
     return out
 

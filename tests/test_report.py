@@ -123,7 +123,7 @@ def test_the_precision_table_compares_the_widest_sweep_not_the_newest():
     from fusionprof.report import _study_sweeps, find_records
 
     rec = find_records([Path(__file__).parent.parent / "profiles" / "vm"])
-    [seed] = [by for (machine, preset, device, _), by in _study_sweeps(rec).items()
+    [seed] = [by for (machine, preset, device, _, _), by in _study_sweeps(rec).items()
               if machine == "vm (AMD EPYC, AVX512-BF16)" and preset == "seed" and device == "cpu"]
     assert Path(seed["fp32"].path).name == "latency-seed-cpu-fp32-20261202T013644Z.json"
     assert {"bf16", "int8"} <= set(seed)
@@ -856,3 +856,28 @@ def test_a_sweep_says_how_many_of_its_cells_were_noisy(tmp_path):
                     f"{worst['fusion']}/{worst['backend']} batch {worst['batch_size']}, CV {worst['cv']:.0%}): a "
                     "few slow calls, or a machine whose pace moved while they were timed; their p50s are less sure "
                     "than the others'."]
+
+
+def test_a_gpu_cell_is_noisy_when_its_device_resident_timing_is(tmp_path):
+    """On a GPU the tables quote the device-resident p50: the H200's eager mid at batch 8 (2026-12-04) had a steady
+    host timing (CV 6 %) and a device-resident CV of 26 %, and was not flagged."""
+    from pathlib import Path
+
+    from fusionprof.records import LatencyRow, noisy_cells
+
+    name = "latency-seed-cuda-bf16-20261204T154007Z.json"
+    raw = json.loads((Path(__file__).parent.parent / "profiles" / "h200" / name).read_text())
+    rows = [LatencyRow.from_dict(r) for r in raw["rows"]]
+    mid8 = next(r for r in rows if (r.fusion, r.backend, r.batch_size) == ("mid", "torch", 8))
+    assert not mid8.host.cv_warning and mid8.device_resident.cv_warning and mid8.noisy
+    expected = [r for r in raw["rows"] if max(r["cv"], r["device_resident"]["cv"]) > 0.10]
+    noisy, worst = noisy_cells(rows)
+    assert len(noisy) == len(expected) == 8 and len([r for r in expected if r["cv"] > 0.10]) == 5
+    assert (worst.fusion, worst.backend, worst.batch_size) == ("late", "torch", 32)
+    assert LatencyRow.from_dict(raw["rows"][0]).to_dict()["cv_warning"] is False  # bottleneck torch 1: steady both
+    (tmp_path / "h200").mkdir()
+    (tmp_path / "h200" / name).write_text(json.dumps(raw))
+    write_report([tmp_path], tmp_path)
+    [said] = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("Noisy:")]
+    assert said.startswith("Noisy: 8 of 32 cells had a coefficient of variation above 10% (largest: late/torch batch "
+                           "32, CV 27%)")

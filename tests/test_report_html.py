@@ -203,10 +203,11 @@ def test_a_later_sweep_of_fewer_fusions_does_not_stand_in_for_the_studys(tmp_pat
     shutil.copy(vm / "latency-tiny-cpu-bf16-20261202T012358Z.json", tmp_path / "bf16.json")
     blocks = precision_section(find_records([tmp_path]))
     [heading] = [b[1] for b in blocks if b[0] == "h3"]  # the other models have fp32 only: no table
-    assert heading.endswith("· tiny · cpu · models in /tmp/fusionprof-cpu-lowprec/models")
+    assert heading.endswith("· tiny · cpu · models in /tmp/fusionprof-cpu-lowprec/models · 2 threads")
     [table] = [b for b in blocks if b[0] == "table"]
     assert {r[0] for r in table[2] if r[1] == "fp32"} == {"bottleneck", "early", "late", "mid"}
-    assert [b[1] for b in blocks if b[0] == "p"][-1].startswith(f"Records: `{tmp_path / 'full.json'}`")
+    [cited] = [b[1] for b in blocks if b[0] == "p" and b[1].startswith("Records: ")]
+    assert cited.startswith(f"Records: `{tmp_path / 'full.json'}`")
 
 
 def test_the_precision_table_takes_accuracy_from_the_checkpoint_each_sweep_timed(tmp_path):
@@ -231,3 +232,23 @@ def test_the_precision_table_takes_accuracy_from_the_checkpoint_each_sweep_timed
     rows = {(r[0], r[1]): r for r in table[2]}
     assert rows[("mid", "int8")][4].startswith("93.21% (onnx export")
     assert rows[("early", "int8")][4] == "–"  # no export record of that checkpoint here, no training run
+
+
+def test_the_precision_table_says_when_its_sweeps_ran_other_backends_and_keeps_thread_counts_apart(tmp_path):
+    """The AVX2 EPYC's trained tiny/mid: fp32 was swept on torch and aoti, int8 on onnxruntime and openvino; the
+    table set 8.69 ms (aoti) beside 15.72 ms (onnxruntime) as if int8 were slower over the same backends. And a sweep
+    on another thread count is another comparison, not a row of this one."""
+    from fusionprof.report import find_records, precision_section
+
+    vm = ROOT / "profiles" / "vm"
+    for name in ("latency-tiny-cpu-fp32-20261127T121709Z.json", "latency-tiny-cpu-int8-20261127T120944Z.json"):
+        shutil.copy(vm / name, tmp_path / name)
+    blocks = precision_section(find_records([tmp_path]))
+    [heading] = [b[1] for b in blocks if b[0] == "h3"]
+    assert heading.endswith("· 2 threads")
+    assert ("p", "These sweeps ran different backends (fp32: aoti, torch; int8: onnxruntime, openvino): each "
+                 "precision's best is over its own sweep's backends, not over the same ones.") in blocks
+    one_thread = json.loads((tmp_path / "latency-tiny-cpu-int8-20261127T120944Z.json").read_text())
+    one_thread["environment"]["torch_threads"] = 1
+    (tmp_path / "latency-tiny-cpu-int8-20261127T120944Z.json").write_text(json.dumps(one_thread))
+    assert not [b for b in precision_section(find_records([tmp_path])) if b[0] == "table"]

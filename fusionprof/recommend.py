@@ -191,7 +191,8 @@ def _message(chosen, candidates, records, p99_ms, qps, min_accuracy, device, loo
         best = chosen[0]
         return (f"{best.preset}/{best.fusion} on {best.backend} ({best.precision}, batching: {best.batching}) on "
                 f"{best.machine} meets {target}"
-                + (f" with accuracy ≥ {min_accuracy:g}" if min_accuracy is not None else "") + _spans(chosen))
+                + (f" with accuracy ≥ {min_accuracy:g}" if min_accuracy is not None else "")
+                + (" (measured beside a busy neighbour)" if best.busy_neighbour else "") + _spans(chosen))
     if qps and not records["load"]:
         return f"no load record can answer {target}: latency records time one request at a time. Run `{make}`"
     if not records["load"] and not records["latency"]:

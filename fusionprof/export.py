@@ -259,11 +259,6 @@ def gate_ir(openvino: dict, artifacts: Artifacts, gate: AccuracyGate) -> None:
         openvino["loads"], openvino["why"] = "qdq", "NNCF's IR failed the accuracy gate"
 
 
-def verified_fp32_onnx(checkpoint: Path, out: Path) -> dict | None:
-    """The fp32 ONNX of this checkpoint that an int8 export quantizes instead of exporting its own."""
-    return verified_onnx(checkpoint, out, "fp32")
-
-
 def verified_onnx(checkpoint: Path, out: Path, precision: str) -> dict | None:
     """The ``precision`` ONNX of this checkpoint that an int8 export quantizes (fp32) or a TensorRT export builds its
     engine from, instead of exporting its own: one whose export passed its gates for this very checkpoint, in ``out``

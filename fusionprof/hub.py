@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from urllib.parse import urlsplit
+from urllib.request import getproxies
 
 from fusionprof.errors import OFFLINE_HINT, UserError
 
@@ -24,12 +25,9 @@ def offline() -> bool:
 
 
 def _proxy(url: str) -> str | None:
-    scheme = urlsplit(url).scheme
-    for name in (f"{scheme}_proxy", "all_proxy"):
-        value = os.environ.get(name) or os.environ.get(name.upper())
-        if value:
-            return value
-    return None
+    """The proxy the environment names for ``url``'s scheme (``https_proxy``, ``all_proxy``, either case)."""
+    proxies = getproxies()
+    return proxies.get(urlsplit(url).scheme) or proxies.get("all")
 
 
 def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:

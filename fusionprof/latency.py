@@ -50,7 +50,7 @@ from fusionprof.export import (
     profile_batches,
     pt2_name,
     verified_export,
-    verified_fp32_onnx,
+    verified_onnx,
 )
 from fusionprof.latency_output import write_record
 from fusionprof.measure import (
@@ -249,7 +249,7 @@ def _fp32_to_quantize(checkpoint: Path | None, int8_path: Path) -> dict | None:
     """The fp32 ONNX an int8 export of this sweep's model quantizes rather than exporting its own (only if it holds
     parity with the model now): the checkpoint's verified export, else the one an earlier fp32 sweep wrote beside
     ``int8_path`` (of the same checkpoint, or of the same seeded random init)."""
-    if checkpoint is not None and (verified := verified_fp32_onnx(checkpoint, checkpoint.parent)) is not None:
+    if checkpoint is not None and (verified := verified_onnx(checkpoint, checkpoint.parent, "fp32")) is not None:
         return verified
     swept = int8_path.with_name(onnx_name("fp32"))
     return {"path": str(swept), "reused": "an earlier fp32 sweep's export"} if swept.exists() else None

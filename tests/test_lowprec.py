@@ -194,7 +194,7 @@ def test_a_quantized_export_that_loses_more_than_the_tolerance_is_marked_failed(
     shutil.copy(untrained_onnx["early"].onnx, tmp_path / "model.onnx")
     (tmp_path / "export.json").write_text(json.dumps({"status": "ok", "checkpoint_hash": checkpoint_hash(checkpoint),
                                                       "onnx": {"opset": 18, "export_seconds": 1.0, "size_mib": 1.0}}))
-    assert fusionprof.export.verified_fp32_onnx(checkpoint, tmp_path)["reused"]  # offered to the int8 export
+    assert fusionprof.export.verified_onnx(checkpoint, tmp_path, "fp32")["reused"]  # offered to the int8 export
     code, out = export_cli("--checkpoint", checkpoint, "--precision", "int8", "--out", tmp_path)
     assert code == 1 and "OUT OF TOLERANCE" in out and "FAILED" in out
     assert out.strip().splitlines()[-1].startswith("Error: the exported model failed verification; marked failed")

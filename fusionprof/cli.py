@@ -350,6 +350,9 @@ def csv_list(kind=str):
               "(the order reversed each round), the sampling minimums split over the rounds, each visit warmed "
               "up anew; a change in the machine's pace then falls on every cell alike. Keeps every backend in "
               "memory at once [default: 3 for the tiny preset, 1 for bigger ones].")
+@click.option("--build-jobs", type=int, default=None, callback=positive,
+              help="AOTInductor packages (backend aoti) built at once, each in its own process, before anything is "
+              "timed [default: one per CPU core].")
 @click.option("--trace", is_flag=True, help="Also record torch profiler traces, in a separate short run.")
 @click.option("--models", "models_dir", default="models", show_default=True, help="Where checkpoints are looked for.")
 @click.option("--out", "profiles_dir", default="profiles", show_default=True, help="Results go to OUT/<host>/.")
@@ -358,7 +361,8 @@ def csv_list(kind=str):
               "goes on from its last finished round).")
 @click.option("--quiet", is_flag=True)
 def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, threads, min_seconds, min_calls,
-            warmup_seconds, warmup_calls, max_warmup_seconds, rounds, trace, models_dir, profiles_dir, resume, quiet):
+            warmup_seconds, warmup_calls, max_warmup_seconds, rounds, build_jobs, trace, models_dir, profiles_dir,
+            resume, quiet):
     """Inference latency of fusions × backends × batch sizes, with one timing protocol."""
     from fusionprof.latency import SweepConfig, default_rounds, sweep, trace_problem
     from fusionprof.latency_output import table
@@ -377,7 +381,7 @@ def latency(preset, fusions, backends, batch_sizes, device, precision, seq_len, 
                       profiles_dir=profiles_dir, protocol=protocol, rounds=rounds or default_rounds(preset))
     if trace and (problem := trace_problem(cfg)):  # before the sweep, not after its minutes
         raise UserError(f"--trace traces the eager torch backend, which cannot run this sweep: {problem}")
-    record = sweep(cfg, progress=not quiet, log=click.echo, resume=resume)
+    record = sweep(cfg, progress=not quiet, log=click.echo, resume=resume, jobs=build_jobs)
     for line in table(record.rows):
         click.echo(line)
     click.echo(f"wrote {record.path} and {Path(record.path).with_suffix('.csv')}")

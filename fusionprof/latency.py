@@ -18,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -134,12 +136,14 @@ def random_init_model(preset: str, fusion: str) -> FusionModel:
     return build_model(mcfg).eval()
 
 
-def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> tuple[Artifacts, dict]:
+def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print,
+                   later: list[PackageBuild] | None = None) -> tuple[Artifacts, dict]:
     """The model (trained if a checkpoint exists) and the exports the chosen backends load (ONNX, a ``.pt2``): the
     checkpoint's own where their verification passed, else ones written under ``work_dir`` (a trained model's NNCF
     IR held to the accuracy gate, as ``fusionprof export`` holds it). An export that cannot be built here is left
     out, with the reason in ``Artifacts.failed``. A ``--seq-len`` longer than the model's text encoder reads is
-    refused first, before minutes of exports."""
+    refused first, before minutes of exports. ``later``: a ``.pt2`` to build is appended there rather than built
+    (``build_packages`` builds them side by side, and sets ``Artifacts.pt2`` or its failure)."""
     checkpoint = find_checkpoint(cfg.models_dir, cfg.preset, fusion)
     if checkpoint is not None:
         model, train_cfg = load_model(checkpoint)
@@ -173,6 +177,9 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
                 log(f"{path} was made from another model, for other batch sizes or by an older sweep: exporting it "
                     "again")
                 path.unlink()
+            if not path.exists() and artifact == "pt2" and later is not None:
+                later.append(PackageBuild(fusion, artifacts, path, precision, device, made_from))
+                continue
             if not path.exists():
                 log(f"exporting {cfg.preset}/{fusion} to {path}")
                 try:
@@ -186,6 +193,53 @@ def load_artifacts(cfg: SweepConfig, fusion: str, work_dir: Path, log=print) -> 
         if artifact == "onnx" and cfg.precision == "int8":  # and NNCF's IR beside it, where the export kept one
             artifacts.ir = int8_artifacts(artifacts.model, path).ir
     return artifacts, source
+
+
+@dataclass
+class PackageBuild:
+    """A ``.pt2`` that ``load_artifacts`` left for ``build_packages``: whose, where, how, and what it is made from."""
+
+    fusion: str
+    artifacts: Artifacts
+    path: Path
+    precision: str
+    device: torch.device
+    made_from: dict
+
+
+def build_packages(builds: list[PackageBuild], jobs: int, log=print) -> None:
+    """Build ``builds`` ``jobs`` at a time, each in its own child process (``build_pt2``): an AOTInductor build is a
+    minute or more of compiling (C++ on the CPU, a single compiler process per package; Triton kernels on a GPU), and
+    the models of a sweep are independent. Each build's ``Artifacts`` gets its package, or the reason it failed, as
+    ``load_artifacts`` would have set them; nothing is timed meanwhile."""
+    if not builds:
+        return
+    jobs = max(1, min(jobs, len(builds)))
+    log(f"building {len(builds)} AOTInductor package(s), {jobs} at a time: "
+        + ", ".join(f"{b.fusion} → {b.path}" for b in builds))
+
+    def build(b: PackageBuild) -> None:
+        start = time.perf_counter()
+        try:
+            build_pt2(b.artifacts.model, b.path, b.precision, b.device)
+        except UserError as e:  # e.g. one that crashed its process: that backend's rows say, the others build on
+            b.artifacts.failed["pt2"] = str(e)
+            log(f"{b.fusion}: {e}")
+            return
+        write_json(_made_from_path(b.path), b.made_from)
+        b.artifacts.pt2 = b.path
+        log(f"{b.fusion}: built {b.path} in {time.perf_counter() - start:.0f} s")
+
+    with ThreadPoolExecutor(jobs) as pool:  # threads that each wait on their child process
+        list(pool.map(build, builds))
+
+
+def build_jobs(requested: int | None) -> int:
+    """Packages built at once where none is asked for: one per CPU core this process may use (each build's compiler
+    is mostly one process)."""
+    if requested:
+        return requested
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # What a trained model's int8 export notes it was made with: NNCF's IR held to the accuracy gate, as `fusionprof
@@ -461,17 +515,32 @@ def check_unique(option: str, values: list) -> None:
         seen.add(value)
 
 
-def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = False) -> LatencyRecord:
+def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = False,
+          jobs: int | None = None) -> LatencyRecord:
     """Every (fusion, backend, batch size) cell of ``cfg``: one record, written when the sweep ends, and the rows so
     far (``PARTIAL_SUFFIX``) after every backend, or in an interleaved sweep after every round. ``resume``: continue
     the newest unfinished sweep with these settings on this machine, keeping its rows and measuring only the
-    (fusion, backend) pairs it had not reached, or the rounds it had not reached. On ``cfg.threads`` threads, if
-    given, and the caller's after."""
+    (fusion, backend) pairs it had not reached, or the rounds it had not reached. ``jobs``: ``.pt2`` packages built
+    at once, before anything is timed (``build_jobs``). On ``cfg.threads`` threads, if given, and the caller's
+    after."""
     with torch_threads(cfg.threads):
-        return _sweep(cfg, progress, log, resume)
+        return _sweep(cfg, progress, log, resume, build_jobs(jobs))
 
 
-def _sweep(cfg: SweepConfig, progress: bool, log, resume: bool) -> LatencyRecord:
+def load_ahead(cfg: SweepConfig, fusions: list[str], work_dir: Path, jobs: int,
+               log=print) -> dict[str, tuple[Artifacts, dict]]:
+    """Every one of ``fusions``' artifacts at once, their ``.pt2`` packages built side by side (``build_packages``),
+    where the sweep needs packages of more than one model and may build more than one at a time; {} otherwise: the
+    sweep then loads each fusion's artifacts when it reaches it, one model in memory at a time."""
+    if jobs < 2 or len(fusions) < 2 or "pt2" not in _exports_needed(cfg, resolve_device(cfg.device)):
+        return {}
+    builds: list[PackageBuild] = []
+    loaded = {fusion: load_artifacts(cfg, fusion, work_dir, log, later=builds) for fusion in fusions}
+    build_packages(builds, jobs, log)
+    return loaded
+
+
+def _sweep(cfg: SweepConfig, progress: bool, log, resume: bool, jobs: int) -> LatencyRecord:
     device = check_sweep(cfg)
     env = fingerprint()
     out_dir = Path(cfg.profiles_dir) / env["host"]
@@ -493,6 +562,8 @@ def _sweep(cfg: SweepConfig, progress: bool, log, resume: bool) -> LatencyRecord
         rate_against(so_far, start["gflops"], peak)
         save_partial(partial_path, LatencyRecord(began, env, config, {"start": start}, so_far))
 
+    ready = load_ahead(cfg, [f for f in cfg.fusions if any((f, name) not in done for name in cfg.backends)], out_dir,
+                       jobs, log)
     per_pair = len(cfg.batch_sizes) * cfg.rounds  # progress steps: one per visit
     bar = tqdm(total=len(cfg.fusions) * len(cfg.backends) * per_pair, desc="latency", disable=not progress)
     interleaved: list[Prepared] = []  # rounds > 1: every backend made ready first, then timed in rounds
@@ -501,7 +572,7 @@ def _sweep(cfg: SweepConfig, progress: bool, log, resume: bool) -> LatencyRecord
         if all((fusion, name) in done for name in cfg.backends):  # resumed: measured before
             bar.update(len(cfg.backends) * per_pair)
             continue
-        artifacts, source = load_artifacts(cfg, fusion, out_dir, log)
+        artifacts, source = ready.pop(fusion, None) or load_artifacts(cfg, fusion, out_dir, log)
         seq_len = cfg.seq_len or artifacts.model.cfg.max_text_len
         cell = Cell(fusion, seq_len, forward_flops(artifacts.model, seq_len)["total"], source)
         for name in cfg.backends:

@@ -1,13 +1,18 @@
 """AOTInductor packages are built in a child process: a crash or a hang is a reason, never a dead caller."""
 
+import json
 import signal
 import time
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from fusionprof.backends import Artifacts
+from fusionprof.cli import cli
 from fusionprof.config import model_config
 from fusionprof.errors import UserError
+from fusionprof.latency import PackageBuild, SweepConfig, build_packages, load_ahead, random_init_model
 from fusionprof.models import build_model
 from fusionprof.pt2 import _why, build_pt2, reason, run_child
 
@@ -50,3 +55,53 @@ def test_a_build_past_its_time_limit_is_a_one_line_error(tmp_path):
                                         r"1 s time limit and was killed \(SIGKILL\)"):
         build_pt2(model, tmp_path / "model.pt2", "fp32", torch.device("cpu"), timeout_s=1)
     assert not (tmp_path / "model.pt2").exists()
+
+
+def test_builds_side_by_side_keep_each_failure_to_its_model(tmp_path):
+    """A build that fails says why in its own model's ``Artifacts``; the others are not held back, and no note says a
+    package was made."""
+    builds = [PackageBuild(f, Artifacts(random_init_model("tiny", f)), tmp_path / f / "model.pt2", "int8",
+                           torch.device("cpu"), {"weights": "untrained, seed 0"}) for f in ("early", "late")]
+    said = []
+    build_packages(builds, jobs=2, log=said.append)
+    assert said[0].startswith("building 2 AOTInductor package(s), 2 at a time: early → ")
+    for b in builds:
+        assert b.artifacts.pt2 is None and "holds fp32, bf16 or fp16 weights" in b.artifacts.failed["pt2"]
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_packages_a_sweep_built_before_are_not_built_again(tmp_path):
+    """load_ahead finds each fusion's earlier package by its note (made from the same weights) and builds none; with
+    one build at a time, one fusion, or no backend that loads a package, it leaves each fusion to the sweep."""
+    cfg = SweepConfig(fusions=["early", "mid"], backends=["aoti"], models_dir=str(tmp_path / "none"))
+    for fusion in cfg.fusions:
+        package = tmp_path / "pt2" / f"tiny-{fusion}" / "model.cpu.fp32.pt2"
+        package.parent.mkdir(parents=True)
+        package.write_bytes(b"an earlier sweep's package")
+        package.with_name(f"{package.name}.made-from.json").write_text(json.dumps({"weights": "untrained, seed 0"}))
+    said = []
+    loaded = load_ahead(cfg, cfg.fusions, tmp_path, jobs=2, log=said.append)
+    assert {f: a.pt2.parent.name for f, (a, _) in loaded.items()} == {"early": "tiny-early", "mid": "tiny-mid"}
+    assert not any("building" in line or "exporting" in line for line in said)
+    assert load_ahead(cfg, cfg.fusions, tmp_path, jobs=1) == {}
+    assert load_ahead(cfg, ["mid"], tmp_path, jobs=2) == {}
+    assert load_ahead(SweepConfig(fusions=["early", "mid"], backends=["torch"]), ["early", "mid"], tmp_path, 2) == {}
+
+
+@pytest.mark.slow
+def test_a_sweep_builds_its_packages_side_by_side_then_times_them(tmp_path):
+    """`latency --backends aoti` over two fusions: both packages built at once (real AOTInductor builds, each in its
+    own process), before anything is timed, then each timed; a second sweep reuses them."""
+    args = ["latency", "--fusion", "early,late", "--backends", "aoti", "--batch-sizes", "1", "--build-jobs", "2",
+            "--models", str(tmp_path / "none"), "--out", str(tmp_path), "--quiet", "--min-seconds", "0.05",
+            "--min-calls", "5", "--warmup-seconds", "0", "--warmup-calls", "1", "--rounds", "1"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "building 2 AOTInductor package(s), 2 at a time" in result.output
+    assert result.output.count(": built ") == 2 and "exporting" not in result.output
+    [record] = tmp_path.glob("*/latency-*.json")
+    rows = json.loads(record.read_text())["rows"]
+    assert {(r["fusion"], r["status"]) for r in rows} == {("early", "ok"), ("late", "ok")}
+    assert {r["backend_info"]["package"].split("/")[-2] for r in rows} == {"tiny-early", "tiny-late"}
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and "building" not in again.output and "exporting" not in again.output

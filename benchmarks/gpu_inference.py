@@ -1,7 +1,8 @@
 """GPU inference at the hardware's pace: eager vs CUDA graphs vs AOTInductor, beside a bare CUDA-graph replay.
 
     PYTHONPATH=. python3 benchmarks/gpu_inference.py [--preset seed] [--precision bf16] [--batch-sizes 1,8,32,128]
-        [--backends torch,torch-cudagraphs] [--more-backends torch-cudagraphs-inductor,aoti] [--more-fusions mid]
+        [--backends torch,torch-cudagraphs] [--more-backends aoti,torch-cudagraphs-inductor] [--more-fusions mid]
+        [--aoti-fusions early,mid,late,bottleneck]
         [--compile-modes max-autotune] [--compile-batch-sizes 1] [--resume]
 
 One process, so every figure shares the GPU's clocks and the same models, in this order (the record is rewritten
@@ -14,9 +15,10 @@ two calls, the second with inductor's caches warm):
    ``torch.cuda.CUDAGraph`` and replayed (the eager kernels), timed with CUDA events like the sweep's
    device-resident p50; and, for ``--compile-fusion``, that cast model run eagerly (the ``torch`` backend autocasts
    over fp32 weights instead);
-3. ``--more-backends`` for ``--more-fusions`` only (each takes minutes to compile a seed model): inductor's
-   kernels replayed (``torch-cudagraphs-inductor``), and ``aoti``, whose package call is also timed without the
-   CUDA graph the backend replays it in;
+3. ``--more-backends`` for ``--more-fusions`` only (each takes minutes to compile a seed model), in the order
+   given: ``aoti`` (for ``--aoti-fusions``, if given), whose packages are built side by side before step 1 (one
+   child process each, nothing timed meanwhile) and whose package call is also timed without the CUDA graph the
+   backend replays it in; and inductor's kernels replayed (``torch-cudagraphs-inductor``);
 4. with ``--compile-modes``, ``torch.compile(mode=...)`` of ``--compile-fusion``'s model at
    ``--compile-batch-sizes``: beside the kernels ``torch-cudagraphs-inductor`` replays (inductor's, default mode).
 Then issue 14's checks, computed from those numbers: the best backend at the smallest batch against eager and
@@ -38,7 +40,15 @@ from fusionprof import SCHEMA_VERSION
 from fusionprof.atomic import write_json
 from fusionprof.config import model_config
 from fusionprof.env import fingerprint, machine_name, utc_stamp
-from fusionprof.latency import MACHINE_KEYS, SweepConfig, not_runnable, random_init_model, sweep
+from fusionprof.latency import (
+    MACHINE_KEYS,
+    SweepConfig,
+    load_ahead,
+    load_artifacts,
+    not_runnable,
+    random_init_model,
+    sweep,
+)
 from fusionprof.measure import Protocol, sample_cuda_events, summarize
 from fusionprof.models import forward_flops, fusion_names
 from fusionprof.models.model import example_inputs
@@ -144,6 +154,20 @@ def aoti_uncaptured(path: str, cfg, batch_sizes: list[int], seq_len: int, dtype,
     return out
 
 
+def aoti_packages(cfg: SweepConfig, work_dir: Path) -> dict:
+    """The ``.pt2`` packages of ``cfg.fusions``, built side by side before anything is timed (one child process each,
+    the GPU idle meanwhile) where the sweeps of the aoti stage will find them: per fusion, its path and build
+    seconds, or why it failed. Packages an earlier call built are kept."""
+    start = time.perf_counter()
+    loaded = load_ahead(cfg, cfg.fusions, work_dir, jobs=len(cfg.fusions), log=print) if len(cfg.fusions) > 1 else {
+        cfg.fusions[0]: load_artifacts(cfg, cfg.fusions[0], work_dir)} if cfg.fusions else {}
+    found = {fusion: {"path": str(a.pt2)} if a.pt2 else {"failed": a.failed["pt2"]}
+             for fusion, (a, _) in loaded.items() if a.pt2 or "pt2" in a.failed}  # none where aoti cannot run here
+    print(f"aoti packages after {time.perf_counter() - start:.0f} s: "
+          + (", ".join(f"{f} {'ready' if 'path' in v else 'failed'}" for f, v in found.items()) or "none"), flush=True)
+    return found
+
+
 # What must match for --resume to continue a record: the settings every figure in it depends on.
 SAME_SETTINGS = ("preset", "precision", "device", "batch_sizes", "backends", "min_seconds")
 
@@ -184,6 +208,9 @@ def main() -> None:
     parser.add_argument("--more-backends", default="torch-cudagraphs-inductor,aoti",
                         help="backends swept for --more-fusions only ('' for none)")
     parser.add_argument("--more-fusions", default="mid")
+    parser.add_argument("--aoti-fusions", default=None,
+                        help="aoti's fusions, if not --more-fusions: its packages are built side by side, before the "
+                             "sweep, so it can take every fusion in the time inductor takes one")
     parser.add_argument("--compile-modes", default="", help="e.g. reduce-overhead,max-autotune")
     parser.add_argument("--compile-batch-sizes", default="1")
     parser.add_argument("--compile-fusion", default="mid")
@@ -229,6 +256,14 @@ def main() -> None:
         record["sweeps"].append(rec.path)
         rows.extend(r.to_dict() for r in rec.rows)
 
+    def fusions_of(backend: str) -> list[str]:
+        chosen = args.aoti_fusions if backend == "aoti" and args.aoti_fusions is not None else args.more_fusions
+        return [f for f in chosen.split(",") if f]
+
+    if "aoti" in args.more_backends.split(",") and "aoti packages" not in done:
+        record["aoti_builds"] = aoti_packages(SweepConfig(fusions=fusions_of("aoti"), backends=["aoti"], **common),
+                                              Path(args.out) / env["host"])
+        save("aoti packages")
     if "sweep" not in done:  # a sweep cut before continues from its partial rows
         add(sweep(SweepConfig(fusions=fusion_names(), backends=args.backends.split(","), **common), log=print,
                   resume=args.resume))
@@ -256,20 +291,23 @@ def main() -> None:
         save("bare replay")
     # One sweep per (backend, fusion), saved after each: minutes of compiling apiece, so a cut keeps the rest
     for backend in filter(None, args.more_backends.split(",")):
-        for fusion in filter(None, args.more_fusions.split(",")):
+        for fusion in fusions_of(backend):
             if f"{backend} {fusion}" not in done:
+                failed = record.get("aoti_builds", {}).get(fusion, {}).get("failed") if backend == "aoti" else None
                 if reason := not_runnable(backend, device, args.precision):  # a row says why; the next one runs
                     rows.append(LatencyRow(fusion, backend, f"unavailable: {reason}").to_dict())
+                elif failed:  # not built again: a build that crashed or ran out of time would do so twice
+                    rows.append(LatencyRow(fusion, backend, f"failed: {failed}").to_dict())
                 else:
                     add(sweep(SweepConfig(fusions=[fusion], backends=[backend], **common), log=print))
                 save(f"{backend} {fusion}")
-    for fusion in filter(None, args.more_fusions.split(",")):
-        package = next((r["backend_info"]["package"] for r in rows if (r["fusion"], r["backend"]) == (fusion, "aoti")
-                        and "package" in r.get("backend_info", {})), None)  # the sweep's own, where it built one
-        if package and f"aoti {fusion} uncaptured" not in done:
-            record["aoti_uncaptured"][fusion] = aoti_uncaptured(package, model_config(args.preset), batch_sizes,
-                                                                seq_len, dtype, device, protocol)
-            save(f"aoti {fusion} uncaptured")
+        for fusion in fusions_of("aoti") if backend == "aoti" else []:  # seconds: before the next backend's minutes
+            package = next((r["backend_info"]["package"] for r in rows if r["fusion"] == fusion
+                            and r["backend"] == "aoti" and "package" in r.get("backend_info", {})), None)
+            if package and f"aoti {fusion} uncaptured" not in done:
+                record["aoti_uncaptured"][fusion] = aoti_uncaptured(package, model_config(args.preset), batch_sizes,
+                                                                    seq_len, dtype, device, protocol)
+                save(f"aoti {fusion} uncaptured")
     for mode in filter(None, args.compile_modes.split(",")):
         pending = [int(b) for b in args.compile_batch_sizes.split(",") if f"compile {mode} bs {b}" not in done]
         if not pending:

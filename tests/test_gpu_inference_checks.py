@@ -71,3 +71,21 @@ def test_resume_continues_a_record_of_the_same_settings_on_the_same_machine(tmp_
     assert gpu_inference.earlier_record(path, args, {**env, "gpus": [{"name": "NVIDIA H100"}]}) is None
     assert gpu_inference.earlier_record(path, args, {**env, "torch_threads": 8}) is None  # rows of other threads
     assert gpu_inference.earlier_record(tmp_path / "none.json", args, env) is None
+
+
+def test_aoti_packages_reports_each_fusions_package_and_none_where_aoti_cannot_run(tmp_path, capsys):
+    """The stage before the sweep: packages an earlier call built (found by their notes) are reported ready, not
+    built again; in a precision aoti does not run, there is nothing to build and nothing is reported."""
+    from fusionprof.latency import SweepConfig
+
+    for fusion in ("early", "late"):
+        package = tmp_path / "pt2" / f"tiny-{fusion}" / "model.cpu.fp32.pt2"
+        package.parent.mkdir(parents=True)
+        package.write_bytes(b"built by the call before")
+        package.with_name(f"{package.name}.made-from.json").write_text(json.dumps({"weights": "untrained, seed 0"}))
+    cfg = SweepConfig(fusions=["early", "late"], backends=["aoti"], models_dir=str(tmp_path / "none"))
+    found = gpu_inference.aoti_packages(cfg, tmp_path)
+    assert found == {f: {"path": str(tmp_path / "pt2" / f"tiny-{f}" / "model.cpu.fp32.pt2")} for f in ("early", "late")}
+    assert capsys.readouterr().out.endswith(" s: early ready, late ready\n")
+    assert gpu_inference.aoti_packages(SweepConfig(fusions=["early", "late"], backends=["aoti"], precision="int8",
+                                                   models_dir=str(tmp_path / "none")), tmp_path) == {}

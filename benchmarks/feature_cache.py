@@ -69,7 +69,7 @@ def main() -> None:
                   f"{r['test_accuracy']['cached']:.1%}", flush=True)
     env = fingerprint()
     path = Path(args.out) / env["host"] / f"feature-cache-{args.preset}-{args.device.split(':')[0]}.json"
-    print(f"{machine_name(env)}: {args.preset} preset ({results[fusion]['precision']}) on {args.device}")
+    print(f"{machine_name(env, args.device)}: {args.preset} preset ({results[fusion]['precision']}) on {args.device}")
     write_json(path, {"schema_version": SCHEMA_VERSION, "kind": "feature_cache", "args": vars(args),
                       "results": results, "environment": env,
                       "cache_folder": str(cache_root() / "features")})

@@ -61,8 +61,8 @@ def main() -> None:
     path = Path(args.out) / env["host"] / f"pt2-builds-{args.preset}-{args.device.split(':')[0]}.json"
     write_json(path, record)
     each = ", ".join(f"{r['seconds']:.1f}" for r in runs)
-    print(f"{machine_name(env)}, {env['cpu_logical_cores']} logical cores: {len(fusions)} {args.preset} packages "
-          f"({', '.join(fusions)}) on {args.device}: one at a time {serial:.1f} s, {args.jobs} at a time "
+    print(f"{machine_name(env, args.device)}, {env['cpu_logical_cores']} logical cores: {len(fusions)} {args.preset} "
+          f"packages ({', '.join(fusions)}) on {args.device}: one at a time {serial:.1f} s, {args.jobs} at a time "
           f"{side_by_side:.1f} s ({serial / side_by_side:.2f}x); runs (1, {args.jobs}, {args.jobs}, 1 at a time) "
           f"{each} s; wrote {path}")
 

@@ -267,8 +267,8 @@ def main() -> None:
             rates, first_epoch_extra, graph_skips = run_rounds(runs, args.rounds)
     median = {k: statistics.median(v) for k, v in rates.items()}
     env = fingerprint()
-    print(f"{machine_name(env)}: {args.preset}/{args.fusion} on {device} ({precision}), {len(pairs)} pairs per "
-          f"epoch from {args.images} images of {args.disk_size} px, batch {cfg.batch_size}, "
+    print(f"{machine_name(env, str(device))}: {args.preset}/{args.fusion} on {device} ({precision}), {len(pairs)} "
+          f"pairs per epoch from {args.images} images of {args.disk_size} px, batch {cfg.batch_size}, "
           f"{torch.get_num_threads()} threads; median [min–max] of {args.rounds} rounds; beside it "
           f"{contention.describe(others)}{' (a busy neighbour)' if contention.busy(others) else ''}")
     for k, v in rates.items():

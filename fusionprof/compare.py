@@ -135,7 +135,7 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
 def study_answer(shortlist: list[dict], sweep: Path, preset: str, device: str) -> list[str]:
     """The report's answer (``report.shortlist``) for this study: its machine (the one its sweep ran on), preset and
     device."""
-    machine = machine_name(json.loads(sweep.read_text())["environment"])
+    machine = machine_name(json.loads(sweep.read_text())["environment"], device_label(device))
     ours = (machine, preset, device_label(device))  # `--device cuda` ran on cuda:0
     return shortlist_lines([e for e in shortlist if (e["machine"], e["preset"], e["device"]) == ours])
 

@@ -129,9 +129,15 @@ def device_label(name: str) -> str:
     return name if name == "cpu" or ":" in name else f"{name}:0"
 
 
-def machine_name(fp: dict) -> str:
-    """A short label for tables and plots: host plus the accelerator it ran on, or the CPU and its ISA tier."""
-    if fp.get("gpus"):
-        return f"{fp.get('host', '?')} ({fp['gpus'][0]['name']})"
+def machine_name(fp: dict, device: str | None = None) -> str:
+    """A short label for tables and plots: the host and what ran the figures, the GPU of ``device`` (``cuda:N``) or
+    the CPU and its ISA tier (``cpu``, or a host with no GPU). Without ``device``, a GPU host is named by its first
+    GPU: the machine as a whole, which is how records of one model are matched across devices (``records_of_model``);
+    a record of figures names the device they ran on, so that CPU figures taken on a GPU host name that CPU."""
+    gpus = fp.get("gpus") or []
+    kind, _, index = (device or "").partition(":")
+    if gpus and kind != "cpu":
+        n = int(index) if index.isdigit() and int(index) < len(gpus) else 0
+        return f"{fp.get('host', '?')} ({gpus[n]['name']})"
     tier = isa_tier(fp.get("cpu_isa"))
     return f"{fp.get('host', '?')} ({fp.get('cpu_model', 'cpu')}{f', {tier}' if tier else ''})"

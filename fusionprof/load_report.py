@@ -90,7 +90,7 @@ def load_section(records: list[LoadRecord], out_dir: Path, latency: list[Latency
                         "run has no figure."))
     machines = defaultdict(list)
     for r in records:
-        machines[machine_name(r.environment)].append(r)
+        machines[machine_name(r.environment, r.device)].append(r)
     for machine, recs in machines.items():
         server = [r for r in recs if r.scenario == "server" and not r.accuracy]
         if server:
@@ -98,7 +98,8 @@ def load_section(records: list[LoadRecord], out_dir: Path, latency: list[Latency
         offline = [r for r in recs if r.scenario == "offline" and not r.accuracy]
         if offline:
             blocks += _offline_blocks(machine, offline, [x for x in latency
-                                                         if machine_name(x.environment) == machine], out_dir)
+                                                         if machine_name(x.environment, x.config.get("device"))
+                                                         == machine], out_dir)
         single = [r for r in recs if r.scenario == "single-stream" and not r.accuracy]
         if single:
             blocks += _single_stream_blocks(machine, single)

@@ -49,6 +49,7 @@ class Choice:
     busy_neighbour: bool = False  # other processes kept the CPUs busy while it was measured: a quiet machine does more
     invalid_qps: float | None = None  # the smallest rate above ``max_qps`` its search found INVALID (None: none)
     checkpoint_hash: str | None = None  # which model the checkpoint held when it was timed (None: not recorded)
+    host: str | None = None  # the machine, whatever the device (``machine_name`` without one): as records name it
 
     def key(self) -> tuple:
         return (self.machine, self.device, self.preset, self.fusion, self.backend, self.precision, self.batching,
@@ -87,11 +88,13 @@ def latency_choices(records: list[tuple[dict, Path]], p99_ms: float) -> list[Cho
             if row.ok and row.batch_size == 1 and p99 is not None and p99 <= p99_ms:
                 threads, model = threads_label(row.backend_info or {}), row.model or {}
                 serving = f"{SEQUENTIAL}, {threads}" if threads else SEQUENTIAL
-                choices.append(Choice(machine_name(record["environment"]), device_label(cfg.get("device", "cpu")),
+                device = device_label(cfg.get("device", "cpu"))
+                choices.append(Choice(machine_name(record["environment"], device), device,
                                       cfg.get("preset", "?"), row.fusion, row.backend, cfg.get("precision", "fp32"),
                                       serving, p99, None, str(path), model.get("checkpoint"),
                                       busy_neighbour=row.beside_busy_neighbour,
-                                      checkpoint_hash=model.get("checkpoint_hash")))
+                                      checkpoint_hash=model.get("checkpoint_hash"),
+                                      host=machine_name(record["environment"])))
     return choices
 
 
@@ -110,12 +113,14 @@ def load_choices(records: list[LoadRecord], p99_ms: float, qps: float | None,
         loose += len(runs) - len(judged)
         if judged:
             best = max(judged, key=lambda run: run.settings["target_qps"])
-            choices.append(Choice(machine_name(record.environment), device_label(record.device), record.preset,
-                                  record.fusion, record.backend, record.precision, record.serving, best.p99_ms,
-                                  best.settings["target_qps"], record.path, (record.model or {}).get("checkpoint"),
+            choices.append(Choice(machine_name(record.environment, record.device), device_label(record.device),
+                                  record.preset, record.fusion, record.backend, record.precision, record.serving,
+                                  best.p99_ms, best.settings["target_qps"], record.path,
+                                  (record.model or {}).get("checkpoint"),
                                   busy_neighbour=contention.busy(best.contention),
                                   invalid_qps=record.missed_above(best.settings["target_qps"], p99_ms),
-                                  checkpoint_hash=(record.model or {}).get("checkpoint_hash")))
+                                  checkpoint_hash=(record.model or {}).get("checkpoint_hash"),
+                                  host=machine_name(record.environment)))
     return choices, loose
 
 
@@ -160,8 +165,8 @@ def recommend(profiles_dir: str | Path, p99_ms: float, qps: float | None = None,
     candidates = list(best.values())
     train, export = ([{**r, "_file": str(p)} for r, p in records[kind]] for kind in ("train", "export"))
     for c in candidates:
-        found = model_accuracy(train, export, c.checkpoint, c.precision, c.backend, c.checkpoint_hash, c.machine,
-                               load, c.device)
+        found = model_accuracy(train, export, c.checkpoint, c.precision, c.backend, c.checkpoint_hash,
+                               c.host, load, c.device)
         if found:
             c.accuracy, c.accuracy_source = found[0], f"{found[1]}: {found[2]['_file']}"
     chosen = [c for c in candidates if min_accuracy is None or (c.accuracy is not None and c.accuracy >= min_accuracy)]

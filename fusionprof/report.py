@@ -116,7 +116,7 @@ def _date(created: str) -> str:
 
 def sweeps(rec: Records) -> list[Sweep]:
     """Every latency record, by machine then date."""
-    return sorted((Sweep(machine_name(r.environment), r) for r in rec.latency),
+    return sorted((Sweep(machine_name(r.environment, r.config.get("device")), r) for r in rec.latency),
                   key=lambda s: (s.machine, s.record.created))
 
 
@@ -265,16 +265,21 @@ OPTIONAL_TRAIN_COLUMNS: list[tuple[str, str, Callable[[dict], str | None]]] = [
 ]
 
 
+def trained_on(r: dict) -> str:
+    """A training record's machine, named by the device it trained on (its CPU where it trained on one)."""
+    return machine_name(r["environment"], r["train_config"].get("device"))
+
+
 def training_section(rec: Records) -> list[tuple]:
     blocks: list[tuple] = [("h2", "Training: the study's table, extended")]
     if not rec.train:
         return blocks + [("p", "No training records yet: run `fusionprof train --fusion mid` (or "
                                "`fusionprof compare`).")]
-    train = sorted(rec.train, key=lambda r: (machine_name(r["environment"]), r["preset"], r["fusion"]))
+    train = sorted(rec.train, key=lambda r: (trained_on(r), r["preset"], r["fusion"]))
     optional = [(h, key, get) for h, key, get in OPTIONAL_TRAIN_COLUMNS if any(get(r) is not None for r in train)]
     header = ["machine", "preset", "fusion", "precision", "params (M)", "GFLOP/sample", "epochs", "train (s)",
               "samples/s", *(h for h, _, _ in optional), "peak memory (MiB)", "test acc", "test AUC", "test pairs"]
-    rows = [[machine_name(r["environment"]), r["preset"], r["fusion"], r["train_config"]["precision"],
+    rows = [[trained_on(r), r["preset"], r["fusion"], r["train_config"]["precision"],
              _fmt(r["parameters"]["total"] / 1e6), _fmt(r["forward_flops_per_sample"]["total"] / 1e9, 3),
              r["epochs"], _fmt(r["train_seconds"], 0), _fmt(r["train_samples_per_s"], 0),
              *(get(r) or "–" for _, _, get in optional), _memory(r), percent(r["test"]["accuracy"], 1),
@@ -283,12 +288,12 @@ def training_section(rec: Records) -> list[tuple]:
     if undefined := [r for r in train if r["test"]["accuracy"] is None]:
         blocks.append(("p", "No test accuracy or AUC (–) where the model's logits were not finite (a diverged run, or "
                             "an overflowing precision): " + "; ".join(
-                                f"{machine_name(r['environment'])} {r['preset']}/{r['fusion']} ({r['test']['invalid']})"
+                                f"{trained_on(r)} {r['preset']}/{r['fusion']} ({r['test']['invalid']})"
                                 for r in undefined) + "."))
     if busy := [r for r in train if contention.busy(r.get("contention"))]:
         blocks.append(("p", "Trained beside a busy neighbour (other processes took the CPUs during its epochs; its "
                             "samples/s are lower than a quiet machine's): " + "; ".join(
-                                f"{machine_name(r['environment'])} {r['preset']}/{r['fusion']} "
+                                f"{trained_on(r)} {r['preset']}/{r['fusion']} "
                                 f"({contention.describe(r['contention'])})" for r in busy) + "."))
     return blocks + step_share_blocks(train)
 
@@ -330,7 +335,7 @@ def step_share_blocks(train: list[dict]) -> list[tuple]:
     for r in profiled:
         shares = [f"{r['step_breakdown'][p]['share']:.0%}" if p in r["step_breakdown"] else "–" for p in parts]
         gpu = (r.get("step_profile") or {}).get("gpu_busy_share")
-        rows.append([machine_name(r["environment"]), r["preset"], r["fusion"], *shares,
+        rows.append([trained_on(r), r["preset"], r["fusion"], *shares,
                      *([_fmt(gpu and 100 * gpu, 0) + ("%" if gpu is not None else "")] if busy else [])])
     unprofiled = len(train) - len(profiled)
     return [("h3", "Where a training step's time goes"), ("table", header, rows),
@@ -395,8 +400,8 @@ def _latency_rows(rec: Records) -> dict[str, list[SweepCell]]:
     """
     cells: dict[tuple, SweepCell] = {}
     for sweep in sorted(rec.latency, key=lambda s: s.created):
-        m = machine_name(sweep.environment)
         cfg = sweep.config
+        m = machine_name(sweep.environment, cfg.get("device"))
         for row in sweep.rows:
             if row.ok:
                 key = (m, cfg["preset"], cfg["precision"], cfg["device"], row.fusion, row.backend, row.batch_size)
@@ -601,7 +606,8 @@ def row_measured_accuracy(rec: Records, sweep: Sweep) -> Callable[[LatencyRow], 
     def found(row: LatencyRow) -> tuple[float, str, dict] | None:
         model = row.model or {}
         return model_accuracy(rec.train, rec.export, model.get("checkpoint"), sweep.precision, row.backend,
-                              model.get("checkpoint_hash"), sweep.machine, rec.load, sweep.record.config.get("device"))
+                              model.get("checkpoint_hash"), machine_name(sweep.record.environment), rec.load,
+                              sweep.record.config.get("device"))
     return found
 
 
@@ -664,7 +670,7 @@ def _study_sweeps(rec: Records) -> dict[tuple[str, str, str, str, int | None], d
     for sweep in sorted(rec.latency, key=lambda s: (len({r.fusion for r in s.rows if r.ok}), sum(r.ok for r in s.rows),
                                                     s.created)):
         cfg = sweep.config
-        study = (machine_name(sweep.environment), cfg["preset"], cfg["device"], _models_of(sweep),
+        study = (machine_name(sweep.environment, cfg["device"]), cfg["preset"], cfg["device"], _models_of(sweep),
                  sweep.environment.get("torch_threads"))
         out[study][cfg["precision"]] = sweep
     return out

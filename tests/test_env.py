@@ -33,6 +33,12 @@ def test_a_cpu_machines_label_names_its_isa_tier():
     gpu = {"host": "vm", "cpu_model": "Intel(R) Xeon(R) Processor", "cpu_isa": cpu_isa(XEON_AMX),
            "gpus": [{"name": "NVIDIA H200"}]}
     assert machine_name(gpu) == "vm (NVIDIA H200)"  # a GPU machine is named by its GPU
+    # figures are named by the device they ran on: a CPU sweep on a GPU host by its CPU, cuda:1 by the second GPU
+    assert machine_name(gpu, "cpu") == "vm (Intel(R) Xeon(R) Processor, AMX)"
+    assert machine_name(gpu, "cuda:0") == machine_name(gpu, "cuda") == "vm (NVIDIA H200)"
+    two = {**gpu, "gpus": [{"name": "NVIDIA H200"}, {"name": "NVIDIA L4"}]}
+    assert machine_name(two, "cuda:1") == "vm (NVIDIA L4)" and machine_name(two) == "vm (NVIDIA H200)"
+    assert machine_name(avx2, "cpu") == machine_name(avx2) == "vm (AMD EPYC, AVX2)"
 
 
 def test_the_fingerprint_says_how_fp32_math_ran():

@@ -431,6 +431,19 @@ def test_recommend_without_a_rate_uses_latency_records_too(records):
     assert "latency" in result.chosen[0].source and "one request at a time" in result.chosen[0].batching
 
 
+def test_recommend_names_a_gpu_hosts_cpu_figures_by_its_cpu_and_finds_the_models_accuracy(tmp_path):
+    """A CPU sweep on a GPU host: its choice is named by the CPU it ran on (not the GPU it did not use), and the
+    model trained on that host's GPU (a record without a checkpoint hash: matched by machine) still gives it an
+    accuracy."""
+    gpu_host = {"host": "box", "cpu_model": "Test CPU", "gpus": [{"name": "NVIDIA H200"}]}
+    _write(tmp_path, "tiny-mid/metrics.json", {**_train_record("mid", 0.97), "environment": gpu_host,
+                                               "train_config": {"precision": "fp32", "device": "cuda:0"}})
+    _write(tmp_path, "box/latency-tiny-cpu.json", {**_latency_record([_latency_row(
+        "mid", "torch", 1, [4.0] * 100, model={"checkpoint": _checkpoint("mid")})]), "environment": gpu_host})
+    [choice] = recommend(tmp_path, p99_ms=10).chosen
+    assert (choice.machine, choice.device, choice.accuracy) == ("box (Test CPU)", "cpu", 0.97)
+
+
 def test_recommend_holds_an_old_records_p99_to_the_minimum_samples_rule(tmp_path):
     """A record written before the rule carries a "p99" of 11 calls (the largest sample): the report shows none,
     and recommend must not rank by it either."""
@@ -943,7 +956,7 @@ def test_a_tensorrt_engine_for_load_covers_the_largest_batch_the_batcher_forms()
 def test_recommend_says_when_its_list_spans_models_or_machines_and_narrows_by_preset(tmp_path):
     """A tiny and a seed model, on two machines: not one model on one computer, and the answer says so."""
     seed = _latency_record([_latency_row("mid", "torch", 1, [2.0] * 150)])
-    seed["config"]["preset"] = "seed"
+    seed["config"].update(preset="seed", device="cuda:0")
     seed["environment"] = {**_env(), "gpus": [{"name": "NVIDIA H200"}]}
     _write(tmp_path, "gpu/latency-seed.json", seed)
     _write(tmp_path, "box/latency-tiny.json", _latency_record([_latency_row("late", "torch", 1, [3.0] * 150)]))

@@ -406,18 +406,19 @@ def test_one_checkpoint_path_on_two_machines_is_two_models():
                 "test": {"accuracy": accuracy}, "environment": env}
     records = Records(train=[train(0.9805, epyc), train(0.978, xeon)],
                       export=[export(0.9805, "e", epyc), export(0.978, "x", xeon)])
-    on_xeon, on_epyc = machine_name(xeon), machine_name(epyc)
-    for precision, row_model, machine, expected in (
-            ("fp32", {"checkpoint": path, "checkpoint_hash": "x"}, on_epyc, 0.978),  # the hash decides, not the host
-            ("fp32", {"checkpoint": path}, on_xeon, 0.978),  # an older row: the record made on its machine
-            ("fp32", {"checkpoint": path}, on_epyc, 0.9805),
-            ("fp32", {"checkpoint": path}, "box (a third CPU)", None),  # neither record made on this machine
-            ("fp32", {"checkpoint": path, "checkpoint_hash": "other"}, on_xeon, None),  # no export of that model
-            ("bf16", {"checkpoint": path, "checkpoint_hash": "other"}, on_xeon, 0.978),  # hashless training records
-            ("bf16", {"checkpoint": path}, on_epyc, 0.9805)):
+    third = {"host": "box", "cpu_model": "a third CPU"}
+    for precision, row_model, env, expected in (
+            ("fp32", {"checkpoint": path, "checkpoint_hash": "x"}, epyc, 0.978),  # the hash decides, not the host
+            ("fp32", {"checkpoint": path}, xeon, 0.978),  # an older row: the record made on its machine
+            ("fp32", {"checkpoint": path}, epyc, 0.9805),
+            ("fp32", {"checkpoint": path}, third, None),  # neither record made on this machine
+            ("fp32", {"checkpoint": path, "checkpoint_hash": "other"}, xeon, None),  # no export of that model
+            ("bf16", {"checkpoint": path, "checkpoint_hash": "other"}, xeon, 0.978),  # hashless training records
+            ("bf16", {"checkpoint": path}, epyc, 0.9805)):
         row = LatencyRow("early", "onnxruntime", "ok", model=row_model)
-        sweep = Sweep(machine, LatencyRecord("t", {}, {"preset": "tiny", "precision": precision}, {}, [row]))
-        assert row_accuracy(records, sweep)(row) == expected, (precision, row_model, machine)
+        sweep = Sweep(machine_name(env, "cpu"), LatencyRecord("t", env, {"preset": "tiny", "precision": precision,
+                                                                         "device": "cpu"}, {}, [row]))
+        assert row_accuracy(records, sweep)(row) == expected, (precision, row_model, env)
 
 
 def test_the_precision_tables_of_two_machines_that_trained_in_one_folder_keep_their_own_accuracy():

@@ -156,11 +156,13 @@ def aoti_uncaptured(path: str, cfg, batch_sizes: list[int], seq_len: int, dtype,
 
 def aoti_packages(cfg: SweepConfig, work_dir: Path) -> dict:
     """The ``.pt2`` packages of ``cfg.fusions``, built side by side before anything is timed (one child process each,
-    the GPU idle meanwhile) where the sweeps of the aoti stage will find them: per fusion, its path and build
-    seconds, or why it failed. Packages an earlier call built are kept."""
+    the GPU idle meanwhile) where the sweeps of the aoti stage will find them: per fusion, its path or why its build
+    failed. Packages an earlier call built are kept."""
     start = time.perf_counter()
-    loaded = load_ahead(cfg, cfg.fusions, work_dir, jobs=len(cfg.fusions), log=print) if len(cfg.fusions) > 1 else {
-        cfg.fusions[0]: load_artifacts(cfg, cfg.fusions[0], work_dir)} if cfg.fusions else {}
+    if len(cfg.fusions) > 1:
+        loaded = load_ahead(cfg, cfg.fusions, work_dir, jobs=len(cfg.fusions))
+    else:  # one package: built where it is loaded
+        loaded = {fusion: load_artifacts(cfg, fusion, work_dir) for fusion in cfg.fusions}
     found = {fusion: {"path": str(a.pt2)} if a.pt2 else {"failed": a.failed["pt2"]}
              for fusion, (a, _) in loaded.items() if a.pt2 or "pt2" in a.failed}  # none where aoti cannot run here
     print(f"aoti packages after {time.perf_counter() - start:.0f} s: "
@@ -205,7 +207,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--batch-sizes", default="1,8,32,128")
     parser.add_argument("--backends", default="torch,torch-cudagraphs")
-    parser.add_argument("--more-backends", default="torch-cudagraphs-inductor,aoti",
+    parser.add_argument("--more-backends", default="aoti,torch-cudagraphs-inductor",
                         help="backends swept for --more-fusions only ('' for none)")
     parser.add_argument("--more-fusions", default="mid")
     parser.add_argument("--aoti-fusions", default=None,
@@ -231,8 +233,8 @@ def main() -> None:
     env = fingerprint()
     path = Path(args.out) / env["host"] / f"gpu-inference-{args.preset}-{args.precision}.json"
     record = {"schema_version": SCHEMA_VERSION, "kind": "gpu_inference", "args": vars(args), "sweeps": [],
-              "bare_replay": {}, "eager_weights_cast": {}, "aoti_uncaptured": {}, "compile_modes": {},
-              "checks": {}, "stages": [], "calls": [], "environment": env}
+              "aoti_builds": {}, "bare_replay": {}, "eager_weights_cast": {}, "aoti_uncaptured": {},
+              "compile_modes": {}, "checks": {}, "stages": [], "calls": [], "environment": env}
     rows: list[dict] = []
     if args.resume and (before := earlier_record(path, args, env)):
         record, rows = before

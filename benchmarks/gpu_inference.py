@@ -42,8 +42,9 @@ from fusionprof.config import model_config
 from fusionprof.env import fingerprint, machine_name, utc_stamp
 from fusionprof.latency import (
     MACHINE_KEYS,
+    PackageBuild,
     SweepConfig,
-    load_ahead,
+    build_packages,
     load_artifacts,
     not_runnable,
     random_init_model,
@@ -154,15 +155,15 @@ def aoti_uncaptured(path: str, cfg, batch_sizes: list[int], seq_len: int, dtype,
     return out
 
 
-def aoti_packages(cfg: SweepConfig, work_dir: Path) -> dict:
+def aoti_packages(cfg: SweepConfig, work_dir: Path, timeout_s: float = 3600) -> dict:
     """The ``.pt2`` packages of ``cfg.fusions``, built side by side before anything is timed (one child process each,
-    the GPU idle meanwhile) where the sweeps of the aoti stage will find them: per fusion, its path or why its build
-    failed. Packages an earlier call built are kept."""
+    killed after ``timeout_s``, the GPU idle meanwhile) where the sweeps of the aoti stage will find them: per fusion,
+    its path or why its build failed. Packages an earlier call built are kept; one that failed is not built again by
+    a resumed call (a build that hangs would take the lease's every call)."""
     start = time.perf_counter()
-    if len(cfg.fusions) > 1:
-        loaded = load_ahead(cfg, cfg.fusions, work_dir, jobs=len(cfg.fusions))
-    else:  # one package: built where it is loaded
-        loaded = {fusion: load_artifacts(cfg, fusion, work_dir) for fusion in cfg.fusions}
+    builds: list[PackageBuild] = []
+    loaded = {fusion: load_artifacts(cfg, fusion, work_dir, later=builds) for fusion in cfg.fusions}
+    build_packages(builds, len(builds), timeout_s=timeout_s)
     found = {fusion: {"path": str(a.pt2)} if a.pt2 else {"failed": a.failed["pt2"]}
              for fusion, (a, _) in loaded.items() if a.pt2 or "pt2" in a.failed}  # none where aoti cannot run here
     print(f"aoti packages after {time.perf_counter() - start:.0f} s: "
@@ -213,6 +214,8 @@ def main() -> None:
     parser.add_argument("--aoti-fusions", default=None,
                         help="aoti's fusions, if not --more-fusions: its packages are built side by side, before the "
                              "sweep, so it can take every fusion in the time inductor takes one")
+    parser.add_argument("--build-limit", type=float, default=300,
+                        help="seconds an aoti package's build may take before it is killed and its row says so")
     parser.add_argument("--compile-modes", default="", help="e.g. reduce-overhead,max-autotune")
     parser.add_argument("--compile-batch-sizes", default="1")
     parser.add_argument("--compile-fusion", default="mid")
@@ -264,7 +267,7 @@ def main() -> None:
 
     if "aoti" in args.more_backends.split(",") and "aoti packages" not in done:
         record["aoti_builds"] = aoti_packages(SweepConfig(fusions=fusions_of("aoti"), backends=["aoti"], **common),
-                                              Path(args.out) / env["host"])
+                                              Path(args.out) / env["host"], args.build_limit)
         save("aoti packages")
     if "sweep" not in done:  # a sweep cut before continues from its partial rows
         add(sweep(SweepConfig(fusions=fusion_names(), backends=args.backends.split(","), **common), log=print,

@@ -207,11 +207,11 @@ class PackageBuild:
     made_from: dict
 
 
-def build_packages(builds: list[PackageBuild], jobs: int, log=print) -> None:
-    """Build ``builds`` ``jobs`` at a time, each in its own child process (``build_pt2``): an AOTInductor build is a
-    minute or more of compiling (C++ on the CPU, a single compiler process per package; Triton kernels on a GPU), and
-    the models of a sweep are independent. Each build's ``Artifacts`` gets its package, or the reason it failed, as
-    ``load_artifacts`` would have set them; nothing is timed meanwhile."""
+def build_packages(builds: list[PackageBuild], jobs: int, log=print, timeout_s: float = 3600) -> None:
+    """Build ``builds`` ``jobs`` at a time, each in its own child process (``build_pt2``, killed after ``timeout_s``):
+    an AOTInductor build is a minute or more of compiling (C++ on the CPU, a single compiler process per package;
+    Triton kernels on a GPU), and the models of a sweep are independent. Each build's ``Artifacts`` gets its package,
+    or the reason it failed, as ``load_artifacts`` would have set them; nothing is timed meanwhile."""
     if not builds:
         return
     jobs = max(1, min(jobs, len(builds)))
@@ -221,7 +221,7 @@ def build_packages(builds: list[PackageBuild], jobs: int, log=print) -> None:
     def build(b: PackageBuild) -> None:
         start = time.perf_counter()
         try:
-            build_pt2(b.artifacts.model, b.path, b.precision, b.device)
+            build_pt2(b.artifacts.model, b.path, b.precision, b.device, timeout_s)
         except UserError as e:  # e.g. one that crashed its process: that backend's rows say, the others build on
             b.artifacts.failed["pt2"] = str(e)
             log(f"{b.fusion}: {e}")
@@ -527,8 +527,8 @@ def sweep(cfg: SweepConfig, progress: bool = True, log=print, resume: bool = Fal
         return _sweep(cfg, progress, log, resume, build_jobs(jobs))
 
 
-def load_ahead(cfg: SweepConfig, fusions: list[str], work_dir: Path, jobs: int,
-               log=print) -> dict[str, tuple[Artifacts, dict]]:
+def load_ahead(cfg: SweepConfig, fusions: list[str], work_dir: Path, jobs: int, log=print,
+               timeout_s: float = 3600) -> dict[str, tuple[Artifacts, dict]]:
     """Every one of ``fusions``' artifacts at once, their ``.pt2`` packages built side by side (``build_packages``),
     where the sweep needs packages of more than one model and may build more than one at a time; {} otherwise: the
     sweep then loads each fusion's artifacts when it reaches it, one model in memory at a time."""
@@ -536,7 +536,7 @@ def load_ahead(cfg: SweepConfig, fusions: list[str], work_dir: Path, jobs: int,
         return {}
     builds: list[PackageBuild] = []
     loaded = {fusion: load_artifacts(cfg, fusion, work_dir, log, later=builds) for fusion in fusions}
-    build_packages(builds, jobs, log)
+    build_packages(builds, jobs, log, timeout_s)
     return loaded
 
 

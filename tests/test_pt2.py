@@ -58,16 +58,17 @@ def test_a_build_past_its_time_limit_is_a_one_line_error(tmp_path):
 
 
 def test_builds_side_by_side_keep_each_failure_to_its_model(tmp_path):
-    """A build that fails says why in its own model's ``Artifacts``; the others are not held back, and no note says a
-    package was made."""
-    builds = [PackageBuild(f, Artifacts(random_init_model("tiny", f)), tmp_path / f / "model.pt2", "int8",
-                           torch.device("cpu"), {"weights": "untrained, seed 0"}) for f in ("early", "late")]
+    """Each build that fails says why in its own model's ``Artifacts`` (one refused at once, one killed at its time
+    limit in its child process), and no note says a package was made."""
+    early, late = (PackageBuild(f, Artifacts(random_init_model("tiny", f)), tmp_path / f / "model.pt2", precision,
+                                torch.device("cpu"), {"weights": "untrained, seed 0"})
+                   for f, precision in (("early", "int8"), ("late", "fp32")))
     said = []
-    build_packages(builds, jobs=2, log=said.append)
+    build_packages([early, late], jobs=2, log=said.append, timeout_s=1)
     assert said[0].startswith("building 2 AOTInductor package(s), 2 at a time: early → ")
-    for b in builds:
-        assert b.artifacts.pt2 is None and "holds fp32, bf16 or fp16 weights" in b.artifacts.failed["pt2"]
-    assert not list(tmp_path.rglob("*.json"))
+    assert early.artifacts.pt2 is None and "holds fp32, bf16 or fp16 weights" in early.artifacts.failed["pt2"]
+    assert late.artifacts.pt2 is None and "ran past its 1 s time limit" in late.artifacts.failed["pt2"]
+    assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.pt2"))
 
 
 def test_packages_a_sweep_built_before_are_not_built_again(tmp_path):

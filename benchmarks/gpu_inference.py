@@ -214,8 +214,10 @@ def main() -> None:
     parser.add_argument("--aoti-fusions", default=None,
                         help="aoti's fusions, if not --more-fusions: its packages are built side by side, before the "
                              "sweep, so it can take every fusion in the time inductor takes one")
-    parser.add_argument("--build-limit", type=float, default=300,
-                        help="seconds an aoti package's build may take before it is killed and its row says so")
+    parser.add_argument("--build-limit", type=float, default=480,
+                        help="seconds an aoti package's build may take before it is killed and its row says so (a "
+                             "seed model compiled with dynamic shapes took 2.7-3.7 min alone in torch.compile on an "
+                             "H200, and four build at once here)")
     parser.add_argument("--compile-modes", default="", help="e.g. reduce-overhead,max-autotune")
     parser.add_argument("--compile-batch-sizes", default="1")
     parser.add_argument("--compile-fusion", default="mid")

@@ -80,7 +80,8 @@ sweep=(--backends torch --batch-sizes 1,8,32 --min-seconds 0.5)
 # 1. Issue 14: inference at the hardware's pace. The seed preset (random init) in bf16 at batch 1, 8, 32, 128
 #    through eager torch and torch-cudagraphs (the eager kernels replayed) for every fusion, beside a bare
 #    torch.cuda.CUDAGraph replay of the same models in the same process; then aoti for every fusion
-#    (FP_AOTI_FUSIONS: its packages are built side by side first, before anything is timed), and
+#    (FP_AOTI_FUSIONS: its packages are built side by side first, before anything is timed, each killed after
+#    FP_BUILD_LIMIT seconds), and
 #    torch-cudagraphs-inductor for mid (FP_MORE_FUSIONS; FP_MORE_BACKENDS, in that order); then torch.compile's modes
 #    (FP_COMPILE_MODES, e.g. max-autotune; none by default) on mid at batch 1 (FP_COMPILE_BATCHES). The record is
 #    rewritten after every stage, so a step cut at its limit keeps what it measured; it prints the issue's checks.
@@ -89,7 +90,7 @@ sweep=(--backends torch --batch-sizes 1,8,32 --min-seconds 0.5)
 gi=("$py" benchmarks/gpu_inference.py --device "$device" --preset "$big" --out "$work/profiles")
 step gpu-inference 540 "${gi[@]}" --more-backends "${FP_MORE_BACKENDS-aoti,torch-cudagraphs-inductor}" \
   --more-fusions "${FP_MORE_FUSIONS-mid}" --aoti-fusions "${FP_AOTI_FUSIONS-early,mid,late,bottleneck}" \
-  --compile-modes "${FP_COMPILE_MODES-}" \
+  --build-limit "${FP_BUILD_LIMIT-480}" --compile-modes "${FP_COMPILE_MODES-}" \
   --compile-batch-sizes "${FP_COMPILE_BATCHES-1}" $( ((quick)) && echo --batch-sizes 1,8 --min-seconds 0.1) \
   $( ((resume)) && echo --resume)
 # 1b. The CUDA tests (training in fp32, bf16 and fp16 on the GPU; CUDA-graph replay and a .pt2 against eager);

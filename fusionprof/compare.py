@@ -27,17 +27,18 @@ from pathlib import Path
 from fusionprof import contention
 from fusionprof.atomic import write_json
 from fusionprof.backends import BACKENDS, Backend, backend_for_format, export_formats, format_of
-from fusionprof.checkpoint import checkpoint_hash, checkpoint_path, metrics_path
+from fusionprof.checkpoint import checkpoint_hash, checkpoint_path, load_model, metrics_path
 from fusionprof.config import ModelConfig, TrainConfig, model_config, train_config
 from fusionprof.env import NATIVE_LOW_PRECISIONS, cpu_isa, device_label, machine_name
 from fusionprof.errors import UserError
-from fusionprof.export import export
+from fusionprof.export import export, pt2_name
 from fusionprof.latency import SweepConfig, check_sweep, check_unique, default_rounds, sweep, trace_inference
 from fusionprof.latency_output import table
 from fusionprof.load import LoadConfig, load
 from fusionprof.measure import DRIFT_WARNING, Protocol
 from fusionprof.metrics import percent
 from fusionprof.models import fusion_names
+from fusionprof.pt2 import PackagesAhead, build_jobs
 from fusionprof.records import told_apart
 from fusionprof.report import shortlist_lines, write_report
 from fusionprof.runtime import resolve_device
@@ -108,7 +109,8 @@ def compare(*, preset: str = "tiny", data: str | None = None, device: str = "cpu
     def trained() -> dict[str, str]:  # what every later stage depends on: the weights it reads
         return {f: checkpoint_hash(accuracy[f]["checkpoint"]) for f in fusion_names()}
 
-    export_stages(stage, preset, device, models_dir, backends, low, progress, log)
+    checkpoints = {fusion: checkpoint_path(models_dir, preset, fusion) for fusion in fusion_names()}
+    export_stages(stage, preset, checkpoints, device, backends, low, progress, log)
     latency = stage(f"latency {preset} {device}", lambda: run_sweep(sweep_cfg, progress, log),
                     {"sweep": _settings(sweep_cfg), "weights": trained()})
     for cfg in low_precision_sweeps(sweep_cfg, low, dev, sizes_asked=bool(batch_sizes), log=log):  # one record each
@@ -151,13 +153,11 @@ class Stages:
         self.done: dict[str, dict] = json.loads(path.read_text())["done"] if path.exists() else {}
 
     def __call__(self, name: str, run, settings: dict) -> dict:
-        settings = json.loads(json.dumps(settings, default=str))  # as the state file holds them
-        before = self.done.get(name)
-        if before is not None:
-            why = _outputs_changed(before) or _settings_changed(before, settings)
-            if why is None:
-                self.log(f"[compare] {name}: done before, skipped")
-                return before
+        settings = _as_saved(settings)
+        if (why := self.stale(name, settings)) is None:
+            self.log(f"[compare] {name}: done before, skipped")
+            return self.done[name]
+        if name in self.done:
             self.log(f"[compare] {name}: {why}, running again")
         self.log(f"[compare] {name} ...")
         start = time.perf_counter()
@@ -167,6 +167,19 @@ class Stages:
         write_json(self.path, {"done": self.done})
         self.log(f"[compare] {name}: {seconds:.0f} s")
         return result
+
+    def stale(self, name: str, settings: dict) -> str | None:
+        """Why stage ``name``, asked for with ``settings`` now, runs ("not run yet" if it never ran); None: it is
+        skipped."""
+        before = self.done.get(name)
+        if before is None:
+            return "not run yet"
+        return _outputs_changed(before) or _settings_changed(before, _as_saved(settings))
+
+
+def _as_saved(settings: dict) -> dict:
+    """A stage's settings as the state file holds them."""
+    return json.loads(json.dumps(settings, default=str))
 
 
 def _settings_changed(before: dict, settings: dict) -> str | None:
@@ -277,29 +290,56 @@ def chosen_low_precisions(precisions: list[str], device: str, log) -> list[str]:
     return low
 
 
-def export_stages(stage, preset: str, device: str, models_dir: str, backends: list[str] | None, low: list[str],
-                  progress: bool, log) -> None:
-    """Every fusion exported to each format a swept backend loads, verified; and to int8 where it is swept."""
+def export_stages(stage: Stages, preset: str, checkpoints: dict[str, Path], device: str, backends: list[str] | None,
+                  low: list[str], progress: bool, log) -> None:
+    """Every fusion's checkpoint exported to each format a swept backend loads, verified; and to int8 where it is
+    swept. Format by format: the ``.pt2`` packages to make are built side by side (``PackagesAhead``) from the start,
+    while the ONNX exports run, and taken by their export stages in turn; int8's export, which times its two graphs
+    to choose one, runs after every build has finished."""
     check_devices = {fmt: export_check_device(fmt, device, log) for fmt in export_formats()
                      if wanted(backend_for_format(fmt), device, backends)}
     jobs = [(fmt, "fp32") for fmt, where in check_devices.items() if where]
     jobs += [("onnx", "int8")] if "int8" in low and check_devices.get("onnx") else []
-    for fusion in fusion_names():
-        for fmt, precision in jobs:
-            checkpoint = checkpoint_path(models_dir, preset, fusion)
+    weights = {fusion: checkpoint_hash(checkpoint) for fusion, checkpoint in checkpoints.items()}
 
-            def run_export(checkpoint=checkpoint, fmt=fmt, precision=precision):
-                record = export(checkpoint, fmt, precision, device=check_devices[fmt], progress=progress, log=log)
-                if record["status"] != "ok" and precision == "fp32":  # a wrong artifact is never timed as right
-                    raise UserError(f"the {fmt} {precision} export of {checkpoint} failed verification: see "
-                                    f"{record['record_path']}")
-                if record["status"] != "ok":  # a quantized model may lose too much: a result, not a broken study
-                    log(f"[compare] the {precision} export of {checkpoint} failed its gate ({record['record_path']}); "
-                        f"the {precision} sweep checks its own build's parity, and the report shows the failure")
-                return {"record": record["record_path"], "status": record["status"],
-                        "accuracy": record["accuracy"]["exported_accuracy"]}
-            stage(f"export {preset}-{fusion} {fmt}" + ("" if precision == "fp32" else f" {precision}"), run_export,
-                  {"device": check_devices[fmt], "weights": checkpoint_hash(checkpoint)})
+    def name(fusion: str, fmt: str, precision: str) -> str:
+        return f"export {preset}-{fusion} {fmt}" + ("" if precision == "fp32" else f" {precision}")
+
+    def settings(fusion: str, fmt: str) -> dict:
+        return {"device": check_devices[fmt], "weights": weights[fusion]}
+
+    with packages_ahead([f for f in checkpoints if ("pt2", "fp32") in jobs
+                         and stage.stale(name(f, "pt2", "fp32"), settings(f, "pt2"))],
+                        checkpoints, check_devices.get("pt2"), log) as packages:
+        for fmt, precision in jobs:
+            for fusion, checkpoint in checkpoints.items():
+                def run_export(checkpoint=checkpoint, fmt=fmt, precision=precision):
+                    record = export(checkpoint, fmt, precision, device=check_devices[fmt], progress=progress,
+                                    log=log, packages=packages)
+                    if record["status"] != "ok" and precision == "fp32":  # a wrong artifact is never timed as right
+                        raise UserError(f"the {fmt} {precision} export of {checkpoint} failed verification: see "
+                                        f"{record['record_path']}")
+                    if record["status"] != "ok":  # a quantized model may lose too much: a result, not a broken study
+                        log(f"[compare] the {precision} export of {checkpoint} failed its gate "
+                            f"({record['record_path']}); the {precision} sweep checks its own build's parity, and the "
+                            "report shows the failure")
+                    return {"record": record["record_path"], "status": record["status"],
+                            "accuracy": record["accuracy"]["exported_accuracy"]}
+                stage(name(fusion, fmt, precision), run_export, settings(fusion, fmt))
+
+
+def packages_ahead(fusions: list[str], checkpoints: dict[str, Path], device: str | None, log) -> PackagesAhead:
+    """The fp32 ``.pt2`` packages of ``fusions``' checkpoints (none: ``fusions`` empty), building side by side, one per
+    usable core, into the paths their export stages take them from (``export``: beside the checkpoint)."""
+    builds = {}
+    for fusion in fusions:
+        model, on = load_model(checkpoints[fusion])[0], resolve_device(device)
+        builds[checkpoints[fusion].parent / pt2_name("fp32", on.type)] = (model, "fp32", on)
+    jobs = min(build_jobs(None), len(builds))
+    if builds:
+        log(f"[compare] building the {', '.join(fusions)} .pt2 package(s) side by side, {jobs} at a time, while the "
+            "other exports run")
+    return PackagesAhead(builds, jobs)
 
 
 def wanted(backend: type[Backend], device: str, backends: list[str] | None) -> bool:

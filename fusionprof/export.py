@@ -40,7 +40,7 @@ from fusionprof.measure import Protocol, sample_calls, summarize
 from fusionprof.metrics import itm_metrics, predict
 from fusionprof.models import FusionModel
 from fusionprof.models.model import InferenceGraph, example_inputs
-from fusionprof.pt2 import build_pt2, dynamic_shapes
+from fusionprof.pt2 import PackagesAhead, build_pt2, dynamic_shapes
 from fusionprof.quantize import Feeds, calibration_sample, quantize_nncf, quantize_onnx
 from fusionprof.runtime import resolve_device
 
@@ -193,9 +193,11 @@ def parity(reference: FusionModel, backend, precision: str, largest_batch: int =
 
 
 def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Path | None = None,
-           device: str = "cpu", max_batch: int = 32, progress: bool = True, log=print) -> dict:
+           device: str = "cpu", max_batch: int = 32, progress: bool = True, log=print,
+           packages: PackagesAhead | None = None) -> dict:
     """Export a checkpoint, verify it, and write its record beside the artifact; raise if the build or a gate
-    fails (the record then says failed, and why)."""
+    fails (the record then says failed, and why). ``packages``: where a ``.pt2`` may have been built ahead, side by
+    side with others (``compare``)."""
     verifier = backend_for_format(fmt)  # the backend that loads this format checks it; unknown formats fail here
     if fmt == "trt":
         ok, reason = tensorrt_status()
@@ -220,7 +222,7 @@ def export(checkpoint: Path, fmt: str = "onnx", precision: str = "fp32", out: Pa
             if precision == "int8" or fmt == "trt" else None
         calibration = checkpoint_calibration(checkpoint, model, cfg)
         artifacts = build_artifacts(fmt, model, out, precision, torch_device, max(max_batch, cfg.batch_size),
-                                    record, log, calibration, source, progress)
+                                    record, log, calibration, source, progress, packages)
         backend = verifier(artifacts, torch_device, precision)
         record["parity"] = parity(model, backend, precision, largest_batch=max(max_batch, cfg.batch_size))
         gate = AccuracyGate(model, cfg, Path(checkpoint), progress)
@@ -285,14 +287,17 @@ def profile_batches(max_batch: int) -> list[int]:
 
 def build_artifacts(fmt: str, model: FusionModel, out: Path, precision: str, device: torch.device, max_batch: int,
                     record: dict, log=print, calibration: Callable[[], tuple[list[Feeds], dict]] | None = None,
-                    source_onnx: dict | None = None, progress: bool = False) -> Artifacts:
+                    source_onnx: dict | None = None, progress: bool = False,
+                    packages: PackagesAhead | None = None) -> Artifacts:
     """Write the ``fmt`` artifact (and the ONNX a TensorRT engine is built from) into ``out``; what was written
     goes into ``record``. int8 needs ``calibration``: the validation sample the quantizer calibrates on; it
     quantizes ``source_onnx`` (fp32) where given (``verified_onnx``), else an fp32 export of its own; ``progress``
     shows the quantizer's progress bars. TensorRT builds from ``source_onnx`` (the gated ONNX of its precision) where
-    given, else from an ONNX export of its own (``trt_onnx_name``), never rewriting ``--fmt onnx``'s."""
+    given, else from an ONNX export of its own (``trt_onnx_name``), never rewriting ``--fmt onnx``'s. A ``.pt2`` is
+    taken from ``packages`` where it was built there ahead, else built now."""
     if fmt == "pt2":
-        record["pt2"] = build_pt2(model, out / pt2_name(precision, device.type), precision, device)
+        path = out / pt2_name(precision, device.type)
+        record["pt2"] = (packages and packages.take(path)) or build_pt2(model, path, precision, device)
         log(f"built {record['pt2']['path']} ({record['pt2']['size_mib']:.1f} MiB, "
             + ", ".join(f"{k} {v:.1f} s" for k, v in record["pt2"]["seconds"].items()) + ")")
         return Artifacts(model, pt2=Path(record["pt2"]["path"]))

@@ -18,10 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -69,7 +67,7 @@ from fusionprof.measure import (
 from fusionprof.models import FusionModel, build_model, forward_flops, fusion_names
 from fusionprof.models.model import example_inputs
 from fusionprof.profiling import run_profiled, trace_dir
-from fusionprof.pt2 import build_pt2
+from fusionprof.pt2 import PackagesAhead, build_jobs, build_pt2
 from fusionprof.quantize import calibration_sample
 from fusionprof.records import (
     CPU_TIMING,
@@ -208,38 +206,25 @@ class PackageBuild:
 
 
 def build_packages(builds: list[PackageBuild], jobs: int, log=print, timeout_s: float = 3600) -> None:
-    """Build ``builds`` ``jobs`` at a time, each in its own child process (``build_pt2``, killed after ``timeout_s``):
-    an AOTInductor build is a minute or more of compiling (C++ on the CPU, a single compiler process per package;
-    Triton kernels on a GPU), and the models of a sweep are independent. Each build's ``Artifacts`` gets its package,
-    or the reason it failed, as ``load_artifacts`` would have set them; nothing is timed meanwhile."""
+    """Build ``builds`` ``jobs`` at a time (``PackagesAhead``: each in its own child process, killed after
+    ``timeout_s``); the models of a sweep are independent. Each build's ``Artifacts`` gets its package, or the reason
+    it failed, as ``load_artifacts`` would have set them; nothing is timed meanwhile."""
     if not builds:
         return
     jobs = max(1, min(jobs, len(builds)))
     log(f"building {len(builds)} AOTInductor package(s), {jobs} at a time: "
         + ", ".join(f"{b.fusion} → {b.path}" for b in builds))
-
-    def build(b: PackageBuild) -> None:
-        start = time.perf_counter()
-        try:
-            build_pt2(b.artifacts.model, b.path, b.precision, b.device, timeout_s)
-        except UserError as e:  # e.g. one that crashed its process: that backend's rows say, the others build on
-            b.artifacts.failed["pt2"] = str(e)
-            log(f"{b.fusion}: {e}")
-            return
-        write_json(_made_from_path(b.path), b.made_from)
-        b.artifacts.pt2 = b.path
-        log(f"{b.fusion}: built {b.path} in {time.perf_counter() - start:.0f} s")
-
-    with ThreadPoolExecutor(jobs) as pool:  # threads that each wait on their child process
-        list(pool.map(build, builds))
-
-
-def build_jobs(requested: int | None) -> int:
-    """Packages built at once where none is asked for: one per CPU core this process may use (each build's compiler
-    is mostly one process)."""
-    if requested:
-        return requested
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with PackagesAhead({b.path: (b.artifacts.model, b.precision, b.device) for b in builds}, jobs, timeout_s) as ahead:
+        for b in builds:
+            try:
+                built = ahead.take(b.path)
+            except UserError as e:  # e.g. one that crashed its process: that backend's rows say, the others build on
+                b.artifacts.failed["pt2"] = str(e)
+                log(f"{b.fusion}: {e}")
+                continue
+            write_json(_made_from_path(b.path), b.made_from)
+            b.artifacts.pt2 = b.path
+            log(f"{b.fusion}: built {b.path} in {sum(built['seconds'].values()):.0f} s")
 
 
 # What a trained model's int8 export notes it was made with: NNCF's IR held to the accuracy gate, as `fusionprof

@@ -15,9 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
+import shutil
 import signal
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -38,11 +42,12 @@ def dynamic_shapes() -> dict[str, dict[int, torch.export.Dim]]:
     return {"images": {0: batch}, "input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
 
 
-def build_pt2(model: FusionModel, path: Path, precision: str, device: torch.device, timeout_s: float = 3600) -> dict:
+def build_pt2(model: FusionModel, path: Path, precision: str, device: torch.device, timeout_s: float = 3600,
+              stop: threading.Event | None = None) -> dict:
     """Write ``path`` (an AOTInductor package for ``device``, weights in ``precision``) from a child process.
 
     Returns what was built and how long each step took; raises ``UserError`` naming the step and the reason when the
-    child fails, dies on a signal or runs past ``timeout_s``."""
+    child fails, dies on a signal, runs past ``timeout_s`` or is stopped (``stop`` set: no one wants it any more)."""
     if precision not in DTYPES:
         raise UserError(f"--precision {precision}: a .pt2 package holds fp32, bf16 or fp16 weights")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,8 +55,10 @@ def build_pt2(model: FusionModel, path: Path, precision: str, device: torch.devi
         source, status = Path(tmp) / "model.pt", Path(tmp) / "status.json"
         torch.save({"model_config": to_dict(model.cfg), "model": model.state_dict()}, source)
         exitcode, timed_out = run_child(_build_in_child, (str(source), str(path), precision, str(device),
-                                                         str(status)), timeout_s)
+                                                         str(status)), timeout_s, stop)
         state = json.loads(status.read_text()) if status.exists() else {"step": "start"}
+    if stop is not None and stop.is_set() and not state.get("ok"):
+        raise UserError(f"AOTInductor build stopped at its {state['step']} step: it was no longer wanted")
     if state.get("ok"):
         return {"path": str(path), "precision": precision, "device": str(device), "torch": torch.__version__,
                 "size_mib": path.stat().st_size / 2**20, "seconds": state["seconds"],
@@ -60,18 +67,66 @@ def build_pt2(model: FusionModel, path: Path, precision: str, device: torch.devi
     raise UserError(f"AOTInductor build failed at its {state['step']} step: {why}")
 
 
-def run_child(target, args: tuple, timeout_s: float) -> tuple[int | None, bool]:
+def run_child(target, args: tuple, timeout_s: float, stop: threading.Event | None = None) -> tuple[int | None, bool]:
     """``target(*args)`` in a spawned child: its exit code (-N: killed by signal N), and whether it ran past
     ``timeout_s`` and we killed it. Said apart explicitly because our kill is a SIGKILL, like the kernel's
-    out-of-memory killer's: the exit code alone cannot tell a hang from a build that ran out of memory."""
+    out-of-memory killer's: the exit code alone cannot tell a hang from a build that ran out of memory. ``stop``
+    set: the child is killed at once (within a second)."""
     child = multiprocessing.get_context("spawn").Process(target=target, args=args)
     child.start()
-    child.join(timeout_s)
-    timed_out = child.is_alive()
-    if timed_out:
+    deadline = time.monotonic() + timeout_s
+    while child.is_alive() and time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+        child.join(min(1.0, max(0.0, deadline - time.monotonic())))
+    timed_out = child.is_alive() and not (stop is not None and stop.is_set())
+    if child.is_alive():
         child.kill()
         child.join()
     return child.exitcode, timed_out
+
+
+def build_jobs(requested: int | None) -> int:
+    """Packages built at once where none is asked for: one per CPU core this process may use (each build's compiler
+    is mostly one process)."""
+    if requested:
+        return requested
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class PackagesAhead:
+    """``.pt2`` packages built side by side, ``jobs`` at a time, while the caller goes on: an AOTInductor build is a
+    minute or more of compiling, mostly one compiler process (C++ on the CPU, Triton kernels on a GPU), so several
+    fit beside each other and beside other work. ``builds``: {where the package goes: (model, precision, device)}.
+
+    Each is built in a folder of its own (``build_pt2``: a child process each) and moved to its path when ``take``n.
+    Leaving the ``with`` block stops the builds nobody took, and removes what they left."""
+
+    def __init__(self, builds: dict[Path, tuple[FusionModel, str, torch.device]], jobs: int,
+                 timeout_s: float = 3600):
+        self._folder = tempfile.TemporaryDirectory(prefix="pt2-ahead-")
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max(1, min(jobs, len(builds))))  # threads that each wait on their child
+        self._futures = {Path(path): self._pool.submit(build_pt2, model, Path(self._folder.name) / f"{i}.pt2",
+                                                       precision, device, timeout_s, self._stop)
+                         for i, (path, (model, precision, device)) in enumerate(builds.items())}
+
+    def take(self, path: Path) -> dict | None:
+        """The package built for ``path``, once built, moved there: what ``build_pt2`` said of it, its ``path`` now
+        ``path``. None where nothing is built for ``path``; the build's ``UserError`` where it failed."""
+        future = self._futures.pop(Path(path), None)
+        if future is None:
+            return None
+        built = future.result()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(built["path"], path)
+        return {**built, "path": str(path)}
+
+    def __enter__(self) -> PackagesAhead:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._folder.cleanup()
 
 
 def _why(exitcode: int | None, state: dict, timed_out_after_s: float | None = None) -> str:

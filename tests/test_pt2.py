@@ -1,20 +1,29 @@
 """AOTInductor packages are built in a child process: a crash or a hang is a reason, never a dead caller."""
 
 import json
+import re
 import signal
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import copy_run
 
 from fusionprof.backends import Artifacts
+from fusionprof.checkpoint import load_model
 from fusionprof.cli import cli
+from fusionprof.compare import Stages, export_stages
 from fusionprof.config import model_config
 from fusionprof.errors import UserError
+from fusionprof.export import export
 from fusionprof.latency import PackageBuild, SweepConfig, build_packages, load_ahead, random_init_model
 from fusionprof.models import build_model
-from fusionprof.pt2 import _why, build_pt2, reason, run_child
+from fusionprof.pt2 import PackagesAhead, _why, build_pt2, reason, run_child
+
+CPU = torch.device("cpu")
 
 
 def test_a_child_killed_by_a_signal_names_the_signal():
@@ -55,6 +64,39 @@ def test_a_build_past_its_time_limit_is_a_one_line_error(tmp_path):
                                         r"1 s time limit and was killed \(SIGKILL\)"):
         build_pt2(model, tmp_path / "model.pt2", "fp32", torch.device("cpu"), timeout_s=1)
     assert not (tmp_path / "model.pt2").exists()
+
+
+def test_a_stopped_child_is_killed_at_once_and_not_called_a_timeout():
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    start = time.perf_counter()
+    exitcode, timed_out = run_child(time.sleep, (120,), timeout_s=120, stop=stop)
+    assert (exitcode, timed_out) == (-signal.SIGKILL, False) and time.perf_counter() - start < 30
+
+
+def test_packages_nobody_takes_are_stopped_and_leave_nothing(tmp_path):
+    """Leaving the block (a study stopped by a failed export, or Ctrl-C) kills the builds still running, at once,
+    rather than waiting minutes for packages no one will take; nothing is left at their paths."""
+    model = build_model(model_config("tiny", fusion="early", vocab_size=1000))
+    start = time.perf_counter()
+    with PackagesAhead({tmp_path / "a.pt2": (model, "fp32", CPU), tmp_path / "b.pt2": (model, "fp32", CPU)}, 2):
+        time.sleep(1)  # both children started
+    assert time.perf_counter() - start < 30
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_export_takes_the_reason_its_package_failed_ahead(tmp_path, trained_mid):
+    """A package built ahead that failed makes its export fail as if the export had built it: a failed record with
+    the build's reason, and one line."""
+    checkpoint = copy_run(trained_mid[0], tmp_path / "models")
+    package = checkpoint.parent / "model.cpu.fp32.pt2"
+    failed = r"AOTInductor build failed at its \w+ step: the build process ran past its 1 s time limit and was killed"
+    with PackagesAhead({package: (load_model(checkpoint)[0], "fp32", CPU)}, 1, timeout_s=1) as ahead, \
+            pytest.raises(UserError, match=failed + r" \(SIGKILL\) \(marked failed in "):
+        export(checkpoint, "pt2", progress=False, log=lambda _: None, packages=ahead)
+    record = json.loads((checkpoint.parent / "export.pt2.cpu.fp32.json").read_text())
+    assert record["status"] == "failed" and "ran past its 1 s time limit" in record["failure"]
+    assert not package.exists()
 
 
 def test_builds_side_by_side_keep_each_failure_to_its_model(tmp_path):
@@ -106,3 +148,30 @@ def test_a_sweep_builds_its_packages_side_by_side_then_times_them(tmp_path):
     assert {r["backend_info"]["package"].split("/")[-2] for r in rows} == {"tiny-early", "tiny-late"}
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and "building" not in again.output and "exporting" not in again.output
+
+
+@pytest.mark.slow
+def test_compare_builds_its_packages_while_the_onnx_exports_run(tmp_path, trained_mid, learned_early):
+    """`compare --backends onnxruntime,aoti`'s export stage over two fusions (real builds and gates): both packages
+    are started before the first ONNX export, every ONNX export runs before the first .pt2 export takes its package,
+    each package passes its gates where `export` puts it, and the next study skips every stage and builds nothing."""
+    models = tmp_path / "models"
+    checkpoints = {"mid": copy_run(trained_mid[0], models),
+                   "early": copy_run(Path(learned_early["checkpoint"]), models)}
+    said = []
+    export_stages(Stages(tmp_path / "compare.json", said.append), "tiny", checkpoints, "cpu", ["onnxruntime", "aoti"],
+                  [], False, said.append)
+    started = [line for line in said if line.startswith("[compare] ") and line.endswith(" ...")]
+    assert started == [f"[compare] export tiny-{f} {fmt} ..." for fmt in ("onnx", "pt2") for f in ("mid", "early")]
+    assert re.fullmatch(r"\[compare\] building the mid, early \.pt2 package\(s\) side by side, [12] at a time, while "
+                        r"the other exports run", said[0]), said[0]
+    for checkpoint in checkpoints.values():
+        record = json.loads((checkpoint.parent / "export.pt2.cpu.fp32.json").read_text())
+        assert record["status"] == "ok" and record["pt2"]["path"] == str(checkpoint.parent / "model.cpu.fp32.pt2")
+        assert record["parity"]["passed"] and record["accuracy"]["passed"]
+        assert Path(record["pt2"]["path"]).stat().st_size > 2**20
+    again = []
+    export_stages(Stages(tmp_path / "compare.json", again.append), "tiny", checkpoints, "cpu", ["onnxruntime", "aoti"],
+                  [], False, again.append)
+    assert again == [f"[compare] export tiny-{f} {fmt}: done before, skipped" for fmt in ("onnx", "pt2")
+                     for f in ("mid", "early")]

@@ -278,6 +278,11 @@ def test_a_stage_is_skipped_only_when_made_with_what_is_asked_now(tmp_path):
     again = Stages(path, said.append)  # the next `compare`, from the state file
     again("latency tiny cpu", run, {"sweep": {"batch_sizes": [1, 2]}, "weights": {"mid": "a"}})
     assert len(runs) == 1 and said[-1] == "[compare] latency tiny cpu: done before, skipped"
+    # asked without running it (compare's packages are built ahead only for the export stages that will run)
+    assert again.stale("latency tiny cpu", {"sweep": {"batch_sizes": [1, 2]}, "weights": {"mid": "a"}}) is None
+    assert again.stale("latency tiny cpu", {"sweep": {"batch_sizes": [1, 2]}, "weights": {"mid": "b"}}) == \
+        "made before with other weights"
+    assert again.stale("traces tiny cpu", {}) == "not run yet" and len(runs) == 1
     again("latency tiny cpu", run, {"sweep": {"batch_sizes": [1, 64]}, "weights": {"mid": "b"}})
     assert len(runs) == 2 and "[compare] latency tiny cpu: made before with other sweep, weights, running again" in said
     state = json.loads(path.read_text())
@@ -579,21 +584,20 @@ def test_a_failed_int8_gate_is_a_result_and_a_failed_fp32_export_stops_the_study
         return {"status": "failed", "record_path": f"{checkpoint}.{precision}.json",
                 "accuracy": {"exported_accuracy": 0.5}}
     monkeypatch.setattr(compare_module, "export", export)
-    monkeypatch.setattr(compare_module, "fusion_names", lambda: ["mid"])
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m" / "tiny-mid").mkdir(parents=True)
     (tmp_path / "m" / "tiny-mid" / "checkpoint.pt").write_bytes(b"weights")  # what an export stage's settings hash
-    done, said = {}, []
+    done, said, checkpoints = {}, [], {"mid": Path("m/tiny-mid/checkpoint.pt")}
 
     def stage(name, run, settings):
         assert settings["weights"] == checkpoint_hash("m/tiny-mid/checkpoint.pt")
         done[name] = run()
         return done[name]
     with pytest.raises(UserError, match=r"onnx fp32 export of .* failed verification"):
-        compare_module.export_stages(stage, "tiny", "cpu", "m", ["onnxruntime"], ["int8"], False, said.append)
+        compare_module.export_stages(stage, "tiny", checkpoints, "cpu", ["onnxruntime"], ["int8"], False, said.append)
     monkeypatch.setattr(compare_module, "export", lambda c, f, p, **kw: {**export(c, f, p), "status": "ok"}
                         if p == "fp32" else export(c, f, p))
-    compare_module.export_stages(stage, "tiny", "cpu", "m", ["onnxruntime"], ["int8"], False, said.append)
+    compare_module.export_stages(stage, "tiny", checkpoints, "cpu", ["onnxruntime"], ["int8"], False, said.append)
     assert done["export tiny-mid onnx int8"]["status"] == "failed" and done["export tiny-mid onnx"]["status"] == "ok"
     assert "the int8 export of m/tiny-mid/checkpoint.pt failed its gate" in said[-1]
 

@@ -294,11 +294,12 @@ def export_stages(stage: Stages, preset: str, checkpoints: dict[str, Path], devi
                   low: list[str], progress: bool, log) -> None:
     """Every fusion's checkpoint exported to each format a swept backend loads, verified; and to int8 where it is
     swept. Format by format: the ``.pt2`` packages to make are built side by side (``PackagesAhead``) from the start,
-    while the ONNX exports run, and taken by their export stages in turn; int8's export, which times its two graphs
-    to choose one, runs after every build has finished."""
+    while the ONNX exports run, then taken by their export stages in turn; the exports that time kernels as they
+    build (a TensorRT engine's tactics, int8's choice between its two graphs) come after every build has finished."""
     check_devices = {fmt: export_check_device(fmt, device, log) for fmt in export_formats()
                      if wanted(backend_for_format(fmt), device, backends)}
-    jobs = [(fmt, "fp32") for fmt, where in check_devices.items() if where]
+    jobs = sorted(((fmt, "fp32") for fmt, where in check_devices.items() if where),
+                  key=lambda job: {"onnx": 0, "pt2": 1}.get(job[0], 2))
     jobs += [("onnx", "int8")] if "int8" in low and check_devices.get("onnx") else []
     weights = {fusion: checkpoint_hash(checkpoint) for fusion, checkpoint in checkpoints.items()}
 

@@ -1,5 +1,5 @@
-"""What bf16 training costs the bottleneck fusion's accuracy: fp32 against bf16 autocast, and bf16 with the fusion
-module alone kept in fp32 (a diagnosis, not a shipped option).
+"""The bottleneck fusion's test accuracy trained in fp32 against bf16 autocast, and bf16 with the fusion module
+alone kept in fp32 (a diagnosis, not a shipped option), per seed.
 
     python benchmarks/bottleneck_precision.py [--fusions bottleneck,mid] [--seeds 0,1]
 

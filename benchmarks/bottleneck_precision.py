@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -48,10 +48,7 @@ def run(fusion: str, seed: int, variant: str, folder: Path) -> dict:
     cfg = train_config("tiny", precision=precision, seed=seed, models_dir=str(folder / "m"),
                        profiles_dir=str(folder / "p"), run=name)
     model = model_config("tiny", fusion=fusion)
-    if variant == "bf16, fusion in fp32":
-        with fusion_in_fp32():
-            metrics = train(cfg, model, progress=False, log=lambda _: None)
-    else:
+    with fusion_in_fp32() if variant == "bf16, fusion in fp32" else nullcontext():
         metrics = train(cfg, model, progress=False, log=lambda _: None)
     row = {"fusion": fusion, "seed": seed, "variant": variant, "test_accuracy": metrics["test"]["accuracy"],
            "test_auc": metrics["test"]["auc"],
